@@ -1,0 +1,146 @@
+"""`QuantizedTensor`: packed codes plus per-group scales, as a JAX pytree."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from afpq_jax._src import formats as formats_lib
+from afpq_jax._src import packing
+
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantizedTensor:
+    """A weight ``(..., K, N)`` (Flax kernel layout, K = contraction axis) stored as packed low-bit codes.
+
+    Leaves (arrays):
+      codes:      uint8 ``(..., packing.packed_rows(K, bits), N)`` — code indices into ``format.levels``,
+                  packed along K as described in `afpq_jax._src.packing`.
+      scale:      ``(..., G, N)`` in ``scale_dtype`` — ``s_pos`` for asymmetric codebook formats (AFPQ), the
+                  single scale for symmetric formats, the step size for asymmetric INT.
+      scale_neg:  ``(..., G, N)`` — ``s_neg`` for asymmetric codebook formats, else None.
+      zero:       uint8 ``(..., G, N)`` — integer zero point for asymmetric INT, else None (symmetric INT uses
+                  the implicit zero point ``2**(bits-1)``).
+    Static metadata (not leaves, so it survives jit/tree round trips as part of the treedef): ``format_name``,
+    ``group_size`` (None = one group per output column), ``asym``, ``shape`` (the original full shape) and
+    ``dtype`` (the original dtype's name). ``G = ceil(K / group_size)``; the last group may be shorter.
+
+    Leading axes beyond the original shape are allowed (e.g. produced by ``jax.vmap``); they must agree across
+    leaves. `validate` checks all of this.
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+    scale_neg: jax.Array | None = None
+    zero: jax.Array | None = None
+    format_name: str
+    group_size: int | None
+    asym: bool
+    shape: tuple[int, ...]
+    dtype: str
+
+    # ---- derived, static ----
+    @property
+    def format(self) -> formats_lib.Format:
+        return formats_lib.get_format(self.format_name)
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[-2]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def effective_group_size(self) -> int:
+        return self.in_features if self.group_size is None else min(self.group_size, self.in_features)
+
+    @property
+    def num_groups(self) -> int:
+        return math.ceil(self.in_features / self.effective_group_size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually held by the leaves (codes incl. padding rows, scales, zero points)."""
+        return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in self._leaves())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / max(1, math.prod(self.codes.shape[:-2]) * self.in_features * self.out_features)
+
+    def _leaves(self) -> list[jax.Array]:
+        return [x for x in (self.codes, self.scale, self.scale_neg, self.zero) if x is not None]
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        from afpq_jax._src import quantizer  # local import: quantizer depends on this module
+        return quantizer.dequantize(self, dtype)
+
+    def validate(self) -> None:
+        """Checks the invariants above; raises ValueError naming the first broken one.
+
+        Value checks (finite, non-negative scales; zero points in range) run only on concrete arrays.
+        """
+        fmt = self.format  # raises on an unknown format name
+        name = f"QuantizedTensor[{self.format_name}]"
+        if len(self.shape) < 2:
+            raise ValueError(f"{name}: shape {self.shape} must have at least 2 dims (in_features, out_features)")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise ValueError(f"{name}: group_size must be a positive int or None, got {self.group_size!r}")
+        if jnp.dtype(self.dtype) not in (jnp.dtype(t) for t in ("float16", "bfloat16", "float32", "float64")):
+            raise ValueError(f"{name}: dtype {self.dtype!r} is not a float dtype")
+        k, n = self.shape[-2:]
+        lead = self.codes.shape[:-2]
+        want_codes = (*lead, packing.packed_rows(k, fmt.bits), n)
+        if self.codes.shape != want_codes or self.codes.dtype != jnp.uint8:
+            raise ValueError(f"{name}: codes must be uint8 {want_codes}, got {self.codes.dtype} {self.codes.shape}")
+        if tuple(lead[len(lead) - (len(self.shape) - 2):]) != tuple(self.shape[:-2]):
+            raise ValueError(f"{name}: codes leading dims {lead} do not end with the original leading dims "
+                             f"{self.shape[:-2]}")
+        want_scale = (*lead, self.num_groups, n)
+        if self.scale.shape != want_scale or jnp.dtype(self.scale.dtype).name not in SCALE_DTYPES:
+            raise ValueError(f"{name}: scale must be {want_scale} in one of {SCALE_DTYPES}, got "
+                             f"{self.scale.dtype} {self.scale.shape}")
+        needs_neg = self.asym and not fmt.is_int
+        needs_zero = self.asym and fmt.is_int
+        if (self.scale_neg is not None) != needs_neg:
+            raise ValueError(f"{name}: scale_neg must be {'present' if needs_neg else 'None'} for "
+                             f"asym={self.asym}")
+        if (self.zero is not None) != needs_zero:
+            raise ValueError(f"{name}: zero must be {'present' if needs_zero else 'None'} for asym={self.asym}")
+        if needs_neg and (self.scale_neg.shape != want_scale or self.scale_neg.dtype != self.scale.dtype):
+            raise ValueError(f"{name}: scale_neg must match scale ({self.scale.dtype} {want_scale}), got "
+                             f"{self.scale_neg.dtype} {self.scale_neg.shape}")
+        if needs_zero and (self.zero.shape != want_scale or self.zero.dtype != jnp.uint8):
+            raise ValueError(f"{name}: zero must be uint8 {want_scale}, got {self.zero.dtype} {self.zero.shape}")
+        if any(isinstance(x, jax.core.Tracer) for x in self._leaves()):
+            return
+        for label, s in (("scale", self.scale), ("scale_neg", self.scale_neg)):
+            if s is not None:
+                s = np.asarray(s, dtype=np.float32)
+                if not np.all(np.isfinite(s)) or np.any(s < 0):
+                    raise ValueError(f"{name}: {label} has negative or non-finite entries")
+        if needs_zero and int(np.max(np.asarray(self.zero), initial=0)) >= 2**fmt.bits:
+            raise ValueError(f"{name}: zero points exceed the {fmt.bits}-bit range")
+        if fmt.num_codes < 2**fmt.bits and int(np.max(np.asarray(
+                packing.unpack(self.codes, fmt.bits, k)), initial=0)) >= fmt.num_codes:
+            raise ValueError(f"{name}: codes index past the {fmt.num_codes}-entry code book")
+
+    def __repr__(self) -> str:
+        scheme = "asym" if self.asym else "sym"
+        return (f"QuantizedTensor({self.format_name}-{scheme}, group_size={self.group_size}, shape={self.shape}, "
+                f"dtype={self.dtype}, scale_dtype={jnp.dtype(self.scale.dtype).name}, "
+                f"{self.bits_per_weight:.3f} bits/weight)")
+
+
+jax.tree_util.register_dataclass(
+    QuantizedTensor,
+    data_fields=["codes", "scale", "scale_neg", "zero"],
+    meta_fields=["format_name", "group_size", "asym", "shape", "dtype"],
+)

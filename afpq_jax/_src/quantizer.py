@@ -1,0 +1,254 @@
+"""Pure-functional quantizers: group scales, encode (round to code), decode, and the public entry points.
+
+Everything here is jit/vmap/grad-safe. Algorithms (RTN, GPTQ, AWQ, clipping search) build on three pieces:
+`group_params` (scales from a group's range), `encode` (values -> code indices) and `decode` (codes -> values),
+all of which broadcast over arbitrary leading axes.
+
+Rounding rule, every format: the nearest level; a value exactly on a decision threshold goes to the *lower*
+code index. Codebook formats compare the weight with ``midpoint * scale`` (float32 products) for the midpoints
+between neighbouring levels, which needs no argmin over the table and no division; INT formats use
+``ceil(x * (1 / scale) + zero - 0.5)``, the same rule on a uniform grid. Near-ties (within float32 rounding
+of a threshold) may go either way; both choices are nearest levels to float32 precision.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from afpq_jax._src import formats as formats_lib
+from afpq_jax._src import packing
+from afpq_jax._src.formats import Format
+from afpq_jax._src.qtensor import SCALE_DTYPES, QuantizedTensor
+
+
+class GroupParams(NamedTuple):
+    """Per-group quantization parameters, broadcastable against the grouped values.
+
+    scale: s_pos (asym codebook) / the scale (sym) / the step (INT asym).
+    scale_neg: s_neg for asym codebook formats, else None.
+    zero: integer zero point (as float32 or uint8) for asym INT, else None.
+    """
+
+    scale: jax.Array
+    scale_neg: jax.Array | None = None
+    zero: jax.Array | None = None
+
+
+def _safe(s: jax.Array) -> jax.Array:
+    # A zero scale only occurs when that side of the group holds no values (or only zeros), so any
+    # non-zero divisor gives the right codes; 1 keeps 0/0 from ever appearing.
+    return jnp.where(s > 0, s, jnp.ones_like(s))
+
+
+def recip_up(d: float) -> np.float32:
+    """The smallest float32 >= 1/d: scales ``x * recip_up(D)`` never fall below ``x / D``, which keeps a
+    re-quantized grid's top code in place (the fixed-point property below)."""
+    r = np.float32(1.0 / d)
+    return r if float(r) >= 1.0 / d else np.nextafter(r, np.float32(np.inf))
+
+
+def _sym_int_max(fmt: Format) -> int:
+    return 2 ** (fmt.bits - 1) - 1
+
+
+def group_params(fmt: Format, asym: bool, xmin: jax.Array, xmax: jax.Array, scale_dtype=jnp.float16
+                 ) -> GroupParams:
+    """Scales from a group's range. ``xmin <= 0 <= xmax`` is enforced here (zero is always in range).
+
+    Scales are rounded toward zero into ``scale_dtype`` *before* any code is chosen: the stored scales are the
+    ones the codes were chosen for, a group's extreme value always lands on the outermost code (rounding up
+    could leave it one code short, e.g. for int8 with float16 scales), and so ``quantize(dequantize(q))`` is
+    a fixed point. Scales past the dtype's range saturate at its largest finite value.
+    """
+    xmin = jnp.minimum(xmin.astype(jnp.float32), 0.0)
+    xmax = jnp.maximum(xmax.astype(jnp.float32), 0.0)
+
+    def rounded(s):
+        r = s.astype(scale_dtype)
+        r = jnp.where(r.astype(jnp.float32) > s, jnp.nextafter(r, jnp.zeros_like(r)), r)
+        return r.astype(jnp.float32)
+
+    # Scales are float32 products with the divisor's reciprocal (rounded up): XLA rewrites division by a
+    # constant into such a product anyway, so spelling it out keeps the result reproducible (e.g. by numpy).
+    if fmt.is_int:
+        if asym:
+            scale = rounded((xmax - xmin) * recip_up(2**fmt.bits - 1))
+            zero = jnp.clip(jnp.round(-xmin / _safe(scale)), 0, 2**fmt.bits - 1)
+            return GroupParams(scale, None, zero)
+        return GroupParams(rounded(jnp.maximum(xmax, -xmin) * recip_up(_sym_int_max(fmt))))
+    inv_d = recip_up(fmt.divisor)
+    if asym:
+        return GroupParams(rounded(xmax * inv_d), rounded(-xmin * inv_d))
+    return GroupParams(rounded(jnp.maximum(xmax, -xmin) * inv_d))
+
+
+def encode(fmt: Format, asym: bool, x: jax.Array, params: GroupParams) -> jax.Array:
+    """Rounds values to code indices (uint8), given broadcastable group parameters.
+
+    Codebook formats compare ``x`` with per-group decision thresholds ``midpoint * scale`` (the scale of the
+    midpoint's sign side: ``s_pos`` for midpoints >= 0, ``s_neg`` below), so no per-element division or
+    sign select is needed: ``code = #{k : x > midpoint_k * scale_k}``. INT formats multiply by the per-group
+    reciprocal step and round with ``ceil(t - 0.5)``.
+    """
+    x = x.astype(jnp.float32)
+    if fmt.is_int:
+        t = x * (1.0 / _safe(params.scale))
+        offset = params.zero if asym else float(2 ** (fmt.bits - 1))
+        lo, hi = (0, 2**fmt.bits - 1) if asym else (2 ** (fmt.bits - 1) - _sym_int_max(fmt),
+                                                     2 ** (fmt.bits - 1) + _sym_int_max(fmt))
+        return jnp.clip(jnp.ceil(t + offset - 0.5), lo, hi).astype(jnp.uint8)
+    # A zero side scale means that side holds no values; a unit scale keeps its thresholds on the right side
+    # of zero so that zeros still encode as the zero code.
+    s_pos = _safe(params.scale.astype(jnp.float32))
+    s_neg = _safe(params.scale_neg.astype(jnp.float32)) if asym else s_pos
+    # Unrolled comparisons fuse into one elementwise loop; no (..., num_codes) intermediate.
+    levels = fmt.levels
+    code = jnp.zeros(x.shape, jnp.uint8)
+    passed = None
+    for k, m in enumerate(fmt.midpoints()):
+        if levels[k] != levels[k + 1]:
+            passed = (x > m * (s_pos if m >= 0 else s_neg)).astype(jnp.uint8)
+        # A repeated level (FP's -0/+0) reuses the previous threshold, so every zero encodes as the last
+        # copy (+0) and each value has exactly one code.
+        code = code + passed
+    return code
+
+
+def decode(fmt: Format, asym: bool, codes: jax.Array, params: GroupParams) -> jax.Array:
+    """Code indices -> float32 values, given broadcastable group parameters."""
+    if fmt.is_int:
+        zero = params.zero.astype(jnp.float32) if asym else float(2 ** (fmt.bits - 1))
+        return (codes.astype(jnp.float32) - zero) * params.scale.astype(jnp.float32)
+    values = jnp.asarray(fmt.levels_array())[codes.astype(jnp.int32)]
+    if asym:
+        scale = jnp.where(values < 0, params.scale_neg, params.scale).astype(jnp.float32)
+    else:
+        scale = params.scale.astype(jnp.float32)
+    return values * scale
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Grouping: (..., K, N) <-> (..., G, g, N), zero-padding a short last group (zeros never change the scales).
+
+
+def _group_size(k: int, group_size: int | None) -> int:
+    return k if group_size is None else min(group_size, k)
+
+
+def to_groups(w: jax.Array, g: int) -> jax.Array:
+    k = w.shape[-2]
+    n_groups = math.ceil(k / g)
+    pad = n_groups * g - k
+    if pad:
+        w = jnp.pad(w, [(0, 0)] * (w.ndim - 2) + [(0, pad), (0, 0)])
+    return w.reshape(*w.shape[:-2], n_groups, g, w.shape[-1])
+
+
+def from_groups(wg: jax.Array, k: int) -> jax.Array:
+    return wg.reshape(*wg.shape[:-3], -1, wg.shape[-1])[..., :k, :]
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "scale_dtype"))
+def _quantize_codes(w, fmt: Format, asym: bool, g: int, scale_dtype):
+    """Unpacked codes ``(..., K, N)`` and group params ``(..., G, 1, N)`` of one weight."""
+    wg = to_groups(w.astype(jnp.float32), g)
+    params = group_params(fmt, asym, jnp.min(wg, axis=-2, keepdims=True), jnp.max(wg, axis=-2, keepdims=True),
+                          scale_dtype)
+    return from_groups(encode(fmt, asym, wg, params), w.shape[-2]), params
+
+
+def _decode_codes(codes, params: GroupParams, fmt: Format, asym: bool, g: int, dtype):
+    k = codes.shape[-2]
+    return from_groups(decode(fmt, asym, to_groups(codes, g), params), k).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def _check_group_size(group_size) -> None:
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer))
+                                   or group_size <= 0):
+        raise ValueError(f"group_size must be a positive integer or None (per-channel), got {group_size!r}")
+
+
+def _check_weight(w) -> jax.Array:
+    if not hasattr(w, "shape") or not hasattr(w, "dtype"):
+        w = np.asarray(w)
+    if len(w.shape) < 2:
+        raise ValueError(f"weight must be at least 2-D (in_features, out_features) in Flax kernel layout, got "
+                         f"shape {tuple(w.shape)}; reshape it or add a leading axis")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(f"weight dtype {jnp.dtype(w.dtype).name} is not floating point; cast it to float32 or "
+                        f"bfloat16 first")
+    if 0 in w.shape:
+        raise ValueError(f"weight has an empty dimension (shape {tuple(w.shape)}); nothing to quantize")
+    if not isinstance(w, jax.core.Tracer):
+        finite = np.isfinite(np.asarray(w, dtype=np.float32))
+        if not finite.all():
+            bad = np.argwhere(~finite)[0]
+            raise ValueError(f"weight has {int((~finite).sum())} NaN/inf entries (first at index {tuple(bad)}); "
+                             f"quantization needs finite weights — fix the checkpoint or the preceding step")
+    return jnp.asarray(w)
+
+
+def _check_scale_dtype(scale_dtype) -> jnp.dtype:
+    dt = jnp.dtype(scale_dtype)
+    if dt.name not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {dt.name}")
+    return dt
+
+
+def quantize(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128, asym: bool = True,
+             scale_dtype=jnp.float16) -> QuantizedTensor:
+    """Round-to-nearest quantization of a weight ``(..., in_features, out_features)`` into packed codes.
+
+    Groups are ``group_size`` consecutive entries along the contraction axis (axis -2) of one output column;
+    ``None`` gives one group per column. ``asym=True`` is AFPQ for FP/NF formats (separate ``s_pos``/``s_neg``)
+    and min/max affine for INT formats; ``asym=False`` is symmetric absmax.
+    """
+    fmt = formats_lib.get_format(fmt)
+    _check_group_size(group_size)
+    dt = _check_scale_dtype(scale_dtype)
+    w = _check_weight(w)
+    g = _group_size(w.shape[-2], group_size)
+    codes, params = _quantize_codes(w, fmt, bool(asym), g, dt)
+    return QuantizedTensor(
+        codes=packing.pack(codes, fmt.bits),
+        scale=params.scale[..., 0, :].astype(dt),
+        scale_neg=None if params.scale_neg is None else params.scale_neg[..., 0, :].astype(dt),
+        zero=None if params.zero is None else params.zero[..., 0, :].astype(jnp.uint8),
+        format_name=fmt.name, group_size=None if group_size is None else int(group_size), asym=bool(asym),
+        shape=tuple(int(d) for d in w.shape), dtype=jnp.dtype(w.dtype).name)
+
+
+def dequantize(qt: QuantizedTensor, dtype=None) -> jax.Array:
+    """Reconstructs the weight (same shape; ``dtype`` defaults to the original weight's dtype)."""
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"dequantize expects a QuantizedTensor, got {type(qt).__name__}")
+    fmt = qt.format
+    codes = packing.unpack(qt.codes, fmt.bits, qt.in_features)
+    params = GroupParams(qt.scale[..., None, :],
+                         None if qt.scale_neg is None else qt.scale_neg[..., None, :],
+                         None if qt.zero is None else qt.zero[..., None, :])
+    return _decode_codes(codes, params, fmt, qt.asym, qt.effective_group_size, jnp.dtype(dtype or qt.dtype))
+
+
+def fake_quant(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128, asym: bool = True,
+               scale_dtype=jnp.float16) -> jax.Array:
+    """``dequantize(quantize(w))`` without packing, with a straight-through (identity) gradient."""
+    fmt = formats_lib.get_format(fmt)
+    _check_group_size(group_size)
+    dt = _check_scale_dtype(scale_dtype)
+    w = _check_weight(w)
+    g = _group_size(w.shape[-2], group_size)
+    codes, params = _quantize_codes(jax.lax.stop_gradient(w), fmt, bool(asym), g, dt)
+    dq = _decode_codes(codes, params, fmt, bool(asym), g, w.dtype)
+    # dq + (w - sg(w)) is exactly dq in value and has d/dw = identity (w + sg(dq - w) can be off by an ulp).
+    return dq + (w - jax.lax.stop_gradient(w))

@@ -1,0 +1,94 @@
+"""Independent plain-numpy reference of the quantization semantics (float64 nearest-level search).
+
+Written from the spec, not from the JAX code: per output column and group of consecutive input rows,
+xmin = min(min(x), 0), xmax = max(max(x), 0); scales are float32 products with the smallest float32 >= 1/D,
+rounded toward zero into the scale dtype; each value goes to the nearest level of its side's scaled grid.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+FP4 = [-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6]
+FP3 = [-4, -2, -1, 0, 1, 2, 4]
+NF4 = [-1, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0, 0.07958029955625534, 0.16093020141124725,
+       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1]
+NF3 = [-1, -0.5350227355957031, -0.2469314038753510, 0, 0.1833375245332718, 0.3819939494132996,
+       0.6229856610298157, 1]
+CODEBOOKS = {"fp4_e2m1": (FP4, 6.0), "fp3_e2m0": (FP3, 4.0), "nf4": (NF4, 1.0), "nf3": (NF3, 1.0)}
+INT_BITS = {"int2": 2, "int3": 3, "int4": 4, "int8": 8}
+
+
+def recip_up(d: float) -> np.float32:
+    r = np.float32(1.0 / d)
+    while float(r) < 1.0 / d:
+        r = np.nextafter(r, np.float32(np.inf))
+    return r
+
+
+def to_scale_dtype(s: np.ndarray, dtype: str) -> np.ndarray:
+    """Round non-negative float32 scales toward zero into `dtype`, returned as float32."""
+    s = np.asarray(s, np.float32)
+    if dtype == "float32":
+        return s
+    if dtype == "bfloat16":  # same exponent range as float32: dropping the low 16 bits truncates
+        return (s.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+    h = s.astype(np.float16)
+    h = np.where(h.astype(np.float32) > s, np.nextafter(h, np.float16(0)), h)
+    return h.astype(np.float32)
+
+
+def _nearest(t: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    d = np.abs(t[..., None] - levels)
+    return levels[np.argmin(d, axis=-1)]  # argmin: ties go to the lower level
+
+
+def ref_quantize(w: np.ndarray, fmt: str, group_size: int | None, asym: bool, scale_dtype: str = "float16"):
+    """Returns (dequantized float64 (K, N), per-element side scale float32 (K, N), near_tie bool (K, N))."""
+    w = np.asarray(w, np.float32)
+    k, n = w.shape
+    g = k if group_size is None else min(group_size, k)
+    dq = np.zeros((k, n), np.float64)
+    side_scale = np.zeros((k, n), np.float32)
+    near_tie = np.zeros((k, n), bool)
+    for start in range(0, k, g):
+        x = w[start:start + g]
+        xmin = np.minimum(x.min(axis=0), 0).astype(np.float32)
+        xmax = np.maximum(x.max(axis=0), 0).astype(np.float32)
+        if fmt in INT_BITS:
+            b = INT_BITS[fmt]
+            if asym:
+                s = to_scale_dtype((xmax - xmin) * recip_up(2**b - 1), scale_dtype)
+                safe = np.where(s > 0, s, np.float32(1))
+                z = np.clip(np.round(-xmin / safe), 0, 2**b - 1)
+                lo, hi = 0, 2**b - 1
+            else:
+                qmax = 2 ** (b - 1) - 1
+                s = to_scale_dtype(np.maximum(xmax, -xmin) * recip_up(qmax), scale_dtype)
+                safe = np.where(s > 0, s, np.float32(1))
+                z = np.zeros_like(s)
+                lo, hi = -qmax, qmax
+            t = x.astype(np.float64) / safe + z
+            q = np.clip(np.ceil(t - 0.5), lo, hi)
+            frac = t - np.floor(t)
+            near_tie[start:start + g] = np.abs(frac - 0.5) < 1e-5
+            dq[start:start + g] = (q - z).astype(np.float32) * s  # float32 product, like the decoder
+            side_scale[start:start + g] = np.broadcast_to(s, x.shape)
+        else:
+            levels, d = CODEBOOKS[fmt]
+            levels = np.asarray(levels, np.float64)
+            r = recip_up(d)
+            if asym:
+                sp, sn = to_scale_dtype(xmax * r, scale_dtype), to_scale_dtype(-xmin * r, scale_dtype)
+            else:
+                sp = sn = to_scale_dtype(np.maximum(xmax, -xmin) * r, scale_dtype)
+            s = np.where(x >= 0, sp, sn)
+            safe = np.where(s > 0, s, np.float32(1)).astype(np.float64)
+            t = x / safe
+            mids = (levels[1:] + levels[:-1]) / 2
+            near_tie[start:start + g] = np.min(np.abs(t[..., None] - mids), axis=-1) < 1e-5 * np.maximum(1, d)
+            dq[start:start + g] = _nearest(t, levels).astype(np.float32) * s
+            side_scale[start:start + g] = s
+    return dq, side_scale, near_tie
