@@ -1,0 +1,175 @@
+"""Float checkpoint sources, read tensor by tensor: HF safetensors (single or sharded), HF Flax msgpack, GGUF.
+
+Every source yields ``(hf_name, np.ndarray)`` in Hugging Face / torch layout, so one key table per family
+serves them all. Tensors are read lazily, one at a time, so peak host memory stays near one copy of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from afpq_jax._src.io import gguf as gguf_io
+
+TensorIter = Iterator[tuple[str, np.ndarray]]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message names the file and the fix."""
+
+
+@dataclasses.dataclass
+class Source:
+    """An opened float checkpoint: its HF-style config, its tensors (lazy) and where tokenizer files live."""
+
+    path: Path
+    kind: str  # "safetensors" | "flax_msgpack" | "gguf"
+    config: dict
+    tensor_names: list[str]
+    _iter: Callable[[], TensorIter]
+    tokenizer_dir: Path | None = None
+
+    def tensors(self) -> TensorIter:
+        return self._iter()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); restore the file") from None
+
+
+def _safetensors_files(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map'; re-download the checkpoint")
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (d / f).exists()]
+        if missing:
+            raise CheckpointError(f"{index} names missing shard(s) {missing[:3]}; download all shards")
+        return [d / f for f in files]
+    single = d / "model.safetensors"
+    if single.exists():
+        return [single]
+    others = sorted(d.glob("*.safetensors"))
+    return others
+
+
+def _open_safetensors(f: Path):
+    from safetensors import safe_open
+    try:
+        return safe_open(str(f), framework="numpy")
+    except Exception as e:  # safetensors raises its own SafetensorError for bad headers / truncation
+        raise CheckpointError(f"{f} is corrupted or truncated ({str(e).splitlines()[0]}); re-download it") from None
+
+
+def _safetensors_source(d: Path, config: dict) -> Source:
+    files = _safetensors_files(d)
+    names = []
+    for f in files:
+        with _open_safetensors(f) as h:
+            names += list(h.keys())
+
+    def tensors() -> TensorIter:
+        for f in files:
+            with _open_safetensors(f) as h:
+                for key in h.keys():
+                    try:
+                        arr = h.get_tensor(key)
+                    except Exception as e:
+                        raise CheckpointError(f"{f}: tensor {key!r} cannot be read ({str(e).splitlines()[0]}); "
+                                              f"the file is corrupted or truncated, re-download it") from None
+                    yield key, arr
+
+    return Source(d, "safetensors", config, names, tensors, tokenizer_dir=d)
+
+
+def _flatten_msgpack(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten_msgpack(v, prefix + (str(k),))
+        else:
+            yield prefix + (str(k),), np.asarray(v)
+
+
+def _flax_hf_name(path: tuple[str, ...], arr: np.ndarray) -> tuple[str, np.ndarray]:
+    """transformers-4 Flax names -> torch names: kernel (in, out) -> weight (out, in); embedding/scale -> weight."""
+    *mods, leaf = path
+    if leaf == "kernel":
+        return ".".join(mods + ["weight"]), np.ascontiguousarray(arr.T) if arr.ndim == 2 else arr
+    if leaf in ("embedding", "scale"):
+        leaf = "weight"
+    return ".".join(mods + [leaf]), arr
+
+
+def _flax_msgpack_source(d: Path, config: dict) -> Source:
+    from flax import serialization
+    f = d / "flax_model.msgpack"
+    try:
+        tree = serialization.msgpack_restore(f.read_bytes())
+    except Exception as e:
+        raise CheckpointError(f"{f} is corrupted or truncated ({e}); re-download it") from None
+    if "params" in tree and isinstance(tree["params"], dict) and len(tree) == 1:
+        tree = tree["params"]
+    flat = [_flax_hf_name(p, a) for p, a in _flatten_msgpack(tree)]
+    return Source(d, "flax_msgpack", config, [n for n, _ in flat], lambda: iter(flat), tokenizer_dir=d)
+
+
+def _gguf_source(f: Path) -> Source:
+    try:
+        config = gguf_io.read_gguf_config(f)
+        plan = gguf_io.gguf_tensor_plan(f)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{f}: {e}") from None
+    return Source(f, "gguf", config, [n for n, _ in plan], lambda: gguf_io.iter_gguf_tensors(f))
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                              "*.jinja", "flax_model.msgpack"]))
+    except Exception as e:
+        raise CheckpointError(f"cannot download {repo_id!r} from the Hugging Face Hub "
+                              f"({type(e).__name__}); without network access pass a local directory "
+                              f"(config.json + *.safetensors) or a .gguf file") from None
+
+
+def open_source(path: str | os.PathLike) -> Source:
+    """Opens a local HF directory, a ``.gguf`` file, or (with network) a Hub id ``org/name``."""
+    p = Path(path)
+    if not p.exists():
+        if isinstance(path, str) and _HUB_ID.match(path) and not path.startswith((".", "/")):
+            p = _download_from_hub(path)
+        else:
+            raise CheckpointError(f"model path {str(path)!r} does not exist; pass a Hugging Face model directory, "
+                                  f"a .gguf file or a Hub id like org/name")
+    if p.is_file():
+        with open(p, "rb") as fh:
+            magic = fh.read(4)
+        if p.suffix == ".gguf" or magic == b"GGUF":
+            return _gguf_source(p)
+        raise CheckpointError(f"{p} is a file but not a GGUF model; pass a model directory or a .gguf file")
+    cfg_path = p / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{p} has no config.json; pass a Hugging Face model directory "
+                              f"(config.json + model.safetensors)")
+    config = _read_json(cfg_path)
+    if _safetensors_files(p):
+        return _safetensors_source(p, config)
+    if (p / "flax_model.msgpack").exists():
+        return _flax_msgpack_source(p, config)
+    raise CheckpointError(f"{p} has config.json but no model.safetensors, sharded safetensors index or "
+                          f"flax_model.msgpack (PyTorch .bin files are not read: convert them to safetensors)")

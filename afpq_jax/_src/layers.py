@@ -1,0 +1,174 @@
+"""Flax NNX layers: `QuantDense` (float or packed low-bit weight) and the norms the model families share."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from afpq_jax._src import formats as formats_lib
+from afpq_jax._src import packing
+from afpq_jax._src import quantizer
+from afpq_jax._src.qtensor import QuantizedTensor
+
+
+class QuantWeight(nnx.Variable):
+    """Packed codes / scales of a quantized kernel: state, but not a trainable `nnx.Param`."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantScheme:
+    """How a layer's kernel is quantized (static; recorded in quantization_config.json)."""
+
+    format: str
+    group_size: int | None = 128
+    asym: bool = True
+    scale_dtype: str = "float16"
+
+    def validate(self) -> None:
+        fmt = formats_lib.get_format(self.format)
+        if fmt.name != self.format:
+            raise ValueError(f"QuantScheme.format must be a canonical name ({fmt.name!r}), got {self.format!r}")
+        quantizer._check_group_size(self.group_size)
+        quantizer._check_scale_dtype(self.scale_dtype)
+
+    @classmethod
+    def create(cls, format: str, *, group_size: int | None = 128, asym: bool = True,
+               scale_dtype: str = "float16") -> "QuantScheme":
+        s = cls(format=formats_lib.get_format(format).name, group_size=group_size, asym=asym,
+                scale_dtype=jnp.dtype(scale_dtype).name)
+        s.validate()
+        return s
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def abstract_quantized(shape: tuple[int, ...], scheme: QuantScheme, dtype) -> QuantizedTensor:
+    """Zero-filled `QuantizedTensor` with the structure `quantize` would produce (for eval_shape / restore)."""
+    fmt = formats_lib.get_format(scheme.format)
+    k, n = shape[-2:]
+    g = k if scheme.group_size is None else min(scheme.group_size, k)
+    groups = -(-k // g)
+    lead = tuple(shape[:-2])
+    sdt = jnp.dtype(scheme.scale_dtype)
+    return QuantizedTensor(
+        codes=jnp.zeros((*lead, packing.packed_rows(k, fmt.bits), n), jnp.uint8),
+        scale=jnp.zeros((*lead, groups, n), sdt),
+        scale_neg=jnp.zeros((*lead, groups, n), sdt) if scheme.asym and not fmt.is_int else None,
+        zero=jnp.zeros((*lead, groups, n), jnp.uint8) if scheme.asym and fmt.is_int else None,
+        format_name=fmt.name, group_size=scheme.group_size, asym=scheme.asym, shape=tuple(shape),
+        dtype=jnp.dtype(dtype).name)
+
+
+def quantized_matmul(x: jax.Array, qt: QuantizedTensor) -> jax.Array:
+    """``x @ dequantize(qt)``: the XLA path (dequantize, then dot). Pallas kernels plug in here."""
+    w = quantizer.dequantize(qt, x.dtype)
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+class QuantDense(nnx.Module):
+    """``y = x @ W (+ b)`` with ``W`` either a float `kernel` (in, out) or a packed `QuantizedTensor`.
+
+    The quantized weight is held as `QuantWeight` variables (``codes``, ``scale``, ``scale_neg``, ``zero``) with
+    its static description (scheme, shape, dtype) as plain attributes, so `nnx.split` puts only arrays in the
+    state and the graphdef carries the rest.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False, dtype=jnp.float32,
+                 scheme: QuantScheme | None = None, rngs: nnx.Rngs | None = None):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = jnp.dtype(dtype).name
+        self.scheme = scheme
+        if scheme is None:
+            rngs = rngs or nnx.Rngs(0)
+            init = nnx.initializers.lecun_normal()
+            self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), dtype))
+        else:
+            self._set_quantized(abstract_quantized((in_features, out_features), scheme, dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+
+    # -- weight access ---------------------------------------------------------------------------------------
+    @property
+    def is_quantized(self) -> bool:
+        return self.scheme is not None
+
+    def quantized_tensor(self) -> QuantizedTensor:
+        s = self.scheme
+        return QuantizedTensor(
+            codes=self.codes.value, scale=self.scale.value,
+            scale_neg=None if self.scale_neg is None else self.scale_neg.value,
+            zero=None if self.zero is None else self.zero.value,
+            format_name=s.format, group_size=s.group_size, asym=s.asym,
+            shape=(self.in_features, self.out_features), dtype=self.dtype)
+
+    def weight(self) -> jax.Array:
+        """The effective float kernel (dequantized if quantized)."""
+        return quantizer.dequantize(self.quantized_tensor()) if self.is_quantized else self.kernel.value
+
+    def _set_quantized(self, qt: QuantizedTensor) -> None:
+        self.codes = QuantWeight(qt.codes)
+        self.scale = QuantWeight(qt.scale)
+        self.scale_neg = None if qt.scale_neg is None else QuantWeight(qt.scale_neg)
+        self.zero = None if qt.zero is None else QuantWeight(qt.zero)
+
+    def set_quantized(self, qt: QuantizedTensor) -> None:
+        """Replaces the kernel by a packed weight (drops the float kernel)."""
+        if qt.shape != (self.in_features, self.out_features):
+            raise ValueError(f"quantized weight shape {qt.shape} does not match layer "
+                             f"({self.in_features}, {self.out_features})")
+        qt.validate()
+        if hasattr(self, "kernel"):
+            del self.kernel
+        self.scheme = QuantScheme.create(qt.format_name, group_size=qt.group_size, asym=qt.asym,
+                                         scale_dtype=jnp.dtype(qt.scale.dtype).name)
+        self._set_quantized(qt)
+
+    def quantize(self, scheme: QuantScheme) -> QuantizedTensor:
+        """Round-to-nearest quantization of this layer's float kernel, in place."""
+        if self.is_quantized:
+            raise ValueError("layer is already quantized")
+        qt = quantizer.quantize(self.kernel.value, scheme.format, group_size=scheme.group_size, asym=scheme.asym,
+                                scale_dtype=scheme.scale_dtype)
+        self.set_quantized(qt)
+        return qt
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.is_quantized:
+            y = quantized_matmul(x, self.quantized_tensor())
+        else:
+            y = jnp.matmul(x, self.kernel.value.astype(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.value.astype(y.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """LLaMA RMSNorm: statistics in float32, ``weight * normalized`` (HF order)."""
+
+    def __init__(self, dim: int, *, eps: float, dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return self.weight.value * h.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias, statistics in float32 (BLOOM)."""
+
+    def __init__(self, dim: int, *, eps: float, dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        mean = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+        h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+        return (h * self.weight.value + self.bias.value).astype(x.dtype)

@@ -1,0 +1,253 @@
+"""The decoder-only transformer every supported family instantiates (LLaMA, BLOOM, ...).
+
+One implementation of attention (MHA/GQA, RoPE or ALiBi, optional KV cache), MLP (SwiGLU or GELU) and the
+block; the family-specific parts are fields of `ModelConfig`. Every linear layer is a `QuantDense`, addressed
+by a dotted path (``layers.3.attn.q_proj``) that quantization recipes and checkpoints use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from afpq_jax._src.layers import LayerNorm, QuantDense, QuantScheme, RMSNorm
+from afpq_jax._src.models.config import ModelConfig
+
+KVCache = list[tuple[jax.Array, jax.Array]]
+
+
+# ---- positions ---------------------------------------------------------------------------------------------
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies (head_dim/2,) with HF's default / linear / llama3 rules, in float32."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    sc = cfg.rope_scaling_dict
+    rtype = sc.get("rope_type", "default")
+    if rtype == "linear":
+        inv = inv / sc["factor"]
+    elif rtype == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old_ctx = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old_ctx / lo, inv / factor, inv)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_ctx / hi) & ~(wavelen > old_ctx / lo)
+        inv = np.where(medium, smoothed, scaled)
+    return np.asarray(inv, np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """HF's rotate-half RoPE. x: (B, S, H, D); positions: (B, S)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # (B, S, D/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """BLOOM/ALiBi per-head slopes (also for head counts that are not powers of two)."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** p for p in range(1, closest + 1)]
+    if closest != num_heads:
+        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** p for p in range(1, 2 * min(closest, num_heads - closest), 2)]
+    return np.asarray(slopes, np.float32)
+
+
+# ---- modules -----------------------------------------------------------------------------------------------
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (vocab, dim), dtype) * 0.02)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.weight.value, ids, axis=0)
+
+
+def _norm(cfg: ModelConfig, dtype):
+    cls = RMSNorm if cfg.norm == "rms" else LayerNorm
+    return cls(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, prefix: str, quant: Mapping[str, QuantScheme], *, dtype, rngs):
+        self.cfg = cfg
+        h, kv, d, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+
+        def dense(name, n_in, n_out, bias):
+            return QuantDense(n_in, n_out, use_bias=bias, dtype=dtype, scheme=quant.get(f"{prefix}.{name}"),
+                              rngs=rngs)
+
+        if cfg.fused_qkv:
+            self.qkv_proj = dense("qkv_proj", e, 3 * h * d, cfg.attn_bias)
+        else:
+            self.q_proj = dense("q_proj", e, h * d, cfg.attn_bias)
+            self.k_proj = dense("k_proj", e, kv * d, cfg.attn_bias)
+            self.v_proj = dense("v_proj", e, kv * d, cfg.attn_bias)
+        self.o_proj = dense("o_proj", h * d, e, cfg.attn_out_bias)
+
+    def __call__(self, x, positions, cache: tuple[jax.Array, jax.Array] | None, start):
+        cfg = self.cfg
+        b, s, _ = x.shape
+        h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if cfg.fused_qkv:  # BLOOM interleaves per head: (..., H, 3, D)
+            qkv = self.qkv_proj(x).reshape(b, s, h, 3, d)
+            q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+        else:
+            q = self.q_proj(x).reshape(b, s, h, d)
+            k = self.k_proj(x).reshape(b, s, kv, d)
+            v = self.v_proj(x).reshape(b, s, kv, d)
+        if cfg.position == "rope":
+            inv_freq = rope_inv_freq(cfg)
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, start, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, start, 0, 0))
+            cache = (k, v)
+        t = k.shape[1]
+        key_pos = jnp.arange(t)
+        qg = q.reshape(b, s, kv, h // kv, d)
+        scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+        if cfg.position == "alibi":
+            slopes = jnp.asarray(alibi_slopes(h)).reshape(kv, h // kv)
+            scores = scores + slopes[None, :, :, None, None] * key_pos.astype(jnp.float32)
+        causal = key_pos[None, None, :] <= positions[:, :, None]  # (B, S, T); also hides unfilled cache slots
+        scores = jnp.where(causal[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, h * d)
+        return self.o_proj(out), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, prefix: str, quant: Mapping[str, QuantScheme], *, dtype, rngs):
+        self.cfg = cfg
+
+        def dense(name, n_in, n_out):
+            return QuantDense(n_in, n_out, use_bias=cfg.mlp_bias, dtype=dtype,
+                              scheme=quant.get(f"{prefix}.{name}"), rngs=rngs)
+
+        e, f = cfg.hidden_size, cfg.intermediate_size
+        if cfg.mlp == "swiglu":
+            self.gate_proj = dense("gate_proj", e, f)
+        self.up_proj = dense("up_proj", e, f)
+        self.down_proj = dense("down_proj", f, e)
+
+    def __call__(self, x):
+        if self.cfg.mlp == "swiglu":
+            h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = jax.nn.gelu(self.up_proj(x), approximate=True)
+        return self.down_proj(h)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, index: int, quant: Mapping[str, QuantScheme], *, dtype, rngs):
+        prefix = f"layers.{index}"
+        self.input_norm = _norm(cfg, dtype)
+        self.attn = Attention(cfg, f"{prefix}.attn", quant, dtype=dtype, rngs=rngs)
+        self.post_attn_norm = _norm(cfg, dtype)
+        self.mlp = MLP(cfg, f"{prefix}.mlp", quant, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, cache=None, start=0):
+        a, cache = self.attn(self.input_norm(x), positions, cache, start)
+        x = x + a
+        return x + self.mlp(self.post_attn_norm(x)), cache
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only LM. ``model(input_ids)`` with int32 ``[batch, seq]`` returns float32 logits
+    ``[batch, seq, vocab]``; `forward_with_cache` does the same against a KV cache for generation.
+
+    ``quant`` maps layer paths (see `linear_paths`) to the scheme their packed weights use; layers not in it hold
+    float kernels.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, quant: Mapping[str, QuantScheme] | None = None, dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        quant = dict(quant or {})
+        unknown = set(quant) - set(linear_paths(cfg))
+        if unknown:
+            raise ValueError(f"quantization layout names unknown layers: {sorted(unknown)[:5]}")
+        self.cfg = cfg
+        self.dtype = jnp.dtype(dtype).name
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.embed_norm = _norm(cfg, dtype) if cfg.embed_norm else None
+        self.layers = nnx.List([Block(cfg, i, quant, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
+        self.final_norm = _norm(cfg, dtype)
+        self.lm_head = None if cfg.tie_embeddings else QuantDense(
+            cfg.hidden_size, cfg.vocab_size, dtype=dtype, scheme=quant.get("lm_head"), rngs=rngs)
+
+    def embed_inputs(self, input_ids: jax.Array) -> jax.Array:
+        x = self.embed(input_ids)
+        return self.embed_norm(x) if self.embed_norm is not None else x
+
+    def head(self, x: jax.Array) -> jax.Array:
+        x = self.final_norm(x)
+        if self.lm_head is None:
+            logits = jnp.einsum("bse,ve->bsv", x, self.embed.weight.value, preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(x)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        b, s = input_ids.shape
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        x = self.embed_inputs(input_ids)
+        for layer in self.layers:
+            x, _ = layer(x, positions)
+        return self.head(x)
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.cfg
+        shape = (batch, max_len, c.num_kv_heads, c.head_dim)
+        return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(c.num_layers)]
+
+    def forward_with_cache(self, input_ids: jax.Array, cache: KVCache, start: jax.Array | int
+                           ) -> tuple[jax.Array, KVCache]:
+        """Runs ``input_ids`` as positions ``start .. start+seq-1`` against (and into) ``cache``."""
+        b, s = input_ids.shape
+        positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
+        x = self.embed_inputs(input_ids)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer(x, positions, layer_cache, start)
+            new_cache.append(layer_cache)
+        return self.head(x), new_cache
+
+    def linear_layers(self) -> dict[str, QuantDense]:
+        """Every `QuantDense` by path (decoder blocks, then lm_head if untied)."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            for group_name, group in (("attn", layer.attn), ("mlp", layer.mlp)):
+                for name in _LINEAR_NAMES:
+                    mod = getattr(group, name, None)
+                    if isinstance(mod, QuantDense):
+                        out[f"layers.{i}.{group_name}.{name}"] = mod
+        if self.lm_head is not None:
+            out["lm_head"] = self.lm_head
+        return out
+
+
+_LINEAR_NAMES = ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def linear_paths(cfg: ModelConfig) -> list[str]:
+    """Paths of all linear layers of an architecture, in forward order."""
+    attn = ["qkv_proj"] if cfg.fused_qkv else ["q_proj", "k_proj", "v_proj"]
+    mlp = (["gate_proj"] if cfg.mlp == "swiglu" else []) + ["up_proj", "down_proj"]
+    paths = []
+    for i in range(cfg.num_layers):
+        paths += [f"layers.{i}.attn.{n}" for n in attn + ["o_proj"]]
+        paths += [f"layers.{i}.mlp.{n}" for n in mlp]
+    return paths + ([] if cfg.tie_embeddings else ["lm_head"])
