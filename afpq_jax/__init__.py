@@ -14,3 +14,8 @@ __version__ = "0.1.0"
 
 __all__ = ["Format", "QuantizedTensor", "available_formats", "dequantize", "fake_quant", "formats", "get_format",
            "quantize"]
+
+from afpq_jax._src.layers import QuantDense, QuantScheme  # noqa: E402
+from afpq_jax._src.pipeline import load, load_tokenizer  # noqa: E402
+
+__all__ += ["QuantDense", "QuantScheme", "load", "load_tokenizer"]

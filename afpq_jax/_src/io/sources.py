@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from afpq_jax._src.io import gguf as gguf_io
+from afpq_jax._src.io.safetensors_reader import SafetensorsError, SafetensorsFile
 
 TensorIter = Iterator[tuple[str, np.ndarray]]
 
@@ -64,33 +65,24 @@ def _safetensors_files(d: Path) -> list[Path]:
     return others
 
 
-def _open_safetensors(f: Path):
-    from safetensors import safe_open
+def _open_safetensors(f: Path) -> SafetensorsFile:
     try:
-        return safe_open(str(f), framework="numpy")
-    except Exception as e:  # safetensors raises its own SafetensorError for bad headers / truncation
-        raise CheckpointError(f"{f} is corrupted or truncated ({str(e).splitlines()[0]}); re-download it") from None
+        return SafetensorsFile(f)
+    except SafetensorsError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _safetensors_source(d: Path, config: dict) -> Source:
-    files = _safetensors_files(d)
-    names = []
-    for f in files:
-        with _open_safetensors(f) as h:
-            names += list(h.keys())
+    handles = [_open_safetensors(f) for f in _safetensors_files(d)]  # validates every header up front
 
     def tensors() -> TensorIter:
-        for f in files:
-            with _open_safetensors(f) as h:
-                for key in h.keys():
-                    try:
-                        arr = h.get_tensor(key)
-                    except Exception as e:
-                        raise CheckpointError(f"{f}: tensor {key!r} cannot be read ({str(e).splitlines()[0]}); "
-                                              f"the file is corrupted or truncated, re-download it") from None
-                    yield key, arr
+        for h in handles:
+            try:
+                yield from h.items()
+            except SafetensorsError as e:
+                raise CheckpointError(str(e)) from None
 
-    return Source(d, "safetensors", config, names, tensors, tokenizer_dir=d)
+    return Source(d, "safetensors", config, [k for h in handles for k in h.keys()], tensors, tokenizer_dir=d)
 
 
 def _flatten_msgpack(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:

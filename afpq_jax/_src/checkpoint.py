@@ -1,0 +1,145 @@
+"""Packed checkpoints: an orbax tree of the model state plus config.json, tokenizer files and
+quantization_config.json. Written into a temporary sibling directory and renamed into place, so an
+interrupted or failed conversion never leaves a half checkpoint at the destination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from afpq_jax._src.io.sources import CheckpointError
+from afpq_jax._src.layers import QuantScheme
+from afpq_jax._src.loading import abstract_model, merge
+from afpq_jax._src.models import CausalLM, config_from_hf
+
+QUANT_CONFIG = "quantization_config.json"
+PARAMS_DIR = "params"
+CHECKPOINT_FORMAT = "afpq-jax/1"  # bump when the packed layout or the state tree changes
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
+
+
+def is_converted_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / QUANT_CONFIG).is_file()
+
+
+def _nested(flat: Mapping[tuple, object]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(str(p), {})
+        node[str(path[-1])] = value
+    return out
+
+
+def _leaf(nested: dict, path: tuple):
+    node = nested
+    for p in path:
+        node = node[str(p)]
+    return node
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yields a fresh temporary directory next to ``out``; on success it replaces ``out``, on any failure
+    (including Ctrl-C / SIGTERM) it is deleted and ``out`` is left as it was."""
+    out = out.absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out} already exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+
+    def on_term(signum, frame):  # turn SIGTERM into an exception so the cleanup below runs
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term) if _in_main_thread() else None
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def save(model: CausalLM, directory: Path, *, hf_config: dict, quant_config: dict,
+         tokenizer_dir: Path | None = None) -> None:
+    """Writes a checkpoint into ``directory`` (which must exist and be empty: use `staging_dir`)."""
+    import orbax.checkpoint as ocp
+
+    _, state = nnx.split(model)
+    tree = _nested({p: v.value for p, v in nnx.to_flat_state(state)})
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(directory / PARAMS_DIR, tree)
+    ckpt.wait_until_finished()
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+    (directory / QUANT_CONFIG).write_text(json.dumps(quant_config, indent=2, sort_keys=True))
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.is_file() and not (directory / name).exists():
+                shutil.copy2(src, directory / name)
+
+
+def quant_layout(quant_config: dict) -> dict[str, QuantScheme]:
+    return {path: QuantScheme(**scheme) for path, scheme in quant_config["layers"].items()}
+
+
+def read_quant_config(path: Path) -> dict:
+    try:
+        qc = json.loads((path / QUANT_CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / QUANT_CONFIG} is not valid JSON ({e.msg}); the checkpoint is damaged") from None
+    if qc.get("checkpoint_format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} has checkpoint_format {qc.get('checkpoint_format')!r}; this afpq-jax reads "
+                              f"{CHECKPOINT_FORMAT!r} — convert the model again")
+    return qc
+
+
+def load(path: str | os.PathLike) -> CausalLM:
+    """Restores a converted checkpoint into a ready model (packed weights stay packed)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    qc = read_quant_config(path)
+    hf = json.loads((path / "config.json").read_text())
+    cfg = config_from_hf(hf)
+    layout = quant_layout(qc)
+    graphdef, flat = abstract_model(cfg, layout, jnp.dtype(qc.get("dtype", "float32")))
+    target = _nested({p: jax.ShapeDtypeStruct(v.value.shape, v.value.dtype) for p, v in flat.items()})
+    params = path / PARAMS_DIR
+    if not params.is_dir():
+        raise CheckpointError(f"{path} has no {PARAMS_DIR}/ directory; the checkpoint is incomplete")
+    try:
+        restored = ocp.StandardCheckpointer().restore(params, target)
+    except Exception as e:
+        raise CheckpointError(f"cannot restore {params} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              f"the checkpoint is damaged or from another model — convert again") from None
+    for p, var in flat.items():
+        var.value = _leaf(restored, p)
+    return merge(graphdef, flat)

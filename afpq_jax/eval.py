@@ -1,0 +1,81 @@
+"""`python -m afpq_jax.eval`: perplexity on held-out text and greedy generation, for a float model (HF
+directory, GGUF) or a converted afpq-jax checkpoint.
+
+Also the library functions `perplexity` and `generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from afpq_jax._src import cli
+from afpq_jax._src.evaluation import default_seq_len, generate, perplexity
+
+__all__ = ["generate", "main", "perplexity"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m afpq_jax.eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="converted checkpoint, HF directory or .gguf file (default: SmolLM2-135M-Instruct float)")
+    p.add_argument("--text", default=None,
+                   help="UTF-8 text file to score (default: the held-out English Wikipedia split)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: min(2048, model context))")
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--prompt", default=None, help="also generate greedily from this prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
+    p.add_argument("--json", action="store_true", help="print results as one JSON object")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def run() -> int:
+        from afpq_jax._src import assets
+        from afpq_jax._src.pipeline import load, load_tokenizer
+
+        model_path = args.model or str(assets.smollm2_hf_dir())
+        if not Path(model_path).exists():
+            raise FileNotFoundError(f"model path {model_path!r} does not exist")
+        t0 = time.perf_counter()
+        model = load(model_path)
+        tok = load_tokenizer(model_path)
+        result: dict = {"model": model_path, "load_seconds": round(time.perf_counter() - t0, 2)}
+        if not args.no_ppl:
+            if args.text:
+                text = Path(args.text).read_text(encoding="utf-8")
+            else:
+                text = assets.wiki_text()[1]
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            t0 = time.perf_counter()
+            result.update(perplexity(model, ids, seq_len=args.seq_len or default_seq_len(model),
+                                     batch_size=args.batch_size, max_windows=args.max_windows,
+                                     progress=not args.no_progress))
+            result["ppl_seconds"] = round(time.perf_counter() - t0, 2)
+        if args.prompt:
+            ids = tok(args.prompt, add_special_tokens=False)["input_ids"]
+            new = generate(model, ids, max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id)
+            result["prompt"] = args.prompt
+            result["generation"] = tok.decode(new[0].tolist(), skip_special_tokens=True)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            for k, v in result.items():
+                print(f"{k:>14}: {v:.4f}" if isinstance(v, float) else f"{k:>14}: {v}")
+        return 0
+
+    return cli.run(run, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
