@@ -93,7 +93,7 @@ def save(model: CausalLM, directory: Path, *, hf_config: dict, quant_config: dic
     import orbax.checkpoint as ocp
 
     _, state = nnx.split(model)
-    tree = _nested({p: v.value for p, v in nnx.to_flat_state(state)})
+    tree = _nested({p: v.get_value() for p, v in nnx.to_flat_state(state)})
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(directory / PARAMS_DIR, tree)
     ckpt.wait_until_finished()
@@ -131,7 +131,7 @@ def load(path: str | os.PathLike) -> CausalLM:
     cfg = config_from_hf(hf)
     layout = quant_layout(qc)
     graphdef, flat = abstract_model(cfg, layout, jnp.dtype(qc.get("dtype", "float32")))
-    target = _nested({p: jax.ShapeDtypeStruct(v.value.shape, v.value.dtype) for p, v in flat.items()})
+    target = _nested({p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in flat.items()})
     params = path / PARAMS_DIR
     if not params.is_dir():
         raise CheckpointError(f"{path} has no {PARAMS_DIR}/ directory; the checkpoint is incomplete")
@@ -141,5 +141,5 @@ def load(path: str | os.PathLike) -> CausalLM:
         raise CheckpointError(f"cannot restore {params} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                               f"the checkpoint is damaged or from another model — convert again") from None
     for p, var in flat.items():
-        var.value = _leaf(restored, p)
+        var.set_value(_leaf(restored, p))
     return merge(graphdef, flat)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -17,16 +18,17 @@ def default_seq_len(model: CausalLM) -> int:
     return min(2048, model.cfg.max_seq_len)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _window_nll_sum(graphdef, state, ids):
+    logits = nnx.merge(graphdef, state)(ids)[:, :-1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
+
+
 def _nll_fn(model: CausalLM):
+    # graphdef is static (hashable): models of one architecture share one compiled function.
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def nll_sum(state, ids):
-        logits = nnx.merge(graphdef, state)(ids)[:, :-1]
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.sum(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
-
-    return lambda ids: nll_sum(state, ids)
+    return lambda ids: _window_nll_sum(graphdef, state, ids)
 
 
 def perplexity(model: CausalLM, token_ids, *, seq_len: int | None = None, batch_size: int = 1,

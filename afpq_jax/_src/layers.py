@@ -98,15 +98,15 @@ class QuantDense(nnx.Module):
     def quantized_tensor(self) -> QuantizedTensor:
         s = self.scheme
         return QuantizedTensor(
-            codes=self.codes.value, scale=self.scale.value,
-            scale_neg=None if self.scale_neg is None else self.scale_neg.value,
-            zero=None if self.zero is None else self.zero.value,
+            codes=self.codes.get_value(), scale=self.scale.get_value(),
+            scale_neg=None if self.scale_neg is None else self.scale_neg.get_value(),
+            zero=None if self.zero is None else self.zero.get_value(),
             format_name=s.format, group_size=s.group_size, asym=s.asym,
             shape=(self.in_features, self.out_features), dtype=self.dtype)
 
     def weight(self) -> jax.Array:
         """The effective float kernel (dequantized if quantized)."""
-        return quantizer.dequantize(self.quantized_tensor()) if self.is_quantized else self.kernel.value
+        return quantizer.dequantize(self.quantized_tensor()) if self.is_quantized else self.kernel.get_value()
 
     def _set_quantized(self, qt: QuantizedTensor) -> None:
         self.codes = QuantWeight(qt.codes)
@@ -130,7 +130,7 @@ class QuantDense(nnx.Module):
         """Round-to-nearest quantization of this layer's float kernel, in place."""
         if self.is_quantized:
             raise ValueError("layer is already quantized")
-        qt = quantizer.quantize(self.kernel.value, scheme.format, group_size=scheme.group_size, asym=scheme.asym,
+        qt = quantizer.quantize(self.kernel.get_value(), scheme.format, group_size=scheme.group_size, asym=scheme.asym,
                                 scale_dtype=scheme.scale_dtype)
         self.set_quantized(qt)
         return qt
@@ -139,9 +139,9 @@ class QuantDense(nnx.Module):
         if self.is_quantized:
             y = quantized_matmul(x, self.quantized_tensor())
         else:
-            y = jnp.matmul(x, self.kernel.value.astype(x.dtype))
+            y = jnp.matmul(x, self.kernel.get_value().astype(x.dtype))
         if self.bias is not None:
-            y = y + self.bias.value.astype(y.dtype)
+            y = y + self.bias.get_value().astype(y.dtype)
         return y
 
 
@@ -155,7 +155,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        return self.weight.value * h.astype(x.dtype)
+        return self.weight.get_value() * h.astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -171,4 +171,4 @@ class LayerNorm(nnx.Module):
         mean = jnp.mean(h, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
         h = (h - mean) * jax.lax.rsqrt(var + self.eps)
-        return (h * self.weight.value + self.bias.value).astype(x.dtype)
+        return (h * self.weight.get_value() + self.bias.get_value()).astype(x.dtype)

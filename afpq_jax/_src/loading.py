@@ -34,7 +34,7 @@ def abstract_model(cfg: ModelConfig, quant: Mapping[str, QuantScheme] | None = N
 
 
 def merge(graphdef, flat: dict[Path_, Any]) -> CausalLM:
-    missing = [p for p, v in flat.items() if isinstance(v.value, jax.ShapeDtypeStruct)]
+    missing = [p for p, v in flat.items() if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
     if missing:
         shown = ", ".join(".".join(map(str, p)) for p in missing[:4])
         raise CheckpointError(f"checkpoint is missing {len(missing)} parameter(s) ({shown}{', ...' if len(missing) > 4 else ''}); "
@@ -84,13 +84,13 @@ def populate_from_source(source: Source, cfg: ModelConfig, *, dtype=jnp.float32,
 
 def _place(flat, path, arr: np.ndarray, name: str, dtype) -> None:
     var = flat[path]
-    want = var.value.shape
+    want = var.get_value().shape
     if tuple(arr.shape) != tuple(want):
         raise CheckpointError(f"tensor {name!r} has shape {tuple(arr.shape)} but the model expects {tuple(want)} "
                               f"for {_dotted(path)}; config.json does not match the weights")
     if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
         raise CheckpointError(f"tensor {name!r} has non-float dtype {arr.dtype}")
-    var.value = jnp.asarray(arr, dtype=var.value.dtype)
+    var.set_value(jnp.asarray(arr, dtype=var.get_value().dtype))
 
 
 def _place_quantized(flat, layer_path, qt: QuantizedTensor, name: str) -> None:
@@ -99,6 +99,6 @@ def _place_quantized(flat, layer_path, qt: QuantizedTensor, name: str) -> None:
         key = (*layer_path, leaf_name)
         if leaf is None:
             continue
-        if key not in flat or tuple(flat[key].value.shape) != tuple(leaf.shape):
+        if key not in flat or tuple(flat[key].get_value().shape) != tuple(leaf.shape):
             raise CheckpointError(f"quantized {name!r} does not fit layer {_dotted(layer_path)}")
-        flat[key].value = leaf
+        flat[key].set_value(leaf)

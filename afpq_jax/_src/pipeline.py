@@ -32,6 +32,7 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32) -> CausalLM:
 
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer that belongs to a model path (directory with tokenizer files, or a GGUF file)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found": we never run torch
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     p = Path(path)

@@ -71,7 +71,7 @@ class Embedding(nnx.Module):
         self.weight = nnx.Param(jax.random.normal(rngs.params(), (vocab, dim), dtype) * 0.02)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.weight.value, ids, axis=0)
+        return jnp.take(self.weight.get_value(), ids, axis=0)
 
 
 def _norm(cfg: ModelConfig, dtype):
@@ -195,7 +195,7 @@ class CausalLM(nnx.Module):
     def head(self, x: jax.Array) -> jax.Array:
         x = self.final_norm(x)
         if self.lm_head is None:
-            logits = jnp.einsum("bse,ve->bsv", x, self.embed.weight.value, preferred_element_type=jnp.float32)
+            logits = jnp.einsum("bse,ve->bsv", x, self.embed.weight.get_value(), preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(x)
         return logits.astype(jnp.float32)

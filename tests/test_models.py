@@ -1,0 +1,117 @@
+"""Our Flax NNX LLaMA/BLOOM against PyTorch transformers' logits (fixtures from scripts/make_torch_fixtures.py)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import afpq_jax as aq
+from afpq_jax._src.evaluation import generate
+from afpq_jax._src.io.gguf import read_gguf_config
+from afpq_jax._src.models import config_from_hf
+from tests import test_gguf
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TORCH_FIXTURES = ["llama_gqa", "llama_tied_theta", "llama3_rope", "llama_sharded", "bloom"]
+
+
+@pytest.mark.parametrize("name", TORCH_FIXTURES)
+def test_logits_match_pytorch_transformers(name):
+    ref = np.load(FIXTURES / name / "reference.npz")
+    model = aq.load(FIXTURES / name)
+    logits = model(jnp.asarray(ref["input_ids"]))
+    assert logits.dtype == jnp.float32 and logits.shape == ref["logits"].shape
+    np.testing.assert_allclose(np.asarray(logits), ref["logits"], rtol=0, atol=1e-4)
+
+
+def test_hf_flax_msgpack_weights_match():
+    ref = np.load(FIXTURES / "llama_gqa" / "reference.npz")  # same weights, transformers-4 Flax format
+    model = aq.load(FIXTURES / "llama_flax")
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ref["input_ids"]))), ref["logits"], atol=1e-4)
+
+
+def test_architecture_features_are_parsed():
+    cfg = config_from_hf(json.loads((FIXTURES / "llama3_rope" / "config.json").read_text()))
+    assert cfg.rope_scaling_dict["rope_type"] == "llama3" and cfg.rope_theta == 500000.0
+    assert cfg.num_kv_heads == 1 and cfg.head_dim == 32
+    assert config_from_hf(json.loads((FIXTURES / "llama_tied_theta" / "config.json").read_text())).tie_embeddings
+    bloom = config_from_hf(json.loads((FIXTURES / "bloom" / "config.json").read_text()))
+    assert bloom.position == "alibi" and bloom.fused_qkv and bloom.embed_norm
+
+
+def test_transformers4_and_5_rope_configs_agree():
+    v5 = json.loads((FIXTURES / "llama3_rope" / "config.json").read_text())
+    v4 = {k: v for k, v in v5.items() if k != "rope_parameters"}
+    params = dict(v5["rope_parameters"])
+    v4["rope_theta"] = params.pop("rope_theta")
+    v4["rope_scaling"] = {("type" if k == "rope_type" else k): v for k, v in params.items()}
+    assert config_from_hf(v4) == config_from_hf(v5)
+
+
+@pytest.mark.parametrize("change,msg", [
+    ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'; supported: bloom, llama, mistral"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope_scaling type 'yarn'"),
+    ({"hidden_act": "gelu"}, "only 'silu'"),
+    ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
+])
+def test_unsupported_configs_are_named(change, msg):
+    hf = {**json.loads((FIXTURES / "llama_gqa" / "config.json").read_text()), **change}
+    with pytest.raises(ValueError, match=msg):
+        config_from_hf(hf)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "bloom"])
+def test_kv_cache_matches_full_forward(name):
+    ref = np.load(FIXTURES / name / "reference.npz")
+    model = aq.load(FIXTURES / name)
+    ids = jnp.asarray(ref["input_ids"])
+    cache = model.init_cache(ids.shape[0], ids.shape[1] + 4)
+    chunks = []
+    for start, stop in [(0, 7), (7, 8), (8, ids.shape[1])]:  # prefill, one token, the rest
+        logits, cache = model.forward_with_cache(ids[:, start:stop], cache, start)
+        chunks.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(chunks, axis=1), ref["logits"], atol=1e-4)
+
+
+def test_greedy_generation_matches_transformers():
+    g = np.load(FIXTURES / "llama_gqa" / "generate.npz")
+    model = aq.load(FIXTURES / "llama_gqa")
+    np.testing.assert_array_equal(generate(model, g["prompt"], max_new_tokens=8), g["generated"])
+    assert generate(model, g["prompt"], max_new_tokens=8, eos_token_id=int(g["generated"][0, 2])).shape[1] == 3
+
+
+def test_gguf_import_matches_the_same_model_as_safetensors(tmp_path):
+    weights = test_gguf._hf_weights(np.random.default_rng(1), tied=False)
+    gguf_path = test_gguf.write_tiny_llama(tmp_path / "tiny.gguf", weights)
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps(read_gguf_config(gguf_path)))
+    save_file({k: test_gguf._stored(k, v) for k, v in weights.items()}, str(hf_dir / "model.safetensors"))
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, test_gguf.VOCAB, (2, 12)), jnp.int32)
+    from_gguf = np.asarray(aq.load(gguf_path)(ids))
+    from_st = np.asarray(aq.load(hf_dir)(ids))
+    np.testing.assert_allclose(from_gguf, from_st, rtol=0, atol=1e-6)
+
+
+def test_quant_dense_uses_the_packed_weight():
+    layer = aq.QuantDense(96, 24, use_bias=True)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 96)), jnp.float32)
+    w = layer.kernel.get_value()
+    qt = layer.quantize(aq.QuantScheme.create("fp3", group_size=32))
+    assert layer.is_quantized and not hasattr(layer, "kernel")
+    np.testing.assert_allclose(layer(x), x @ aq.dequantize(qt) + layer.bias.get_value(), rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(layer(x) - x @ w).max()) > 0  # really quantized
+    with pytest.raises(ValueError, match="does not match layer"):
+        aq.QuantDense(8, 8).set_quantized(aq.quantize(np.ones((8, 4), np.float32), "nf4"))
+
+
+def test_sharded_index_with_missing_shard_is_reported(tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(FIXTURES / "llama_sharded", d)
+    next(d.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(ValueError, match="missing shard"):
+        aq.load(d)
