@@ -130,7 +130,7 @@ def load(path: str | os.PathLike) -> CausalLM:
     hf = json.loads((path / "config.json").read_text())
     cfg = config_from_hf(hf)
     layout = quant_layout(qc)
-    graphdef, flat = abstract_model(cfg, layout, jnp.dtype(qc.get("dtype", "float32")))
+    graphdef, flat, _ = abstract_model(cfg, layout, jnp.dtype(qc.get("dtype", "float32")))
     target = _nested({p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in flat.items()})
     params = path / PARAMS_DIR
     if not params.is_dir():

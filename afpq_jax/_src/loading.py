@@ -27,10 +27,11 @@ QuantizeKernel = Callable[[str, np.ndarray], QuantizedTensor]
 
 
 def abstract_model(cfg: ModelConfig, quant: Mapping[str, QuantScheme] | None = None, dtype=jnp.float32):
-    """(graphdef, flat abstract state {path: Variable}) of a model; nothing is allocated."""
+    """(graphdef, flat abstract state {path: Variable}, {linear path: kernel shape}); nothing is allocated."""
     model = nnx.eval_shape(lambda: CausalLM(cfg, quant=quant, dtype=dtype, rngs=nnx.Rngs(0)))
+    shapes = {p: (m.in_features, m.out_features) for p, m in model.linear_layers().items()}
     graphdef, state = nnx.split(model)
-    return graphdef, dict(nnx.to_flat_state(state))
+    return graphdef, dict(nnx.to_flat_state(state)), shapes
 
 
 def merge(graphdef, flat: dict[Path_, Any]) -> CausalLM:
@@ -55,7 +56,7 @@ def populate_from_source(source: Source, cfg: ModelConfig, *, dtype=jnp.float32,
     if quant and quantize_kernel is None:
         raise ValueError("a quantization layout needs a quantize_kernel function")
     family = family_for(source.config)
-    graphdef, flat = abstract_model(cfg, quant, dtype)
+    graphdef, flat, kernel_shapes = abstract_model(cfg, quant, dtype)
     seen: set[str] = set()
     bar = tqdm(source.tensors(), total=len(source.tensor_names), desc="loading", unit="tensor",
                disable=not progress, leave=False)
@@ -73,6 +74,7 @@ def populate_from_source(source: Source, cfg: ModelConfig, *, dtype=jnp.float32,
         arr = to_model_layout(np.asarray(arr), transpose)
         layer = _dotted(path[:-1])
         if path[-1] == "kernel" and layer in quant:
+            _check_shape(arr, kernel_shapes[layer], name, path)
             _place_quantized(flat, path[:-1], quantize_kernel(layer, arr), name)
             continue
         if path not in flat:
@@ -82,12 +84,15 @@ def populate_from_source(source: Source, cfg: ModelConfig, *, dtype=jnp.float32,
     return merge(graphdef, flat)
 
 
-def _place(flat, path, arr: np.ndarray, name: str, dtype) -> None:
-    var = flat[path]
-    want = var.get_value().shape
+def _check_shape(arr: np.ndarray, want, name: str, path) -> None:
     if tuple(arr.shape) != tuple(want):
         raise CheckpointError(f"tensor {name!r} has shape {tuple(arr.shape)} but the model expects {tuple(want)} "
                               f"for {_dotted(path)}; config.json does not match the weights")
+
+
+def _place(flat, path, arr: np.ndarray, name: str, dtype) -> None:
+    var = flat[path]
+    _check_shape(arr, var.get_value().shape, name, path)
     if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
         raise CheckpointError(f"tensor {name!r} has non-float dtype {arr.dtype}")
     var.set_value(jnp.asarray(arr, dtype=var.get_value().dtype))
