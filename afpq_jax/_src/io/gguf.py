@@ -35,6 +35,7 @@ __all__ = [
     "read_gguf_config",
     "gguf_tensor_plan",
     "iter_gguf_tensors",
+    "GGUFTensors",
     "read_gguf_tokenizer_metadata",
     "build_tokenizer",
     "write_hf_tokenizer",
@@ -299,24 +300,30 @@ def gguf_tensor_plan(path: str | os.PathLike[str]) -> list[tuple[str, tuple[int,
     return plan
 
 
-def iter_gguf_tensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(hf_name, float32 array)`` per tensor, dequantized, in HF/torch layout ``[out, in]``.
+class GGUFTensors:
+    """Random access to a GGUF file's tensors by HF name (float32, HF/torch layout, q/k un-permuted).
 
-    Any ggml type the ``gguf`` package can dequantize works (F32, F16, BF16, Q4_0/1, Q8_0, K-quants).
-    q/k rows are un-permuted back to HF order. With tied embeddings there is no ``lm_head.weight``
-    (HF ties it to ``model.embed_tokens.weight``), exactly like a tied HF checkpoint.
-    One tensor is materialized at a time.
+    The reader memory-maps the file once; each `read` dequantizes one tensor into fresh memory.
     """
-    from gguf.quants import dequantize
 
-    p = Path(path)
-    reader = _open_reader(p)
-    config = _config_from_reader(reader, p)
-    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
-    for t in reader.tensors:
-        name = _hf_name(t.name)
-        if name is None:
-            continue
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self._reader = _open_reader(self.path)
+        config = _config_from_reader(self._reader, self.path)
+        self._heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+        self._tensors = {}
+        for t in self._reader.tensors:
+            name = _hf_name(t.name)
+            if name is not None:
+                self._tensors[name] = t
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def read(self, name: str) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        t = self._tensors[name]
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         try:
             arr = dequantize(t.data, t.tensor_type)
@@ -325,11 +332,23 @@ def iter_gguf_tensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, np.nd
                 f"cannot dequantize GGUF tensor {t.name} of type {t.tensor_type.name} ({e}); upgrade the gguf package"
             ) from e
         arr = np.array(arr, dtype=np.float32, copy=True).reshape(shape)  # own the memory, not the mmap
-        if ".self_attn.q_proj." in name:
-            arr = unpermute_qk(arr, n_head)
-        elif ".self_attn.k_proj." in name:
-            arr = unpermute_qk(arr, n_kv)
-        yield name, arr
+        for proj, n_head in self._heads.items():
+            if f".self_attn.{proj}." in name:
+                arr = unpermute_qk(arr, n_head)
+        return arr
+
+
+def iter_gguf_tensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(hf_name, float32 array)`` per tensor, dequantized, in HF/torch layout ``[out, in]``.
+
+    Any ggml type the ``gguf`` package can dequantize works (F32, F16, BF16, Q4_0/1, Q8_0, K-quants).
+    q/k rows are un-permuted back to HF order. With tied embeddings there is no ``lm_head.weight``
+    (HF ties it to ``model.embed_tokens.weight``), exactly like a tied HF checkpoint.
+    One tensor is materialized at a time.
+    """
+    tensors = GGUFTensors(path)
+    for name in tensors.names():
+        yield name, tensors.read(name)
 
 
 # --------------------------------------------------------------------------------------

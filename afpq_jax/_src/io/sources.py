@@ -7,6 +7,7 @@ serves them all. Tensors are read lazily, one at a time, so peak host memory sta
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -34,10 +35,22 @@ class Source:
     config: dict
     tensor_names: list[str]
     _iter: Callable[[], TensorIter]
+    _read: Callable[[str], np.ndarray]
     tokenizer_dir: Path | None = None
 
     def tensors(self) -> TensorIter:
+        """All tensors, in storage order (sequential reads)."""
         return self._iter()
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor by name (random access: block-by-block algorithms load one block at a time)."""
+        if name not in self._names:
+            raise CheckpointError(f"{self.path} has no tensor {name!r}")
+        return self._read(name)
+
+    @functools.cached_property
+    def _names(self) -> set[str]:
+        return set(self.tensor_names)
 
 
 def _read_json(path: Path) -> dict:
@@ -82,7 +95,15 @@ def _safetensors_source(d: Path, config: dict) -> Source:
             except SafetensorsError as e:
                 raise CheckpointError(str(e)) from None
 
-    return Source(d, "safetensors", config, [k for h in handles for k in h.keys()], tensors, tokenizer_dir=d)
+    owner = {k: h for h in handles for k in h.keys()}
+
+    def read(name: str) -> np.ndarray:
+        try:
+            return owner[name].read(name)
+        except SafetensorsError as e:
+            raise CheckpointError(str(e)) from None
+
+    return Source(d, "safetensors", config, [k for h in handles for k in h.keys()], tensors, read, tokenizer_dir=d)
 
 
 def _flatten_msgpack(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
@@ -113,16 +134,18 @@ def _flax_msgpack_source(d: Path, config: dict) -> Source:
     if "params" in tree and isinstance(tree["params"], dict) and len(tree) == 1:
         tree = tree["params"]
     flat = [_flax_hf_name(p, a) for p, a in _flatten_msgpack(tree)]
-    return Source(d, "flax_msgpack", config, [n for n, _ in flat], lambda: iter(flat), tokenizer_dir=d)
+    by_name = dict(flat)
+    return Source(d, "flax_msgpack", config, list(by_name), lambda: iter(flat), by_name.__getitem__, tokenizer_dir=d)
 
 
 def _gguf_source(f: Path) -> Source:
     try:
         config = gguf_io.read_gguf_config(f)
-        plan = gguf_io.gguf_tensor_plan(f)
+        tensors = gguf_io.GGUFTensors(f)
     except (ValueError, OSError) as e:
         raise CheckpointError(f"{f}: {e}") from None
-    return Source(f, "gguf", config, [n for n, _ in plan], lambda: gguf_io.iter_gguf_tensors(f))
+    names = tensors.names()
+    return Source(f, "gguf", config, names, lambda: ((n, tensors.read(n)) for n in names), tensors.read)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
