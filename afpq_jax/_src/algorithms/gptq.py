@@ -1,0 +1,159 @@
+"""GPTQ (Frantar et al. 2023) with any afpq-jax format in the loop, AFPQ-style group scales.
+
+Per linear layer with kernel ``W`` (K, N) and input Hessian ``H = 2/n sum x x^T`` (K, K):
+damping (``damp`` x mean diagonal), Cholesky-based inverse, lazy block updates and error feedback, as in
+AutoGPTQ. At each group boundary the group's parameters (``s_pos``/``s_neg`` for asymmetric FP/NF, scale/zero
+for INT) are computed on the *error-updated* weights, which is how AFPQ plugs into GPTQ. With ``act_order``
+columns are visited by decreasing Hessian diagonal, and groups are *static* (parameters computed up front on
+the original weights in natural order), so the packed layout is the same as RTN's.
+
+The working matrix is ``Wt = W.T`` (N, K): GPTQ's columns are input features.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from afpq_jax._src import packing
+from afpq_jax._src.formats import Format, get_format
+from afpq_jax._src.qtensor import QuantizedTensor
+from afpq_jax._src.quantizer import GroupParams, decode, encode, group_params
+
+
+def hessian_inverse_factor(h: jax.Array, damp: float) -> jax.Array:
+    """Upper Cholesky factor of ``(H + damp*mean(diag H)*I)^-1`` (what GPTQ propagates errors with)."""
+    k = h.shape[0]
+    h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=h.dtype)
+    lower = jnp.linalg.cholesky(h)
+    h_inv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(k, dtype=h.dtype))
+    return jnp.linalg.cholesky(h_inv).T  # upper
+
+
+def _params_of(fmt, asym, cols, sdt) -> GroupParams:
+    """Group parameters from columns (N, g) of the working matrix, shaped (N,) each."""
+    return group_params(fmt, asym, jnp.min(cols, axis=1), jnp.max(cols, axis=1), sdt)
+
+
+def _take(params: GroupParams, idx) -> GroupParams:
+    return GroupParams(*(None if p is None else p[idx] for p in params))
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "sdt", "static"))
+def _quantize_block(wt1, hinv1, static_params, col_groups, *, fmt: Format, asym: bool, g: int, sdt, static: bool):
+    """GPTQ over one block of columns. wt1: (N, B); hinv1: (B, B) upper; B holds whole groups unless static.
+
+    Returns codes (N, B), per-group params for this block (stacked (B//g, N) when not static), the error matrix
+    (N, B) for the lazy update of later blocks.
+    """
+    n, b = wt1.shape
+    codes = jnp.zeros((n, b), jnp.uint8)
+    err = jnp.zeros((n, b), jnp.float32)
+
+    def column(c, carry, params):
+        wt1, codes, err = carry
+        w = wt1[:, c]
+        code = encode(fmt, asym, w, params)
+        q = decode(fmt, asym, code, params)
+        e = (w - q) / hinv1[c, c]
+        wt1 = wt1 - e[:, None] * hinv1[c][None, :]  # hinv1 is upper triangular: only columns >= c move
+        return wt1, codes.at[:, c].set(code), err.at[:, c].set(e)
+
+    if static:  # params per column given (act-order static groups, or per-channel)
+        def body(c, carry):
+            return column(c, carry, _take(static_params, col_groups[c]))
+        wt1, codes, err = jax.lax.fori_loop(0, b, body, (wt1, codes, err))
+        return codes, None, err
+    block_params = []
+    for gi in range(-(-b // g)):  # the model's last group may be short (K not a multiple of g)
+        lo, hi = gi * g, min((gi + 1) * g, b)
+        params = _params_of(fmt, asym, wt1[:, lo:hi], sdt)
+        wt1, codes, err = jax.lax.fori_loop(lo, hi, functools.partial(_with_params, column, params),
+                                            (wt1, codes, err))
+        block_params.append(params)
+    stacked = GroupParams(*(None if block_params[0][i] is None else jnp.stack([p[i] for p in block_params])
+                            for i in range(3)))
+    return codes, stacked, err
+
+
+def _with_params(column, params, c, carry):
+    return column(c, carry, params)
+
+
+def gptq_quantize(kernel: jax.Array, hessian: jax.Array, fmt: str | Format, *, group_size: int | None = 128,
+                  asym: bool = True, scale_dtype=jnp.float16, damp: float = 0.01, block_size: int = 128,
+                  act_order: bool = False) -> QuantizedTensor:
+    """GPTQ-quantizes a kernel (K, N) given the Hessian (K, K) of its inputs."""
+    fmt = get_format(fmt)
+    sdt = jnp.dtype(scale_dtype)
+    w = jnp.asarray(kernel, jnp.float32)
+    k, n = w.shape
+    h = jnp.asarray(hessian, jnp.float32)
+    if h.shape != (k, k):
+        raise ValueError(f"Hessian shape {h.shape} does not match kernel in_features {k}")
+    g = k if group_size is None else min(group_size, k)
+    n_groups = math.ceil(k / g)
+    dead = jnp.diag(h) == 0  # inputs that never fire: GPTQ zeroes them and fixes H
+    h = jnp.where(jnp.diag(dead), 1.0, h)
+    wt = jnp.where(dead[None, :], 0.0, w.T)
+    perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(k)
+    static = act_order or group_size is None or g == k
+    if static:  # groups in natural order, params from the (dead-zeroed) original weights
+        pad = n_groups * g - k
+        grouped = jnp.pad(wt, ((0, 0), (0, pad))).reshape(n, n_groups, g)
+        static_params = group_params(fmt, asym, grouped.min(-1).T, grouped.max(-1).T, sdt)  # (G, N)
+        col_groups = perm // g
+    else:
+        static_params, col_groups = None, None
+    wt = wt[:, perm]
+    hinv = hessian_inverse_factor(h[perm][:, perm], damp)
+    # Blocks hold whole groups so group parameters always see fully error-updated columns.
+    bs = max(g, block_size // g * g) if not static else block_size
+    codes_blocks, params_blocks = [], []
+    for i1 in range(0, k, bs):
+        i2 = min(i1 + bs, k)
+        codes, params, err = _quantize_block(
+            wt[:, i1:i2], hinv[i1:i2, i1:i2], static_params, None if col_groups is None else col_groups[i1:i2],
+            fmt=fmt, asym=asym, g=g, sdt=sdt, static=static)
+        if i2 < k:
+            wt = wt.at[:, i2:].add(-err @ hinv[i1:i2, i2:])
+        codes_blocks.append(codes)
+        params_blocks.append(params)
+    codes = jnp.concatenate(codes_blocks, axis=1)[:, jnp.argsort(perm)].T  # (K, N), natural order
+    if static:
+        params = static_params
+    else:
+        params = GroupParams(*(None if params_blocks[0][i] is None else
+                               jnp.concatenate([p[i] for p in params_blocks], axis=0) for i in range(3)))
+    return QuantizedTensor(
+        codes=packing.pack(codes, fmt.bits), scale=params.scale.astype(sdt),
+        scale_neg=None if params.scale_neg is None else params.scale_neg.astype(sdt),
+        zero=None if params.zero is None else params.zero.astype(jnp.uint8),
+        format_name=fmt.name, group_size=group_size, asym=asym, shape=(k, n), dtype=jnp.dtype(kernel.dtype).name)
+
+
+def accumulate_hessian(h: jax.Array | None, x: jax.Array, count: int) -> tuple[jax.Array, int]:
+    """Running ``H = 2/n sum x x^T`` over batches of inputs ``x`` (..., K), in float32."""
+    x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    m = x.shape[0]
+    new = _xtx(x)
+    if h is None:
+        return new * (2.0 / m), m
+    total = count + m
+    return h * (count / total) + new * (2.0 / total), total
+
+
+@jax.jit
+def _xtx(x):
+    return jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
+
+
+def output_mse(kernel, qkernel, x) -> float:
+    """Mean squared error of ``x @ W`` vs ``x @ W_q`` (the layer-output error GPTQ/AWQ minimise)."""
+    x = np.asarray(x, np.float64).reshape(-1, np.shape(kernel)[0])
+    d = x @ (np.asarray(kernel, np.float64) - np.asarray(qkernel, np.float64))
+    return float(np.mean(d * d))
