@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
 import jax
@@ -12,6 +14,24 @@ from afpq_jax._src import formats as formats_lib
 from afpq_jax._src import packing
 from afpq_jax._src import quantizer
 from afpq_jax._src.qtensor import QuantizedTensor
+
+
+_RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("afpq_recorder", default=None)
+
+
+@contextlib.contextmanager
+def record_inputs():
+    """Collects ``(layer, input)`` for every `QuantDense` call inside the block (calibration taps).
+
+    Works under tracing too: the recorded inputs are then tracers of the enclosing jitted function, and layers
+    fed the same array (q/k/v) record the same object, so callers can share work per distinct input.
+    """
+    taps: list = []
+    token = _RECORDER.set(taps)
+    try:
+        yield taps
+    finally:
+        _RECORDER.reset(token)
 
 
 class QuantWeight(nnx.Variable):
@@ -136,6 +156,9 @@ class QuantDense(nnx.Module):
         return qt
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        taps = _RECORDER.get()
+        if taps is not None:
+            taps.append((self, x))
         if self.is_quantized:
             y = quantized_matmul(x, self.quantized_tensor())
         else:

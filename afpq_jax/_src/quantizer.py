@@ -155,11 +155,17 @@ def from_groups(wg: jax.Array, k: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "scale_dtype"))
-def _quantize_codes(w, fmt: Format, asym: bool, g: int, scale_dtype):
-    """Unpacked codes ``(..., K, N)`` and group params ``(..., G, 1, N)`` of one weight."""
+def _quantize_codes(w, fmt: Format, asym: bool, g: int, scale_dtype, clip_ratios=None):
+    """Unpacked codes ``(..., K, N)`` and group params ``(..., G, 1, N)`` of one weight.
+
+    ``clip_ratios`` (optional pair of ``(..., G, 1, N)`` arrays in (0, 1]) shrink each group's negative and
+    positive extremes before the scales are computed (the clipping search's result).
+    """
     wg = to_groups(w.astype(jnp.float32), g)
-    params = group_params(fmt, asym, jnp.min(wg, axis=-2, keepdims=True), jnp.max(wg, axis=-2, keepdims=True),
-                          scale_dtype)
+    lo, hi = jnp.min(wg, axis=-2, keepdims=True), jnp.max(wg, axis=-2, keepdims=True)
+    if clip_ratios is not None:
+        lo, hi = lo * clip_ratios[0], hi * clip_ratios[1]
+    params = group_params(fmt, asym, lo, hi, scale_dtype)
     return from_groups(encode(fmt, asym, wg, params), w.shape[-2]), params
 
 
@@ -206,19 +212,20 @@ def _check_scale_dtype(scale_dtype) -> jnp.dtype:
 
 
 def quantize(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128, asym: bool = True,
-             scale_dtype=jnp.float16) -> QuantizedTensor:
+             scale_dtype=jnp.float16, clip_ratios: tuple[jax.Array, jax.Array] | None = None) -> QuantizedTensor:
     """Round-to-nearest quantization of a weight ``(..., in_features, out_features)`` into packed codes.
 
     Groups are ``group_size`` consecutive entries along the contraction axis (axis -2) of one output column;
     ``None`` gives one group per column. ``asym=True`` is AFPQ for FP/NF formats (separate ``s_pos``/``s_neg``)
-    and min/max affine for INT formats; ``asym=False`` is symmetric absmax.
+    and min/max affine for INT formats; ``asym=False`` is symmetric absmax. ``clip_ratios`` = (negative side,
+    positive side) per-group shrink factors ``(..., G, 1, N)`` from `algorithms.clip` (default: no clipping).
     """
     fmt = formats_lib.get_format(fmt)
     _check_group_size(group_size)
     dt = _check_scale_dtype(scale_dtype)
     w = _check_weight(w)
     g = _group_size(w.shape[-2], group_size)
-    codes, params = _quantize_codes(w, fmt, bool(asym), g, dt)
+    codes, params = _quantize_codes(w, fmt, bool(asym), g, dt, clip_ratios)
     return QuantizedTensor(
         codes=packing.pack(codes, fmt.bits),
         scale=params.scale[..., 0, :].astype(dt),

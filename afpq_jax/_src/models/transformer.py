@@ -227,19 +227,25 @@ class CausalLM(nnx.Module):
 
     def linear_layers(self) -> dict[str, QuantDense]:
         """Every `QuantDense` by path (decoder blocks, then lm_head if untied)."""
-        out = {}
-        for i, layer in enumerate(self.layers):
-            for group_name, group in (("attn", layer.attn), ("mlp", layer.mlp)):
-                for name in _LINEAR_NAMES:
-                    mod = getattr(group, name, None)
-                    if isinstance(mod, QuantDense):
-                        out[f"layers.{i}.{group_name}.{name}"] = mod
+        out = {f"layers.{i}.{name}": mod for i, layer in enumerate(self.layers)
+               for name, mod in block_linears(layer).items()}
         if self.lm_head is not None:
             out["lm_head"] = self.lm_head
         return out
 
 
 _LINEAR_NAMES = ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def block_linears(block: Block) -> dict[str, QuantDense]:
+    """A block's `QuantDense` layers by path relative to the block (``attn.q_proj``), in forward order."""
+    out = {}
+    for group_name, group in (("attn", block.attn), ("mlp", block.mlp)):
+        for name in _LINEAR_NAMES:
+            mod = getattr(group, name, None)
+            if isinstance(mod, QuantDense):
+                out[f"{group_name}.{name}"] = mod
+    return out
 
 
 def linear_paths(cfg: ModelConfig) -> list[str]:
