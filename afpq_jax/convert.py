@@ -13,7 +13,7 @@ from pathlib import Path
 from afpq_jax._src import cli
 from afpq_jax._src.formats import available_formats
 from afpq_jax._src.layers import QuantScheme
-from afpq_jax._src.pipeline import METHODS, ConvertOptions, convert
+from afpq_jax._src.pipeline import METHODS, CalibrationOptions, ConvertOptions, convert
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
@@ -42,7 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sym", action="store_true",
                    help="symmetric quantization (one absmax scale per group) instead of AFPQ asymmetric "
                         "(s_pos/s_neg; min/max affine for INT formats)")
-    p.add_argument("--method", default="rtn", choices=METHODS, help="quantization algorithm")
+    p.add_argument("--method", default="rtn", choices=METHODS,
+                   help="rtn: round to nearest; gptq: Hessian-based error feedback; awq: activation-aware scales "
+                        "(+ clipping search). gptq/awq (and rtn --clip) calibrate block by block")
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="two-sided clipping search per group (default: on for awq, off for rtn; not for gptq)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows")
+    p.add_argument("--calib-seqlen", type=int, default=2048,
+                   help="tokens per calibration window (capped at the model's context)")
+    p.add_argument("--calib-text", default=None,
+                   help="UTF-8 calibration text file (default: the Wikipedia calibration split, disjoint from eval)")
+    p.add_argument("--calib-random", action="store_true",
+                   help="calibrate on uniformly random token ids instead of text (no tokenizer needed)")
+    p.add_argument("--calib-batch-size", type=int, default=4, help="calibration windows per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal "
+                                                             "(static groups keep the packed layout)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping as a fraction of mean(diag H)")
     p.add_argument("--scale-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="storage dtype of the per-group scales")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -71,10 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         if model is None:
             from afpq_jax._src import assets
             model = str(assets.smollm2_hf_dir())
-        options = ConvertOptions(scheme=scheme, method=args.method, quantize_lm_head=args.quantize_lm_head,
+        calibration = CalibrationOptions(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
+                                         batch_size=args.calib_batch_size, act_order=args.act_order,
+                                         damp=args.damp)
+        options = ConvertOptions(scheme=scheme, method=args.method, clip=args.clip, calibration=calibration,
+                                 calib_text=args.calib_text, calib_random=args.calib_random, quantize_lm_head=args.quantize_lm_head,
                                  dtype=args.dtype)
+        options.validate()
         print(f"converting {model}\n  -> {fmt} {'sym' if args.sym else 'asym'} group_size={args.group_size} "
-              f"method={args.method}", file=sys.stderr)
+              f"method={args.method}{' +clip' if options.use_clip else ''}", file=sys.stderr)
         summary = convert(model, out, options, overwrite=args.overwrite, progress=not args.no_progress)
         print("\n".join(summary.lines()))
         return 0

@@ -6,6 +6,7 @@ interrupted or failed conversion never leaves a half checkpoint at the destinati
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -129,6 +130,8 @@ def load(path: str | os.PathLike) -> CausalLM:
     qc = read_quant_config(path)
     hf = json.loads((path / "config.json").read_text())
     cfg = config_from_hf(hf)
+    if qc.get("mlp_act_scale"):
+        cfg = dataclasses.replace(cfg, mlp_act_scale=True)
     layout = quant_layout(qc)
     graphdef, flat, _ = abstract_model(cfg, layout, jnp.dtype(qc.get("dtype", "float32")))
     target = _nested({p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in flat.items()})

@@ -18,7 +18,7 @@ from afpq_jax._src.layers import QuantScheme
 from afpq_jax._src.loading import populate_from_source
 from afpq_jax._src.models import CausalLM, config_from_hf, linear_paths
 
-METHODS = ("rtn",)
+from afpq_jax._src.algorithms.blockwise import METHODS, CalibrationOptions, quantize_blockwise, sample_windows
 
 
 def load(path: str | os.PathLike, *, dtype=jnp.float32) -> CausalLM:
@@ -52,11 +52,26 @@ class ConvertOptions:
 
     scheme: QuantScheme
     method: str = "rtn"
+    clip: bool | None = None  # two-sided clipping search; None = on for AWQ, off otherwise
+    calibration: CalibrationOptions = dataclasses.field(default_factory=CalibrationOptions)
+    calib_text: str | None = None  # UTF-8 file; None = the Wikipedia calibration split
+    calib_random: bool = False  # uniformly random token ids (no tokenizer needed; FPTQ found them often enough)
     quantize_lm_head: bool = False
     dtype: str = "float32"
 
+    @property
+    def use_clip(self) -> bool:
+        return self.method == "awq" if self.clip is None else self.clip
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method != "rtn" or self.use_clip
+
     def validate(self) -> None:
         self.scheme.validate()
+        self.calibration.validate()
+        if self.method == "gptq" and self.clip:
+            raise ValueError("the clipping search applies to rtn and awq; GPTQ sets its scales itself (drop --clip)")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
         if jnp.dtype(self.dtype).name not in ("float32", "bfloat16", "float16"):
@@ -72,6 +87,7 @@ class ConvertSummary:
     float_params: int
     disk_bytes: int
     seconds: float
+    phase_seconds: dict = dataclasses.field(default_factory=dict)
 
     @property
     def bits_per_weight(self) -> float:
@@ -83,7 +99,9 @@ class ConvertSummary:
                 f"({self.quantized_bytes / 2**20:.1f} MiB)",
                 f"float params     : {self.float_params:,} (embeddings, norms, biases, unquantized heads)",
                 f"size on disk     : {self.disk_bytes / 2**20:.1f} MiB  ->  {self.out}",
-                f"time             : {self.seconds:.1f} s"]
+                f"time             : {self.seconds:.1f} s"] + (
+                    ["  " + ", ".join(f"{k} {v:.1f}s" for k, v in self.phase_seconds.items())]
+                    if self.phase_seconds else [])
 
 
 def _dir_bytes(p: Path) -> int:
@@ -106,19 +124,29 @@ def convert(model_path: str | os.PathLike, out: str | os.PathLike, options: Conv
                          "(drop --quantize-lm-head)")
     layout = {p: options.scheme for p in paths if p != "lm_head" or options.quantize_lm_head}
     s = options.scheme
+    report: dict = {}
+    if options.calibrated:
+        if options.method == "awq" and cfg.mlp == "gelu":
+            cfg = dataclasses.replace(cfg, mlp_act_scale=True)  # BLOOM: fold the GELU->down scale here
+        calib = _calibration_windows(model_path, source, cfg, options)
+        model, report = quantize_blockwise(source, cfg, layout, options.method, calib, options.calibration,
+                                           clip=options.use_clip, dtype=jnp.dtype(options.dtype), progress=progress)
+    else:
+        def quantize_kernel(path: str, kernel: np.ndarray):
+            return jax.block_until_ready(quantizer.quantize(kernel, s.format, group_size=s.group_size,
+                                                            asym=s.asym, scale_dtype=s.scale_dtype))
 
-    def quantize_kernel(path: str, kernel: np.ndarray):
-        return jax.block_until_ready(quantizer.quantize(kernel, s.format, group_size=s.group_size, asym=s.asym,
-                                                        scale_dtype=s.scale_dtype))
-
-    model = populate_from_source(source, cfg, dtype=jnp.dtype(options.dtype), quant=layout,
-                                 quantize_kernel=quantize_kernel, progress=progress)
+        model = populate_from_source(source, cfg, dtype=jnp.dtype(options.dtype), quant=layout,
+                                     quantize_kernel=quantize_kernel, progress=progress)
     linears = model.linear_layers()
     q_params = sum(linears[p].in_features * linears[p].out_features for p in layout)
     q_bytes = sum(linears[p].quantized_tensor().nbytes for p in layout)
     float_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     quant_config = {
         "checkpoint_format": checkpoint.CHECKPOINT_FORMAT, "quant_method": "afpq-jax", "method": options.method,
+        "clip": options.use_clip, "mlp_act_scale": cfg.mlp_act_scale,
+        "calibration": dataclasses.asdict(options.calibration) if options.calibrated else None,
+        "report": report,
         **s.to_json(), "dtype": jnp.dtype(options.dtype).name, "lm_head_quantized": "lm_head" in layout,
         "layers": {p: sch.to_json() for p, sch in layout.items()},
         "packing": "bit planes along the input axis, LSB first (afpq_jax/_src/packing.py)",
@@ -133,5 +161,26 @@ def convert(model_path: str | os.PathLike, out: str | os.PathLike, options: Conv
                         tokenizer_dir=source.tokenizer_dir)
     return ConvertSummary(out=out.absolute(), layers=len(layout), quantized_params=q_params,
                           quantized_bytes=q_bytes, float_params=float_params,
-                          disk_bytes=_dir_bytes(out), seconds=time.perf_counter() - t0)
+                          disk_bytes=_dir_bytes(out), seconds=time.perf_counter() - t0,
+                          phase_seconds=report.get("seconds", {}))
+
+
+def _calibration_windows(model_path, source, cfg, options: ConvertOptions) -> np.ndarray:
+    """Random calibration windows of the calibration text, tokenized with the model's tokenizer."""
+    from afpq_jax._src import assets
+    c = options.calibration
+    seqlen = min(c.seqlen, cfg.max_seq_len)
+    if options.calib_random:
+        rng = np.random.default_rng(c.seed)
+        return rng.integers(0, cfg.vocab_size, (c.samples, seqlen), dtype=np.int32)
+    if options.calib_text is not None:
+        p = Path(options.calib_text)
+        if not p.is_file():
+            raise FileNotFoundError(f"--calib-text {p} does not exist")
+        text = p.read_text(encoding="utf-8")
+    else:
+        text = assets.wiki_text()[0]
+    tok = load_tokenizer(source.path if source.kind == "gguf" else source.tokenizer_dir or model_path)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return sample_windows(ids, c.samples, seqlen, c.seed)
 

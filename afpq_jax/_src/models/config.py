@@ -38,6 +38,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted items of the HF dict (hashable)
     max_position_embeddings: int = 2048
+    mlp_act_scale: bool = False  # AWQ on GELU MLPs: h = gelu(up(x)) / act_scale (a foldable per-channel scale)
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
 

@@ -141,12 +141,15 @@ class MLP(nnx.Module):
             self.gate_proj = dense("gate_proj", e, f)
         self.up_proj = dense("up_proj", e, f)
         self.down_proj = dense("down_proj", f, e)
+        self.act_scale = nnx.Param(jnp.ones((f,), dtype)) if cfg.mlp_act_scale else None
 
     def __call__(self, x):
         if self.cfg.mlp == "swiglu":
             h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
         else:
             h = jax.nn.gelu(self.up_proj(x), approximate=True)
+        if self.act_scale is not None:
+            h = h / self.act_scale.get_value().astype(h.dtype)
         return self.down_proj(h)
 
 

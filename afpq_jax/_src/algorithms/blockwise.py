@@ -1,0 +1,301 @@
+"""Block-by-block calibrated quantization (the AutoGPTQ / llm-compressor pipeline) for GPTQ, AWQ and RTN+clip.
+
+Embed N calibration windows, then for each decoder block i: read block i's float weights from the checkpoint
+(random access, nothing else of the model's blocks is in memory), run the method on the block's inputs,
+and overwrite the inputs *in place*, minibatch by minibatch, with the quantized block's outputs, which are
+block i+1's inputs. Memory: the embeddings, one float block, one activation buffer (N x L x hidden float32)
+and the packed blocks done so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from afpq_jax._src import quantizer
+from afpq_jax._src.algorithms import awq
+from afpq_jax._src.algorithms.clip import clip_search
+from afpq_jax._src.algorithms.gptq import gptq_quantize
+from afpq_jax._src.io.sources import CheckpointError, Source
+from afpq_jax._src.layers import LayerNorm, QuantScheme, RMSNorm, record_inputs
+from afpq_jax._src.loading import _check_shape, _dotted, _place, _place_quantized, abstract_model, merge
+from afpq_jax._src.models import CausalLM, ModelConfig, family_for
+from afpq_jax._src.models.params import map_key, to_model_layout
+from afpq_jax._src.models.transformer import Block, block_linears
+
+METHODS = ("rtn", "gptq", "awq")
+NO_CLIP = ("attn.q_proj", "attn.k_proj", "attn.qkv_proj")  # as AWQ/BitDistiller: q/k errors are softmax-damped
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CalibrationOptions:
+    """How calibration data are drawn and how the methods use them (frozen; `validate` checks ranges)."""
+
+    samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 4  # sequences per forward pass
+    search_samples: int = 16  # sequences AWQ's scale search and the clip search look at
+    clip_tokens: int = 512  # tokens sampled (from the search sequences) for the clipping search
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    awq_grid: int = 20
+
+    def validate(self) -> None:
+        for f in ("samples", "seqlen", "batch_size", "search_samples", "clip_tokens", "block_size", "awq_grid"):
+            if getattr(self, f) <= 0:
+                raise ValueError(f"calibration option {f} must be positive, got {getattr(self, f)}")
+        if self.seqlen < 2:
+            raise ValueError("--calib-seqlen must be at least 2")
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp must be in [0, 1), got {self.damp}")
+
+
+def sample_windows(token_ids, samples: int, seqlen: int, seed: int = 0) -> np.ndarray:
+    """``samples`` random windows of ``seqlen`` tokens (as GPTQ/AWQ draw their calibration set)."""
+    ids = np.asarray(token_ids, np.int32).reshape(-1)
+    if len(ids) <= seqlen:
+        raise ValueError(f"calibration text has {len(ids)} tokens, not more than --calib-seqlen {seqlen}; use a "
+                         f"longer text or a shorter sequence length")
+    starts = np.random.default_rng(seed).integers(0, len(ids) - seqlen, samples)
+    return np.stack([ids[s:s + seqlen] for s in starts])
+
+
+# ---- jitted block passes (graphdef static: every block of a model shares one compilation) -------------------
+
+@functools.partial(jax.jit, static_argnums=0)
+def _block_apply(graphdef, state, x, positions):
+    return nnx.merge(graphdef, state)(x, positions)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _block_input_stats(graphdef, want_xtx: bool, state, x, positions):
+    """Per distinct linear input: (layer names, sum x^T x or sum |x|). Layers fed the same array share one."""
+    block = nnx.merge(graphdef, state)
+    with record_inputs() as taps:
+        block(x, positions)
+    names = {id(m): n for n, m in block_linears(block).items()}
+    groups: dict[int, list] = {}
+    for module, inp in taps:
+        groups.setdefault(id(inp), [[], inp])[0].append(names[id(module)])
+    out = {}
+    for layer_names, inp in groups.values():
+        flat = inp.reshape(-1, inp.shape[-1]).astype(jnp.float32)
+        stat = (jnp.matmul(flat.T, flat, precision=jax.lax.Precision.HIGHEST) if want_xtx
+                else jnp.sum(jnp.abs(flat), axis=0))
+        out[",".join(layer_names)] = stat
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _block_inputs(graphdef, state, x, positions):
+    block = nnx.merge(graphdef, state)
+    with record_inputs() as taps:
+        block(x, positions)
+    names = {id(m): n for n, m in block_linears(block).items()}
+    return {names[id(m)]: inp for m, inp in taps}
+
+
+class _Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def __call__(self, key: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[key] += time.perf_counter() - self.t
+
+        return _Ctx()
+
+
+def _minibatches(n: int, size: int):
+    for i in range(0, n, size):
+        yield slice(i, min(i + size, n))
+
+
+def _stats_over(graphdef, state, x_all: np.ndarray, positions, batch: int, want_xtx: bool):
+    total, count = None, 0
+    for sl in _minibatches(len(x_all), batch):
+        stats = _block_input_stats(graphdef, want_xtx, state, jnp.asarray(x_all[sl]), positions[: sl.stop - sl.start])
+        total = stats if total is None else {k: total[k] + v for k, v in stats.items()}
+        count += (sl.stop - sl.start) * x_all.shape[1]
+    per_layer = {}
+    for key, v in total.items():
+        for name in key.split(","):
+            per_layer[name] = v
+    return per_layer, count
+
+
+# ---- the methods, one block at a time -----------------------------------------------------------------
+
+def _quantize_rtn(layer, scheme: QuantScheme, clip_ratios=None):
+    layer.set_quantized(quantizer.quantize(layer.kernel.get_value(), scheme.format, group_size=scheme.group_size,
+                                           asym=scheme.asym, scale_dtype=scheme.scale_dtype,
+                                           clip_ratios=clip_ratios))
+
+
+def _clip_ratios(block, layer_names, search_x, positions, scheme, opts, rng):
+    """Clip-search ratios for the block's linears (not q/k), on tokens sampled from the search sequences."""
+    graphdef, state = nnx.split(block)
+    inputs = _block_inputs(graphdef, state, search_x, positions[: len(search_x)])
+    ratios = {}
+    for name in layer_names:
+        if name in NO_CLIP:
+            continue
+        x = np.asarray(inputs[name]).reshape(-1, inputs[name].shape[-1])
+        idx = rng.choice(len(x), size=min(opts.clip_tokens, len(x)), replace=False)
+        ratios[name], _ = clip_search(block_linears(block)[name].kernel.get_value(), x[idx], scheme.format,
+                                      group_size=scheme.group_size, asym=scheme.asym,
+                                      scale_dtype=scheme.scale_dtype)
+    return ratios
+
+
+def quantize_block(block: Block, cfg: ModelConfig, x_all: np.ndarray, positions, layers: Mapping[str, QuantScheme],
+                   method: str, clip: bool, opts: CalibrationOptions, timer: _Timer, rng) -> dict:
+    """Quantizes ``block``'s linears named in ``layers`` in place (AWQ also rescales its float ops).
+    Returns per-block diagnostics."""
+    linears = block_linears(block)
+    scheme = next(iter(layers.values()))
+    info: dict = {}
+    search_x = jnp.asarray(x_all[: opts.search_samples])
+    if method == "gptq":
+        graphdef, state = nnx.split(block)
+        with timer("forward+hessian"):
+            xtx, count = _stats_over(graphdef, state, x_all, positions, opts.batch_size, want_xtx=True)
+        with timer("gptq"):
+            for name, s in layers.items():
+                qt = gptq_quantize(linears[name].kernel.get_value(), xtx[name] * (2.0 / count), s.format,
+                                   group_size=s.group_size, asym=s.asym, scale_dtype=s.scale_dtype, damp=opts.damp,
+                                   block_size=opts.block_size, act_order=opts.act_order)
+                linears[name].set_quantized(qt)
+        return info
+    if method == "awq":
+        graphdef, state = nnx.split(block)
+        with timer("forward"):
+            abs_sum, count = _stats_over(graphdef, state, x_all, positions, opts.batch_size, want_xtx=False)
+            inputs = _block_inputs(graphdef, state, search_x, positions[: len(search_x)])
+        with timer("awq search"):
+            alphas = {}
+            for group in awq.scaling_groups(cfg):
+                if not all(n in layers for n in group.layers):
+                    continue
+                s, alpha, _ = awq.search_scale(block, group, inputs[group.layers[0]], positions[: len(search_x)],
+                                               abs_sum[group.layers[0]] / count, scheme, opts.awq_grid)
+                awq.fold_scale(block, group, s)
+                alphas[group.layers[0]] = alpha
+            info["awq_alpha"] = alphas
+    ratios = {}
+    if clip:
+        with timer("clip search"):
+            ratios = _clip_ratios(block, [n for n in layers], search_x, positions, scheme, opts, rng)
+    with timer("quantize"):
+        for name, s in layers.items():
+            _quantize_rtn(linears[name], s, ratios.get(name))
+    return info
+
+
+# ---- the driver --------------------------------------------------------------------------------------------
+
+def _embed(flat, cfg: ModelConfig, ids: np.ndarray, dtype) -> jax.Array:
+    x = jnp.take(flat[("embed", "weight")].get_value(), jnp.asarray(ids), axis=0)
+    if cfg.embed_norm:
+        norm = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
+        norm.weight.set_value(flat[("embed_norm", "weight")].get_value())
+        norm.bias.set_value(flat[("embed_norm", "bias")].get_value())
+        x = norm(x)
+    return x
+
+
+def _float_block(cfg: ModelConfig, index: int, source: Source, entries, dtype) -> Block:
+    block = nnx.eval_shape(lambda: Block(cfg, index, {}, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(block)
+    flat = dict(nnx.to_flat_state(state))
+    if cfg.mlp_act_scale:
+        flat[("mlp", "act_scale")].set_value(jnp.ones((cfg.intermediate_size,), dtype))
+    for name, path, transpose in entries:
+        _place(flat, path[2:], to_model_layout(source.read(name), transpose), name, dtype)
+    return merge(graphdef, flat)
+
+
+def quantize_blockwise(source: Source, cfg: ModelConfig, layout: Mapping[str, QuantScheme], method: str,
+                       calib_ids: np.ndarray, opts: CalibrationOptions, *, clip: bool = False, dtype=jnp.float32,
+                       progress: bool = True) -> tuple[CausalLM, dict]:
+    """Runs ``method`` block by block; returns the quantized model and a report (time per phase, AWQ alphas)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    if method == "gptq" and clip:
+        raise ValueError("the clipping search applies to rtn and awq; GPTQ sets its scales itself (drop --clip)")
+    opts.validate()
+    timer = _Timer()
+    t_start = time.perf_counter()
+    family = family_for(source.config)
+    graphdef, flat, _ = abstract_model(cfg, layout, dtype)
+    per_block: dict[int, list] = defaultdict(list)
+    for name in source.tensor_names:
+        try:
+            path, transpose = map_key(family.KEY_RULES, name, cfg.tie_embeddings)
+        except KeyError:
+            raise CheckpointError(f"unexpected tensor {name!r} in {source.path} for model_type "
+                                  f"{cfg.model_type!r}; the checkpoint does not match its config.json") from None
+        if path is None:
+            continue
+        if path[0] == "layers":
+            per_block[path[1]].append((name, path, transpose))
+            continue
+        arr = to_model_layout(source.read(name), transpose)
+        layer = _dotted(path[:-1])
+        if path[-1] == "kernel" and layer in layout:  # lm_head: RTN (no calibrated method for the head)
+            s = layout[layer]
+            _check_shape(arr, (cfg.hidden_size, cfg.vocab_size), name, path)
+            _place_quantized(flat, path[:-1], quantizer.quantize(arr, s.format, group_size=s.group_size,
+                                                                 asym=s.asym, scale_dtype=s.scale_dtype), name)
+        else:
+            _place(flat, path, arr, name, dtype)
+    if cfg.mlp_act_scale:
+        for i in range(cfg.num_layers):
+            flat[("layers", i, "mlp", "act_scale")].set_value(jnp.ones((cfg.intermediate_size,), dtype))
+    calib = np.asarray(calib_ids, np.int32)
+    n, seqlen = calib.shape
+    positions = jnp.broadcast_to(jnp.arange(seqlen, dtype=jnp.int32), (max(opts.batch_size, opts.search_samples),
+                                                                        seqlen))
+    with timer("embed"):
+        x_all = np.empty((n, seqlen, cfg.hidden_size), np.float32)
+        for sl in _minibatches(n, opts.batch_size):
+            x_all[sl] = np.asarray(_embed(flat, cfg, calib[sl], dtype), np.float32)
+    rng = np.random.default_rng(opts.seed)
+    report: dict = {"blocks": {}}
+    bar = tqdm(range(cfg.num_layers), desc=f"{method} blocks", unit="block", disable=not progress)
+    for i in bar:
+        with timer("load block"):
+            block = _float_block(cfg, i, source, per_block[i], dtype)
+        layers = {name[len(f"layers.{i}."):]: s for name, s in layout.items() if name.startswith(f"layers.{i}.")}
+        report["blocks"][i] = quantize_block(block, cfg, x_all, positions, layers, method, clip, opts, timer, rng)
+        graphdef_b, state_b = nnx.split(block)
+        for rel, var in nnx.to_flat_state(state_b):
+            key = ("layers", i, *rel)
+            if key not in flat:
+                raise RuntimeError(f"block {i} produced {key}, which the checkpoint layout lacks")
+            flat[key].set_value(var.get_value())
+        with timer("forward (quantized)"):
+            for sl in _minibatches(n, opts.batch_size):
+                out = _block_apply(graphdef_b, state_b, jnp.asarray(x_all[sl]), positions[: sl.stop - sl.start])
+                x_all[sl] = np.asarray(out, np.float32)
+        del block, state_b
+    report["seconds"] = {k: round(v, 1) for k, v in timer.seconds.items()}
+    report["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
+    return merge(graphdef, flat), report
