@@ -1,0 +1,164 @@
+"""`quantized_matmul`: the op, its implementation registry and the dispatch rules.
+
+Dispatch (``implementation=None``): the candidates for the default backend are tried in order and the first
+whose ``supports`` accepts the call runs:
+
+    tpu: mosaic_tpu -> xla
+    gpu: triton -> mosaic_gpu -> xla
+    cpu (and anything else): xla
+
+A candidate that declines logs one line per (implementation, reason) on the ``pallas_kernels`` logger (level
+INFO... WARNING for the first fallback, so it is visible by default) and the next one is tried; "xla" supports
+everything. An explicitly named implementation never falls back: it raises ``NotImplementedError`` with the
+reason instead. ``interpret=True`` runs a Pallas kernel in interpret mode (any backend, e.g. CPU tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+from afpq_jax._src.qtensor import QuantizedTensor
+from pallas_kernels.quantized_matmul import base
+from pallas_kernels.quantized_matmul.base import BlockConfig, Problem
+
+logger = logging.getLogger("pallas_kernels")
+
+X_DTYPES = ("bfloat16", "float16", "float32")
+
+
+class Implementation(Protocol):
+    name: str
+    backend: str  # "tpu" | "gpu" | "any"
+
+    def supports(self, prob: Problem, config: BlockConfig) -> str | None:
+        """None if this implementation handles ``prob`` with ``config``, else a one-line reason."""
+
+    def __call__(self, x2d: jax.Array, qt: QuantizedTensor, prob: Problem, config: BlockConfig, *,
+                 interpret: bool) -> jax.Array:
+        """(M, K) -> (M, N) in x's dtype."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Xla:
+    name: str = "xla"
+    backend: str = "any"
+
+    def supports(self, prob, config):
+        return None
+
+    def __call__(self, x2d, qt, prob, config, *, interpret=False):
+        from pallas_kernels.quantized_matmul.xla import quantized_matmul_xla
+        return quantized_matmul_xla(x2d, qt)
+
+
+IMPLEMENTATIONS: dict[str, Implementation] = {}
+
+DISPATCH_ORDER: dict[str, tuple[str, ...]] = {
+    "tpu": ("mosaic_tpu", "xla"),
+    "gpu": ("triton", "mosaic_gpu", "xla"),
+    "cpu": ("xla",),
+}
+
+
+def register_implementation(impl: Implementation, *, replace: bool = False) -> Implementation:
+    if impl.name in IMPLEMENTATIONS and not replace:
+        raise ValueError(f"quantized_matmul implementation {impl.name!r} is already registered")
+    IMPLEMENTATIONS[impl.name] = impl
+    return impl
+
+
+def _register_builtins() -> None:
+    from pallas_kernels.quantized_matmul import mosaic_gpu, mosaic_tpu, triton
+    register_implementation(_Xla())
+    register_implementation(mosaic_tpu.MosaicTpu())
+    register_implementation(triton.Triton())
+    register_implementation(mosaic_gpu.MosaicGpu())
+
+
+def current_backend() -> str:
+    b = jax.default_backend()
+    return "gpu" if b in ("gpu", "cuda", "rocm") else b
+
+
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def _log_once(name: str, reason: str, prob: Problem, nxt: str) -> None:
+    key = (name, reason)
+    if key in _LOGGED:
+        return
+    _LOGGED.add(key)
+    logger.warning("quantized_matmul: %s declined %s-%s g=%s M=%d K=%d N=%d x=%s (%s); using %s", name,
+                   prob.format_name, "asym" if prob.asym else "sym", "channel" if prob.per_channel else prob.group,
+                   prob.m, prob.k, prob.n, prob.x_dtype, reason, nxt)
+
+
+def select_implementation(prob: Problem, config: BlockConfig | None = None, backend: str | None = None,
+                          *, log: bool = True) -> tuple[str, BlockConfig]:
+    """The implementation (and resolved config) that ``implementation=None`` would run."""
+    backend = backend or current_backend()
+    order = DISPATCH_ORDER.get(backend, ("xla",))
+    for i, name in enumerate(order):
+        impl = IMPLEMENTATIONS[name]
+        cfg = base.resolve(name, prob, config)
+        reason = impl.supports(prob, cfg)
+        if reason is None:
+            return name, cfg
+        if log:
+            _log_once(name, reason, prob, order[i + 1] if i + 1 < len(order) else "nothing")
+    raise AssertionError("xla must support every case")  # pragma: no cover
+
+
+def why_not(implementation: str, x, qt: QuantizedTensor, config: BlockConfig | None = None) -> str | None:
+    """None if ``implementation`` supports ``x @ qt`` (x may be a ShapeDtypeStruct), else the reason."""
+    prob = Problem.create(x.shape, x.dtype, qt)
+    return IMPLEMENTATIONS[implementation].supports(prob, base.resolve(implementation, prob, config))
+
+
+def quantized_matmul(x: jax.Array, qt: QuantizedTensor, *, implementation: str | None = None,
+                     config: BlockConfig | None = None, interpret: bool = False) -> jax.Array:
+    """``x @ dequantize(qt)`` for ``x`` of shape (..., K) in bfloat16 / float16 / float32; result (..., N) in
+    x's dtype, accumulated in float32.
+
+    Numerics (every implementation): the weight tile is dequantized to float32 exactly as
+    `afpq_jax.dequantize` does, rounded to x's dtype, and contracted with float32 accumulation (float32 x:
+    full-precision dot). Only the summation order differs between implementations.
+
+    implementation: None (dispatch, see the module doc), or a name in `IMPLEMENTATIONS`
+        ("xla", "mosaic_tpu", "triton", "mosaic_gpu").
+    config: a `BlockConfig`; unset fields take the implementation's defaults for this shape.
+    interpret: run Pallas kernels in interpret mode (CPU testing).
+    """
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"quantized_matmul expects a QuantizedTensor, got {type(qt).__name__}")
+    if jnp.dtype(x.dtype).name not in X_DTYPES:
+        raise TypeError(f"x must be one of {X_DTYPES}, got {jnp.dtype(x.dtype).name}")
+    prob = Problem.create(x.shape, x.dtype, qt)
+    if implementation is None:
+        name, cfg = select_implementation(prob, config)
+    else:
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown implementation {implementation!r}; registered: {sorted(IMPLEMENTATIONS)}")
+        name = implementation
+        cfg = base.resolve(name, prob, config)
+        reason = IMPLEMENTATIONS[name].supports(prob, cfg)
+        if reason is not None:
+            raise NotImplementedError(f"quantized_matmul[{name}] does not support this call: {reason}")
+    if name == "xla":
+        return _Xla()(x, qt, prob, cfg)
+    if prob.m == 0:
+        return jnp.zeros((*x.shape[:-1], prob.n), x.dtype)
+    y = IMPLEMENTATIONS[name](x.reshape(prob.m, prob.k), qt, prob, cfg, interpret=interpret)
+    return y.reshape(*x.shape[:-1], prob.n)
+
+
+_register_builtins()
+
+__all__ = ["DISPATCH_ORDER", "IMPLEMENTATIONS", "Implementation", "quantized_matmul", "register_implementation",
+           "select_implementation", "why_not"]
+

@@ -1,0 +1,269 @@
+"""Shared pieces of the quantized matmul: the static problem description, the block config, the x permutation.
+
+Everything here is backend-neutral and static (Python ints), except `permute_x`, which is the one XLA-side
+transform the kernels use: a per-tile permutation of x's K columns that makes the packed code layout directly
+consumable (see "Slots" below). The packed weight itself is never copied or re-laid-out.
+
+Slots. A packed byte holds ``q = 8 // w`` consecutive K rows of one plane (LSB first). Splitting a K tile's
+codes by "slot" ``s = row % p`` (``p`` = rows per byte of the narrowest plane: 2 for 4-bit, 4 for 2-bit, 8 for
+3-bit) turns the tile into ``p`` dense matrices ``W_s`` whose row ``r`` is tile row ``r * p + s``; each is
+obtained from the code bytes with shifts and masks only, no data movement across rows. Then
+``x_tile @ W_tile = sum_s x_tile[:, s::p] @ W_s``, so x's columns are permuted per tile to
+``[s = 0 columns | s = 1 columns | ...]`` (each segment padded to ``segment`` columns). For decode-sized x this
+is a few KiB of XLA work; for prefill it is one pass over x next to an O(M*K*N) matmul.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from afpq_jax._src import formats as formats_lib
+from afpq_jax._src import packing
+from afpq_jax._src.qtensor import QuantizedTensor
+
+BACKENDS = ("tpu", "gpu", "cpu")
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def round_up(a: int, b: int) -> int:
+    return cdiv(a, b) * b
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode kinds: how a kernel maps a code to its level without a gather.
+
+def _is_e2m1(levels: tuple[float, ...]) -> bool:
+    return tuple(levels) == tuple(formats_lib.exmy_levels(2, 1, 1))
+
+
+def _is_sign_symmetric(levels: tuple[float, ...], bits: int) -> bool:
+    n = len(levels)
+    if n != 2**bits:
+        return False
+    half = n // 2
+    return all(levels[i] == -levels[n - 1 - i] for i in range(n)) and all(
+        np.signbit(levels[i]) for i in range(half)) and not any(np.signbit(levels[i]) for i in range(half, n))
+
+
+def decode_kind(fmt: formats_lib.Format) -> str:
+    """"int": arithmetic ``(code - zero) * s``; "e2m1": arithmetic FP4 decode (bit construction of the float);
+    "signsym": sign bit = code < n/2, magnitude by a select tree over n/2 entries, scale sign folded in;
+    "table": select tree over the whole (padded) table."""
+    if fmt.is_int:
+        return "int"
+    if _is_e2m1(fmt.levels):
+        return "e2m1"
+    if _is_sign_symmetric(fmt.levels, fmt.bits):
+        return "signsym"
+    return "table"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The static problem.
+
+@dataclasses.dataclass(frozen=True)
+class Plane:
+    width: int        # bits per code in this plane
+    row_offset: int   # first packed row of this plane in qt.codes
+    rows: int         # packed rows of this plane (= kp * width / 8)
+
+    @property
+    def rows_per_byte(self) -> int:
+        return 8 // self.width
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Static description of ``x (M, K) @ dequantize(qt) (K, N)`` (x's leading axes already flattened)."""
+
+    m: int
+    k: int
+    n: int
+    x_dtype: str
+    format_name: str
+    bits: int
+    asym: bool
+    group: int            # effective group size (K for per-channel)
+    num_groups: int
+    per_channel: bool
+    kp: int               # K padded to a multiple of 8 (packed layout)
+    packed_rows: int
+    planes: tuple[Plane, ...]
+    scale_dtype: str
+    has_neg: bool         # scale_neg present (asym codebook)
+    has_zero: bool        # zero present (asym INT)
+    batched: bool         # qt has leading axes beyond (K, N)
+    kind: str             # decode kind
+
+    @property
+    def slots(self) -> int:
+        return max(p.rows_per_byte for p in self.planes)
+
+    @property
+    def fmt(self) -> formats_lib.Format:
+        return formats_lib.get_format(self.format_name)
+
+    @property
+    def n_scale_arrays(self) -> int:
+        return 1 + int(self.has_neg) + int(self.has_zero)
+
+    @classmethod
+    def create(cls, x_shape, x_dtype, qt: QuantizedTensor) -> "Problem":
+        fmt = qt.format
+        k, n = qt.shape[-2:]
+        if x_shape[-1] != k:
+            raise ValueError(f"x's last axis ({x_shape[-1]}) must equal the weight's in_features ({k})")
+        m = int(math.prod(x_shape[:-1]))
+        kp = packing.padded_rows(k)
+        planes, off = [], 0
+        for w in packing.plane_widths(fmt.bits):
+            rows = kp * w // 8
+            planes.append(Plane(w, off, rows))
+            off += rows
+        return cls(m=m, k=k, n=n, x_dtype=jnp.dtype(x_dtype).name, format_name=fmt.name, bits=fmt.bits,
+                   asym=qt.asym, group=qt.effective_group_size, num_groups=qt.num_groups,
+                   per_channel=qt.num_groups == 1, kp=kp, packed_rows=off, planes=tuple(planes),
+                   scale_dtype=jnp.dtype(qt.scale.dtype).name, has_neg=qt.scale_neg is not None,
+                   has_zero=qt.zero is not None, batched=qt.codes.ndim > 2, kind=decode_kind(fmt))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Block config.
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockConfig:
+    """Tiling of one kernel call. ``None`` fields are filled by `resolve` from the backend's defaults.
+
+    block_m:   rows of x per tile (padded up to the sublane/MMA minimum).
+    block_n:   output columns per tile (lane-dense: a multiple of 128 on TPU, a power of two on Triton).
+    block_k:   K rows (unpacked weights) per pipeline step. TPU: a whole number of quantization groups whose
+               scale rows form an aligned block; GPU: a power of two dividing, or a multiple of, the group.
+    chunk_k:   TPU only: K rows dequantized per in-kernel sub-step (bounds the f32 intermediates in VMEM).
+    num_warps / num_stages: Triton launch parameters; num_stages is also Mosaic GPU's pipeline depth.
+    x_resident: TPU only: keep all of x's K tiles for the current M tile in VMEM (x is then read from HBM once
+               per M tile instead of once per (M, N) tile). None = when it fits in `x_resident_max_bytes`.
+    """
+
+    block_m: int | None = None
+    block_n: int | None = None
+    block_k: int | None = None
+    chunk_k: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    x_resident: bool | None = None
+
+    def replace(self, **kw) -> "BlockConfig":
+        return dataclasses.replace(self, **kw)
+
+
+x_resident_max_bytes = 4 << 20  # per buffer; x blocks are double-buffered.
+
+
+def _pow2_ge(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def _pow2_le(v: int) -> int:
+    return 1 << (max(1, v).bit_length() - 1)
+
+
+def _sublane_rows(x_dtype: str) -> int:
+    # x rows per native tile: f32 (8,128), 16-bit (16,128).
+    return 8 if jnp.dtype(x_dtype).itemsize == 4 else 16
+
+
+def scale_block_rows(prob: Problem) -> int:
+    """TPU: scale/zero rows per K step — the native tile height of the narrowest per-group array (uint8 zero
+    points: 32, 16-bit scales: 16, f32: 8), so every scale block DMA is tile-aligned."""
+    if prob.has_zero:
+        return 32
+    return 8 if jnp.dtype(prob.scale_dtype).itemsize == 4 else 16
+
+
+def tpu_default(prob: Problem) -> BlockConfig:
+    p = prob.slots
+    sub = _sublane_rows(prob.x_dtype)
+    if prob.m <= 256:
+        bm = round_up(max(prob.m, 1), sub)
+    else:
+        bm = 256
+    bn = 512 if prob.n >= 512 else round_up(prob.n, 128)
+    if bn > prob.n:
+        bn = prob.n  # one full-width block (always a legal block shape)
+    chunk = 128 * p  # every slot matrix chunk is 128 rows: lane-aligned x segments, one MXU pass deep.
+    if prob.per_channel:
+        bk = 2048 if p <= 4 else 4096
+    else:
+        bk = math.lcm(scale_block_rows(prob) * prob.group, chunk)
+    if bk >= prob.kp or (prob.bits == 3 and (2 * prob.kp) % bk):
+        # Single K step: every block spans the whole K extent (always a legal block shape). Also used for 3-bit
+        # when the 1-bit plane's first row is not a multiple of its per-step block (2*Kp % block_k != 0).
+        bk = prob.kp
+        while bn > 128 and bn % 256 == 0 and prob.packed_rows * bn > (2 << 20):
+            bn //= 2  # keep the whole-K code block <= 2 MiB per buffer
+    return BlockConfig(block_m=bm, block_n=bn, block_k=bk, chunk_k=chunk, x_resident=None)
+
+
+def gpu_default(prob: Problem, impl: str) -> BlockConfig:
+    p = prob.slots
+    if impl == "triton":
+        # Decode: small M tile (tensor-core minimum is 16), wide N tiles, deep K.
+        bm = 16 if prob.m <= 16 else (32 if prob.m <= 32 else (64 if prob.m <= 64 else 128))
+        bn = min(128 if prob.m > 64 else 256, _pow2_ge(prob.n))
+        bn = max(bn, 16)
+        bk = 16 * p  # minimum: every slot matrix is >= 16 rows (tl.dot)
+        target = 256 if prob.m > 64 else 512
+        bk = max(bk, min(target, _pow2_ge(prob.kp)))
+        if not prob.per_channel and prob.group < bk and bk % prob.group:
+            bk = prob.group
+        warps = 4 if prob.m <= 64 else 8
+        stages = 3
+        return BlockConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+    # Mosaic GPU (Hopper WGMMA): M tile = one warpgroup MMA (64 rows), one scale row per K step.
+    bn = 128 if prob.n >= 128 else 64
+    bk = 64 * p
+    if not prob.per_channel:
+        bk = min(bk, prob.group) if prob.group >= 16 * p else bk
+    return BlockConfig(block_m=64, block_n=bn, block_k=bk, num_stages=3)
+
+
+def default_config(impl: str, prob: Problem) -> BlockConfig:
+    if impl == "mosaic_tpu":
+        return tpu_default(prob)
+    if impl in ("triton", "mosaic_gpu"):
+        return gpu_default(prob, impl)
+    return BlockConfig()
+
+
+def resolve(impl: str, prob: Problem, config: BlockConfig | None) -> BlockConfig:
+    """Fills the unset fields of ``config`` with the backend defaults for ``prob``."""
+    d = default_config(impl, prob)
+    if config is None:
+        return d
+    return BlockConfig(**{f.name: (getattr(config, f.name) if getattr(config, f.name) is not None
+                                   else getattr(d, f.name)) for f in dataclasses.fields(BlockConfig)})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The XLA-side activation transform.
+
+def permute_x(x2d: jax.Array, *, mp: int, tiles: int, block_k: int, slots: int, segment: int) -> jax.Array:
+    """``(M, K)`` -> ``(mp, tiles * slots * segment)``: per K tile of ``block_k`` rows, the columns of slot 0
+    (tile rows 0, p, 2p, ...), then slot 1, ...; each slot segment zero-padded to ``segment`` columns, and
+    rows/columns past (M, K) zero. Column ``t*slots*segment + s*segment + r`` holds x[:, t*block_k + r*p + s].
+    """
+    m, k = x2d.shape
+    per = block_k // slots
+    x2d = jnp.pad(x2d, ((0, mp - m), (0, tiles * block_k - k)))
+    xt = x2d.reshape(mp, tiles, per, slots).transpose(0, 1, 3, 2)  # (mp, T, p, per)
+    if segment != per:
+        xt = jnp.pad(xt, ((0, 0), (0, 0), (0, 0), (0, segment - per)))
+    return xt.reshape(mp, tiles * slots * segment)

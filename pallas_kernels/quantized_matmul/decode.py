@@ -1,0 +1,126 @@
+"""In-kernel decoding of packed codes: pure jnp on tiles, shared by every Pallas kernel.
+
+Only shifts, masks, compares, selects, converts and multiplies: no gathers (Mosaic TPU has none, and a
+16-entry select tree is cheaper than a shared-memory lookup on GPU for these tile shapes).
+
+Bit-exactness: every path computes the same float32 product as `afpq_jax._src.quantizer.decode` —
+``level * scale`` (codebook; the scale is s_neg for negative levels, s_pos otherwise) or
+``(code - zero) * scale`` (INT) — so the dequantized tile equals `dequantize(qt, float32)` elementwise.
+Folding the sign into the scale (``|level| * (-s_neg)``) is exact: IEEE multiplication is sign-symmetric.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.quantized_matmul.base import Problem
+
+_F32_ONE_HALF_BITS = 252  # (pattern + 252) << 22 is the float32 bit pattern of E2M1 magnitude `pattern` >= 2
+
+
+class Scales(NamedTuple):
+    """Per-row-expanded scale tiles (float32, same shape as the slot matrices) for one chunk.
+
+    pos: s_pos / sym scale / INT step. neg: for asym codebook formats s_neg, except for the sign-folding
+    kinds ("e2m1", "signsym") where it is already negated (-s_neg; for sym: -scale). zero: INT zero point.
+    """
+
+    pos: jax.Array
+    neg: jax.Array | None
+    zero: jax.Array | None
+
+
+def prepare_scales(prob: Problem, pos, neg=None, zero=None) -> Scales:
+    """float32 scale tiles -> `Scales` for `dequant` (done once per chunk, shared by all slots)."""
+    pos = pos.astype(jnp.float32)
+    if prob.kind in ("e2m1", "signsym"):
+        neg = -(neg.astype(jnp.float32) if prob.has_neg else pos)
+    elif neg is not None:
+        neg = neg.astype(jnp.float32)
+    if zero is not None:
+        zero = zero.astype(jnp.float32)
+    return Scales(pos, neg, zero)
+
+
+def slot_codes(prob: Problem, planes: list[jax.Array]) -> list[jax.Array]:
+    """int32 plane tiles -> the ``p`` slot code tiles (int32, values < 2**bits).
+
+    4-bit / 2-bit: ``planes = [P]`` (rows, n); slot s = bits [w*s, w*s + w) of P.
+    3-bit: ``planes = [P2_even, P2_odd, P1]``: the 2-bit plane's even and odd byte rows (each holding 4 tile rows
+    of slots 0-3 resp. 4-7) and the 1-bit plane; slot s = low bits from P2_{s // 4} at 2*(s % 4), high bit = bit
+    s of P1.
+    """
+    if prob.bits == 3:
+        even, odd, hi = planes
+        out = []
+        for s in range(8):
+            lo = ((even if s < 4 else odd) >> (2 * (s % 4))) & 3
+            out.append(lo | (((hi >> s) & 1) << 2))
+        return out
+    (plane,) = planes
+    w = prob.bits
+    mask = (1 << w) - 1
+    return [(plane >> (w * s)) & mask if s else plane & mask for s in range(8 // w)]
+
+
+def _select_tree(code: jax.Array, table: list[float]) -> jax.Array:
+    """``table[code]`` for int32 ``code`` by a binary tree of selects keyed on the code's bits
+    (len(table) - 1 selects, log2(len) bit tests)."""
+    vals = [np.float32(v) for v in table]
+    b = 0
+    while len(vals) > 1:
+        bit = (code & (1 << b)) != 0
+        nxt = []
+        for i in range(0, len(vals), 2):
+            lo, hi = vals[i], vals[i + 1]
+            if isinstance(lo, np.float32) and isinstance(hi, np.float32) and lo == hi and (
+                    np.signbit(lo) == np.signbit(hi)):
+                nxt.append(lo)
+            else:
+                nxt.append(jnp.where(bit, hi, lo))
+        vals = nxt
+        b += 1
+    v = vals[0]
+    if isinstance(v, np.float32):
+        v = jnp.full(code.shape, v, jnp.float32)
+    return v
+
+
+def _pad_table(levels: tuple[float, ...], size: int) -> list[float]:
+    lv = list(levels)
+    return lv + [lv[-1]] * (size - len(lv))  # codes past the table never occur in a valid tensor
+
+
+def dequant(prob: Problem, code: jax.Array, sc: Scales) -> jax.Array:
+    """Codes (int32 tile) -> float32 weights, bit-identical to the reference decode."""
+    fmt = prob.fmt
+    if prob.kind == "int":
+        zero = sc.zero if prob.has_zero else np.float32(2 ** (prob.bits - 1))
+        return (code.astype(jnp.float32) - zero) * sc.pos
+    n = 2**prob.bits
+    half = n // 2
+    if prob.kind == "e2m1":
+        neg = code < half
+        pattern = jnp.where(neg, (half - 1) - code, code - half)  # E2M1 magnitude bits e1 e0 m0
+        big = jax.lax.bitcast_convert_type((pattern + _F32_ONE_HALF_BITS) << 22, jnp.float32)
+        mag = jnp.where(pattern >= 2, big, pattern.astype(jnp.float32) * np.float32(0.5))
+        return mag * jnp.where(neg, sc.neg, sc.pos)
+    if prob.kind == "signsym":
+        neg = code < half
+        idx = jnp.where(neg, (half - 1) - code, code - half)
+        mag = _select_tree(idx, [abs(v) for v in fmt.levels[half:]])
+        return mag * jnp.where(neg, sc.neg, sc.pos)
+    # General table (NF4, NF3): value by select tree, scale by the level's sign.
+    value = _select_tree(code, _pad_table(fmt.levels, n))
+    if prob.has_neg:
+        n_negative = int(np.sum(np.asarray(fmt.levels) < 0))
+        return value * jnp.where(code < n_negative, sc.neg, sc.pos)
+    return value * sc.pos
+
+
+def dequant_slots(prob: Problem, planes: list[jax.Array], sc: Scales) -> list[jax.Array]:
+    return [dequant(prob, c, sc) for c in slot_codes(prob, planes)]

@@ -1,0 +1,261 @@
+"""Mosaic TPU kernel: packed codes streamed HBM -> VMEM by the Pallas pipeline, dequantized in VMEM/vregs, bf16
+(or f32) tiles fed to the MXU, float32 accumulation in a VMEM scratch.
+
+Grid ``(M tiles, N tiles, K steps)`` with K innermost ("arbitrary"); M and N are "parallel" (megacore chips
+split them across TensorCores). Per K step of ``block_k`` rows the kernel receives
+
+* x: the step's permuted columns (see `base.permute_x`): ``(block_m, slots * segment)``; with ``x_resident``
+  all K steps of the M tile sit in VMEM and are read from HBM once per M tile (decode: x is never re-read
+  per N tile);
+* codes: one block per bit plane ``(block_k / rows_per_byte, block_n)`` uint8 — the packed bytes exactly as
+  stored (3-bit: the same array passed twice, once per plane);
+* scales (and s_neg / zero points): ``(block_k / group, block_n)`` — each group's scale row is DMA'd once per
+  (K step, N tile); ``block_k / group`` is a multiple of the native tile height (16 rows for 16-bit scales,
+  32 for uint8 zero points) so the block is tile-aligned.
+
+Inside a step, ``chunk_k`` rows at a time (128 rows of every slot matrix: one MXU pass deep, bounded f32
+temporaries): bytes -> int32, shifts/masks give the slot codes, `decode.dequant` maps them to float32 values
+with the group scales (expanded per row by sublane broadcasts of one row per group), cast to x's dtype, and
+one ``dot(x_segment, W_slot)`` per slot accumulates in float32.
+
+K tails: x is zero-padded past K; weight rows past the packed array are garbage in the last block, so the
+scale rows of groups past the last one are forced to 0 (weights become +-0, never NaN/inf) — no per-weight
+mask. A weight matrix whose K fits in one step uses whole-array blocks (always legal block shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.quantized_matmul import base, decode
+from pallas_kernels.quantized_matmul.base import BlockConfig, Problem, cdiv, round_up
+from pallas_kernels.quantized_matmul.xla import dot_precision
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    bm: int
+    bn: int
+    bk: int
+    mp: int
+    tiles: int          # K steps
+    slots: int
+    seg: int            # x columns per slot segment
+    slot_rows: int      # rows of each slot matrix per K step
+    cr: int             # slot rows per chunk
+    x_resident: bool
+    scale_rows: int     # rows of the scale block
+
+
+def plan(prob: Problem, cfg: BlockConfig) -> _Plan:
+    p = prob.slots
+    bk = cfg.block_k
+    tiles = cdiv(prob.kp, bk)
+    if tiles == 1:
+        bk = prob.kp
+        slot_rows = prob.kp // p
+        seg = round_up(slot_rows, 128)
+        scale_rows = prob.num_groups
+    else:
+        slot_rows = bk // p
+        seg = slot_rows
+        scale_rows = 1 if prob.per_channel else bk // prob.group
+    mp = round_up(max(prob.m, 1), cfg.block_m)
+    x_bytes = tiles * cfg.block_m * p * seg * jnp.dtype(prob.x_dtype).itemsize
+    resident = cfg.x_resident if cfg.x_resident is not None else x_bytes <= base.x_resident_max_bytes
+    return _Plan(bm=cfg.block_m, bn=cfg.block_n, bk=bk, mp=mp, tiles=tiles, slots=p, seg=seg,
+                 slot_rows=slot_rows, cr=min(cfg.chunk_k // p, slot_rows), x_resident=resident,
+                 scale_rows=scale_rows)
+
+
+def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
+    if prob.batched:
+        return "stacked (batched) weights; vmap the op over the stack instead"
+    p = prob.slots
+    sub = base._sublane_rows(prob.x_dtype)
+    if cfg.block_m % sub:
+        return f"block_m={cfg.block_m} must be a multiple of {sub} for {prob.x_dtype}"
+    if cfg.block_n != prob.n and cfg.block_n % 128:
+        return f"block_n={cfg.block_n} must be a multiple of 128 (or N={prob.n})"
+    if cfg.chunk_k % (128 * p):
+        return f"chunk_k={cfg.chunk_k} must be a multiple of 128 * slots = {128 * p}"
+    pl_ = plan(prob, cfg)
+    gr = prob.kp if prob.per_channel else prob.group // p  # slot rows per group
+    if not prob.per_channel:
+        if prob.group % p:
+            return f"group size {prob.group} is not a multiple of {p} rows per byte"
+        cr = cfg.chunk_k // p
+        if gr < cr and (cr % gr or gr % 8):
+            return (f"group size {prob.group} gives {gr}-row scale slabs per slot matrix; Mosaic needs whole "
+                    f"8-row (f32 sublane) slabs that tile the {cr}-row chunk")
+        if gr > cr and gr % cr:
+            return f"group size {prob.group} ({gr} slot rows) is not a multiple of the {cr}-row chunk"
+    if pl_.tiles > 1:
+        if cfg.block_k % cfg.chunk_k:
+            return f"block_k={cfg.block_k} must be a multiple of chunk_k={cfg.chunk_k}"
+        if not prob.per_channel:
+            if cfg.block_k % prob.group:
+                return f"block_k={cfg.block_k} must be a whole number of groups of {prob.group}"
+            srows = base.scale_block_rows(prob)
+            if (cfg.block_k // prob.group) % srows:
+                return (f"block_k={cfg.block_k} covers {cfg.block_k // prob.group} groups; scale blocks need a "
+                        f"multiple of {srows} rows (native tile height)")
+        if prob.bits == 3 and (2 * prob.kp) % cfg.block_k:
+            return (f"3-bit: the 1-bit plane starts at packed row {prob.kp // 4}, not a multiple of its block "
+                    f"({cfg.block_k // 8} rows) for block_k={cfg.block_k} (needs 2*Kp % block_k == 0)")
+    return None
+
+
+def _kernel(*refs, prob: Problem, pl_: _Plan, n_code_refs: int):
+    it = iter(refs)
+    x_ref = next(it)
+    code_refs = [next(it) for _ in range(n_code_refs)]
+    s_ref = next(it)
+    sn_ref = next(it) if prob.has_neg else None
+    z_ref = next(it) if prob.has_zero else None
+    o_ref = next(it)
+    acc_ref = next(it)
+    p2_scratch = next(it) if prob.bits == 3 else None
+
+    k = pl.program_id(2)
+    p = pl_.slots
+    xdt = jnp.dtype(prob.x_dtype)
+    # f16 activations: the MXU path is bf16/f32, so f16-rounded weights are contracted in f32 (exact products).
+    mxu_dt = jnp.float32 if xdt in (jnp.float32, jnp.float16) else xdt
+    precision = jax.lax.Precision.HIGHEST if mxu_dt == jnp.float32 else dot_precision(xdt)
+
+    @pl.when(k == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    # Scale tiles for this step, float32, rows past the last group forced to 0 (K tail, see module doc).
+    def load_scale(ref):
+        v = ref[...].astype(jnp.float32)
+        if pl_.tiles > 1 and not prob.per_channel and prob.num_groups % pl_.scale_rows:
+            row = jax.lax.broadcasted_iota(jnp.int32, v.shape, 0) + k * pl_.scale_rows
+            v = jnp.where(row < prob.num_groups, v, 0.0)
+        return v
+
+    s_all = load_scale(s_ref)
+    sn_all = load_scale(sn_ref) if sn_ref is not None else None
+    z_all = z_ref[...].astype(jnp.float32) if z_ref is not None else None
+
+    gr = None if prob.per_channel else prob.group // p  # slot rows per group
+
+    def expand(v, r0, rows):
+        """Scale rows for slot rows [r0, r0 + rows) of this step: one broadcast row per group."""
+        if v is None:
+            return None
+        if gr is None:
+            return jnp.broadcast_to(v[0:1, :], (rows, v.shape[1]))
+        pieces, r = [], r0
+        while r < r0 + rows:
+            g = r // gr
+            n = min((g + 1) * gr, r0 + rows) - r
+            pieces.append(jnp.broadcast_to(v[g:g + 1, :], (n, v.shape[1])))
+            r += n
+        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0)
+
+    x_tile = x_ref.at[k] if pl_.x_resident else x_ref
+    acc = jnp.zeros(acc_ref.shape, jnp.float32)
+    for r0 in range(0, pl_.slot_rows, pl_.cr):
+        rows = min(pl_.cr, pl_.slot_rows - r0)
+        if prob.bits == 3:
+            if pl_.tiles == 1:
+                (codes,) = code_refs
+                p2 = codes[pl.ds(2 * r0, 2 * rows), :]
+                p1 = codes[pl.ds(prob.planes[1].row_offset + r0, rows), :]
+            else:
+                c2, c1 = code_refs
+                p2 = c2[pl.ds(2 * r0, 2 * rows), :]
+                p1 = c1[pl.ds(r0, rows), :]
+            # Even/odd byte rows of the 2-bit plane: strided 32-bit loads from a VMEM scratch.
+            p2_scratch[pl.ds(0, 2 * rows), :] = p2.astype(jnp.int32)
+            planes = [p2_scratch[pl.ds(0, rows, stride=2), :], p2_scratch[pl.ds(1, rows, stride=2), :],
+                      p1.astype(jnp.int32)]
+        else:
+            (codes,) = code_refs
+            planes = [codes[pl.ds(r0, rows), :].astype(jnp.int32)]
+        sc = decode.prepare_scales(prob, expand(s_all, r0, rows), expand(sn_all, r0, rows),
+                                   expand(z_all, r0, rows))
+        for s, w in enumerate(decode.dequant_slots(prob, planes, sc)):
+            w = w.astype(xdt).astype(mxu_dt)
+            xs = x_tile[:, pl.ds(s * pl_.seg + r0, rows)].astype(mxu_dt)
+            acc = acc + jax.lax.dot_general(xs, w, (((1,), (0,)), ((), ())), precision=precision,
+                                            preferred_element_type=jnp.float32)
+    acc_ref[...] += acc
+
+    @pl.when(k == pl_.tiles - 1)
+    def _store():
+        o_ref[...] = acc_ref[...].astype(o_ref.dtype)
+
+
+def quantized_matmul_tpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpret: bool = False):
+    pl_ = plan(prob, cfg)
+    p, bm, bn, bk, T = pl_.slots, pl_.bm, pl_.bn, pl_.bk, pl_.tiles
+    xp = base.permute_x(x2d, mp=pl_.mp, tiles=T, block_k=bk, slots=p, segment=pl_.seg)
+    xp = xp.reshape(pl_.mp, T, p * pl_.seg).transpose(1, 0, 2)  # (T, mp, p*seg): K step = leading axis
+    if pl_.x_resident:
+        x_spec = pl.BlockSpec((T, bm, p * pl_.seg), lambda i, j, k: (0, i, 0))
+    else:
+        x_spec = pl.BlockSpec((None, bm, p * pl_.seg), lambda i, j, k: (k, i, 0))
+
+    codes = qt.codes
+    if T == 1:
+        code_args = [codes]
+        code_specs = [pl.BlockSpec((prob.packed_rows, bn), lambda i, j, k: (0, j))]
+    else:
+        code_args, code_specs = [], []
+        for plane in prob.planes:
+            rows = bk // plane.rows_per_byte
+            first = plane.row_offset // rows
+            code_args.append(codes)
+            code_specs.append(pl.BlockSpec((rows, bn), lambda i, j, k, first=first: (first + k, j)))
+
+    if T == 1 or prob.per_channel:
+        s_spec = pl.BlockSpec((pl_.scale_rows, bn), lambda i, j, k: (0, j))
+    else:
+        s_spec = pl.BlockSpec((pl_.scale_rows, bn), lambda i, j, k: (k, j))
+    extra = [a for a in (qt.scale_neg, qt.zero) if a is not None]
+
+    scratch = [pltpu.VMEM((bm, bn), jnp.float32)]
+    if prob.bits == 3:
+        scratch.append(pltpu.VMEM((2 * pl_.cr, bn), jnp.int32))
+
+    grid = (pl_.mp // bm, cdiv(prob.n, bn), T)
+    kernel = functools.partial(_kernel, prob=prob, pl_=pl_, n_code_refs=len(code_args))
+    itemsize = jnp.dtype(prob.x_dtype).itemsize
+    bytes_accessed = (codes.size + sum(a.size * a.dtype.itemsize for a in (qt.scale, *extra))
+                      + xp.size * itemsize * (1 if pl_.x_resident else grid[1]) + pl_.mp * prob.n * itemsize)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((pl_.mp, prob.n), x2d.dtype),
+        grid=grid,
+        in_specs=[x_spec, *code_specs, s_spec, *[s_spec] * len(extra)],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
+        scratch_shapes=scratch,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=pl.CostEstimate(flops=2 * pl_.mp * prob.kp * prob.n, transcendentals=0,
+                                      bytes_accessed=int(bytes_accessed)),
+        interpret=pltpu.InterpretParams() if interpret else False,
+        name=f"afpq_qmm_{prob.format_name}",
+    )(xp, *code_args, qt.scale, *extra)
+    return out[:prob.m]
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicTpu:
+    name: str = "mosaic_tpu"
+    backend: str = "tpu"
+
+    def supports(self, prob: Problem, config: BlockConfig) -> str | None:
+        return why_unsupported(prob, config)
+
+    def __call__(self, x2d, qt, prob, config, *, interpret=False):
+        return quantized_matmul_tpu(x2d, qt, prob, config, interpret=interpret)
