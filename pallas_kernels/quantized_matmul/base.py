@@ -227,12 +227,25 @@ def gpu_default(prob: Problem, impl: str) -> BlockConfig:
         warps = 4 if prob.m <= 64 else 8
         stages = 3
         return BlockConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
-    # Mosaic GPU (Hopper WGMMA): M tile = one warpgroup MMA (64 rows), one scale row per K step.
-    bn = 128 if prob.n >= 128 else 64
+    # Mosaic GPU (Hopper WGMMA): M tile = one warpgroup MMA (64 rows); every slot matrix a multiple of 64 rows
+    # (WGMMA register layout); one scale row per K step (block_k divides the group); block_k divides Kp.
+    bn = 128 if prob.n % 128 == 0 else 64
     bk = 64 * p
-    if not prob.per_channel:
-        bk = min(bk, prob.group) if prob.group >= 16 * p else bk
-    return BlockConfig(block_m=64, block_n=bn, block_k=bk, num_stages=3)
+    limit = prob.kp if prob.per_channel else min(prob.group, prob.kp)
+    while bk * 2 <= min(limit, 256) and prob.kp % (bk * 2) == 0 and (prob.per_channel or prob.group % (bk * 2) == 0):
+        bk *= 2
+    stages = 2
+    while bn > 64 and mosaic_gpu_smem_bytes(prob, 64, bn, bk, stages) > 200 * 1024:
+        bn //= 2
+    return BlockConfig(block_m=64, block_n=bn, block_k=bk, num_stages=stages)
+
+
+def mosaic_gpu_smem_bytes(prob: Problem, bm: int, bn: int, bk: int, stages: int) -> int:
+    """Shared memory of the Mosaic GPU kernel: pipelined x / code / scale tiles, the staged weight tile and the
+    output tile (Hopper allows 227 KiB per CTA)."""
+    it = jnp.dtype(prob.x_dtype).itemsize
+    per_step = bm * bk * it + bk * prob.bits // 8 * bn + prob.n_scale_arrays * bn * 4
+    return stages * per_step + bk * bn * it + bm * bn * it
 
 
 def default_config(impl: str, prob: Problem) -> BlockConfig:

@@ -1,12 +1,181 @@
+"""Mosaic GPU kernel (Hopper, warpgroup semantics): TMA-pipelined packed tiles, dequantization in registers,
+bf16/f16 tile staged in swizzled shared memory, WGMMA with a float32 register accumulator.
+
+One CTA (one warpgroup) per (N tile, 64-row M tile). ``plgpu.emit_pipeline`` streams, per K step of
+``block_k`` rows, x's permuted ``(64, block_k)`` tile (swizzled, WGMMA operand A), each bit plane's
+``(block_k / rows_per_byte, block_n)`` uint8 tile and the one scale row (and s_neg / zero-point row) of the group
+containing the step (``block_k`` divides the group: each scale row is read once per (K step, N tile)). The
+warpgroup loads the code tile into registers (WGMMA layout), unpacks the slot matrices (3-bit: the 2-bit
+plane is read through an ``(R/2, 2N)`` view of the codes — a free reshape of a row-major array — whose column
+halves are the even and odd byte rows), decodes (`decode.dequant`), writes the ``block_k x block_n`` tile in x's dtype into shared memory
+(slot s at rows ``[s*block_k/p, (s+1)*block_k/p)``, matching x's column permutation) and issues
+``wgmma(acc, x_tile, w_tile)``.
+
+Scope (declined cases fall back, see `why_unsupported`): x in bf16/f16 (WGMMA has no exact f32 path); slot
+matrices of at least 64 rows per step (the WGMMA register layout), hence 4-bit groups >= 128, 2-bit >= 256,
+3-bit >= 512 or per-channel; N a multiple of 64 and K padded (to 8) a multiple of block_k. M is padded to 64:
+this is the prefill kernel; decode shapes are Triton's (dispatch tries Triton first).
+"""
+
+from __future__ import annotations
+
 import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.quantized_matmul import base, decode
+from pallas_kernels.quantized_matmul.base import BlockConfig, Problem, cdiv, round_up
+
+WGMMA_ROWS = 64
+
+
+def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
+    if prob.batched:
+        return "stacked (batched) weights; vmap the op over the stack instead"
+    if prob.x_dtype not in ("bfloat16", "float16"):
+        return f"x dtype {prob.x_dtype}: WGMMA has no exact float32 path (TF32 only)"
+    p = prob.slots
+    bk, bn = cfg.block_k, cfg.block_n
+    if cfg.block_m != WGMMA_ROWS:
+        return f"block_m={cfg.block_m} must be {WGMMA_ROWS} (one warpgroup MMA)"
+    if bn not in (64, 128, 256) or prob.n % bn:
+        return f"N={prob.n} must be a multiple of block_n={bn} (64, 128 or 256)"
+    if bk % p or (bk // p) % WGMMA_ROWS:
+        return (f"block_k={bk} gives {bk // p}-row slot matrices; the WGMMA register layout needs a multiple of "
+                f"{WGMMA_ROWS} (block_k a multiple of {WGMMA_ROWS * p})")
+    if prob.kp % bk:
+        return f"K (padded to {prob.kp}) must be a multiple of block_k={bk}"
+    if prob.bits == 3 and prob.kp % 16:
+        return f"3-bit needs K padded to a multiple of 16 (the 2-bit plane is read as row pairs), got {prob.kp}"
+    smem = base.mosaic_gpu_smem_bytes(prob, cfg.block_m, bn, bk, cfg.num_stages or 2)
+    if smem > 227 * 1024:
+        return f"tiles need {smem} bytes of shared memory (> 227 KiB)"
+    if not prob.per_channel and prob.group % bk:
+        return (f"group size {prob.group} must be a multiple of block_k={bk} (one scale row per step); "
+                f"needs groups >= {WGMMA_ROWS * p} for {prob.bits}-bit")
+    return None
+
+
+def _transforms(cols: int, itemsize: int):
+    swizzle = plgpu.find_swizzle(cols * itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _kernel(*refs, w_smem, o_smem, prob: Problem, cfg: BlockConfig, tiles: int, interpret: bool):
+    it = iter(refs)
+    x_gmem, c_gmem = next(it), next(it)
+    c2_gmem = next(it) if prob.bits == 3 else None
+    s_gmem = next(it)
+    sn_gmem = next(it) if prob.has_neg else None
+    z_gmem = next(it) if prob.has_zero else None
+    o_gmem = next(it)
+
+    bm, bn, bk, p = cfg.block_m, cfg.block_n, cfg.block_k, prob.slots
+    seg = bk // p
+    xdt = jnp.dtype(prob.x_dtype)
+    j, i = lax.axis_index("n"), lax.axis_index("m")
+
+    def layout(v, lay=plgpu.Layout.WGMMA):
+        # The GPU interpreter has no layout_cast rule; layouts only matter for the real lowering.
+        return v if interpret else plgpu.layout_cast(v, lay)
+
+    def row(ref):
+        if ref is None:
+            return None
+        return layout(jnp.broadcast_to(ref[0].astype(jnp.float32), (seg, bn)))
+
+    def step(acc_ref, _, x_smem, *smem):
+        smem = iter(smem)
+        if prob.bits == 3:
+            planes = [next(smem)[...], next(smem)[...], next(smem)[...]]
+        else:
+            planes = [next(smem)[...]]
+        planes = [layout(v).astype(jnp.int32) for v in planes]
+        s_ref = next(smem)
+        sn_ref = next(smem) if prob.has_neg else None
+        z_ref = next(smem) if prob.has_zero else None
+        sc = decode.prepare_scales(prob, row(s_ref), row(sn_ref), row(z_ref))
+        for s, w in enumerate(decode.dequant_slots(prob, planes, sc)):
+            w_smem[pl.ds(s * seg, seg), :] = w.astype(xdt)
+        plgpu.commit_smem()
+        plgpu.wgmma(acc_ref, x_smem, w_smem)
+        plgpu.wgmma_wait(0)
+
+    def group_row(t):
+        return 0 if prob.per_channel else (t * bk) // prob.group
+
+    x_spec = plgpu.BlockSpec((bm, bk), lambda t: (i, t), transforms=_transforms(bk, xdt.itemsize))
+    code_specs, code_args = [], []
+    if prob.bits == 3:
+        # 2-bit plane through the (R/2, 2N) view of the codes (a free bitcast on GPU): pair-row r holds byte rows
+        # 2r (columns [0, N)) and 2r + 1 (columns [N, 2N)), i.e. the even and odd rows the slots need.
+        p2, p1 = prob.planes
+        nb = prob.n // bn
+        code_specs.append(plgpu.BlockSpec((seg, bn), lambda t: (t, j)))
+        code_specs.append(plgpu.BlockSpec((seg, bn), lambda t: (t, nb + j)))
+        first1 = p1.row_offset // seg
+        code_specs.append(plgpu.BlockSpec((seg, bn), lambda t: (first1 + t, j)))
+        code_args += [c2_gmem, c2_gmem, c_gmem]
+    else:
+        code_specs.append(plgpu.BlockSpec((bk // prob.planes[0].rows_per_byte, bn), lambda t: (t, j)))
+        code_args.append(c_gmem)
+    scale_args = [a for a in (s_gmem, sn_gmem, z_gmem) if a is not None]
+    scale_specs = [plgpu.BlockSpec((1, bn), lambda t: (group_row(t), j)) for _ in scale_args]
+
+    def compute(acc_ref):
+        plgpu.emit_pipeline(functools.partial(step, acc_ref), grid=(tiles,), in_specs=[x_spec, *code_specs, *scale_specs],
+                            max_concurrent_steps=cfg.num_stages or 2)(x_gmem, *code_args, *scale_args)
+        return acc_ref[...]
+
+    acc = pl.run_scoped(compute, plgpu.ACC((bm, bn), jnp.float32))
+    o_smem[...] = acc.astype(o_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def quantized_matmul_mosaic_gpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpret: bool = False):
+    p, bm, bn, bk = prob.slots, cfg.block_m, cfg.block_n, cfg.block_k
+    tiles = prob.kp // bk
+    mp = round_up(max(prob.m, 1), bm)
+    xdt = jnp.dtype(prob.x_dtype)
+    xp = base.permute_x(x2d, mp=mp, tiles=tiles, block_k=bk, slots=p, segment=bk // p)
+    extra = [a for a in (qt.scale_neg, qt.zero) if a is not None]
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        interp = InterpretGPUParams()
+    else:
+        interp = None
+    call = plgpu.kernel(
+        functools.partial(_kernel, prob=prob, cfg=cfg, tiles=tiles, interpret=bool(interpret)),
+        out_type=jax.ShapeDtypeStruct((mp, prob.n), xdt),
+        grid=(prob.n // bn, mp // bm),
+        grid_names=("n", "m"),
+        scratch_types=dict(
+            w_smem=plgpu.SMEM((bk, bn), xdt, transforms=_transforms(bn, xdt.itemsize)),
+            o_smem=plgpu.SMEM((bm, bn), xdt, transforms=_transforms(bn, xdt.itemsize)),
+        ),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interp,
+    )
+    codes = [qt.codes]
+    if prob.bits == 3:
+        codes.append(qt.codes.reshape(prob.packed_rows // 2, 2 * prob.n))
+    return call(xp, *codes, qt.scale, *extra)[:prob.m]
+
 
 @dataclasses.dataclass(frozen=True)
 class MosaicGpu:
     name: str = "mosaic_gpu"
     backend: str = "gpu"
 
-    def supports(self, prob, config):
-        return "not implemented yet"
+    def supports(self, prob: Problem, config: BlockConfig) -> str | None:
+        return why_unsupported(prob, config)
 
-    def __call__(self, *a, **k):
-        raise NotImplementedError
+    def __call__(self, x2d, qt, prob, config, *, interpret=False):
+        return quantized_matmul_mosaic_gpu(x2d, qt, prob, config, interpret=interpret)

@@ -1,12 +1,141 @@
+"""Triton kernel (Pallas ``triton`` backend): one program per (N tile, M tile), a loop over K tiles.
+
+Per K tile of ``block_k`` rows the program loads, with masked pointer loads straight from the packed arrays,
+
+* each bit plane's ``(block_k / rows_per_byte, block_n)`` uint8 tile (3-bit: the 2-bit plane's tile is split
+  into its even and odd byte rows — a reshape to (rows/2, 2*block_n) and a split — so all eight slot matrices
+  line up with the 1-bit plane's rows),
+* the tile's scale rows: ``block_k / group`` rows (or the one row of the group containing the tile when the
+  group is at least ``block_k``), each read once per (K tile, N tile) and broadcast to its rows in registers
+  (broadcast + reshape, no gather),
+* x's permuted columns for the tile (one ``(block_m, block_k / slots)`` segment per slot),
+
+unpacks and decodes in registers (`decode.dequant`), casts to x's dtype and issues one ``tl.dot`` per slot into
+a float32 accumulator. Out-of-range rows/columns load as 0 (zero scales -> +-0 weights; x is zero-padded past
+K), so K, N and M need not be multiples of the tiles. Tile sizes must be powers of two (Triton) and >= 16
+(tensor-core dot minimum).
+"""
+
+from __future__ import annotations
+
 import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from pallas_kernels.quantized_matmul import base, decode
+from pallas_kernels.quantized_matmul.base import BlockConfig, Problem, cdiv, round_up
+from pallas_kernels.quantized_matmul.xla import dot_precision
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
+    if prob.batched:
+        return "stacked (batched) weights; vmap the op over the stack instead"
+    p = prob.slots
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    for name, v in (("block_m", bm), ("block_n", bn), ("block_k / slots", bk // p)):
+        if not _pow2(v) or v < 16:
+            return f"{name}={v} must be a power of two >= 16 (Triton tensors / tl.dot)"
+    if bk % p:
+        return f"block_k={bk} must be a multiple of {p} rows per byte"
+    if not prob.per_channel:
+        g = prob.group
+        if not _pow2(g) or g % p:
+            return f"group size {g} must be a power of two (Triton tensor shapes)"
+        if g < bk and bk % g:
+            return f"block_k={bk} must be a multiple of the group size {g}"
+        if g >= bk and g % bk:
+            return f"group size {g} must be a multiple of block_k={bk}"
+    return None
+
+
+def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int):
+    it = iter(refs)
+    x_ref, c_ref, s_ref = next(it), next(it), next(it)
+    sn_ref = next(it) if prob.has_neg else None
+    z_ref = next(it) if prob.has_zero else None
+    o_ref = next(it)
+
+    bm, bn, bk, p = cfg.block_m, cfg.block_n, cfg.block_k, prob.slots
+    seg = bk // p
+    j, i = pl.program_id(0), pl.program_id(1)
+    n0 = j * bn
+    col_ok = (n0 + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < prob.n
+    xdt = jnp.dtype(prob.x_dtype)
+    precision = dot_precision(xdt)
+
+    def load_rows(ref, row0, rows, end):
+        """Rows [row0, row0 + rows) x this N tile; rows >= end and columns >= N read as 0."""
+        r = row0 + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+        return pltr.load(ref.at[pl.ds(row0, rows), pl.ds(n0, bn)], mask=(r < end) & col_ok, other=0)
+
+    def scale_tile(ref, t):
+        if ref is None:
+            return None
+        if prob.per_channel or prob.group >= bk:
+            g = 0 if prob.per_channel else (t * bk) // prob.group
+            row = load_rows(ref, g, 1, prob.num_groups).astype(jnp.float32)
+            return jnp.broadcast_to(row, (seg, bn))
+        tpg, gr = bk // prob.group, prob.group // p
+        v = load_rows(ref, t * tpg, tpg, prob.num_groups).astype(jnp.float32)
+        return jnp.broadcast_to(v[:, None, :], (tpg, gr, bn)).reshape(seg, bn)
+
+    def body(t, acc):
+        if prob.bits == 3:
+            p2, p1 = prob.planes
+            r2 = t * (bk // 4)
+            end2 = p2.row_offset + p2.rows
+            # Even / odd byte rows of the 2-bit plane: a contiguous (2*seg, bn) load viewed as (seg, 2*bn) rows
+            # [byte 2r | byte 2r+1], split in halves (reshape + tt.split; no strided or gathered loads).
+            both = load_rows(c_ref, r2, 2 * seg, end2).reshape(seg, 2 * bn)
+            even, odd = jnp.split(both, 2, axis=1)
+            planes = [even, odd, load_rows(c_ref, p1.row_offset + t * seg, seg, p1.row_offset + p1.rows)]
+        else:
+            (p0,) = prob.planes
+            planes = [load_rows(c_ref, t * seg, seg, p0.rows)]
+        planes = [v.astype(jnp.int32) for v in planes]
+        sc = decode.prepare_scales(prob, scale_tile(s_ref, t), scale_tile(sn_ref, t), scale_tile(z_ref, t))
+        for s, w in enumerate(decode.dequant_slots(prob, planes, sc)):
+            xs = x_ref[pl.ds(i * bm, bm), pl.ds(t * bk + s * seg, seg)]
+            acc = acc + jax.lax.dot_general(xs, w.astype(xdt), (((1,), (0,)), ((), ())), precision=precision,
+                                            preferred_element_type=jnp.float32)
+        return acc
+
+    acc = jax.lax.fori_loop(0, tiles, body, jnp.zeros((bm, bn), jnp.float32))
+    pltr.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=col_ok)
+
+
+def quantized_matmul_triton(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpret: bool = False):
+    p, bm, bn, bk = prob.slots, cfg.block_m, cfg.block_n, cfg.block_k
+    tiles = cdiv(prob.kp, bk)
+    mp = round_up(max(prob.m, 1), bm)
+    xp = base.permute_x(x2d, mp=mp, tiles=tiles, block_k=bk, slots=p, segment=bk // p)
+    extra = [a for a in (qt.scale_neg, qt.zero) if a is not None]
+    out = pl.pallas_call(
+        functools.partial(_kernel, prob=prob, cfg=cfg, tiles=tiles),
+        out_shape=jax.ShapeDtypeStruct((mp, prob.n), x2d.dtype),
+        grid=(cdiv(prob.n, bn), mp // bm),
+        compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=f"afpq_qmm_{prob.format_name}",
+    )(xp, qt.codes, qt.scale, *extra)
+    return out[:prob.m]
+
 
 @dataclasses.dataclass(frozen=True)
 class Triton:
     name: str = "triton"
     backend: str = "gpu"
 
-    def supports(self, prob, config):
-        return "not implemented yet"
+    def supports(self, prob: Problem, config: BlockConfig) -> str | None:
+        return why_unsupported(prob, config)
 
-    def __call__(self, *a, **k):
-        raise NotImplementedError
+    def __call__(self, x2d, qt, prob, config, *, interpret=False):
+        return quantized_matmul_triton(x2d, qt, prob, config, interpret=interpret)
