@@ -45,8 +45,49 @@ def _nearest(t: np.ndarray, levels: np.ndarray) -> np.ndarray:
     return levels[np.argmin(d, axis=-1)]  # argmin: ties go to the lower level
 
 
+def ref_params(xmin, xmax, fmt: str, asym: bool, scale_dtype: str = "float16") -> dict:
+    """Per-group parameters from the group's min/max (arrays over columns)."""
+    xmin = np.minimum(np.asarray(xmin, np.float32), 0).astype(np.float32)
+    xmax = np.maximum(np.asarray(xmax, np.float32), 0).astype(np.float32)
+    if fmt in INT_BITS:
+        b = INT_BITS[fmt]
+        if asym:
+            s = to_scale_dtype((xmax - xmin) * recip_up(2**b - 1), scale_dtype)
+            safe = np.where(s > 0, s, np.float32(1))
+            return {"s": s, "z": np.clip(np.round(-xmin / safe), 0, 2**b - 1), "lo": 0, "hi": 2**b - 1}
+        qmax = 2 ** (b - 1) - 1
+        s = to_scale_dtype(np.maximum(xmax, -xmin) * recip_up(qmax), scale_dtype)
+        return {"s": s, "z": np.zeros_like(s), "lo": -qmax, "hi": qmax}
+    _, d = CODEBOOKS[fmt]
+    r = recip_up(d)
+    if asym:
+        return {"sp": to_scale_dtype(xmax * r, scale_dtype), "sn": to_scale_dtype(-xmin * r, scale_dtype)}
+    sp = to_scale_dtype(np.maximum(xmax, -xmin) * r, scale_dtype)
+    return {"sp": sp, "sn": sp}
+
+
+def ref_round(x, p: dict, fmt: str):
+    """(dequantized float32 values, side scale, near-tie flags) of values ``x`` (..., N) under params ``p``."""
+    x = np.asarray(x, np.float32)
+    if fmt in INT_BITS:
+        s = p["s"]
+        safe = np.where(s > 0, s, np.float32(1))
+        t = x.astype(np.float64) / safe + p["z"]
+        q = np.clip(np.ceil(t - 0.5), p["lo"], p["hi"])
+        near = np.abs(t - np.floor(t) - 0.5) < 1e-5
+        return (q - p["z"]).astype(np.float32) * s, np.broadcast_to(s, x.shape), near
+    levels, d = CODEBOOKS[fmt]
+    levels = np.asarray(levels, np.float64)
+    s = np.where(x >= 0, p["sp"], p["sn"])
+    safe = np.where(s > 0, s, np.float32(1)).astype(np.float64)
+    t = x / safe
+    mids = (levels[1:] + levels[:-1]) / 2
+    near = np.min(np.abs(t[..., None] - mids), axis=-1) < 1e-5 * max(1.0, d)
+    return _nearest(t, levels).astype(np.float32) * s, s, near
+
+
 def ref_quantize(w: np.ndarray, fmt: str, group_size: int | None, asym: bool, scale_dtype: str = "float16"):
-    """Returns (dequantized float64 (K, N), per-element side scale float32 (K, N), near_tie bool (K, N))."""
+    """Returns (dequantized (K, N), per-element side scale float32 (K, N), near_tie bool (K, N))."""
     w = np.asarray(w, np.float32)
     k, n = w.shape
     g = k if group_size is None else min(group_size, k)
@@ -55,40 +96,32 @@ def ref_quantize(w: np.ndarray, fmt: str, group_size: int | None, asym: bool, sc
     near_tie = np.zeros((k, n), bool)
     for start in range(0, k, g):
         x = w[start:start + g]
-        xmin = np.minimum(x.min(axis=0), 0).astype(np.float32)
-        xmax = np.maximum(x.max(axis=0), 0).astype(np.float32)
-        if fmt in INT_BITS:
-            b = INT_BITS[fmt]
-            if asym:
-                s = to_scale_dtype((xmax - xmin) * recip_up(2**b - 1), scale_dtype)
-                safe = np.where(s > 0, s, np.float32(1))
-                z = np.clip(np.round(-xmin / safe), 0, 2**b - 1)
-                lo, hi = 0, 2**b - 1
-            else:
-                qmax = 2 ** (b - 1) - 1
-                s = to_scale_dtype(np.maximum(xmax, -xmin) * recip_up(qmax), scale_dtype)
-                safe = np.where(s > 0, s, np.float32(1))
-                z = np.zeros_like(s)
-                lo, hi = -qmax, qmax
-            t = x.astype(np.float64) / safe + z
-            q = np.clip(np.ceil(t - 0.5), lo, hi)
-            frac = t - np.floor(t)
-            near_tie[start:start + g] = np.abs(frac - 0.5) < 1e-5
-            dq[start:start + g] = (q - z).astype(np.float32) * s  # float32 product, like the decoder
-            side_scale[start:start + g] = np.broadcast_to(s, x.shape)
-        else:
-            levels, d = CODEBOOKS[fmt]
-            levels = np.asarray(levels, np.float64)
-            r = recip_up(d)
-            if asym:
-                sp, sn = to_scale_dtype(xmax * r, scale_dtype), to_scale_dtype(-xmin * r, scale_dtype)
-            else:
-                sp = sn = to_scale_dtype(np.maximum(xmax, -xmin) * r, scale_dtype)
-            s = np.where(x >= 0, sp, sn)
-            safe = np.where(s > 0, s, np.float32(1)).astype(np.float64)
-            t = x / safe
-            mids = (levels[1:] + levels[:-1]) / 2
-            near_tie[start:start + g] = np.min(np.abs(t[..., None] - mids), axis=-1) < 1e-5 * np.maximum(1, d)
-            dq[start:start + g] = _nearest(t, levels).astype(np.float32) * s
-            side_scale[start:start + g] = s
+        p = ref_params(x.min(axis=0), x.max(axis=0), fmt, asym, scale_dtype)
+        dq[start:start + g], side_scale[start:start + g], near_tie[start:start + g] = ref_round(x, p, fmt)
     return dq, side_scale, near_tie
+
+
+def ref_gptq(w: np.ndarray, h: np.ndarray, fmt: str, group_size: int, asym: bool = True, damp: float = 0.01,
+             block: int = 128) -> np.ndarray:
+    """Textbook GPTQ in float64 numpy (AutoGPTQ's fasterquant, no act-order), returning the dequantized kernel
+    (K, N). Group parameters come from the error-updated weights at each group start."""
+    wt = np.asarray(w, np.float64).T.copy()  # (N, K): columns are input features
+    n, k = wt.shape
+    h = np.asarray(h, np.float64) + damp * np.mean(np.diag(h)) * np.eye(k)
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper
+    out = np.zeros_like(wt)
+    p = None
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        err = np.zeros((n, i2 - i1))
+        for c in range(i1, i2):
+            if c % group_size == 0:
+                grp = wt[:, c:c + group_size]
+                p = ref_params(grp.min(axis=1), grp.max(axis=1), fmt, asym)
+            q = ref_round(wt[:, c], p, fmt)[0].astype(np.float64)
+            e = (wt[:, c] - q) / hinv[c, c]
+            wt[:, c:i2] -= np.outer(e, hinv[c, c:i2])
+            err[:, c - i1] = e
+            out[:, c] = q
+        wt[:, i2:] -= err @ hinv[i1:i2, i2:]
+    return out.T

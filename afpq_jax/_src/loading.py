@@ -43,6 +43,13 @@ def merge(graphdef, flat: dict[Path_, Any]) -> CausalLM:
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+def init_derived(flat, cfg: ModelConfig, dtype) -> None:
+    """Parameters no float checkpoint has: AWQ's GELU act scales start at 1 (identity)."""
+    if cfg.mlp_act_scale:
+        for i in range(cfg.num_layers):
+            flat[("layers", i, "mlp", "act_scale")].set_value(jnp.ones((cfg.intermediate_size,), dtype))
+
+
 def _dotted(path: Path_) -> str:
     return ".".join(map(str, path))
 
@@ -81,6 +88,7 @@ def populate_from_source(source: Source, cfg: ModelConfig, *, dtype=jnp.float32,
             raise CheckpointError(f"tensor {name!r} maps to {_dotted(path)}, which this model does not have; "
                                   f"check config.json (e.g. attention_bias / tie_word_embeddings)")
         _place(flat, path, arr, name, dtype)
+    init_derived(flat, cfg, dtype)
     return merge(graphdef, flat)
 
 

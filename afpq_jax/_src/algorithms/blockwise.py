@@ -27,7 +27,8 @@ from afpq_jax._src.algorithms.clip import clip_search
 from afpq_jax._src.algorithms.gptq import gptq_quantize
 from afpq_jax._src.io.sources import CheckpointError, Source
 from afpq_jax._src.layers import LayerNorm, QuantScheme, RMSNorm, record_inputs
-from afpq_jax._src.loading import _check_shape, _dotted, _place, _place_quantized, abstract_model, merge
+from afpq_jax._src.loading import (_check_shape, _dotted, _place, _place_quantized, abstract_model, init_derived,
+                                   merge)
 from afpq_jax._src.models import CausalLM, ModelConfig, family_for
 from afpq_jax._src.models.params import map_key, to_model_layout
 from afpq_jax._src.models.transformer import Block, block_linears
@@ -266,9 +267,7 @@ def quantize_blockwise(source: Source, cfg: ModelConfig, layout: Mapping[str, Qu
                                                                  asym=s.asym, scale_dtype=s.scale_dtype), name)
         else:
             _place(flat, path, arr, name, dtype)
-    if cfg.mlp_act_scale:
-        for i in range(cfg.num_layers):
-            flat[("layers", i, "mlp", "act_scale")].set_value(jnp.ones((cfg.intermediate_size,), dtype))
+    init_derived(flat, cfg, dtype)
     calib = np.asarray(calib_ids, np.int32)
     n, seqlen = calib.shape
     positions = jnp.broadcast_to(jnp.arange(seqlen, dtype=jnp.int32), (max(opts.batch_size, opts.search_samples),
