@@ -79,8 +79,8 @@ def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
         return "stacked (batched) weights; vmap the op over the stack instead"
     p = prob.slots
     sub = base._sublane_rows(prob.x_dtype)
-    if cfg.block_m % sub:
-        return f"block_m={cfg.block_m} must be a multiple of {sub} for {prob.x_dtype}"
+    if cfg.block_m % sub and cfg.block_m != prob.m:
+        return f"block_m={cfg.block_m} must be a multiple of {sub} for {prob.x_dtype} (or M={prob.m})"
     if cfg.block_n != prob.n and cfg.block_n % 128:
         return f"block_n={cfg.block_n} must be a multiple of 128 (or N={prob.n})"
     if cfg.chunk_k % (128 * p):

@@ -12,7 +12,8 @@ Per K tile of ``block_k`` rows the program loads, with masked pointer loads stra
 
 unpacks and decodes in registers (`decode.dequant`), casts to x's dtype and issues one ``tl.dot`` per slot into
 a float32 accumulator. Out-of-range rows/columns load as 0 (zero scales -> +-0 weights; x is zero-padded past
-K), so K, N and M need not be multiples of the tiles. Tile sizes must be powers of two (Triton) and >= 16
+K), so K, N and M need not be multiples of the tiles (x and the output are not padded along M: rows past M are
+masked, so a decode step moves no padding bytes). Tile sizes must be powers of two (Triton) and >= 16
 (tensor-core dot minimum).
 """
 
@@ -68,6 +69,7 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int):
     j, i = pl.program_id(0), pl.program_id(1)
     n0 = j * bn
     col_ok = (n0 + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < prob.n
+    row_ok = (i * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < prob.m  # x is not padded along M
     xdt = jnp.dtype(prob.x_dtype)
     precision = dot_precision(xdt)
 
@@ -103,30 +105,29 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int):
         planes = [v.astype(jnp.int32) for v in planes]
         sc = decode.prepare_scales(prob, scale_tile(s_ref, t), scale_tile(sn_ref, t), scale_tile(z_ref, t))
         for s, w in enumerate(decode.dequant_slots(prob, planes, sc)):
-            xs = x_ref[pl.ds(i * bm, bm), pl.ds(t * bk + s * seg, seg)]
+            xs = pltr.load(x_ref.at[pl.ds(i * bm, bm), pl.ds(t * bk + s * seg, seg)], mask=row_ok, other=0)
             acc = acc + jax.lax.dot_general(xs, w.astype(xdt), (((1,), (0,)), ((), ())), precision=precision,
                                             preferred_element_type=jnp.float32)
         return acc
 
     acc = jax.lax.fori_loop(0, tiles, body, jnp.zeros((bm, bn), jnp.float32))
-    pltr.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=col_ok)
+    pltr.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=row_ok & col_ok)
 
 
 def quantized_matmul_triton(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpret: bool = False):
     p, bm, bn, bk = prob.slots, cfg.block_m, cfg.block_n, cfg.block_k
     tiles = cdiv(prob.kp, bk)
-    mp = round_up(max(prob.m, 1), bm)
-    xp = base.permute_x(x2d, mp=mp, tiles=tiles, block_k=bk, slots=p, segment=bk // p)
+    xp = base.permute_x(x2d, mp=prob.m, tiles=tiles, block_k=bk, slots=p, segment=bk // p)
     extra = [a for a in (qt.scale_neg, qt.zero) if a is not None]
     out = pl.pallas_call(
         functools.partial(_kernel, prob=prob, cfg=cfg, tiles=tiles),
-        out_shape=jax.ShapeDtypeStruct((mp, prob.n), x2d.dtype),
-        grid=(cdiv(prob.n, bn), mp // bm),
+        out_shape=jax.ShapeDtypeStruct((prob.m, prob.n), x2d.dtype),
+        grid=(cdiv(prob.n, bn), cdiv(prob.m, bm)),
         compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"afpq_qmm_{prob.format_name}",
     )(xp, qt.codes, qt.scale, *extra)
-    return out[:prob.m]
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,116 @@
+"""Memory roofline of ``x @ dequantize(qt)`` for decode shapes, and the HBM traffic each kernel's tiling implies.
+
+Decode (M = 1..16) is bandwidth-bound: a bf16 matmul moves 2 bytes per weight, a packed one
+``bits/8 + (scale arrays * scale bytes + zero-point bytes) / group`` bytes, so the speedup over bf16 is at most
+``16 / bits_per_weight`` (x and the output add ``(M*K + M*N) * 2`` bytes to both, negligible for M <= 16 at
+K, N >= 1024 and included in `decode_bound`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+from afpq_jax._src import formats as formats_lib
+from afpq_jax._src import packing
+from pallas_kernels.quantized_matmul import base
+from pallas_kernels.quantized_matmul.base import BlockConfig, Problem, cdiv
+
+# HBM bandwidth (bytes/s) by device_kind (substring match, first hit wins). Public spec-sheet numbers.
+HBM_BANDWIDTH: tuple[tuple[str, float], ...] = (
+    ("TPU v5 lite", 819e9), ("TPU v5e", 819e9), ("TPU v5p", 2765e9), ("TPU v5", 2765e9),
+    ("TPU v6 lite", 1640e9), ("TPU v6e", 1640e9), ("TPU v4 lite", 614e9), ("TPU v4", 1228e9),
+    ("TPU7x", 7380e9),
+    ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H200", 4.8e12), ("H20", 4.0e12),
+    ("GH200", 4.0e12), ("B200", 8.0e12), ("A100-SXM4-80GB", 2.039e12), ("A100-PCIE-80GB", 1.935e12),
+    ("A100", 1.555e12), ("L40S", 864e9), ("L4", 300e9), ("A10G", 600e9), ("RTX 4090", 1008e9),
+)
+
+
+def hbm_bandwidth(device_kind: str) -> float | None:
+    for key, bw in HBM_BANDWIDTH:
+        if key.lower() in device_kind.lower():
+            return bw
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightBytes:
+    codes_bits: float   # per weight
+    scale_bits: float   # per weight (scales, s_neg, zero points)
+
+    @property
+    def bits(self) -> float:
+        return self.codes_bits + self.scale_bits
+
+    @property
+    def bound_vs_bf16(self) -> float:
+        return 16.0 / self.bits
+
+
+def weight_bits(fmt: str, group: int | None, asym: bool, *, k: int = 4096, scale_bytes: int = 2) -> WeightBytes:
+    """Bits per weight of a packed (K, N) weight: codes (incl. K padding to 8) plus per-group arrays."""
+    f = formats_lib.get_format(fmt)
+    g = k if group is None else min(group, k)
+    n_groups = math.ceil(k / g)
+    codes = packing.padded_rows(k) * f.bits / k
+    per_group = 8 * scale_bytes * (1 + (asym and not f.is_int)) + (8 if asym and f.is_int else 0)
+    return WeightBytes(codes, per_group * n_groups / k)
+
+
+def decode_bound(fmt: str, group: int | None, asym: bool, m: int, k: int, n: int, x_bytes: int = 2) -> float:
+    """Upper bound on speedup over a bf16 matmul of the same shape: ratio of HBM bytes (weights + x + out)."""
+    wb = weight_bits(fmt, group, asym, k=k)
+    act = (m * k + m * n) * x_bytes
+    return (2 * k * n + act) / (wb.bits / 8 * k * n + act)
+
+
+def kernel_hbm_bytes(impl: str, prob: Problem, cfg: BlockConfig) -> dict[str, float]:
+    """HBM bytes the kernel's grid moves, by operand (reads of partial edge blocks counted in full).
+
+    mosaic_tpu: every code/scale block is DMA'd once per (M tile, N tile, K step) — i.e. once per M tile; x once
+    per M tile when resident, else once per N tile. triton / mosaic_gpu: each program reads its N slab of
+    codes and scales once; x is re-read per N tile by the grid (served from L2 for decode-sized x; counted).
+    ``x_prep``: the XLA pass that writes x's per-tile column permutation (read x + write the copy).
+    """
+    itemsize = jnp.dtype(prob.x_dtype).itemsize
+    s_item = jnp.dtype(prob.scale_dtype).itemsize
+    per_group_bytes = s_item * (1 + prob.has_neg) + prob.has_zero
+    if impl == "mosaic_tpu":
+        from pallas_kernels.quantized_matmul import mosaic_tpu
+        pl_ = mosaic_tpu.plan(prob, cfg)
+        m_tiles, n_tiles = pl_.mp // pl_.bm, cdiv(prob.n, pl_.bn)
+        ncols = n_tiles * pl_.bn
+        code_rows = prob.packed_rows if pl_.tiles == 1 else sum(
+            min(pl_.tiles * (pl_.bk // pl.rows_per_byte), prob.packed_rows - pl.row_offset) for pl in prob.planes)
+        codes = m_tiles * code_rows * min(ncols, prob.n)
+        groups = prob.num_groups
+        scales = m_tiles * groups * prob.n * per_group_bytes
+        xp = pl_.tiles * pl_.mp * pl_.slots * pl_.seg * itemsize
+        x = xp * (1 if pl_.x_resident else n_tiles)
+        x_prep = prob.m * prob.k * itemsize + xp  # the XLA permutation pass: read x, write the permuted copy
+        out = pl_.mp * prob.n * itemsize
+    else:
+        bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+        # Triton masks rows past M (no padding); Mosaic GPU pads M to the 64-row WGMMA tile in HBM.
+        mp = prob.m if impl == "triton" else base.round_up(max(prob.m, 1), bm)
+        m_tiles, n_tiles = cdiv(mp, bm), cdiv(prob.n, bn)
+        tiles = cdiv(prob.kp, bk)
+        codes = m_tiles * prob.packed_rows * prob.n
+        scales = m_tiles * prob.num_groups * prob.n * per_group_bytes
+        x = n_tiles * mp * tiles * bk * itemsize
+        x_prep = prob.m * prob.k * itemsize + mp * tiles * bk * itemsize
+        out = mp * prob.n * itemsize
+    return dict(codes=float(codes), scales=float(scales), x=float(x), x_prep=float(x_prep), out=float(out),
+                total=float(codes + scales + x + x_prep + out))
+
+
+def ideal_bytes(prob: Problem) -> float:
+    """Bytes a perfect kernel moves: the packed weight once, x once, the output once (unpadded)."""
+    itemsize = jnp.dtype(prob.x_dtype).itemsize
+    s_item = jnp.dtype(prob.scale_dtype).itemsize
+    per_group_bytes = s_item * (1 + prob.has_neg) + prob.has_zero
+    return (prob.packed_rows * prob.n + prob.num_groups * prob.n * per_group_bytes
+            + (prob.m * prob.k + prob.m * prob.n) * itemsize)
