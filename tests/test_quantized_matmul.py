@@ -117,7 +117,8 @@ SHAPES = {
     "triton": [
         ("int4", 128, True, (1, 1024), 256, jnp.bfloat16, None),
         ("nf4", 128, True, (16, 1040), 300, jnp.float16, None),         # K and N tails
-        ("fp4_e2m1", 32, False, (17, 576), 64, jnp.float32, BlockConfig(block_k=64)),  # 9 K steps
+        ("fp4_e2m1", 32, False, (17, 576), 64, jnp.float32, BlockConfig(block_k=64, split_k=4)),  # 9 K steps,
+        # split-K: 3 programs per tile with 3 steps each
         ("nf3", 64, True, (130, 576), 96, jnp.bfloat16, None),          # 2 M tiles, 3-bit split rows
         ("int3", 256, True, (4, 1024), 128, jnp.float32, BlockConfig(block_k=128)),  # group > block_k
         ("int2", None, False, (2, 3, 512), 128, jnp.bfloat16, None),    # leading axes
@@ -413,7 +414,9 @@ def test_roofline_numbers():
             got = roofline.kernel_hbm_bytes("mosaic_tpu", prob, base.resolve("mosaic_tpu", prob, None))
             assert got["total"] - got["x_prep"] <= 1.01 * roofline.ideal_bytes(prob), (fmt, g, m, got)
             assert got["x_prep"] <= 2 * m * 4096 * 2 * 1.01  # the XLA permutation pass: read x, write a copy
-    # Triton: weights and scales once, x not padded along M.
+    # Triton decode: split-K for parallelism, partial sums bounded; weights and scales once, no M padding.
+    cfg = base.resolve("triton", _prob("nf4", 128, True, m=1, k=4096, n=4096), None)
+    assert cfg.split_k > 1 and base.resolve("triton", _prob(m=512, k=4096, n=4096), None).split_k == 1
     prob = _prob("nf4", 128, True, m=1, k=4096, n=4096)
     got = roofline.kernel_hbm_bytes("triton", prob, base.resolve("triton", prob, None))
     assert got["codes"] + got["scales"] == pytest.approx(roofline.ideal_bytes(prob) - 2 * (4096 + 4096))

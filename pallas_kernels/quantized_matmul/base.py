@@ -148,6 +148,8 @@ class BlockConfig:
                scale rows form an aligned block; GPU: a power of two dividing, or a multiple of, the group.
     chunk_k:   TPU only: K rows dequantized per in-kernel sub-step (bounds the f32 intermediates in VMEM).
     num_warps / num_stages: Triton launch parameters; num_stages is also Mosaic GPU's pipeline depth.
+    split_k:   Triton only: K is split over this many programs per output tile (decode: N / block_n programs
+               alone cannot fill a GPU); partial float32 sums are added in XLA (deterministic).
     x_resident: TPU only: keep all of x's K tiles for the current M tile in VMEM (x is then read from HBM once
                per M tile instead of once per (M, N) tile). None = when it fits in `x_resident_max_bytes`.
     """
@@ -158,6 +160,7 @@ class BlockConfig:
     chunk_k: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+    split_k: int | None = None
     x_resident: bool | None = None
 
     def replace(self, **kw) -> "BlockConfig":
@@ -210,12 +213,28 @@ def tpu_default(prob: Problem) -> BlockConfig:
     return BlockConfig(block_m=bm, block_n=bn, block_k=bk, chunk_k=chunk, x_resident=None)
 
 
+GPU_TARGET_PROGRAMS = 264  # ~2 waves of programs on a 132-SM H100
+
+
+def triton_split_k(prob: Problem, bm: int, bn: int, bk: int) -> int:
+    """Power of two: enough programs to fill the GPU, while the partial sums' extra traffic (written and read
+    back as float32) stays under 3% of the packed weight's bytes."""
+    programs = cdiv(prob.n, bn) * cdiv(prob.m, bm)
+    tiles = cdiv(prob.kp, bk)
+    weight_bytes = prob.packed_rows * prob.n
+    split = 1
+    while (split * 2 <= tiles and programs * split < GPU_TARGET_PROGRAMS
+           and 2 * split * 2 * prob.m * prob.n * 4 <= 0.03 * weight_bytes):
+        split *= 2
+    return split
+
+
 def gpu_default(prob: Problem, impl: str) -> BlockConfig:
     p = prob.slots
     if impl == "triton":
         # Decode: small M tile (tensor-core minimum is 16), wide N tiles, deep K.
         bm = 16 if prob.m <= 16 else (32 if prob.m <= 32 else (64 if prob.m <= 64 else 128))
-        bn = min(128 if prob.m > 64 else 256, _pow2_ge(prob.n))
+        bn = min(128 if prob.m > 16 else 64, _pow2_ge(prob.n))
         bn = max(bn, 16)
         bk = 16 * p  # minimum: every slot matrix is >= 16 rows (tl.dot)
         target = 256 if prob.m > 64 else 512
@@ -224,7 +243,8 @@ def gpu_default(prob: Problem, impl: str) -> BlockConfig:
             bk = prob.group
         warps = 4 if prob.m <= 64 else 8
         stages = 3
-        return BlockConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+        return BlockConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                           split_k=triton_split_k(prob, bm, bn, bk))
     # Mosaic GPU (Hopper WGMMA): M tile = one warpgroup MMA (64 rows); every slot matrix a multiple of 64 rows
     # (WGMMA register layout); one scale row per K step (block_k divides the group); block_k divides Kp.
     bn = 128 if prob.n % 128 == 0 else 64

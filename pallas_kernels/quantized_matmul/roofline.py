@@ -103,6 +103,12 @@ def kernel_hbm_bytes(impl: str, prob: Problem, cfg: BlockConfig) -> dict[str, fl
         x = n_tiles * mp * tiles * bk * itemsize
         x_prep = prob.m * prob.k * itemsize + mp * tiles * bk * itemsize
         out = mp * prob.n * itemsize
+        split = 1
+        if impl == "triton":
+            from pallas_kernels.quantized_matmul.triton import effective_split
+            split = effective_split(prob, cfg)[0]
+        if split > 1:
+            out += 2 * split * mp * prob.n * 4  # float32 partial sums written and read back by the XLA sum
     return dict(codes=float(codes), scales=float(scales), x=float(x), x_prep=float(x_prep), out=float(out),
                 total=float(codes + scales + x + x_prep + out))
 

@@ -1,4 +1,4 @@
-"""Triton kernel (Pallas ``triton`` backend): one program per (N tile, M tile), a loop over K tiles.
+"""Triton kernel (Pallas ``triton`` backend): one program per (N tile, M tile, K split), a loop over K tiles.
 
 Per K tile of ``block_k`` rows the program loads, with masked pointer loads straight from the packed arrays,
 
@@ -15,6 +15,10 @@ a float32 accumulator. Out-of-range rows/columns load as 0 (zero scales -> +-0 w
 K), so K, N and M need not be multiples of the tiles (x and the output are not padded along M: rows past M are
 masked, so a decode step moves no padding bytes). Tile sizes must be powers of two (Triton) and >= 16
 (tensor-core dot minimum).
+
+Decode (M <= 16) has only N / block_n output tiles; ``split_k`` programs then share each tile's K range and
+write float32 partial sums that XLA adds (deterministic; the default keeps that traffic under 3% of the
+weight's bytes, see `base.triton_split_k`).
 """
 
 from __future__ import annotations
@@ -54,10 +58,12 @@ def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
             return f"block_k={bk} must be a multiple of the group size {g}"
         if g >= bk and g % bk:
             return f"group size {g} must be a multiple of block_k={bk}"
+    if cfg.split_k is not None and cfg.split_k < 1:
+        return f"split_k={cfg.split_k} must be >= 1"
     return None
 
 
-def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int):
+def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, per_split: int):
     it = iter(refs)
     x_ref, c_ref, s_ref = next(it), next(it), next(it)
     sn_ref = next(it) if prob.has_neg else None
@@ -110,8 +116,22 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int):
                                             preferred_element_type=jnp.float32)
         return acc
 
-    acc = jax.lax.fori_loop(0, tiles, body, jnp.zeros((bm, bn), jnp.float32))
-    pltr.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=row_ok & col_ok)
+    if per_split == tiles:
+        acc = jax.lax.fori_loop(0, tiles, body, jnp.zeros((bm, bn), jnp.float32))
+        pltr.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=row_ok & col_ok)
+    else:  # split-K: this program's K range; float32 partial sums, reduced in XLA
+        ks = pl.program_id(2)
+        first = ks * per_split
+        acc = jax.lax.fori_loop(first, jnp.minimum(first + per_split, tiles), body,
+                                jnp.zeros((bm, bn), jnp.float32))
+        pltr.store(o_ref.at[ks, pl.ds(i * bm, bm), pl.ds(n0, bn)], acc, mask=row_ok & col_ok)
+
+
+def effective_split(prob: Problem, cfg: BlockConfig) -> tuple[int, int]:
+    """(number of K splits, K tiles per split) actually launched for ``cfg.split_k``."""
+    tiles = cdiv(prob.kp, cfg.block_k)
+    per_split = cdiv(tiles, max(1, min(cfg.split_k or 1, tiles)))
+    return cdiv(tiles, per_split), per_split
 
 
 def quantized_matmul_triton(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpret: bool = False):
@@ -119,15 +139,18 @@ def quantized_matmul_triton(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpr
     tiles = cdiv(prob.kp, bk)
     xp = base.permute_x(x2d, mp=prob.m, tiles=tiles, block_k=bk, slots=p, segment=bk // p)
     extra = [a for a in (qt.scale_neg, qt.zero) if a is not None]
+    split, per_split = effective_split(prob, cfg)
+    out_shape = (jax.ShapeDtypeStruct((prob.m, prob.n), x2d.dtype) if split == 1 else
+                 jax.ShapeDtypeStruct((split, prob.m, prob.n), jnp.float32))
     out = pl.pallas_call(
-        functools.partial(_kernel, prob=prob, cfg=cfg, tiles=tiles),
-        out_shape=jax.ShapeDtypeStruct((prob.m, prob.n), x2d.dtype),
-        grid=(cdiv(prob.n, bn), cdiv(prob.m, bm)),
+        functools.partial(_kernel, prob=prob, cfg=cfg, tiles=tiles, per_split=per_split),
+        out_shape=out_shape,
+        grid=(cdiv(prob.n, bn), cdiv(prob.m, bm), split),
         compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"afpq_qmm_{prob.format_name}",
     )(xp, qt.codes, qt.scale, *extra)
-    return out
+    return out if split == 1 else jnp.sum(out, axis=0).astype(x2d.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
