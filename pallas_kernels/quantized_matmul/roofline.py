@@ -72,7 +72,8 @@ def kernel_hbm_bytes(impl: str, prob: Problem, cfg: BlockConfig) -> dict[str, fl
 
     mosaic_tpu: every code/scale block is DMA'd once per (M tile, N tile, K step) — i.e. once per M tile; x once
     per M tile when resident, else once per N tile. triton / mosaic_gpu: each program reads its N slab of
-    codes and scales once; x is re-read per N tile by the grid (served from L2 for decode-sized x; counted).
+    codes and scales once; x is re-read per N tile by the grid, from L2 for decode-sized x (``x_l2``, not in
+    ``total``).
     ``x_prep``: the XLA pass that writes x's per-tile column permutation (read x + write the copy).
     """
     itemsize = jnp.dtype(prob.x_dtype).itemsize
@@ -100,7 +101,10 @@ def kernel_hbm_bytes(impl: str, prob: Problem, cfg: BlockConfig) -> dict[str, fl
         tiles = cdiv(prob.kp, bk)
         codes = m_tiles * prob.packed_rows * prob.n
         scales = m_tiles * prob.num_groups * prob.n * per_group_bytes
-        x = n_tiles * mp * tiles * bk * itemsize
+        # Every program reads its M tile of x for all of K: n_tiles reads of x in all. Decode-sized x (<= a few
+        # MiB) stays in the 50 MiB L2 after the first, so HBM sees x once; the rest is L2 traffic (`x_l2`).
+        x = mp * tiles * bk * itemsize
+        x_l2 = (n_tiles - 1) * x
         x_prep = prob.m * prob.k * itemsize + mp * tiles * bk * itemsize
         out = mp * prob.n * itemsize
         split = 1
@@ -109,6 +113,8 @@ def kernel_hbm_bytes(impl: str, prob: Problem, cfg: BlockConfig) -> dict[str, fl
             split = effective_split(prob, cfg)[0]
         if split > 1:
             out += 2 * split * mp * prob.n * 4  # float32 partial sums written and read back by the XLA sum
+        return dict(codes=float(codes), scales=float(scales), x=float(x), x_prep=float(x_prep), out=float(out),
+                    total=float(codes + scales + x + x_prep + out), x_l2=float(x_l2))
     return dict(codes=float(codes), scales=float(scales), x=float(x), x_prep=float(x_prep), out=float(out),
                 total=float(codes + scales + x + x_prep + out))
 

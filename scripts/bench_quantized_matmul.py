@@ -1,0 +1,116 @@
+"""Benchmark `pallas_kernels.quantized_matmul` against dense matmuls of the same shape.
+
+For every format, M and implementation available on the default backend ("xla" everywhere; "mosaic_tpu" on TPU;
+"triton" and "mosaic_gpu" on GPU, where they accept the shape) it prints the median time of --reps runs after
+a warm-up (compile) run, the time of a dense float32 and bfloat16 ``x @ W`` of the same shape, and on a
+TPU/GPU the achieved bandwidth (ideal bytes: packed weight + x + output, see `roofline.ideal_bytes`) and its
+fraction of the device's HBM roofline (bandwidth table keyed by device_kind in `roofline.HBM_BANDWIDTH`).
+Every kernel's output is checked against "xla" first.
+
+    python scripts/bench_quantized_matmul.py                      # CPU: the xla path, M=1 and 16, K=N=4096
+    python scripts/bench_quantized_matmul.py --m 1 16 128 --formats nf4 nf3 int4 --markdown   # on a device
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import afpq_jax
+from pallas_kernels import IMPLEMENTATIONS, quantized_matmul
+from pallas_kernels.quantized_matmul import api, base, roofline
+from pallas_kernels.quantized_matmul.base import Problem
+
+
+def timed(fn, *args, reps: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--formats", nargs="+", default=["fp4_e2m1", "int4"])
+    ap.add_argument("--group-size", type=int, default=128, help="0 = per-channel")
+    ap.add_argument("--sym", action="store_true", help="symmetric instead of asymmetric (AFPQ) scales")
+    ap.add_argument("--x-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--impls", nargs="+", default=None, help="default: every registered one that applies")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--markdown", action="store_true")
+    a = ap.parse_args()
+
+    backend = api.current_backend()
+    dev = jax.devices()[0]
+    bw = roofline.hbm_bandwidth(dev.device_kind) if backend != "cpu" else None
+    print(f"device: {dev.device_kind} ({backend}), jax {jax.__version__}, HBM "
+          f"{'%.0f GB/s' % (bw / 1e9) if bw else 'n/a'}; median of {a.reps} runs after warm-up; K={a.k} N={a.n}")
+    g = None if a.group_size == 0 else a.group_size
+    xdt = jnp.dtype(a.x_dtype)
+    impls = a.impls or [n for n in IMPLEMENTATIONS if n == "xla" or IMPLEMENTATIONS[n].backend == backend]
+
+    kw, kx = jax.random.split(jax.random.key(0))
+    w = jax.random.normal(kw, (a.k, a.n), jnp.float32)
+    dense = jax.jit(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
+    header = ["format", "M", "impl", "time µs", "vs dense f32", "vs dense bf16"]
+    if bw:
+        header += ["GB/s", "of roofline", "bound vs bf16"]
+    rows = []
+    for fmt in a.formats:
+        qt = afpq_jax.quantize(w, fmt, group_size=g, asym=not a.sym)
+        for m in a.m:
+            x = jax.random.normal(kx, (m, a.k), jnp.float32)
+            t32 = timed(dense, x, w, reps=a.reps)
+            t16 = timed(dense, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), reps=a.reps)
+            xq = x.astype(xdt)
+            prob = Problem.create(xq.shape, xq.dtype, qt)
+            ref = None
+            for name in impls:
+                cfg = base.resolve(name, prob, None)
+                why = IMPLEMENTATIONS[name].supports(prob, cfg)
+                if why is not None:
+                    rows.append([f"{fmt}", m, name, f"declined: {why}"] + [""] * (len(header) - 4))
+                    continue
+                f = jax.jit(lambda x, q, name=name: quantized_matmul(x, q, implementation=name))
+                y = np.asarray(f(xq, qt), np.float32)
+                if ref is None:
+                    ref = np.asarray(quantized_matmul(xq, qt, implementation="xla"), np.float32)
+                err = float(np.max(np.abs(y - ref)) / (np.max(np.abs(ref)) + 1e-30))
+                if err > (1e-5 if xdt == jnp.float32 else 2e-2):
+                    raise SystemExit(f"{name} {fmt} M={m}: relative error {err:.2e} vs xla")
+                t = timed(f, xq, qt, reps=a.reps)
+                row = [f"{fmt}-{'sym' if a.sym else 'asym'}-g{g or 'ch'}", m, name, f"{t * 1e6:.1f}",
+                       f"{t / t32:.2f}x", f"{t / t16:.2f}x"]
+                if bw:
+                    ideal = roofline.ideal_bytes(prob)
+                    gbs = ideal / t / 1e9
+                    row += [f"{gbs:.0f}", f"{gbs * 1e9 / bw:.1%}",
+                            f"{roofline.decode_bound(fmt, g, not a.sym, m, a.k, a.n, xdt.itemsize):.2f}x"]
+                rows.append(row)
+            rows.append(["dense", m, "f32 / bf16", f"{t32 * 1e6:.1f} / {t16 * 1e6:.1f}", "", ""]
+                        + [""] * (len(header) - 6))
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
+    if a.markdown:
+        print("| " + " | ".join(header) + " |\n|" + "|".join("---" for _ in header) + "|")
+        for r in rows:
+            print("| " + " | ".join(str(c) for c in r) + " |")
+    else:
+        print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+        for r in rows:
+            print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
+    print("ratios: time of the quantized op / time of the dense matmul (< 1 = faster).")
+
+
+if __name__ == "__main__":
+    main()
