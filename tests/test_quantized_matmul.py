@@ -323,6 +323,17 @@ def test_stacked_weights_fall_back():
         quantized_matmul(x, qt, implementation="triton", interpret=True)
 
 
+@pytest.mark.parametrize("impl", KERNELS)
+def test_vmap_over_stacked_weights(impl):
+    w = jax.random.normal(jax.random.key(0), (2, 512, 128), jnp.float32)
+    qt = afpq_jax.quantize(w, "nf4", group_size=256, asym=True)
+    x = _x((2, 3, 512), jnp.bfloat16)
+    y = jax.jit(jax.vmap(lambda x, q: quantized_matmul(x, q, implementation=impl, interpret=True)))(x, qt)
+    ref = quantized_matmul(x, qt)  # xla, batched matmul
+    for b in range(2):
+        _check(y[b], x[b], jax.tree.map(lambda a: a[b], qt), ref[b])
+
+
 @pytest.mark.parametrize("impl,fmt,group", [("mosaic_tpu", "nf3", 32), ("mosaic_tpu", "int4", 96),
                                             ("triton", "int4", 96), ("mosaic_gpu", "int4", 64),
                                             ("mosaic_gpu", "nf3", 128)])

@@ -233,7 +233,7 @@ def quantized_matmul_tpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpret:
     itemsize = jnp.dtype(prob.x_dtype).itemsize
     bytes_accessed = (codes.size + sum(a.size * a.dtype.itemsize for a in (qt.scale, *extra))
                       + xp.size * itemsize * (1 if pl_.x_resident else grid[1]) + pl_.mp * prob.n * itemsize)
-    out = pl.pallas_call(
+    call = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((pl_.mp, prob.n), x2d.dtype),
         grid=grid,
@@ -245,8 +245,28 @@ def quantized_matmul_tpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpret:
                                       bytes_accessed=int(bytes_accessed)),
         interpret=pltpu.InterpretParams() if interpret else False,
         name=f"afpq_qmm_{prob.format_name}",
-    )(xp, *code_args, qt.scale, *extra)
-    return out[:prob.m]
+    )
+    return _sequential_vmap(call)(xp, *code_args, qt.scale, *extra)[:prob.m]
+
+
+def _sequential_vmap(fn):
+    """``fn`` whose vmap (e.g. over stacked layer weights) runs the kernel once per batch element with
+    ``lax.map``; Pallas' own batching rule would add a grid axis that the dimension semantics do not name."""
+    @jax.custom_batching.custom_vmap
+    def wrapped(*args):
+        return fn(*args)
+
+    @wrapped.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        batched = [a for a, b in zip(args, in_batched) if b]
+
+        def one(bargs):
+            it = iter(bargs)
+            return wrapped(*[next(it) if b else a for a, b in zip(args, in_batched)])
+
+        return jax.lax.map(one, batched), True
+
+    return wrapped
 
 
 @dataclasses.dataclass(frozen=True)
