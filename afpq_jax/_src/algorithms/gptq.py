@@ -7,7 +7,7 @@ for INT) are computed on the *error-updated* weights, which is how AFPQ plugs in
 columns are visited by decreasing Hessian diagonal, and groups are *static* (parameters computed up front on
 the original weights in natural order), so the packed layout is the same as RTN's.
 
-The working matrix is ``Wt = W.T`` (N, K): GPTQ's columns are input features.
+GPTQ's "columns" are input features, i.e. rows of a Flax kernel; we work on kernel rows directly (contiguous).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from afpq_jax._src.qtensor import QuantizedTensor
 from afpq_jax._src.quantizer import GroupParams, decode, encode, group_params
 
 
+@jax.jit
 def hessian_inverse_factor(h: jax.Array, damp: float) -> jax.Array:
     """Upper Cholesky factor of ``(H + damp*mean(diag H)*I)^-1`` (what GPTQ propagates errors with)."""
     k = h.shape[0]
@@ -34,9 +35,9 @@ def hessian_inverse_factor(h: jax.Array, damp: float) -> jax.Array:
     return jnp.linalg.cholesky(h_inv).T  # upper
 
 
-def _params_of(fmt, asym, cols, sdt) -> GroupParams:
-    """Group parameters from columns (N, g) of the working matrix, shaped (N,) each."""
-    return group_params(fmt, asym, jnp.min(cols, axis=1), jnp.max(cols, axis=1), sdt)
+def _params_of(fmt, asym, rows, sdt) -> GroupParams:
+    """Group parameters from a group's rows (g, N) of the working kernel, shaped (N,) each."""
+    return group_params(fmt, asym, jnp.min(rows, axis=0), jnp.max(rows, axis=0), sdt)
 
 
 def _take(params: GroupParams, idx) -> GroupParams:
@@ -44,44 +45,59 @@ def _take(params: GroupParams, idx) -> GroupParams:
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "sdt", "static"))
-def _quantize_block(wt1, hinv1, static_params, col_groups, *, fmt: Format, asym: bool, g: int, sdt, static: bool):
-    """GPTQ over one block of columns. wt1: (N, B); hinv1: (B, B) upper; B holds whole groups unless static.
+def _quantize_block(w1, hinv1, static_params, row_groups, *, fmt: Format, asym: bool, g: int, sdt, static: bool):
+    """GPTQ over one block of input rows. w1: (B, N) kernel rows; hinv1: (B, B) upper; B holds whole groups
+    unless ``static``. Rows are contiguous, so each step reads and writes whole rows.
 
-    Returns codes (N, B), per-group params for this block (stacked (B//g, N) when not static), the error matrix
-    (N, B) for the lazy update of later blocks.
+    Returns codes (B, N), this block's group params (stacked (groups, N), None if static) and the scaled
+    errors (B, N) for the lazy update of later blocks.
     """
-    n, b = wt1.shape
-    codes = jnp.zeros((n, b), jnp.uint8)
-    err = jnp.zeros((n, b), jnp.float32)
+    b, n = w1.shape
+    codes = jnp.zeros((b, n), jnp.uint8)
+    err = jnp.zeros((b, n), jnp.float32)
 
-    def column(c, carry, params):
-        wt1, codes, err = carry
-        w = wt1[:, c]
+    def row(c, carry, params):
+        w1, codes, err = carry
+        w = w1[c]
         code = encode(fmt, asym, w, params)
-        q = decode(fmt, asym, code, params)
-        e = (w - q) / hinv1[c, c]
-        wt1 = wt1 - e[:, None] * hinv1[c][None, :]  # hinv1 is upper triangular: only columns >= c move
-        return wt1, codes.at[:, c].set(code), err.at[:, c].set(e)
+        e = (w - decode(fmt, asym, code, params)) / hinv1[c, c]
+        w1 = w1 - hinv1[c][:, None] * e[None, :]  # hinv1 is upper triangular: only rows >= c move
+        return w1, codes.at[c].set(code), err.at[c].set(e)
 
-    if static:  # params per column given (act-order static groups, or per-channel)
+    if static:  # params per row given (act-order static groups, or per-channel)
         def body(c, carry):
-            return column(c, carry, _take(static_params, col_groups[c]))
-        wt1, codes, err = jax.lax.fori_loop(0, b, body, (wt1, codes, err))
+            return row(c, carry, _take(static_params, row_groups[c]))
+        w1, codes, err = jax.lax.fori_loop(0, b, body, (w1, codes, err))
         return codes, None, err
     block_params = []
     for gi in range(-(-b // g)):  # the model's last group may be short (K not a multiple of g)
         lo, hi = gi * g, min((gi + 1) * g, b)
-        params = _params_of(fmt, asym, wt1[:, lo:hi], sdt)
-        wt1, codes, err = jax.lax.fori_loop(lo, hi, functools.partial(_with_params, column, params),
-                                            (wt1, codes, err))
+        params = _params_of(fmt, asym, w1[lo:hi], sdt)
+        w1, codes, err = jax.lax.fori_loop(lo, hi, functools.partial(_with_params, row, params), (w1, codes, err))
         block_params.append(params)
     stacked = GroupParams(*(None if block_params[0][i] is None else jnp.stack([p[i] for p in block_params])
                             for i in range(3)))
     return codes, stacked, err
 
 
-def _with_params(column, params, c, carry):
-    return column(c, carry, params)
+def _with_params(row, params, c, carry):
+    return row(c, carry, params)
+
+
+@functools.partial(jax.jit, static_argnames=("act_order",))
+def _prepare(w, h, damp, act_order: bool):
+    """Dead inputs zeroed, optional act-order permutation, and the inverse-Hessian factor."""
+    k = w.shape[0]
+    dead = jnp.diag(h) == 0  # inputs that never fire: GPTQ zeroes them and fixes H
+    h = jnp.where(jnp.diag(dead), 1.0, h)
+    w = jnp.where(dead[:, None], 0.0, w)
+    perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(k)
+    return w, perm, hessian_inverse_factor(h[perm][:, perm], damp)
+
+
+@jax.jit
+def _lazy_update(w_rest, hinv_cross, err):
+    return w_rest - hinv_cross.T @ err
 
 
 def gptq_quantize(kernel: jax.Array, hessian: jax.Array, fmt: str | Format, *, group_size: int | None = 128,
@@ -90,40 +106,34 @@ def gptq_quantize(kernel: jax.Array, hessian: jax.Array, fmt: str | Format, *, g
     """GPTQ-quantizes a kernel (K, N) given the Hessian (K, K) of its inputs."""
     fmt = get_format(fmt)
     sdt = jnp.dtype(scale_dtype)
-    w = jnp.asarray(kernel, jnp.float32)
-    k, n = w.shape
+    k, n = kernel.shape
     h = jnp.asarray(hessian, jnp.float32)
     if h.shape != (k, k):
         raise ValueError(f"Hessian shape {h.shape} does not match kernel in_features {k}")
     g = k if group_size is None else min(group_size, k)
     n_groups = math.ceil(k / g)
-    dead = jnp.diag(h) == 0  # inputs that never fire: GPTQ zeroes them and fixes H
-    h = jnp.where(jnp.diag(dead), 1.0, h)
-    wt = jnp.where(dead[None, :], 0.0, w.T)
-    perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(k)
+    w, perm, hinv = _prepare(jnp.asarray(kernel, jnp.float32), h, jnp.float32(damp), act_order)
     static = act_order or group_size is None or g == k
     if static:  # groups in natural order, params from the (dead-zeroed) original weights
-        pad = n_groups * g - k
-        grouped = jnp.pad(wt, ((0, 0), (0, pad))).reshape(n, n_groups, g)
-        static_params = group_params(fmt, asym, grouped.min(-1).T, grouped.max(-1).T, sdt)  # (G, N)
-        col_groups = perm // g
+        grouped = jnp.pad(w, ((0, n_groups * g - k), (0, 0))).reshape(n_groups, g, n)
+        static_params = group_params(fmt, asym, grouped.min(1), grouped.max(1), sdt)  # (G, N)
+        row_groups = perm // g
     else:
-        static_params, col_groups = None, None
-    wt = wt[:, perm]
-    hinv = hessian_inverse_factor(h[perm][:, perm], damp)
-    # Blocks hold whole groups so group parameters always see fully error-updated columns.
+        static_params, row_groups = None, None
+    w = w[perm]
+    # Blocks hold whole groups so group parameters always see fully error-updated rows.
     bs = max(g, block_size // g * g) if not static else block_size
     codes_blocks, params_blocks = [], []
     for i1 in range(0, k, bs):
         i2 = min(i1 + bs, k)
         codes, params, err = _quantize_block(
-            wt[:, i1:i2], hinv[i1:i2, i1:i2], static_params, None if col_groups is None else col_groups[i1:i2],
+            w[i1:i2], hinv[i1:i2, i1:i2], static_params, None if row_groups is None else row_groups[i1:i2],
             fmt=fmt, asym=asym, g=g, sdt=sdt, static=static)
         if i2 < k:
-            wt = wt.at[:, i2:].add(-err @ hinv[i1:i2, i2:])
+            w = w.at[i2:].set(_lazy_update(w[i2:], hinv[i1:i2, i2:], err))
         codes_blocks.append(codes)
         params_blocks.append(params)
-    codes = jnp.concatenate(codes_blocks, axis=1)[:, jnp.argsort(perm)].T  # (K, N), natural order
+    codes = jnp.concatenate(codes_blocks, axis=0)[jnp.argsort(perm)]  # (K, N), natural order
     if static:
         params = static_params
     else:
