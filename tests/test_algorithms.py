@@ -50,7 +50,7 @@ def test_gptq_matches_numpy_reference(fmt, asym, g):
 
 
 @given(fmt=st.sampled_from(FORMATS), asym=st.booleans(), g=st.sampled_from([None, 8, 32, 128]),
-       k=st.integers(8, 100), seed=st.integers(0, 1000))
+       k=st.sampled_from([8, 45, 100]), seed=st.integers(0, 1000))  # few shapes: each new shape compiles
 def test_gptq_with_diagonal_hessian_is_rtn(fmt, asym, g, k, seed):
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((k, 5)) * 0.1).astype(np.float32)

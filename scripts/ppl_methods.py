@@ -1,0 +1,107 @@
+"""SmolLM2-135M perplexity for RTN / GPTQ / AWQ x {INT3, NF3-sym, NF3-asym, FP3-sym, FP3-asym, INT4, NF4-asym}
+at group size 128, on the held-out Wikipedia split (same protocol as scripts/ppl_table.py: seq 2048, first 8
+windows), calibrated on random windows of the disjoint calibration split.
+
+    python scripts/ppl_methods.py [--calib-samples 128] [--calib-seqlen 512] [--out results/ppl_methods.jsonl]
+
+Each configuration quantizes block by block in memory (exactly what `python -m afpq_jax.convert --method ...`
+writes), then scores the model; one JSON line per configuration (reruns skip what the file already has), with
+the conversion's time per phase. RTN rows are read from results/ppl_rtn.jsonl when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import afpq_jax as aq
+from afpq_jax._src import assets
+from afpq_jax._src.algorithms.blockwise import CalibrationOptions, quantize_blockwise, sample_windows
+from afpq_jax._src.evaluation import perplexity
+from afpq_jax._src.io.sources import open_source
+from afpq_jax._src.layers import QuantScheme
+from afpq_jax._src.models import config_from_hf, linear_paths
+
+ROWS = [("int3", True), ("nf3", False), ("nf3", True), ("fp3_e2m0", False), ("fp3_e2m0", True), ("int4", True),
+        ("nf4", True)]
+METHODS = ["rtn", "gptq", "awq"]
+
+
+def label(fmt: str, asym: bool) -> str:
+    base = {"fp4_e2m1": "FP4", "fp3_e2m0": "FP3"}.get(fmt, fmt.upper())
+    return base if fmt.startswith("int") else f"{base}-{'asym' if asym else 'sym'}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--max-windows", type=int, default=8)
+    ap.add_argument("--out", default="results/ppl_methods.jsonl")
+    ap.add_argument("--rtn-results", default="results/ppl_rtn.jsonl")
+    ap.add_argument("--methods", default="rtn,gptq,awq")
+    args = ap.parse_args()
+    model_path = assets.smollm2_hf_dir()
+    source = open_source(model_path)
+    cfg = config_from_hf(source.config)
+    tok = aq.load_tokenizer(model_path)
+    calib_text, eval_text = assets.wiki_text()
+    eval_ids = tok(eval_text, add_special_tokens=False)["input_ids"]
+    calib = sample_windows(tok(calib_text, add_special_tokens=False)["input_ids"], args.calib_samples,
+                           args.calib_seqlen, seed=0)
+    opts = CalibrationOptions(samples=args.calib_samples, seqlen=args.calib_seqlen)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    for path in (Path(args.rtn_results), out):
+        if path.exists():
+            for line in path.read_text().splitlines():
+                r = json.loads(line)
+                if r.get("group_size") in (128, None) and r["format"] != "float":
+                    key = (r.get("method", "rtn"), r["format"], r["asym"])
+                    if r.get("group_size") == 128:
+                        done[key] = r
+                elif r["format"] == "float":
+                    done[("float", None, None)] = r
+    for method in args.methods.split(","):
+        for fmt, asym in ROWS:
+            key = (method, fmt, asym)
+            if key in done:
+                continue
+            scheme = QuantScheme.create(fmt, group_size=128, asym=asym)
+            layout = {p: scheme for p in linear_paths(cfg) if p != "lm_head"}
+            t0 = time.perf_counter()
+            if method == "rtn":
+                model = aq.load(model_path)
+                for p, layer in model.linear_layers().items():
+                    if p in layout:
+                        layer.kernel.set_value(aq.fake_quant(layer.kernel.get_value(), fmt, asym=asym))
+                report = {}
+            else:
+                model, report = quantize_blockwise(source, cfg, layout, method, calib, opts, clip=method == "awq",
+                                                   progress=False)
+            convert_s = time.perf_counter() - t0
+            r = perplexity(model, eval_ids, seq_len=args.seq_len, max_windows=args.max_windows, progress=False)
+            rec = {"method": method, "format": fmt, "asym": asym, "group_size": 128, **r,
+                   "calib": f"{args.calib_samples}x{args.calib_seqlen}", "convert_seconds": round(convert_s, 1),
+                   "phases": report.get("seconds", {})}
+            done[key] = rec
+            with out.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(json.dumps(rec), flush=True)
+    print("\n| g128 | " + " | ".join(m.upper() for m in METHODS) + " |\n|---|" + "---|" * len(METHODS))
+    for fmt, asym in ROWS:
+        cells = [f"{done[(m, fmt, asym)]['perplexity']:.2f}" if (m, fmt, asym) in done else "—" for m in METHODS]
+        print(f"| {label(fmt, asym)} | " + " | ".join(cells) + " |")
+    three_bit = {k: v["perplexity"] for k, v in done.items() if k[0] != "float" and k[1] in ("int3", "nf3",
+                                                                                               "fp3_e2m0")}
+    if three_bit:
+        best = min(three_bit, key=three_bit.get)
+        print(f"\nbest 3-bit: {best[0].upper()} {label(best[1], best[2])} ({three_bit[best]:.2f})")
+
+
+if __name__ == "__main__":
+    main()
