@@ -222,3 +222,10 @@ def test_perplexity_matches_numpy():
     assert got["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
     with pytest.raises(ValueError, match="fewer than one window"):
         perplexity(model, ids[:5], seq_len=12, progress=False)
+
+
+def test_hub_id_without_network_suggests_a_local_directory(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no hub access; fail fast instead of timing out
+    from afpq_jax._src.io.sources import CheckpointError, open_source
+    with pytest.raises(CheckpointError, match="without network access pass a local directory"):
+        open_source("HuggingFaceTB/SmolLM2-135M-Instruct")
