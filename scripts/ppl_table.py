@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 import afpq_jax as aq
 from afpq_jax._src import assets

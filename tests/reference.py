@@ -7,7 +7,6 @@ rounded toward zero into the scale dtype; each value goes to the nearest level o
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
 FP4 = [-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6]

@@ -50,6 +50,15 @@ def init_derived(flat, cfg: ModelConfig, dtype) -> None:
             flat[("layers", i, "mlp", "act_scale")].set_value(jnp.ones((cfg.intermediate_size,), dtype))
 
 
+def model_path_of(source: Source, cfg: ModelConfig, name: str) -> tuple[Path_ | None, bool]:
+    """(model path, transpose) of a checkpoint tensor via its family's key table; (None, _) = not a parameter."""
+    try:
+        return map_key(family_for(source.config).KEY_RULES, name, cfg.tie_embeddings)
+    except KeyError:
+        raise CheckpointError(f"unexpected tensor {name!r} in {source.path} for model_type {cfg.model_type!r}; "
+                              f"the checkpoint does not match its config.json") from None
+
+
 def _dotted(path: Path_) -> str:
     return ".".join(map(str, path))
 
@@ -62,17 +71,12 @@ def populate_from_source(source: Source, cfg: ModelConfig, *, dtype=jnp.float32,
     quant = dict(quant or {})
     if quant and quantize_kernel is None:
         raise ValueError("a quantization layout needs a quantize_kernel function")
-    family = family_for(source.config)
     graphdef, flat, kernel_shapes = abstract_model(cfg, quant, dtype)
     seen: set[str] = set()
     bar = tqdm(source.tensors(), total=len(source.tensor_names), desc="loading", unit="tensor",
                disable=not progress, leave=False)
     for name, arr in bar:
-        try:
-            path, transpose = map_key(family.KEY_RULES, name, cfg.tie_embeddings)
-        except KeyError:
-            raise CheckpointError(f"unexpected tensor {name!r} in {source.path} for model_type "
-                                  f"{cfg.model_type!r}; the checkpoint does not match its config.json") from None
+        path, transpose = model_path_of(source, cfg, name)
         if path is None:
             continue
         if name in seen:

@@ -25,12 +25,12 @@ from afpq_jax._src import quantizer
 from afpq_jax._src.algorithms import awq
 from afpq_jax._src.algorithms.clip import clip_search
 from afpq_jax._src.algorithms.gptq import gptq_quantize
-from afpq_jax._src.io.sources import CheckpointError, Source
-from afpq_jax._src.layers import LayerNorm, QuantScheme, RMSNorm, record_inputs
+from afpq_jax._src.io.sources import Source
+from afpq_jax._src.layers import LayerNorm, QuantScheme, record_inputs
 from afpq_jax._src.loading import (_check_shape, _dotted, _place, _place_quantized, abstract_model, init_derived,
-                                   merge)
-from afpq_jax._src.models import CausalLM, ModelConfig, family_for
-from afpq_jax._src.models.params import map_key, to_model_layout
+                                   merge, model_path_of)
+from afpq_jax._src.models import CausalLM, ModelConfig
+from afpq_jax._src.models.params import to_model_layout
 from afpq_jax._src.models.transformer import Block, block_linears
 
 METHODS = ("rtn", "gptq", "awq")
@@ -259,15 +259,10 @@ def quantize_blockwise(source: Source, cfg: ModelConfig, layout: Mapping[str, Qu
     opts.validate()
     timer = _Timer()
     t_start = time.perf_counter()
-    family = family_for(source.config)
     graphdef, flat, _ = abstract_model(cfg, layout, dtype)
     per_block: dict[int, list] = defaultdict(list)
     for name in source.tensor_names:
-        try:
-            path, transpose = map_key(family.KEY_RULES, name, cfg.tie_embeddings)
-        except KeyError:
-            raise CheckpointError(f"unexpected tensor {name!r} in {source.path} for model_type "
-                                  f"{cfg.model_type!r}; the checkpoint does not match its config.json") from None
+        path, transpose = model_path_of(source, cfg, name)
         if path is None:
             continue
         if path[0] == "layers":
