@@ -7,9 +7,8 @@ whose ``supports`` accepts the call runs:
     gpu: triton -> mosaic_gpu -> xla
     cpu (and anything else): xla
 
-A candidate that declines logs one line per (implementation, reason) on the ``pallas_kernels`` logger (level
-INFO... WARNING for the first fallback, so it is visible by default) and the next one is tried; "xla" supports
-everything. An explicitly named implementation never falls back: it raises ``NotImplementedError`` with the
+A candidate that declines logs one WARNING line per (implementation, reason) on the ``pallas_kernels`` logger
+(once per process) and the next one is tried; "xla" supports everything. Kernels are forward-only (no VJP). An explicitly named implementation never falls back: it raises ``NotImplementedError`` with the
 reason instead. ``interpret=True`` runs a Pallas kernel in interpret mode (any backend, e.g. CPU tests).
 """
 
