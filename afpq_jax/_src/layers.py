@@ -84,9 +84,11 @@ def abstract_quantized(shape: tuple[int, ...], scheme: QuantScheme, dtype) -> Qu
 
 
 def quantized_matmul(x: jax.Array, qt: QuantizedTensor) -> jax.Array:
-    """``x @ dequantize(qt)``: the XLA path (dequantize, then dot). Pallas kernels plug in here."""
-    w = quantizer.dequantize(qt, x.dtype)
-    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    """``x @ dequantize(qt)`` through `pallas_kernels.quantized_matmul`: the fused Pallas kernel for the current
+    backend (Mosaic TPU, Triton / Mosaic GPU), falling back to the XLA dequantize-then-dot path (CPU)."""
+    from pallas_kernels import quantized_matmul as fused  # import here: pallas_kernels imports afpq_jax
+
+    return fused(x, qt)
 
 
 class QuantDense(nnx.Module):
