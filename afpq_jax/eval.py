@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         from afpq_jax._src import assets
-        from afpq_jax._src.pipeline import load, load_tokenizer
+        from afpq_jax._src.pipeline import load, load_tokenizer, tokenize
 
         model_path = args.model or str(assets.smollm2_hf_dir())
         if not Path(model_path).exists():
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 text = Path(args.text).read_text(encoding="utf-8")
             else:
                 text = assets.wiki_text()[1]
-            ids = tok(text, add_special_tokens=False)["input_ids"]
+            ids = tokenize(tok, text)
             t0 = time.perf_counter()
             result.update(perplexity(model, ids, seq_len=args.seq_len or default_seq_len(model),
                                      batch_size=args.batch_size, max_windows=args.max_windows,

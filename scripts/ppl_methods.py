@@ -22,6 +22,7 @@ from afpq_jax._src.algorithms.blockwise import CalibrationOptions, quantize_bloc
 from afpq_jax._src.evaluation import perplexity
 from afpq_jax._src.io.sources import open_source
 from afpq_jax._src.layers import QuantScheme
+from afpq_jax._src.pipeline import tokenize
 from afpq_jax._src.models import config_from_hf, linear_paths
 
 ROWS = [("int3", True), ("nf3", False), ("nf3", True), ("fp3_e2m0", False), ("fp3_e2m0", True), ("int4", True),
@@ -49,9 +50,8 @@ def main() -> None:
     cfg = config_from_hf(source.config)
     tok = aq.load_tokenizer(model_path)
     calib_text, eval_text = assets.wiki_text()
-    eval_ids = tok(eval_text, add_special_tokens=False)["input_ids"]
-    calib = sample_windows(tok(calib_text, add_special_tokens=False)["input_ids"], args.calib_samples,
-                           args.calib_seqlen, seed=0)
+    eval_ids = tokenize(tok, eval_text)
+    calib = sample_windows(tokenize(tok, calib_text), args.calib_samples, args.calib_seqlen, seed=0)
     opts = CalibrationOptions(samples=args.calib_samples, seqlen=args.calib_seqlen)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -229,3 +229,16 @@ def test_hub_id_without_network_suggests_a_local_directory(monkeypatch):
     from afpq_jax._src.io.sources import CheckpointError, open_source
     with pytest.raises(CheckpointError, match="without network access pass a local directory"):
         open_source("HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def test_chunked_tokenization_matches_whole_text_at_paragraph_boundaries():
+    from afpq_jax._src.pipeline import tokenize
+    weights = test_gguf._hf_weights(np.random.default_rng(5), tied=True)
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        tok = aq.load_tokenizer(test_gguf.write_tiny_llama(Path(d) / "t.gguf", weights))
+    paragraphs = [" ".join(["hello world"] * (3 + i % 5)) for i in range(40)]
+    text = "\n\n".join(paragraphs)
+    whole = tok(text, add_special_tokens=False)["input_ids"]
+    chunked = tokenize(tok, text, chunk_chars=50)
+    assert chunked.dtype == np.int32 and chunked.tolist() == whole

@@ -46,6 +46,20 @@ def load_tokenizer(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(p))
 
 
+def tokenize(tokenizer, text: str, chunk_chars: int = 100_000) -> np.ndarray:
+    """Token ids of a long text as int32, encoded paragraph-aligned chunk by chunk: one fast-tokenizer call on
+    a multi-megabyte string holds offsets and masks for every token (measured: +300 MB RSS for 2.3 MB of text)."""
+    parts, start = [], 0
+    while start < len(text):
+        end = min(start + chunk_chars, len(text))
+        if end < len(text):
+            cut = text.rfind("\n\n", start, end)
+            end = cut + 2 if cut > start else end
+        parts.append(np.asarray(tokenizer(text[start:end], add_special_tokens=False)["input_ids"], np.int32))
+        start = end
+    return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ConvertOptions:
     """What `convert` does (frozen; validated up front so bad options fail before any work)."""
@@ -181,6 +195,5 @@ def _calibration_windows(model_path, source, cfg, options: ConvertOptions) -> np
     else:
         text = assets.wiki_text()[0]
     tok = load_tokenizer(source.path if source.kind == "gguf" else source.tokenizer_dir or model_path)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    return sample_windows(ids, c.samples, seqlen, c.seed)
+    return sample_windows(tokenize(tok, text), c.samples, seqlen, c.seed)
 
