@@ -222,6 +222,16 @@ def _embed(flat, cfg: ModelConfig, ids: np.ndarray, dtype) -> jax.Array:
     return x
 
 
+def _release_freed_memory() -> None:
+    """Hands freed heap pages back to the OS (glibc keeps them otherwise: XLA compilations and per-block
+    temporaries would stay in the resident set for the whole run)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _dequantized_float_state(block: Block, float_state):
     """``float_state`` (the block's state before quantization) refilled with the block's current values, with
     each quantized kernel replaced by its dequantized weight."""
@@ -308,6 +318,7 @@ def quantize_blockwise(source: Source, cfg: ModelConfig, layout: Mapping[str, Qu
                 out = _block_apply(float_graphdef, state, jnp.asarray(x_all[sl]), positions[: sl.stop - sl.start])
                 x_all[sl] = np.asarray(out, np.float32)
         del block, float_state, state
+        _release_freed_memory()
     report["seconds"] = {k: round(v, 1) for k, v in timer.seconds.items()}
     report["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
     return merge(graphdef, flat), report

@@ -25,7 +25,6 @@ from afpq_jax._src.qtensor import QuantizedTensor
 from afpq_jax._src.quantizer import GroupParams, decode, encode, group_params
 
 
-@jax.jit
 def hessian_inverse_factor(h: jax.Array, damp: float) -> jax.Array:
     """Upper Cholesky factor of ``(H + damp*mean(diag H)*I)^-1`` (what GPTQ propagates errors with)."""
     k = h.shape[0]
@@ -44,12 +43,11 @@ def _take(params: GroupParams, idx) -> GroupParams:
     return GroupParams(*(None if p is None else p[idx] for p in params))
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "sdt", "static"))
 def _quantize_block(w1, hinv1, static_params, row_groups, *, fmt: Format, asym: bool, g: int, sdt, static: bool):
     """GPTQ over one block of input rows. w1: (B, N) kernel rows; hinv1: (B, B) upper; B holds whole groups
     unless ``static``. Rows are contiguous, so each step reads and writes whole rows.
 
-    Returns codes (B, N), this block's group params (stacked (groups, N), None if static) and the scaled
+    Returns codes (B, N), this block's group params (stacked (B // g, N), None if static) and the scaled
     errors (B, N) for the lazy update of later blocks.
     """
     b, n = w1.shape
@@ -70,10 +68,10 @@ def _quantize_block(w1, hinv1, static_params, row_groups, *, fmt: Format, asym: 
         w1, codes, err = jax.lax.fori_loop(0, b, body, (w1, codes, err))
         return codes, None, err
     block_params = []
-    for gi in range(-(-b // g)):  # the model's last group may be short (K not a multiple of g)
-        lo, hi = gi * g, min((gi + 1) * g, b)
-        params = _params_of(fmt, asym, w1[lo:hi], sdt)
-        w1, codes, err = jax.lax.fori_loop(lo, hi, functools.partial(_with_params, row, params), (w1, codes, err))
+    for gi in range(b // g):
+        params = _params_of(fmt, asym, w1[gi * g:(gi + 1) * g], sdt)
+        w1, codes, err = jax.lax.fori_loop(gi * g, (gi + 1) * g, functools.partial(_with_params, row, params),
+                                           (w1, codes, err))
         block_params.append(params)
     stacked = GroupParams(*(None if block_params[0][i] is None else jnp.stack([p[i] for p in block_params])
                             for i in range(3)))
@@ -84,20 +82,60 @@ def _with_params(row, params, c, carry):
     return row(c, carry, params)
 
 
-@functools.partial(jax.jit, static_argnames=("act_order",))
-def _prepare(w, h, damp, act_order: bool):
-    """Dead inputs zeroed, optional act-order permutation, and the inverse-Hessian factor."""
-    k = w.shape[0]
+@functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "sdt", "static", "bs", "act_order"))
+def _gptq(w, h, damp, *, fmt: Format, asym: bool, g: int, sdt, static: bool, bs: int, act_order: bool):
+    """The whole GPTQ of one kernel as one compiled program (one compilation per layer shape).
+
+    K is padded to a multiple of the block size ``bs`` with zero rows whose Hessian rows are the identity: they
+    quantize exactly, send no error, and (being zeros) never change a group's scales, so a short last group
+    behaves exactly as in RTN.
+    """
+    k, n = w.shape
+    kp = -(-k // bs) * bs
+    n_groups = -(-k // g)
     dead = jnp.diag(h) == 0  # inputs that never fire: GPTQ zeroes them and fixes H
     h = jnp.where(jnp.diag(dead), 1.0, h)
     w = jnp.where(dead[:, None], 0.0, w)
+    h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=h.dtype)
     perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(k)
-    return w, perm, hessian_inverse_factor(h[perm][:, perm], damp)
+    perm = jnp.concatenate([perm, jnp.arange(k, kp)])
+    w = jnp.pad(w, ((0, kp - k), (0, 0)))
+    h = jnp.pad(h, ((0, kp - k), (0, kp - k))) + jnp.diag((jnp.arange(kp) >= k).astype(h.dtype))
+    if static:  # groups in natural order, params from the (dead-zeroed) original weights
+        grouped = jnp.pad(w, ((0, n_groups * g - kp if n_groups * g > kp else 0), (0, 0)))[: n_groups * g]
+        grouped = grouped.reshape(n_groups, g, n)
+        static_params = group_params(fmt, asym, grouped.min(1), grouped.max(1), sdt)  # (G, N)
+        row_groups = jnp.minimum(perm // g, n_groups - 1)
+    else:
+        static_params, row_groups = None, jnp.zeros((kp,), jnp.int32)
+    w = w[perm]
+    hinv = hessian_inverse_factor(h[perm][:, perm], 0.0)
+    codes = jnp.zeros((kp, n), jnp.uint8)
+    ref = group_params(fmt, asym, jnp.zeros((n,)), jnp.zeros((n,)), sdt)
+    params = GroupParams(*(None if p is None else jnp.zeros((kp // g if not static else 1, n), p.dtype)
+                           for p in ref))
 
+    def block_step(bi, carry):
+        w, codes, params = carry
+        i1 = bi * bs
+        w1 = jax.lax.dynamic_slice_in_dim(w, i1, bs, 0)
+        hrows = jax.lax.dynamic_slice_in_dim(hinv, i1, bs, 0)  # (bs, kp)
+        hinv1 = jax.lax.dynamic_slice_in_dim(hrows, i1, bs, 1)
+        groups = jax.lax.dynamic_slice_in_dim(row_groups, i1, bs, 0)
+        c, bp, err = _quantize_block(w1, hinv1, static_params, groups, fmt=fmt, asym=asym, g=g, sdt=sdt,
+                                     static=static)
+        later = (jnp.arange(kp) >= i1 + bs)[:, None]  # lazy update of the rows after this block
+        w = jnp.where(later, w - hrows.T @ err, w)
+        codes = jax.lax.dynamic_update_slice_in_dim(codes, c, i1, 0)
+        if not static:
+            params = GroupParams(*(None if p is None else jax.lax.dynamic_update_slice_in_dim(p, q, i1 // g, 0)
+                                   for p, q in zip(params, bp)))
+        return w, codes, params
 
-@jax.jit
-def _lazy_update(w_rest, hinv_cross, err):
-    return w_rest - hinv_cross.T @ err
+    _, codes, params = jax.lax.fori_loop(0, kp // bs, block_step, (w, codes, params))
+    codes = codes[jnp.argsort(perm)][:k]  # natural order
+    params = static_params if static else GroupParams(*(None if p is None else p[:n_groups] for p in params))
+    return codes, params
 
 
 def gptq_quantize(kernel: jax.Array, hessian: jax.Array, fmt: str | Format, *, group_size: int | None = 128,
@@ -111,34 +149,11 @@ def gptq_quantize(kernel: jax.Array, hessian: jax.Array, fmt: str | Format, *, g
     if h.shape != (k, k):
         raise ValueError(f"Hessian shape {h.shape} does not match kernel in_features {k}")
     g = k if group_size is None else min(group_size, k)
-    n_groups = math.ceil(k / g)
-    w, perm, hinv = _prepare(jnp.asarray(kernel, jnp.float32), h, jnp.float32(damp), act_order)
     static = act_order or group_size is None or g == k
-    if static:  # groups in natural order, params from the (dead-zeroed) original weights
-        grouped = jnp.pad(w, ((0, n_groups * g - k), (0, 0))).reshape(n_groups, g, n)
-        static_params = group_params(fmt, asym, grouped.min(1), grouped.max(1), sdt)  # (G, N)
-        row_groups = perm // g
-    else:
-        static_params, row_groups = None, None
-    w = w[perm]
     # Blocks hold whole groups so group parameters always see fully error-updated rows.
-    bs = max(g, block_size // g * g) if not static else block_size
-    codes_blocks, params_blocks = [], []
-    for i1 in range(0, k, bs):
-        i2 = min(i1 + bs, k)
-        codes, params, err = _quantize_block(
-            w[i1:i2], hinv[i1:i2, i1:i2], static_params, None if row_groups is None else row_groups[i1:i2],
-            fmt=fmt, asym=asym, g=g, sdt=sdt, static=static)
-        if i2 < k:
-            w = w.at[i2:].set(_lazy_update(w[i2:], hinv[i1:i2, i2:], err))
-        codes_blocks.append(codes)
-        params_blocks.append(params)
-    codes = jnp.concatenate(codes_blocks, axis=0)[jnp.argsort(perm)]  # (K, N), natural order
-    if static:
-        params = static_params
-    else:
-        params = GroupParams(*(None if params_blocks[0][i] is None else
-                               jnp.concatenate([p[i] for p in params_blocks], axis=0) for i in range(3)))
+    bs = block_size if static else max(g, block_size // g * g)
+    codes, params = _gptq(jnp.asarray(kernel, jnp.float32), h, jnp.float32(damp), fmt=fmt, asym=asym, g=g,
+                          sdt=sdt, static=static, bs=bs, act_order=act_order)
     return QuantizedTensor(
         codes=packing.pack(codes, fmt.bits), scale=params.scale.astype(sdt),
         scale_neg=None if params.scale_neg is None else params.scale_neg.astype(sdt),
