@@ -5,8 +5,8 @@ Everything here is jit/vmap/grad-safe. Algorithms (RTN, GPTQ, AWQ, clipping sear
 all of which broadcast over arbitrary leading axes.
 
 Rounding rule, every format: the nearest level; a value exactly on a decision threshold goes to the *lower*
-code index. Codebook formats compare the weight with ``midpoint * scale`` (float32 products) for the midpoints
-between neighbouring levels, which needs no argmin over the table and no division; INT formats use
+code index. Codebook formats compare ``t = x * (1 / scale)`` with the constant midpoints between neighbouring
+levels, which needs no argmin over the table and no per-element division; INT formats use
 ``ceil(x * (1 / scale) + zero - 0.5)``, the same rule on a uniform grid. Near-ties (within float32 rounding
 of a threshold) may go either way; both choices are nearest levels to float32 precision.
 """
@@ -91,10 +91,10 @@ def group_params(fmt: Format, asym: bool, xmin: jax.Array, xmax: jax.Array, scal
 def encode(fmt: Format, asym: bool, x: jax.Array, params: GroupParams) -> jax.Array:
     """Rounds values to code indices (uint8), given broadcastable group parameters.
 
-    Codebook formats compare ``x`` with per-group decision thresholds ``midpoint * scale`` (the scale of the
-    midpoint's sign side: ``s_pos`` for midpoints >= 0, ``s_neg`` below), so no per-element division or
-    sign select is needed: ``code = #{k : x > midpoint_k * scale_k}``. INT formats multiply by the per-group
-    reciprocal step and round with ``ceil(t - 0.5)``.
+    Codebook formats scale ``x`` by the reciprocal of its side's scale (``t = x * (1 / s_pos)`` for ``x >= 0``,
+    ``x * (1 / s_neg)`` below; reciprocals are per group) and count the code book's midpoints below ``t``:
+    ``code = #{k : t > midpoint_k}``. INT formats multiply by the per-group reciprocal step and round with
+    ``ceil(t - 0.5)``.
     """
     x = x.astype(jnp.float32)
     if fmt.is_int:
@@ -105,15 +105,19 @@ def encode(fmt: Format, asym: bool, x: jax.Array, params: GroupParams) -> jax.Ar
         return jnp.clip(jnp.ceil(t + offset - 0.5), lo, hi).astype(jnp.uint8)
     # A zero side scale means that side holds no values; a unit scale keeps its thresholds on the right side
     # of zero so that zeros still encode as the zero code.
-    s_pos = _safe(params.scale.astype(jnp.float32))
-    s_neg = _safe(params.scale_neg.astype(jnp.float32)) if asym else s_pos
+    # Scale to the code book's units with the per-group reciprocal (one multiply and one select per element),
+    # then compare with the midpoints as compile-time constants. A zero side scale means that side holds no
+    # values; a unit divisor keeps zeros encoding as the zero code.
+    inv_pos = 1.0 / _safe(params.scale.astype(jnp.float32))
+    inv_neg = 1.0 / _safe(params.scale_neg.astype(jnp.float32)) if asym else inv_pos
+    t = x * (jnp.where(x >= 0, inv_pos, inv_neg) if asym else inv_pos)
     # Unrolled comparisons fuse into one elementwise loop; no (..., num_codes) intermediate.
     levels = fmt.levels
     code = jnp.zeros(x.shape, jnp.uint8)
     passed = None
     for k, m in enumerate(fmt.midpoints()):
         if levels[k] != levels[k + 1]:
-            passed = (x > m * (s_pos if m >= 0 else s_neg)).astype(jnp.uint8)
+            passed = (t > m).astype(jnp.uint8)
         # A repeated level (FP's -0/+0) reuses the previous threshold, so every zero encodes as the last
         # copy (+0) and each value has exactly one code.
         code = code + passed
