@@ -193,7 +193,6 @@ def scale_block_rows(prob: Problem) -> int:
 
 def tpu_default(prob: Problem) -> BlockConfig:
     p = prob.slots
-    sub = _sublane_rows(prob.x_dtype)
     # One M tile covering all of x (a full-dim block: no padding rows in HBM) up to 256 rows, else 256-row tiles.
     bm = max(prob.m, 1) if prob.m <= 256 else 256
     bn = 512 if prob.n >= 512 else round_up(prob.n, 128)

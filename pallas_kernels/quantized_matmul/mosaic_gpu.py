@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.quantized_matmul import base, decode
-from pallas_kernels.quantized_matmul.base import BlockConfig, Problem, cdiv, round_up
+from pallas_kernels.quantized_matmul.base import BlockConfig, Problem, round_up
 
 WGMMA_ROWS = 64
 

@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels.quantized_matmul import base, decode
-from pallas_kernels.quantized_matmul.base import BlockConfig, Problem, cdiv, round_up
+from pallas_kernels.quantized_matmul.base import BlockConfig, Problem, cdiv
 from pallas_kernels.quantized_matmul.xla import dot_precision
 
 

@@ -73,7 +73,8 @@ def fold_scale(block, group: ScalingGroup, s: jax.Array) -> None:
         prev.set_value(prev.get_value() * s)
 
 
-def _inspect_fn(module, inspect: str):
+def _inspect_fn(inspect: str):
+    """How to run the inspected module on the group's inputs: attention needs positions (no cache)."""
     if inspect == "attn":
         return lambda m, x, positions: m(x, positions, None, 0)[0]
     return lambda m, x, positions: m(x)
@@ -92,7 +93,7 @@ def _search_loss(graphdef, state, x, positions, x_mean, alpha, reference, *, ins
         wq = fake_quant(w, scheme.format, group_size=scheme.group_size, asym=scheme.asym,
                         scale_dtype=scheme.scale_dtype)
         layer.kernel.set_value(wq / s[:, None])
-    out = _inspect_fn(module, inspect)(module, x, positions)
+    out = _inspect_fn(inspect)(module, x, positions)
     return jnp.mean(jnp.square(out.astype(jnp.float32) - reference))
 
 
@@ -102,7 +103,7 @@ def search_scale(block, group: ScalingGroup, x: jax.Array, positions: jax.Array,
     mean |x| per input channel over all calibration tokens. Returns (s, best alpha, losses per alpha)."""
     module = get_path(block, group.inspect)
     kind = group.inspect if group.inspect in ("attn", "mlp") else "linear"
-    reference = _inspect_fn(module, kind)(module, x, positions).astype(jnp.float32)
+    reference = _inspect_fn(kind)(module, x, positions).astype(jnp.float32)
     rel = []
     for p in group.layers:  # paths of the group's linears relative to the inspected module
         if p == group.inspect:

@@ -13,7 +13,6 @@ GPTQ's "columns" are input features, i.e. rows of a Flax kernel; we work on kern
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
