@@ -65,6 +65,11 @@ class QuantScheme:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
+    def quantize(self, w: jax.Array, clip_ratios=None) -> QuantizedTensor:
+        """Round-to-nearest quantization of a kernel with this scheme."""
+        return quantizer.quantize(w, self.format, group_size=self.group_size, asym=self.asym,
+                                  scale_dtype=self.scale_dtype, clip_ratios=clip_ratios)
+
 
 def abstract_quantized(shape: tuple[int, ...], scheme: QuantScheme, dtype) -> QuantizedTensor:
     """Zero-filled `QuantizedTensor` with the structure `quantize` would produce (for eval_shape / restore)."""
@@ -148,12 +153,12 @@ class QuantDense(nnx.Module):
                                          scale_dtype=jnp.dtype(qt.scale.dtype).name)
         self._set_quantized(qt)
 
-    def quantize(self, scheme: QuantScheme) -> QuantizedTensor:
-        """Round-to-nearest quantization of this layer's float kernel, in place."""
+    def quantize(self, scheme: QuantScheme, clip_ratios=None) -> QuantizedTensor:
+        """Round-to-nearest quantization of this layer's float kernel, in place (``clip_ratios`` from the
+        clipping search shrink each group's range first)."""
         if self.is_quantized:
             raise ValueError("layer is already quantized")
-        qt = quantizer.quantize(self.kernel.get_value(), scheme.format, group_size=scheme.group_size, asym=scheme.asym,
-                                scale_dtype=scheme.scale_dtype)
+        qt = scheme.quantize(self.kernel.get_value(), clip_ratios)
         self.set_quantized(qt)
         return qt
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from afpq_jax._src import checkpoint, quantizer
+from afpq_jax._src import checkpoint
 from afpq_jax._src.io import sources
 from afpq_jax._src.layers import QuantScheme
 from afpq_jax._src.loading import populate_from_source
@@ -147,8 +147,7 @@ def convert(model_path: str | os.PathLike, out: str | os.PathLike, options: Conv
                                            clip=options.use_clip, dtype=jnp.dtype(options.dtype), progress=progress)
     else:
         def quantize_kernel(path: str, kernel: np.ndarray):
-            return jax.block_until_ready(quantizer.quantize(kernel, s.format, group_size=s.group_size,
-                                                            asym=s.asym, scale_dtype=s.scale_dtype))
+            return jax.block_until_ready(s.quantize(kernel))
 
         model = populate_from_source(source, cfg, dtype=jnp.dtype(options.dtype), quant=layout,
                                      quantize_kernel=quantize_kernel, progress=progress)

@@ -9,6 +9,7 @@ and the packed blocks done so far.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -21,7 +22,6 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from afpq_jax._src import quantizer
 from afpq_jax._src.algorithms import awq
 from afpq_jax._src.algorithms.clip import clip_search
 from afpq_jax._src.algorithms.gptq import gptq_quantize
@@ -79,16 +79,21 @@ def _block_apply(graphdef, state, x, positions):
     return nnx.merge(graphdef, state)(x, positions)[0]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _block_input_stats(graphdef, want_xtx: bool, state, x, positions):
-    """Per distinct linear input: (layer names, sum x^T x or sum |x|). Layers fed the same array share one."""
+def _tapped_forward(graphdef, state, x, positions) -> list[tuple[str, jax.Array]]:
+    """(layer path, input) for every linear call of one block forward."""
     block = nnx.merge(graphdef, state)
     with record_inputs() as taps:
         block(x, positions)
     names = {id(m): n for n, m in block_linears(block).items()}
+    return [(names[id(m)], inp) for m, inp in taps]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _block_input_stats(graphdef, want_xtx: bool, state, x, positions):
+    """Per distinct linear input: (layer names, sum x^T x or sum |x|). Layers fed the same array share one."""
     groups: dict[int, list] = {}
-    for module, inp in taps:
-        groups.setdefault(id(inp), [[], inp])[0].append(names[id(module)])
+    for name, inp in _tapped_forward(graphdef, state, x, positions):
+        groups.setdefault(id(inp), [[], inp])[0].append(name)
     out = {}
     for layer_names, inp in groups.values():
         flat = inp.reshape(-1, inp.shape[-1]).astype(jnp.float32)
@@ -100,28 +105,22 @@ def _block_input_stats(graphdef, want_xtx: bool, state, x, positions):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _block_inputs(graphdef, state, x, positions):
-    block = nnx.merge(graphdef, state)
-    with record_inputs() as taps:
-        block(x, positions)
-    names = {id(m): n for n, m in block_linears(block).items()}
-    return {names[id(m)]: inp for m, inp in taps}
+    return dict(_tapped_forward(graphdef, state, x, positions))
 
 
 class _Timer:
+    """Accumulates wall time per phase: ``with timer("gptq"): ...``."""
+
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
 
+    @contextlib.contextmanager
     def __call__(self, key: str):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.seconds[key] += time.perf_counter() - self.t
-
-        return _Ctx()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[key] += time.perf_counter() - t0
 
 
 def _minibatches(n: int, size: int):
@@ -143,12 +142,6 @@ def _stats_over(graphdef, state, x_all: np.ndarray, positions, batch: int, want_
 
 
 # ---- the methods, one block at a time -----------------------------------------------------------------
-
-def _quantize_rtn(layer, scheme: QuantScheme, clip_ratios=None):
-    layer.set_quantized(quantizer.quantize(layer.kernel.get_value(), scheme.format, group_size=scheme.group_size,
-                                           asym=scheme.asym, scale_dtype=scheme.scale_dtype,
-                                           clip_ratios=clip_ratios))
-
 
 def _clip_ratios(block, layer_names, search_x, positions, scheme, opts, rng):
     """Clip-search ratios for the block's linears (not q/k), on tokens sampled from the search sequences."""
@@ -206,7 +199,7 @@ def quantize_block(block: Block, cfg: ModelConfig, x_all: np.ndarray, positions,
             ratios = _clip_ratios(block, [n for n in layers], search_x, positions, scheme, opts, rng)
     with timer("quantize"):
         for name, s in layers.items():
-            _quantize_rtn(linears[name], s, ratios.get(name))
+            linears[name].quantize(s, ratios.get(name))
     return info
 
 
@@ -283,8 +276,7 @@ def quantize_blockwise(source: Source, cfg: ModelConfig, layout: Mapping[str, Qu
         if path[-1] == "kernel" and layer in layout:  # lm_head: RTN (no calibrated method for the head)
             s = layout[layer]
             _check_shape(arr, (cfg.hidden_size, cfg.vocab_size), name, path)
-            _place_quantized(flat, path[:-1], quantizer.quantize(arr, s.format, group_size=s.group_size,
-                                                                 asym=s.asym, scale_dtype=s.scale_dtype), name)
+            _place_quantized(flat, path[:-1], s.quantize(arr), name)
         else:
             _place(flat, path, arr, name, dtype)
     init_derived(flat, cfg, dtype)
