@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -28,6 +29,14 @@ from afpq_jax._src.models import config_from_hf, linear_paths
 ROWS = [("int3", True), ("nf3", False), ("nf3", True), ("fp3_e2m0", False), ("fp3_e2m0", True), ("int4", True),
         ("nf4", True)]
 METHODS = ["rtn", "gptq", "awq"]
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def label(fmt: str, asym: bool) -> str:
@@ -87,7 +96,7 @@ def main() -> None:
             r = perplexity(model, eval_ids, seq_len=args.seq_len, max_windows=args.max_windows, progress=False)
             rec = {"method": method, "format": fmt, "asym": asym, "group_size": 128, **r,
                    "calib": f"{args.calib_samples}x{args.calib_seqlen}", "convert_seconds": round(convert_s, 1),
-                   "phases": report.get("seconds", {})}
+                   "phases": report.get("seconds", {}), "commit": _commit()}
             done[key] = rec
             with out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
