@@ -6,12 +6,14 @@ import sys
 from collections.abc import Callable
 
 from afpq_jax._src.io.sources import CheckpointError
+from afpq_jax._src.memory import limit_malloc_arenas
 
 USER_ERRORS = (CheckpointError, ValueError, TypeError, FileExistsError, FileNotFoundError, KeyError, RuntimeError,
                OSError)
 
 
 def run(main: Callable[[], int], debug: bool) -> int:
+    limit_malloc_arenas()
     try:
         return main()
     except KeyboardInterrupt:

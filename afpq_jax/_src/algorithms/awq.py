@@ -80,30 +80,53 @@ def _inspect_fn(inspect: str):
     return lambda m, x, positions: m(x)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "inspect", "layer_paths", "scheme"))
-def _search_loss(graphdef, state, x, positions, x_mean, alpha, reference, *, inspect: str,
-                 layer_paths: tuple[str, ...], scheme: QuantScheme):
-    """Output MSE of the inspected module with the group's linears replaced by ``Q(W*s)/s``."""
-    s = jnp.maximum(x_mean ** alpha, 1e-4)
-    s = s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+@functools.partial(jax.jit, static_argnames=("graphdef", "inspect"))
+def _outputs(graphdef, state, xs, positions, *, inspect: str):
+    """The float module's outputs for minibatches ``xs`` (M, B, L, D), one minibatch at a time."""
     module = nnx.merge(graphdef, state)
-    for path in layer_paths:
-        layer = get_path(module, path)
-        w = layer.kernel.get_value() * s[:, None]
-        wq = fake_quant(w, scheme.format, group_size=scheme.group_size, asym=scheme.asym,
-                        scale_dtype=scheme.scale_dtype)
-        layer.kernel.set_value(wq / s[:, None])
-    out = _inspect_fn(inspect)(module, x, positions)
-    return jnp.mean(jnp.square(out.astype(jnp.float32) - reference))
+    return jax.lax.map(lambda x: _inspect_fn(inspect)(module, x, positions).astype(jnp.float32), xs)
 
 
-def search_scale(block, group: ScalingGroup, x: jax.Array, positions: jax.Array, x_mean: jax.Array,
-                 scheme: QuantScheme, n_grid: int = 20) -> tuple[jax.Array, float, np.ndarray]:
-    """Best ``s`` for one scaling group; ``x`` = the group's input on the search samples, ``x_mean`` =
-    mean |x| per input channel over all calibration tokens. Returns (s, best alpha, losses per alpha)."""
+def _scales(x_mean: jax.Array, alpha) -> jax.Array:
+    s = jnp.maximum(x_mean ** alpha, 1e-4)
+    return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "inspect", "layer_paths", "scheme"))
+def _search_losses(graphdef, state, xs, positions, x_mean, alphas, references, *, inspect: str,
+                   layer_paths: tuple[str, ...], scheme: QuantScheme):
+    """Output MSE of the inspected module with the group's linears replaced by ``Q(W*s)/s``, for every alpha.
+
+    One program per group kind: alphas one after another (``lax.map``), and for each alpha the minibatches
+    one after another (``lax.scan``), so temporaries are one minibatch's (attention scores included)."""
+    def loss(alpha):
+        s = _scales(x_mean, alpha)
+        module = nnx.merge(graphdef, state, copy=True)  # fresh Variables at this trace level
+        for path in layer_paths:
+            layer = get_path(module, path)
+            w = layer.kernel.get_value() * s[:, None]
+            wq = fake_quant(w, scheme.format, group_size=scheme.group_size, asym=scheme.asym,
+                            scale_dtype=scheme.scale_dtype)
+            layer.kernel.set_value(wq / s[:, None])
+
+        def add(total, batch):
+            x, ref = batch
+            out = _inspect_fn(inspect)(module, x, positions).astype(jnp.float32)
+            return total + jnp.sum(jnp.square(out - ref)), None
+
+        total, _ = jax.lax.scan(add, jnp.float32(0), (xs, references))
+        return total / references.size
+
+    return jax.lax.map(loss, alphas)
+
+
+def search_scale(block, group: ScalingGroup, x: np.ndarray, positions: jax.Array, x_mean: jax.Array,
+                 scheme: QuantScheme, n_grid: int = 20, batch_size: int = 4) -> tuple[jax.Array, float, np.ndarray]:
+    """Best ``s`` for one scaling group; ``x`` (S, L, D) = the group's input on the search sequences, run
+    ``batch_size`` sequences at a time (``positions`` has at least that many rows); ``x_mean`` = mean |x| per
+    input channel over all calibration tokens. Returns (s, best alpha, losses per alpha)."""
     module = get_path(block, group.inspect)
     kind = group.inspect if group.inspect in ("attn", "mlp") else "linear"
-    reference = _inspect_fn(kind)(module, x, positions).astype(jnp.float32)
     rel = []
     for p in group.layers:  # paths of the group's linears relative to the inspected module
         if p == group.inspect:
@@ -112,11 +135,14 @@ def search_scale(block, group: ScalingGroup, x: jax.Array, positions: jax.Array,
             rel.append(p[len(group.inspect) + 1:])
         else:
             raise ValueError(f"scaling group {group}: {p} is not inside {group.inspect}")
+    x = np.asarray(x)
+    mb = max(d for d in range(1, min(batch_size, len(x)) + 1) if len(x) % d == 0)  # equal minibatches
+    xs = jnp.asarray(x.reshape(len(x) // mb, mb, *x.shape[1:]))
+    pos = positions[:mb]
     graphdef, state = nnx.split(module)
+    references = _outputs(graphdef, state, xs, pos, inspect=kind)
     alphas = np.arange(n_grid, dtype=np.float32) / n_grid
-    losses = np.asarray([float(_search_loss(graphdef, state, x, positions, x_mean, jnp.float32(a), reference,
-                                            inspect=kind, layer_paths=tuple(rel), scheme=scheme))
-                         for a in alphas])
+    losses = np.asarray(_search_losses(graphdef, state, xs, pos, x_mean, jnp.asarray(alphas), references,
+                                       inspect=kind, layer_paths=tuple(rel), scheme=scheme))
     best = int(np.argmin(losses))
-    s = jnp.maximum(x_mean ** alphas[best], 1e-4)
-    return s / jnp.sqrt(jnp.max(s) * jnp.min(s)), float(alphas[best]), np.asarray(losses)
+    return _scales(x_mean, alphas[best]), float(alphas[best]), losses

@@ -26,7 +26,8 @@ from afpq_jax._src.algorithms import awq
 from afpq_jax._src.algorithms.clip import clip_search
 from afpq_jax._src.algorithms.gptq import gptq_quantize
 from afpq_jax._src.io.sources import Source
-from afpq_jax._src.layers import LayerNorm, QuantScheme, record_inputs
+from afpq_jax._src.layers import QuantScheme, record_inputs
+from afpq_jax._src.memory import release_freed_memory
 from afpq_jax._src.loading import (_check_shape, _dotted, _place, _place_quantized, abstract_model, init_derived,
                                    merge, model_path_of)
 from afpq_jax._src.models import CausalLM, ModelConfig
@@ -88,24 +89,37 @@ def _tapped_forward(graphdef, state, x, positions) -> list[tuple[str, jax.Array]
     return [(names[id(m)], inp) for m, inp in taps]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _block_input_stats(graphdef, want_xtx: bool, state, x, positions):
-    """Per distinct linear input: (layer names, sum x^T x or sum |x|). Layers fed the same array share one."""
+def _distinct_inputs(graphdef, state, x, positions) -> dict[str, jax.Array]:
+    """{comma-joined layer names: input} for one block forward; layers fed the same array share one entry."""
     groups: dict[int, list] = {}
     for name, inp in _tapped_forward(graphdef, state, x, positions):
         groups.setdefault(id(inp), [[], inp])[0].append(name)
+    return {",".join(names): inp for names, inp in groups.values()}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _block_input_stats(graphdef, want_xtx: bool, state, x, positions):
+    """Per distinct linear input: sum x^T x or sum |x|, keyed as `_distinct_inputs`."""
     out = {}
-    for layer_names, inp in groups.values():
+    for key, inp in _distinct_inputs(graphdef, state, x, positions).items():
         flat = inp.reshape(-1, inp.shape[-1]).astype(jnp.float32)
-        stat = (jnp.matmul(flat.T, flat, precision=jax.lax.Precision.HIGHEST) if want_xtx
-                else jnp.sum(jnp.abs(flat), axis=0))
-        out[",".join(layer_names)] = stat
+        out[key] = (jnp.matmul(flat.T, flat, precision=jax.lax.Precision.HIGHEST) if want_xtx
+                    else jnp.sum(jnp.abs(flat), axis=0))
     return out
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _block_inputs(graphdef, state, x, positions):
-    return dict(_tapped_forward(graphdef, state, x, positions))
+_block_inputs = jax.jit(_distinct_inputs, static_argnums=0)
+
+
+def _inputs_over(graphdef, state, x: np.ndarray, positions, batch: int) -> dict[str, np.ndarray]:
+    """Every linear's input over the sequences ``x``, ``batch`` sequences per forward, as host arrays."""
+    out: dict[str, np.ndarray] = {}
+    for sl in _minibatches(len(x), batch):
+        for key, v in _block_inputs(graphdef, state, jnp.asarray(x[sl]), positions[: sl.stop - sl.start]).items():
+            if key not in out:
+                out[key] = np.empty((len(x), *v.shape[1:]), np.float32)
+            out[key][sl] = np.asarray(v, np.float32)
+    return {name: arr for key, arr in out.items() for name in key.split(",")}
 
 
 class _Timer:
@@ -146,7 +160,7 @@ def _stats_over(graphdef, state, x_all: np.ndarray, positions, batch: int, want_
 def _clip_ratios(block, layer_names, search_x, positions, scheme, opts, rng):
     """Clip-search ratios for the block's linears (not q/k), on tokens sampled from the search sequences."""
     graphdef, state = nnx.split(block)
-    inputs = _block_inputs(graphdef, state, search_x, positions[: len(search_x)])
+    inputs = _inputs_over(graphdef, state, search_x, positions, opts.batch_size)
     ratios = {}
     for name in layer_names:
         if name in NO_CLIP:
@@ -166,7 +180,7 @@ def quantize_block(block: Block, cfg: ModelConfig, x_all: np.ndarray, positions,
     linears = block_linears(block)
     scheme = next(iter(layers.values()))
     info: dict = {}
-    search_x = jnp.asarray(x_all[: opts.search_samples])
+    search_x = x_all[: opts.search_samples]
     if method == "gptq":
         graphdef, state = nnx.split(block)
         with timer("forward+hessian"):
@@ -182,14 +196,15 @@ def quantize_block(block: Block, cfg: ModelConfig, x_all: np.ndarray, positions,
         graphdef, state = nnx.split(block)
         with timer("forward"):
             abs_sum, count = _stats_over(graphdef, state, x_all, positions, opts.batch_size, want_xtx=False)
-            inputs = _block_inputs(graphdef, state, search_x, positions[: len(search_x)])
+            inputs = _inputs_over(graphdef, state, search_x, positions, opts.batch_size)
         with timer("awq search"):
             alphas = {}
             for group in awq.scaling_groups(cfg):
                 if not all(n in layers for n in group.layers):
                     continue
-                s, alpha, _ = awq.search_scale(block, group, inputs[group.layers[0]], positions[: len(search_x)],
-                                               abs_sum[group.layers[0]] / count, scheme, opts.awq_grid)
+                s, alpha, _ = awq.search_scale(block, group, inputs[group.layers[0]], positions,
+                                               abs_sum[group.layers[0]] / count, scheme, opts.awq_grid,
+                                               opts.batch_size)
                 awq.fold_scale(block, group, s)
                 alphas[group.layers[0]] = alpha
             info["awq_alpha"] = alphas
@@ -205,26 +220,6 @@ def quantize_block(block: Block, cfg: ModelConfig, x_all: np.ndarray, positions,
 
 # ---- the driver --------------------------------------------------------------------------------------------
 
-def _embed(flat, cfg: ModelConfig, ids: np.ndarray, dtype) -> jax.Array:
-    x = jnp.take(flat[("embed", "weight")].get_value(), jnp.asarray(ids), axis=0)
-    if cfg.embed_norm:
-        norm = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
-        norm.weight.set_value(flat[("embed_norm", "weight")].get_value())
-        norm.bias.set_value(flat[("embed_norm", "bias")].get_value())
-        x = norm(x)
-    return x
-
-
-def _release_freed_memory() -> None:
-    """Hands freed heap pages back to the OS (glibc keeps them otherwise: XLA compilations and per-block
-    temporaries would stay in the resident set for the whole run)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
 def _dequantized_float_state(block: Block, float_state):
     """``float_state`` (the block's state before quantization) refilled with the block's current values, with
     each quantized kernel replaced by its dequantized weight."""
@@ -238,6 +233,20 @@ def _dequantized_float_state(block: Block, float_state):
         else:
             var.set_value(current[key].get_value())
     return nnx.from_flat_state(flat)
+
+
+def _place_outer(flat, source: Source, cfg: ModelConfig, layout: Mapping[str, QuantScheme], entries,
+                 dtype) -> None:
+    """Reads non-block tensors (embeddings, final norm, lm_head) into ``flat``; a quantized lm_head gets RTN
+    (there is no calibrated method for the head)."""
+    for name, path, transpose in entries:
+        arr = to_model_layout(source.read(name), transpose)
+        layer = _dotted(path[:-1])
+        if path[-1] == "kernel" and layer in layout:
+            _check_shape(arr, (cfg.hidden_size, cfg.vocab_size), name, path)
+            _place_quantized(flat, path[:-1], layout[layer].quantize(arr), name)
+        else:
+            _place(flat, path, arr, name, dtype)
 
 
 def _float_block(cfg: ModelConfig, index: int, source: Source, entries, dtype) -> Block:
@@ -264,30 +273,25 @@ def quantize_blockwise(source: Source, cfg: ModelConfig, layout: Mapping[str, Qu
     t_start = time.perf_counter()
     graphdef, flat, _ = abstract_model(cfg, layout, dtype)
     per_block: dict[int, list] = defaultdict(list)
+    outer = []  # embeddings, final norm, lm_head
     for name in source.tensor_names:
         path, transpose = model_path_of(source, cfg, name)
-        if path is None:
-            continue
-        if path[0] == "layers":
-            per_block[path[1]].append((name, path, transpose))
-            continue
-        arr = to_model_layout(source.read(name), transpose)
-        layer = _dotted(path[:-1])
-        if path[-1] == "kernel" and layer in layout:  # lm_head: RTN (no calibrated method for the head)
-            s = layout[layer]
-            _check_shape(arr, (cfg.hidden_size, cfg.vocab_size), name, path)
-            _place_quantized(flat, path[:-1], s.quantize(arr), name)
-        else:
-            _place(flat, path, arr, name, dtype)
+        if path is not None:
+            (per_block[path[1]] if path[0] == "layers" else outer).append((name, path, transpose))
+    embedding = [e for e in outer if e[1][0] in ("embed", "embed_norm")]
+    _place_outer(flat, source, cfg, layout, embedding, dtype)
     init_derived(flat, cfg, dtype)
     calib = np.asarray(calib_ids, np.int32)
     n, seqlen = calib.shape
-    positions = jnp.broadcast_to(jnp.arange(seqlen, dtype=jnp.int32), (max(opts.batch_size, opts.search_samples),
-                                                                        seqlen))
+    positions = jnp.broadcast_to(jnp.arange(seqlen, dtype=jnp.int32), (opts.batch_size, seqlen))
     with timer("embed"):
         x_all = np.empty((n, seqlen, cfg.hidden_size), np.float32)
+        embedder = nnx.merge(graphdef, nnx.from_flat_state(flat))  # only its embedding layers are filled
         for sl in _minibatches(n, opts.batch_size):
-            x_all[sl] = np.asarray(_embed(flat, cfg, calib[sl], dtype), np.float32)
+            x_all[sl] = np.asarray(embedder.embed_inputs(jnp.asarray(calib[sl])), np.float32)
+        del embedder
+        for _, path, _ in embedding:  # read again at the end: not resident next to the activations
+            flat[path].set_value(jax.ShapeDtypeStruct(flat[path].get_value().shape, flat[path].get_value().dtype))
     rng = np.random.default_rng(opts.seed)
     report: dict = {"blocks": {}}
     bar = tqdm(range(cfg.num_layers), desc=f"{method} blocks", unit="block", disable=not progress)
@@ -310,7 +314,10 @@ def quantize_blockwise(source: Source, cfg: ModelConfig, layout: Mapping[str, Qu
                 out = _block_apply(float_graphdef, state, jnp.asarray(x_all[sl]), positions[: sl.stop - sl.start])
                 x_all[sl] = np.asarray(out, np.float32)
         del block, float_state, state
-        _release_freed_memory()
+        release_freed_memory()
+    del x_all
+    with timer("load outer"):
+        _place_outer(flat, source, cfg, layout, outer, dtype)
     report["seconds"] = {k: round(v, 1) for k, v in timer.seconds.items()}
     report["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
     return merge(graphdef, flat), report

@@ -1,0 +1,37 @@
+"""Host-memory hygiene for long conversions (glibc only; a no-op elsewhere).
+
+XLA's CPU runtime allocates from many threads; glibc gives each contending thread its own malloc arena and keeps
+freed pages in them, so a block-by-block run that compiles a few programs and allocates large temporaries per
+block holds 100-150 MB more resident memory than it uses (measured on SmolLM2 GPTQ: 8 arenas vs 2).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+_M_ARENA_MAX = -8  # mallopt parameter number from glibc's malloc.h
+
+
+@functools.cache
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both must exist (glibc)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Caps glibc's malloc arenas for this process (arenas that already exist stay). Called by the CLIs before
+    any work; library users can call it, or set ``MALLOC_ARENA_MAX``, themselves."""
+    if (libc := _libc()) is not None:
+        libc.mallopt(_M_ARENA_MAX, int(arenas))
+
+
+def release_freed_memory() -> None:
+    """Hands freed heap pages back to the OS (glibc keeps them otherwise: per-block temporaries would stay in
+    the resident set for the whole run)."""
+    if (libc := _libc()) is not None:
+        libc.malloc_trim(0)

@@ -1,0 +1,70 @@
+"""Peak resident memory per conversion phase: runs `python -m afpq_jax.convert` in-process with a sampler thread
+reading VmRSS every 20 ms, and prints the peak seen while each phase of the block-by-block driver ran.
+
+    python scripts/profile_convert_memory.py -- --method gptq --format nf3 --calib-samples 128 \
+        --calib-seqlen 512 --out /tmp/q --overwrite --no-progress
+
+For the headline figure use `/usr/bin/time -v python -m afpq_jax.convert ...` (the whole process, no sampler);
+this script says *where* the peak happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from collections import defaultdict
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    from afpq_jax import convert
+    from afpq_jax._src.algorithms import blockwise
+
+    phase = ["start"]
+    peaks: dict[str, float] = defaultdict(float)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peaks[phase[0]] = max(peaks[phase[0]], rss_mb())
+            time.sleep(0.02)
+
+    original = blockwise._Timer.__call__
+
+    @contextlib.contextmanager
+    def tracked(self, key):
+        before, phase[0] = phase[0], key
+        try:
+            with original(self, key):
+                yield
+        finally:
+            phase[0] = before
+
+    blockwise._Timer.__call__ = tracked
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        rc = convert.main(argv)
+    finally:
+        stop.set()
+        thread.join()
+    print("\npeak RSS by phase (MB):")
+    for key, mb in sorted(peaks.items(), key=lambda kv: -kv[1]):
+        print(f"  {key:24s} {mb:8.0f}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
