@@ -17,12 +17,15 @@ import time
 from collections import defaultdict
 
 
-def rss_mb() -> float:
+def rss_mb() -> tuple[float, float, float]:
+    """(resident, anonymous, file-backed) MB; file-backed is mostly jaxlib's shared library code."""
+    values = {}
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                values[key] = int(line.split()[1]) / 1024
+    return values.get("VmRSS", 0.0), values.get("RssAnon", 0.0), values.get("RssFile", 0.0)
 
 
 def main() -> int:
@@ -33,12 +36,12 @@ def main() -> int:
     from afpq_jax._src.algorithms import blockwise
 
     phase = ["start"]
-    peaks: dict[str, float] = defaultdict(float)
+    peaks: dict[str, tuple[float, float, float]] = defaultdict(lambda: (0.0, 0.0, 0.0))
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            peaks[phase[0]] = max(peaks[phase[0]], rss_mb())
+            peaks[phase[0]] = max(peaks[phase[0]], rss_mb())  # the sample with the highest VmRSS
             time.sleep(0.02)
 
     original = blockwise._Timer.__call__
@@ -60,9 +63,9 @@ def main() -> int:
     finally:
         stop.set()
         thread.join()
-    print("\npeak RSS by phase (MB):")
-    for key, mb in sorted(peaks.items(), key=lambda kv: -kv[1]):
-        print(f"  {key:24s} {mb:8.0f}")
+    print("\npeak RSS by phase (MB):          total     anon     file")
+    for key, (total, anon, file) in sorted(peaks.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {key:28s} {total:8.0f} {anon:8.0f} {file:8.0f}")
     return rc
 
 

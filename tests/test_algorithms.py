@@ -96,6 +96,30 @@ def test_clip_search_never_increases_its_error(fmt, asym, g, seed):
         np.testing.assert_array_equal(r_neg, r_pos)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("asym", [True, False])
+def test_clip_search_finds_the_grid_minimum(fmt, asym):
+    """Exhaustive float64 numpy search over the same grid (the separable AFPQ path must find the same minimum)."""
+    rng = np.random.default_rng(3)
+    k, n, g, t = 96, 40, 32, 48
+    w = (rng.standard_t(3, (k, n)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((t, k)).astype(np.float32)
+    (r_neg, r_pos), err = clip_search(w, x, fmt, group_size=g, asym=asym)
+    grid = 1.0 - 0.05 * np.arange(10)
+    pairs = [(a, b) for a in grid for b in grid] if asym else [(a, a) for a in grid]
+    best = np.full((k // g, n), np.inf)
+    for a, b in pairs:
+        for gi in range(k // g):
+            rows = w[gi * g:(gi + 1) * g]
+            lo, hi = rows.min(0) * np.float32(a), rows.max(0) * np.float32(b)
+            dq, _, _ = ref.ref_round(rows, ref.ref_params(lo, hi, fmt, asym), fmt)
+            e = x[:, gi * g:(gi + 1) * g].astype(np.float64) @ (rows - dq).astype(np.float64)
+            best[gi] = np.minimum(best[gi], np.mean(e * e, axis=0))
+    np.testing.assert_allclose(np.asarray(err), best, rtol=2e-3, atol=1e-9)
+    qt = aq.quantize(w, fmt, group_size=g, asym=asym, clip_ratios=(r_neg, r_pos))
+    np.testing.assert_allclose(group_output_error(w, aq.dequantize(qt), x, g), best, rtol=2e-3, atol=1e-9)
+
+
 @pytest.mark.parametrize("fixture", ["llama_tied_theta", "llama_gqa", "bloom"])
 def test_awq_scale_folding_keeps_float_logits(fixture):
     src = open_source(FIXTURES / fixture)

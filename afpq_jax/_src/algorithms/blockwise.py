@@ -148,11 +148,8 @@ def _stats_over(graphdef, state, x_all: np.ndarray, positions, batch: int, want_
         stats = _block_input_stats(graphdef, want_xtx, state, jnp.asarray(x_all[sl]), positions[: sl.stop - sl.start])
         total = stats if total is None else {k: total[k] + v for k, v in stats.items()}
         count += (sl.stop - sl.start) * x_all.shape[1]
-    per_layer = {}
-    for key, v in total.items():
-        for name in key.split(","):
-            per_layer[name] = v
-    return per_layer, count
+    total = jax.block_until_ready(total)  # the forward's time lands in its own phase
+    return {name: v for key, v in total.items() for name in key.split(",")}, count
 
 
 # ---- the methods, one block at a time -----------------------------------------------------------------
@@ -170,7 +167,7 @@ def _clip_ratios(block, layer_names, search_x, positions, scheme, opts, rng):
         ratios[name], _ = clip_search(block_linears(block)[name].kernel.get_value(), x[idx], scheme.format,
                                       group_size=scheme.group_size, asym=scheme.asym,
                                       scale_dtype=scheme.scale_dtype)
-    return ratios
+    return jax.block_until_ready(ratios)
 
 
 def quantize_block(block: Block, cfg: ModelConfig, x_all: np.ndarray, positions, layers: Mapping[str, QuantScheme],
@@ -190,7 +187,7 @@ def quantize_block(block: Block, cfg: ModelConfig, x_all: np.ndarray, positions,
                 qt = gptq_quantize(linears[name].kernel.get_value(), xtx[name] * (2.0 / count), s.format,
                                    group_size=s.group_size, asym=s.asym, scale_dtype=s.scale_dtype, damp=opts.damp,
                                    block_size=opts.block_size, act_order=opts.act_order)
-                linears[name].set_quantized(qt)
+                linears[name].set_quantized(jax.block_until_ready(qt))  # time lands in this phase
         return info
     if method == "awq":
         graphdef, state = nnx.split(block)
@@ -214,7 +211,7 @@ def quantize_block(block: Block, cfg: ModelConfig, x_all: np.ndarray, positions,
             ratios = _clip_ratios(block, [n for n in layers], search_x, positions, scheme, opts, rng)
     with timer("quantize"):
         for name, s in layers.items():
-            linears[name].quantize(s, ratios.get(name))
+            jax.block_until_ready(linears[name].quantize(s, ratios.get(name)))
     return info
 
 

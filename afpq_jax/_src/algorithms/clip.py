@@ -5,6 +5,12 @@ For every output column and group, shrink the negative extreme by ``r_neg`` and 
 minimises the group's contribution to the layer output error on sampled calibration tokens:
 ``mean_t (sum_{k in group} x[t, k] * (w[k, n] - q[k, n]))^2``. For AFPQ this sets ``s_pos`` and ``s_neg``
 independently. Symmetric formats have one scale, so the search is one-dimensional (both sides shrink alike).
+
+For asymmetric FP/NF formats the search is *separable*: a negative weight's code depends only on ``s_neg`` and a
+positive one's only on ``s_pos``, so a group's output error splits as ``e = e_neg(r_neg) + e_pos(r_pos)`` and
+``mean(e^2) = mean(e_neg^2) + mean(e_pos^2) + 2 mean(e_neg e_pos)``: 2 x steps error products plus one cross
+term instead of steps^2 error products (same minimiser; about 5x less work for the 10 x 10 grid). INT's
+min/max affine scale and zero point mix both sides, so INT keeps the exhaustive grid.
 """
 
 from __future__ import annotations
@@ -48,6 +54,39 @@ def _search(w, x, ratio_pairs, *, fmt: Format, asym: bool, g: int, sdt):
     return r_neg[:, None, :], r_pos[:, None, :], best_err
 
 
+@functools.partial(jax.jit, static_argnames=("fmt", "g", "sdt", "cols"))
+def _search_separable(w, x, grid, *, fmt: Format, g: int, sdt, cols: int):
+    """`_search` for asymmetric FP/NF (pairs = grid x grid, r_neg major), ``cols`` output columns at a time."""
+    n = w.shape[1]
+    n_pad = -(-n // cols) * cols
+    wg = to_groups(jnp.pad(w.astype(jnp.float32), ((0, 0), (0, n_pad - n))), g)  # (G, g, Np); zero columns
+    t = x.shape[0]
+    xg = to_groups(x.astype(jnp.float32).T, g).reshape(-1, g, t)  # (G, g, T)
+    steps = grid.shape[0]
+
+    def chunk(wc):  # (G, g, C)
+        lo0, hi0 = jnp.min(wc, axis=1, keepdims=True), jnp.max(wc, axis=1, keepdims=True)
+
+        def side_error(r, negative: bool):
+            params = group_params(fmt, True, lo0 * r if negative else lo0, hi0 if negative else hi0 * r, sdt)
+            d = wc - decode(fmt, True, encode(fmt, True, wc, params), params)
+            d = jnp.where((wc < 0) if negative else (wc >= 0), d, 0.0)
+            return jnp.einsum("Gkt,GkC->GtC", xg, d, preferred_element_type=jnp.float32)
+
+        e_neg = jax.lax.map(lambda r: side_error(r, True), grid)  # (S, G, T, C)
+        e_pos = jax.lax.map(lambda r: side_error(r, False), grid)
+        cross = jnp.einsum("iGtC,jGtC->ijGC", e_neg, e_pos, preferred_element_type=jnp.float32)
+        err = (jnp.mean(e_neg * e_neg, axis=2)[:, None] + jnp.mean(e_pos * e_pos, axis=2)[None, :]
+               + 2.0 * cross / t)  # (S, S, G, C)
+        best = jnp.argmin(err.reshape(steps * steps, *err.shape[2:]), axis=0)  # first minimum = scan order
+        return grid[best // steps], grid[best % steps], jnp.min(err.reshape(steps * steps, *err.shape[2:]), 0)
+
+    chunks = wg.reshape(wg.shape[0], g, n_pad // cols, cols).transpose(2, 0, 1, 3)
+    r_neg, r_pos, err = jax.lax.map(chunk, chunks)  # (n_chunks, G, C) each
+    unchunk = lambda a: a.transpose(1, 0, 2).reshape(a.shape[1], n_pad)[:, :n]  # noqa: E731
+    return unchunk(r_neg)[:, None, :], unchunk(r_pos)[:, None, :], unchunk(err)
+
+
 def clip_search(kernel: jax.Array, x: jax.Array, fmt: str | Format, *, group_size: int | None = 128,
                 asym: bool = True, scale_dtype=jnp.float16, steps: int = 10, step: float = 0.05
                 ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
@@ -61,6 +100,13 @@ def clip_search(kernel: jax.Array, x: jax.Array, fmt: str | Format, *, group_siz
     k = kernel.shape[0]
     g = k if group_size is None else min(group_size, k)
     grid = shrink_grid(steps, step)
+    if asym and not fmt.is_int:
+        per_column = steps * (-(-k // g)) * int(np.prod(np.shape(x)[:-1]))  # floats of e_neg per column
+        cols = int(max(1, min(kernel.shape[1], 4_000_000 // max(1, per_column))))
+        r_neg, r_pos, err = _search_separable(jnp.asarray(kernel), jnp.asarray(x).reshape(-1, k),
+                                              jnp.asarray(grid), fmt=fmt, g=g, sdt=jnp.dtype(scale_dtype),
+                                              cols=cols)
+        return (r_neg, r_pos), err
     if asym:
         pairs = np.stack(np.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
     else:
