@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 
 _M_ARENA_MAX = -8  # mallopt parameter number from glibc's malloc.h
 
@@ -31,7 +32,9 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 
 
 def release_freed_memory() -> None:
-    """Hands freed heap pages back to the OS (glibc keeps them otherwise: per-block temporaries would stay in
-    the resident set for the whole run)."""
+    """Collects reference cycles (NNX modules form them, and they hold device arrays: measured 140 MB after three
+    SmolLM2 blocks) and hands freed heap pages back to the OS (glibc keeps them otherwise: per-block
+    temporaries would stay in the resident set for the whole run)."""
+    gc.collect()
     if (libc := _libc()) is not None:
         libc.malloc_trim(0)
