@@ -3,9 +3,11 @@ at group size 128, on the held-out Wikipedia split (same protocol as scripts/ppl
 windows), calibrated on random windows of the disjoint calibration split.
 
     python scripts/ppl_methods.py [--calib-samples 128] [--calib-seqlen 512] [--out results/ppl_methods.jsonl]
+    python scripts/ppl_methods.py --methods awq --via-cli   # each conversion = the real CLI, timed, peak RSS
 
 Each configuration quantizes block by block in memory (exactly what `python -m afpq_jax.convert --method ...`
-writes), then scores the model; one JSON line per configuration (reruns skip what the file already has), with
+writes) or, with ``--via-cli``, runs that command under ``/usr/bin/time -v`` (wall time and peak RSS of the
+conversion are recorded) and loads the checkpoint it wrote; then scores the model; one JSON line per configuration (reruns skip what the file already has), with
 the conversion's time per phase. RTN rows are read from results/ppl_rtn.jsonl when present.
 """
 
@@ -13,7 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +45,27 @@ def _commit() -> str:
         return "unknown"
 
 
+def convert_via_cli(model_path, fmt: str, asym: bool, method: str, args) -> tuple[object, dict]:
+    """Runs `python -m afpq_jax.convert` (under /usr/bin/time -v when present); returns (model, measurements)."""
+    out = Path(tempfile.mkdtemp(prefix="afpq_ppl_")) / "ckpt"
+    cmd = [sys.executable, "-m", "afpq_jax.convert", "--model", str(model_path), "--format", fmt, "--group-size",
+           "128", "--method", method, "--calib-samples", str(args.calib_samples), "--calib-seqlen",
+           str(args.calib_seqlen), "--out", str(out), "--no-progress", *([] if asym else ["--sym"])]
+    timed = Path("/usr/bin/time").exists()
+    t0 = time.perf_counter()
+    proc = subprocess.run((["/usr/bin/time", "-v"] if timed else []) + cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"conversion failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    report = json.loads((out / "quantization_config.json").read_text()).get("report", {})
+    measured = {"cli_wall_seconds": round(wall, 1), "phases": report.get("seconds", {}),
+                "peak_rss_mb": round(int(peak.group(1)) / 1024) if peak else None}
+    model = aq.load(out)  # fully in memory
+    shutil.rmtree(out.parent, ignore_errors=True)
+    return model, measured
+
+
 def label(fmt: str, asym: bool) -> str:
     base = {"fp4_e2m1": "FP4", "fp3_e2m0": "FP3"}.get(fmt, fmt.upper())
     return base if fmt.startswith("int") else f"{base}-{'asym' if asym else 'sym'}"
@@ -53,6 +80,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/ppl_methods.jsonl")
     ap.add_argument("--rtn-results", default="results/ppl_rtn.jsonl")
     ap.add_argument("--methods", default="rtn,gptq,awq")
+    ap.add_argument("--via-cli", action="store_true", help="convert with the CLI (timed, peak RSS) and load it")
     args = ap.parse_args()
     model_path = assets.smollm2_hf_dir()
     source = open_source(model_path)
@@ -88,15 +116,18 @@ def main() -> None:
                 for p, layer in model.linear_layers().items():
                     if p in layout:
                         layer.kernel.set_value(aq.fake_quant(layer.kernel.get_value(), fmt, asym=asym))
-                report = {}
+                measured = {}
+            elif args.via_cli:
+                model, measured = convert_via_cli(model_path, fmt, asym, method, args)
             else:
                 model, report = quantize_blockwise(source, cfg, layout, method, calib, opts, clip=method == "awq",
                                                    progress=False)
+                measured = {"phases": report.get("seconds", {})}
             convert_s = time.perf_counter() - t0
             r = perplexity(model, eval_ids, seq_len=args.seq_len, max_windows=args.max_windows, progress=False)
             rec = {"method": method, "format": fmt, "asym": asym, "group_size": 128, **r,
                    "calib": f"{args.calib_samples}x{args.calib_seqlen}", "convert_seconds": round(convert_s, 1),
-                   "phases": report.get("seconds", {}), "commit": _commit()}
+                   **measured, "commit": _commit()}
             done[key] = rec
             with out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
