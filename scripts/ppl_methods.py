@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--rtn-results", default="results/ppl_rtn.jsonl")
     ap.add_argument("--methods", default="rtn,gptq,awq")
     ap.add_argument("--via-cli", action="store_true", help="convert with the CLI (timed, peak RSS) and load it")
+    ap.add_argument("--report", action="store_true", help="only print the table of what --out already has")
     args = ap.parse_args()
     model_path = assets.smollm2_hf_dir()
     source = open_source(model_path)
@@ -103,7 +104,7 @@ def main() -> None:
                         done[key] = r
                 elif r["format"] == "float":
                     done[("float", None, None)] = r
-    for method in args.methods.split(","):
+    for method in [] if args.report else args.methods.split(","):
         for fmt, asym in ROWS:
             key = (method, fmt, asym)
             if key in done:
