@@ -176,6 +176,28 @@ def test_blockwise_methods_produce_loadable_models(method, clip):
         assert set(report["blocks"][0]["awq_alpha"]) == {"attn.q_proj", "mlp.gate_proj", "mlp.down_proj"}
 
 
+def test_inputs_over_sampled_rows_equal_full_capture():
+    """The clip search's row-sampled capture is the full capture indexed by the rows, in the rows' order."""
+    from flax import nnx
+    from afpq_jax._src.loading import model_path_of
+    src = open_source(FIXTURES / "llama_gqa")
+    cfg = config_from_hf(src.config)
+    entries = [(n, *model_path_of(src, cfg, n)) for n in src.tensor_names]
+    block = blockwise._float_block(cfg, 0, src, [e for e in entries if e[1] is not None and e[1][:2] == ("layers", 0)],
+                                   jnp.float32)
+    graphdef, state = nnx.split(block)
+    x = np.random.default_rng(0).standard_normal((5, 12, cfg.hidden_size)).astype(np.float32)
+    positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
+    full = blockwise._inputs_over(graphdef, state, x, positions, 2)
+    rng = np.random.default_rng(1)
+    rows = {"attn.v_proj": rng.choice(60, 17, replace=False), "mlp.down_proj": rng.choice(60, 9, replace=False),
+            "mlp.up_proj": np.array([59, 0, 13])}
+    sampled = blockwise._inputs_over(graphdef, state, x, positions, 2, rows)
+    assert set(sampled) == set(rows)
+    for name, idx in rows.items():
+        np.testing.assert_array_equal(sampled[name], full[name].reshape(-1, full[name].shape[-1])[idx])
+
+
 def test_blockwise_holds_one_float_block_and_one_activation_buffer(monkeypatch):
     """Bounded memory: never two float blocks alive at once, and host activations stay one buffer."""
     src = open_source(FIXTURES / "llama_gqa")

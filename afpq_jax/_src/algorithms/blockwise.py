@@ -111,14 +111,32 @@ def _block_input_stats(graphdef, want_xtx: bool, state, x, positions):
 _block_inputs = jax.jit(_distinct_inputs, static_argnums=0)
 
 
-def _inputs_over(graphdef, state, x: np.ndarray, positions, batch: int) -> dict[str, np.ndarray]:
-    """Every linear's input over the sequences ``x``, ``batch`` sequences per forward, as host arrays."""
+def _inputs_over(graphdef, state, x: np.ndarray, positions, batch: int,
+                 rows: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Every linear's input over the sequences ``x``, ``batch`` sequences per forward, as host arrays
+    (S, L, D); with ``rows`` only the named layers' inputs at those flat token indices, in that order (T, D)."""
     out: dict[str, np.ndarray] = {}
+    seqlen = x.shape[1]
     for sl in _minibatches(len(x), batch):
         for key, v in _block_inputs(graphdef, state, jnp.asarray(x[sl]), positions[: sl.stop - sl.start]).items():
-            if key not in out:
-                out[key] = np.empty((len(x), *v.shape[1:]), np.float32)
-            out[key][sl] = np.asarray(v, np.float32)
+            if rows is None:
+                if key not in out:
+                    out[key] = np.empty((len(x), *v.shape[1:]), np.float32)
+                out[key][sl] = np.asarray(v, np.float32)
+                continue
+            flat = None
+            for name in key.split(","):
+                if name not in rows:
+                    continue
+                idx = rows[name]
+                if name not in out:
+                    out[name] = np.empty((len(idx), v.shape[-1]), np.float32)
+                here = (idx >= sl.start * seqlen) & (idx < sl.stop * seqlen)
+                if flat is None:
+                    flat = np.asarray(v, np.float32).reshape(-1, v.shape[-1])
+                out[name][here] = flat[idx[here] - sl.start * seqlen]
+    if rows is not None:
+        return out
     return {name: arr for key, arr in out.items() for name in key.split(",")}
 
 
@@ -155,17 +173,17 @@ def _stats_over(graphdef, state, x_all: np.ndarray, positions, batch: int, want_
 # ---- the methods, one block at a time -----------------------------------------------------------------
 
 def _clip_ratios(block, layer_names, search_x, positions, scheme, opts, rng):
-    """Clip-search ratios for the block's linears (not q/k), on tokens sampled from the search sequences."""
+    """Clip-search ratios for the block's linears (not q/k), on tokens sampled from the search sequences (only
+    the sampled rows are kept)."""
+    n_tokens = search_x.shape[0] * search_x.shape[1]
+    rows = {name: rng.choice(n_tokens, size=min(opts.clip_tokens, n_tokens), replace=False)
+            for name in layer_names if name not in NO_CLIP}
     graphdef, state = nnx.split(block)
-    inputs = _inputs_over(graphdef, state, search_x, positions, opts.batch_size)
+    inputs = _inputs_over(graphdef, state, search_x, positions, opts.batch_size, rows)
     ratios = {}
-    for name in layer_names:
-        if name in NO_CLIP:
-            continue
-        x = np.asarray(inputs[name]).reshape(-1, inputs[name].shape[-1])
-        idx = rng.choice(len(x), size=min(opts.clip_tokens, len(x)), replace=False)
-        ratios[name], _ = clip_search(block_linears(block)[name].kernel.get_value(), x[idx], scheme.format,
-                                      group_size=scheme.group_size, asym=scheme.asym,
+    for name in rows:
+        ratios[name], _ = clip_search(block_linears(block)[name].kernel.get_value(), inputs.pop(name),
+                                      scheme.format, group_size=scheme.group_size, asym=scheme.asym,
                                       scale_dtype=scheme.scale_dtype)
     return jax.block_until_ready(ratios)
 
@@ -204,7 +222,10 @@ def quantize_block(block: Block, cfg: ModelConfig, x_all: np.ndarray, positions,
                                                opts.batch_size)
                 awq.fold_scale(block, group, s)
                 alphas[group.layers[0]] = alpha
+                for name in group.layers:  # searched: its captured inputs are no longer needed
+                    inputs.pop(name, None)
             info["awq_alpha"] = alphas
+            del inputs
     ratios = {}
     if clip:
         with timer("clip search"):
