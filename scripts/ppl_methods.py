@@ -53,6 +53,7 @@ def convert_via_cli(model_path, fmt: str, asym: bool, method: str, args) -> tupl
            str(args.calib_seqlen), "--out", str(out), "--no-progress", *([] if asym else ["--sym"])]
     timed = Path("/usr/bin/time").exists()
     t0 = time.perf_counter()
+    commit = _commit()  # the code the subprocess imports
     proc = subprocess.run((["/usr/bin/time", "-v"] if timed else []) + cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -60,7 +61,7 @@ def convert_via_cli(model_path, fmt: str, asym: bool, method: str, args) -> tupl
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     report = json.loads((out / "quantization_config.json").read_text()).get("report", {})
     measured = {"cli_wall_seconds": round(wall, 1), "phases": report.get("seconds", {}),
-                "peak_rss_mb": round(int(peak.group(1)) / 1024) if peak else None}
+                "peak_rss_mb": round(int(peak.group(1)) / 1024) if peak else None, "commit": commit}
     model = aq.load(out)  # fully in memory
     shutil.rmtree(out.parent, ignore_errors=True)
     return model, measured
@@ -83,6 +84,7 @@ def main() -> None:
     ap.add_argument("--via-cli", action="store_true", help="convert with the CLI (timed, peak RSS) and load it")
     ap.add_argument("--report", action="store_true", help="only print the table of what --out already has")
     args = ap.parse_args()
+    code_commit = _commit()  # in-process rows run the code imported now
     model_path = assets.smollm2_hf_dir()
     source = open_source(model_path)
     cfg = config_from_hf(source.config)
@@ -128,7 +130,7 @@ def main() -> None:
             r = perplexity(model, eval_ids, seq_len=args.seq_len, max_windows=args.max_windows, progress=False)
             rec = {"method": method, "format": fmt, "asym": asym, "group_size": 128, **r,
                    "calib": f"{args.calib_samples}x{args.calib_seqlen}", "convert_seconds": round(convert_s, 1),
-                   **measured, "commit": _commit()}
+                   "commit": code_commit, **measured}
             done[key] = rec
             with out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
