@@ -120,11 +120,20 @@ def _search_losses(graphdef, state, xs, positions, x_mean, alphas, references, *
     return jax.lax.map(loss, alphas)
 
 
-def search_scale(block, group: ScalingGroup, x: np.ndarray, positions: jax.Array, x_mean: jax.Array,
+def as_minibatches(x, batch_size: int) -> jax.Array:
+    """Sequences (S, L, D) as equal minibatches (S // B, B, L, D), B the largest divisor of S up to
+    ``batch_size``; reshaped on the host, so the device holds one copy."""
+    x = np.asarray(x)
+    mb = max(d for d in range(1, min(batch_size, len(x)) + 1) if len(x) % d == 0)
+    return jnp.asarray(x.reshape(len(x) // mb, mb, *x.shape[1:]))
+
+
+def search_scale(block, group: ScalingGroup, x, positions: jax.Array, x_mean: jax.Array,
                  scheme: QuantScheme, n_grid: int = 20, batch_size: int = 4) -> tuple[jax.Array, float, np.ndarray]:
-    """Best ``s`` for one scaling group; ``x`` (S, L, D) = the group's input on the search sequences, run
-    ``batch_size`` sequences at a time (``positions`` has at least that many rows); ``x_mean`` = mean |x| per
-    input channel over all calibration tokens. Returns (s, best alpha, losses per alpha)."""
+    """Best ``s`` for one scaling group; ``x`` = the group's input on the search sequences, (S, L, D) (run
+    ``batch_size`` sequences at a time) or already `as_minibatches` (M, B, L, D); ``positions`` has at least B
+    rows; ``x_mean`` = mean |x| per input channel over all calibration tokens.
+    Returns (s, best alpha, losses per alpha)."""
     module = get_path(block, group.inspect)
     kind = group.inspect if group.inspect in ("attn", "mlp") else "linear"
     rel = []
@@ -135,10 +144,8 @@ def search_scale(block, group: ScalingGroup, x: np.ndarray, positions: jax.Array
             rel.append(p[len(group.inspect) + 1:])
         else:
             raise ValueError(f"scaling group {group}: {p} is not inside {group.inspect}")
-    x = np.asarray(x)
-    mb = max(d for d in range(1, min(batch_size, len(x)) + 1) if len(x) % d == 0)  # equal minibatches
-    xs = jnp.asarray(x.reshape(len(x) // mb, mb, *x.shape[1:]))
-    pos = positions[:mb]
+    xs = x if np.ndim(x) == 4 else as_minibatches(x, batch_size)
+    pos = positions[: xs.shape[1]]
     graphdef, state = nnx.split(module)
     references = _outputs(graphdef, state, xs, pos, inspect=kind)
     alphas = np.arange(n_grid, dtype=np.float32) / n_grid

@@ -47,6 +47,7 @@ class CalibrationOptions:
     seed: int = 0
     batch_size: int = 4  # sequences per forward pass
     search_samples: int = 16  # sequences AWQ's scale search and the clip search look at
+    search_batch_size: int = 2  # sequences per step of AWQ's search (bounds its attention temporaries)
     clip_tokens: int = 512  # tokens sampled (from the search sequences) for the clipping search
     damp: float = 0.01
     block_size: int = 128
@@ -54,7 +55,8 @@ class CalibrationOptions:
     awq_grid: int = 20
 
     def validate(self) -> None:
-        for f in ("samples", "seqlen", "batch_size", "search_samples", "clip_tokens", "block_size", "awq_grid"):
+        for f in ("samples", "seqlen", "batch_size", "search_samples", "search_batch_size", "clip_tokens",
+                  "block_size", "awq_grid"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"calibration option {f} must be positive, got {getattr(self, f)}")
         if self.seqlen < 2:
@@ -112,13 +114,16 @@ _block_inputs = jax.jit(_distinct_inputs, static_argnums=0)
 
 
 def _inputs_over(graphdef, state, x: np.ndarray, positions, batch: int,
-                 rows: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                 rows: Mapping[str, np.ndarray] | None = None, only: str | None = None) -> dict[str, np.ndarray]:
     """Every linear's input over the sequences ``x``, ``batch`` sequences per forward, as host arrays
-    (S, L, D); with ``rows`` only the named layers' inputs at those flat token indices, in that order (T, D)."""
+    (S, L, D) (``only``: just that layer's); with ``rows`` only the named layers' inputs at those flat token
+    indices, in that order (T, D)."""
     out: dict[str, np.ndarray] = {}
     seqlen = x.shape[1]
     for sl in _minibatches(len(x), batch):
         for key, v in _block_inputs(graphdef, state, jnp.asarray(x[sl]), positions[: sl.stop - sl.start]).items():
+            if only is not None and only not in key.split(","):
+                continue
             if rows is None:
                 if key not in out:
                     out[key] = np.empty((len(x), *v.shape[1:]), np.float32)
@@ -211,21 +216,21 @@ def quantize_block(block: Block, cfg: ModelConfig, x_all: np.ndarray, positions,
         graphdef, state = nnx.split(block)
         with timer("forward"):
             abs_sum, count = _stats_over(graphdef, state, x_all, positions, opts.batch_size, want_xtx=False)
-            inputs = _inputs_over(graphdef, state, search_x, positions, opts.batch_size)
-        with timer("awq search"):
-            alphas = {}
-            for group in awq.scaling_groups(cfg):
-                if not all(n in layers for n in group.layers):
-                    continue
-                s, alpha, _ = awq.search_scale(block, group, inputs[group.layers[0]], positions,
-                                               abs_sum[group.layers[0]] / count, scheme, opts.awq_grid,
-                                               opts.batch_size)
+        alphas = {}
+        for group in awq.scaling_groups(cfg):
+            if not all(n in layers for n in group.layers):
+                continue
+            with timer("forward"):  # this group's input only, one copy (device): one group's activations at a time
+                graphdef, state = nnx.split(block)
+                xs = awq.as_minibatches(_inputs_over(graphdef, state, search_x, positions, opts.batch_size,
+                                                     only=group.layers[0])[group.layers[0]], opts.search_batch_size)
+            with timer("awq search"):
+                s, alpha, _ = awq.search_scale(block, group, xs, positions, abs_sum[group.layers[0]] / count, scheme,
+                                               opts.awq_grid)
+                del xs
                 awq.fold_scale(block, group, s)
-                alphas[group.layers[0]] = alpha
-                for name in group.layers:  # searched: its captured inputs are no longer needed
-                    inputs.pop(name, None)
-            info["awq_alpha"] = alphas
-            del inputs
+            alphas[group.layers[0]] = alpha
+        info["awq_alpha"] = alphas
     ratios = {}
     if clip:
         with timer("clip search"):
@@ -301,7 +306,8 @@ def quantize_blockwise(source: Source, cfg: ModelConfig, layout: Mapping[str, Qu
     init_derived(flat, cfg, dtype)
     calib = np.asarray(calib_ids, np.int32)
     n, seqlen = calib.shape
-    positions = jnp.broadcast_to(jnp.arange(seqlen, dtype=jnp.int32), (opts.batch_size, seqlen))
+    positions = jnp.broadcast_to(jnp.arange(seqlen, dtype=jnp.int32), (max(opts.batch_size, opts.search_batch_size),
+                                                                        seqlen))
     with timer("embed"):
         x_all = np.empty((n, seqlen, cfg.hidden_size), np.float32)
         embedder = nnx.merge(graphdef, nnx.from_flat_state(flat))  # only its embedding layers are filled
