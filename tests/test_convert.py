@@ -95,7 +95,9 @@ def test_on_disk_size_of_4bit_g128_layers(tmp_path):
     ckpt.save((tmp_path / "float_only").absolute(), float_tree)
     ckpt.wait_until_finished()
     quant_bits = 8 * (_payload_bytes(out / "params") - _payload_bytes(tmp_path / "float_only")) / n_weights
-    assert abs(quant_bits / (4 + 32 / 128) - 1) < 0.02, quant_bits
+    # 3%: orbax's OCDBT writes a timing-dependent number of data files, each with some overhead (a loaded CI
+    # machine measured 4.36 bits, a quiet one ~4.25); a packing error would be off by >= 25%.
+    assert abs(quant_bits / (4 + 32 / 128) - 1) < 0.03, quant_bits
 
 
 def _cli_error(capsys, argv):
