@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--methods", default="rtn,gptq,awq")
     ap.add_argument("--via-cli", action="store_true", help="convert with the CLI (timed, peak RSS) and load it")
     ap.add_argument("--report", action="store_true", help="only print the table of what --out already has")
+    ap.add_argument("--rows", default=None, help="only these rows, e.g. nf3:asym,int3:asym (default: all)")
     args = ap.parse_args()
     code_commit = _commit()  # in-process rows run the code imported now
     model_path = assets.smollm2_hf_dir()
@@ -108,6 +109,8 @@ def main() -> None:
                     done[("float", None, None)] = r
     for method in [] if args.report else args.methods.split(","):
         for fmt, asym in ROWS:
+            if args.rows and f"{fmt}:{'asym' if asym else 'sym'}" not in args.rows.split(","):
+                continue
             key = (method, fmt, asym)
             if key in done:
                 continue
