@@ -176,7 +176,7 @@ def test_blockwise_methods_produce_loadable_models(method, clip):
         assert set(report["blocks"][0]["awq_alpha"]) == {"attn.q_proj", "mlp.gate_proj", "mlp.down_proj"}
 
 
-def test_inputs_over_sampled_rows_equal_full_capture():
+def test_sampled_inputs_equal_full_capture():
     """The clip search's row-sampled capture is the full capture indexed by the rows, in the rows' order."""
     from flax import nnx
     from afpq_jax._src.loading import model_path_of
@@ -188,11 +188,11 @@ def test_inputs_over_sampled_rows_equal_full_capture():
     graphdef, state = nnx.split(block)
     x = np.random.default_rng(0).standard_normal((5, 12, cfg.hidden_size)).astype(np.float32)
     positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
-    full = blockwise._inputs_over(graphdef, state, x, positions, 2)
     rng = np.random.default_rng(1)
     rows = {"attn.v_proj": rng.choice(60, 17, replace=False), "mlp.down_proj": rng.choice(60, 9, replace=False),
             "mlp.up_proj": np.array([59, 0, 13])}
-    sampled = blockwise._inputs_over(graphdef, state, x, positions, 2, rows)
+    full = {name: blockwise._layer_input(graphdef, state, x, positions, 2, name) for name in rows}
+    sampled = blockwise._sampled_inputs(graphdef, state, x, positions, 2, rows)
     assert set(sampled) == set(rows)
     for name, idx in rows.items():
         np.testing.assert_array_equal(sampled[name], full[name].reshape(-1, full[name].shape[-1])[idx])

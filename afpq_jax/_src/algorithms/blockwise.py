@@ -113,36 +113,37 @@ def _block_input_stats(graphdef, want_xtx: bool, state, x, positions):
 _block_inputs = jax.jit(_distinct_inputs, static_argnums=0)
 
 
-def _inputs_over(graphdef, state, x: np.ndarray, positions, batch: int,
-                 rows: Mapping[str, np.ndarray] | None = None, only: str | None = None) -> dict[str, np.ndarray]:
-    """Every linear's input over the sequences ``x``, ``batch`` sequences per forward, as host arrays
-    (S, L, D) (``only``: just that layer's); with ``rows`` only the named layers' inputs at those flat token
-    indices, in that order (T, D)."""
+def _layer_input(graphdef, state, x: np.ndarray, positions, batch: int, name: str) -> np.ndarray:
+    """Layer ``name``'s input over the sequences ``x`` (S, L, D), ``batch`` sequences per forward, on the host."""
+    out = None
+    for sl in _minibatches(len(x), batch):
+        inputs = _block_inputs(graphdef, state, jnp.asarray(x[sl]), positions[: sl.stop - sl.start])
+        v = next(v for key, v in inputs.items() if name in key.split(","))
+        if out is None:
+            out = np.empty((len(x), *v.shape[1:]), np.float32)
+        out[sl] = np.asarray(v, np.float32)
+    return out
+
+
+def _sampled_inputs(graphdef, state, x: np.ndarray, positions, batch: int,
+                    rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The named layers' inputs over the sequences ``x`` at flat token indices ``rows[name]``, in that order
+    (T, D); only the sampled rows are kept."""
     out: dict[str, np.ndarray] = {}
     seqlen = x.shape[1]
     for sl in _minibatches(len(x), batch):
         for key, v in _block_inputs(graphdef, state, jnp.asarray(x[sl]), positions[: sl.stop - sl.start]).items():
-            if only is not None and only not in key.split(","):
+            wanted = [name for name in key.split(",") if name in rows]
+            if not wanted:
                 continue
-            if rows is None:
-                if key not in out:
-                    out[key] = np.empty((len(x), *v.shape[1:]), np.float32)
-                out[key][sl] = np.asarray(v, np.float32)
-                continue
-            flat = None
-            for name in key.split(","):
-                if name not in rows:
-                    continue
+            flat = np.asarray(v, np.float32).reshape(-1, v.shape[-1])
+            for name in wanted:
                 idx = rows[name]
+                here = (idx >= sl.start * seqlen) & (idx < sl.stop * seqlen)
                 if name not in out:
                     out[name] = np.empty((len(idx), v.shape[-1]), np.float32)
-                here = (idx >= sl.start * seqlen) & (idx < sl.stop * seqlen)
-                if flat is None:
-                    flat = np.asarray(v, np.float32).reshape(-1, v.shape[-1])
                 out[name][here] = flat[idx[here] - sl.start * seqlen]
-    if rows is not None:
-        return out
-    return {name: arr for key, arr in out.items() for name in key.split(",")}
+    return out
 
 
 class _Timer:
@@ -184,7 +185,7 @@ def _clip_ratios(block, layer_names, search_x, positions, scheme, opts, rng):
     rows = {name: rng.choice(n_tokens, size=min(opts.clip_tokens, n_tokens), replace=False)
             for name in layer_names if name not in NO_CLIP}
     graphdef, state = nnx.split(block)
-    inputs = _inputs_over(graphdef, state, search_x, positions, opts.batch_size, rows)
+    inputs = _sampled_inputs(graphdef, state, search_x, positions, opts.batch_size, rows)
     ratios = {}
     for name in rows:
         ratios[name], _ = clip_search(block_linears(block)[name].kernel.get_value(), inputs.pop(name),
@@ -222,8 +223,8 @@ def quantize_block(block: Block, cfg: ModelConfig, x_all: np.ndarray, positions,
                 continue
             with timer("forward"):  # this group's input only, one copy (device): one group's activations at a time
                 graphdef, state = nnx.split(block)
-                xs = awq.as_minibatches(_inputs_over(graphdef, state, search_x, positions, opts.batch_size,
-                                                     only=group.layers[0])[group.layers[0]], opts.search_batch_size)
+                xs = awq.as_minibatches(_layer_input(graphdef, state, search_x, positions, opts.batch_size,
+                                                     group.layers[0]), opts.search_batch_size)
             with timer("awq search"):
                 s, alpha, _ = awq.search_scale(block, group, xs, positions, abs_sum[group.layers[0]] / count, scheme,
                                                opts.awq_grid)

@@ -78,8 +78,9 @@ def _search_separable(w, x, grid, *, fmt: Format, g: int, sdt, cols: int):
         cross = jnp.einsum("iGtC,jGtC->ijGC", e_neg, e_pos, preferred_element_type=jnp.float32)
         err = (jnp.mean(e_neg * e_neg, axis=2)[:, None] + jnp.mean(e_pos * e_pos, axis=2)[None, :]
                + 2.0 * cross / t)  # (S, S, G, C)
-        best = jnp.argmin(err.reshape(steps * steps, *err.shape[2:]), axis=0)  # first minimum = scan order
-        return grid[best // steps], grid[best % steps], jnp.min(err.reshape(steps * steps, *err.shape[2:]), 0)
+        err = err.reshape(steps * steps, *err.shape[2:])  # pairs in scan order (r_neg major)
+        best = jnp.argmin(err, axis=0)  # the first minimum, as the scan's strict "better" keeps
+        return grid[best // steps], grid[best % steps], jnp.min(err, axis=0)
 
     chunks = wg.reshape(wg.shape[0], g, n_pad // cols, cols).transpose(2, 0, 1, 3)
     r_neg, r_pos, err = jax.lax.map(chunk, chunks)  # (n_chunks, G, C) each
