@@ -103,8 +103,6 @@ def encode(fmt: Format, asym: bool, x: jax.Array, params: GroupParams) -> jax.Ar
         lo, hi = (0, 2**fmt.bits - 1) if asym else (2 ** (fmt.bits - 1) - _sym_int_max(fmt),
                                                      2 ** (fmt.bits - 1) + _sym_int_max(fmt))
         return jnp.clip(jnp.ceil(t + offset - 0.5), lo, hi).astype(jnp.uint8)
-    # A zero side scale means that side holds no values; a unit scale keeps its thresholds on the right side
-    # of zero so that zeros still encode as the zero code.
     # Scale to the code book's units with the per-group reciprocal (one multiply and one select per element),
     # then compare with the midpoints as compile-time constants. A zero side scale means that side holds no
     # values; a unit divisor keeps zeros encoding as the zero code.
