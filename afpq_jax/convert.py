@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UTF-8 calibration text file (default: the Wikipedia calibration split, disjoint from eval)")
     p.add_argument("--calib-random", action="store_true",
                    help="calibrate on uniformly random token ids instead of text (no tokenizer needed)")
-    p.add_argument("--calib-batch-size", type=int, default=4, help="calibration windows per forward pass")
+    p.add_argument("--calib-batch-size", type=int, default=2, help="calibration windows per forward pass")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal "
                                                              "(static groups keep the packed layout)")

@@ -120,11 +120,15 @@ def _search_losses(graphdef, state, xs, positions, x_mean, alphas, references, *
     return jax.lax.map(loss, alphas)
 
 
+def minibatch_size(n: int, batch_size: int) -> int:
+    """The largest divisor of ``n`` up to ``batch_size``: ``n`` sequences as equal minibatches."""
+    return max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
+
+
 def as_minibatches(x, batch_size: int) -> jax.Array:
-    """Sequences (S, L, D) as equal minibatches (S // B, B, L, D), B the largest divisor of S up to
-    ``batch_size``; reshaped on the host, so the device holds one copy."""
+    """Sequences (S, L, D) as equal minibatches (S // B, B, L, D), B = `minibatch_size` (S, batch_size)."""
     x = np.asarray(x)
-    mb = max(d for d in range(1, min(batch_size, len(x)) + 1) if len(x) % d == 0)
+    mb = minibatch_size(len(x), batch_size)
     return jnp.asarray(x.reshape(len(x) // mb, mb, *x.shape[1:]))
 
 

@@ -45,7 +45,7 @@ class CalibrationOptions:
     samples: int = 128
     seqlen: int = 2048
     seed: int = 0
-    batch_size: int = 4  # sequences per forward pass
+    batch_size: int = 2  # sequences per forward pass (4 at L=512: +90 MiB of attention temporaries, no faster)
     search_samples: int = 16  # sequences AWQ's scale search and the clip search look at
     search_batch_size: int = 2  # sequences per step of AWQ's search (bounds its attention temporaries)
     clip_tokens: int = 512  # tokens sampled (from the search sequences) for the clipping search
@@ -113,16 +113,24 @@ def _block_input_stats(graphdef, want_xtx: bool, state, x, positions):
 _block_inputs = jax.jit(_distinct_inputs, static_argnums=0)
 
 
-def _layer_input(graphdef, state, x: np.ndarray, positions, batch: int, name: str) -> np.ndarray:
-    """Layer ``name``'s input over the sequences ``x`` (S, L, D), ``batch`` sequences per forward, on the host."""
-    out = None
-    for sl in _minibatches(len(x), batch):
-        inputs = _block_inputs(graphdef, state, jnp.asarray(x[sl]), positions[: sl.stop - sl.start])
-        v = next(v for key, v in inputs.items() if name in key.split(","))
-        if out is None:
-            out = np.empty((len(x), *v.shape[1:]), np.float32)
-        out[sl] = np.asarray(v, np.float32)
-    return out
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_minibatch(buf, x, index):
+    return jax.lax.dynamic_update_index_in_dim(buf, x, index, 0)  # in place: ``buf`` is donated
+
+
+def _layer_input(graphdef, state, x: np.ndarray, positions, batch: int, name: str) -> jax.Array:
+    """Layer ``name``'s input over the sequences ``x`` (S, L, D) as equal minibatches (S // B, B, L, D'), B =
+    `awq.minibatch_size` (S, batch); written minibatch by minibatch into one device buffer (a host array copied
+    to the device would hold the input twice: measured +80 MiB for SmolLM2's down_proj at 16 x 512)."""
+    b = awq.minibatch_size(len(x), batch)
+    buf = None
+    for index, sl in enumerate(_minibatches(len(x), b)):
+        inputs = _block_inputs(graphdef, state, jnp.asarray(x[sl]), positions[:b])
+        v = next(v for key, v in inputs.items() if name in key.split(",")).astype(jnp.float32)
+        if buf is None:
+            buf = jnp.zeros((len(x) // b, *v.shape), jnp.float32)
+        buf = _put_minibatch(buf, v, index)
+    return buf
 
 
 def _sampled_inputs(graphdef, state, x: np.ndarray, positions, batch: int,
@@ -223,8 +231,7 @@ def quantize_block(block: Block, cfg: ModelConfig, x_all: np.ndarray, positions,
                 continue
             with timer("forward"):  # this group's input only, one copy (device): one group's activations at a time
                 graphdef, state = nnx.split(block)
-                xs = awq.as_minibatches(_layer_input(graphdef, state, search_x, positions, opts.batch_size,
-                                                     group.layers[0]), opts.search_batch_size)
+                xs = _layer_input(graphdef, state, search_x, positions, opts.search_batch_size, group.layers[0])
             with timer("awq search"):
                 s, alpha, _ = awq.search_scale(block, group, xs, positions, abs_sum[group.layers[0]] / count, scheme,
                                                opts.awq_grid)
