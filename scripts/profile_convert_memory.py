@@ -5,7 +5,12 @@ reading VmRSS every 20 ms, and prints the peak seen while each phase of the bloc
         --calib-seqlen 512 --out /tmp/q --overwrite --no-progress
 
 For the headline figure use `/usr/bin/time -v python -m afpq_jax.convert ...` (the whole process, no sampler);
-this script says *where* the peak happens.
+this script says *where* the peak happens. ``--per-block`` prints the peaks of each block's phases as the block
+ends (and the resident size after its clean-up), which shows whether the peak creeps from block to block:
+
+    python scripts/profile_convert_memory.py --per-block -- --method awq --format nf3 ...
+
+glibc's own knobs apply, e.g. ``MALLOC_MMAP_THRESHOLD_=1048576 python scripts/profile_convert_memory.py ...``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections import defaultdict
 
 
 def rss_mb() -> tuple[float, float, float]:
-    """(resident, anonymous, file-backed) MB; file-backed is mostly jaxlib's shared library code."""
+    """(resident, anonymous, file-backed) MiB; file-backed is mostly jaxlib's shared library code."""
     values = {}
     with open("/proc/self/status") as f:
         for line in f:
@@ -30,6 +35,8 @@ def rss_mb() -> tuple[float, float, float]:
 
 def main() -> int:
     argv = sys.argv[1:]
+    per_block = bool(argv) and argv[0] == "--per-block"
+    argv = argv[per_block:]
     if argv and argv[0] == "--":
         argv = argv[1:]
     from afpq_jax import convert
@@ -56,6 +63,23 @@ def main() -> int:
             phase[0] = before
 
     blockwise._Timer.__call__ = tracked
+    if per_block:
+        block_peaks: dict[str, float] = defaultdict(float)
+        release = blockwise.release_freed_memory
+
+        def sample_block() -> None:
+            while not stop.is_set():
+                block_peaks[phase[0]] = max(block_peaks[phase[0]], rss_mb()[0])
+                time.sleep(0.005)
+
+        def report_block() -> None:  # called once per block, after the block's clean-up
+            release()
+            print(" ".join(f"{k}={v:.0f}" for k, v in block_peaks.items()), f"| after={rss_mb()[0]:.0f} MiB",
+                  flush=True)
+            block_peaks.clear()
+
+        blockwise.release_freed_memory = report_block
+        threading.Thread(target=sample_block, daemon=True).start()
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     try:
@@ -63,7 +87,7 @@ def main() -> int:
     finally:
         stop.set()
         thread.join()
-    print("\npeak RSS by phase (MB):          total     anon     file")
+    print("\npeak RSS by phase (MiB):         total     anon     file")
     for key, (total, anon, file) in sorted(peaks.items(), key=lambda kv: -kv[1][0]):
         print(f"  {key:28s} {total:8.0f} {anon:8.0f} {file:8.0f}")
     return rc

@@ -1,0 +1,80 @@
+"""Peak extra resident memory and time of one calibration pass over one SmolLM2 block, per batch size: the
+statistics forward (sum |x| for AWQ, X^T X for GPTQ) over 128 sequences and AWQ's capture of down_proj's input
+over 16 search sequences. Inputs are random (memory and time do not depend on the values).
+
+    python scripts/block_pass_memory.py [--seqlen 512] [--batches 1,2,4]
+
+Each pass runs twice (the first includes compilation); the second is the steady-state figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from afpq_jax._src import assets
+from afpq_jax._src.algorithms import blockwise
+from afpq_jax._src.io.sources import open_source
+from afpq_jax._src.loading import model_path_of
+from afpq_jax._src.memory import release_freed_memory
+from afpq_jax._src.models import config_from_hf
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--batches", default="1,2,4")
+    args = ap.parse_args()
+    path = assets.smollm2_hf_dir()
+    source = open_source(path)
+    cfg = config_from_hf(source.config)
+    entries = [(n, *model_path_of(source, cfg, n)) for n in source.tensor_names]
+    block = blockwise._float_block(cfg, 0, source,
+                                   [e for e in entries if e[1] is not None and e[1][:2] == ("layers", 0)], jnp.float32)
+    graphdef, state = nnx.split(block)
+    x = np.random.default_rng(0).standard_normal((128, args.seqlen, cfg.hidden_size)).astype(np.float32)
+    batches = [int(b) for b in args.batches.split(",")]
+    positions = jnp.broadcast_to(jnp.arange(args.seqlen, dtype=jnp.int32), (max(batches), args.seqlen))
+
+    peak, stop = [0.0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_mib())
+            time.sleep(0.003)
+
+    threading.Thread(target=sample, daemon=True).start()
+    passes = {
+        "stats sum|x|": lambda b: blockwise._stats_over(graphdef, state, x, positions, b, want_xtx=False),
+        "stats X^T X": lambda b: blockwise._stats_over(graphdef, state, x, positions, b, want_xtx=True),
+        "down_proj input (16 seq)": lambda b: blockwise._layer_input(graphdef, state, x[:16], positions, b,
+                                                                       "mlp.down_proj"),
+    }
+    print(f"SmolLM2 block 0, seqlen {args.seqlen}: extra peak RSS (MiB) and seconds, second run of each")
+    for name, run in passes.items():
+        for b in batches:
+            for _ in range(2):
+                release_freed_memory()
+                time.sleep(0.05)
+                base = peak[0] = rss_mib()
+                t0 = time.perf_counter()
+                out = jax.block_until_ready(run(b))
+                seconds = time.perf_counter() - t0
+                del out
+            print(f"  {name:26s} batch {b}: +{peak[0] - base:5.0f} MiB  {seconds:5.1f} s", flush=True)
+    stop.set()
+
+
+if __name__ == "__main__":
+    main()
