@@ -1,7 +1,12 @@
 """Host-memory helpers used by the block-by-block driver and the CLIs."""
 
 import gc
+import subprocess
+import sys
+import textwrap
 import weakref
+
+import pytest
 
 from afpq_jax._src import memory
 
@@ -31,3 +36,32 @@ def test_limit_malloc_arenas_is_safe_to_call_repeatedly():
     memory.limit_malloc_arenas(2)
     memory.limit_malloc_arenas(8)
     memory.release_freed_memory()
+
+
+# In a fresh process: free a 16 MiB mapped buffer (glibc then raises its mmap threshold, so the next 8 MiB buffer
+# comes from the heap), free that 8 MiB buffer below a live small one (heap-top trimming cannot return it), and
+# report how many MiB of anonymous memory the free, and then `trim_heap`, gave back.
+_FREED_MIB = textwrap.dedent("""
+    import ctypes
+    from afpq_jax._src import memory
+    def anon_mib():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) / 1024 for l in f if l.startswith("RssAnon"))
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    big = libc.malloc(16 << 20); ctypes.memset(big, 1, 16 << 20); libc.free(big)
+    buf = libc.malloc(8 << 20); guard = libc.malloc(64)
+    ctypes.memset(buf, 1, 8 << 20)
+    before = anon_mib(); libc.free(buf); after_free = anon_mib()
+    memory.trim_heap(); after_trim = anon_mib()
+    print(before - after_free, after_free - after_trim)
+""")
+
+
+@pytest.mark.skipif(memory._libc() is None, reason="glibc only")
+def test_trim_heap_returns_freed_heap_pages_to_the_os():
+    out = subprocess.run([sys.executable, "-c", _FREED_MIB], capture_output=True, text=True, check=True)
+    by_free, by_trim = map(float, out.stdout.split())
+    assert by_free < 1, f"glibc returned {by_free:.1f} MiB on free alone; the setup no longer tests trimming"
+    assert by_trim > 7, f"trim_heap returned {by_trim:.1f} MiB of a freed 8 MiB heap buffer"
