@@ -45,7 +45,7 @@ class CalibrationOptions:
     samples: int = 128
     seqlen: int = 2048
     seed: int = 0
-    batch_size: int = 2  # sequences per forward pass (4 at L=512: +90 MiB of attention temporaries, no faster)
+    batch_size: int = 2  # sequences per forward pass (4 at L=512: +73 MiB of temporaries, no faster)
     search_samples: int = 16  # sequences AWQ's scale search and the clip search look at
     search_batch_size: int = 2  # sequences per step of AWQ's search (bounds its attention temporaries)
     clip_tokens: int = 512  # tokens sampled (from the search sequences) for the clipping search
@@ -121,7 +121,7 @@ def _put_minibatch(buf, x, index):
 def _layer_input(graphdef, state, x: np.ndarray, positions, batch: int, name: str) -> jax.Array:
     """Layer ``name``'s input over the sequences ``x`` (S, L, D) as equal minibatches (S // B, B, L, D'), B =
     `awq.minibatch_size` (S, batch); written minibatch by minibatch into one device buffer (a host array copied
-    to the device would hold the input twice: measured +80 MiB for SmolLM2's down_proj at 16 x 512)."""
+    to the device would hold the input twice: measured ~+70 MiB for SmolLM2's down_proj at 16 x 512)."""
     b = awq.minibatch_size(len(x), batch)
     buf = None
     for index, sl in enumerate(_minibatches(len(x), b)):
