@@ -1,5 +1,6 @@
 """Peak resident memory per conversion phase: runs `python -m afpq_jax.convert` in-process with a sampler thread
-reading VmRSS every 20 ms, and prints the peak seen while each phase of the block-by-block driver ran.
+reading VmRSS every 20 ms (5 ms with ``--per-block``), and prints the peak seen while each phase of the
+block-by-block driver ran.
 
     python scripts/profile_convert_memory.py -- --method gptq --format nf3 --calib-samples 128 \
         --calib-seqlen 512 --out /tmp/q --overwrite --no-progress
@@ -46,10 +47,14 @@ def main() -> int:
     peaks: dict[str, tuple[float, float, float]] = defaultdict(lambda: (0.0, 0.0, 0.0))
     stop = threading.Event()
 
+    block_peaks: dict[str, float] = defaultdict(float)  # this block's, for --per-block
+
     def sample() -> None:
         while not stop.is_set():
-            peaks[phase[0]] = max(peaks[phase[0]], rss_mb())  # the sample with the highest VmRSS
-            time.sleep(0.02)
+            now = rss_mb()
+            peaks[phase[0]] = max(peaks[phase[0]], now)  # the sample with the highest VmRSS
+            block_peaks[phase[0]] = max(block_peaks[phase[0]], now[0])
+            time.sleep(0.005 if per_block else 0.02)
 
     original = blockwise._Timer.__call__
 
@@ -64,13 +69,7 @@ def main() -> int:
 
     blockwise._Timer.__call__ = tracked
     if per_block:
-        block_peaks: dict[str, float] = defaultdict(float)
         release = blockwise.release_freed_memory
-
-        def sample_block() -> None:
-            while not stop.is_set():
-                block_peaks[phase[0]] = max(block_peaks[phase[0]], rss_mb()[0])
-                time.sleep(0.005)
 
         def report_block() -> None:  # called once per block, after the block's clean-up
             release()
@@ -79,7 +78,6 @@ def main() -> int:
             block_peaks.clear()
 
         blockwise.release_freed_memory = report_block
-        threading.Thread(target=sample_block, daemon=True).start()
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     try:
