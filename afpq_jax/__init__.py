@@ -2,20 +2,33 @@
 
 Public API (everything else lives in `afpq_jax._src` and may change):
   quantize, dequantize, fake_quant, QuantizedTensor — pure-functional quantizers and the packed tensor.
-  formats — the code books (int2/3/4/8, fp4_e2m1, fp3_e2m0, nf4, nf3) and the ExMy builder.
+  QuantScheme, QuantRule, load_rules, default_rules — what to quantize, and how, by layer path.
+  load, quantize_pretrained, save, Calibration — load a model, quantize it in memory, write the checkpoint.
+  Method, register_method, get_method, available_methods, RTN, GPTQ, AWQ, ClipSearch — the method registry.
+  QuantDense — the Flax NNX layer (float or packed weight).
+  formats, kernels, assets (imported on demand) — code books, the fused matmul op, the built-in model and texts.
+  AfpqError, InputError, CheckpointError, QuantizationError — the errors raised on purpose.
 """
 
 from afpq_jax import formats
+from afpq_jax._src.errors import AfpqError, CheckpointError, InputError, QuantizationError
 from afpq_jax._src.formats import Format, available_formats, get_format
 from afpq_jax._src.qtensor import QuantizedTensor
 from afpq_jax._src.quantizer import dequantize, fake_quant, quantize
+from afpq_jax._src.scheme import QuantRule, QuantScheme, default_rules, load_rules, resolve_rules, rules_from_json
+from afpq_jax._src.layers import QuantDense
+from afpq_jax._src.calibration.data import Calibration
+from afpq_jax._src.calibration.method import BlockContext, Method, available_methods, get_method, register_method
+from afpq_jax._src.calibration.taps import ABS_MAX, ABS_SUM, XTX, Statistic
+from afpq_jax._src.algorithms import AWQ, GPTQ, RTN, ClipSearch
+from afpq_jax._src.models import CausalLM
+from afpq_jax._src.api import load, load_tokenizer, quantize_pretrained, save, tokenize
 
 __version__ = "0.1.0"
 
-__all__ = ["Format", "QuantizedTensor", "available_formats", "dequantize", "fake_quant", "formats", "get_format",
-           "quantize"]
-
-from afpq_jax._src.layers import QuantDense, QuantScheme  # noqa: E402
-from afpq_jax._src.pipeline import load, load_tokenizer  # noqa: E402
-
-__all__ += ["QuantDense", "QuantScheme", "load", "load_tokenizer"]
+__all__ = ["ABS_MAX", "ABS_SUM", "AWQ", "AfpqError", "BlockContext", "Calibration", "CausalLM", "CheckpointError",
+           "ClipSearch", "Format", "GPTQ", "InputError", "Method", "QuantDense", "QuantRule", "QuantScheme",
+           "QuantizationError", "QuantizedTensor", "RTN", "Statistic", "XTX", "available_formats",
+           "available_methods", "default_rules", "dequantize", "fake_quant", "formats", "get_format",
+           "get_method", "load", "load_rules", "load_tokenizer", "quantize", "quantize_pretrained",
+           "register_method", "resolve_rules", "rules_from_json", "save", "tokenize"]

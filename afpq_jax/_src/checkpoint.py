@@ -19,16 +19,38 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from afpq_jax._src.io.sources import CheckpointError
-from afpq_jax._src.layers import QuantScheme
-from afpq_jax._src.loading import abstract_model, merge
+from afpq_jax._src.errors import CheckpointError, OutputExistsError
+from afpq_jax._src.loading import ModelAssembler
 from afpq_jax._src.models import CausalLM, config_from_hf
+from afpq_jax._src.scheme import QuantScheme
 
 QUANT_CONFIG = "quantization_config.json"
 PARAMS_DIR = "params"
 CHECKPOINT_FORMAT = "afpq-jax/1"  # bump when the packed layout or the state tree changes
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointInfo:
+    """Where a model came from and how it was quantized: what `afpq_jax.save` writes besides the weights.
+
+    Held by `CausalLM.checkpoint_info` (static, hashable). ``hf_config`` is the source's config.json and
+    ``quantization`` the method / rules / calibration / report record, both as JSON text; ``phase_seconds`` is the
+    conversion's time per phase (reported, never written: checkpoints are deterministic).
+    """
+
+    hf_config: str | None = None
+    tokenizer_dir: str | None = None
+    gguf_path: str | None = None  # a GGUF source's tokenizer is exported from the GGUF file itself
+    source: str | None = None
+    source_kind: str | None = None
+    quantization: str | None = None
+    phase_seconds: tuple[tuple[str, float], ...] = ()
+
+
+def output_exists(out: Path) -> OutputExistsError:
+    return OutputExistsError(f"output directory {out} already exists; choose another --out or pass --overwrite")
 
 
 def is_converted_checkpoint(path: str | os.PathLike) -> bool:
@@ -58,7 +80,7 @@ def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     (including Ctrl-C / SIGTERM) it is deleted and ``out`` is left as it was."""
     out = out.absolute()
     if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out} already exists; choose another --out or pass --overwrite")
+        raise output_exists(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -133,8 +155,8 @@ def load(path: str | os.PathLike) -> CausalLM:
     if qc.get("mlp_act_scale"):
         cfg = dataclasses.replace(cfg, mlp_act_scale=True)
     layout = quant_layout(qc)
-    graphdef, flat, _ = abstract_model(cfg, layout, jnp.dtype(qc.get("dtype", "float32")))
-    target = _nested({p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in flat.items()})
+    asm = ModelAssembler(cfg, layout, jnp.dtype(qc.get("dtype", "float32")))
+    target = _nested({p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in asm.abstract_state().items()})
     params = path / PARAMS_DIR
     if not params.is_dir():
         raise CheckpointError(f"{path} has no {PARAMS_DIR}/ directory; the checkpoint is incomplete")
@@ -143,6 +165,12 @@ def load(path: str | os.PathLike) -> CausalLM:
     except Exception as e:
         raise CheckpointError(f"cannot restore {params} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                               f"the checkpoint is damaged or from another model — convert again") from None
-    for p, var in flat.items():
-        var.set_value(_leaf(restored, p))
-    return merge(graphdef, flat)
+    for p in asm.abstract_state():
+        asm.place(p, _leaf(restored, p))
+    model = asm.finish()
+    record = {k: v for k, v in qc.items() if k in ("method", "method_options", "clip", "calibration", "rules",
+                                                  "report", "source", "source_kind")}
+    model.checkpoint_info = CheckpointInfo(hf_config=json.dumps(hf, sort_keys=True), tokenizer_dir=str(path),
+                                           source=qc.get("source"), source_kind=qc.get("source_kind"),
+                                           quantization=json.dumps(record, sort_keys=True))
+    return model

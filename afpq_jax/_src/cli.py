@@ -1,15 +1,17 @@
-"""Shared command-line plumbing: one-line errors and a non-zero exit, tracebacks only with --debug."""
+"""Shared command-line plumbing: user errors as one line and exit status 2; bugs keep their traceback."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 
-from afpq_jax._src.io.sources import CheckpointError
+from afpq_jax._src.errors import AfpqError
 from afpq_jax._src.memory import limit_malloc_arenas
 
-USER_ERRORS = (CheckpointError, ValueError, TypeError, FileExistsError, FileNotFoundError, KeyError, RuntimeError,
-               OSError)
+# Errors afpq-jax raises on purpose, and the operating system's (a full disk, a directory without write
+# permission): the message is the whole story. Anything else (KeyError, TypeError, RuntimeError, ...) is a bug
+# and Python's own handler prints its traceback and exits with status 1.
+USER_ERRORS = (AfpqError, OSError)
 
 
 def run(main: Callable[[], int], debug: bool) -> int:

@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from afpq_jax._src.errors import InputError
 from afpq_jax._src.models import CausalLM
 
 
@@ -38,12 +39,12 @@ def perplexity(model: CausalLM, token_ids, *, seq_len: int | None = None, batch_
     ids = np.asarray(token_ids, np.int32).reshape(-1)
     seq_len = seq_len or default_seq_len(model)
     if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        raise InputError(f"seq_len must be at least 2, got {seq_len}")
     n = len(ids) // seq_len
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
-        raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}; use a longer text or "
+        raise InputError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}; use a longer text or "
                          f"a smaller --seq-len")
     windows = ids[: n * seq_len].reshape(n, seq_len)
     fn = _nll_fn(model)
@@ -64,7 +65,7 @@ def generate(model: CausalLM, prompt_ids, *, max_new_tokens: int = 32, eos_token
     b, s = prompt.shape
     max_len = s + max_new_tokens
     if max_len > model.cfg.max_seq_len:
-        raise ValueError(f"prompt ({s}) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+        raise InputError(f"prompt ({s}) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
                          f"({model.cfg.max_seq_len})")
     graphdef, state = nnx.split(model)
 

@@ -23,6 +23,8 @@ from typing import Literal
 
 import numpy as np
 
+from afpq_jax._src.errors import ArgumentTypeError, InputError
+
 Family = Literal["codebook", "int"]
 
 
@@ -47,17 +49,17 @@ class Format:
     def validate(self) -> None:
         lv = np.asarray(self.levels, dtype=np.float64)
         if not 1 <= self.bits <= 8:
-            raise ValueError(f"format {self.name!r}: bits must be in 1..8, got {self.bits}")
+            raise InputError(f"format {self.name!r}: bits must be in 1..8, got {self.bits}")
         if lv.size < 2 or lv.size > 2**self.bits:
-            raise ValueError(f"format {self.name!r}: needs 2..{2**self.bits} levels, got {lv.size}")
+            raise InputError(f"format {self.name!r}: needs 2..{2**self.bits} levels, got {lv.size}")
         if np.any(np.diff(lv) < 0):
-            raise ValueError(f"format {self.name!r}: levels must be sorted ascending")
+            raise InputError(f"format {self.name!r}: levels must be sorted ascending")
         if not np.any(lv == 0):
-            raise ValueError(f"format {self.name!r}: levels must contain 0 so zero weights stay exact")
+            raise InputError(f"format {self.name!r}: levels must contain 0 so zero weights stay exact")
         if self.family == "codebook" and (lv[0] != -self.divisor or lv[-1] != self.divisor):
-            raise ValueError(f"format {self.name!r}: codebook levels must span [-divisor, divisor]")
+            raise InputError(f"format {self.name!r}: codebook levels must span [-divisor, divisor]")
         if self.family not in ("codebook", "int"):
-            raise ValueError(f"format {self.name!r}: unknown family {self.family!r}")
+            raise InputError(f"format {self.name!r}: unknown family {self.family!r}")
 
     @property
     def num_codes(self) -> int:
@@ -92,7 +94,7 @@ def exmy_levels(exponent_bits: int, mantissa_bits: int, bias: int | None = None,
     ``2**(1 - bias) * m / 2**M``; otherwise it encodes the normal value with exponent ``-bias``.
     """
     if exponent_bits < 1 or mantissa_bits < 0:
-        raise ValueError(f"ExMy needs exponent_bits >= 1 and mantissa_bits >= 0, got E{exponent_bits}M{mantissa_bits}")
+        raise InputError(f"ExMy needs exponent_bits >= 1 and mantissa_bits >= 0, got E{exponent_bits}M{mantissa_bits}")
     if bias is None:
         bias = 2 ** (exponent_bits - 1) - 1
     mags = []
@@ -137,7 +139,7 @@ def register_format(fmt: Format, *aliases: str) -> Format:
     """Adds a format (and optional alias names) to the registry used by `get_format`."""
     for key in (fmt.name, *aliases):
         if key in _REGISTRY or key in _ALIASES:
-            raise ValueError(f"format name {key!r} is already registered")
+            raise InputError(f"format name {key!r} is already registered")
     _REGISTRY[fmt.name] = fmt
     for a in aliases:
         _ALIASES[a] = fmt.name
@@ -163,10 +165,10 @@ def get_format(fmt: str | Format) -> Format:
     if isinstance(fmt, Format):
         return fmt
     if not isinstance(fmt, str):
-        raise TypeError(f"format must be a name or a Format, got {type(fmt).__name__}")
+        raise ArgumentTypeError(f"format must be a name or a Format, got {type(fmt).__name__}")
     key = fmt.lower()
     key = _ALIASES.get(key, key)
     if key not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY)) + " (aliases: " + ", ".join(sorted(_ALIASES)) + ")"
-        raise ValueError(f"unknown format {fmt!r}; known formats: {known}")
+        raise InputError(f"unknown format {fmt!r}; known formats: {known}")
     return _REGISTRY[key]

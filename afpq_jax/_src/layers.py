@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from afpq_jax._src.errors import InputError
 from afpq_jax._src import formats as formats_lib
 from afpq_jax._src import packing
 from afpq_jax._src import quantizer
+from afpq_jax._src.kernels.quantized_matmul import quantized_matmul
 from afpq_jax._src.qtensor import QuantizedTensor
+from afpq_jax._src.scheme import QuantScheme
 
 
 _RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("afpq_recorder", default=None)
@@ -38,39 +40,6 @@ class QuantWeight(nnx.Variable):
     """Packed codes / scales of a quantized kernel: state, but not a trainable `nnx.Param`."""
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class QuantScheme:
-    """How a layer's kernel is quantized (static; recorded in quantization_config.json)."""
-
-    format: str
-    group_size: int | None = 128
-    asym: bool = True
-    scale_dtype: str = "float16"
-
-    def validate(self) -> None:
-        fmt = formats_lib.get_format(self.format)
-        if fmt.name != self.format:
-            raise ValueError(f"QuantScheme.format must be a canonical name ({fmt.name!r}), got {self.format!r}")
-        quantizer._check_group_size(self.group_size)
-        quantizer._check_scale_dtype(self.scale_dtype)
-
-    @classmethod
-    def create(cls, format: str, *, group_size: int | None = 128, asym: bool = True,
-               scale_dtype: str = "float16") -> "QuantScheme":
-        s = cls(format=formats_lib.get_format(format).name, group_size=group_size, asym=asym,
-                scale_dtype=jnp.dtype(scale_dtype).name)
-        s.validate()
-        return s
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def quantize(self, w: jax.Array, clip_ratios=None) -> QuantizedTensor:
-        """Round-to-nearest quantization of a kernel with this scheme."""
-        return quantizer.quantize(w, self.format, group_size=self.group_size, asym=self.asym,
-                                  scale_dtype=self.scale_dtype, clip_ratios=clip_ratios)
-
-
 def abstract_quantized(shape: tuple[int, ...], scheme: QuantScheme, dtype) -> QuantizedTensor:
     """Zero-filled `QuantizedTensor` with the structure `quantize` would produce (for eval_shape / restore)."""
     fmt = formats_lib.get_format(scheme.format)
@@ -86,14 +55,6 @@ def abstract_quantized(shape: tuple[int, ...], scheme: QuantScheme, dtype) -> Qu
         zero=jnp.zeros((*lead, groups, n), jnp.uint8) if scheme.asym and fmt.is_int else None,
         format_name=fmt.name, group_size=scheme.group_size, asym=scheme.asym, shape=tuple(shape),
         dtype=jnp.dtype(dtype).name)
-
-
-def quantized_matmul(x: jax.Array, qt: QuantizedTensor) -> jax.Array:
-    """``x @ dequantize(qt)`` through `pallas_kernels.quantized_matmul`: the fused Pallas kernel for the current
-    backend (Mosaic TPU, Triton / Mosaic GPU), falling back to the XLA dequantize-then-dot path (CPU)."""
-    from pallas_kernels import quantized_matmul as fused  # import here: pallas_kernels imports afpq_jax
-
-    return fused(x, qt)
 
 
 class QuantDense(nnx.Module):
@@ -144,7 +105,7 @@ class QuantDense(nnx.Module):
     def set_quantized(self, qt: QuantizedTensor) -> None:
         """Replaces the kernel by a packed weight (drops the float kernel)."""
         if qt.shape != (self.in_features, self.out_features):
-            raise ValueError(f"quantized weight shape {qt.shape} does not match layer "
+            raise InputError(f"quantized weight shape {qt.shape} does not match layer "
                              f"({self.in_features}, {self.out_features})")
         qt.validate()
         if hasattr(self, "kernel"):
@@ -157,7 +118,7 @@ class QuantDense(nnx.Module):
         """Round-to-nearest quantization of this layer's float kernel, in place (``clip_ratios`` from the
         clipping search shrink each group's range first)."""
         if self.is_quantized:
-            raise ValueError("layer is already quantized")
+            raise InputError("layer is already quantized")
         qt = scheme.quantize(self.kernel.get_value(), clip_ratios)
         self.set_quantized(qt)
         return qt
@@ -167,6 +128,7 @@ class QuantDense(nnx.Module):
         if taps is not None:
             taps.append((self, x))
         if self.is_quantized:
+            # the fused kernel for this backend (Mosaic TPU, Triton / Mosaic GPU), else dequantize-then-dot
             y = quantized_matmul(x, self.quantized_tensor())
         else:
             y = jnp.matmul(x, self.kernel.get_value().astype(x.dtype))

@@ -1,14 +1,19 @@
-"""Build NNX models from checkpoint sources, streaming tensor by tensor.
+"""Build NNX models block by block from float weights, placing float or quantized tensors.
 
-The model is first built abstractly (`nnx.eval_shape`: no memory), then each checkpoint tensor is mapped by
-its family's key table, checked against the expected shape and placed. A linear kernel that the quantization
-layout names is handed to ``quantize_kernel`` as it arrives, so a float copy of the whole model never exists.
+Two sources of float weights implement one small interface (`FloatWeights`): an opened checkpoint
+(`CheckpointWeights`: each tensor mapped by its family's key table and read on demand) and an in-memory float
+model (`ModelWeights`). `ModelAssembler` holds the abstract state of the model being built (`nnx.eval_shape`:
+nothing allocated) and fills it: ``place_block(i, block)`` copies a finished block (float or quantized), and
+``place_outer`` the embeddings, final norm and lm_head. Every conversion, streaming RTN and the calibrated
+driver alike, loads one float block (`FloatWeights.block`), turns it into its final form and places it, so a
+float copy of the whole model never exists.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -16,106 +21,230 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from afpq_jax._src.io.sources import CheckpointError, Source
-from afpq_jax._src.layers import QuantScheme
+from afpq_jax._src.errors import CheckpointError
+from afpq_jax._src.io.sources import Source
 from afpq_jax._src.models import CausalLM, ModelConfig, family_for
 from afpq_jax._src.models.params import map_key, to_model_layout
+from afpq_jax._src.models.transformer import Block
 from afpq_jax._src.qtensor import QuantizedTensor
+from afpq_jax._src.scheme import QuantScheme
 
-Path_ = tuple[Any, ...]
-QuantizeKernel = Callable[[str, np.ndarray], QuantizedTensor]
-
-
-def abstract_model(cfg: ModelConfig, quant: Mapping[str, QuantScheme] | None = None, dtype=jnp.float32):
-    """(graphdef, flat abstract state {path: Variable}, {linear path: kernel shape}); nothing is allocated."""
-    model = nnx.eval_shape(lambda: CausalLM(cfg, quant=quant, dtype=dtype, rngs=nnx.Rngs(0)))
-    shapes = {p: (m.in_features, m.out_features) for p, m in model.linear_layers().items()}
-    graphdef, state = nnx.split(model)
-    return graphdef, dict(nnx.to_flat_state(state)), shapes
+ModelPath = tuple[Any, ...]  # ("layers", 3, "attn", "q_proj", "kernel")
 
 
-def merge(graphdef, flat: dict[Path_, Any]) -> CausalLM:
-    missing = [p for p, v in flat.items() if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
-    if missing:
-        shown = ", ".join(".".join(map(str, p)) for p in missing[:4])
-        raise CheckpointError(f"checkpoint is missing {len(missing)} parameter(s) ({shown}{', ...' if len(missing) > 4 else ''}); "
-                              f"it is incomplete or of a different architecture")
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def init_derived(flat, cfg: ModelConfig, dtype) -> None:
-    """Parameters no float checkpoint has: AWQ's GELU act scales start at 1 (identity)."""
-    if cfg.mlp_act_scale:
-        for i in range(cfg.num_layers):
-            flat[("layers", i, "mlp", "act_scale")].set_value(jnp.ones((cfg.intermediate_size,), dtype))
-
-
-def model_path_of(source: Source, cfg: ModelConfig, name: str) -> tuple[Path_ | None, bool]:
-    """(model path, transpose) of a checkpoint tensor via its family's key table; (None, _) = not a parameter."""
-    try:
-        return map_key(family_for(source.config).KEY_RULES, name, cfg.tie_embeddings)
-    except KeyError:
-        raise CheckpointError(f"unexpected tensor {name!r} in {source.path} for model_type {cfg.model_type!r}; "
-                              f"the checkpoint does not match its config.json") from None
-
-
-def _dotted(path: Path_) -> str:
+def dotted(path: ModelPath) -> str:
     return ".".join(map(str, path))
 
 
-def populate_from_source(source: Source, cfg: ModelConfig, *, dtype=jnp.float32,
-                         quant: Mapping[str, QuantScheme] | None = None,
-                         quantize_kernel: QuantizeKernel | None = None, progress: bool = False) -> CausalLM:
-    """Fills a model from a float checkpoint. Linear layers named in ``quant`` get their kernel replaced by
-    ``quantize_kernel(layer_path, kernel)`` (required when ``quant`` is non-empty)."""
-    quant = dict(quant or {})
-    if quant and quantize_kernel is None:
-        raise ValueError("a quantization layout needs a quantize_kernel function")
-    graphdef, flat, kernel_shapes = abstract_model(cfg, quant, dtype)
-    seen: set[str] = set()
-    bar = tqdm(source.tensors(), total=len(source.tensor_names), desc="loading", unit="tensor",
-               disable=not progress, leave=False)
-    for name, arr in bar:
-        path, transpose = model_path_of(source, cfg, name)
-        if path is None:
-            continue
-        if name in seen:
-            raise CheckpointError(f"tensor {name!r} appears twice in {source.path}")
-        seen.add(name)
-        arr = to_model_layout(np.asarray(arr), transpose)
-        layer = _dotted(path[:-1])
-        if path[-1] == "kernel" and layer in quant:
-            _check_shape(arr, kernel_shapes[layer], name, path)
-            _place_quantized(flat, path[:-1], quantize_kernel(layer, arr), name)
-            continue
-        if path not in flat:
-            raise CheckpointError(f"tensor {name!r} maps to {_dotted(path)}, which this model does not have; "
-                                  f"check config.json (e.g. attention_bias / tie_word_embeddings)")
-        _place(flat, path, arr, name, dtype)
-    init_derived(flat, cfg, dtype)
-    return merge(graphdef, flat)
+class FloatWeights(Protocol):
+    """Float weights to build a model from, block by block."""
+
+    def block(self, index: int, cfg: ModelConfig, dtype) -> Block:
+        """Decoder block ``index`` as a float `Block` of architecture ``cfg`` (parameters ``cfg`` adds that the
+        weights lack, such as AWQ's GELU act scale, start at identity)."""
+
+    def outer_paths(self) -> list[ModelPath]:
+        """Model paths of the parameters outside the blocks (embeddings, final norm, lm_head)."""
+
+    def read_outer(self, path: ModelPath) -> np.ndarray:
+        """One of `outer_paths` in model layout."""
 
 
-def _check_shape(arr: np.ndarray, want, name: str, path) -> None:
+def _abstract_block(cfg: ModelConfig, index: int, dtype) -> tuple[Any, dict]:
+    block = nnx.eval_shape(lambda: Block(cfg, index, {}, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(block)
+    flat = dict(nnx.to_flat_state(state))
+    if cfg.mlp_act_scale:
+        flat[("mlp", "act_scale")].set_value(jnp.ones((cfg.intermediate_size,), dtype))
+    return graphdef, flat
+
+
+def _merge(graphdef, flat: dict, what: str):
+    missing = [p for p, v in flat.items() if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+    if missing:
+        shown = ", ".join(dotted(p) for p in missing[:4])
+        raise CheckpointError(f"{what} is missing {len(missing)} parameter(s) ({shown}"
+                              f"{', ...' if len(missing) > 4 else ''}); it is incomplete or of a different "
+                              f"architecture")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _check_shape(arr, want, name: str, path: ModelPath) -> None:
     if tuple(arr.shape) != tuple(want):
         raise CheckpointError(f"tensor {name!r} has shape {tuple(arr.shape)} but the model expects {tuple(want)} "
-                              f"for {_dotted(path)}; config.json does not match the weights")
+                              f"for {dotted(path)}; config.json does not match the weights")
 
 
-def _place(flat, path, arr: np.ndarray, name: str, dtype) -> None:
-    var = flat[path]
+def _set_float(var, arr, name: str, path: ModelPath) -> None:
     _check_shape(arr, var.get_value().shape, name, path)
     if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
         raise CheckpointError(f"tensor {name!r} has non-float dtype {arr.dtype}")
     var.set_value(jnp.asarray(arr, dtype=var.get_value().dtype))
 
 
-def _place_quantized(flat, layer_path, qt: QuantizedTensor, name: str) -> None:
-    for leaf_name in ("codes", "scale", "scale_neg", "zero"):
-        leaf = getattr(qt, leaf_name)
-        key = (*layer_path, leaf_name)
-        if leaf is None:
-            continue
-        if key not in flat or tuple(flat[key].get_value().shape) != tuple(leaf.shape):
-            raise CheckpointError(f"quantized {name!r} does not fit layer {_dotted(layer_path)}")
-        flat[key].set_value(leaf)
+class CheckpointWeights:
+    """Float weights of an opened checkpoint, read tensor by tensor on demand (random access)."""
+
+    def __init__(self, source: Source, cfg: ModelConfig):
+        self.source, self.cfg = source, cfg
+        rules = family_for(source.config).KEY_RULES
+        self._blocks: dict[int, list[tuple[str, ModelPath, bool]]] = defaultdict(list)
+        self._outer: dict[ModelPath, tuple[str, bool]] = {}
+        seen: set[str] = set()
+        for name in source.tensor_names:
+            try:
+                path, transpose = map_key(rules, name, cfg.tie_embeddings)
+            except KeyError:
+                raise CheckpointError(f"unexpected tensor {name!r} in {source.path} for model_type "
+                                      f"{cfg.model_type!r}; the checkpoint does not match its config.json") from None
+            if path is None:
+                continue
+            if name in seen:
+                raise CheckpointError(f"tensor {name!r} appears twice in {source.path}")
+            seen.add(name)
+            if path[0] == "layers":
+                if not 0 <= path[1] < cfg.num_layers:
+                    raise CheckpointError(f"tensor {name!r} belongs to block {path[1]} but config.json has "
+                                          f"{cfg.num_layers} layers")
+                self._blocks[path[1]].append((name, path[2:], transpose))
+            else:
+                self._outer[path] = (name, transpose)
+
+    def block(self, index: int, cfg: ModelConfig, dtype) -> Block:
+        graphdef, flat = _abstract_block(cfg, index, dtype)
+        for name, rel, transpose in self._blocks.get(index, []):
+            if rel not in flat:
+                raise CheckpointError(f"tensor {name!r} maps to layers.{index}.{dotted(rel)}, which this model "
+                                      f"does not have; check config.json (e.g. attention_bias)")
+            _set_float(flat[rel], to_model_layout(self.source.read(name), transpose), name, ("layers", index, *rel))
+        return _merge(graphdef, flat, f"block {index} of {self.source.path}")
+
+    def outer_paths(self) -> list[ModelPath]:
+        return list(self._outer)
+
+    def read_outer(self, path: ModelPath) -> np.ndarray:
+        name, transpose = self._outer[path]
+        return to_model_layout(self.source.read(name), transpose)
+
+    def tensor_name(self, path: ModelPath) -> str:
+        return self._outer[path][0]
+
+
+class ModelWeights:
+    """Float weights of an in-memory model (its quantized layers, if any, are rejected)."""
+
+    def __init__(self, model: CausalLM):
+        quantized = [p for p, m in model.linear_layers().items() if m.is_quantized]
+        if quantized:
+            raise CheckpointError(f"the model already has quantized layers ({quantized[0]}, ...); start from a "
+                                  f"float model")
+        self.model, self.cfg = model, model.cfg
+        self._state = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+    def block(self, index: int, cfg: ModelConfig, dtype) -> Block:
+        graphdef, flat = _abstract_block(cfg, index, dtype)
+        for rel, var in flat.items():
+            key = ("layers", index, *rel)
+            if key in self._state:
+                _set_float(var, np.asarray(self._state[key]), dotted(key), key)
+        return _merge(graphdef, flat, f"block {index} of the model")
+
+    def outer_paths(self) -> list[ModelPath]:
+        return [p for p in self._state if p[0] != "layers"]
+
+    def read_outer(self, path: ModelPath) -> np.ndarray:
+        return np.asarray(self._state[path])
+
+
+def abstract_model(cfg: ModelConfig, quant: Mapping[str, QuantScheme] | None = None, dtype=jnp.float32):
+    """(graphdef, flat abstract state {path: Variable}); nothing is allocated."""
+    model = nnx.eval_shape(lambda: CausalLM(cfg, quant=quant, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    return graphdef, dict(nnx.to_flat_state(state))
+
+
+class ModelAssembler:
+    """The model being built: abstract until each parameter is placed; `finish` checks nothing is missing."""
+
+    def __init__(self, cfg: ModelConfig, layout: Mapping[str, QuantScheme], dtype):
+        self.cfg, self.layout, self.dtype = cfg, dict(layout), jnp.dtype(dtype)
+        self._graphdef, self._flat = abstract_model(cfg, self.layout, self.dtype)
+
+    def place_block(self, index: int, block: Block) -> None:
+        """Copies a finished block's state (float parameters and packed weights) into the model."""
+        for rel, var in nnx.to_flat_state(nnx.state(block)):
+            key = ("layers", index, *rel)
+            if key not in self._flat:
+                raise RuntimeError(f"block {index} holds {dotted(key)}, which the model's layout lacks "
+                                   f"(a layer the layout quantizes was left float, or the reverse)")
+            want = self._flat[key].get_value()
+            if tuple(want.shape) != tuple(var.get_value().shape) or want.dtype != var.get_value().dtype:
+                raise RuntimeError(f"block {index}: {dotted(key)} is {var.get_value().dtype}"
+                                   f"{tuple(var.get_value().shape)}, the model expects {want.dtype}{tuple(want.shape)}")
+            self._flat[key].set_value(var.get_value())
+
+    def place_outer(self, weights: FloatWeights, paths: list[ModelPath] | None = None,
+                    quantize: Callable[[QuantScheme, np.ndarray], QuantizedTensor] | None = None) -> None:
+        """Reads parameters outside the blocks (all, or ``paths``); a kernel the layout quantizes (lm_head) goes
+        through ``quantize`` (default: the scheme's RTN)."""
+        for path in paths if paths is not None else weights.outer_paths():
+            arr = weights.read_outer(path)
+            layer = dotted(path[:-1])
+            if path[-1] == "kernel" and layer in self.layout:
+                scheme = self.layout[layer]
+                _check_shape(arr, (self.cfg.hidden_size, self.cfg.vocab_size), layer, path)
+                qt = (quantize or (lambda s, a: s.quantize(a)))(scheme, arr)
+                self._place_quantized(path[:-1], qt)
+            elif path not in self._flat:
+                raise CheckpointError(f"parameter {dotted(path)} is not part of this model; check config.json "
+                                      f"(e.g. tie_word_embeddings)")
+            else:
+                _set_float(self._flat[path], arr, dotted(path), path)
+
+    def release(self, paths: list[ModelPath]) -> None:
+        """Forgets placed parameters (to be placed again later: keeps them out of memory meanwhile)."""
+        for path in paths:
+            v = self._flat[path].get_value()
+            self._flat[path].set_value(jax.ShapeDtypeStruct(v.shape, v.dtype))
+
+    def _place_quantized(self, layer_path: ModelPath, qt: QuantizedTensor) -> None:
+        for leaf_name in ("codes", "scale", "scale_neg", "zero"):
+            leaf = getattr(qt, leaf_name)
+            key = (*layer_path, leaf_name)
+            if leaf is None:
+                continue
+            if key not in self._flat or tuple(self._flat[key].get_value().shape) != tuple(leaf.shape):
+                raise RuntimeError(f"quantized weight does not fit layer {dotted(layer_path)}")
+            self._flat[key].set_value(leaf)
+
+    def abstract_state(self) -> dict[ModelPath, jax.ShapeDtypeStruct]:
+        """Every parameter of the model: its path, shape and dtype."""
+        out = {}
+        for p, v in self._flat.items():
+            val = v.get_value()
+            out[p] = jax.ShapeDtypeStruct(val.shape, val.dtype)
+        return out
+
+    def place(self, path: ModelPath, value) -> None:
+        """Places one array as it is (a restored checkpoint leaf: float parameter or packed leaf)."""
+        want = self._flat[path].get_value()
+        if tuple(value.shape) != tuple(want.shape) or value.dtype != want.dtype:
+            raise CheckpointError(f"{dotted(path)} is {value.dtype}{tuple(value.shape)} in the checkpoint, the model "
+                                  f"expects {want.dtype}{tuple(want.shape)}")
+        self._flat[path].set_value(value)
+
+    def partial_model(self) -> CausalLM:
+        """The model with whatever is placed so far (for embedding calibration inputs before any block)."""
+        return nnx.merge(self._graphdef, nnx.from_flat_state(self._flat))
+
+    def finish(self) -> CausalLM:
+        return _merge(self._graphdef, self._flat, "the checkpoint")
+
+
+def load_float(weights: FloatWeights, cfg: ModelConfig, *, dtype=jnp.float32, progress: bool = False) -> CausalLM:
+    """A float model from ``weights``, block by block."""
+    asm = ModelAssembler(cfg, {}, dtype)
+    for i in tqdm(range(cfg.num_layers), desc="loading", unit="block", disable=not progress, leave=False):
+        asm.place_block(i, weights.block(i, cfg, dtype))
+    asm.place_outer(weights)
+    return asm.finish()

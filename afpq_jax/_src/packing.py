@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from afpq_jax._src.errors import InputError
+
 PACK_ROWS = 8  # K is padded to a multiple of this so every plane packs whole bytes.
 
 
@@ -24,7 +26,7 @@ def plane_widths(bits: int) -> tuple[int, ...]:
         return (2, 1)
     if bits in (1, 2, 4, 8):
         return (bits,)
-    raise ValueError(f"cannot pack {bits}-bit codes; supported widths are 1, 2, 3, 4 and 8 bits")
+    raise InputError(f"cannot pack {bits}-bit codes; supported widths are 1, 2, 3, 4 and 8 bits")
 
 
 def padded_rows(k: int) -> int:
@@ -61,7 +63,7 @@ def unpack(packed: jnp.ndarray, bits: int, k: int) -> jnp.ndarray:
     """Inverse of `pack`: uint8 ``(..., packed_rows(k, bits), N)`` -> uint8 codes ``(..., k, N)``."""
     kp = padded_rows(k)
     if packed.shape[-2] != kp * bits // 8:
-        raise ValueError(f"packed array has {packed.shape[-2]} rows, expected {kp * bits // 8} for K={k} at "
+        raise InputError(f"packed array has {packed.shape[-2]} rows, expected {kp * bits // 8} for K={k} at "
                          f"{bits} bits")
     out, start, shift = None, 0, 0
     for w in plane_widths(bits):

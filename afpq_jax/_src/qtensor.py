@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from afpq_jax._src.errors import InputError
 from afpq_jax._src import formats as formats_lib
 from afpq_jax._src import packing
 
@@ -78,10 +79,6 @@ class QuantizedTensor:
     def _leaves(self) -> list[jax.Array]:
         return [x for x in (self.codes, self.scale, self.scale_neg, self.zero) if x is not None]
 
-    def dequantize(self, dtype=None) -> jax.Array:
-        from afpq_jax._src import quantizer  # local import: quantizer depends on this module
-        return quantizer.dequantize(self, dtype)
-
     def validate(self) -> None:
         """Checks the invariants above; raises ValueError naming the first broken one.
 
@@ -90,47 +87,47 @@ class QuantizedTensor:
         fmt = self.format  # raises on an unknown format name
         name = f"QuantizedTensor[{self.format_name}]"
         if len(self.shape) < 2:
-            raise ValueError(f"{name}: shape {self.shape} must have at least 2 dims (in_features, out_features)")
+            raise InputError(f"{name}: shape {self.shape} must have at least 2 dims (in_features, out_features)")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
-            raise ValueError(f"{name}: group_size must be a positive int or None, got {self.group_size!r}")
+            raise InputError(f"{name}: group_size must be a positive int or None, got {self.group_size!r}")
         if jnp.dtype(self.dtype) not in (jnp.dtype(t) for t in ("float16", "bfloat16", "float32", "float64")):
-            raise ValueError(f"{name}: dtype {self.dtype!r} is not a float dtype")
+            raise InputError(f"{name}: dtype {self.dtype!r} is not a float dtype")
         k, n = self.shape[-2:]
         lead = self.codes.shape[:-2]
         want_codes = (*lead, packing.packed_rows(k, fmt.bits), n)
         if self.codes.shape != want_codes or self.codes.dtype != jnp.uint8:
-            raise ValueError(f"{name}: codes must be uint8 {want_codes}, got {self.codes.dtype} {self.codes.shape}")
+            raise InputError(f"{name}: codes must be uint8 {want_codes}, got {self.codes.dtype} {self.codes.shape}")
         if tuple(lead[len(lead) - (len(self.shape) - 2):]) != tuple(self.shape[:-2]):
-            raise ValueError(f"{name}: codes leading dims {lead} do not end with the original leading dims "
+            raise InputError(f"{name}: codes leading dims {lead} do not end with the original leading dims "
                              f"{self.shape[:-2]}")
         want_scale = (*lead, self.num_groups, n)
         if self.scale.shape != want_scale or jnp.dtype(self.scale.dtype).name not in SCALE_DTYPES:
-            raise ValueError(f"{name}: scale must be {want_scale} in one of {SCALE_DTYPES}, got "
+            raise InputError(f"{name}: scale must be {want_scale} in one of {SCALE_DTYPES}, got "
                              f"{self.scale.dtype} {self.scale.shape}")
         needs_neg = self.asym and not fmt.is_int
         needs_zero = self.asym and fmt.is_int
         if (self.scale_neg is not None) != needs_neg:
-            raise ValueError(f"{name}: scale_neg must be {'present' if needs_neg else 'None'} for "
+            raise InputError(f"{name}: scale_neg must be {'present' if needs_neg else 'None'} for "
                              f"asym={self.asym}")
         if (self.zero is not None) != needs_zero:
-            raise ValueError(f"{name}: zero must be {'present' if needs_zero else 'None'} for asym={self.asym}")
+            raise InputError(f"{name}: zero must be {'present' if needs_zero else 'None'} for asym={self.asym}")
         if needs_neg and (self.scale_neg.shape != want_scale or self.scale_neg.dtype != self.scale.dtype):
-            raise ValueError(f"{name}: scale_neg must match scale ({self.scale.dtype} {want_scale}), got "
+            raise InputError(f"{name}: scale_neg must match scale ({self.scale.dtype} {want_scale}), got "
                              f"{self.scale_neg.dtype} {self.scale_neg.shape}")
         if needs_zero and (self.zero.shape != want_scale or self.zero.dtype != jnp.uint8):
-            raise ValueError(f"{name}: zero must be uint8 {want_scale}, got {self.zero.dtype} {self.zero.shape}")
+            raise InputError(f"{name}: zero must be uint8 {want_scale}, got {self.zero.dtype} {self.zero.shape}")
         if any(isinstance(x, jax.core.Tracer) for x in self._leaves()):
             return
         for label, s in (("scale", self.scale), ("scale_neg", self.scale_neg)):
             if s is not None:
                 s = np.asarray(s, dtype=np.float32)
                 if not np.all(np.isfinite(s)) or np.any(s < 0):
-                    raise ValueError(f"{name}: {label} has negative or non-finite entries")
+                    raise InputError(f"{name}: {label} has negative or non-finite entries")
         if needs_zero and int(np.max(np.asarray(self.zero), initial=0)) >= 2**fmt.bits:
-            raise ValueError(f"{name}: zero points exceed the {fmt.bits}-bit range")
+            raise InputError(f"{name}: zero points exceed the {fmt.bits}-bit range")
         if fmt.num_codes < 2**fmt.bits and int(np.max(np.asarray(
                 packing.unpack(self.codes, fmt.bits, k)), initial=0)) >= fmt.num_codes:
-            raise ValueError(f"{name}: codes index past the {fmt.num_codes}-entry code book")
+            raise InputError(f"{name}: codes index past the {fmt.num_codes}-entry code book")
 
     def __repr__(self) -> str:
         scheme = "asym" if self.asym else "sym"

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from afpq_jax._src.errors import ArgumentTypeError, InputError
 from afpq_jax._src import formats as formats_lib
 from afpq_jax._src import packing
 from afpq_jax._src.formats import Format
@@ -180,36 +181,36 @@ def _decode_codes(codes, params: GroupParams, fmt: Format, asym: bool, g: int, d
 # Public API.
 
 
-def _check_group_size(group_size) -> None:
+def check_group_size(group_size) -> None:
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer))
                                    or group_size <= 0):
-        raise ValueError(f"group_size must be a positive integer or None (per-channel), got {group_size!r}")
+        raise InputError(f"group_size must be a positive integer or None (per-channel), got {group_size!r}")
 
 
 def _check_weight(w) -> jax.Array:
     if not hasattr(w, "shape") or not hasattr(w, "dtype"):
         w = np.asarray(w)
     if len(w.shape) < 2:
-        raise ValueError(f"weight must be at least 2-D (in_features, out_features) in Flax kernel layout, got "
+        raise InputError(f"weight must be at least 2-D (in_features, out_features) in Flax kernel layout, got "
                          f"shape {tuple(w.shape)}; reshape it or add a leading axis")
     if not jnp.issubdtype(w.dtype, jnp.floating):
-        raise TypeError(f"weight dtype {jnp.dtype(w.dtype).name} is not floating point; cast it to float32 or "
+        raise ArgumentTypeError(f"weight dtype {jnp.dtype(w.dtype).name} is not floating point; cast it to float32 or "
                         f"bfloat16 first")
     if 0 in w.shape:
-        raise ValueError(f"weight has an empty dimension (shape {tuple(w.shape)}); nothing to quantize")
+        raise InputError(f"weight has an empty dimension (shape {tuple(w.shape)}); nothing to quantize")
     if not isinstance(w, jax.core.Tracer):
         finite = np.isfinite(np.asarray(w, dtype=np.float32))
         if not finite.all():
             bad = np.argwhere(~finite)[0]
-            raise ValueError(f"weight has {int((~finite).sum())} NaN/inf entries (first at index {tuple(bad)}); "
+            raise InputError(f"weight has {int((~finite).sum())} NaN/inf entries (first at index {tuple(bad)}); "
                              f"quantization needs finite weights — fix the checkpoint or the preceding step")
     return jnp.asarray(w)
 
 
-def _check_scale_dtype(scale_dtype) -> jnp.dtype:
+def check_scale_dtype(scale_dtype) -> jnp.dtype:
     dt = jnp.dtype(scale_dtype)
     if dt.name not in SCALE_DTYPES:
-        raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {dt.name}")
+        raise InputError(f"scale_dtype must be one of {SCALE_DTYPES}, got {dt.name}")
     return dt
 
 
@@ -223,8 +224,8 @@ def quantize(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128, a
     positive side) per-group shrink factors ``(..., G, 1, N)`` from `algorithms.clip` (default: no clipping).
     """
     fmt = formats_lib.get_format(fmt)
-    _check_group_size(group_size)
-    dt = _check_scale_dtype(scale_dtype)
+    check_group_size(group_size)
+    dt = check_scale_dtype(scale_dtype)
     w = _check_weight(w)
     g = _group_size(w.shape[-2], group_size)
     codes, params = _quantize_codes(w, fmt, bool(asym), g, dt, clip_ratios)
@@ -240,7 +241,7 @@ def quantize(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128, a
 def dequantize(qt: QuantizedTensor, dtype=None) -> jax.Array:
     """Reconstructs the weight (same shape; ``dtype`` defaults to the original weight's dtype)."""
     if not isinstance(qt, QuantizedTensor):
-        raise TypeError(f"dequantize expects a QuantizedTensor, got {type(qt).__name__}")
+        raise ArgumentTypeError(f"dequantize expects a QuantizedTensor, got {type(qt).__name__}")
     fmt = qt.format
     codes = packing.unpack(qt.codes, fmt.bits, qt.in_features)
     params = GroupParams(qt.scale[..., None, :],
@@ -253,8 +254,8 @@ def fake_quant(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128,
                scale_dtype=jnp.float16) -> jax.Array:
     """``dequantize(quantize(w))`` without packing, with a straight-through (identity) gradient."""
     fmt = formats_lib.get_format(fmt)
-    _check_group_size(group_size)
-    dt = _check_scale_dtype(scale_dtype)
+    check_group_size(group_size)
+    dt = check_scale_dtype(scale_dtype)
     w = _check_weight(w)
     g = _group_size(w.shape[-2], group_size)
     codes, params = _quantize_codes(jax.lax.stop_gradient(w), fmt, bool(asym), g, dt)

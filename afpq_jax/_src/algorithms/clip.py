@@ -15,14 +15,20 @@ min/max affine scale and zero point mix both sides, so INT keeps the exhaustive 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from afpq_jax._src.formats import Format, get_format
+from afpq_jax._src.errors import InputError
 from afpq_jax._src.quantizer import decode, encode, group_params, to_groups
+
+if TYPE_CHECKING:
+    from afpq_jax._src.calibration.method import BlockContext
 
 
 def shrink_grid(steps: int = 10, step: float = 0.05) -> np.ndarray:
@@ -31,6 +37,11 @@ def shrink_grid(steps: int = 10, step: float = 0.05) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "sdt"))
 def _search(w, x, ratio_pairs, *, fmt: Format, asym: bool, g: int, sdt):
+    with jax.default_matmul_precision("highest"):  # TPU / GPU would otherwise use bf16 / TF32 passes
+        return _search_impl(w, x, ratio_pairs, fmt=fmt, asym=asym, g=g, sdt=sdt)
+
+
+def _search_impl(w, x, ratio_pairs, *, fmt: Format, asym: bool, g: int, sdt):
     wg = to_groups(w.astype(jnp.float32), g)  # (G, g, N)
     t = x.shape[0]
     xg = to_groups(x.astype(jnp.float32).T, g).reshape(-1, g, t)  # (G, g, T): zero rows pad a short group
@@ -57,6 +68,11 @@ def _search(w, x, ratio_pairs, *, fmt: Format, asym: bool, g: int, sdt):
 @functools.partial(jax.jit, static_argnames=("fmt", "g", "sdt", "cols"))
 def _search_separable(w, x, grid, *, fmt: Format, g: int, sdt, cols: int):
     """`_search` for asymmetric FP/NF (pairs = grid x grid, r_neg major), ``cols`` output columns at a time."""
+    with jax.default_matmul_precision("highest"):
+        return _search_separable_impl(w, x, grid, fmt=fmt, g=g, sdt=sdt, cols=cols)
+
+
+def _search_separable_impl(w, x, grid, *, fmt: Format, g: int, sdt, cols: int):
     n = w.shape[1]
     n_pad = -(-n // cols) * cols
     wg = to_groups(jnp.pad(w.astype(jnp.float32), ((0, 0), (0, n_pad - n))), g)  # (G, g, Np); zero columns
@@ -128,3 +144,37 @@ def group_output_error(kernel, qkernel, x, group_size: int | None) -> np.ndarray
         e = x[:, s:s + g] @ (w[s:s + g] - q[s:s + g])
         out.append(np.mean(e * e, axis=0))
     return np.stack(out)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClipSearch:
+    """The clipping search as a step of a method (RTN, AWQ): per layer, on ``tokens`` input rows sampled from the
+    search sequences, each with the layer's own scheme. Layers in ``skip`` keep their full range (q/k: their
+    errors are damped by the softmax, as in AWQ and BitDistiller)."""
+
+    tokens: int = 512
+    steps: int = 10
+    step: float = 0.05
+    skip: tuple[str, ...] = ("attn.q_proj", "attn.k_proj", "attn.qkv_proj")
+
+    def validate(self) -> None:
+        if self.tokens <= 0 or self.steps <= 0 or self.step <= 0:
+            raise InputError(f"clip search needs positive tokens, steps and step, got {self}")
+        if (self.steps - 1) * self.step >= 1:
+            raise InputError(f"clip search ratios must stay positive: (steps - 1) * step = "
+                             f"{(self.steps - 1) * self.step:g} >= 1")
+
+    def block_ratios(self, ctx: BlockContext) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """{layer: (r_neg, r_pos)} for the block's quantized layers outside ``skip``."""
+        x = ctx.search_sequences
+        n_tokens = x.shape[0] * x.shape[1]
+        rows = {name: ctx.rng.choice(n_tokens, size=min(self.tokens, n_tokens), replace=False)
+                for name in ctx.schemes if name not in self.skip}
+        inputs = ctx.sampled_inputs(rows)
+        ratios = {}
+        for name in rows:
+            s = ctx.schemes[name]
+            ratios[name], _ = clip_search(ctx.linears[name].kernel.get_value(), inputs.pop(name), s.format,
+                                          group_size=s.group_size, asym=s.asym, scale_dtype=s.scale_dtype,
+                                          steps=self.steps, step=self.step)
+        return jax.block_until_ready(ratios)

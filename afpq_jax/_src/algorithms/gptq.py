@@ -12,13 +12,18 @@ GPTQ's "columns" are input features, i.e. rows of a Flax kernel; we work on kern
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from afpq_jax._src import packing
+from afpq_jax._src.calibration.method import BlockContext, Method, register_method
+from afpq_jax._src.calibration.taps import XTX
+from afpq_jax._src.errors import InputError, QuantizationError
 from afpq_jax._src.formats import Format, get_format
 from afpq_jax._src.qtensor import QuantizedTensor
 from afpq_jax._src.quantizer import GroupParams, decode, encode, group_params
@@ -81,78 +86,125 @@ def _with_params(row, params, c, carry):
     return row(c, carry, params)
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "sdt", "static", "bs", "act_order"))
-def _gptq(w, h, damp, *, fmt: Format, asym: bool, g: int, sdt, static: bool, bs: int, act_order: bool):
-    """The whole GPTQ of one kernel as one compiled program (one compilation per layer shape).
-
-    K is padded to a multiple of the block size ``bs`` with zero rows whose Hessian rows are the identity: they
-    quantize exactly, send no error, and (being zeros) never change a group's scales, so a short last group
-    behaves exactly as in RTN.
-    """
-    k, n = w.shape
-    kp = -(-k // bs) * bs
-    n_groups = -(-k // g)
-    dead = jnp.diag(h) == 0  # inputs that never fire: GPTQ zeroes them and fixes H
+def _damped(w, h, damp):
+    """GPTQ's fixes of H: inputs that never fire (zero diagonal) get a unit diagonal and zero weights; then
+    ``damp`` x mean(diag H) on the diagonal."""
+    dead = jnp.diag(h) == 0
     h = jnp.where(jnp.diag(dead), 1.0, h)
     w = jnp.where(dead[:, None], 0.0, w)
-    h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=h.dtype)
-    perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(k)
-    perm = jnp.concatenate([perm, jnp.arange(k, kp)])
-    w = jnp.pad(w, ((0, kp - k), (0, 0)))
-    h = jnp.pad(h, ((0, kp - k), (0, kp - k))) + jnp.diag((jnp.arange(kp) >= k).astype(h.dtype))
-    if static:  # groups in natural order, params from the (dead-zeroed) original weights
-        grouped = jnp.pad(w, ((0, n_groups * g - kp if n_groups * g > kp else 0), (0, 0)))[: n_groups * g]
-        grouped = grouped.reshape(n_groups, g, n)
-        static_params = group_params(fmt, asym, grouped.min(1), grouped.max(1), sdt)  # (G, N)
-        row_groups = jnp.minimum(perm // g, n_groups - 1)
-    else:
-        static_params, row_groups = None, jnp.zeros((kp,), jnp.int32)
-    w = w[perm]
-    hinv = hessian_inverse_factor(h[perm][:, perm], 0.0)
-    codes = jnp.zeros((kp, n), jnp.uint8)
-    ref = group_params(fmt, asym, jnp.zeros((n,)), jnp.zeros((n,)), sdt)
-    params = GroupParams(*(None if p is None else jnp.zeros((kp // g if not static else 1, n), p.dtype)
-                           for p in ref))
+    return w, h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(h.shape[0], dtype=h.dtype)
 
-    def block_step(bi, carry):
-        w, codes, params = carry
-        i1 = bi * bs
-        w1 = jax.lax.dynamic_slice_in_dim(w, i1, bs, 0)
-        hrows = jax.lax.dynamic_slice_in_dim(hinv, i1, bs, 0)  # (bs, kp)
-        hinv1 = jax.lax.dynamic_slice_in_dim(hrows, i1, bs, 1)
-        groups = jax.lax.dynamic_slice_in_dim(row_groups, i1, bs, 0)
-        c, bp, err = _quantize_block(w1, hinv1, static_params, groups, fmt=fmt, asym=asym, g=g, sdt=sdt,
-                                     static=static)
-        later = (jnp.arange(kp) >= i1 + bs)[:, None]  # lazy update of the rows after this block
-        w = jnp.where(later, w - hrows.T @ err, w)
-        codes = jax.lax.dynamic_update_slice_in_dim(codes, c, i1, 0)
-        if not static:
-            params = GroupParams(*(None if p is None else jax.lax.dynamic_update_slice_in_dim(p, q, i1 // g, 0)
-                                   for p, q in zip(params, bp)))
-        return w, codes, params
 
-    _, codes, params = jax.lax.fori_loop(0, kp // bs, block_step, (w, codes, params))
-    codes = codes[jnp.argsort(perm)][:k]  # natural order
-    params = static_params if static else GroupParams(*(None if p is None else p[:n_groups] for p in params))
-    return codes, params
+@functools.partial(jax.jit, static_argnames=("bs", "act_order"))
+def _factor(w, h, damp, *, bs: int, act_order: bool):
+    """(column order, upper Cholesky factor of the damped, permuted, padded H^-1, whether it is finite).
+
+    ``jnp.linalg.cholesky`` returns NaN instead of raising when H is not positive definite, so the caller checks
+    the flag and retries with more damping. K is padded to a multiple of the block size ``bs`` with identity rows.
+    """
+    with jax.default_matmul_precision("highest"):
+        k = h.shape[0]
+        kp = -(-k // bs) * bs
+        _, h = _damped(w, h, damp)
+        perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(k)
+        perm = jnp.concatenate([perm, jnp.arange(k, kp)])
+        h = jnp.pad(h, ((0, kp - k), (0, kp - k))) + jnp.diag((jnp.arange(kp) >= k).astype(h.dtype))
+        hinv = hessian_inverse_factor(h[perm][:, perm], 0.0)
+        return perm, hinv, jnp.all(jnp.isfinite(hinv))
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "sdt", "static", "bs"))
+def _gptq(w, h, perm, hinv, *, fmt: Format, asym: bool, g: int, sdt, static: bool, bs: int):
+    """The whole GPTQ of one kernel as one compiled program (one compilation per layer shape), given `_factor`'s
+    column order and factor.
+
+    The padding rows are zero with identity Hessian rows: they quantize exactly, send no error, and (being zeros)
+    never change a group's scales, so a short last group behaves exactly as in RTN.
+    """
+    with jax.default_matmul_precision("highest"):  # TPU / GPU would otherwise use bf16 / TF32 passes
+        k, n = w.shape
+        kp = perm.shape[0]
+        n_groups = -(-k // g)
+        w, _ = _damped(w, h, 0.0)
+        w = jnp.pad(w, ((0, kp - k), (0, 0)))
+        if static:  # groups in natural order, params from the (dead-zeroed) original weights
+            grouped = jnp.pad(w, ((0, n_groups * g - kp if n_groups * g > kp else 0), (0, 0)))[: n_groups * g]
+            grouped = grouped.reshape(n_groups, g, n)
+            static_params = group_params(fmt, asym, grouped.min(1), grouped.max(1), sdt)  # (G, N)
+            row_groups = jnp.minimum(perm // g, n_groups - 1)
+        else:
+            static_params, row_groups = None, jnp.zeros((kp,), jnp.int32)
+        w = w[perm]
+        codes = jnp.zeros((kp, n), jnp.uint8)
+        ref = group_params(fmt, asym, jnp.zeros((n,)), jnp.zeros((n,)), sdt)
+        params = GroupParams(*(None if p is None else jnp.zeros((kp // g if not static else 1, n), p.dtype)
+                               for p in ref))
+
+        def block_step(bi, carry):
+            w, codes, params = carry
+            i1 = bi * bs
+            w1 = jax.lax.dynamic_slice_in_dim(w, i1, bs, 0)
+            hrows = jax.lax.dynamic_slice_in_dim(hinv, i1, bs, 0)  # (bs, kp)
+            hinv1 = jax.lax.dynamic_slice_in_dim(hrows, i1, bs, 1)
+            groups = jax.lax.dynamic_slice_in_dim(row_groups, i1, bs, 0)
+            c, bp, err = _quantize_block(w1, hinv1, static_params, groups, fmt=fmt, asym=asym, g=g, sdt=sdt,
+                                         static=static)
+            later = (jnp.arange(kp) >= i1 + bs)[:, None]  # lazy update of the rows after this block
+            w = jnp.where(later, w - hrows.T @ err, w)
+            codes = jax.lax.dynamic_update_slice_in_dim(codes, c, i1, 0)
+            if not static:
+                params = GroupParams(*(None if p is None else jax.lax.dynamic_update_slice_in_dim(p, q, i1 // g, 0)
+                                       for p, q in zip(params, bp)))
+            return w, codes, params
+
+        _, codes, params = jax.lax.fori_loop(0, kp // bs, block_step, (w, codes, params))
+        codes = codes[jnp.argsort(perm)][:k]  # natural order
+        params = static_params if static else GroupParams(*(None if p is None else p[:n_groups] for p in params))
+        return codes, params
+
+
+def damping_schedule(damp: float, step: float, max_damp: float) -> list[float]:
+    """``damp``, then ``damp + step``, ``damp + 2 step``, ... up to ``max_damp`` (GPTQModel's auto-increment)."""
+    out, k = [], 0
+    while not out or out[-1] + 1e-12 < max_damp:
+        out.append(min(damp + k * step, max_damp))
+        k += 1
+    return out
 
 
 def gptq_quantize(kernel: jax.Array, hessian: jax.Array, fmt: str | Format, *, group_size: int | None = 128,
                   asym: bool = True, scale_dtype=jnp.float16, damp: float = 0.01, block_size: int = 128,
-                  act_order: bool = False) -> QuantizedTensor:
-    """GPTQ-quantizes a kernel (K, N) given the Hessian (K, K) of its inputs."""
+                  act_order: bool = False, damp_step: float = 0.0025, max_damp: float = 1.0,
+                  name: str = "kernel") -> QuantizedTensor:
+    """GPTQ-quantizes a kernel (K, N) given the Hessian (K, K) of its inputs.
+
+    If the damped Hessian is not positive definite (its Cholesky factor is not finite), damping grows by
+    ``damp_step`` up to ``max_damp``; if none works, or the result is not finite, raises `QuantizationError`
+    naming ``name``.
+    """
     fmt = get_format(fmt)
     sdt = jnp.dtype(scale_dtype)
     k, n = kernel.shape
     h = jnp.asarray(hessian, jnp.float32)
     if h.shape != (k, k):
-        raise ValueError(f"Hessian shape {h.shape} does not match kernel in_features {k}")
+        raise InputError(f"Hessian shape {h.shape} does not match kernel in_features {k}")
     g = k if group_size is None else min(group_size, k)
     static = act_order or group_size is None or g == k
     # Blocks hold whole groups so group parameters always see fully error-updated rows.
     bs = block_size if static else max(g, block_size // g * g)
-    codes, params = _gptq(jnp.asarray(kernel, jnp.float32), h, jnp.float32(damp), fmt=fmt, asym=asym, g=g,
-                          sdt=sdt, static=static, bs=bs, act_order=act_order)
+    w = jnp.asarray(kernel, jnp.float32)
+    for d in damping_schedule(damp, damp_step, max_damp):
+        perm, hinv, ok = _factor(w, h, jnp.float32(d), bs=bs, act_order=act_order)
+        if bool(ok):
+            break
+    else:
+        raise QuantizationError(f"GPTQ: the Hessian of {name} is not positive definite even with damp {max_damp} "
+                                f"(non-finite inputs, or too few calibration tokens); use more calibration samples "
+                                f"or quantize this layer with RTN through a rule")
+    codes, params = _gptq(w, h, perm, hinv, fmt=fmt, asym=asym, g=g, sdt=sdt, static=static, bs=bs)
+    if not all(bool(jnp.all(jnp.isfinite(p))) for p in params if p is not None):
+        raise QuantizationError(f"GPTQ produced non-finite scales for {name} (damp {d}); check the calibration "
+                                f"inputs of this layer for NaN/inf")
     return QuantizedTensor(
         codes=packing.pack(codes, fmt.bits), scale=params.scale.astype(sdt),
         scale_neg=None if params.scale_neg is None else params.scale_neg.astype(sdt),
@@ -181,3 +233,34 @@ def output_mse(kernel, qkernel, x) -> float:
     x = np.asarray(x, np.float64).reshape(-1, np.shape(kernel)[0])
     d = x @ (np.asarray(kernel, np.float64) - np.asarray(qkernel, np.float64))
     return float(np.mean(d * d))
+
+
+@register_method
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTQ(Method):
+    """GPTQ on each block's quantized layers, each with its own scheme (`gptq_quantize`'s options)."""
+
+    name: ClassVar[str] = "gptq"
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+
+    def validate(self) -> None:
+        if not 0 <= self.damp < 1:
+            raise InputError(f"GPTQ damp must be in [0, 1), got {self.damp}")
+        if self.block_size <= 0:
+            raise InputError(f"GPTQ block_size must be positive, got {self.block_size}")
+
+    def statistics(self):
+        return (XTX,)
+
+    def quantize_block(self, ctx: BlockContext) -> dict[str, Any] | None:
+        with ctx.timer("gptq"):
+            for name, s in ctx.schemes.items():
+                layer = ctx.linears[name]
+                qt = gptq_quantize(layer.kernel.get_value(), ctx.stats[name]["xtx"] * (2.0 / ctx.tokens), s.format,
+                                   group_size=s.group_size, asym=s.asym, scale_dtype=s.scale_dtype, damp=self.damp,
+                                   block_size=self.block_size, act_order=self.act_order,
+                                   name=f"layers.{ctx.index}.{name}")
+                layer.set_quantized(jax.block_until_ready(qt))  # time lands in this phase
+        return None

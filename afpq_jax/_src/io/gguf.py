@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from afpq_jax._src.errors import InputError, InputNotFoundError, OutputExistsError
+
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "permute_qk",
@@ -91,10 +93,10 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _check_qk_rows(w: np.ndarray, n_head: int) -> int:
     if w.ndim not in (1, 2):
-        raise ValueError(f"q/k permutation expects a 1-D or 2-D array, got shape {w.shape}")
+        raise InputError(f"q/k permutation expects a 1-D or 2-D array, got shape {w.shape}")
     rows = w.shape[0]
     if n_head <= 0 or rows % (2 * n_head) != 0:
-        raise ValueError(
+        raise InputError(
             f"q/k permutation needs rows ({rows}) divisible by 2*n_head ({2 * n_head}); "
             "check num_attention_heads / num_key_value_heads"
         )
@@ -112,11 +114,11 @@ def _open_reader(path: str | os.PathLike[str]) -> Any:
 
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {p}; pass the path of an existing .gguf model file")
+        raise InputNotFoundError(f"GGUF file not found: {p}; pass the path of an existing .gguf model file")
     try:
         return GGUFReader(p)
     except (ValueError, IndexError, OSError, KeyError) as e:  # bad magic, truncated header, ...
-        raise ValueError(f"{p} is not a readable GGUF file ({e}); pass a llama.cpp .gguf model file") from e
+        raise InputError(f"{p} is not a readable GGUF file ({e}); pass a llama.cpp .gguf model file") from e
 
 
 def _field_value(field: Any) -> Any:
@@ -131,7 +133,7 @@ def _field_value(field: Any) -> Any:
         if sub == GGUFValueType.STRING:
             return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
         if sub == GGUFValueType.ARRAY:
-            raise ValueError(f"nested GGUF arrays are not supported (key {field.name})")
+            raise InputError(f"nested GGUF arrays are not supported (key {field.name})")
         if not field.data:
             return []
         return np.concatenate([field.parts[i] for i in field.data]).tolist()
@@ -166,10 +168,10 @@ def _metadata(reader: Any, skip_arrays: bool = True) -> dict[str, Any]:
 def _architecture(reader: Any, path: Path) -> str:
     field = reader.fields.get("general.architecture")
     if field is None:
-        raise ValueError(f"{path} has no general.architecture metadata; only llama-family GGUF files are supported")
+        raise InputError(f"{path} has no general.architecture metadata; only llama-family GGUF files are supported")
     arch = _field_value(field)
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
+        raise InputError(
             f"GGUF architecture {arch!r} in {path} is not supported; only llama-family GGUF "
             f"(general.architecture in {list(SUPPORTED_ARCHITECTURES)}) can be read"
         )
@@ -183,7 +185,7 @@ def _config_from_reader(reader: Any, path: Path) -> dict[str, Any]:
     def need(key: str) -> Any:
         full = f"{arch}.{key}"
         if full not in meta:
-            raise ValueError(
+            raise InputError(
                 f"GGUF {path} lacks required metadata key {full!r}; the file is incomplete or not a llama model"
             )
         return meta[full]
@@ -206,7 +208,7 @@ def _config_from_reader(reader: Any, path: Path) -> dict[str, Any]:
         elif embd is not None:
             vocab = int(embd.shape[1])  # ggml shape is [hidden, vocab]
         else:
-            raise ValueError(f"GGUF {path} gives no vocab size (no {arch}.vocab_size, tokens or token_embd.weight)")
+            raise InputError(f"GGUF {path} gives no vocab size (no {arch}.vocab_size, tokens or token_embd.weight)")
 
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
@@ -244,7 +246,7 @@ def _config_from_reader(reader: Any, path: Path) -> dict[str, Any]:
         config["rope_scaling"] = rope_scaling
     elif "rope_freqs.weight" in names:
         # llama3-style rope: llama.cpp stores precomputed frequency factors instead of parameters.
-        raise ValueError(
+        raise InputError(
             f"GGUF {path} uses precomputed rope_freqs (llama3-style rope scaling) which cannot be "
             "mapped back to HF rope_scaling; use a model without rope scaling"
         )
@@ -279,7 +281,7 @@ def _hf_name(gguf_name: str) -> str | None:
         stem, _, kind = gguf_name.rpartition(".")
         if stem in _GLOBAL_NAMES and kind in ("weight", "bias"):
             return f"{_GLOBAL_NAMES[stem]}.{kind}"
-    raise ValueError(
+    raise InputError(
         f"GGUF tensor {gguf_name!r} has no Hugging Face LLaMA equivalent; only dense llama-family models are supported"
     )
 
@@ -328,7 +330,7 @@ class GGUFTensors:
         try:
             arr = dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
-            raise ValueError(
+            raise InputError(
                 f"cannot dequantize GGUF tensor {t.name} of type {t.tensor_type.name} ({e}); upgrade the gguf package"
             ) from e
         arr = np.array(arr, dtype=np.float32, copy=True).reshape(shape)  # own the memory, not the mmap
@@ -399,7 +401,7 @@ def _byte_level_pre_tokenizer(pre: str | None) -> Any:
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )
-    raise ValueError(
+    raise InputError(
         f"GGUF pre-tokenizer {pre!r} is not known to afpq_jax; add its split regex in afpq_jax/_src/io/gguf.py"
     )
 
@@ -415,21 +417,21 @@ def build_tokenizer(tok_meta: dict[str, Any]) -> Any:
 
     model = tok_meta.get("tokenizer.ggml.model")
     if model != "gpt2":
-        raise ValueError(
+        raise InputError(
             f"GGUF tokenizer model {model!r} is not supported; only byte-level BPE ('gpt2') tokenizers can be exported"
         )
     tokens: list[str] = tok_meta["tokenizer.ggml.tokens"]
     merges_raw: list[str] = tok_meta.get("tokenizer.ggml.merges") or []
     if not merges_raw:
-        raise ValueError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges; the file is incomplete")
+        raise InputError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges; the file is incomplete")
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
-        raise ValueError("GGUF tokenizer has duplicate tokens; cannot build a BPE vocabulary from it")
+        raise InputError("GGUF tokenizer has duplicate tokens; cannot build a BPE vocabulary from it")
     merges = []
     for m in merges_raw:
         a, sep, b = m.partition(" ")
         if not sep:
-            raise ValueError(f"malformed GGUF merge {m!r} (expected 'left right')")
+            raise InputError(f"malformed GGUF merge {m!r} (expected 'left right')")
         merges.append((a, b))
 
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
@@ -439,7 +441,7 @@ def build_tokenizer(tok_meta: dict[str, Any]) -> Any:
 
     types = tok_meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     if len(types) != len(tokens):
-        raise ValueError(f"GGUF has {len(types)} token types for {len(tokens)} tokens; the file is inconsistent")
+        raise InputError(f"GGUF has {len(types)} token types for {len(tokens)} tokens; the file is inconsistent")
     pairs = list(zip(tokens, types, strict=True))
     special = [AddedToken(t, special=True, normalized=False) for t, ty in pairs if ty == _TOKEN_TYPE_CONTROL]
     user = [AddedToken(t, special=False, normalized=False) for t, ty in pairs if ty == _TOKEN_TYPE_USER_DEFINED]
@@ -565,7 +567,7 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike[str], out_dir: str | os.Path
     src = Path(gguf_path)
     out = Path(out_dir)
     if out.exists():
-        raise FileExistsError(f"{out} already exists; remove it or choose another output directory")
+        raise OutputExistsError(f"{out} already exists; remove it or choose another output directory")
     config = read_gguf_config(src)
     plan = gguf_tensor_plan(src)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,14 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from afpq_jax._src.errors import CheckpointError
 from afpq_jax._src.io import gguf as gguf_io
 from afpq_jax._src.io.safetensors_reader import SafetensorsError, SafetensorsFile
 
 TensorIter = Iterator[tuple[str, np.ndarray]]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read; the message names the file and the fix."""
 
 
 @dataclasses.dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from afpq_jax._src.errors import InputError
 from afpq_jax._src.models import bloom, llama
 from afpq_jax._src.models.config import ModelConfig
 from afpq_jax._src.models.transformer import CausalLM, linear_paths
@@ -14,7 +15,7 @@ FAMILIES: dict[str, ModuleType] = {t: fam for fam in (llama, bloom) for t in fam
 def family_for(hf_config: dict) -> ModuleType:
     model_type = hf_config.get("model_type")
     if model_type not in FAMILIES:
-        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+        raise InputError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[model_type]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from afpq_jax._src.errors import InputError
 from afpq_jax._src.models.config import ModelConfig
 from afpq_jax._src.models.params import KeyRule
 
@@ -29,7 +30,7 @@ KEY_RULES = (
 
 def config_from_hf(hf: dict) -> ModelConfig:
     if hf.get("apply_residual_connection_post_layernorm", False):
-        raise ValueError("BLOOM with apply_residual_connection_post_layernorm=true is not supported")
+        raise InputError("BLOOM with apply_residual_connection_post_layernorm=true is not supported")
     hidden = hf.get("hidden_size") or hf["n_embed"]
     heads = hf["n_head"]
     return ModelConfig(

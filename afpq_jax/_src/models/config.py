@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from afpq_jax._src.errors import InputError
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -50,17 +52,17 @@ class ModelConfig:
                   "head_dim"):
             v = getattr(self, f)
             if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"config.{f} must be a positive integer, got {v!r}")
+                raise InputError(f"config.{f} must be a positive integer, got {v!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads "
+            raise InputError(f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads "
                              f"({self.num_kv_heads})")
         if self.position == "rope":
             rtype = self.rope_scaling_dict.get("rope_type", "default")
             if rtype not in SUPPORTED_ROPE_TYPES:
-                raise ValueError(f"rope_scaling type {rtype!r} is not supported; supported: "
+                raise InputError(f"rope_scaling type {rtype!r} is not supported; supported: "
                                  f"{', '.join(SUPPORTED_ROPE_TYPES)}")
             if self.head_dim % 2:
-                raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+                raise InputError(f"RoPE needs an even head_dim, got {self.head_dim}")
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:

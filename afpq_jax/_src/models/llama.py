@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from afpq_jax._src.errors import InputError
 from afpq_jax._src.models.config import ModelConfig
 from afpq_jax._src.models.params import KeyRule, rope_settings
 
@@ -24,7 +25,7 @@ KEY_RULES = (
 
 def config_from_hf(hf: dict) -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"LLaMA-family model with hidden_act={hf['hidden_act']!r}; only 'silu' is supported")
+        raise InputError(f"LLaMA-family model with hidden_act={hf['hidden_act']!r}; only 'silu' is supported")
     heads = hf["num_attention_heads"]
     theta, scaling = rope_settings(hf)
     max_pos = hf.get("max_position_embeddings", 2048)

@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from afpq_jax._src.layers import LayerNorm, QuantDense, QuantScheme, RMSNorm
+from afpq_jax._src.errors import InputError
+from afpq_jax._src.layers import LayerNorm, QuantDense, RMSNorm
+from afpq_jax._src.scheme import QuantScheme
 from afpq_jax._src.models.config import ModelConfig
 
 KVCache = list[tuple[jax.Array, jax.Array]]
@@ -181,9 +183,10 @@ class CausalLM(nnx.Module):
         quant = dict(quant or {})
         unknown = set(quant) - set(linear_paths(cfg))
         if unknown:
-            raise ValueError(f"quantization layout names unknown layers: {sorted(unknown)[:5]}")
+            raise InputError(f"quantization layout names unknown layers: {sorted(unknown)[:5]}")
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype).name
+        self.checkpoint_info = None  # afpq_jax's CheckpointInfo: set by load / quantize_pretrained, used by save
         self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.embed_norm = _norm(cfg, dtype) if cfg.embed_norm else None
         self.layers = nnx.List([Block(cfg, i, quant, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from afpq_jax._src.errors import InputError
 from afpq_jax._src import formats as formats_lib
 from afpq_jax._src import packing
 from afpq_jax._src.qtensor import QuantizedTensor
@@ -120,7 +121,7 @@ class Problem:
         fmt = qt.format
         k, n = qt.shape[-2:]
         if x_shape[-1] != k:
-            raise ValueError(f"x's last axis ({x_shape[-1]}) must equal the weight's in_features ({k})")
+            raise InputError(f"x's last axis ({x_shape[-1]}) must equal the weight's in_features ({k})")
         m = int(math.prod(x_shape[:-1]))
         kp = packing.padded_rows(k)
         planes, off = [], 0

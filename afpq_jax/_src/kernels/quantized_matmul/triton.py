@@ -31,9 +31,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from pallas_kernels.quantized_matmul import base, decode
-from pallas_kernels.quantized_matmul.base import BlockConfig, Problem, cdiv
-from pallas_kernels.quantized_matmul.xla import dot_precision
+from afpq_jax._src.kernels.quantized_matmul import base, decode
+from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, cdiv
+from afpq_jax._src.kernels.quantized_matmul.xla import dot_precision
 
 
 def _pow2(v: int) -> bool:

@@ -28,8 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.quantized_matmul import base, decode
-from pallas_kernels.quantized_matmul.base import BlockConfig, Problem, round_up
+from afpq_jax._src.kernels.quantized_matmul import base, decode
+from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, round_up
 
 WGMMA_ROWS = 64
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.quantized_matmul.base import Problem
+from afpq_jax._src.kernels.quantized_matmul.base import Problem
 
 _F32_ONE_HALF_BITS = 252  # (pattern + 252) << 22 is the float32 bit pattern of E2M1 magnitude `pattern` >= 2
 

@@ -7,7 +7,7 @@ whose ``supports`` accepts the call runs:
     gpu: triton -> mosaic_gpu -> xla
     cpu (and anything else): xla
 
-A candidate that declines logs one WARNING line per (implementation, reason) on the ``pallas_kernels`` logger
+A candidate that declines logs one WARNING line per (implementation, reason) on the ``afpq_jax.kernels`` logger
 (once per process) and the next one is tried; "xla" supports everything. Kernels are forward-only (no VJP). An explicitly named implementation never falls back: it raises ``NotImplementedError`` with the
 reason instead. ``interpret=True`` runs a Pallas kernel in interpret mode (any backend, e.g. CPU tests).
 """
@@ -21,11 +21,12 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
+from afpq_jax._src.errors import ArgumentTypeError, InputError
 from afpq_jax._src.qtensor import QuantizedTensor
-from pallas_kernels.quantized_matmul import base
-from pallas_kernels.quantized_matmul.base import BlockConfig, Problem
+from afpq_jax._src.kernels.quantized_matmul import base
+from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem
 
-logger = logging.getLogger("pallas_kernels")
+logger = logging.getLogger("afpq_jax.kernels")
 
 X_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -51,7 +52,7 @@ class _Xla:
         return None
 
     def __call__(self, x2d, qt, prob, config, *, interpret=False):
-        from pallas_kernels.quantized_matmul.xla import quantized_matmul_xla
+        from afpq_jax._src.kernels.quantized_matmul.xla import quantized_matmul_xla
         return quantized_matmul_xla(x2d, qt)
 
 
@@ -72,7 +73,7 @@ def register_implementation(impl: Implementation, *, replace: bool = False) -> I
 
 
 def _register_builtins() -> None:
-    from pallas_kernels.quantized_matmul import mosaic_gpu, mosaic_tpu, triton
+    from afpq_jax._src.kernels.quantized_matmul import mosaic_gpu, mosaic_tpu, triton
     register_implementation(_Xla())
     register_implementation(mosaic_tpu.MosaicTpu())
     register_implementation(triton.Triton())
@@ -134,15 +135,15 @@ def quantized_matmul(x: jax.Array, qt: QuantizedTensor, *, implementation: str |
     interpret: run Pallas kernels in interpret mode (CPU testing).
     """
     if not isinstance(qt, QuantizedTensor):
-        raise TypeError(f"quantized_matmul expects a QuantizedTensor, got {type(qt).__name__}")
+        raise ArgumentTypeError(f"quantized_matmul expects a QuantizedTensor, got {type(qt).__name__}")
     if jnp.dtype(x.dtype).name not in X_DTYPES:
-        raise TypeError(f"x must be one of {X_DTYPES}, got {jnp.dtype(x.dtype).name}")
+        raise ArgumentTypeError(f"x must be one of {X_DTYPES}, got {jnp.dtype(x.dtype).name}")
     prob = Problem.create(x.shape, x.dtype, qt)
     if implementation is None:
         name, cfg = select_implementation(prob, config)
     else:
         if implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"unknown implementation {implementation!r}; registered: {sorted(IMPLEMENTATIONS)}")
+            raise InputError(f"unknown implementation {implementation!r}; registered: {sorted(IMPLEMENTATIONS)}")
         name = implementation
         cfg = base.resolve(name, prob, config)
         reason = IMPLEMENTATIONS[name].supports(prob, cfg)

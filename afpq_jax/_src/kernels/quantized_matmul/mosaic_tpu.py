@@ -33,9 +33,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.quantized_matmul import base, decode
-from pallas_kernels.quantized_matmul.base import BlockConfig, Problem, cdiv, round_up
-from pallas_kernels.quantized_matmul.xla import dot_precision
+from afpq_jax._src.kernels.quantized_matmul import base, decode
+from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, cdiv, round_up
+from afpq_jax._src.kernels.quantized_matmul.xla import dot_precision
 
 
 @dataclasses.dataclass(frozen=True)

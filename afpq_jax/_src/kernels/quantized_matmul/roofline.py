@@ -15,8 +15,8 @@ import jax.numpy as jnp
 
 from afpq_jax._src import formats as formats_lib
 from afpq_jax._src import packing
-from pallas_kernels.quantized_matmul import base
-from pallas_kernels.quantized_matmul.base import BlockConfig, Problem, cdiv
+from afpq_jax._src.kernels.quantized_matmul import base
+from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, cdiv
 
 # HBM bandwidth (bytes/s) by device_kind (substring match, first hit wins). Public spec-sheet numbers.
 HBM_BANDWIDTH: tuple[tuple[str, float], ...] = (
@@ -80,7 +80,7 @@ def kernel_hbm_bytes(impl: str, prob: Problem, cfg: BlockConfig) -> dict[str, fl
     s_item = jnp.dtype(prob.scale_dtype).itemsize
     per_group_bytes = s_item * (1 + prob.has_neg) + prob.has_zero
     if impl == "mosaic_tpu":
-        from pallas_kernels.quantized_matmul import mosaic_tpu
+        from afpq_jax._src.kernels.quantized_matmul import mosaic_tpu
         pl_ = mosaic_tpu.plan(prob, cfg)
         m_tiles, n_tiles = pl_.mp // pl_.bm, cdiv(prob.n, pl_.bn)
         ncols = n_tiles * pl_.bn
@@ -109,7 +109,7 @@ def kernel_hbm_bytes(impl: str, prob: Problem, cfg: BlockConfig) -> dict[str, fl
         out = mp * prob.n * itemsize
         split = 1
         if impl == "triton":
-            from pallas_kernels.quantized_matmul.triton import effective_split
+            from afpq_jax._src.kernels.quantized_matmul.triton import effective_split
             split = effective_split(prob, cfg)[0]
         if split > 1:
             out += 2 * split * mp * prob.n * 4  # float32 partial sums written and read back by the XLA sum

@@ -1,0 +1,277 @@
+"""The public entry points: `load` a model, `quantize_pretrained` it in memory, `save` the packed checkpoint.
+
+``python -m afpq_jax.convert`` is `quantize_pretrained` followed by `save`; both write the same checkpoint.
+What a checkpoint records besides the weights (the source's config.json, tokenizer location, method, rules,
+calibration options, per-block report) travels with the model as its `CheckpointInfo`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from afpq_jax._src import algorithms  # noqa: F401  (registers the built-in methods)
+from afpq_jax._src import checkpoint
+from afpq_jax._src.algorithms.clip import ClipSearch
+from afpq_jax._src.calibration import driver
+from afpq_jax._src.calibration.data import Calibration
+from afpq_jax._src.calibration.method import Method, get_method
+from afpq_jax._src.checkpoint import CheckpointInfo
+from afpq_jax._src.errors import CheckpointError, InputError, InputNotFoundError
+from afpq_jax._src.io import sources
+from afpq_jax._src.loading import CheckpointWeights, ModelWeights, load_float
+from afpq_jax._src.models import CausalLM, ModelConfig, config_from_hf, linear_paths
+from afpq_jax._src.scheme import QuantRule, QuantScheme, as_rules, resolve_rules, rules_to_json, unused_rules
+
+logger = logging.getLogger("afpq_jax")
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(dtype) -> jnp.dtype:
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in DTYPES:
+        raise InputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return dt
+
+
+def _source_info(source: sources.Source) -> CheckpointInfo:
+    return CheckpointInfo(hf_config=json.dumps(source.config, sort_keys=True),
+                          tokenizer_dir=None if source.tokenizer_dir is None else str(source.tokenizer_dir),
+                          gguf_path=str(source.path) if source.kind == "gguf" else None,
+                          source=str(source.path), source_kind=source.kind)
+
+
+def load(path: str | os.PathLike, *, dtype="float32") -> CausalLM:
+    """A ready NNX model from a converted afpq-jax checkpoint, a float Hugging Face directory (safetensors or
+    Flax msgpack), a GGUF file, or a Hub id (needs network). ``model(input_ids)`` gives float32 logits.
+    ``dtype`` applies to float checkpoints (a converted checkpoint keeps the dtype it was converted with)."""
+    if checkpoint.is_converted_checkpoint(path):
+        return checkpoint.load(path)
+    source = sources.open_source(path)
+    cfg = config_from_hf(source.config)
+    model = load_float(CheckpointWeights(source, cfg), cfg, dtype=_dtype(dtype))
+    model.checkpoint_info = _source_info(source)
+    return model
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer that belongs to a model path (directory with tokenizer files, or a GGUF file)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found": we never run torch
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    p = Path(path)
+    if p.is_file():
+        from afpq_jax._src.io import gguf as gguf_io
+        tok = gguf_io.build_tokenizer(gguf_io.read_gguf_tokenizer_metadata(p))
+        return PreTrainedTokenizerFast(tokenizer_object=tok)
+    if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise CheckpointError(f"{p} has no tokenizer files (tokenizer.json / tokenizer.model); copy them from the "
+                              f"original model")
+    return AutoTokenizer.from_pretrained(str(p))
+
+
+def tokenize(tokenizer, text: str, chunk_chars: int = 100_000) -> np.ndarray:
+    """Token ids of a long text as int32, encoded paragraph-aligned chunk by chunk: one fast-tokenizer call on
+    a multi-megabyte string holds offsets and masks for every token (measured: +300 MB RSS for 2.3 MB of text)."""
+    parts, start = [], 0
+    while start < len(text):
+        end = min(start + chunk_chars, len(text))
+        if end < len(text):
+            cut = text.rfind("\n\n", start, end)
+            end = cut + 2 if cut > start else end
+        parts.append(np.asarray(tokenizer(text[start:end], add_special_tokens=False)["input_ids"], np.int32))
+        start = end
+    return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+
+
+def model_config(path: str | os.PathLike) -> ModelConfig:
+    """The architecture of a model path (reads only its config and tensor index)."""
+    if checkpoint.is_converted_checkpoint(path):
+        return config_from_hf(json.loads((Path(path) / "config.json").read_text()))
+    return config_from_hf(sources.open_source(path).config)
+
+
+def resolve_method(method: str | Method, clip: bool | None) -> Method:
+    """The method instance for a name or instance, with the clipping search forced on/off by ``clip``."""
+    m = get_method(method)
+    if clip is None:
+        return m
+    if not any(f.name == "clip" for f in dataclasses.fields(m)):
+        if not clip:
+            return m
+        raise InputError(f"the clipping search does not apply to method {m.name!r} (it sets its scales itself); "
+                         f"drop clip / --clip")
+    current = getattr(m, "clip")
+    return get_method(m, clip=(current or ClipSearch()) if clip else None)
+
+
+def _tokenizer_location(info: CheckpointInfo | None) -> str | None:
+    if info is None:
+        return None
+    return info.gguf_path or info.tokenizer_dir
+
+
+def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme | QuantRule | Iterable[QuantRule],
+                        *, method: str | Method = "rtn", calibration: Calibration | None = None,
+                        clip: bool | None = None, dtype=None, progress: bool = True) -> CausalLM:
+    """Quantizes a float model in memory and returns the quantized `CausalLM` (write it with `save`).
+
+    model: a Hugging Face directory, a GGUF file, a Hub id, or an in-memory float `CausalLM` (left unchanged).
+    rules: `QuantRule`s over layer paths (first match wins, ``scheme=None`` keeps a layer float, unmatched layers
+        stay float), or one `QuantScheme` for every decoder linear (lm_head stays float).
+    method: a registered name ("rtn", "gptq", "awq", ...) or a `Method` instance with its options.
+    calibration: the calibration data and batching (`Calibration`); needed by calibrated methods.
+    clip: force the two-sided clipping search on or off (None: the method's default; AWQ on, RTN off).
+    dtype: of the unquantized parameters and of compute (default float32; an in-memory model's own dtype).
+    """
+    rules = as_rules(rules)
+    m = resolve_method(method, clip)
+    if isinstance(model, CausalLM):
+        weights, cfg, info = ModelWeights(model), model.cfg, model.checkpoint_info
+        dt = _dtype(dtype or model.dtype)
+        source_name, source_kind = (info.source, info.source_kind) if info else ("<in-memory model>", "model")
+    else:
+        source = sources.open_source(model)
+        cfg = config_from_hf(source.config)
+        weights, info, dt = CheckpointWeights(source, cfg), _source_info(source), _dtype(dtype or "float32")
+        source_name, source_kind = str(model), source.kind
+    paths = linear_paths(cfg)
+    layout = resolve_rules(rules, paths)
+    for rule in unused_rules(rules, paths):
+        if rule.scheme is None:
+            continue  # keeping absent layers float is harmless (e.g. the lm_head rule on a tied model)
+        logger.warning("quantization rule %r decides no layer of this model (layer paths look like %s)",
+                       rule.pattern, paths[0])
+    if not layout:
+        raise InputError("the rules quantize no layer of this model; layer paths look like "
+                         f"{paths[0]!r} (patterns must match the whole path)")
+    windows = None
+    if m.calibrated:
+        if calibration is None:
+            raise InputError(f"method {m.name!r} needs calibration data: pass calibration=afpq_jax.Calibration("
+                             f"text=...) (afpq_jax.assets.wiki_text() is the Wikipedia split the CLI uses)")
+        calibration.validate()
+        tok_path = _tokenizer_location(info)
+
+        def tokenize_text(text: str) -> np.ndarray:
+            if tok_path is None:
+                raise InputError("calibration text needs the model's tokenizer, and this model has none; pass "
+                                 "Calibration(token_ids=...) or Calibration(random=True)")
+            return tokenize(load_tokenizer(tok_path), text)
+
+        windows = calibration.windows(cfg.vocab_size, cfg.max_seq_len, tokenize_text)
+    qcfg = m.prepare_config(cfg)
+    qmodel, report, seconds = driver.run(weights, qcfg, layout, m, windows, calibration if m.calibrated else None,
+                                         dtype=dt, progress=progress)
+    record = {
+        "method": m.name, "method_options": m.to_json(), "clip": getattr(m, "clip", None) is not None,
+        "calibration": calibration.options_json() if m.calibrated else None,
+        "rules": rules_to_json(rules), "report": report, "source": source_name, "source_kind": source_kind,
+    }
+    qmodel.checkpoint_info = CheckpointInfo(
+        hf_config=info.hf_config if info else None, tokenizer_dir=info.tokenizer_dir if info else None,
+        gguf_path=info.gguf_path if info else None, source=source_name, source_kind=source_kind,
+        quantization=json.dumps(record, sort_keys=True), phase_seconds=tuple(seconds.items()))
+    return qmodel
+
+
+def save(model: CausalLM, out_dir: str | os.PathLike, *, overwrite: bool = False,
+         hf_config: dict[str, Any] | None = None) -> Path:
+    """Writes ``model`` as a packed afpq-jax checkpoint (what ``python -m afpq_jax.convert`` writes): an orbax tree
+    of the state, config.json, quantization_config.json and the tokenizer files. Everything is written into a
+    temporary sibling directory and renamed into place: nothing appears at ``out_dir`` if anything fails.
+
+    ``hf_config`` is needed only for a model that did not come from `load` / `quantize_pretrained`.
+    """
+    if not isinstance(model, CausalLM):
+        raise InputError(f"save expects an afpq_jax CausalLM, got {type(model).__name__}")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise checkpoint.output_exists(out)
+    info = model.checkpoint_info
+    hf = hf_config if hf_config is not None else (json.loads(info.hf_config) if info and info.hf_config else None)
+    if hf is None:
+        raise InputError("this model carries no Hugging Face config.json (it was not made by load / "
+                         "quantize_pretrained); pass save(..., hf_config=...)")
+    record = json.loads(info.quantization) if info and info.quantization else {
+        "method": None, "source": info.source if info else None, "source_kind": info.source_kind if info else None}
+    linears = model.linear_layers()
+    layout = {p: m.scheme for p, m in linears.items() if m.is_quantized}
+    q_params = sum(linears[p].in_features * linears[p].out_features for p in layout)
+    q_bytes = sum(linears[p].quantized_tensor().nbytes for p in layout)
+    quant_config = {
+        **record, "checkpoint_format": checkpoint.CHECKPOINT_FORMAT, "quant_method": "afpq-jax",
+        "mlp_act_scale": model.cfg.mlp_act_scale, "dtype": jnp.dtype(model.dtype).name,
+        "lm_head_quantized": "lm_head" in layout, "layers": {p: s.to_json() for p, s in layout.items()},
+        "packing": "bit planes along the input axis, LSB first (afpq_jax/_src/packing.py)",
+        "bits_per_weight": round(8 * q_bytes / max(1, q_params), 4),
+    }
+    with checkpoint.staging_dir(out, overwrite) as tmp:
+        if info is not None and info.gguf_path:
+            from afpq_jax._src.io import gguf as gguf_io
+            gguf_io.write_hf_tokenizer(Path(info.gguf_path), tmp)
+        checkpoint.save(model, tmp, hf_config=hf, quant_config=quant_config,
+                        tokenizer_dir=None if info is None or info.tokenizer_dir is None else Path(info.tokenizer_dir))
+    return out.absolute()
+
+
+@dataclasses.dataclass
+class ConvertSummary:
+    """What a conversion produced (printed by the CLI)."""
+
+    out: Path
+    layers: int
+    quantized_params: int
+    quantized_bytes: int
+    float_params: int
+    disk_bytes: int
+    seconds: float
+    phase_seconds: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.quantized_bytes / max(1, self.quantized_params)
+
+    def lines(self) -> list[str]:
+        return [f"quantized layers : {self.layers}",
+                f"quantized params : {self.quantized_params:,} at {self.bits_per_weight:.3f} bits/weight "
+                f"({self.quantized_bytes / 2**20:.1f} MiB)",
+                f"float params     : {self.float_params:,} (embeddings, norms, biases, unquantized heads)",
+                f"size on disk     : {self.disk_bytes / 2**20:.1f} MiB  ->  {self.out}",
+                f"time             : {self.seconds:.1f} s"] + (
+                    ["  " + ", ".join(f"{k} {v:.1f}s" for k, v in self.phase_seconds.items())]
+                    if self.phase_seconds else [])
+
+
+def summarize(model: CausalLM, out: str | os.PathLike, seconds: float) -> ConvertSummary:
+    linears = model.linear_layers()
+    q = [m for m in linears.values() if m.is_quantized]
+    out = Path(out)
+    info = model.checkpoint_info
+    return ConvertSummary(
+        out=out.absolute(), layers=len(q), quantized_params=sum(m.in_features * m.out_features for m in q),
+        quantized_bytes=sum(m.quantized_tensor().nbytes for m in q),
+        float_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))),
+        disk_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()), seconds=seconds,
+        phase_seconds=dict(info.phase_seconds) if info else {})
+
+
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise InputNotFoundError(f"{what} {p} does not exist")
+    return p

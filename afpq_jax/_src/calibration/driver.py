@@ -1,0 +1,116 @@
+"""The block-by-block driver (the AutoGPTQ / llm-compressor pipeline), for every registered method.
+
+Embed the calibration windows, then for each decoder block i: load block i's float weights (nothing else of the
+model's blocks is in memory), accumulate the statistics the method asks for over every window, let the method
+quantize the block (`Method.quantize_block`), place it in the model, and overwrite the activations *in place*,
+minibatch by minibatch, with the quantized block's outputs, which are block i+1's inputs. Memory: one float block,
+one activation buffer (N x L x hidden float32) and the packed blocks done so far. A method with
+``calibrated=False`` (plain RTN) skips the activations: blocks stream straight from the weights.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from afpq_jax._src.calibration import taps
+from afpq_jax._src.calibration.data import Calibration
+from afpq_jax._src.calibration.method import BlockContext, Method
+from afpq_jax._src.calibration.timer import PhaseTimer
+from afpq_jax._src.loading import FloatWeights, ModelAssembler
+from afpq_jax._src.memory import release_freed_memory
+from afpq_jax._src.models import CausalLM, ModelConfig
+from afpq_jax._src.models.transformer import Block, block_linears
+from afpq_jax._src.scheme import QuantScheme
+
+_EMBEDDING = ("embed", "embed_norm")
+
+
+def _block_layout(layout: Mapping[str, QuantScheme], index: int) -> dict[str, QuantScheme]:
+    prefix = f"layers.{index}."
+    return {name[len(prefix):]: s for name, s in layout.items() if name.startswith(prefix)}
+
+
+def _dequantized_copy(block: Block, cfg: ModelConfig, index: int, dtype) -> Block:
+    """A float block with ``block``'s values, each packed kernel replaced by its dequantized weight: the same
+    numbers as the packed forward, without dequantizing again for every minibatch."""
+    float_block = nnx.eval_shape(lambda: Block(cfg, index, {}, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(float_block)
+    flat = dict(nnx.to_flat_state(state))
+    current = dict(nnx.to_flat_state(nnx.state(block)))
+    linears = block_linears(block)
+    for key, var in flat.items():
+        layer = ".".join(map(str, key[:-1]))
+        if key[-1] == "kernel" and layer in linears and linears[layer].is_quantized:
+            var.set_value(linears[layer].weight())
+        else:
+            var.set_value(current[key].get_value())
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def run(weights: FloatWeights, cfg: ModelConfig, layout: Mapping[str, QuantScheme], method: Method,
+        windows: np.ndarray | None, calibration: Calibration | None, *, dtype=jnp.float32,
+        progress: bool = True) -> tuple[CausalLM, dict, dict[str, float]]:
+    """Quantizes the model block by block with ``method``. ``cfg`` is the architecture to build (already
+    `Method.prepare_config`-ed). Returns (model, report, seconds per phase); the report holds the method's
+    per-block facts (deterministic), the seconds do not belong in a checkpoint."""
+    timer = PhaseTimer()
+    t_start = time.perf_counter()
+    dtype = jnp.dtype(dtype)
+    asm = ModelAssembler(cfg, layout, dtype)
+    x_all = positions = None
+    if method.calibrated:
+        if windows is None or calibration is None:
+            raise ValueError(f"method {method.name!r} needs calibration windows")
+        embedding = [p for p in weights.outer_paths() if p[0] in _EMBEDDING]
+        asm.place_outer(weights, embedding)
+        n, seqlen = windows.shape
+        rows = max(calibration.batch_size, calibration.search_batch_size)
+        positions = jnp.broadcast_to(jnp.arange(seqlen, dtype=jnp.int32), (rows, seqlen))
+        with timer("embed"):
+            x_all = np.empty((n, seqlen, cfg.hidden_size), np.float32)
+            embedder = asm.partial_model()  # only its embedding layers are filled
+            for sl in taps.minibatches(n, calibration.batch_size):
+                x_all[sl] = np.asarray(embedder.embed_inputs(jnp.asarray(windows[sl])), np.float32)
+            del embedder
+            asm.release(embedding)  # placed again at the end: not resident next to the activations
+    rng = np.random.default_rng(calibration.seed if calibration is not None else 0)
+    report: dict = {}
+    bar = tqdm(range(cfg.num_layers), desc=f"{method.name} blocks", unit="block", disable=not progress)
+    for i in bar:
+        with timer("load block"):
+            block = weights.block(i, cfg, dtype)
+        schemes = _block_layout(layout, i)
+        stats, tokens = {}, 0
+        if method.calibrated and method.statistics():
+            with timer("statistics"):
+                stats, tokens = taps.input_statistics(block, method.statistics(), schemes, x_all, positions,
+                                                      calibration.batch_size)
+        ctx = BlockContext(index=i, block=block, cfg=cfg, schemes=schemes, stats=stats, tokens=tokens,
+                           calibration=calibration, timer=timer, rng=rng, inputs=x_all, positions=positions)
+        facts = method.quantize_block(ctx)
+        del ctx, stats
+        linears = block_linears(block)
+        left = [name for name in schemes if not linears[name].is_quantized]
+        if left:
+            raise RuntimeError(f"method {method.name!r} left layers.{i}.{left[0]} float; its layout quantizes it")
+        if facts:
+            report[str(i)] = facts
+        asm.place_block(i, block)
+        if method.calibrated and i + 1 < cfg.num_layers:
+            with timer("forward (quantized)"):
+                taps.forward(_dequantized_copy(block, cfg, i, dtype), x_all, positions, calibration.batch_size)
+        del block
+        release_freed_memory()
+    del x_all
+    with timer("load outer"):
+        asm.place_outer(weights)
+    seconds = timer.rounded()
+    seconds["total"] = round(time.perf_counter() - t_start, 1)
+    return asm.finish(), report, seconds

@@ -1,0 +1,15 @@
+"""Fused dequantize-matmul for packed `QuantizedTensor` weights: ``x @ dequantize(qt)``.
+
+One op, one folder: `api` (the op, its implementation registry and dispatch), `base` (problem description and
+tilings), `xla` (the reference), one file per backend (`mosaic_tpu`, `triton`, `mosaic_gpu`), `decode` (in-kernel
+code -> value shared by the kernels) and `roofline` (byte counts for benchmarks).
+"""
+
+from afpq_jax._src.kernels.quantized_matmul.api import (DISPATCH_ORDER, IMPLEMENTATIONS, Implementation,
+                                                        current_backend, quantized_matmul, register_implementation,
+                                                        select_implementation, why_not)
+from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, default_config, resolve
+
+__all__ = ["DISPATCH_ORDER", "IMPLEMENTATIONS", "BlockConfig", "Implementation", "Problem", "current_backend",
+           "default_config", "quantized_matmul", "register_implementation", "resolve", "select_implementation",
+           "why_not"]

@@ -1,0 +1,189 @@
+"""What to quantize and how: `QuantScheme` (one layer's weight format) and `QuantRule` (module path -> scheme).
+
+A conversion's *layout* is the mapping {layer path: scheme} that `resolve_rules` derives from an ordered list of
+rules over the model's linear-layer paths (``layers.3.attn.q_proj``, ``layers.3.mlp.down_proj``, ``lm_head``):
+the first rule whose pattern matches the whole path decides; ``scheme=None`` keeps the layer float; a layer no
+rule matches stays float. This is the convention of qwix's rules. Rules files are JSON (`load_rules`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from afpq_jax._src import formats as formats_lib
+from afpq_jax._src import quantizer
+from afpq_jax._src.errors import InputError, InputNotFoundError
+from afpq_jax._src.qtensor import QuantizedTensor
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantScheme:
+    """How one layer's kernel is quantized (static and hashable; recorded per layer in quantization_config.json).
+
+    format: canonical format name (`afpq_jax.formats.available_formats`); group_size: input rows per scale group,
+    None = one group per output column; asym: AFPQ two-scale (FP/NF) or min/max affine (INT) instead of absmax;
+    scale_dtype: storage dtype of the scales. `create` canonicalises aliases ("fp4" -> "fp4_e2m1").
+    """
+
+    format: str
+    group_size: int | None = 128
+    asym: bool = True
+    scale_dtype: str = "float16"
+
+    def validate(self) -> None:
+        fmt = formats_lib.get_format(self.format)
+        if fmt.name != self.format:
+            raise InputError(f"QuantScheme.format must be a canonical name ({fmt.name!r}), got {self.format!r}; "
+                             f"use QuantScheme.create")
+        quantizer.check_group_size(self.group_size)
+        quantizer.check_scale_dtype(self.scale_dtype)
+        if not isinstance(self.asym, bool):
+            raise InputError(f"QuantScheme.asym must be true or false, got {self.asym!r}")
+
+    @classmethod
+    def create(cls, format: str, *, group_size: int | None = 128, asym: bool = True,
+               scale_dtype: str = "float16") -> QuantScheme:
+        s = cls(format=formats_lib.get_format(format).name, group_size=group_size, asym=asym,
+                scale_dtype=quantizer.check_scale_dtype(scale_dtype).name)
+        s.validate()
+        return s
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> QuantScheme:
+        """A scheme from its `to_json` form; missing keys take the defaults, unknown keys are an error."""
+        if not isinstance(obj, Mapping):
+            raise InputError(f"a scheme must be a JSON object like {{\"format\": \"nf3\", \"group_size\": 128}}, "
+                             f"got {obj!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise InputError(f"unknown scheme key(s) {unknown}; allowed: {sorted(known)}")
+        if "format" not in obj:
+            raise InputError(f"scheme {dict(obj)} has no \"format\"")
+        return cls.create(**obj)
+
+    def __str__(self) -> str:
+        group = "channel" if self.group_size is None else str(self.group_size)
+        return f"{self.format}-{'asym' if self.asym else 'sym'}-g{group}"
+
+    def quantize(self, w: jax.Array, clip_ratios=None) -> QuantizedTensor:
+        """Round-to-nearest quantization of a kernel with this scheme (``clip_ratios``: `quantize`'s)."""
+        return quantizer.quantize(w, self.format, group_size=self.group_size, asym=self.asym,
+                                  scale_dtype=self.scale_dtype, clip_ratios=clip_ratios)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRule:
+    """``pattern`` (a regular expression that must match a whole layer path) -> ``scheme`` (None: keep float)."""
+
+    pattern: str
+    scheme: QuantScheme | None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str):
+            raise InputError(f"QuantRule pattern must be a string, got {type(self.pattern).__name__}")
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise InputError(f"QuantRule pattern {self.pattern!r} is not a valid regular expression ({e}); "
+                             f"escape dots as \\. (e.g. layers\\.\\d+\\.mlp\\.down_proj)") from None
+        if self.scheme is not None:
+            if not isinstance(self.scheme, QuantScheme):
+                raise InputError(f"QuantRule scheme must be a QuantScheme or None, got {type(self.scheme).__name__}")
+            self.scheme.validate()
+
+    def matches(self, path: str) -> bool:
+        return re.fullmatch(self.pattern, path) is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pattern": self.pattern, "scheme": None if self.scheme is None else self.scheme.to_json()}
+
+
+def default_rules(scheme: QuantScheme, *, quantize_lm_head: bool = False) -> list[QuantRule]:
+    """One scheme for every linear layer of the decoder blocks; lm_head stays float unless asked."""
+    head = [] if quantize_lm_head else [QuantRule("lm_head", None)]
+    return head + [QuantRule(".*", scheme)]
+
+
+def as_rules(rules: QuantScheme | QuantRule | Iterable[QuantRule]) -> list[QuantRule]:
+    """Accepts a rule list, one rule, or one scheme (= `default_rules(scheme)`)."""
+    if isinstance(rules, QuantScheme):
+        return default_rules(rules)
+    if isinstance(rules, QuantRule):
+        return [rules]
+    out = list(rules)
+    bad = [r for r in out if not isinstance(r, QuantRule)]
+    if bad:
+        raise InputError(f"rules must be QuantRule objects (or one QuantScheme), got {type(bad[0]).__name__}")
+    return out
+
+
+def resolve_rules(rules: Sequence[QuantRule], paths: Iterable[str]) -> dict[str, QuantScheme]:
+    """The layout {path: scheme} of the quantized layers, in ``paths`` order: first matching rule wins."""
+    layout = {}
+    for path in paths:
+        for rule in rules:
+            if rule.matches(path):
+                if rule.scheme is not None:
+                    layout[path] = rule.scheme
+                break
+    return layout
+
+
+def unused_rules(rules: Sequence[QuantRule], paths: Iterable[str]) -> list[QuantRule]:
+    """Rules that decide no layer (they match nothing, or only paths an earlier rule took): usually a typo."""
+    used = set()
+    for path in paths:
+        for i, rule in enumerate(rules):
+            if rule.matches(path):
+                used.add(i)
+                break
+    return [r for i, r in enumerate(rules) if i not in used]
+
+
+def rules_from_json(obj: Any) -> list[QuantRule]:
+    """Rules from JSON: a list (or ``{"rules": [...]}``) of ``{"pattern": str, "scheme": {...} | null}``."""
+    if isinstance(obj, Mapping) and set(obj) == {"rules"}:
+        obj = obj["rules"]
+    if not isinstance(obj, list) or not obj:
+        raise InputError("a rules file holds a non-empty JSON list of {\"pattern\": ..., \"scheme\": {...} | null}")
+    rules = []
+    for i, item in enumerate(obj):
+        if not isinstance(item, Mapping) or set(item) != {"pattern", "scheme"}:
+            raise InputError(f"rule {i}: expected {{\"pattern\": str, \"scheme\": {{...}} | null}}, got {item!r}")
+        try:
+            scheme = None if item["scheme"] is None else QuantScheme.from_json(item["scheme"])
+            rules.append(QuantRule(item["pattern"], scheme))
+        except InputError as e:
+            raise InputError(f"rule {i} ({item.get('pattern')!r}): {e}") from None
+    return rules
+
+
+def load_rules(path: str | os.PathLike) -> list[QuantRule]:
+    """Reads a JSON rules file (see `rules_from_json`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputNotFoundError(f"rules file {p} does not exist")
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"rules file {p} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    try:
+        return rules_from_json(obj)
+    except InputError as e:
+        raise InputError(f"rules file {p}: {e}") from None
+
+
+def rules_to_json(rules: Sequence[QuantRule]) -> list[dict[str, Any]]:
+    return [r.to_json() for r in rules]

@@ -1,0 +1,18 @@
+"""Public view of the kernels: `quantized_matmul(x, qt)` = ``x @ dequantize(qt)`` straight from packed codes.
+
+Dispatch picks the fused Pallas kernel for the default backend (Mosaic TPU; Triton, then Mosaic GPU) and falls
+back to the XLA reference (dequantize, then one dot); `IMPLEMENTATIONS` is the registry, `why_not` says why a
+kernel declines a call, `roofline` holds the byte counts the benchmarks compare against.
+"""
+
+from afpq_jax._src.kernels.quantized_matmul import (DISPATCH_ORDER, IMPLEMENTATIONS, BlockConfig, Implementation,
+                                                    Problem, current_backend, default_config, quantized_matmul,
+                                                    register_implementation, resolve, select_implementation,
+                                                    why_not)
+from afpq_jax._src.kernels.quantized_matmul import roofline
+
+resolve_config = resolve
+
+__all__ = ["DISPATCH_ORDER", "IMPLEMENTATIONS", "BlockConfig", "Implementation", "Problem", "current_backend",
+           "default_config", "quantized_matmul", "register_implementation", "resolve_config", "roofline",
+           "select_implementation", "why_not"]
