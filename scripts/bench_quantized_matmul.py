@@ -1,4 +1,4 @@
-"""Benchmark `pallas_kernels.quantized_matmul` against dense matmuls of the same shape.
+"""Benchmark `afpq_jax.kernels.quantized_matmul` against dense matmuls of the same shape.
 
 For every format, M and implementation available on the default backend ("xla" everywhere; "mosaic_tpu" on TPU;
 "triton" and "mosaic_gpu" on GPU, where they accept the shape) it prints the median time of --reps runs after
@@ -22,9 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import afpq_jax
-from pallas_kernels import IMPLEMENTATIONS, quantized_matmul
-from pallas_kernels.quantized_matmul import api, base, roofline
-from pallas_kernels.quantized_matmul.base import Problem
+from afpq_jax.kernels import IMPLEMENTATIONS, Problem, current_backend, quantized_matmul, resolve_config, roofline
 
 
 def timed(fn, *args, reps: int, per_call: int = 1) -> float:
@@ -63,7 +61,7 @@ def main():
     ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args()
 
-    backend = api.current_backend()
+    backend = current_backend()
     dev = jax.devices()[0]
     bw = roofline.hbm_bandwidth(dev.device_kind) if backend != "cpu" else None
     print(f"device: {dev.device_kind} ({backend}), jax {jax.__version__}, HBM "
@@ -94,7 +92,7 @@ def main():
             prob = Problem.create(xq.shape, xq.dtype, qt)
             ref = None
             for name in impls:
-                cfg = base.resolve(name, prob, None)
+                cfg = resolve_config(name, prob, None)
                 why = IMPLEMENTATIONS[name].supports(prob, cfg)
                 if why is not None:
                     rows.append([f"{fmt}", m, name, f"declined: {why}"] + [""] * (len(header) - 4))

@@ -16,14 +16,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from afpq_jax._src import assets
-from afpq_jax._src.algorithms import blockwise
-from afpq_jax._src.io.sources import open_source
-from afpq_jax._src.loading import model_path_of
-from afpq_jax._src.memory import release_freed_memory
-from afpq_jax._src.models import config_from_hf
+from afpq_jax import assets
+from afpq_jax.calibration import ABS_SUM, XTX, block_linears, checkpoint_weights, input_statistics, layer_input
+from afpq_jax.memory import release_freed_memory
 
 
 def rss_mib() -> float:
@@ -36,13 +32,10 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batches", default="1,2,4")
     args = ap.parse_args()
-    path = assets.smollm2_hf_dir()
-    source = open_source(path)
-    cfg = config_from_hf(source.config)
-    entries = [(n, *model_path_of(source, cfg, n)) for n in source.tensor_names]
-    block = blockwise._float_block(cfg, 0, source,
-                                   [e for e in entries if e[1] is not None and e[1][:2] == ("layers", 0)], jnp.float32)
-    graphdef, state = nnx.split(block)
+    weights = checkpoint_weights(assets.smollm2_hf_dir())
+    cfg = weights.cfg
+    block = weights.block(0, cfg, jnp.float32)
+    layers = tuple(block_linears(block))  # every linear: the passes tap all of the block's inputs
     x = np.random.default_rng(0).standard_normal((128, args.seqlen, cfg.hidden_size)).astype(np.float32)
     batches = [int(b) for b in args.batches.split(",")]
     positions = jnp.broadcast_to(jnp.arange(args.seqlen, dtype=jnp.int32), (max(batches), args.seqlen))
@@ -56,10 +49,9 @@ def main() -> None:
 
     threading.Thread(target=sample, daemon=True).start()
     passes = {
-        "stats sum|x|": lambda b: blockwise._stats_over(graphdef, state, x, positions, b, want_xtx=False),
-        "stats X^T X": lambda b: blockwise._stats_over(graphdef, state, x, positions, b, want_xtx=True),
-        "down_proj input (16 seq)": lambda b: blockwise._layer_input(graphdef, state, x[:16], positions, b,
-                                                                       "mlp.down_proj"),
+        "stats sum|x|": lambda b: input_statistics(block, (ABS_SUM,), layers, x, positions, b),
+        "stats X^T X": lambda b: input_statistics(block, (XTX,), layers, x, positions, b),
+        "down_proj input (16 seq)": lambda b: layer_input(block, x[:16], positions, b, "mlp.down_proj"),
     }
     print(f"SmolLM2 block 0, seqlen {args.seqlen}: extra peak RSS (MiB) and seconds, second run of each")
     for name, run in passes.items():

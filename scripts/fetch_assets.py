@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cache is not None:
         os.environ["AFPQ_CACHE"] = str(args.cache.expanduser().resolve())
 
-    from afpq_jax._src import assets
+    from afpq_jax import assets
 
     try:
         gguf_path = assets.smollm2_gguf()

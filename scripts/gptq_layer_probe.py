@@ -14,11 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import afpq_jax as aq
-from afpq_jax._src import assets
-from afpq_jax._src.algorithms import blockwise
-from afpq_jax._src.algorithms.gptq import accumulate_hessian, gptq_quantize, output_mse
-from afpq_jax._src.layers import record_inputs
-from afpq_jax._src.models.transformer import block_linears
+from afpq_jax import assets
+from afpq_jax.algorithms import accumulate_hessian, gptq_quantize, output_mse
+from afpq_jax.calibration import block_linears, record_inputs, sample_windows
 
 
 def main() -> None:
@@ -29,7 +27,7 @@ def main() -> None:
     path = assets.smollm2_hf_dir()
     model, tok = aq.load(path), aq.load_tokenizer(path)
     calib_text, _ = assets.wiki_text()
-    ids = blockwise.sample_windows(tok(calib_text[:800_000], add_special_tokens=False)["input_ids"], 32, 256)
+    ids = sample_windows(tok(calib_text[:800_000], add_special_tokens=False)["input_ids"], 32, 256)
     x = model.embed_inputs(jnp.asarray(ids))
     pos = jnp.broadcast_to(jnp.arange(256), ids.shape)
     for layer in model.layers[: args.block]:

@@ -5,10 +5,11 @@ windows), calibrated on random windows of the disjoint calibration split.
     python scripts/ppl_methods.py [--calib-samples 128] [--calib-seqlen 512] [--out results/ppl_methods.jsonl]
     python scripts/ppl_methods.py --methods awq --via-cli   # each conversion = the real CLI, timed, peak RSS
 
-Each configuration quantizes block by block in memory (exactly what `python -m afpq_jax.convert --method ...`
-writes) or, with ``--via-cli``, runs that command under ``/usr/bin/time -v`` (wall time and peak RSS of the
-conversion are recorded) and loads the checkpoint it wrote; then scores the model; one JSON line per configuration (reruns skip what the file already has), with
-the conversion's time per phase. RTN rows are read from results/ppl_rtn.jsonl when present.
+Each configuration is `afpq_jax.quantize_pretrained` in memory (what `python -m afpq_jax.convert --method ...`
+writes) or, with ``--via-cli``, that command under ``/usr/bin/time -v`` (wall time and peak RSS of the
+conversion are recorded) followed by loading the checkpoint it wrote; then the model is scored. One JSON line
+per configuration (reruns skip what the file already has), with the conversion's time per phase and the commit
+of the code that ran. RTN rows are read from results/ppl_rtn.jsonl when present.
 """
 
 from __future__ import annotations
@@ -24,13 +25,8 @@ import time
 from pathlib import Path
 
 import afpq_jax as aq
-from afpq_jax._src import assets
-from afpq_jax._src.algorithms.blockwise import CalibrationOptions, quantize_blockwise, sample_windows
-from afpq_jax._src.evaluation import perplexity
-from afpq_jax._src.io.sources import open_source
-from afpq_jax._src.layers import QuantScheme
-from afpq_jax._src.pipeline import tokenize
-from afpq_jax._src.models import config_from_hf, linear_paths
+from afpq_jax import assets
+from afpq_jax.eval import perplexity
 
 ROWS = [("int3", True), ("nf3", False), ("nf3", True), ("fp3_e2m0", False), ("fp3_e2m0", True), ("int4", True),
         ("nf4", True)]
@@ -59,8 +55,9 @@ def convert_via_cli(model_path, fmt: str, asym: bool, method: str, args) -> tupl
     if proc.returncode != 0:
         raise RuntimeError(f"conversion failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    report = json.loads((out / "quantization_config.json").read_text()).get("report", {})
-    measured = {"cli_wall_seconds": round(wall, 1), "phases": report.get("seconds", {}),
+    phase_line = proc.stdout.strip().splitlines()[-1]  # the summary's last line: "  embed 1.2s, gptq 3.4s, ..."
+    phases = {k.strip(): float(v) for k, v in re.findall(r"([^,]+?) ([\d.]+)s(?:,|$)", phase_line)}
+    measured = {"cli_wall_seconds": round(wall, 1), "phases": phases,
                 "peak_rss_mb": round(int(peak.group(1)) / 1024) if peak else None, "commit": commit}
     model = aq.load(out)  # fully in memory
     shutil.rmtree(out.parent, ignore_errors=True)
@@ -87,13 +84,10 @@ def main() -> None:
     args = ap.parse_args()
     code_commit = _commit()  # in-process rows run the code imported now
     model_path = assets.smollm2_hf_dir()
-    source = open_source(model_path)
-    cfg = config_from_hf(source.config)
     tok = aq.load_tokenizer(model_path)
     calib_text, eval_text = assets.wiki_text()
-    eval_ids = tokenize(tok, eval_text)
-    calib = sample_windows(tokenize(tok, calib_text), args.calib_samples, args.calib_seqlen, seed=0)
-    opts = CalibrationOptions(samples=args.calib_samples, seqlen=args.calib_seqlen)
+    eval_ids = aq.tokenize(tok, eval_text)
+    calibration = aq.Calibration(text=calib_text, samples=args.calib_samples, seqlen=args.calib_seqlen, seed=0)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {}
@@ -114,21 +108,15 @@ def main() -> None:
             key = (method, fmt, asym)
             if key in done:
                 continue
-            scheme = QuantScheme.create(fmt, group_size=128, asym=asym)
-            layout = {p: scheme for p in linear_paths(cfg) if p != "lm_head"}
+            scheme = aq.QuantScheme.create(fmt, group_size=128, asym=asym)
             t0 = time.perf_counter()
-            if method == "rtn":
-                model = aq.load(model_path)
-                for p, layer in model.linear_layers().items():
-                    if p in layout:
-                        layer.kernel.set_value(aq.fake_quant(layer.kernel.get_value(), fmt, asym=asym))
-                measured = {}
-            elif args.via_cli:
+            if args.via_cli and method != "rtn":
                 model, measured = convert_via_cli(model_path, fmt, asym, method, args)
             else:
-                model, report = quantize_blockwise(source, cfg, layout, method, calib, opts, clip=method == "awq",
-                                                   progress=False)
-                measured = {"phases": report.get("seconds", {})}
+                model = aq.quantize_pretrained(model_path, aq.default_rules(scheme), method=method,
+                                               calibration=calibration if method != "rtn" else None,
+                                               progress=False)
+                measured = {"phases": dict(model.checkpoint_info.phase_seconds)}
             convert_s = time.perf_counter() - t0
             r = perplexity(model, eval_ids, seq_len=args.seq_len, max_windows=args.max_windows, progress=False)
             rec = {"method": method, "format": fmt, "asym": asym, "group_size": 128, **r,

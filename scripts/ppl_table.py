@@ -21,8 +21,8 @@ from pathlib import Path
 import jax
 
 import afpq_jax as aq
-from afpq_jax._src import assets
-from afpq_jax._src.evaluation import perplexity
+from afpq_jax import assets
+from afpq_jax.eval import perplexity
 
 ROWS = [("int4", True), ("nf4", False), ("nf4", True), ("fp4_e2m1", False), ("fp4_e2m1", True),
         ("int3", True), ("nf3", False), ("nf3", True), ("fp3_e2m0", False), ("fp3_e2m0", True)]

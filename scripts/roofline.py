@@ -1,4 +1,4 @@
-"""Decode roofline for `pallas_kernels.quantized_matmul`: bytes per weight and the bound on speedup over bf16.
+"""Decode roofline for `afpq_jax.kernels.quantized_matmul`: bytes per weight and the bound on speedup over bf16.
 
 Prints (markdown with --markdown):
   1. bits / bytes per weight (codes + scales [+ s_neg] [+ zero points], fp16 scales) and the bound 16 / bits for
@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import afpq_jax
-from pallas_kernels.quantized_matmul import base, roofline
-from pallas_kernels.quantized_matmul.base import Problem
+from afpq_jax.kernels import IMPLEMENTATIONS, Problem, resolve_config, roofline
 
 FORMATS = ("int2", "int3", "int4", "fp3_e2m0", "fp4_e2m1", "nf3", "nf4")
 GROUPS = (32, 64, 128, 256, None)
@@ -79,8 +78,7 @@ def main():
                 times.append(f"{dense / bw * 1e6:.2f} / {ideal / bw * 1e6:.2f}")
             ratios = []
             for impl in ("mosaic_tpu", "triton", "mosaic_gpu"):
-                cfg = base.resolve(impl, prob, None)
-                from pallas_kernels.quantized_matmul.api import IMPLEMENTATIONS
+                cfg = resolve_config(impl, prob, None)
                 if IMPLEMENTATIONS[impl].supports(prob, cfg) is not None:
                     ratios.append("declined")
                     continue

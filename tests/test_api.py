@@ -463,3 +463,16 @@ def test_library_import_does_not_pull_in_the_asset_fetcher():
             "assert 'pallas_kernels' not in {m.split('.')[0] for m in sys.modules if m.startswith('afpq_jax')}\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_readme_python_api_example_runs(tmp_path, real_hf_dir, real_text):
+    """The README's Python API example, verbatim, on the real model (it fetches nothing new: the fixtures did)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "nf4-asym-g128"
+    qc = json.loads((tmp_path / "out" / "smollm2-gptq-mixed" / "quantization_config.json").read_text())
+    assert qc["method"] == "gptq" and qc["layers"]["layers.5.attn.q_proj"]["format"] == "nf3"
+    assert "lm_head" not in qc["layers"] and qc["calibration"]["samples"] == 8

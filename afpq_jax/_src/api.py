@@ -26,6 +26,7 @@ from afpq_jax._src.algorithms.clip import ClipSearch
 from afpq_jax._src.calibration import driver
 from afpq_jax._src.calibration.data import Calibration
 from afpq_jax._src.calibration.method import Method, get_method
+from afpq_jax._src.calibration.timer import PhaseTimer
 from afpq_jax._src.checkpoint import CheckpointInfo
 from afpq_jax._src.errors import CheckpointError, InputError, InputNotFoundError
 from afpq_jax._src.io import sources
@@ -127,7 +128,8 @@ def _tokenizer_location(info: CheckpointInfo | None) -> str | None:
 
 def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme | QuantRule | Iterable[QuantRule],
                         *, method: str | Method = "rtn", calibration: Calibration | None = None,
-                        clip: bool | None = None, dtype=None, progress: bool = True) -> CausalLM:
+                        clip: bool | None = None, dtype=None, progress: bool = True,
+                        timer: PhaseTimer | None = None) -> CausalLM:
     """Quantizes a float model in memory and returns the quantized `CausalLM` (write it with `save`).
 
     model: a Hugging Face directory, a GGUF file, a Hub id, or an in-memory float `CausalLM` (left unchanged).
@@ -137,6 +139,7 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
     calibration: the calibration data and batching (`Calibration`); needed by calibrated methods.
     clip: force the two-sided clipping search on or off (None: the method's default; AWQ on, RTN off).
     dtype: of the unquantized parameters and of compute (default float32; an in-memory model's own dtype).
+    timer: a `PhaseTimer` (subclass) to observe the conversion's phases and blocks.
     """
     rules = as_rules(rules)
     m = resolve_method(method, clip)
@@ -176,7 +179,7 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
         windows = calibration.windows(cfg.vocab_size, cfg.max_seq_len, tokenize_text)
     qcfg = m.prepare_config(cfg)
     qmodel, report, seconds = driver.run(weights, qcfg, layout, m, windows, calibration if m.calibrated else None,
-                                         dtype=dt, progress=progress)
+                                         dtype=dt, progress=progress, timer=timer)
     record = {
         "method": m.name, "method_options": m.to_json(), "clip": getattr(m, "clip", None) is not None,
         "calibration": calibration.options_json() if m.calibrated else None,

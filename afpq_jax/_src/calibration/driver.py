@@ -56,11 +56,11 @@ def _dequantized_copy(block: Block, cfg: ModelConfig, index: int, dtype) -> Bloc
 
 def run(weights: FloatWeights, cfg: ModelConfig, layout: Mapping[str, QuantScheme], method: Method,
         windows: np.ndarray | None, calibration: Calibration | None, *, dtype=jnp.float32,
-        progress: bool = True) -> tuple[CausalLM, dict, dict[str, float]]:
+        progress: bool = True, timer: PhaseTimer | None = None) -> tuple[CausalLM, dict, dict[str, float]]:
     """Quantizes the model block by block with ``method``. ``cfg`` is the architecture to build (already
     `Method.prepare_config`-ed). Returns (model, report, seconds per phase); the report holds the method's
     per-block facts (deterministic), the seconds do not belong in a checkpoint."""
-    timer = PhaseTimer()
+    timer = timer if timer is not None else PhaseTimer()
     t_start = time.perf_counter()
     dtype = jnp.dtype(dtype)
     asm = ModelAssembler(cfg, layout, dtype)
@@ -108,6 +108,7 @@ def run(weights: FloatWeights, cfg: ModelConfig, layout: Mapping[str, QuantSchem
                 taps.forward(_dequantized_copy(block, cfg, i, dtype), x_all, positions, calibration.batch_size)
         del block
         release_freed_memory()
+        timer.block_done(i)
     del x_all
     with timer("load outer"):
         asm.place_outer(weights)
