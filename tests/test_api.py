@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import afpq_jax as aq
+import afpq_jax.calibration
 from afpq_jax import QuantRule, QuantScheme
 from afpq_jax import convert as convert_cli
 from afpq_jax._src.algorithms import awq, clip, gptq
@@ -234,6 +235,28 @@ def test_save_refuses_an_existing_output_and_leaves_nothing_on_failure(tmp_path,
     with pytest.raises(OSError, match="disk full"):
         aq.save(model, tmp_path / "q2")
     assert [p.name for p in tmp_path.iterdir()] == ["q"]
+
+
+def test_a_phase_timer_observes_phases_and_blocks():
+    class Recorder(aq.calibration.PhaseTimer):
+        def __init__(self):
+            super().__init__()
+            self.events = []
+
+        def __call__(self, phase):
+            self.events.append(phase)
+            return super().__call__(phase)
+
+        def block_done(self, index):
+            self.events.append(index)
+
+    timer = Recorder()
+    model = aq.quantize_pretrained(FIXTURES / "llama_gqa", NF3, method="gptq", calibration=_calibration(),
+                                   timer=timer, progress=False)
+    assert timer.events == ["embed", "load block", "statistics", "gptq", "forward (quantized)", 0,
+                            "load block", "statistics", "gptq", 1, "load outer"]
+    assert dict(model.checkpoint_info.phase_seconds).keys() == {"embed", "load block", "statistics", "gptq",
+                                                                 "forward (quantized)", "load outer", "total"}
 
 
 def test_calibrated_methods_need_calibration_data():

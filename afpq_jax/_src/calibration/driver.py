@@ -106,7 +106,7 @@ def run(weights: FloatWeights, cfg: ModelConfig, layout: Mapping[str, QuantSchem
         if method.calibrated and i + 1 < cfg.num_layers:
             with timer("forward (quantized)"):
                 taps.forward(_dequantized_copy(block, cfg, i, dtype), x_all, positions, calibration.batch_size)
-        del block
+        del block, linears
         release_freed_memory()
         timer.block_done(i)
     del x_all
