@@ -14,6 +14,7 @@ from pathlib import Path
 import afpq_jax as aq
 from afpq_jax._src import cli
 from afpq_jax._src.api import model_config, require_file, resolve_method, summarize
+from afpq_jax._src.checkpoint import output_exists
 from afpq_jax._src.errors import InputError
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         name = Path(model).stem if model else DEFAULT_MODEL_NAME
         out = Path(args.out or f"out/{name}-{suffix}")
         if out.exists() and not args.overwrite:  # fail before reading gigabytes
-            raise InputError(f"output directory {out} already exists; choose another --out or pass --overwrite")
+            raise output_exists(out)
         if model is None:
             from afpq_jax import assets
             model = str(assets.smollm2_hf_dir())

@@ -49,6 +49,10 @@ class CheckpointInfo:
     phase_seconds: tuple[tuple[str, float], ...] = ()
 
 
+# The keys of quantization_config.json that `CheckpointInfo.quantization` carries (the rest is derived at save).
+RECORD_KEYS = ("method", "method_options", "clip", "calibration", "rules", "report", "source", "source_kind")
+
+
 def output_exists(out: Path) -> OutputExistsError:
     return OutputExistsError(f"output directory {out} already exists; choose another --out or pass --overwrite")
 
@@ -168,8 +172,7 @@ def load(path: str | os.PathLike) -> CausalLM:
     for p in asm.abstract_state():
         asm.place(p, _leaf(restored, p))
     model = asm.finish()
-    record = {k: v for k, v in qc.items() if k in ("method", "method_options", "clip", "calibration", "rules",
-                                                  "report", "source", "source_kind")}
+    record = {k: v for k, v in qc.items() if k in RECORD_KEYS}
     model.checkpoint_info = CheckpointInfo(hf_config=json.dumps(hf, sort_keys=True), tokenizer_dir=str(path),
                                            source=qc.get("source"), source_kind=qc.get("source_kind"),
                                            quantization=json.dumps(record, sort_keys=True))
