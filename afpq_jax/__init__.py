@@ -5,6 +5,7 @@ Public API (everything else lives in `afpq_jax._src` and may change):
   QuantScheme, QuantRule, load_rules, default_rules — what to quantize, and how, by layer path.
   load, quantize_pretrained, save, Calibration — load a model, quantize it in memory, write the checkpoint.
   Method, register_method, get_method, available_methods, RTN, GPTQ, AWQ, ClipSearch — the method registry.
+  ActivationQuant — int8 activations (W4A8: FPTQ's layer-wise rule, static, dynamic, SmoothQuant).
   QuantDense — the Flax NNX layer (float or packed weight).
   formats, kernels, assets (imported on demand) — code books, the fused matmul op, the built-in model and texts.
   AfpqError, InputError, CheckpointError, QuantizationError — the errors raised on purpose.
@@ -21,14 +22,15 @@ from afpq_jax._src.calibration.data import Calibration
 from afpq_jax._src.calibration.method import BlockContext, Method, available_methods, get_method, register_method
 from afpq_jax._src.calibration.taps import ABS_MAX, ABS_SUM, XTX, Statistic
 from afpq_jax._src.algorithms import AWQ, GPTQ, RTN, ClipSearch
+from afpq_jax._src.algorithms.activations import ActivationQuant
 from afpq_jax._src.models import CausalLM
 from afpq_jax._src.api import load, load_tokenizer, quantize_pretrained, save, tokenize
 
 __version__ = "0.1.0"
 
-__all__ = ["ABS_MAX", "ABS_SUM", "AWQ", "AfpqError", "BlockContext", "Calibration", "CausalLM", "CheckpointError",
-           "ClipSearch", "Format", "GPTQ", "InputError", "Method", "QuantDense", "QuantRule", "QuantScheme",
-           "QuantizationError", "QuantizedTensor", "RTN", "Statistic", "XTX", "available_formats",
-           "available_methods", "default_rules", "dequantize", "fake_quant", "formats", "get_format",
-           "get_method", "load", "load_rules", "load_tokenizer", "quantize", "quantize_pretrained",
-           "register_method", "resolve_rules", "rules_from_json", "save", "tokenize"]
+__all__ = ["ABS_MAX", "ABS_SUM", "AWQ", "ActivationQuant", "AfpqError", "BlockContext", "Calibration", "CausalLM",
+           "CheckpointError", "ClipSearch", "Format", "GPTQ", "InputError", "Method", "QuantDense", "QuantRule",
+           "QuantScheme", "QuantizationError", "QuantizedTensor", "RTN", "Statistic", "XTX", "available_formats",
+           "available_methods", "default_rules", "dequantize", "fake_quant", "formats", "get_format", "get_method",
+           "load", "load_rules", "load_tokenizer", "quantize", "quantize_pretrained", "register_method",
+           "resolve_rules", "rules_from_json", "save", "tokenize"]

@@ -68,6 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=None,
                    help="GPTQ: damping as a fraction of mean(diag H) (default 0.01; raised step by step if the "
                         "Hessian is not positive definite)")
+    p.add_argument("--act-bits", type=int, default=None, choices=[8],
+                   help="quantize the quantized layers' inputs to this many bits (W4A8: int8 activations on the "
+                        "integer path; weights must be int or fp4/fp3, not nf)")
+    p.add_argument("--act-scheme", default=None, choices=["fptq", "static", "dynamic", "smoothquant"],
+                   help="with --act-bits: fptq = per layer by calibration max|x| (static / LAE + static / "
+                        "per-token dynamic); static = per-tensor static everywhere; dynamic = per-token dynamic "
+                        "everywhere; smoothquant = SmoothQuant folds + per-token dynamic (default fptq)")
+    p.add_argument("--act-thresholds", default=None,
+                   help="fptq: LO,HI on a layer's calibration max|x| (default 15,150, the paper's)")
+    p.add_argument("--act-rule", default=None, choices=["absolute", "relative"],
+                   help="fptq: absolute = --act-thresholds on max|x| (the paper); relative = LAE wherever it folds, "
+                        "then static where max|x| <= --act-max-token-ratio x the median token's max|x|")
+    p.add_argument("--act-max-token-ratio", type=float, default=None, help="fptq relative rule: ratio (8)")
+    p.add_argument("--smoothquant-alpha", type=float, default=None, help="smoothquant: migration strength (0.5)")
     p.add_argument("--scale-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="storage dtype of the per-group scales")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -96,6 +110,43 @@ def _rules(args) -> tuple[list, str]:
     return aq.default_rules(scheme, quantize_lm_head=args.quantize_lm_head), suffix
 
 
+def _activations(args) -> aq.ActivationQuant | None:
+    """The --act-* flags as an `ActivationQuant` (None: float activations)."""
+    given = [f for f, on in (("--act-scheme", args.act_scheme is not None),
+                             ("--act-thresholds", args.act_thresholds is not None),
+                             ("--act-rule", args.act_rule is not None),
+                             ("--act-max-token-ratio", args.act_max_token_ratio is not None),
+                             ("--smoothquant-alpha", args.smoothquant_alpha is not None)) if on]
+    if args.act_bits is None:
+        if given:
+            raise InputError(f"{', '.join(given)} need --act-bits 8")
+        return None
+    scheme = args.act_scheme or "fptq"
+    fptq_only = [f for f, on in (("--act-thresholds", args.act_thresholds is not None),
+                                 ("--act-rule", args.act_rule is not None),
+                                 ("--act-max-token-ratio", args.act_max_token_ratio is not None)) if on]
+    if fptq_only and scheme != "fptq":
+        raise InputError(f"{', '.join(fptq_only)} apply to --act-scheme fptq")
+    if args.smoothquant_alpha is not None and scheme != "smoothquant":
+        raise InputError("--smoothquant-alpha applies to --act-scheme smoothquant")
+    options = {}
+    if args.act_thresholds is not None:
+        try:
+            lo, hi = (float(v) for v in args.act_thresholds.split(","))
+        except ValueError:
+            raise InputError(f"--act-thresholds takes LO,HI (two numbers), got {args.act_thresholds!r}") from None
+        options["thresholds"] = (lo, hi)
+    if args.smoothquant_alpha is not None:
+        options["alpha"] = args.smoothquant_alpha
+    if args.act_rule is not None:
+        options["rule"] = args.act_rule
+    if args.act_max_token_ratio is not None:
+        options["max_token_ratio"] = args.act_max_token_ratio
+    policy = aq.ActivationQuant(scheme=scheme, bits=args.act_bits, **options)
+    policy.validate()
+    return policy
+
+
 def _method(args):
     gptq_only = [f for f, on in (("--damp", args.damp is not None), ("--act-order", args.act_order)) if on]
     if args.method != "gptq":
@@ -112,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         rules, suffix = _rules(args)
         method = _method(args)
+        activations = _activations(args)
+        if activations is not None:
+            suffix += f"-a{activations.bits}{activations.scheme}"
         model = args.model
         name = Path(model).stem if model else DEFAULT_MODEL_NAME
         out = Path(args.out or f"out/{name}-{suffix}")
@@ -124,12 +178,16 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("lm_head is tied to the input embeddings in this model; quantizing it is not "
                              "supported (drop --quantize-lm-head)")
         method = resolve_method(method, args.clip)
-        calibration = _calibration(args) if method.calibrated else None
+        calibrated = method.calibrated or (activations is not None and activations.calibrated) or any(
+            r.scheme is not None and r.scheme.act_mode == "static" for r in rules)
+        calibration = _calibration(args) if calibrated else None
         described = ", ".join(f"{r.pattern} -> {r.scheme or 'float'}" for r in rules)
         print(f"converting {model}\n  -> {described}; method={args.method}"
-              f"{'' if args.clip is None else (' +clip' if args.clip else ' -clip')}", file=sys.stderr)
+              f"{'' if args.clip is None else (' +clip' if args.clip else ' -clip')}"
+              f"{'' if activations is None else f'; activations int{activations.bits} {activations.scheme}'}",
+              file=sys.stderr)
         qmodel = aq.quantize_pretrained(model, rules, method=method, calibration=calibration, dtype=args.dtype,
-                                        progress=not args.no_progress)
+                                        activations=activations, progress=not args.no_progress)
         aq.save(qmodel, out, overwrite=args.overwrite)
         print("\n".join(summarize(qmodel, out, time.perf_counter() - t0).lines()))
         return 0

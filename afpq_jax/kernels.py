@@ -3,6 +3,7 @@
 Dispatch picks the fused Pallas kernel for the default backend (Mosaic TPU; Triton, then Mosaic GPU) and falls
 back to the XLA reference (dequantize, then one dot); `IMPLEMENTATIONS` is the registry, `why_not` says why a
 kernel declines a call, `roofline` holds the byte counts the benchmarks compare against.
+`quantized_matmul_a8(x, qt, input_scale)`: the W·A8 integer path (int8 activations, int32 sums).
 """
 
 from afpq_jax._src.kernels.quantized_matmul import (DISPATCH_ORDER, IMPLEMENTATIONS, BlockConfig, Implementation,
@@ -10,9 +11,12 @@ from afpq_jax._src.kernels.quantized_matmul import (DISPATCH_ORDER, IMPLEMENTATI
                                                     register_implementation, resolve, select_implementation,
                                                     why_not)
 from afpq_jax._src.kernels.quantized_matmul import roofline
+from afpq_jax._src.kernels.quantized_matmul_a8 import (activation_scale, integer_weight, quantize_activations,
+                                                       quantized_matmul_a8)
 
 resolve_config = resolve
 
-__all__ = ["DISPATCH_ORDER", "IMPLEMENTATIONS", "BlockConfig", "Implementation", "Problem", "current_backend",
-           "default_config", "quantized_matmul", "register_implementation", "resolve_config", "roofline",
+__all__ = ["DISPATCH_ORDER", "IMPLEMENTATIONS", "BlockConfig", "Implementation", "Problem", "activation_scale",
+           "current_backend", "default_config", "integer_weight", "quantize_activations", "quantized_matmul",
+           "quantized_matmul_a8", "register_implementation", "resolve_config", "roofline",
            "select_implementation", "why_not"]

@@ -22,6 +22,7 @@ from flax import nnx
 
 from afpq_jax._src import algorithms  # noqa: F401  (registers the built-in methods)
 from afpq_jax._src import checkpoint
+from afpq_jax._src.algorithms.activations import ActivationQuant, WithActivations
 from afpq_jax._src.algorithms.clip import ClipSearch
 from afpq_jax._src.calibration import driver
 from afpq_jax._src.calibration.data import Calibration
@@ -120,6 +121,26 @@ def resolve_method(method: str | Method, clip: bool | None) -> Method:
     return get_method(m, clip=(current or ClipSearch()) if clip else None)
 
 
+def _with_activations(method: Method, activations: ActivationQuant | None,
+                      layout: dict[str, QuantScheme]) -> Method:
+    """The method that also quantizes activations, if the policy or any layer's scheme asks for it."""
+    if activations is not None and not isinstance(activations, ActivationQuant):
+        raise InputError(f"activations must be an afpq_jax.ActivationQuant, got {type(activations).__name__}")
+    explicit = [s for s in layout.values() if s.quantizes_activations]
+    if activations is None and not explicit:
+        return method
+    if activations is not None:
+        activations.validate()
+        for path, scheme in layout.items():  # every format must have an integer path (NF has none)
+            if not scheme.quantizes_activations:
+                try:
+                    scheme.with_activations(activations.bits, "dynamic")
+                except InputError as e:
+                    raise InputError(f"layer {path}: {e}") from None
+    return WithActivations(weights=method, activations=activations,
+                           explicit_static=any(s.act_mode == "static" for s in explicit))
+
+
 def _tokenizer_location(info: CheckpointInfo | None) -> str | None:
     if info is None:
         return None
@@ -128,8 +149,8 @@ def _tokenizer_location(info: CheckpointInfo | None) -> str | None:
 
 def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme | QuantRule | Iterable[QuantRule],
                         *, method: str | Method = "rtn", calibration: Calibration | None = None,
-                        clip: bool | None = None, dtype=None, progress: bool = True,
-                        timer: PhaseTimer | None = None) -> CausalLM:
+                        clip: bool | None = None, activations: ActivationQuant | None = None, dtype=None,
+                        progress: bool = True, timer: PhaseTimer | None = None) -> CausalLM:
     """Quantizes a float model in memory and returns the quantized `CausalLM` (write it with `save`).
 
     model: a Hugging Face directory, a GGUF file, a Hub id, or an in-memory float `CausalLM` (left unchanged).
@@ -138,6 +159,9 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
     method: a registered name ("rtn", "gptq", "awq", ...) or a `Method` instance with its options.
     calibration: the calibration data and batching (`Calibration`); needed by calibrated methods.
     clip: force the two-sided clipping search on or off (None: the method's default; AWQ on, RTN off).
+    activations: int8 activation quantization of the quantized layers (`ActivationQuant`: FPTQ's layer-wise rule,
+        static, dynamic or SmoothQuant) on top of the weight method; None keeps float activations except where
+        a rule's scheme names ``act_bits`` / ``act_mode`` itself.
     dtype: of the unquantized parameters and of compute (default float32; an in-memory model's own dtype).
     timer: a `PhaseTimer` (subclass) to observe the conversion's phases and blocks.
     """
@@ -162,6 +186,8 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
     if not layout:
         raise InputError("the rules quantize no layer of this model; layer paths look like "
                          f"{paths[0]!r} (patterns must match the whole path)")
+    weight_method = m
+    m = _with_activations(m, activations, layout)
     windows = None
     if m.calibrated:
         if calibration is None:
@@ -181,7 +207,9 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
     qmodel, report, seconds = driver.run(weights, qcfg, layout, m, windows, calibration if m.calibrated else None,
                                          dtype=dt, progress=progress, timer=timer)
     record = {
-        "method": m.name, "method_options": m.to_json(), "clip": getattr(m, "clip", None) is not None,
+        "method": weight_method.name, "method_options": weight_method.to_json(),
+        "clip": getattr(weight_method, "clip", None) is not None,
+        "activations": None if activations is None else activations.to_json(),
         "calibration": calibration.options_json() if m.calibrated else None,
         "rules": rules_to_json(rules), "report": report, "source": source_name, "source_kind": source_kind,
     }
@@ -244,6 +272,8 @@ class ConvertSummary:
     disk_bytes: int
     seconds: float
     phase_seconds: dict = dataclasses.field(default_factory=dict)
+    activation_modes: dict = dataclasses.field(default_factory=dict)  # {"int8 static": n layers, ...}
+    folds: dict = dataclasses.field(default_factory=dict)  # {"lae": n layers, ...}
 
     @property
     def bits_per_weight(self) -> float:
@@ -256,6 +286,10 @@ class ConvertSummary:
                 f"float params     : {self.float_params:,} (embeddings, norms, biases, unquantized heads)",
                 f"size on disk     : {self.disk_bytes / 2**20:.1f} MiB  ->  {self.out}",
                 f"time             : {self.seconds:.1f} s"] + (
+                    [f"activations      : " + ", ".join(f"{k} {v}" for k, v in self.activation_modes.items())
+                     + ("" if not self.folds else " (folded: " + ", ".join(f"{k} {v}" for k, v in
+                                                                           self.folds.items()) + ")")]
+                    if self.activation_modes else []) + (
                     ["  " + ", ".join(f"{k} {v:.1f}s" for k, v in self.phase_seconds.items())]
                     if self.phase_seconds else [])
 
@@ -270,7 +304,22 @@ def summarize(model: CausalLM, out: str | os.PathLike, seconds: float) -> Conver
         quantized_bytes=sum(m.quantized_tensor().nbytes for m in q),
         float_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))),
         disk_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()), seconds=seconds,
-        phase_seconds=dict(info.phase_seconds) if info else {})
+        phase_seconds=dict(info.phase_seconds) if info else {},
+        activation_modes=_count(f"int{m.scheme.act_bits} {m.scheme.act_mode}" for m in q
+                                if m.scheme.quantizes_activations),
+        folds=_count(d["fold"] for facts in _report(info).values() for d in facts.get("activations", {}).values()
+                     if d.get("fold")))
+
+
+def _count(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _report(info: CheckpointInfo | None) -> dict:
+    return json.loads(info.quantization).get("report") or {} if info and info.quantization else {}
 
 
 def require_file(path: str | os.PathLike, what: str) -> Path:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from afpq_jax._src.errors import CheckpointError, OutputExistsError
+from afpq_jax._src.errors import CheckpointError, InputError, OutputExistsError
 from afpq_jax._src.loading import ModelAssembler
 from afpq_jax._src.models import CausalLM, config_from_hf
 from afpq_jax._src.scheme import QuantScheme
@@ -50,7 +50,8 @@ class CheckpointInfo:
 
 
 # The keys of quantization_config.json that `CheckpointInfo.quantization` carries (the rest is derived at save).
-RECORD_KEYS = ("method", "method_options", "clip", "calibration", "rules", "report", "source", "source_kind")
+RECORD_KEYS = ("method", "method_options", "clip", "activations", "calibration", "rules", "report", "source",
+               "source_kind")
 
 
 def output_exists(out: Path) -> OutputExistsError:
@@ -133,8 +134,16 @@ def save(model: CausalLM, directory: Path, *, hf_config: dict, quant_config: dic
                 shutil.copy2(src, directory / name)
 
 
-def quant_layout(quant_config: dict) -> dict[str, QuantScheme]:
-    return {path: QuantScheme(**scheme) for path, scheme in quant_config["layers"].items()}
+def quant_layout(quant_config: dict, where: Path | None = None) -> dict[str, QuantScheme]:
+    """{layer path: scheme} of a checkpoint; a scheme this version cannot run is a `CheckpointError`."""
+    layout = {}
+    for path, scheme in quant_config["layers"].items():
+        try:
+            layout[path] = QuantScheme.from_json(scheme)
+        except InputError as e:
+            raise CheckpointError(f"{where or 'checkpoint'}: layer {path}: {e} (upgrade afpq-jax or convert "
+                                  f"again)") from None
+    return layout
 
 
 def read_quant_config(path: Path) -> dict:
@@ -158,7 +167,7 @@ def load(path: str | os.PathLike) -> CausalLM:
     cfg = config_from_hf(hf)
     if qc.get("mlp_act_scale"):
         cfg = dataclasses.replace(cfg, mlp_act_scale=True)
-    layout = quant_layout(qc)
+    layout = quant_layout(qc, path)
     asm = ModelAssembler(cfg, layout, jnp.dtype(qc.get("dtype", "float32")))
     target = _nested({p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in asm.abstract_state().items()})
     params = path / PARAMS_DIR

@@ -81,6 +81,19 @@ class Format:
         """Largest distance between neighbouring levels: rounding error is at most half of it (times the scale)."""
         return float(np.max(np.diff(np.asarray(self.levels, dtype=np.float64))))
 
+    def int8_multiplier(self) -> int | None:
+        """The smallest m in (1, 2, 4, 8) such that every level times m is an integer of magnitude <= 127 (the
+        int8 representation W8 integer matmuls use: FP4 E2M1 -> 2, FP3 E2M0 -> 1), None if there is none (NF4,
+        NF3). INT formats always have one: code - 2**(bits-1) with the zero point moved the same way."""
+        if self.is_int:
+            return 1
+        lv = np.asarray(self.levels, dtype=np.float64)
+        for m in (1, 2, 4, 8):
+            scaled = lv * m
+            if np.all(scaled == np.round(scaled)) and np.max(np.abs(scaled)) <= 127:
+                return m
+        return None
+
     def zero_code(self) -> int:
         """Index of the (+)0 level: the code that padding and all-zero groups use."""
         return int(np.flatnonzero(np.asarray(self.levels) == 0)[-1])

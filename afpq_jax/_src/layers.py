@@ -14,6 +14,7 @@ from afpq_jax._src import formats as formats_lib
 from afpq_jax._src import packing
 from afpq_jax._src import quantizer
 from afpq_jax._src.kernels.quantized_matmul import quantized_matmul
+from afpq_jax._src.kernels.quantized_matmul_a8 import quantized_matmul_a8
 from afpq_jax._src.qtensor import QuantizedTensor
 from afpq_jax._src.scheme import QuantScheme
 
@@ -37,7 +38,8 @@ def record_inputs():
 
 
 class QuantWeight(nnx.Variable):
-    """Packed codes / scales of a quantized kernel: state, but not a trainable `nnx.Param`."""
+    """Packed codes / scales of a quantized kernel, or a calibrated activation scale: state, but not a
+    trainable `nnx.Param`."""
 
 
 def abstract_quantized(shape: tuple[int, ...], scheme: QuantScheme, dtype) -> QuantizedTensor:
@@ -62,7 +64,8 @@ class QuantDense(nnx.Module):
 
     The quantized weight is held as `QuantWeight` variables (``codes``, ``scale``, ``scale_neg``, ``zero``) with
     its static description (scheme, shape, dtype) as plain attributes, so `nnx.split` puts only arrays in the
-    state and the graphdef carries the rest.
+    state and the graphdef carries the rest. A scheme with int8 activations (``act_bits=8``) runs the integer
+    path (`quantized_matmul_a8`); ``act_mode="static"`` adds ``input_scale``, the calibrated per-tensor scale.
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False, dtype=jnp.float32,
@@ -101,6 +104,22 @@ class QuantDense(nnx.Module):
         self.scale = QuantWeight(qt.scale)
         self.scale_neg = None if qt.scale_neg is None else QuantWeight(qt.scale_neg)
         self.zero = None if qt.zero is None else QuantWeight(qt.zero)
+        static = self.scheme is not None and self.scheme.act_mode == "static"
+        self.input_scale = QuantWeight(jnp.ones((), jnp.float32)) if static else None
+
+    def set_activation_quant(self, act_bits: int | None, act_mode: str | None,
+                             input_scale: float | jax.Array | None = None) -> None:
+        """Sets how this (quantized) layer's input is quantized: (None, None) float, (8, "dynamic") per-token
+        int8, (8, "static") per-tensor int8 with the calibrated scale ``input_scale`` (> 0)."""
+        if not self.is_quantized:
+            raise InputError("activation quantization needs a quantized weight (integer path); quantize first")
+        self.scheme = self.scheme.with_activations(act_bits, act_mode)
+        if act_mode == "static" and (input_scale is None or not float(input_scale) > 0):
+            raise InputError(f"a static activation scheme needs a positive input_scale, got {input_scale!r}")
+        if hasattr(self, "input_scale"):  # NNX fixes an attribute's data/static status at first assignment
+            del self.input_scale
+        self.input_scale = (QuantWeight(jnp.asarray(input_scale, jnp.float32).reshape(()))
+                            if act_mode == "static" else None)
 
     def set_quantized(self, qt: QuantizedTensor) -> None:
         """Replaces the kernel by a packed weight (drops the float kernel)."""
@@ -111,7 +130,7 @@ class QuantDense(nnx.Module):
         if hasattr(self, "kernel"):
             del self.kernel
         self.scheme = QuantScheme.create(qt.format_name, group_size=qt.group_size, asym=qt.asym,
-                                         scale_dtype=jnp.dtype(qt.scale.dtype).name)
+                                         scale_dtype=jnp.dtype(qt.scale.dtype).name)  # activations: float
         self._set_quantized(qt)
 
     def quantize(self, scheme: QuantScheme, clip_ratios=None) -> QuantizedTensor:
@@ -127,7 +146,10 @@ class QuantDense(nnx.Module):
         taps = _RECORDER.get()
         if taps is not None:
             taps.append((self, x))
-        if self.is_quantized:
+        if self.is_quantized and self.scheme.quantizes_activations:
+            scale = None if self.input_scale is None else self.input_scale.get_value()
+            y = quantized_matmul_a8(x, self.quantized_tensor(), scale)
+        elif self.is_quantized:
             # the fused kernel for this backend (Mosaic TPU, Triton / Mosaic GPU), else dequantize-then-dot
             y = quantized_matmul(x, self.quantized_tensor())
         else:

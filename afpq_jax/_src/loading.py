@@ -25,7 +25,7 @@ from afpq_jax._src.errors import CheckpointError
 from afpq_jax._src.io.sources import Source
 from afpq_jax._src.models import CausalLM, ModelConfig, family_for
 from afpq_jax._src.models.params import map_key, to_model_layout
-from afpq_jax._src.models.transformer import Block
+from afpq_jax._src.models.transformer import Block, block_linears
 from afpq_jax._src.qtensor import QuantizedTensor
 from afpq_jax._src.scheme import QuantScheme
 
@@ -169,11 +169,25 @@ class ModelAssembler:
     def __init__(self, cfg: ModelConfig, layout: Mapping[str, QuantScheme], dtype):
         self.cfg, self.layout, self.dtype = cfg, dict(layout), jnp.dtype(dtype)
         self._graphdef, self._flat = abstract_model(cfg, self.layout, self.dtype)
+        self._layout_changed = False
 
     def place_block(self, index: int, block: Block) -> None:
-        """Copies a finished block's state (float parameters and packed weights) into the model."""
+        """Copies a finished block's state (float parameters and packed weights) into the model.
+
+        A layer's activation quantization is decided during calibration, so the block's schemes may differ from
+        the layout in their ``act_*`` fields (and then carry an ``input_scale``): the layout follows the block.
+        """
+        for rel, layer in block_linears(block).items():
+            path = f"layers.{index}.{rel}"
+            want = self.layout.get(path)
+            if layer.scheme != want and want is not None and layer.scheme is not None and \
+                    layer.scheme.with_activations(None, None) == want.with_activations(None, None):
+                self.layout[path] = layer.scheme
+                self._layout_changed = True
         for rel, var in nnx.to_flat_state(nnx.state(block)):
             key = ("layers", index, *rel)
+            if key[-1] == "input_scale" and key not in self._flat:
+                self._flat[key] = type(var)(jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype))
             if key not in self._flat:
                 raise RuntimeError(f"block {index} holds {dotted(key)}, which the model's layout lacks "
                                    f"(a layer the layout quantizes was left float, or the reverse)")
@@ -238,6 +252,13 @@ class ModelAssembler:
         return nnx.merge(self._graphdef, nnx.from_flat_state(self._flat))
 
     def finish(self) -> CausalLM:
+        if self._layout_changed:  # the model's structure follows the schemes the blocks ended with
+            self._graphdef, abstract = abstract_model(self.cfg, self.layout, self.dtype)
+            if set(abstract) != set(self._flat):
+                raise RuntimeError(f"placed state does not match the final layout: "
+                                   f"{sorted(map(dotted, set(abstract) ^ set(self._flat)))[:4]}")
+            self._flat = {p: self._flat[p] for p in abstract}
+            self._layout_changed = False
         return _merge(self._graphdef, self._flat, "the checkpoint")
 
 

@@ -24,19 +24,31 @@ from afpq_jax._src.errors import InputError, InputNotFoundError
 from afpq_jax._src.qtensor import QuantizedTensor
 
 
+ACT_BITS = (8,)
+ACT_MODES = ("static", "dynamic")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantScheme:
-    """How one layer's kernel is quantized (static and hashable; recorded per layer in quantization_config.json).
+    """How one layer is quantized (static and hashable; recorded per layer in quantization_config.json).
 
     format: canonical format name (`afpq_jax.formats.available_formats`); group_size: input rows per scale group,
     None = one group per output column; asym: AFPQ two-scale (FP/NF) or min/max affine (INT) instead of absmax;
     scale_dtype: storage dtype of the scales. `create` canonicalises aliases ("fp4" -> "fp4_e2m1").
+
+    act_bits / act_mode: activation quantization of the layer's input — None / None keeps activations in the
+    compute dtype (W4A16); 8 / "static" is symmetric int8 with one calibrated per-tensor scale (the layer's
+    ``input_scale``), 8 / "dynamic" symmetric int8 with a scale per token computed at run time. With int8
+    activations the matmul runs on integers (`afpq_jax.kernels.quantized_matmul_a8`), which needs a weight format
+    whose levels are small integers up to one factor (`Format.int8_multiplier`: INT, FP4 E2M1, FP3 E2M0; not NF).
     """
 
     format: str
     group_size: int | None = 128
     asym: bool = True
     scale_dtype: str = "float16"
+    act_bits: int | None = None
+    act_mode: str | None = None
 
     def validate(self) -> None:
         fmt = formats_lib.get_format(self.format)
@@ -47,17 +59,41 @@ class QuantScheme:
         quantizer.check_scale_dtype(self.scale_dtype)
         if not isinstance(self.asym, bool):
             raise InputError(f"QuantScheme.asym must be true or false, got {self.asym!r}")
+        if self.act_bits is None and self.act_mode is None:
+            return
+        if self.act_bits not in ACT_BITS:
+            raise InputError(f"act_bits must be one of {ACT_BITS} (or null for float activations), got "
+                             f"{self.act_bits!r}")
+        if self.act_mode not in ACT_MODES:
+            raise InputError(f"act_mode must be one of {ACT_MODES} with act_bits={self.act_bits}, got "
+                             f"{self.act_mode!r}; this afpq-jax knows no other activation scheme")
+        if fmt.int8_multiplier() is None:
+            raise InputError(f"{fmt.name} levels have no exact int8 representation, so int8 activations cannot "
+                             f"run on the integer path; use int4 or fp4_e2m1 weights (or float activations)")
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.act_bits is not None
+
+    def with_activations(self, act_bits: int | None, act_mode: str | None) -> QuantScheme:
+        s = dataclasses.replace(self, act_bits=act_bits, act_mode=act_mode)
+        s.validate()
+        return s
 
     @classmethod
     def create(cls, format: str, *, group_size: int | None = 128, asym: bool = True,
-               scale_dtype: str = "float16") -> QuantScheme:
+               scale_dtype: str = "float16", act_bits: int | None = None,
+               act_mode: str | None = None) -> QuantScheme:
         s = cls(format=formats_lib.get_format(format).name, group_size=group_size, asym=asym,
-                scale_dtype=quantizer.check_scale_dtype(scale_dtype).name)
+                scale_dtype=quantizer.check_scale_dtype(scale_dtype).name, act_bits=act_bits, act_mode=act_mode)
         s.validate()
         return s
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.act_bits is None:  # W-only schemes keep the JSON of earlier versions
+            del out["act_bits"], out["act_mode"]
+        return out
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> QuantScheme:
@@ -75,7 +111,8 @@ class QuantScheme:
 
     def __str__(self) -> str:
         group = "channel" if self.group_size is None else str(self.group_size)
-        return f"{self.format}-{'asym' if self.asym else 'sym'}-g{group}"
+        act = "" if self.act_bits is None else f"-a{self.act_bits}{self.act_mode}"
+        return f"{self.format}-{'asym' if self.asym else 'sym'}-g{group}{act}"
 
     def quantize(self, w: jax.Array, clip_ratios=None) -> QuantizedTensor:
         """Round-to-nearest quantization of a kernel with this scheme (``clip_ratios``: `quantize`'s)."""

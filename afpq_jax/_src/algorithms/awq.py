@@ -4,11 +4,8 @@ Per block, for each *scaling group* (a preceding op and the linears it feeds), t
 (normalised by sqrt(max*min)) for alpha on a grid of 20, quantize the scaled kernels ``Q(W * s) / s`` with the
 target format (asymmetric FP/NF included) and keep the alpha minimising the inspected module's output MSE on
 calibration inputs. The chosen ``s`` multiplies the linears' input rows and is divided out of the preceding op,
-which leaves the float model's function unchanged:
-
-* input_norm -> q/k/v (BLOOM: query_key_value); post_attn_norm -> gate/up (BLOOM: dense_h_to_4h),
-* v_proj -> o_proj when their shapes match (no GQA, unfused),
-* up_proj -> down_proj (LLaMA); BLOOM's GELU output -> dense_4h_to_h through ``MLP.act_scale``.
+which leaves the float model's function unchanged (`algorithms.folds`; AWQ uses its groups without the GQA
+v_proj -> o_proj one).
 alpha = 0 (s = 1) is in the grid, so the search never does worse than RTN on its own loss.
 """
 
@@ -24,72 +21,14 @@ import numpy as np
 from flax import nnx
 
 from afpq_jax._src.algorithms.clip import ClipSearch
+from afpq_jax._src.algorithms.folds import ScalingGroup, fold_scale, get_path, scaling_groups
 from afpq_jax._src.calibration.method import BlockContext, Method, register_method
 from afpq_jax._src.calibration.taps import ABS_SUM, minibatch_size
 from afpq_jax._src.errors import InputError
-from afpq_jax._src.layers import LayerNorm, QuantDense, RMSNorm
 from afpq_jax._src.memory import trim_heap
 from afpq_jax._src.models.config import ModelConfig
 from afpq_jax._src.quantizer import fake_quant
 from afpq_jax._src.scheme import QuantScheme
-
-
-@dataclasses.dataclass(frozen=True)
-class ScalingGroup:
-    prev: str  # path in the block of the op the scale is folded into (norm, linear, or mlp.act_scale)
-    layers: tuple[str, ...]  # linears whose input rows are scaled
-    inspect: str  # module whose output the search compares ("attn", "mlp" or a linear's path)
-
-
-def scaling_groups(cfg: ModelConfig) -> list[ScalingGroup]:
-    attn = ("attn.qkv_proj",) if cfg.fused_qkv else ("attn.q_proj", "attn.k_proj", "attn.v_proj")
-    groups = [ScalingGroup("input_norm", attn, "attn")]
-    if not cfg.fused_qkv and cfg.num_kv_heads == cfg.num_heads:
-        groups.append(ScalingGroup("attn.v_proj", ("attn.o_proj",), "attn.o_proj"))
-    mlp_in = ("mlp.gate_proj", "mlp.up_proj") if cfg.mlp == "swiglu" else ("mlp.up_proj",)
-    groups.append(ScalingGroup("post_attn_norm", mlp_in, "mlp"))
-    if cfg.mlp == "swiglu":
-        groups.append(ScalingGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"))
-    elif cfg.mlp_act_scale:
-        groups.append(ScalingGroup("mlp.act_scale", ("mlp.down_proj",), "mlp.down_proj"))
-    return groups
-
-
-def get_path(module, path: str):
-    """Submodule / variable at a dotted path ("" = the module itself)."""
-    for part in filter(None, path.split(".")):
-        module = getattr(module, part)
-    return module
-
-
-def fold_scale(block, group: ScalingGroup, s: jax.Array) -> jax.Array:
-    """Multiplies the group's linears' input rows by ``s`` and divides ``s`` out of the preceding op.
-
-    ``s`` is first rounded to the block's parameter dtype, and that one value is used on both sides (a bf16
-    model would otherwise multiply the kernel by the rounded scale and divide the norm by the unrounded one).
-    Products are formed in float32 and rounded once into each parameter's dtype. Returns the scale used.
-    """
-    dtype = get_path(block, group.layers[0]).kernel.get_value().dtype
-    s = jnp.asarray(s).astype(dtype).astype(jnp.float32)
-
-    def update(var, fn):
-        old = var.get_value()
-        var.set_value(fn(old.astype(jnp.float32)).astype(old.dtype))
-
-    for name in group.layers:
-        update(get_path(block, name).kernel, lambda w: w * s[:, None])
-    prev = get_path(block, group.prev)
-    if isinstance(prev, (RMSNorm, LayerNorm)):
-        update(prev.weight, lambda w: w / s)
-        if isinstance(prev, LayerNorm):
-            update(prev.bias, lambda b: b / s)
-    elif isinstance(prev, QuantDense):
-        update(prev.kernel, lambda w: w / s[None, :])
-        if prev.bias is not None:
-            update(prev.bias, lambda b: b / s)
-    else:  # MLP.act_scale: h = act(x) / act_scale
-        update(prev, lambda a: a * s)
-    return s
 
 
 def _inspect_fn(inspect: str):

@@ -44,6 +44,27 @@ XTX = Statistic("xtx", lambda x: jnp.matmul(x.T, x, precision=_HIGHEST))  # GPTQ
 ABS_SUM = Statistic("abs_sum", lambda x: jnp.sum(jnp.abs(x), axis=0))  # AWQ's mean |x| per channel, times tokens
 ABS_MAX = Statistic("abs_max", lambda x: jnp.max(jnp.abs(x), axis=0), combine="max")  # per input channel
 
+TOKEN_MAX_BINS_PER_OCTAVE = 4
+TOKEN_MAX_OFFSET = 80  # bin 0 starts at 2**-20; the last of 160 bins ends at 2**20 (values beyond are clamped)
+
+
+def _token_max_histogram(x: jax.Array) -> jax.Array:
+    m = jnp.max(jnp.abs(x), axis=-1)
+    b = jnp.floor(jnp.log2(jnp.maximum(m, 1e-30)) * TOKEN_MAX_BINS_PER_OCTAVE).astype(jnp.int32)
+    b = jnp.clip(b + TOKEN_MAX_OFFSET, 0, 2 * TOKEN_MAX_OFFSET - 1)
+    return jnp.zeros((2 * TOKEN_MAX_OFFSET,), jnp.float32).at[b].add(1.0)
+
+
+# Histogram of each token's max|x| over quarter-octave bins: how much the per-token ranges vary (FPTQ's rule).
+TOKEN_MAX_HIST = Statistic("token_max_hist", _token_max_histogram)
+
+
+def histogram_quantile(counts, q: float) -> float:
+    """The lower edge of the `TOKEN_MAX_HIST` bin holding quantile ``q`` (within a factor 2**0.25)."""
+    counts = np.asarray(counts, np.float64)
+    b = int(np.searchsorted(np.cumsum(counts), q * counts.sum(), side="left"))
+    return float(2.0 ** ((b - TOKEN_MAX_OFFSET) / TOKEN_MAX_BINS_PER_OCTAVE))
+
 
 def minibatches(n: int, size: int) -> Iterator[slice]:
     for i in range(0, n, size):

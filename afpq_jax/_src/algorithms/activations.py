@@ -1,0 +1,244 @@
+"""W·A8 calibration (FPTQ, SmoothQuant): which layers get static or dynamic int8 activations, the equalization
+folds that make static scales safe, and the calibrated per-tensor scales.
+
+`ActivationQuant` is the policy; `WithActivations` wraps any weight method (rtn / gptq / awq) on the method
+registry. Per block it
+
+1. reads each quantized layer's per-channel max|x| over all calibration tokens (the `ABS_MAX` statistic) and picks
+   the layer's activation mode: FPTQ's rule on the per-tensor max m (m < lo: static; lo <= m < hi: LAE, then
+   static; m >= hi: dynamic per token), or one mode everywhere ("static", "dynamic"), or SmoothQuant; the
+   relative rule (``rule="relative"``) folds LAE wherever it can and decides in step 4;
+2. folds the equalization scales into the preceding op (`algorithms.folds`): LAE s_j = m_j / log2(2 + m_j)
+   (FPTQ), SmoothQuant s_j = m_j^alpha / max|W_j|^(1 - alpha); the statistics the weight method asked for are
+   rescaled exactly (x' = x / s);
+3. runs the weight method on the folded block;
+4. measures every static layer's input max|x| again on the finished block (its inputs now come through the
+   folded, quantized layers before it) and stores ``input_scale = max|x| / 127`` (the relative rule first
+   compares that max with the median token's max|x| to choose static or dynamic).
+
+Layers of a scaling group share one input, so they share one decision. A layer outside every foldable group
+(BLOOM's attention dense) that the rule sends to LAE gets static without LAE, and the report says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from afpq_jax._src.algorithms.folds import ScalingGroup, fold_scale, get_path, scaling_groups, tie_heads
+from afpq_jax._src.calibration import taps
+from afpq_jax._src.calibration.method import BlockContext, Method
+from afpq_jax._src.calibration.taps import ABS_MAX, TOKEN_MAX_HIST, histogram_quantile
+from afpq_jax._src.errors import InputError
+from afpq_jax._src.models.config import ModelConfig
+from afpq_jax._src.scheme import ACT_BITS, QuantScheme
+
+ACT_SCHEMES = ("fptq", "static", "dynamic", "smoothquant")
+RULES = ("absolute", "relative")
+INT8_MAX = 127.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ActivationQuant:
+    """How the inputs of the quantized layers are quantized (int8, symmetric).
+
+    scheme: "fptq" (the layer-wise rule with ``thresholds``), "static" (per-tensor static everywhere), "dynamic"
+        (per-token dynamic everywhere), "smoothquant" (SmoothQuant folds with ``alpha``, then per-token dynamic).
+    thresholds: FPTQ's (lo, hi) on a layer's calibration max|x| (the paper: 15, 150).
+    rule: for "fptq", "absolute" (the paper: ``thresholds``) or "relative" (scale-free, for models whose activation
+        magnitudes differ from LLaMA-7B's): LAE wherever it folds, then static if the layer's equalized input
+        max|x| is at most ``max_token_ratio`` times its median token's max|x| (a static scale then costs at most
+        log2(ratio) bits of resolution on a typical token), else per-token dynamic.
+    alpha: SmoothQuant's migration strength.
+    """
+
+    scheme: str = "fptq"
+    bits: int = 8
+    thresholds: tuple[float, float] = (15.0, 150.0)
+    rule: str = "absolute"
+    max_token_ratio: float = 8.0
+    alpha: float = 0.5
+
+    def validate(self) -> None:
+        if self.scheme not in ACT_SCHEMES:
+            raise InputError(f"unknown activation scheme {self.scheme!r}; choose one of {', '.join(ACT_SCHEMES)}")
+        if self.bits not in ACT_BITS:
+            raise InputError(f"activation bits must be one of {ACT_BITS}, got {self.bits!r}")
+        lo, hi = self.thresholds
+        if not 0 <= lo <= hi:
+            raise InputError(f"activation thresholds must satisfy 0 <= lo <= hi, got ({lo}, {hi})")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise InputError(f"SmoothQuant alpha must be in [0, 1], got {self.alpha}")
+        if self.rule not in RULES:
+            raise InputError(f"unknown FPTQ rule {self.rule!r}; choose one of {', '.join(RULES)}")
+        if not self.max_token_ratio >= 1.0:
+            raise InputError(f"max_token_ratio must be at least 1, got {self.max_token_ratio}")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.scheme != "dynamic"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scheme": self.scheme, "bits": self.bits, "thresholds": list(self.thresholds), "rule": self.rule,
+                "max_token_ratio": self.max_token_ratio, "alpha": self.alpha}
+
+    def decide(self, max_abs: float) -> tuple[str, str | None]:
+        """(activation mode, fold) for a layer whose calibration max|x| is ``max_abs``; fold is "lae",
+        "smoothquant" or None; mode "auto" (relative rule) is decided on the finished block's inputs."""
+        if self.scheme == "static":
+            return "static", None
+        if self.scheme == "dynamic":
+            return "dynamic", None
+        if self.scheme == "smoothquant":
+            return "dynamic", "smoothquant"
+        if self.rule == "relative":
+            return "auto", "lae"
+        lo, hi = self.thresholds
+        if max_abs < lo:
+            return "static", None
+        if max_abs < hi:
+            return "static", "lae"
+        return "dynamic", None
+
+
+def relative_mode(stats: dict[str, jax.Array], max_token_ratio: float) -> tuple[str, float]:
+    """The relative rule on a layer's (equalized) input statistics (`ABS_MAX`, `TOKEN_MAX_HIST`): (mode, ratio of
+    the layer's max|x| to its median token's max|x|); static iff the ratio is at most ``max_token_ratio``."""
+    m = float(jnp.max(stats["abs_max"]))
+    ratio = m / histogram_quantile(stats["token_max_hist"], 0.5) if m > 0 else 1.0
+    return ("static" if ratio <= max_token_ratio else "dynamic"), ratio
+
+
+def lae_scales(max_abs: jax.Array) -> jax.Array:
+    """FPTQ's logarithmic activation equalization: s_j = m_j / log2(2 + m_j) (1 for channels that are always 0)."""
+    m = jnp.asarray(max_abs, jnp.float32)
+    return jnp.where(m > 0, m / jnp.log2(2.0 + m), 1.0)
+
+
+def smoothquant_scales(max_abs: jax.Array, weight_max: jax.Array, alpha: float) -> jax.Array:
+    """SmoothQuant: s_j = m_j^alpha / max|W_j|^(1 - alpha), with both maxima floored at 1e-5."""
+    m = jnp.maximum(jnp.asarray(max_abs, jnp.float32), 1e-5)
+    w = jnp.maximum(jnp.asarray(weight_max, jnp.float32), 1e-5)
+    return m ** alpha / w ** (1.0 - alpha)
+
+
+def rescale_statistics(stats: dict[str, jax.Array], s: jax.Array) -> dict[str, jax.Array]:
+    """Statistics of x as statistics of x' = x / s (exact up to float rounding)."""
+    out = {}
+    for name, v in stats.items():
+        if name == "xtx":
+            out[name] = v / s[:, None] / s[None, :]
+        elif name in ("abs_max", "abs_sum"):
+            out[name] = v / s
+        else:
+            raise NotImplementedError(f"cannot rescale statistic {name!r} under an equalization fold")
+    return out
+
+
+def _act_groups(cfg: ModelConfig, schemes: dict[str, QuantScheme]) -> list[ScalingGroup]:
+    """Every quantized layer in exactly one group: the foldable groups whose layers are all quantized, then a
+    single-layer group (prev "") for each remaining layer (decided alone, never folded)."""
+    groups = [g for g in scaling_groups(cfg, gqa=True) if all(n in schemes for n in g.layers)]
+    grouped = {n for g in groups for n in g.layers}
+    return groups + [ScalingGroup("", (n,), n) for n in schemes if n not in grouped]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WithActivations(Method):
+    """A weight method plus int8 activation quantization (the layers' ``act_*`` fields and ``input_scale``).
+
+    A layer whose scheme already names an activation mode (a rules file's ``act_bits`` / ``act_mode``) keeps it,
+    without folds; the others follow ``activations`` (None: they keep float activations).
+    """
+
+    name: ClassVar[str] = "with-activations"
+    weights: Method
+    activations: ActivationQuant | None
+    explicit_static: bool = False  # some rule asks for a static layer: calibration is needed
+
+    @property
+    def calibrated(self) -> bool:
+        return self.weights.calibrated or self.explicit_static or (
+            self.activations is not None and self.activations.calibrated)
+
+    @property
+    def _observes(self) -> bool:
+        return self.explicit_static or (self.activations is not None and self.activations.calibrated)
+
+    def validate(self) -> None:
+        self.weights.validate()
+        if self.activations is not None:
+            self.activations.validate()
+
+    def statistics(self):
+        own = (ABS_MAX,) if self._observes else ()
+        return tuple(dict.fromkeys(self.weights.statistics() + own))
+
+    def prepare_config(self, cfg: ModelConfig) -> ModelConfig:
+        cfg = self.weights.prepare_config(cfg)
+        folds = self.activations is not None and self.activations.scheme in ("fptq", "smoothquant")
+        if folds and cfg.mlp == "gelu":
+            cfg = dataclasses.replace(cfg, mlp_act_scale=True)  # BLOOM: GELU -> dense_4h_to_h is foldable
+        return cfg
+
+    def to_json(self) -> dict[str, Any]:
+        return self.weights.to_json()
+
+    def _decide_group(self, group: ScalingGroup, ctx: BlockContext, stats) -> tuple[dict, str | None]:
+        """({layer: (mode, max|x| or None)}, fold) for one group."""
+        amax = stats.get(group.layers[0], {}).get("abs_max")
+        max_abs = None if amax is None else float(jnp.max(amax))
+        explicit = {n: ctx.schemes[n].act_mode for n in group.layers if ctx.schemes[n].act_mode is not None}
+        if explicit or self.activations is None:
+            return {n: (explicit.get(n), max_abs) for n in group.layers}, None
+        mode, fold = self.activations.decide(0.0 if max_abs is None else max_abs)
+        if fold is not None and not group.prev:
+            fold = None  # nothing to fold into (e.g. BLOOM's attention dense)
+        return {n: (mode, max_abs) for n in group.layers}, fold
+
+    def quantize_block(self, ctx: BlockContext) -> dict[str, Any] | None:
+        stats = {n: dict(v) for n, v in ctx.stats.items()}
+        decisions: dict[str, dict[str, Any]] = {}
+        with ctx.timer("activation folds"):
+            for group in _act_groups(ctx.cfg, ctx.schemes):
+                modes, fold = self._decide_group(group, ctx, stats)
+                if fold is not None:
+                    a = tie_heads(stats[group.layers[0]]["abs_max"], group)
+                    if fold == "lae":
+                        s = lae_scales(a)
+                    else:
+                        w_max = jnp.max(jnp.stack([jnp.max(jnp.abs(get_path(ctx.block, n).kernel.get_value()
+                                                                    .astype(jnp.float32)), axis=1)
+                                                   for n in group.layers]), axis=0)
+                        s = tie_heads(smoothquant_scales(a, w_max, self.activations.alpha), group)
+                    s = fold_scale(ctx.block, group, s)
+                    for n in group.layers:
+                        stats[n] = rescale_statistics(stats[n], s)
+                for n, (mode, max_abs) in modes.items():
+                    if mode is not None:
+                        decisions[n] = {"mode": mode, "fold": fold,
+                                        "max_abs": None if max_abs is None else round(max_abs, 4)}
+        facts = self.weights.quantize_block(dataclasses.replace(ctx, stats=stats)) or {}
+        observed = [n for n, d in decisions.items() if d["mode"] in ("static", "auto")]
+        final = {}
+        if observed:
+            auto = any(decisions[n]["mode"] == "auto" for n in observed)
+            with ctx.timer("activation scales"):
+                final, _ = taps.input_statistics(ctx.block, (ABS_MAX, TOKEN_MAX_HIST) if auto else (ABS_MAX,),
+                                                 observed, ctx.inputs, ctx.positions, ctx.calibration.batch_size)
+        bits = self.activations.bits if self.activations is not None else ACT_BITS[0]
+        for n, d in decisions.items():
+            if d["mode"] == "auto":
+                d["mode"], ratio = relative_mode(final[n], self.activations.max_token_ratio)
+                d["token_ratio"] = round(ratio, 2)
+            scale = None
+            if d["mode"] == "static":
+                m = float(jnp.max(final[n]["abs_max"]))
+                d["input_max"] = round(m, 4)
+                scale = np.float32(m / INT8_MAX) if m > 0 else np.float32(1.0)
+            ctx.linears[n].set_activation_quant(bits, d["mode"], scale)
+        return {**facts, "activations": decisions} if decisions else (facts or None)
