@@ -124,3 +124,25 @@ def dequant(prob: Problem, code: jax.Array, sc: Scales) -> jax.Array:
 
 def dequant_slots(prob: Problem, planes: list[jax.Array], sc: Scales) -> list[jax.Array]:
     return [dequant(prob, c, sc) for c in slot_codes(prob, planes)]
+
+
+def integer_level(prob: Problem, code: jax.Array) -> jax.Array:
+    """Codes (int32 tile) -> ``m * level`` as int32 (m = `Format.int8_multiplier`; INT: ``code - 2**(bits-1)``,
+    the zero point moved the same way by the caller): the integer weights of the W·A8 kernels. FP4 E2M1 is
+    arithmetic (magnitude pattern p: p for p < 2, else (2 + (p & 1)) << ((p >> 1) - 1)); other formats use a
+    select tree over the integer table."""
+    fmt = prob.fmt
+    if prob.kind == "int":
+        return code - 2 ** (prob.bits - 1)
+    mult = fmt.int8_multiplier()
+    if mult is None:
+        raise ValueError(f"{fmt.name} has no integer levels")
+    half = 2**prob.bits // 2
+    if prob.kind == "e2m1":
+        neg = code < half
+        pattern = jnp.where(neg, (half - 1) - code, code - half)
+        shift = jnp.maximum((pattern >> 1) - 1, 0)
+        mag = jnp.where(pattern >= 2, (2 + (pattern & 1)) << shift, pattern)
+        return jnp.where(neg, -mag, mag)
+    table = [float(round(v * mult)) for v in _pad_table(fmt.levels, 2**prob.bits)]
+    return _select_tree(code, table).astype(jnp.int32)

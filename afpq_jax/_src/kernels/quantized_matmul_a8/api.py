@@ -1,28 +1,56 @@
 """`quantized_matmul_a8`: ``x @ W`` with x quantized to int8 (static per-tensor or dynamic per-token scale) and W
 a packed `QuantizedTensor` with integer levels, computed on integers (int8 x int8 -> int32) with a float epilogue.
 
-Implementations are registered like `quantized_matmul`'s; today only "xla" (the reference and the CPU path).
+Implementations (same registry habits as `quantized_matmul`): "xla" (the reference and the CPU path) and
+"triton" (GPU). Dispatch (``implementation=None``): gpu -> triton if it supports the call, else xla; every other
+backend -> xla. A named implementation never falls back (``NotImplementedError`` with the reason).
 """
 
 from __future__ import annotations
+
+import importlib
+import logging
 
 import jax
 import jax.numpy as jnp
 
 from afpq_jax._src.errors import ArgumentTypeError, InputError
+from afpq_jax._src.kernels.quantized_matmul.api import current_backend
+from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem
 from afpq_jax._src.kernels.quantized_matmul_a8.xla import quantized_matmul_a8_xla
 from afpq_jax._src.qtensor import QuantizedTensor
 
-IMPLEMENTATIONS = {"xla": quantized_matmul_a8_xla}
+logger = logging.getLogger("afpq_jax.kernels")
+
+IMPLEMENTATIONS = ("xla", "triton")
+DISPATCH_ORDER = {"gpu": ("triton", "xla")}
+_PALLAS = {"triton": ("triton", "Triton")}  # imported on first use (Pallas imports cost ~0.5 s)
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def _pallas(name: str):
+    module, cls = _PALLAS[name]
+    return getattr(importlib.import_module(f"{__package__}.{module}"), cls)()
+
+
+def why_not(implementation: str, x, qt: QuantizedTensor, config: BlockConfig | None = None) -> str | None:
+    """None if ``implementation`` supports ``quantized_matmul_a8(x, qt)``, else the reason."""
+    if implementation == "xla":
+        return None
+    impl = _pallas(implementation)
+    prob = Problem.create(x.shape, x.dtype, qt)
+    return impl.supports(prob, impl.config(prob, config))
 
 
 def quantized_matmul_a8(x: jax.Array, qt: QuantizedTensor, input_scale: jax.Array | None = None, *,
-                        implementation: str | None = None) -> jax.Array:
+                        implementation: str | None = None, config: BlockConfig | None = None,
+                        interpret: bool = False) -> jax.Array:
     """``Q8(x) @ dequantize(qt)`` in x's dtype, where ``Q8(x) = xs · clip(round(x / xs), -127, 127)`` with
     ``xs = input_scale`` (static: a calibrated per-tensor scalar) or ``max|x| / 127`` per token (None: dynamic).
 
-    Numerics: the products and the per-group sums are exact integers (int32); the group scales, the activation
-    scale and the sum over groups are applied in float32 afterwards (the only rounding besides Q8 itself).
+    Numerics (every implementation): the products and the per-group sums are exact integers (int32); the group
+    scales, the activation scale and the sum over groups are applied in float32 afterwards (the only rounding
+    besides Q8 itself; implementations differ only in the order of that float sum).
     """
     if not isinstance(qt, QuantizedTensor):
         raise ArgumentTypeError(f"quantized_matmul_a8 expects a QuantizedTensor, got {type(qt).__name__}")
@@ -33,7 +61,31 @@ def quantized_matmul_a8(x: jax.Array, qt: QuantizedTensor, input_scale: jax.Arra
     if input_scale is not None and jnp.ndim(input_scale) != 0:
         raise InputError(f"input_scale must be a scalar (per-tensor static scale), got shape "
                          f"{jnp.shape(input_scale)}")
-    name = implementation or "xla"
-    if name not in IMPLEMENTATIONS:
-        raise InputError(f"unknown implementation {name!r}; registered: {sorted(IMPLEMENTATIONS)}")
-    return IMPLEMENTATIONS[name](x, qt, input_scale).astype(x.dtype)
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise InputError(f"unknown implementation {implementation!r}; registered: {list(IMPLEMENTATIONS)}")
+    name = implementation
+    prob = None
+    if name != "xla":
+        prob = Problem.create(x.shape, x.dtype, qt)
+        for candidate in ([name] if name else DISPATCH_ORDER.get(current_backend(), ())):
+            if candidate == "xla":
+                name = "xla"
+                break
+            impl = _pallas(candidate)
+            cfg = impl.config(prob, config)
+            reason = impl.supports(prob, cfg)
+            if reason is None:
+                name = candidate
+                break
+            if implementation is not None:
+                raise NotImplementedError(f"quantized_matmul_a8[{candidate}] does not support this call: {reason}")
+            if (candidate, reason) not in _LOGGED:
+                _LOGGED.add((candidate, reason))
+                logger.warning("quantized_matmul_a8: %s declined %s (%s); using xla", candidate, prob.format_name,
+                               reason)
+        else:
+            name = "xla"
+    if name == "xla" or prob.m == 0:
+        return quantized_matmul_a8_xla(x, qt, input_scale).astype(x.dtype)
+    y = impl(x.reshape(prob.m, prob.k), qt, input_scale, prob, cfg, interpret=interpret)
+    return y.reshape(*x.shape[:-1], prob.n).astype(x.dtype)

@@ -1,0 +1,182 @@
+"""Triton kernel of W·A8 (Pallas ``triton`` backend): int8 activations quantized in the kernel, integer weight
+levels decoded in registers, int8 x int8 ``tl.dot`` with int32 accumulation per quantization group, and the
+float epilogue (group scales, AFPQ's split by code sign, INT zero points, activation scale) once per group.
+
+One program per (N tile, M tile); K tiles of ``block_k`` rows never straddle a group (``block_k`` divides the
+group size, or the weight is per-channel). x arrives permuted per K tile into slot segments (`base.permute_x`,
+the same layout as the W4A16 kernels), still in float: the dynamic per-token scale is the prologue of the
+kernel (a pass over the M tile's x rows computing max|x|, then every tile is quantized in registers), so no
+quantized copy of x is ever written to memory. Per K tile and slot: codes -> integer levels
+(`decode.integer_level`), split into positive and negative levels for asymmetric FP/NF (two int8 dots into two
+int32 accumulators), INT-asym keeps a row sum of the int8 activations for the zero-point correction. At a
+group's last tile the int32 sums are converted and scaled into the float32 accumulator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from afpq_jax._src.kernels.quantized_matmul import base, decode
+from afpq_jax._src.kernels.quantized_matmul import triton as w4a16_triton
+from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, cdiv
+
+INT8_MAX = 127.0
+
+
+def default_config(prob: Problem) -> BlockConfig:
+    cfg = base.resolve("triton", prob, None).replace(split_k=1)
+    if not prob.per_channel and cfg.block_k > prob.group:
+        cfg = cfg.replace(block_k=prob.group)
+    return cfg
+
+
+def resolve(prob: Problem, config: BlockConfig | None) -> BlockConfig:
+    d = default_config(prob)
+    if config is None:
+        return d
+    return BlockConfig(**{f.name: (getattr(config, f.name) if getattr(config, f.name) is not None
+                                   else getattr(d, f.name)) for f in dataclasses.fields(BlockConfig)})
+
+
+def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
+    if prob.fmt.int8_multiplier() is None:
+        return f"{prob.format_name} has no integer levels"
+    reason = w4a16_triton.why_unsupported(prob, cfg)
+    if reason is not None:
+        return reason
+    if cfg.split_k not in (None, 1):
+        return "split_k > 1 is not implemented for W·A8"
+    if not prob.per_channel and cfg.block_k > prob.group:
+        return f"block_k={cfg.block_k} must not exceed the group size {prob.group} (per-group integer sums)"
+    return None
+
+
+def _quantize(x: jax.Array, inv: jax.Array) -> jax.Array:
+    """``clip(round_half_even(x * inv), -127, 127)`` as int8 with floor and selects (Pallas Triton has no
+    ``round`` primitive); equal to `xla.quantize_activations`."""
+    v = jnp.clip(x * inv, -INT8_MAX, INT8_MAX)
+    f = jnp.floor(v)
+    d = v - f
+    odd = (f - 2.0 * jnp.floor(f * 0.5)) != 0
+    r = jnp.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+    return r.astype(jnp.int8)
+
+
+def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, dynamic: bool):
+    it = iter(refs)
+    x_ref, c_ref, s_ref = next(it), next(it), next(it)
+    sn_ref = next(it) if prob.has_neg else None
+    z_ref = next(it) if prob.has_zero else None
+    xs_ref = None if dynamic else next(it)
+    o_ref = next(it)
+
+    bm, bn, bk, p = cfg.block_m, cfg.block_n, cfg.block_k, prob.slots
+    seg = bk // p
+    mult = float(prob.fmt.int8_multiplier())
+    j, i = pl.program_id(0), pl.program_id(1)
+    n0 = j * bn
+    col_ok = (n0 + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < prob.n
+    row_ok = (i * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < prob.m
+
+    def load_rows(ref, row0, rows, end):
+        r = row0 + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+        return pltr.load(ref.at[pl.ds(row0, rows), pl.ds(n0, bn)], mask=(r < end) & col_ok, other=0)
+
+    def load_x(col0, cols):
+        return pltr.load(x_ref.at[pl.ds(i * bm, bm), pl.ds(col0, cols)], mask=row_ok, other=0).astype(jnp.float32)
+
+    if dynamic:  # prologue: per-token max|x| over the whole (permuted, zero-padded) row
+        amax = jax.lax.fori_loop(0, tiles, lambda t, m: jnp.maximum(
+            m, jnp.max(jnp.abs(load_x(t * bk, bk)), axis=1, keepdims=True)), jnp.zeros((bm, 1), jnp.float32))
+        xs = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
+    else:
+        xs = jnp.broadcast_to(pltr.load(xs_ref.at[pl.ds(0, 1), pl.ds(0, 1)]).astype(jnp.float32), (bm, 1))
+    inv = 1.0 / xs
+
+    def group_row(ref, t):
+        g = 0 if prob.per_channel else (t * bk) // prob.group
+        return load_rows(ref, g, 1, prob.num_groups).astype(jnp.float32)  # (1, bn)
+
+    def body(t, carry):
+        acc, p_pos, p_neg, rsum = carry
+        if prob.bits == 3:
+            p2, p1 = prob.planes
+            r2 = t * (bk // 4)
+            both = load_rows(c_ref, r2, 2 * seg, p2.row_offset + p2.rows).reshape(seg, 2 * bn)
+            even, odd = jnp.split(both, 2, axis=1)
+            planes = [even, odd, load_rows(c_ref, p1.row_offset + t * seg, seg, p1.row_offset + p1.rows)]
+        else:
+            (p0,) = prob.planes
+            planes = [load_rows(c_ref, t * seg, seg, p0.rows)]
+        planes = [v.astype(jnp.int32) for v in planes]
+        for s, code in enumerate(decode.slot_codes(prob, planes)):
+            xq = _quantize(load_x(t * bk + s * seg, seg), inv)
+            lev = decode.integer_level(prob, code)
+            if prob.has_neg:
+                pos = jnp.where(lev > 0, lev, 0).astype(jnp.int8)
+                neg = jnp.where(lev < 0, lev, 0).astype(jnp.int8)
+                p_pos = p_pos + jax.lax.dot(xq, pos, preferred_element_type=jnp.int32)
+                p_neg = p_neg + jax.lax.dot(xq, neg, preferred_element_type=jnp.int32)
+            else:
+                p_pos = p_pos + jax.lax.dot(xq, lev.astype(jnp.int8), preferred_element_type=jnp.int32)
+            if prob.has_zero:
+                rsum = rsum + jnp.sum(xq.astype(jnp.int32), axis=1, keepdims=True)
+        if prob.per_channel:
+            last_of_group = t == tiles - 1
+        else:  # block_k divides the group: every (group // block_k)-th tile closes a group
+            last_of_group = (jax.lax.rem(t + 1, prob.group // bk) == 0) | (t == tiles - 1)
+        if prob.kind == "int":
+            term = p_pos.astype(jnp.float32)
+            if prob.has_zero:  # sum_k xq (c - z) = P - z * R, zero point shifted like the codes
+                term = term - (group_row(z_ref, t) - 2.0 ** (prob.bits - 1)) * rsum.astype(jnp.float32)
+            term = term * group_row(s_ref, t)
+        else:
+            term = p_pos.astype(jnp.float32) * (group_row(s_ref, t) / mult)
+            if prob.has_neg:
+                term = term + p_neg.astype(jnp.float32) * (group_row(sn_ref, t) / mult)
+        acc = jnp.where(last_of_group, acc + term, acc)
+        return acc, *(jnp.where(last_of_group, jnp.zeros_like(v), v) for v in (p_pos, p_neg, rsum))
+
+    zi = jnp.zeros((bm, bn), jnp.int32)
+    acc, *_ = jax.lax.fori_loop(0, tiles, body, (jnp.zeros((bm, bn), jnp.float32), zi, zi,
+                                                jnp.zeros((bm, 1), jnp.int32)))
+    pltr.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(n0, bn)], (acc * xs).astype(o_ref.dtype), mask=row_ok & col_ok)
+
+
+def quantized_matmul_a8_triton(x2d, qt, input_scale, prob: Problem, cfg: BlockConfig, *, interpret: bool = False):
+    p, bm, bn, bk = prob.slots, cfg.block_m, cfg.block_n, cfg.block_k
+    tiles = cdiv(prob.kp, bk)
+    xp = base.permute_x(x2d, mp=prob.m, tiles=tiles, block_k=bk, slots=p, segment=bk // p)
+    extra = [a for a in (qt.scale_neg, qt.zero) if a is not None]
+    dynamic = input_scale is None
+    if not dynamic:
+        extra.append(jnp.asarray(input_scale, jnp.float32).reshape(1, 1))
+    return pl.pallas_call(
+        functools.partial(_kernel, prob=prob, cfg=cfg, tiles=tiles, dynamic=dynamic),
+        out_shape=jax.ShapeDtypeStruct((prob.m, prob.n), jnp.float32),
+        grid=(cdiv(prob.n, bn), cdiv(prob.m, bm)),
+        compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=f"afpq_qmm_a8_{prob.format_name}",
+    )(xp, qt.codes, qt.scale, *extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class Triton:
+    name: str = "triton"
+    backend: str = "gpu"
+
+    def config(self, prob: Problem, config: BlockConfig | None) -> BlockConfig:
+        return resolve(prob, config)
+
+    def supports(self, prob: Problem, config: BlockConfig) -> str | None:
+        return why_unsupported(prob, config)
+
+    def __call__(self, x2d, qt, input_scale, prob, config, *, interpret=False):
+        return quantized_matmul_a8_triton(x2d, qt, input_scale, prob, config, interpret=interpret)
