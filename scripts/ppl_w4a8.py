@@ -9,7 +9,8 @@ random windows of 512 tokens of the disjoint calibration split (weights: GPTQ; a
 
 A row is weights:method:activations with weights int4 (asym g128), fp4 (fp4_e2m1 asym g128) or int8 (sym,
 per-channel: W8A8), method rtn / gptq, activations a16 (float), static, dynamic, fptq (the paper's thresholds
-15 / 150), fptq-lae (LAE wherever it folds, then the paper's rule), smoothquant (alpha 0.5, per-token dynamic).
+15 / 150), fptq-lae (LAE wherever it folds, then the paper's rule), fptq-rel (the relative rule: LAE wherever it
+folds, static where max|x| <= 8 x the median token's max|x|), smoothquant (alpha 0.5, per-token dynamic).
 Each row is `afpq_jax.quantize_pretrained` in memory (what ``python -m afpq_jax.convert --act-bits 8
 --act-scheme ...`` writes), then `afpq_jax.eval.perplexity`; one JSON line per row with the share of layers per
 activation mode, the max|x| profile per layer type and the commit of the code that ran.
@@ -35,6 +36,7 @@ ACTS = {
     "dynamic": aq.ActivationQuant(scheme="dynamic"),
     "fptq": aq.ActivationQuant(scheme="fptq"),
     "fptq-lae": aq.ActivationQuant(scheme="fptq", thresholds=(0.0, 150.0)),
+    "fptq-rel": aq.ActivationQuant(scheme="fptq", rule="relative"),
     "smoothquant": aq.ActivationQuant(scheme="smoothquant"),
 }
 DEFAULT_ROWS = [f"{w}:rtn:{a}" for w in ("int4", "fp4") for a in ACTS] + ["int8:rtn:a16", "int8:rtn:smoothquant"]
