@@ -431,3 +431,67 @@ def test_roofline_numbers():
     prob = _prob("nf4", 128, True, m=1, k=4096, n=4096)
     got = roofline.kernel_hbm_bytes("triton", prob, base.resolve("triton", prob, None))
     assert got["codes"] + got["scales"] == pytest.approx(roofline.ideal_bytes(prob) - 2 * (4096 + 4096))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# W·A8 (`quantized_matmul_a8`): the Triton kernel against the XLA integer path, lowering, dispatch.
+
+A8_FORMATS = (("int4", True), ("int4", False), ("fp4_e2m1", True), ("fp4_e2m1", False), ("int8", False))
+
+
+def _a8(impl, x, qt, scale, config=None):
+    from afpq_jax.kernels import quantized_matmul_a8
+    return jax.jit(lambda x, q, s: quantized_matmul_a8(x, q, s, implementation=impl, config=config,
+                                                       interpret=True))(x, qt, scale)
+
+
+@pytest.mark.parametrize("fmt,asym", A8_FORMATS)
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("x_shape,n,dtype,group", [((3, 7, 200), 80, jnp.bfloat16, 32),  # M, N and K tails
+                                                   ((1, 256), 64, jnp.float32, 128),  # decode
+                                                   ((5, 96), 48, jnp.bfloat16, None)])  # per-channel
+def test_a8_triton_matches_xla(fmt, asym, static, x_shape, n, dtype, group):
+    qt = _weight(fmt, group, asym, x_shape[-1], n)
+    x = _x(x_shape, dtype) * 3
+    scale = jnp.float32(0.02) if static else None  # static: some activations saturate at +-127
+    # decode runs with 64-row K tiles: two tiles per group (int32 sums carried across tiles, then flushed)
+    config = BlockConfig(block_k=64) if group == 128 else None
+    y, ref = _a8("triton", x, qt, scale, config), _a8("xla", x, qt, scale)
+    assert y.shape == ref.shape == (*x_shape[:-1], n) and y.dtype == ref.dtype == x.dtype
+    # the int32 group sums are identical; only the float epilogue's order (and the output rounding) differs
+    w = np.abs(np.asarray(quantizer.dequantize(qt, jnp.float32)))
+    bound = 2e-6 * (np.abs(np.asarray(x, np.float32)).reshape(-1, x_shape[-1]) @ w)
+    eps_out = 0.0 if dtype == jnp.float32 else float(jnp.finfo(dtype).eps)
+    y32, r32 = (np.asarray(v, np.float32).reshape(-1, n) for v in (y, ref))
+    assert np.all(np.abs(y32 - r32) <= bound + eps_out * np.abs(r32) + 1e-30)
+
+
+@pytest.mark.parametrize("fmt,asym", A8_FORMATS[:4])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("m", [1, 128])
+def test_a8_triton_lowers(fmt, asym, static, m, verified_triton_modules):
+    from afpq_jax.kernels import quantized_matmul_a8
+    avals = (jax.ShapeDtypeStruct((m, 512), jnp.bfloat16), _abstract_weight(fmt, 128, asym, 512, 256))
+    f = lambda x, q: quantized_matmul_a8(x, q, jnp.float32(0.05) if static else None,  # noqa: E731
+                                         implementation="triton")
+    text = jax.jit(f).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text and len(verified_triton_modules) == 1
+
+
+def test_a8_dispatch_and_declines():
+    from afpq_jax.kernels import quantized_matmul_a8
+    from afpq_jax._src.kernels.quantized_matmul_a8 import why_not as a8_why_not
+    x = _x((2, 64), jnp.float32)
+    qt = _weight("int4", 32, True, 64, 32)
+    np.testing.assert_array_equal(quantized_matmul_a8(x, qt), _a8("xla", x, qt, None))  # CPU: the XLA path
+    assert a8_why_not("triton", x, qt) is None
+    small = _weight("int3", 32, True, 64, 32)  # 3-bit: 8 rows per byte, a 32-row tile is under tl.dot's minimum
+    assert "power of two" in a8_why_not("triton", x, small)
+    with pytest.raises(NotImplementedError, match="does not support"):
+        quantized_matmul_a8(x, small, implementation="triton", interpret=True)
+    nf = _weight("nf4", 32, True, 64, 32)
+    assert "no integer levels" in a8_why_not("triton", x, nf)
+    with pytest.raises(afpq_jax.InputError, match="no exact int8 representation"):
+        quantized_matmul_a8(x, nf)
+    with pytest.raises(afpq_jax.InputError, match="scalar"):
+        quantized_matmul_a8(x, qt, jnp.ones((2,)))
