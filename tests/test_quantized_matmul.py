@@ -445,18 +445,24 @@ def _a8(impl, x, qt, scale, config=None):
                                                        interpret=True))(x, qt, scale)
 
 
-@pytest.mark.parametrize("fmt,asym", A8_FORMATS)
-@pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("x_shape,n,dtype,group", [((3, 7, 200), 80, jnp.bfloat16, 32),  # M, N and K tails
-                                                   ((1, 256), 64, jnp.float32, 128),  # decode
-                                                   ((5, 96), 48, jnp.bfloat16, None)])  # per-channel
-def test_a8_triton_matches_xla(fmt, asym, static, x_shape, n, dtype, group):
+_A8_SHAPES = [((3, 7, 200), 80, jnp.bfloat16, 32),  # M, N and K tails
+              ((1, 256), 64, jnp.float32, 128),  # decode
+              ((5, 96), 48, jnp.bfloat16, None)]  # per-channel
+# every format on the tail shape; the asymmetric formats (two scales / zero points) on the others
+A8_CASES = ([(f, a, st, *_A8_SHAPES[0]) for f, a in A8_FORMATS for st in (False, True)]
+            + [(f, True, st, *shape) for shape in _A8_SHAPES[1:] for f in ("int4", "fp4_e2m1") for st in (False, True)])
+
+
+@pytest.mark.parametrize("impl", ["mosaic_tpu", "triton"])
+@pytest.mark.parametrize("fmt,asym,static,x_shape,n,dtype,group", A8_CASES,
+                         ids=lambda v: str(v) if not isinstance(v, tuple) else "x".join(map(str, v)))
+def test_a8_kernels_match_xla(impl, fmt, asym, static, x_shape, n, dtype, group):
     qt = _weight(fmt, group, asym, x_shape[-1], n)
     x = _x(x_shape, dtype) * 3
     scale = jnp.float32(0.02) if static else None  # static: some activations saturate at +-127
-    # decode runs with 64-row K tiles: two tiles per group (int32 sums carried across tiles, then flushed)
-    config = BlockConfig(block_k=64) if group == 128 else None
-    y, ref = _a8("triton", x, qt, scale, config), _a8("xla", x, qt, scale)
+    # Triton decode runs with 64-row K tiles: two tiles per group (int32 sums carried across tiles, then flushed)
+    config = BlockConfig(block_k=64) if group == 128 and impl == "triton" else None
+    y, ref = _a8(impl, x, qt, scale, config), _a8("xla", x, qt, scale)
     assert y.shape == ref.shape == (*x_shape[:-1], n) and y.dtype == ref.dtype == x.dtype
     # the int32 group sums are identical; only the float epilogue's order (and the output rounding) differs
     w = np.abs(np.asarray(quantizer.dequantize(qt, jnp.float32)))
@@ -478,6 +484,25 @@ def test_a8_triton_lowers(fmt, asym, static, m, verified_triton_modules):
     assert "xla.gpu.triton" in text and len(verified_triton_modules) == 1
 
 
+@pytest.mark.parametrize("kind", TPU_KINDS)
+@pytest.mark.parametrize("case", [("int4", 128, True, 1, 4096, 4096), ("fp4_e2m1", 128, True, 128, 576, 1536),
+                                  ("fp4_e2m1", 32, False, 16, 1024, 256), ("int8", None, False, 8, 512, 256)],
+                         ids=lambda c: f"{c[0]}-g{c[1]}-m{c[3]}")
+@pytest.mark.parametrize("static", [False, True])
+def test_a8_mosaic_tpu_lowers(kind, case, static):
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
+    from afpq_jax.kernels import quantized_matmul_a8
+    fmt, group, asym, m, k, n = case
+    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
+                        abstract_device=AbstractDevice(device_kind=kind, num_cores=1, platform="tpu"))
+    avals = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), _abstract_weight(fmt, group, asym, k, n))
+    f = lambda x, q: quantized_matmul_a8(x, q, jnp.float32(0.05) if static else None,  # noqa: E731
+                                         implementation="mosaic_tpu")
+    with use_abstract_mesh(mesh):
+        text = jax.jit(f).trace(*avals).lower(lowering_platforms=("tpu",)).as_text()
+    assert "tpu_custom_call" in text
+
+
 def test_a8_dispatch_and_declines():
     from afpq_jax.kernels import quantized_matmul_a8
     from afpq_jax._src.kernels.quantized_matmul_a8 import why_not as a8_why_not
@@ -487,6 +512,7 @@ def test_a8_dispatch_and_declines():
     assert a8_why_not("triton", x, qt) is None
     small = _weight("int3", 32, True, 64, 32)  # 3-bit: 8 rows per byte, a 32-row tile is under tl.dot's minimum
     assert "power of two" in a8_why_not("triton", x, small)
+    assert "3-bit" in a8_why_not("mosaic_tpu", x, small)
     with pytest.raises(NotImplementedError, match="does not support"):
         quantized_matmul_a8(x, small, implementation="triton", interpret=True)
     nf = _weight("nf4", 32, True, 64, 32)

@@ -1,7 +1,7 @@
 """W·A8 integer matmul: int8 activations times integer weight levels, int32 sums, float epilogue.
 
 One op, one folder: `api` (the op, its implementations and dispatch), `xla` (the reference integer path),
-`triton` (GPU). Shares the problem description, tilings and in-kernel decoding of `quantized_matmul`.
+`mosaic_tpu` (TPU), `triton` (GPU). Shares the problem description, tilings and in-kernel decoding of `quantized_matmul`.
 """
 
 from afpq_jax._src.kernels.quantized_matmul_a8.api import DISPATCH_ORDER, IMPLEMENTATIONS, quantized_matmul_a8, why_not

@@ -1,9 +1,9 @@
 """`quantized_matmul_a8`: ``x @ W`` with x quantized to int8 (static per-tensor or dynamic per-token scale) and W
 a packed `QuantizedTensor` with integer levels, computed on integers (int8 x int8 -> int32) with a float epilogue.
 
-Implementations (same registry habits as `quantized_matmul`): "xla" (the reference and the CPU path) and
-"triton" (GPU). Dispatch (``implementation=None``): gpu -> triton if it supports the call, else xla; every other
-backend -> xla. A named implementation never falls back (``NotImplementedError`` with the reason).
+Implementations (same registry habits as `quantized_matmul`): "xla" (the reference and the CPU path),
+"mosaic_tpu" (TPU int8 MXU) and "triton" (GPU int8 tensor cores). Dispatch (``implementation=None``): tpu ->
+mosaic_tpu, gpu -> triton, if the kernel supports the call, else xla (logged once); other backends -> xla. A named implementation never falls back (``NotImplementedError`` with the reason).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from afpq_jax._src.qtensor import QuantizedTensor
 
 logger = logging.getLogger("afpq_jax.kernels")
 
-IMPLEMENTATIONS = ("xla", "triton")
-DISPATCH_ORDER = {"gpu": ("triton", "xla")}
-_PALLAS = {"triton": ("triton", "Triton")}  # imported on first use (Pallas imports cost ~0.5 s)
+IMPLEMENTATIONS = ("xla", "mosaic_tpu", "triton")
+DISPATCH_ORDER = {"tpu": ("mosaic_tpu", "xla"), "gpu": ("triton", "xla")}
+_PALLAS = {"mosaic_tpu": ("mosaic_tpu", "MosaicTpu"), "triton": ("triton", "Triton")}  # imported on first use (Pallas imports cost ~0.5 s)
 _LOGGED: set[tuple[str, str]] = set()
 
 
