@@ -13,8 +13,9 @@ registry. Per block it
    rescaled exactly (x' = x / s);
 3. runs the weight method on the folded block;
 4. measures every static layer's input max|x| again on the finished block (its inputs now come through the
-   folded, quantized layers before it) and stores ``input_scale = max|x| / 127`` (the relative rule first
-   compares that max with the median token's max|x| to choose static or dynamic).
+   folded, quantized layers before it; `Method.observe`: in the driver's forward pass over the finished block,
+   not an extra pass) and stores ``input_scale = max|x| / 127`` (the relative rule first compares that max
+   with the median token's max|x| to choose static or dynamic).
 
 Layers of a scaling group share one input, so they share one decision. A layer outside every foldable group
 (BLOOM's attention dense) that the rule sends to LAE gets static without LAE, and the report says so.
@@ -30,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from afpq_jax._src.algorithms.folds import ScalingGroup, fold_scale, get_path, scaling_groups, tie_heads
-from afpq_jax._src.calibration import taps
 from afpq_jax._src.calibration.method import BlockContext, Method
 from afpq_jax._src.calibration.taps import ABS_MAX, TOKEN_MAX_HIST, histogram_quantile
 from afpq_jax._src.errors import InputError
@@ -166,8 +166,10 @@ class WithActivations(Method):
             self.activations is not None and self.activations.calibrated)
 
     @property
-    def _observes(self) -> bool:
-        return self.explicit_static or (self.activations is not None and self.activations.calibrated)
+    def _decides_from_statistics(self) -> bool:
+        """Whether decisions or folds need max|x| before the weights are quantized (static scales do not: they
+        are observed on the finished block)."""
+        return self.activations is not None and self.activations.scheme in ("fptq", "smoothquant")
 
     def validate(self) -> None:
         self.weights.validate()
@@ -175,7 +177,7 @@ class WithActivations(Method):
             self.activations.validate()
 
     def statistics(self):
-        own = (ABS_MAX,) if self._observes else ()
+        own = (ABS_MAX,) if self._decides_from_statistics else ()
         return tuple(dict.fromkeys(self.weights.statistics() + own))
 
     def prepare_config(self, cfg: ModelConfig) -> ModelConfig:
@@ -223,22 +225,33 @@ class WithActivations(Method):
                         decisions[n] = {"mode": mode, "fold": fold,
                                         "max_abs": None if max_abs is None else round(max_abs, 4)}
         facts = self.weights.quantize_block(dataclasses.replace(ctx, stats=stats)) or {}
-        observed = [n for n, d in decisions.items() if d["mode"] in ("static", "auto")]
-        final = {}
-        if observed:
-            auto = any(decisions[n]["mode"] == "auto" for n in observed)
-            with ctx.timer("activation scales"):
-                final, _ = taps.input_statistics(ctx.block, (ABS_MAX, TOKEN_MAX_HIST) if auto else (ABS_MAX,),
-                                                 observed, ctx.inputs, ctx.positions, ctx.calibration.batch_size)
+        ctx.notes["activations"] = decisions
+        if not any(d["mode"] in ("static", "auto") for d in decisions.values()):
+            self.finish_block(ctx, {})
+            return {**facts, "activations": decisions} if decisions else (facts or None)
+        return facts or None
+
+    def observe(self, ctx: BlockContext):
+        """Static and relative-rule layers: max|x| (and the token-max histogram) of the finished block's inputs,
+        which come through the folded, quantized layers before them."""
+        decisions = ctx.notes.get("activations", {})
+        observed = tuple(n for n, d in decisions.items() if d["mode"] in ("static", "auto"))
+        if not observed:
+            return (), ()
+        auto = any(decisions[n]["mode"] == "auto" for n in observed)
+        return ((ABS_MAX, TOKEN_MAX_HIST) if auto else (ABS_MAX,)), observed
+
+    def finish_block(self, ctx: BlockContext, stats) -> dict[str, Any] | None:
+        decisions = ctx.notes.get("activations", {})
         bits = self.activations.bits if self.activations is not None else ACT_BITS[0]
         for n, d in decisions.items():
             if d["mode"] == "auto":
-                d["mode"], ratio = relative_mode(final[n], self.activations.max_token_ratio)
+                d["mode"], ratio = relative_mode(stats[n], self.activations.max_token_ratio)
                 d["token_ratio"] = round(ratio, 2)
             scale = None
             if d["mode"] == "static":
-                m = float(jnp.max(final[n]["abs_max"]))
+                m = float(jnp.max(stats[n]["abs_max"]))
                 d["input_max"] = round(m, 4)
                 scale = np.float32(m / INT8_MAX) if m > 0 else np.float32(1.0)
             ctx.linears[n].set_activation_quant(bits, d["mode"], scale)
-        return {**facts, "activations": decisions} if decisions else (facts or None)
+        return {"activations": decisions} if decisions else None

@@ -2,10 +2,11 @@
 
 Embed the calibration windows, then for each decoder block i: load block i's float weights (nothing else of the
 model's blocks is in memory), accumulate the statistics the method asks for over every window, let the method
-quantize the block (`Method.quantize_block`), place it in the model, and overwrite the activations *in place*,
-minibatch by minibatch, with the quantized block's outputs, which are block i+1's inputs. Memory: one float block,
-one activation buffer (N x L x hidden float32) and the packed blocks done so far. A method with
-``calibrated=False`` (plain RTN) skips the activations: blocks stream straight from the weights.
+quantize the block (`Method.quantize_block`), overwrite the activations *in place*, minibatch by minibatch, with
+the quantized block's outputs, which are block i+1's inputs (in the same pass, accumulate what the method
+`observe`s of the finished block and hand it to `Method.finish_block`), and place the block in the model.
+Memory: one float block, one activation buffer (N x L x hidden float32) and the packed blocks done so far. A
+method with ``calibrated=False`` (plain RTN) skips the activations: blocks stream straight from the weights.
 """
 
 from __future__ import annotations
@@ -94,18 +95,23 @@ def run(weights: FloatWeights, cfg: ModelConfig, layout: Mapping[str, QuantSchem
                                                       calibration.batch_size)
         ctx = BlockContext(index=i, block=block, cfg=cfg, schemes=schemes, stats=stats, tokens=tokens,
                            calibration=calibration, timer=timer, rng=rng, inputs=x_all, positions=positions)
-        facts = method.quantize_block(ctx)
-        del ctx, stats
+        facts = method.quantize_block(ctx) or {}
         linears = block_linears(block)
         left = [name for name in schemes if not linears[name].is_quantized]
         if left:
             raise RuntimeError(f"method {method.name!r} left layers.{i}.{left[0]} float; its layout quantizes it")
+        observe, observed = method.observe(ctx) if method.calibrated else ((), ())
+        if method.calibrated and (i + 1 < cfg.num_layers or observe):
+            with timer("forward (quantized)"):  # the next block's inputs, and what the method observes
+                seen = taps.forward(_dequantized_copy(block, cfg, i, dtype), x_all, positions,
+                                    calibration.batch_size, statistics=observe, layers=observed,
+                                    write=i + 1 < cfg.num_layers)
+            if observe:
+                facts.update(method.finish_block(ctx, seen) or {})
+        del ctx, stats
         if facts:
             report[str(i)] = facts
         asm.place_block(i, block)
-        if method.calibrated and i + 1 < cfg.num_layers:
-            with timer("forward (quantized)"):
-                taps.forward(_dequantized_copy(block, cfg, i, dtype), x_all, positions, calibration.batch_size)
         del block, linears
         release_freed_memory()
         timer.block_done(i)

@@ -50,6 +50,7 @@ class BlockContext:
     rng: np.random.Generator
     inputs: np.ndarray | None  # the block's inputs (S, L, D) on the host; None for uncalibrated methods
     positions: jax.Array | None
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)  # a method's state from quantize_block
 
     @property
     def linears(self) -> dict[str, QuantDense]:
@@ -104,6 +105,15 @@ class Method:
         """Quantizes ``ctx.block``'s layers named in ``ctx.schemes``, in place. Returns JSON-serialisable
         per-block facts for the checkpoint's report (deterministic: no timings), or None."""
         raise NotImplementedError
+
+    def observe(self, ctx: BlockContext) -> tuple[tuple[Statistic, ...], tuple[str, ...]]:
+        """Statistics of the *finished* block's layer inputs (and for which layers) that the driver accumulates
+        during its forward pass over the quantized block; they reach `finish_block`. Default: none."""
+        return (), ()
+
+    def finish_block(self, ctx: BlockContext, stats: dict[str, dict[str, jax.Array]]) -> dict[str, Any] | None:
+        """Called after that forward pass with the `observe` statistics; returns more per-block facts."""
+        return None
 
     def to_json(self) -> dict[str, Any]:
         fields = dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}

@@ -81,30 +81,53 @@ def block_apply(graphdef, state, x, positions):
     return nnx.merge(graphdef, state)(x, positions)[0]
 
 
-def _distinct_inputs(graphdef, state, x, positions) -> dict[str, jax.Array]:
-    """{comma-joined layer names: input} for one block forward."""
+def _forward_and_inputs(graphdef, state, x, positions) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One block forward: (output, {comma-joined layer names: input})."""
     block = nnx.merge(graphdef, state)
     with record_inputs() as taps:
-        block(x, positions)
+        out = block(x, positions)[0]
     names = {id(m): n for n, m in block_linears(block).items()}
     groups: dict[int, list] = {}
     for module, inp in taps:
         groups.setdefault(id(inp), [[], inp])[0].append(names[id(module)])
-    return {",".join(layer_names): inp for layer_names, inp in groups.values()}
+    return out, {",".join(layer_names): inp for layer_names, inp in groups.values()}
+
+
+def _distinct_inputs(graphdef, state, x, positions) -> dict[str, jax.Array]:
+    """{comma-joined layer names: input} for one block forward."""
+    return _forward_and_inputs(graphdef, state, x, positions)[1]
 
 
 _block_inputs = jax.jit(_distinct_inputs, static_argnums=0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _block_statistics(graphdef, statistics: tuple[Statistic, ...], wanted: frozenset[str], state, x, positions):
+def _reduce(statistics, wanted: frozenset[str], inputs: dict[str, jax.Array]):
     out = {}
-    for key, inp in _distinct_inputs(graphdef, state, x, positions).items():
+    for key, inp in inputs.items():
         if wanted.isdisjoint(key.split(",")):
             continue
         flat = inp.reshape(-1, inp.shape[-1]).astype(jnp.float32)
         out[key] = {s.name: s.per_batch(flat) for s in statistics}
     return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _block_statistics(graphdef, statistics: tuple[Statistic, ...], wanted: frozenset[str], state, x, positions):
+    return _reduce(statistics, wanted, _distinct_inputs(graphdef, state, x, positions))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _forward_statistics(graphdef, statistics: tuple[Statistic, ...], wanted: frozenset[str], state, x, positions):
+    out, inputs = _forward_and_inputs(graphdef, state, x, positions)
+    return out, _reduce(statistics, wanted, inputs)
+
+
+def _combine(total, stats, statistics):
+    if total is None:
+        return stats
+    return {k: {s.name: (v[s.name] + total[k][s.name] if s.combine == "sum"
+                         else jnp.maximum(v[s.name], total[k][s.name])) for s in statistics}
+            for k, v in stats.items()}
 
 
 def input_statistics(block, statistics: tuple[Statistic, ...], layers, x_all: np.ndarray, positions,
@@ -118,12 +141,7 @@ def input_statistics(block, statistics: tuple[Statistic, ...], layers, x_all: np
     for sl in minibatches(len(x_all), batch_size):
         stats = _block_statistics(graphdef, tuple(statistics), frozenset(layers), state, jnp.asarray(x_all[sl]),
                                   positions[: sl.stop - sl.start])
-        if total is None:
-            total = stats
-        else:
-            total = {k: {s.name: (v[s.name] + total[k][s.name] if s.combine == "sum"
-                                  else jnp.maximum(v[s.name], total[k][s.name])) for s in statistics}
-                     for k, v in stats.items()}
+        total = _combine(total, stats, statistics)
         count += (sl.stop - sl.start) * x_all.shape[1]
     total = jax.block_until_ready(total)
     return {name: v for key, v in total.items() for name in key.split(",")}, count
@@ -172,9 +190,23 @@ def sampled_inputs(block, x: np.ndarray, positions, batch_size: int,
     return out
 
 
-def forward(block, x_all: np.ndarray, positions, batch_size: int) -> None:
-    """Overwrites ``x_all`` (S, L, D), minibatch by minibatch, with ``block``'s outputs."""
+def forward(block, x_all: np.ndarray, positions, batch_size: int, *, statistics: tuple[Statistic, ...] = (),
+            layers=(), write: bool = True) -> dict[str, dict[str, jax.Array]]:
+    """Overwrites ``x_all`` (S, L, D), minibatch by minibatch, with ``block``'s outputs (unless ``write`` is
+    False), and accumulates ``statistics`` of the named ``layers``' inputs in the same pass:
+    ``{layer: {statistic name: value}}`` (empty without statistics)."""
     graphdef, state = nnx.split(block)
+    total = None
     for sl in minibatches(len(x_all), batch_size):
-        out = block_apply(graphdef, state, jnp.asarray(x_all[sl]), positions[: sl.stop - sl.start])
-        x_all[sl] = np.asarray(out, np.float32)
+        x, pos = jnp.asarray(x_all[sl]), positions[: sl.stop - sl.start]
+        if statistics:
+            out, stats = _forward_statistics(graphdef, tuple(statistics), frozenset(layers), state, x, pos)
+            total = _combine(total, stats, statistics)
+        else:
+            out = block_apply(graphdef, state, x, pos)
+        if write:
+            x_all[sl] = np.asarray(out, np.float32)
+    if total is None:
+        return {}
+    total = jax.block_until_ready(total)
+    return {name: v for key, v in total.items() for name in key.split(",")}
