@@ -63,6 +63,23 @@ def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
     return None
 
 
+def load_code_planes(prob: Problem, c_ref, load_rows, t, bk: int, bn: int) -> list[jax.Array]:
+    """K tile ``t``'s code planes as int32 tiles for `decode.slot_codes`; ``load_rows(ref, row0, rows, end)`` is
+    the kernel's masked row loader. 3-bit: the 2-bit plane's even / odd byte rows come from a contiguous
+    (2*seg, bn) load viewed as (seg, 2*bn) rows [byte 2r | byte 2r+1] and split in halves (reshape + tt.split; no
+    strided or gathered loads)."""
+    seg = bk // prob.slots
+    if prob.bits == 3:
+        p2, p1 = prob.planes
+        both = load_rows(c_ref, t * (bk // 4), 2 * seg, p2.row_offset + p2.rows).reshape(seg, 2 * bn)
+        even, odd = jnp.split(both, 2, axis=1)
+        planes = [even, odd, load_rows(c_ref, p1.row_offset + t * seg, seg, p1.row_offset + p1.rows)]
+    else:
+        (p0,) = prob.planes
+        planes = [load_rows(c_ref, t * seg, seg, p0.rows)]
+    return [v.astype(jnp.int32) for v in planes]
+
+
 def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, per_split: int):
     it = iter(refs)
     x_ref, c_ref, s_ref = next(it), next(it), next(it)
@@ -96,19 +113,7 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, per_split: int):
         return jnp.broadcast_to(v[:, None, :], (tpg, gr, bn)).reshape(seg, bn)
 
     def body(t, acc):
-        if prob.bits == 3:
-            p2, p1 = prob.planes
-            r2 = t * (bk // 4)
-            end2 = p2.row_offset + p2.rows
-            # Even / odd byte rows of the 2-bit plane: a contiguous (2*seg, bn) load viewed as (seg, 2*bn) rows
-            # [byte 2r | byte 2r+1], split in halves (reshape + tt.split; no strided or gathered loads).
-            both = load_rows(c_ref, r2, 2 * seg, end2).reshape(seg, 2 * bn)
-            even, odd = jnp.split(both, 2, axis=1)
-            planes = [even, odd, load_rows(c_ref, p1.row_offset + t * seg, seg, p1.row_offset + p1.rows)]
-        else:
-            (p0,) = prob.planes
-            planes = [load_rows(c_ref, t * seg, seg, p0.rows)]
-        planes = [v.astype(jnp.int32) for v in planes]
+        planes = load_code_planes(prob, c_ref, load_rows, t, bk, bn)
         sc = decode.prepare_scales(prob, scale_tile(s_ref, t), scale_tile(sn_ref, t), scale_tile(z_ref, t))
         for s, w in enumerate(decode.dequant_slots(prob, planes, sc)):
             xs = pltr.load(x_ref.at[pl.ds(i * bm, bm), pl.ds(t * bk + s * seg, seg)], mask=row_ok, other=0)

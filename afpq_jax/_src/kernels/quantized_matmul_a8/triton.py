@@ -105,16 +105,7 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, dynamic: bool):
 
     def body(t, carry):
         acc, p_pos, p_neg, rsum = carry
-        if prob.bits == 3:
-            p2, p1 = prob.planes
-            r2 = t * (bk // 4)
-            both = load_rows(c_ref, r2, 2 * seg, p2.row_offset + p2.rows).reshape(seg, 2 * bn)
-            even, odd = jnp.split(both, 2, axis=1)
-            planes = [even, odd, load_rows(c_ref, p1.row_offset + t * seg, seg, p1.row_offset + p1.rows)]
-        else:
-            (p0,) = prob.planes
-            planes = [load_rows(c_ref, t * seg, seg, p0.rows)]
-        planes = [v.astype(jnp.int32) for v in planes]
+        planes = w4a16_triton.load_code_planes(prob, c_ref, load_rows, t, bk, bn)
         for s, code in enumerate(decode.slot_codes(prob, planes)):
             xq = _quantize(load_x(t * bk + s * seg, seg), inv)
             lev = decode.integer_level(prob, code)
