@@ -299,3 +299,37 @@ def test_relative_rule_folds_lae_wherever_it_can_and_records_its_ratio():
     for name, d in acts.items():
         assert d["mode"] == ("static" if d["token_ratio"] <= 3.0 else "dynamic"), (name, d)
         assert qmodel.linear_layers()[f"layers.1.{name}"].scheme.act_mode == d["mode"]
+
+
+def test_rescaled_statistics_equal_statistics_of_the_equalized_inputs():
+    from afpq_jax._src.calibration.taps import ABS_MAX, ABS_SUM, XTX
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((64, 24)).astype(np.float32) * rng.uniform(0.1, 50, 24).astype(np.float32))
+    s = act_lib.lae_scales(jnp.max(jnp.abs(x), axis=0))
+    stats = {st.name: st.per_batch(x) for st in (XTX, ABS_SUM, ABS_MAX)}
+    want = {st.name: st.per_batch(x / s) for st in (XTX, ABS_SUM, ABS_MAX)}
+    got = act_lib.rescale_statistics(stats, s)
+    for name in want:
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError):
+        act_lib.rescale_statistics({"token_max_hist": jnp.zeros(4)}, s)
+
+
+def test_gptq_with_lae_folds_end_to_end():
+    """GPTQ's Hessians are rescaled under the folds (x' = x / s): the W4A8 model tracks the float model nearly as
+    well as W4A16 GPTQ does (measured: 0.829 vs 0.848 correlation; with the Hessian left unscaled 0.779)."""
+    scheme = aq.QuantScheme.create("fp4_e2m1", group_size=32)
+    ids = jnp.asarray(np.load(FIXTURES / "llama_gqa" / "reference.npz")["input_ids"])
+    ref = np.asarray(aq.load(FIXTURES / "llama_gqa")(ids)).ravel()
+
+    def corr(model):
+        return float(np.corrcoef(ref, np.asarray(model(ids)).ravel())[0, 1])
+
+    w4a16 = aq.quantize_pretrained(FIXTURES / "llama_gqa", scheme, method="gptq", calibration=_calibration(),
+                                   progress=False)
+    w4a8 = aq.quantize_pretrained(FIXTURES / "llama_gqa", scheme, method="gptq", calibration=_calibration(),
+                                  activations=aq.ActivationQuant(thresholds=(0.0, 1e9)), progress=False)
+    record = json.loads(w4a8.checkpoint_info.quantization)
+    assert record["method"] == "gptq" and record["activations"]["scheme"] == "fptq"
+    assert {d["fold"] for d in record["report"]["0"]["activations"].values()} == {"lae"}
+    assert corr(w4a8) > corr(w4a16) - 0.03
