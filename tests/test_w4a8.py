@@ -248,6 +248,10 @@ def _cli_error(capsys, argv) -> str:
     (["--format", "int4", "--act-scheme", "fptq"], "need --act-bits 8"),
     (["--format", "int4", "--act-bits", "8", "--act-scheme", "static", "--smoothquant-alpha", "0.4"],
      "applies to --act-scheme smoothquant"),
+    (["--format", "int4", "--act-bits", "8", "--act-scheme", "dynamic", "--act-rule", "relative"],
+     "apply to --act-scheme fptq"),
+    (["--format", "int4", "--act-bits", "8", "--act-rule", "relative", "--act-max-token-ratio", "0.5"],
+     "max_token_ratio must be at least 1"),
 ])
 def test_bad_activation_options_are_one_line_errors_and_write_nothing(tmp_path, capsys, extra, message):
     out = tmp_path / "out"
