@@ -190,7 +190,7 @@ def test_rule_picks_per_layer_from_synthetic_activation_magnitudes():
         report["0"]["activations"]["attn.k_proj"]["input_max"] / 127, rel=1e-4)
 
 
-@pytest.mark.parametrize("scheme", ["fptq", "static", "dynamic", "smoothquant"])
+@pytest.mark.parametrize("scheme", ["fptq", "smoothquant"])  # fptq here mixes static, LAE + static and dynamic
 def test_w4a8_checkpoint_round_trip_gives_identical_logits(tmp_path, scheme):
     fmt = "fp4_e2m1" if scheme in ("fptq", "smoothquant") else "int4"
     qmodel = aq.quantize_pretrained(FIXTURES / "llama_gqa", aq.QuantScheme.create(fmt, group_size=32),
@@ -200,7 +200,8 @@ def test_w4a8_checkpoint_round_trip_gives_identical_logits(tmp_path, scheme):
     out = aq.save(qmodel, tmp_path / "ckpt")
     qc = json.loads((out / "quantization_config.json").read_text())
     assert qc["activations"]["scheme"] == scheme
-    assert {v["act_mode"] for v in qc["layers"].values()} <= {"static", "dynamic"}
+    modes = {v["act_mode"] for v in qc["layers"].values()}
+    assert modes == ({"static", "dynamic"} if scheme == "fptq" else {"dynamic"})
     restored = aq.load(out)
     ids = jnp.asarray(np.load(FIXTURES / "llama_gqa" / "reference.npz")["input_ids"])
     np.testing.assert_array_equal(np.asarray(restored(ids)), np.asarray(qmodel(ids)))
