@@ -51,9 +51,11 @@ def _commit() -> str:
 
 
 def activation_profile(model: aq.CausalLM) -> dict:
-    """Share of layers per activation mode / fold, and the median / max of max|x| per layer type."""
+    """Layers per activation mode / fold, and the median / max over blocks of max|x| (before folds) and of the
+    relative rule's token ratio, per layer type."""
     record = json.loads(model.checkpoint_info.quantization)
     per_type: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
     modes: dict[str, int] = {}
     for block in (record.get("report") or {}).values():
         for name, d in block.get("activations", {}).items():
@@ -61,8 +63,13 @@ def activation_profile(model: aq.CausalLM) -> dict:
             modes[key] = modes.get(key, 0) + 1
             if d.get("max_abs") is not None:
                 per_type.setdefault(name.split(".")[-1], []).append(d["max_abs"])
-    profile = {t: {"median": round(statistics.median(v), 2), "max": round(max(v), 2)} for t, v in per_type.items()}
-    return {"modes": dict(sorted(modes.items())), "max_abs": profile}
+            if d.get("token_ratio") is not None:
+                ratios.setdefault(name.split(".")[-1], []).append(d["token_ratio"])
+
+    def summary(values: dict[str, list[float]]) -> dict:
+        return {t: {"median": round(statistics.median(v), 2), "max": round(max(v), 2)} for t, v in values.items()}
+
+    return {"modes": dict(sorted(modes.items())), "max_abs": summary(per_type), "token_ratio": summary(ratios)}
 
 
 def main() -> None:
