@@ -10,7 +10,9 @@ random windows of 512 tokens of the disjoint calibration split (weights: GPTQ; a
 A row is weights:method:activations with weights int4 (asym g128), fp4 (fp4_e2m1 asym g128) or int8 (sym,
 per-channel: W8A8), method rtn / gptq, activations a16 (float), static, dynamic, fptq (the paper's thresholds
 15 / 150), fptq-lae (LAE wherever it folds, then the paper's rule), fptq-rel (the relative rule: LAE wherever it
-folds, static where max|x| <= 8 x the median token's max|x|), smoothquant (alpha 0.5, per-token dynamic).
+folds, static where max|x| <= 8 x the median token's max|x|), fptq-rel-a16 (the fptq-rel checkpoint with every
+layer's activations set back to float: the same LAE-folded weights as W4A16), smoothquant (alpha 0.5, per-token
+dynamic).
 Each row is `afpq_jax.quantize_pretrained` in memory (what ``python -m afpq_jax.convert --act-bits 8
 --act-scheme ...`` writes), then `afpq_jax.eval.perplexity`; one JSON line per row with the share of layers per
 activation mode, the max|x| profile per layer type and the commit of the code that ran.
@@ -37,6 +39,7 @@ ACTS = {
     "fptq": aq.ActivationQuant(scheme="fptq"),
     "fptq-lae": aq.ActivationQuant(scheme="fptq", thresholds=(0.0, 150.0)),
     "fptq-rel": aq.ActivationQuant(scheme="fptq", rule="relative"),
+    "fptq-rel-a16": aq.ActivationQuant(scheme="fptq", rule="relative"),  # same weights, activations left float
     "smoothquant": aq.ActivationQuant(scheme="smoothquant"),
 }
 DEFAULT_ROWS = [f"{w}:rtn:{a}" for w in ("int4", "fp4") for a in ACTS] + ["int8:rtn:a16", "int8:rtn:smoothquant"]
@@ -105,6 +108,10 @@ def main() -> None:
             model = aq.quantize_pretrained(model_path, aq.default_rules(scheme), method=method,
                                            calibration=calibration, activations=ACTS[acts], progress=False)
             convert_s = time.perf_counter() - t0
+            if acts.endswith("-a16"):
+                for layer in model.linear_layers().values():
+                    if layer.is_quantized:
+                        layer.set_activation_quant(None, None)
             r = perplexity(model, eval_ids, seq_len=args.seq_len, max_windows=args.max_windows, progress=False)
             rec = {"row": row, "weights": str(scheme), "method": method, "activations": acts, **r,
                    **activation_profile(model), "calib": f"{args.calib_samples}x{args.calib_seqlen}",
