@@ -24,12 +24,12 @@ import afpq_jax as aq
 from afpq_jax.kernels import quantized_matmul, quantized_matmul_a8
 
 
-def timed(fn, x, repeats: int) -> float:
-    jax.block_until_ready(fn(x))
+def timed(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(x))
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -49,18 +49,19 @@ def main() -> None:
     rows = []
     for m in (int(v) for v in args.ms.split(",")):
         x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
-        cases = {
-            "dense f32": (jax.jit(lambda x: jnp.matmul(x, w32, precision="highest")), x),
-            "dense bf16": (jax.jit(lambda x: jnp.matmul(x, w16)), x.astype(jnp.bfloat16)),
-        }
+        # weights are arguments, not closed-over constants: XLA would otherwise fold their dequantization
+        dense = jax.jit(lambda x, w: jnp.matmul(x, w, precision="highest" if w.dtype == jnp.float32 else None))
+        w4a16 = jax.jit(quantized_matmul)
+        w4a8 = jax.jit(quantized_matmul_a8)
+        cases = {"dense f32": (dense, (x, w32)), "dense bf16": (dense, (x.astype(jnp.bfloat16), w16))}
         for f, qt in weights.items():
-            cases[f"{f} W4A16 f32"] = (jax.jit(lambda x, qt=qt: quantized_matmul(x, qt)), x)
-            cases[f"{f} W4A16 bf16"] = (jax.jit(lambda x, qt=qt: quantized_matmul(x, qt)), x.astype(jnp.bfloat16))
-            cases[f"{f} W4A8 dynamic"] = (jax.jit(lambda x, qt=qt: quantized_matmul_a8(x, qt)), x)
-            cases[f"{f} W4A8 static"] = (jax.jit(lambda x, qt=qt: quantized_matmul_a8(x, qt, jnp.float32(0.03))), x)
+            cases[f"{f} W4A16 f32"] = (w4a16, (x, qt))
+            cases[f"{f} W4A16 bf16"] = (w4a16, (x.astype(jnp.bfloat16), qt))
+            cases[f"{f} W4A8 dynamic"] = (w4a8, (x, qt))
+            cases[f"{f} W4A8 static"] = (w4a8, (x, qt, jnp.float32(0.03)))
         base = None
-        for name, (fn, xin) in cases.items():
-            sec = timed(fn, xin, args.repeats)
+        for name, (fn, fargs) in cases.items():
+            sec = timed(fn, fargs, args.repeats)
             base = base or sec
             row = {"m": m, "k": k, "n": n, "case": name, "ms": round(sec * 1e3, 3),
                    "vs_dense_f32": round(sec / base, 2), "device": jax.devices()[0].device_kind}
