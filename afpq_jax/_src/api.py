@@ -286,7 +286,7 @@ class ConvertSummary:
                 f"float params     : {self.float_params:,} (embeddings, norms, biases, unquantized heads)",
                 f"size on disk     : {self.disk_bytes / 2**20:.1f} MiB  ->  {self.out}",
                 f"time             : {self.seconds:.1f} s"] + (
-                    [f"activations      : " + ", ".join(f"{k} {v}" for k, v in self.activation_modes.items())
+                    ["activations      : " + ", ".join(f"{k} {v}" for k, v in self.activation_modes.items())
                      + ("" if not self.folds else " (folded: " + ", ".join(f"{k} {v}" for k, v in
                                                                            self.folds.items()) + ")")]
                     if self.activation_modes else []) + (
@@ -319,7 +319,9 @@ def _count(items) -> dict[str, int]:
 
 
 def _report(info: CheckpointInfo | None) -> dict:
-    return json.loads(info.quantization).get("report") or {} if info and info.quantization else {}
+    if info is None or not info.quantization:
+        return {}
+    return json.loads(info.quantization).get("report") or {}
 
 
 def require_file(path: str | os.PathLike, what: str) -> Path:
