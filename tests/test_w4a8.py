@@ -338,3 +338,17 @@ def test_gptq_with_lae_folds_end_to_end():
     assert record["method"] == "gptq" and record["activations"]["scheme"] == "fptq"
     assert {d["fold"] for d in record["report"]["0"]["activations"].values()} == {"lae"}
     assert corr(w4a8) > corr(w4a16) - 0.03
+
+
+def test_set_activation_quant_validates_before_changing_the_layer():
+    layer = aq.QuantDense(64, 32, scheme=aq.QuantScheme.create("int4", group_size=32))
+    before = layer.scheme
+    with pytest.raises(aq.InputError, match="positive input_scale"):
+        layer.set_activation_quant(8, "static", 0.0)
+    assert layer.scheme == before and layer.input_scale is None
+    layer.set_activation_quant(8, "static", 0.5)
+    assert layer.scheme.act_mode == "static" and float(layer.input_scale.get_value()) == 0.5
+    layer.set_activation_quant(None, None)
+    assert not layer.scheme.quantizes_activations and layer.input_scale is None
+    with pytest.raises(aq.InputError, match="quantize first"):
+        aq.QuantDense(8, 8).set_activation_quant(8, "dynamic")

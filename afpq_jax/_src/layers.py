@@ -113,9 +113,9 @@ class QuantDense(nnx.Module):
         int8, (8, "static") per-tensor int8 with the calibrated scale ``input_scale`` (> 0)."""
         if not self.is_quantized:
             raise InputError("activation quantization needs a quantized weight (integer path); quantize first")
-        self.scheme = self.scheme.with_activations(act_bits, act_mode)
         if act_mode == "static" and (input_scale is None or not float(input_scale) > 0):
             raise InputError(f"a static activation scheme needs a positive input_scale, got {input_scale!r}")
+        self.scheme = self.scheme.with_activations(act_bits, act_mode)
         if hasattr(self, "input_scale"):  # NNX fixes an attribute's data/static status at first assignment
             del self.input_scale
         self.input_scale = (QuantWeight(jnp.asarray(input_scale, jnp.float32).reshape(()))
