@@ -167,8 +167,8 @@ class WithActivations(Method):
 
     @property
     def _decides_from_statistics(self) -> bool:
-        """Whether decisions or folds need max|x| before the weights are quantized (static scales do not: they
-        are observed on the finished block)."""
+        """Whether the policy folds and decides from max|x| before the weights are quantized (static scales alone
+        do not: they are observed on the finished block)."""
         return self.activations is not None and self.activations.scheme in ("fptq", "smoothquant")
 
     def validate(self) -> None:
@@ -182,8 +182,7 @@ class WithActivations(Method):
 
     def prepare_config(self, cfg: ModelConfig) -> ModelConfig:
         cfg = self.weights.prepare_config(cfg)
-        folds = self.activations is not None and self.activations.scheme in ("fptq", "smoothquant")
-        if folds and cfg.mlp == "gelu":
+        if self._decides_from_statistics and cfg.mlp == "gelu":
             cfg = dataclasses.replace(cfg, mlp_act_scale=True)  # BLOOM: GELU -> dense_4h_to_h is foldable
         return cfg
 

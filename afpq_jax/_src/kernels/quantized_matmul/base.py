@@ -276,11 +276,15 @@ def default_config(impl: str, prob: Problem) -> BlockConfig:
 
 def resolve(impl: str, prob: Problem, config: BlockConfig | None) -> BlockConfig:
     """Fills the unset fields of ``config`` with the backend defaults for ``prob``."""
-    d = default_config(impl, prob)
+    return merge(config, default_config(impl, prob))
+
+
+def merge(config: BlockConfig | None, defaults: BlockConfig) -> BlockConfig:
+    """``config`` with its unset fields taken from ``defaults``."""
     if config is None:
-        return d
+        return defaults
     return BlockConfig(**{f.name: (getattr(config, f.name) if getattr(config, f.name) is not None
-                                   else getattr(d, f.name)) for f in dataclasses.fields(BlockConfig)})
+                                   else getattr(defaults, f.name)) for f in dataclasses.fields(BlockConfig)})
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -97,9 +97,10 @@ def _kernel(*refs, prob: Problem, pl_, dynamic: bool):
         for s, code in enumerate(decode.slot_codes(prob, [codes])):
             xv = x_tile[:, pl.ds(s * pl_.seg + r0, rows)].astype(jnp.float32) * inv
             xq = jnp.clip(jnp.round(xv), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+            levels = decode.integer_level(prob, code)
             for a, n in pieces:
                 g = 0 if prob.per_channel else (r0 + a) // gr  # group of these rows within the step
-                lev = decode.integer_level(prob, code)
+                lev = levels
                 if prob.has_zero:
                     lev = lev + 2 ** (prob.bits - 1) - z_all[g:g + 1, :]  # code - zero
                 if len(pieces) > 1:

@@ -37,11 +37,7 @@ def default_config(prob: Problem) -> BlockConfig:
 
 
 def resolve(prob: Problem, config: BlockConfig | None) -> BlockConfig:
-    d = default_config(prob)
-    if config is None:
-        return d
-    return BlockConfig(**{f.name: (getattr(config, f.name) if getattr(config, f.name) is not None
-                                   else getattr(d, f.name)) for f in dataclasses.fields(BlockConfig)})
+    return base.merge(config, default_config(prob))
 
 
 def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
