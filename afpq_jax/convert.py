@@ -83,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-max-token-ratio", type=float, default=None, help="fptq relative rule: ratio (8)")
     p.add_argument("--smoothquant-alpha", type=float, default=None, help="smoothquant: migration strength (0.5)")
     p.add_argument("--scale-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
-                   help="storage dtype of the per-group scales")
+                   help="storage dtype of the per-group scales (with --integer-scales: of the per-channel scales)")
+    p.add_argument("--integer-scales", action="store_true",
+                   help="group scales as small integers (uint8) times one float scale per output channel (QServe's "
+                        "progressive group quantization): with --act-bits 8 each layer is one int8 GEMM with a "
+                        "per-channel epilogue instead of per-group float work; int2-4, fp4, fp3 formats")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the unquantized parameters (embeddings, norms) and of compute")
     p.add_argument("--quantize-lm-head", action="store_true",
@@ -99,14 +103,16 @@ def _rules(args) -> tuple[list, str]:
     """(rules, default output-name suffix) from --rules or --format/--group-size/--sym/--quantize-lm-head."""
     if args.rules is not None:
         explicit = [f for f, on in (("--format", args.format is not None), ("--group-size", args.group_size != 128),
-                                    ("--sym", args.sym), ("--quantize-lm-head", args.quantize_lm_head)) if on]
+                                    ("--sym", args.sym), ("--quantize-lm-head", args.quantize_lm_head),
+                                    ("--integer-scales", args.integer_scales)) if on]
         if explicit:
             raise InputError(f"--rules replaces {', '.join(explicit)}; put the scheme(s) in the rules file")
         return aq.load_rules(args.rules), Path(args.rules).stem
     scheme = aq.QuantScheme.create(args.format or "nf3", group_size=args.group_size, asym=not args.sym,
-                                   scale_dtype=args.scale_dtype)
+                                   scale_dtype=args.scale_dtype, integer_scales=args.integer_scales)
     suffix = (f"{scheme.format}-{'sym' if args.sym else 'asym'}-"
-              f"{'gchannel' if args.group_size is None else f'g{args.group_size}'}")
+              f"{'gchannel' if args.group_size is None else f'g{args.group_size}'}"
+              f"{'-intscales' if args.integer_scales else ''}")
     return aq.default_rules(scheme, quantize_lm_head=args.quantize_lm_head), suffix
 
 

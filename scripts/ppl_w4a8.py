@@ -7,8 +7,9 @@ random windows of 512 tokens of the disjoint calibration split (weights: GPTQ; a
     python scripts/ppl_w4a8.py --rows int4:rtn:a16,int4:rtn:fptq
     python scripts/ppl_w4a8.py --report              # only print the tables from --out
 
-A row is weights:method:activations with weights int4 (asym g128), fp4 (fp4_e2m1 asym g128) or int8 (sym,
-per-channel: W8A8), method rtn / gptq, activations a16 (float), static, dynamic, fptq (the paper's thresholds
+A row is weights:method:activations with weights int4 (asym g128), fp4 (fp4_e2m1 asym g128), int4-is / fp4-is
+(the same with integer group scales: uint8 multiples of a per-channel scale, one int8 GEMM per layer) or int8
+(sym, per-channel: W8A8), method rtn / gptq, activations a16 (float), static, dynamic, fptq (the paper's thresholds
 15 / 150), fptq-lae (LAE wherever it folds, then the paper's rule), fptq-rel (the relative rule: LAE wherever it
 folds, static where max|x| <= 8 x the median token's max|x|), fptq-rel-a16 (the fptq-rel checkpoint with every
 layer's activations set back to float: the same LAE-folded weights as W4A16), smoothquant (alpha 0.5, per-token
@@ -31,7 +32,9 @@ import afpq_jax as aq
 from afpq_jax import assets
 from afpq_jax.eval import perplexity
 
-WEIGHTS = {"int4": ("int4", 128, True), "fp4": ("fp4_e2m1", 128, True), "int8": ("int8", None, False)}
+WEIGHTS = {"int4": ("int4", 128, True, False), "fp4": ("fp4_e2m1", 128, True, False),
+           "int4-is": ("int4", 128, True, True), "fp4-is": ("fp4_e2m1", 128, True, True),
+           "int8": ("int8", None, False, False)}
 ACTS = {
     "a16": None,
     "static": aq.ActivationQuant(scheme="static"),
@@ -102,8 +105,8 @@ def main() -> None:
             if row in done:
                 continue
             weights, method, acts = row.split(":")
-            fmt, group, asym = WEIGHTS[weights]
-            scheme = aq.QuantScheme.create(fmt, group_size=group, asym=asym)
+            fmt, group, asym, integer_scales = WEIGHTS[weights]
+            scheme = aq.QuantScheme.create(fmt, group_size=group, asym=asym, integer_scales=integer_scales)
             t0 = time.perf_counter()
             model = aq.quantize_pretrained(model_path, aq.default_rules(scheme), method=method,
                                            calibration=calibration, activations=ACTS[acts], progress=False)

@@ -124,3 +124,68 @@ def ref_gptq(w: np.ndarray, h: np.ndarray, fmt: str, group_size: int, asym: bool
             out[:, c] = q
         wt[:, i2:] -= err @ hinv[i1:i2, i2:]
     return out.T
+
+
+# Integer group scales: the largest integer level magnitude per (format, asym) — FP levels x2 (FP4) or x1 (FP3).
+INT8_LEVEL_MAX = {("fp4_e2m1", True): 12, ("fp4_e2m1", False): 12, ("fp3_e2m0", True): 4, ("fp3_e2m0", False): 4}
+
+
+def integer_scale_top(fmt: str, asym: bool) -> int:
+    if fmt in INT_BITS:
+        b = INT_BITS[fmt]
+        return 127 // (2**b - 1 if asym else 2 ** (b - 1) - 1)
+    return 127 // INT8_LEVEL_MAX[(fmt, asym)]
+
+
+def ref_quantize_integer_scales(w: np.ndarray, fmt: str, group_size: int | None, asym: bool,
+                                scale_dtype: str = "float16"):
+    """Integer group scales from the spec: channel scale = the column's largest float group scale / top, rounded
+    up into the scale dtype; per group (and per side for AFPQ) S = floor or ceil of scale / channel in [1, top]
+    (0 for an empty side), whichever gives that side's values the smaller squared error (ties: floor); INT-asym
+    recomputes the zero point for S. Returns (dequantized (K, N) float64, S {"pos"/"neg": (G, N)}, channel (N,))."""
+    w = np.asarray(w, np.float32)
+    k, n = w.shape
+    g = k if group_size is None else min(group_size, k)
+    top = integer_scale_top(fmt, asym)
+    starts = list(range(0, k, g))
+    params = [ref_params(w[s:s + g].min(0), w[s:s + g].max(0), fmt, asym, scale_dtype) for s in starts]
+    key = "s" if fmt in INT_BITS else "sp"
+    biggest = np.max([np.maximum(p[key], p.get("sn", p[key])) for p in params], axis=0)
+    c32 = (biggest * recip_up(top)).astype(np.float32)
+    if scale_dtype == "float32":
+        channel = c32
+    else:
+        c = c32.astype(np.float16 if scale_dtype == "float16" else np.float32)
+        channel = np.where(c.astype(np.float32) < c32, np.nextafter(c, np.float16(np.inf)), c).astype(np.float32)
+    safe = np.where(channel > 0, channel, np.float32(1))
+
+    def with_scales(p, x, pkey, s_int):
+        q = dict(p)
+        q[pkey] = (s_int * channel).astype(np.float32)
+        if fmt not in INT_BITS and not asym:
+            q["sn"] = q["sp"]
+        if fmt in INT_BITS and asym:  # the zero point follows the step
+            step = np.where(q["s"] > 0, q["s"], np.float32(1))
+            q["z"] = np.clip(np.round(-np.minimum(x.min(0), 0) / step), 0, 2 ** INT_BITS[fmt] - 1)
+        return q
+
+    dq = np.zeros((k, n), np.float64)
+    ints = {"pos": np.zeros((len(starts), n)), "neg": np.zeros((len(starts), n))}
+    for gi, (start, p) in enumerate(zip(starts, params)):
+        x = w[start:start + g]
+        two_sided = fmt not in INT_BITS and asym
+        sides = [("pos", key, x >= 0 if two_sided else np.ones_like(x, bool))]
+        if two_sided:
+            sides.append(("neg", "sn", x < 0))
+        chosen = dict(p)
+        for side, pkey, mask in sides:
+            r = p[pkey] / safe
+            floor, ceil = (np.where(p[pkey] > 0, np.clip(f(r), 1, top), 0) for f in (np.floor, np.ceil))
+            errs = []
+            for s_int in (floor, ceil):
+                deq = ref_round(x, with_scales(p, x, pkey, s_int), fmt)[0]
+                errs.append(np.sum(np.where(mask, (x.astype(np.float64) - deq) ** 2, 0), axis=0))
+            ints[side][gi] = np.where(errs[1] < errs[0], ceil, floor)
+            chosen = with_scales(chosen, x, pkey, ints[side][gi])
+        dq[start:start + g] = ref_round(x, chosen, fmt)[0]
+    return dq, ints, channel

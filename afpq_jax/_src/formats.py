@@ -94,6 +94,21 @@ class Format:
                 return m
         return None
 
+    def integer_scale_max(self, asym: bool) -> int:
+        """The largest integer group scale S with every ``S x`` (integer level) within int8: ``127 // L`` with L
+        the largest integer level magnitude (FP4 E2M1 levels x2: 12 -> 10; INT asym ``code - zero``: 2**bits - 1,
+        int4 -> 8; INT sym: 2**(bits-1) - 1, int4 -> 18). 0 where integer group scales are not possible: no int8
+        representation (NF), or no room for a scale above 1 (int8)."""
+        mult = self.int8_multiplier()
+        if mult is None:
+            return 0
+        if self.is_int:
+            top = 2**self.bits - 1 if asym else 2 ** (self.bits - 1) - 1
+        else:
+            top = int(round(float(np.max(np.abs(np.asarray(self.levels, np.float64)))) * mult))
+        s = 127 // top
+        return s if s >= 2 else 0
+
     def zero_code(self) -> int:
         """Index of the (+)0 level: the code that padding and all-zero groups use."""
         return int(np.flatnonzero(np.asarray(self.levels) == 0)[-1])

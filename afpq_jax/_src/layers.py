@@ -15,7 +15,7 @@ from afpq_jax._src import packing
 from afpq_jax._src import quantizer
 from afpq_jax._src.kernels.quantized_matmul import quantized_matmul
 from afpq_jax._src.kernels.quantized_matmul_a8 import quantized_matmul_a8
-from afpq_jax._src.qtensor import QuantizedTensor
+from afpq_jax._src.qtensor import LEAF_NAMES, QuantizedTensor
 from afpq_jax._src.scheme import QuantScheme
 
 
@@ -50,11 +50,13 @@ def abstract_quantized(shape: tuple[int, ...], scheme: QuantScheme, dtype) -> Qu
     groups = -(-k // g)
     lead = tuple(shape[:-2])
     sdt = jnp.dtype(scheme.scale_dtype)
+    gdt = jnp.uint8 if scheme.integer_scales else sdt  # integer group scales: uint8 times a channel scale
     return QuantizedTensor(
         codes=jnp.zeros((*lead, packing.packed_rows(k, fmt.bits), n), jnp.uint8),
-        scale=jnp.zeros((*lead, groups, n), sdt),
-        scale_neg=jnp.zeros((*lead, groups, n), sdt) if scheme.asym and not fmt.is_int else None,
+        scale=jnp.zeros((*lead, groups, n), gdt),
+        scale_neg=jnp.zeros((*lead, groups, n), gdt) if scheme.asym and not fmt.is_int else None,
         zero=jnp.zeros((*lead, groups, n), jnp.uint8) if scheme.asym and fmt.is_int else None,
+        channel_scale=jnp.zeros((*lead, n), sdt) if scheme.integer_scales else None,
         format_name=fmt.name, group_size=scheme.group_size, asym=scheme.asym, shape=tuple(shape),
         dtype=jnp.dtype(dtype).name)
 
@@ -62,7 +64,8 @@ def abstract_quantized(shape: tuple[int, ...], scheme: QuantScheme, dtype) -> Qu
 class QuantDense(nnx.Module):
     """``y = x @ W (+ b)`` with ``W`` either a float `kernel` (in, out) or a packed `QuantizedTensor`.
 
-    The quantized weight is held as `QuantWeight` variables (``codes``, ``scale``, ``scale_neg``, ``zero``) with
+    The quantized weight is held as `QuantWeight` variables (``codes``, ``scale``, ``scale_neg``, ``zero``,
+    ``channel_scale``: `QuantizedTensor`'s leaves, absent ones None) with
     its static description (scheme, shape, dtype) as plain attributes, so `nnx.split` puts only arrays in the
     state and the graphdef carries the rest. A scheme with int8 activations (``act_bits=8``) runs the integer
     path (`quantized_matmul_a8`); ``act_mode="static"`` adds ``input_scale``, the calibrated per-tensor scale.
@@ -88,11 +91,10 @@ class QuantDense(nnx.Module):
 
     def quantized_tensor(self) -> QuantizedTensor:
         s = self.scheme
+        leaves = {name: None if getattr(self, name) is None else getattr(self, name).get_value()
+                  for name in LEAF_NAMES}
         return QuantizedTensor(
-            codes=self.codes.get_value(), scale=self.scale.get_value(),
-            scale_neg=None if self.scale_neg is None else self.scale_neg.get_value(),
-            zero=None if self.zero is None else self.zero.get_value(),
-            format_name=s.format, group_size=s.group_size, asym=s.asym,
+            **leaves, format_name=s.format, group_size=s.group_size, asym=s.asym,
             shape=(self.in_features, self.out_features), dtype=self.dtype)
 
     def weight(self) -> jax.Array:
@@ -100,10 +102,9 @@ class QuantDense(nnx.Module):
         return quantizer.dequantize(self.quantized_tensor()) if self.is_quantized else self.kernel.get_value()
 
     def _set_quantized(self, qt: QuantizedTensor) -> None:
-        self.codes = QuantWeight(qt.codes)
-        self.scale = QuantWeight(qt.scale)
-        self.scale_neg = None if qt.scale_neg is None else QuantWeight(qt.scale_neg)
-        self.zero = None if qt.zero is None else QuantWeight(qt.zero)
+        for name in LEAF_NAMES:
+            leaf = getattr(qt, name)
+            setattr(self, name, None if leaf is None else QuantWeight(leaf))
         static = self.scheme is not None and self.scheme.act_mode == "static"
         self.input_scale = QuantWeight(jnp.ones((), jnp.float32)) if static else None
 
@@ -129,8 +130,10 @@ class QuantDense(nnx.Module):
         qt.validate()
         if hasattr(self, "kernel"):
             del self.kernel
+        scales = qt.channel_scale if qt.integer_scales else qt.scale
         self.scheme = QuantScheme.create(qt.format_name, group_size=qt.group_size, asym=qt.asym,
-                                         scale_dtype=jnp.dtype(qt.scale.dtype).name)  # activations: float
+                                         scale_dtype=jnp.dtype(scales.dtype).name,
+                                         integer_scales=qt.integer_scales)  # activations: float
         self._set_quantized(qt)
 
     def quantize(self, scheme: QuantScheme, clip_ratios=None) -> QuantizedTensor:

@@ -26,7 +26,7 @@ from afpq_jax._src.io.sources import Source
 from afpq_jax._src.models import CausalLM, ModelConfig, family_for
 from afpq_jax._src.models.params import map_key, to_model_layout
 from afpq_jax._src.models.transformer import Block, block_linears
-from afpq_jax._src.qtensor import QuantizedTensor
+from afpq_jax._src.qtensor import LEAF_NAMES, QuantizedTensor
 from afpq_jax._src.scheme import QuantScheme
 
 ModelPath = tuple[Any, ...]  # ("layers", 3, "attn", "q_proj", "kernel")
@@ -222,7 +222,7 @@ class ModelAssembler:
             self._flat[path].set_value(jax.ShapeDtypeStruct(v.shape, v.dtype))
 
     def _place_quantized(self, layer_path: ModelPath, qt: QuantizedTensor) -> None:
-        for leaf_name in ("codes", "scale", "scale_neg", "zero"):
+        for leaf_name in LEAF_NAMES:
             leaf = getattr(qt, leaf_name)
             key = (*layer_path, leaf_name)
             if leaf is None:

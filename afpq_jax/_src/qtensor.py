@@ -14,6 +14,7 @@ from afpq_jax._src import formats as formats_lib
 from afpq_jax._src import packing
 
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
+LEAF_NAMES = ("codes", "scale", "scale_neg", "zero", "channel_scale")  # the array fields, in pytree order
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -28,6 +29,11 @@ class QuantizedTensor:
       scale_neg:  ``(..., G, N)`` — ``s_neg`` for asymmetric codebook formats, else None.
       zero:       uint8 ``(..., G, N)`` — integer zero point for asymmetric INT, else None (symmetric INT uses
                   the implicit zero point ``2**(bits-1)``).
+      channel_scale: ``(..., N)`` in ``scale_dtype``, or None. When present the group scales are *integer*
+                  (QServe's progressive group quantization): ``scale`` / ``scale_neg`` are uint8 multiples of the
+                  column's ``channel_scale`` (a group's float scale is ``channel_scale[n] * scale[g, n]``), small
+                  enough that every level times its integer scale fits int8 (`quantizer.integer_scale_max`), so
+                  an int8 matmul needs no per-group float work.
     Static metadata (not leaves, so it survives jit/tree round trips as part of the treedef): ``format_name``,
     ``group_size`` (None = one group per output column), ``asym``, ``shape`` (the original full shape) and
     ``dtype`` (the original dtype's name). ``G = ceil(K / group_size)``; the last group may be shorter.
@@ -40,6 +46,7 @@ class QuantizedTensor:
     scale: jax.Array
     scale_neg: jax.Array | None = None
     zero: jax.Array | None = None
+    channel_scale: jax.Array | None = None
     format_name: str
     group_size: int | None
     asym: bool
@@ -68,6 +75,27 @@ class QuantizedTensor:
         return math.ceil(self.in_features / self.effective_group_size)
 
     @property
+    def integer_scales(self) -> bool:
+        return self.channel_scale is not None
+
+    def float_scales(self) -> tuple[jax.Array, jax.Array | None]:
+        """The group scales ``(s_pos or scale, s_neg or None)`` as float32 ``(..., G, N)``, whatever the storage
+        (integer scales: times the column's channel scale; the products are exact in float32)."""
+        pos = self.scale.astype(jnp.float32)
+        neg = None if self.scale_neg is None else self.scale_neg.astype(jnp.float32)
+        if self.channel_scale is not None:
+            ch = self.channel_scale.astype(jnp.float32)[..., None, :]
+            pos, neg = pos * ch, None if neg is None else neg * ch
+        return pos, neg
+
+    def with_float_scales(self) -> QuantizedTensor:
+        """The same weight with float32 group scales and no channel scale (exact; self if already float)."""
+        if self.channel_scale is None:
+            return self
+        pos, neg = self.float_scales()
+        return dataclasses.replace(self, scale=pos, scale_neg=neg, channel_scale=None)
+
+    @property
     def nbytes(self) -> int:
         """Bytes actually held by the leaves (codes incl. padding rows, scales, zero points)."""
         return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in self._leaves())
@@ -77,7 +105,7 @@ class QuantizedTensor:
         return 8.0 * self.nbytes / max(1, math.prod(self.codes.shape[:-2]) * self.in_features * self.out_features)
 
     def _leaves(self) -> list[jax.Array]:
-        return [x for x in (self.codes, self.scale, self.scale_neg, self.zero) if x is not None]
+        return [x for x in (getattr(self, name) for name in LEAF_NAMES) if x is not None]
 
     def validate(self) -> None:
         """Checks the invariants above; raises ValueError naming the first broken one.
@@ -101,7 +129,15 @@ class QuantizedTensor:
             raise InputError(f"{name}: codes leading dims {lead} do not end with the original leading dims "
                              f"{self.shape[:-2]}")
         want_scale = (*lead, self.num_groups, n)
-        if self.scale.shape != want_scale or jnp.dtype(self.scale.dtype).name not in SCALE_DTYPES:
+        if self.channel_scale is not None:
+            if self.scale.shape != want_scale or self.scale.dtype != jnp.uint8:
+                raise InputError(f"{name}: integer group scales must be uint8 {want_scale}, got {self.scale.dtype} "
+                                 f"{self.scale.shape}")
+            if (self.channel_scale.shape != (*lead, n)
+                    or jnp.dtype(self.channel_scale.dtype).name not in SCALE_DTYPES):
+                raise InputError(f"{name}: channel_scale must be {(*lead, n)} in one of {SCALE_DTYPES}, got "
+                                 f"{self.channel_scale.dtype} {self.channel_scale.shape}")
+        elif self.scale.shape != want_scale or jnp.dtype(self.scale.dtype).name not in SCALE_DTYPES:
             raise InputError(f"{name}: scale must be {want_scale} in one of {SCALE_DTYPES}, got "
                              f"{self.scale.dtype} {self.scale.shape}")
         needs_neg = self.asym and not fmt.is_int
@@ -118,7 +154,14 @@ class QuantizedTensor:
             raise InputError(f"{name}: zero must be uint8 {want_scale}, got {self.zero.dtype} {self.zero.shape}")
         if any(isinstance(x, jax.core.Tracer) for x in self._leaves()):
             return
-        for label, s in (("scale", self.scale), ("scale_neg", self.scale_neg)):
+        if self.channel_scale is not None:
+            top = fmt.integer_scale_max(self.asym)
+            for label, s in (("scale", self.scale), ("scale_neg", self.scale_neg)):
+                if s is not None and int(np.max(np.asarray(s), initial=0)) > top:
+                    raise InputError(f"{name}: integer {label} exceeds {top}, the largest that keeps every "
+                                     f"level x scale within int8")
+        for label, s in (("scale", self.scale), ("scale_neg", self.scale_neg), ("channel_scale",
+                                                                              self.channel_scale)):
             if s is not None:
                 s = np.asarray(s, dtype=np.float32)
                 if not np.all(np.isfinite(s)) or np.any(s < 0):
@@ -131,13 +174,15 @@ class QuantizedTensor:
 
     def __repr__(self) -> str:
         scheme = "asym" if self.asym else "sym"
+        scales = self.scale if self.channel_scale is None else self.channel_scale
+        ints = ", integer group scales" if self.integer_scales else ""
         return (f"QuantizedTensor({self.format_name}-{scheme}, group_size={self.group_size}, shape={self.shape}, "
-                f"dtype={self.dtype}, scale_dtype={jnp.dtype(self.scale.dtype).name}, "
+                f"dtype={self.dtype}, scale_dtype={jnp.dtype(scales.dtype).name}{ints}, "
                 f"{self.bits_per_weight:.3f} bits/weight)")
 
 
 jax.tree_util.register_dataclass(
     QuantizedTensor,
-    data_fields=["codes", "scale", "scale_neg", "zero"],
+    data_fields=list(LEAF_NAMES),
     meta_fields=["format_name", "group_size", "asym", "shape", "dtype"],
 )

@@ -137,6 +137,78 @@ def decode(fmt: Format, asym: bool, codes: jax.Array, params: GroupParams) -> ja
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Integer group scales (QServe's progressive group quantization, applied to every format with int8 levels).
+
+
+def channel_scale_of(params: GroupParams, top: int, scale_dtype) -> jax.Array:
+    """The per-column float scale ``(..., 1, 1, N)`` of integer group scales: the column's largest group scale
+    over ``top`` (= `Format.integer_scale_max`), rounded *up* into ``scale_dtype`` so every group's ratio stays
+    at most ``top``. An all-zero column gets 0."""
+    s = params.scale if params.scale_neg is None else jnp.maximum(params.scale, params.scale_neg)
+    c = jnp.max(s, axis=-3, keepdims=True) * recip_up(top)
+    r = c.astype(scale_dtype)
+    r = jnp.where(r.astype(jnp.float32) < c, jnp.nextafter(r, jnp.full_like(r, jnp.inf)), r)
+    return r.astype(jnp.float32)
+
+
+def snap_to_integer_scales(fmt: Format, asym: bool, wg: jax.Array, params: GroupParams, channel: jax.Array,
+                           top: int, lo: jax.Array | None = None) -> GroupParams:
+    """Group params whose scales are ``channel * S`` with integer ``S`` in [1, top] (0 for an empty side).
+
+    ``S`` is ⌊s / channel⌋ or ⌈s / channel⌉, whichever gives the group's values (``wg`` (..., G, g, N)) the lower
+    squared error — per side for AFPQ (each side's values use only their own scale), with the zero point
+    recomputed for INT-asym from the group's (clipped) minimum ``lo`` (default: its minimum). The returned
+    scales are the exact float32 products ``channel * S``.
+    """
+    if lo is None:
+        lo = jnp.min(wg, axis=-2, keepdims=True)
+    safe = _safe(channel)
+
+    def candidates(s):
+        r = s / safe
+        return [jnp.where(s > 0, jnp.clip(f(r), 1, top), 0.0) for f in (jnp.floor, jnp.ceil)]
+
+    def with_scale(s, s_neg=None):
+        if fmt.is_int and asym:
+            zero = jnp.clip(jnp.round(-jnp.minimum(lo, 0.0) / _safe(s * channel)), 0, 2**fmt.bits - 1)
+            return GroupParams(s * channel, None, zero)
+        return GroupParams(s * channel, None if s_neg is None else s_neg * channel, None)
+
+    def sq_err(p, mask=None):
+        e = jnp.square(wg - decode(fmt, asym, encode(fmt, asym, wg, p), p))
+        return jnp.sum(e if mask is None else jnp.where(mask, e, 0.0), axis=-2, keepdims=True)
+
+    lo_pos, hi_pos = candidates(params.scale)
+    if params.scale_neg is None:
+        p_lo, p_hi = with_scale(lo_pos), with_scale(hi_pos)
+        take_hi = sq_err(p_hi) < sq_err(p_lo)
+        return GroupParams(*(None if a is None else jnp.where(take_hi, b, a) for a, b in zip(p_lo, p_hi)))
+    lo_neg, hi_neg = candidates(params.scale_neg)
+    p_lo, p_hi = with_scale(lo_pos, lo_neg), with_scale(hi_pos, hi_neg)
+    e_lo, e_hi = [(sq_err(p, wg >= 0), sq_err(p, wg < 0)) for p in (p_lo, p_hi)]
+    return GroupParams(jnp.where(e_hi[0] < e_lo[0], p_hi.scale, p_lo.scale),
+                       jnp.where(e_hi[1] < e_lo[1], p_hi.scale_neg, p_lo.scale_neg), None)
+
+
+def integer_scale_limit(fmt: Format, asym: bool) -> int:
+    """`Format.integer_scale_max`, or an `InputError` naming the formats that have integer group scales."""
+    top = fmt.integer_scale_max(asym)
+    if top == 0:
+        raise InputError(f"{fmt.name} has no integer group scales (its levels times a scale of 2 do not fit int8); "
+                         f"use int2/int3/int4, fp4_e2m1 or fp3_e2m0, or float group scales")
+    return top
+
+
+def integer_leaves(params: GroupParams, channel: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """Storage of snapped params: uint8 ``S`` for scale (and scale_neg) ``(..., G, N)``, channel ``(..., N)``.
+    ``S = scale / channel`` is exact (the scales are exact multiples)."""
+    safe = _safe(channel)
+    ints = [None if p is None else jnp.round(p / safe)[..., 0, :].astype(jnp.uint8)
+            for p in (params.scale, params.scale_neg)]
+    return ints[0], ints[1], channel[..., 0, 0, :]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Grouping: (..., K, N) <-> (..., G, g, N), zero-padding a short last group (zeros never change the scales).
 
 
@@ -157,9 +229,10 @@ def from_groups(wg: jax.Array, k: int) -> jax.Array:
     return wg.reshape(*wg.shape[:-3], -1, wg.shape[-1])[..., :k, :]
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "scale_dtype"))
-def _quantize_codes(w, fmt: Format, asym: bool, g: int, scale_dtype, clip_ratios=None):
-    """Unpacked codes ``(..., K, N)`` and group params ``(..., G, 1, N)`` of one weight.
+@functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "scale_dtype", "integer_scales"))
+def _quantize_codes(w, fmt: Format, asym: bool, g: int, scale_dtype, clip_ratios=None, integer_scales=False):
+    """Unpacked codes ``(..., K, N)``, group params ``(..., G, 1, N)`` and, with ``integer_scales``, the channel
+    scale ``(..., 1, 1, N)`` (else None) of one weight.
 
     ``clip_ratios`` (optional pair of ``(..., G, 1, N)`` arrays in (0, 1]) shrink each group's negative and
     positive extremes before the scales are computed (the clipping search's result).
@@ -169,7 +242,12 @@ def _quantize_codes(w, fmt: Format, asym: bool, g: int, scale_dtype, clip_ratios
     if clip_ratios is not None:
         lo, hi = lo * clip_ratios[0], hi * clip_ratios[1]
     params = group_params(fmt, asym, lo, hi, scale_dtype)
-    return from_groups(encode(fmt, asym, wg, params), w.shape[-2]), params
+    channel = None
+    if integer_scales:
+        top = fmt.integer_scale_max(asym)
+        channel = channel_scale_of(params, top, scale_dtype)
+        params = snap_to_integer_scales(fmt, asym, wg, params, channel, top, lo)
+    return from_groups(encode(fmt, asym, wg, params), w.shape[-2]), params, channel
 
 
 def _decode_codes(codes, params: GroupParams, fmt: Format, asym: bool, g: int, dtype):
@@ -215,27 +293,46 @@ def check_scale_dtype(scale_dtype) -> jnp.dtype:
 
 
 def quantize(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128, asym: bool = True,
-             scale_dtype=jnp.float16, clip_ratios: tuple[jax.Array, jax.Array] | None = None) -> QuantizedTensor:
+             scale_dtype=jnp.float16, clip_ratios: tuple[jax.Array, jax.Array] | None = None,
+             integer_scales: bool = False) -> QuantizedTensor:
     """Round-to-nearest quantization of a weight ``(..., in_features, out_features)`` into packed codes.
 
     Groups are ``group_size`` consecutive entries along the contraction axis (axis -2) of one output column;
     ``None`` gives one group per column. ``asym=True`` is AFPQ for FP/NF formats (separate ``s_pos``/``s_neg``)
     and min/max affine for INT formats; ``asym=False`` is symmetric absmax. ``clip_ratios`` = (negative side,
     positive side) per-group shrink factors ``(..., G, 1, N)`` from `algorithms.clip` (default: no clipping).
+    ``integer_scales``: group scales are small integers times a per-column ``scale_dtype`` scale
+    (`snap_to_integer_scales`; see `QuantizedTensor.channel_scale`).
     """
     fmt = formats_lib.get_format(fmt)
     check_group_size(group_size)
     dt = check_scale_dtype(scale_dtype)
+    if integer_scales:
+        integer_scale_limit(fmt, bool(asym))
     w = _check_weight(w)
     g = _group_size(w.shape[-2], group_size)
-    codes, params = _quantize_codes(w, fmt, bool(asym), g, dt, clip_ratios)
+    codes, params, channel = _quantize_codes(w, fmt, bool(asym), g, dt, clip_ratios, bool(integer_scales))
+    return packed_tensor(codes, params, channel, fmt=fmt, group_size=group_size, asym=bool(asym),
+                         scale_dtype=dt, dtype=w.dtype)
+
+
+def packed_tensor(codes: jax.Array, params: GroupParams, channel: jax.Array | None, *, fmt: Format,
+                  group_size: int | None, asym: bool, scale_dtype, dtype) -> QuantizedTensor:
+    """The `QuantizedTensor` of unpacked codes ``(..., K, N)`` and group params ``(..., G, 1, N)`` (with
+    ``channel`` ``(..., 1, 1, N)``: integer group scales)."""
+    zero = None if params.zero is None else params.zero[..., 0, :].astype(jnp.uint8)
+    if channel is None:
+        scale = params.scale[..., 0, :].astype(scale_dtype)
+        scale_neg = None if params.scale_neg is None else params.scale_neg[..., 0, :].astype(scale_dtype)
+        channel_scale = None
+    else:
+        scale, scale_neg, channel_scale = integer_leaves(params, channel)
+        channel_scale = channel_scale.astype(scale_dtype)
     return QuantizedTensor(
-        codes=packing.pack(codes, fmt.bits),
-        scale=params.scale[..., 0, :].astype(dt),
-        scale_neg=None if params.scale_neg is None else params.scale_neg[..., 0, :].astype(dt),
-        zero=None if params.zero is None else params.zero[..., 0, :].astype(jnp.uint8),
-        format_name=fmt.name, group_size=None if group_size is None else int(group_size), asym=bool(asym),
-        shape=tuple(int(d) for d in w.shape), dtype=jnp.dtype(w.dtype).name)
+        codes=packing.pack(codes, fmt.bits), scale=scale, scale_neg=scale_neg, zero=zero,
+        channel_scale=channel_scale, format_name=fmt.name,
+        group_size=None if group_size is None else int(group_size), asym=bool(asym),
+        shape=tuple(int(d) for d in codes.shape), dtype=jnp.dtype(dtype).name)
 
 
 def dequantize(qt: QuantizedTensor, dtype=None) -> jax.Array:
@@ -244,21 +341,24 @@ def dequantize(qt: QuantizedTensor, dtype=None) -> jax.Array:
         raise ArgumentTypeError(f"dequantize expects a QuantizedTensor, got {type(qt).__name__}")
     fmt = qt.format
     codes = packing.unpack(qt.codes, fmt.bits, qt.in_features)
-    params = GroupParams(qt.scale[..., None, :],
-                         None if qt.scale_neg is None else qt.scale_neg[..., None, :],
+    pos, neg = qt.float_scales()
+    params = GroupParams(pos[..., None, :], None if neg is None else neg[..., None, :],
                          None if qt.zero is None else qt.zero[..., None, :])
     return _decode_codes(codes, params, fmt, qt.asym, qt.effective_group_size, jnp.dtype(dtype or qt.dtype))
 
 
 def fake_quant(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128, asym: bool = True,
-               scale_dtype=jnp.float16) -> jax.Array:
+               scale_dtype=jnp.float16, integer_scales: bool = False) -> jax.Array:
     """``dequantize(quantize(w))`` without packing, with a straight-through (identity) gradient."""
     fmt = formats_lib.get_format(fmt)
     check_group_size(group_size)
     dt = check_scale_dtype(scale_dtype)
+    if integer_scales:
+        integer_scale_limit(fmt, bool(asym))
     w = _check_weight(w)
     g = _group_size(w.shape[-2], group_size)
-    codes, params = _quantize_codes(jax.lax.stop_gradient(w), fmt, bool(asym), g, dt)
+    codes, params, _ = _quantize_codes(jax.lax.stop_gradient(w), fmt, bool(asym), g, dt, None,
+                                       bool(integer_scales))
     dq = _decode_codes(codes, params, fmt, bool(asym), g, w.dtype)
     # dq + (w - sg(w)) is exactly dq in value and has d/dw = identity (w + sg(dq - w) can be off by an ulp).
     return dq + (w - jax.lax.stop_gradient(w))

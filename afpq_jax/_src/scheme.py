@@ -35,6 +35,9 @@ class QuantScheme:
     format: canonical format name (`afpq_jax.formats.available_formats`); group_size: input rows per scale group,
     None = one group per output column; asym: AFPQ two-scale (FP/NF) or min/max affine (INT) instead of absmax;
     scale_dtype: storage dtype of the scales. `create` canonicalises aliases ("fp4" -> "fp4_e2m1").
+    integer_scales: group scales as small integers times one ``scale_dtype`` scale per output column (QServe's
+    progressive group quantization; `QuantizedTensor.channel_scale`): with int8 activations the whole matmul is
+    one int8 GEMM with a per-column epilogue. Needs a format with integer levels (`Format.integer_scale_max`).
 
     act_bits / act_mode: activation quantization of the layer's input — None / None keeps activations in the
     compute dtype (W4A16); 8 / "static" is symmetric int8 with one calibrated per-tensor scale (the layer's
@@ -47,6 +50,7 @@ class QuantScheme:
     group_size: int | None = 128
     asym: bool = True
     scale_dtype: str = "float16"
+    integer_scales: bool = False
     act_bits: int | None = None
     act_mode: str | None = None
 
@@ -59,6 +63,10 @@ class QuantScheme:
         quantizer.check_scale_dtype(self.scale_dtype)
         if not isinstance(self.asym, bool):
             raise InputError(f"QuantScheme.asym must be true or false, got {self.asym!r}")
+        if not isinstance(self.integer_scales, bool):
+            raise InputError(f"QuantScheme.integer_scales must be true or false, got {self.integer_scales!r}")
+        if self.integer_scales:
+            quantizer.integer_scale_limit(fmt, self.asym)
         if self.act_bits is None and self.act_mode is None:
             return
         if self.act_bits not in ACT_BITS:
@@ -82,17 +90,20 @@ class QuantScheme:
 
     @classmethod
     def create(cls, format: str, *, group_size: int | None = 128, asym: bool = True,
-               scale_dtype: str = "float16", act_bits: int | None = None,
+               scale_dtype: str = "float16", integer_scales: bool = False, act_bits: int | None = None,
                act_mode: str | None = None) -> QuantScheme:
         s = cls(format=formats_lib.get_format(format).name, group_size=group_size, asym=asym,
-                scale_dtype=quantizer.check_scale_dtype(scale_dtype).name, act_bits=act_bits, act_mode=act_mode)
+                scale_dtype=quantizer.check_scale_dtype(scale_dtype).name, integer_scales=integer_scales,
+                act_bits=act_bits, act_mode=act_mode)
         s.validate()
         return s
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        if self.act_bits is None:  # W-only schemes keep the JSON of earlier versions
+        if self.act_bits is None:  # schemes without the newer options keep the JSON of earlier versions
             del out["act_bits"], out["act_mode"]
+        if not self.integer_scales:
+            del out["integer_scales"]
         return out
 
     @classmethod
@@ -112,12 +123,14 @@ class QuantScheme:
     def __str__(self) -> str:
         group = "channel" if self.group_size is None else str(self.group_size)
         act = "" if self.act_bits is None else f"-a{self.act_bits}{self.act_mode}"
-        return f"{self.format}-{'asym' if self.asym else 'sym'}-g{group}{act}"
+        ints = "-intscales" if self.integer_scales else ""
+        return f"{self.format}-{'asym' if self.asym else 'sym'}-g{group}{ints}{act}"
 
     def quantize(self, w: jax.Array, clip_ratios=None) -> QuantizedTensor:
         """Round-to-nearest quantization of a kernel with this scheme (``clip_ratios``: `quantize`'s)."""
         return quantizer.quantize(w, self.format, group_size=self.group_size, asym=self.asym,
-                                  scale_dtype=self.scale_dtype, clip_ratios=clip_ratios)
+                                  scale_dtype=self.scale_dtype, clip_ratios=clip_ratios,
+                                  integer_scales=self.integer_scales)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -73,7 +73,7 @@ def _search_losses_impl(graphdef, state, xs, positions, x_mean, alphas, referenc
             layer = get_path(module, path)
             w = layer.kernel.get_value() * s[:, None]
             wq = fake_quant(w, scheme.format, group_size=scheme.group_size, asym=scheme.asym,
-                            scale_dtype=scheme.scale_dtype)
+                            scale_dtype=scheme.scale_dtype, integer_scales=scheme.integer_scales)
             layer.kernel.set_value(wq / s[:, None])
 
         def add(total, batch):

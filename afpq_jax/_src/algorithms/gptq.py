@@ -26,7 +26,8 @@ from afpq_jax._src.calibration.taps import XTX
 from afpq_jax._src.errors import InputError, QuantizationError
 from afpq_jax._src.formats import Format, get_format
 from afpq_jax._src.qtensor import QuantizedTensor
-from afpq_jax._src.quantizer import GroupParams, decode, encode, group_params
+from afpq_jax._src.quantizer import (GroupParams, channel_scale_of, decode, encode, group_params, integer_scale_limit,
+                                     packed_tensor, snap_to_integer_scales)
 
 
 def hessian_inverse_factor(h: jax.Array, damp: float) -> jax.Array:
@@ -38,16 +39,22 @@ def hessian_inverse_factor(h: jax.Array, damp: float) -> jax.Array:
     return jnp.linalg.cholesky(h_inv).T  # upper
 
 
-def _params_of(fmt, asym, rows, sdt) -> GroupParams:
-    """Group parameters from a group's rows (g, N) of the working kernel, shaped (N,) each."""
-    return group_params(fmt, asym, jnp.min(rows, axis=0), jnp.max(rows, axis=0), sdt)
+def _params_of(fmt, asym, rows, sdt, channel=None) -> GroupParams:
+    """Group parameters from a group's rows (g, N) of the working kernel, shaped (N,) each; with ``channel``
+    ((1, N)) snapped to integer multiples of it (`snap_to_integer_scales`)."""
+    if channel is None:
+        return group_params(fmt, asym, jnp.min(rows, axis=0), jnp.max(rows, axis=0), sdt)
+    params = group_params(fmt, asym, jnp.min(rows, axis=0, keepdims=True), jnp.max(rows, axis=0, keepdims=True), sdt)
+    params = snap_to_integer_scales(fmt, asym, rows, params, channel, fmt.integer_scale_max(asym))
+    return GroupParams(*(None if p is None else p[0] for p in params))
 
 
 def _take(params: GroupParams, idx) -> GroupParams:
     return GroupParams(*(None if p is None else p[idx] for p in params))
 
 
-def _quantize_block(w1, hinv1, static_params, row_groups, *, fmt: Format, asym: bool, g: int, sdt, static: bool):
+def _quantize_block(w1, hinv1, static_params, row_groups, channel, *, fmt: Format, asym: bool, g: int, sdt,
+                    static: bool):
     """GPTQ over one block of input rows. w1: (B, N) kernel rows; hinv1: (B, B) upper; B holds whole groups
     unless ``static``. Rows are contiguous, so each step reads and writes whole rows.
 
@@ -73,7 +80,7 @@ def _quantize_block(w1, hinv1, static_params, row_groups, *, fmt: Format, asym: 
         return codes, None, err
     block_params = []
     for gi in range(b // g):
-        params = _params_of(fmt, asym, w1[gi * g:(gi + 1) * g], sdt)
+        params = _params_of(fmt, asym, w1[gi * g:(gi + 1) * g], sdt, channel)
         w1, codes, err = jax.lax.fori_loop(gi * g, (gi + 1) * g, functools.partial(_with_params, row, params),
                                            (w1, codes, err))
         block_params.append(params)
@@ -113,10 +120,15 @@ def _factor(w, h, damp, *, bs: int, act_order: bool):
         return perm, hinv, jnp.all(jnp.isfinite(hinv))
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "sdt", "static", "bs"))
-def _gptq(w, h, perm, hinv, *, fmt: Format, asym: bool, g: int, sdt, static: bool, bs: int):
+@functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "sdt", "static", "bs", "integer_scales"))
+def _gptq(w, h, perm, hinv, *, fmt: Format, asym: bool, g: int, sdt, static: bool, bs: int, integer_scales: bool):
     """The whole GPTQ of one kernel as one compiled program (one compilation per layer shape), given `_factor`'s
-    column order and factor.
+    column order and factor. Returns codes, group params and the channel scale ((1, 1, N); None unless
+    ``integer_scales``).
+
+    Integer group scales: the channel scale comes from the original weights' groups (as QServe's); each group's
+    scales, computed from its error-updated rows when GPTQ reaches it, are snapped to integer multiples of it
+    (clipped at `Format.integer_scale_max`, so a group that grew past the original maximum saturates).
 
     The padding rows are zero with identity Hessian rows: they quantize exactly, send no error, and (being zeros)
     never change a group's scales, so a short last group behaves exactly as in RTN.
@@ -127,10 +139,17 @@ def _gptq(w, h, perm, hinv, *, fmt: Format, asym: bool, g: int, sdt, static: boo
         n_groups = -(-k // g)
         w, _ = _damped(w, h, 0.0)
         w = jnp.pad(w, ((0, kp - k), (0, 0)))
-        if static:  # groups in natural order, params from the (dead-zeroed) original weights
-            grouped = jnp.pad(w, ((0, n_groups * g - kp if n_groups * g > kp else 0), (0, 0)))[: n_groups * g]
-            grouped = grouped.reshape(n_groups, g, n)
-            static_params = group_params(fmt, asym, grouped.min(1), grouped.max(1), sdt)  # (G, N)
+        # groups in natural order, params from the (dead-zeroed) original weights
+        grouped = jnp.pad(w, ((0, n_groups * g - kp if n_groups * g > kp else 0), (0, 0)))[: n_groups * g]
+        grouped = grouped.reshape(n_groups, g, n)
+        original = group_params(fmt, asym, grouped.min(1, keepdims=True), grouped.max(1, keepdims=True), sdt)
+        channel = None
+        if integer_scales:
+            top = fmt.integer_scale_max(asym)
+            channel = channel_scale_of(original, top, sdt)  # (1, 1, N)
+            original = snap_to_integer_scales(fmt, asym, grouped, original, channel, top)
+        if static:
+            static_params = GroupParams(*(None if p is None else p[:, 0] for p in original))  # (G, N)
             row_groups = jnp.minimum(perm // g, n_groups - 1)
         else:
             static_params, row_groups = None, jnp.zeros((kp,), jnp.int32)
@@ -147,8 +166,8 @@ def _gptq(w, h, perm, hinv, *, fmt: Format, asym: bool, g: int, sdt, static: boo
             hrows = jax.lax.dynamic_slice_in_dim(hinv, i1, bs, 0)  # (bs, kp)
             hinv1 = jax.lax.dynamic_slice_in_dim(hrows, i1, bs, 1)
             groups = jax.lax.dynamic_slice_in_dim(row_groups, i1, bs, 0)
-            c, bp, err = _quantize_block(w1, hinv1, static_params, groups, fmt=fmt, asym=asym, g=g, sdt=sdt,
-                                         static=static)
+            c, bp, err = _quantize_block(w1, hinv1, static_params, groups, None if channel is None else channel[0],
+                                         fmt=fmt, asym=asym, g=g, sdt=sdt, static=static)
             later = (jnp.arange(kp) >= i1 + bs)[:, None]  # lazy update of the rows after this block
             w = jnp.where(later, w - hrows.T @ err, w)
             codes = jax.lax.dynamic_update_slice_in_dim(codes, c, i1, 0)
@@ -160,7 +179,7 @@ def _gptq(w, h, perm, hinv, *, fmt: Format, asym: bool, g: int, sdt, static: boo
         _, codes, params = jax.lax.fori_loop(0, kp // bs, block_step, (w, codes, params))
         codes = codes[jnp.argsort(perm)][:k]  # natural order
         params = static_params if static else GroupParams(*(None if p is None else p[:n_groups] for p in params))
-        return codes, params
+        return codes, params, channel
 
 
 def damping_schedule(damp: float, step: float, max_damp: float) -> list[float]:
@@ -175,15 +194,17 @@ def damping_schedule(damp: float, step: float, max_damp: float) -> list[float]:
 def gptq_quantize(kernel: jax.Array, hessian: jax.Array, fmt: str | Format, *, group_size: int | None = 128,
                   asym: bool = True, scale_dtype=jnp.float16, damp: float = 0.01, block_size: int = 128,
                   act_order: bool = False, damp_step: float = 0.0025, max_damp: float = 1.0,
-                  name: str = "kernel") -> QuantizedTensor:
+                  integer_scales: bool = False, name: str = "kernel") -> QuantizedTensor:
     """GPTQ-quantizes a kernel (K, N) given the Hessian (K, K) of its inputs.
 
     If the damped Hessian is not positive definite (its Cholesky factor is not finite), damping grows by
     ``damp_step`` up to ``max_damp``; if none works, or the result is not finite, raises `QuantizationError`
-    naming ``name``.
+    naming ``name``. ``integer_scales``: see `_gptq` and `QuantizedTensor.channel_scale`.
     """
     fmt = get_format(fmt)
     sdt = jnp.dtype(scale_dtype)
+    if integer_scales:
+        integer_scale_limit(fmt, asym)
     k, n = kernel.shape
     h = jnp.asarray(hessian, jnp.float32)
     if h.shape != (k, k):
@@ -201,15 +222,14 @@ def gptq_quantize(kernel: jax.Array, hessian: jax.Array, fmt: str | Format, *, g
         raise QuantizationError(f"GPTQ: the Hessian of {name} is not positive definite even with damp {max_damp} "
                                 f"(non-finite inputs, or too few calibration tokens); use more calibration samples "
                                 f"or quantize this layer with RTN through a rule")
-    codes, params = _gptq(w, h, perm, hinv, fmt=fmt, asym=asym, g=g, sdt=sdt, static=static, bs=bs)
+    codes, params, channel = _gptq(w, h, perm, hinv, fmt=fmt, asym=asym, g=g, sdt=sdt, static=static, bs=bs,
+                                   integer_scales=bool(integer_scales))
     if not all(bool(jnp.all(jnp.isfinite(p))) for p in params if p is not None):
         raise QuantizationError(f"GPTQ produced non-finite scales for {name} (damp {d}); check the calibration "
                                 f"inputs of this layer for NaN/inf")
-    return QuantizedTensor(
-        codes=packing.pack(codes, fmt.bits), scale=params.scale.astype(sdt),
-        scale_neg=None if params.scale_neg is None else params.scale_neg.astype(sdt),
-        zero=None if params.zero is None else params.zero.astype(jnp.uint8),
-        format_name=fmt.name, group_size=group_size, asym=asym, shape=(k, n), dtype=jnp.dtype(kernel.dtype).name)
+    params = GroupParams(*(None if p is None else p[:, None] for p in params))  # (G, 1, N), as packed_tensor takes
+    return packed_tensor(codes, params, channel, fmt=fmt, group_size=group_size, asym=asym, scale_dtype=sdt,
+                         dtype=kernel.dtype)
 
 
 def accumulate_hessian(h: jax.Array | None, x: jax.Array, count: int) -> tuple[jax.Array, int]:
@@ -261,6 +281,6 @@ class GPTQ(Method):
                 qt = gptq_quantize(layer.kernel.get_value(), ctx.stats[name]["xtx"] * (2.0 / ctx.tokens), s.format,
                                    group_size=s.group_size, asym=s.asym, scale_dtype=s.scale_dtype, damp=self.damp,
                                    block_size=self.block_size, act_order=self.act_order,
-                                   name=f"layers.{ctx.index}.{name}")
+                                   integer_scales=s.integer_scales, name=f"layers.{ctx.index}.{name}")
                 layer.set_quantized(jax.block_until_ready(qt))  # time lands in this phase
         return None

@@ -137,7 +137,7 @@ def select_implementation(prob: Problem, config: BlockConfig | None = None, back
 
 def why_not(implementation: str, x, qt: QuantizedTensor, config: BlockConfig | None = None) -> str | None:
     """None if ``implementation`` supports ``x @ qt`` (x may be a ShapeDtypeStruct), else the reason."""
-    prob = Problem.create(x.shape, x.dtype, qt)
+    prob = Problem.create(x.shape, x.dtype, qt.with_float_scales())
     return IMPLEMENTATIONS[implementation].supports(prob, base.resolve(implementation, prob, config))
 
 
@@ -159,6 +159,7 @@ def quantized_matmul(x: jax.Array, qt: QuantizedTensor, *, implementation: str |
         raise ArgumentTypeError(f"quantized_matmul expects a QuantizedTensor, got {type(qt).__name__}")
     if jnp.dtype(x.dtype).name not in X_DTYPES:
         raise ArgumentTypeError(f"x must be one of {X_DTYPES}, got {jnp.dtype(x.dtype).name}")
+    qt = qt.with_float_scales()  # integer group scales pay off on the int8 path; here they are float32 scales
     prob = Problem.create(x.shape, x.dtype, qt)
     if implementation is None:
         name, cfg = select_implementation(prob, config)

@@ -11,6 +11,12 @@ Format.int8_multiplier()`` every ``m * level`` is an integer up to 127 (FP4 E2M1
 
 with INT codes and zero points shifted by 2**(bits-1) so that they fit int8. Only the epilogue (int32 -> float32
 times the scales, summed over groups) rounds.
+
+Integer group scales (`QuantizedTensor.channel_scale`, QServe's progressive scheme) make the weight itself int8,
+``W8[k, n] = S[g, n] · m·level[k, n]`` (AFPQ: S_pos or S_neg by the level's sign; INT: ``S · (code − zero)``),
+so the whole product is one int8 GEMM with a per-column epilogue:
+
+    y[m, n] = xs[m] · channel_scale[n] / m · Σ_k xq[m, k] · W8[k, n]
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ def integer_weight(qt: QuantizedTensor) -> tuple[list[jax.Array], list[jax.Array
     groups = -(-k // g)
     codes = packing.unpack(qt.codes, fmt.bits, k).astype(jnp.int32)
     codes = jnp.pad(codes, ((0, groups * g - k), (0, 0)), constant_values=fmt.zero_code())
-    scale = qt.scale.astype(jnp.float32)
+    scale, scale_neg = qt.float_scales()
     if fmt.is_int:
         offset = 2 ** (fmt.bits - 1)
         levels = (codes - offset).astype(jnp.int8).reshape(groups, g, n)
@@ -68,7 +74,29 @@ def integer_weight(qt: QuantizedTensor) -> tuple[list[jax.Array], list[jax.Array
         return [levels], [scale / mult], None
     zero8 = jnp.zeros((), jnp.int8)
     return ([jnp.where(levels > 0, levels, zero8), jnp.where(levels < 0, levels, zero8)],
-            [scale / mult, qt.scale_neg.astype(jnp.float32) / mult], None)
+            [scale / mult, scale_neg / mult], None)
+
+
+def int8_weight(qt: QuantizedTensor) -> tuple[jax.Array, jax.Array]:
+    """A weight with integer group scales as one int8 matrix ``W8`` (K, N) and its float32 column scale (N,)
+    (``channel_scale / m``), so that ``W8 · column scale = dequantize(qt)`` exactly."""
+    fmt = qt.format
+    k, n = qt.in_features, qt.out_features
+    g = qt.effective_group_size
+    codes = packing.unpack(qt.codes, fmt.bits, k).astype(jnp.int32)
+    rows = jnp.minimum(jnp.arange(k) // g, qt.num_groups - 1)
+    scale = qt.scale.astype(jnp.int32)[rows]
+    if fmt.is_int:
+        zero = qt.zero.astype(jnp.int32)[rows] if qt.asym else 2 ** (fmt.bits - 1)
+        w8 = scale * (codes - zero)
+        mult = 1
+    else:
+        mult = fmt.int8_multiplier()
+        levels = jnp.asarray(np.round(fmt.levels_array(np.float64) * mult).astype(np.int32))[codes]
+        if qt.asym:
+            scale = jnp.where(levels < 0, qt.scale_neg.astype(jnp.int32)[rows], scale)
+        w8 = scale * levels
+    return w8.astype(jnp.int8), qt.channel_scale.astype(jnp.float32) / mult
 
 
 def group_sums(xq: jax.Array, w: jax.Array) -> jax.Array:
@@ -84,6 +112,10 @@ def quantized_matmul_a8_xla(x: jax.Array, qt: QuantizedTensor, input_scale: jax.
     x2 = x.reshape(-1, k)
     xs = activation_scale(x2, input_scale)
     xq = quantize_activations(x2, xs)
+    if qt.integer_scales:  # one int8 GEMM, per-column epilogue
+        w8, col_scale = int8_weight(qt)
+        acc = jax.lax.dot_general(xq, w8, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+        return (acc.astype(jnp.float32) * col_scale * xs).reshape(*lead, n)
     parts, scales, zero = integer_weight(qt)
     groups, g, _ = parts[0].shape
     xg = jnp.pad(xq, ((0, 0), (0, groups * g - k))).reshape(-1, groups, g)
