@@ -97,9 +97,9 @@ def test_on_disk_size_of_4bit_g128_layers(tmp_path):
     ckpt.save((tmp_path / "float_only").absolute(), float_tree)
     ckpt.wait_until_finished()
     quant_bits = 8 * (_payload_bytes(out / "params") - _payload_bytes(tmp_path / "float_only")) / n_weights
-    # 6%: orbax's OCDBT writes a timing-dependent number of data files, each with some overhead (loaded machines
-    # measured 4.36 and 4.38 bits, a quiet one ~4.25); a packing error would be off by >= 25%.
-    assert abs(quant_bits / (4 + 32 / 128) - 1) < 0.06, quant_bits
+    # 15%: orbax's OCDBT writes a timing-dependent number of data files, each with some overhead (a quiet
+    # machine measured ~4.25 bits, loaded ones 4.36, 4.38 and 4.64); a packing error would be off by >= 25%.
+    assert abs(quant_bits / (4 + 32 / 128) - 1) < 0.15, quant_bits
 
 
 def _cli_error(capsys, argv):

@@ -27,17 +27,18 @@ KERNELS = ("mosaic_tpu", "triton", "mosaic_gpu")
 
 
 @functools.lru_cache(maxsize=None)
-def _weight(fmt: str, group: int | None, asym: bool, k: int, n: int, seed: int = 0):
+def _weight(fmt: str, group: int | None, asym: bool, k: int, n: int, seed: int = 0, integer_scales: bool = False):
     w = jax.random.normal(jax.random.key(seed), (k, n), jnp.float32)
     # A few exact zeros and one-signed columns exercise the zero codes and zero-scale sides.
     w = w.at[:, 0].set(jnp.abs(w[:, 0])).at[3, :].set(0.0)
-    return afpq_jax.quantize(w, fmt, group_size=group, asym=asym)
+    return afpq_jax.quantize(w, fmt, group_size=group, asym=asym, integer_scales=integer_scales)
 
 
 @functools.lru_cache(maxsize=None)
-def _abstract_weight(fmt: str, group: int | None, asym: bool, k: int, n: int):
+def _abstract_weight(fmt: str, group: int | None, asym: bool, k: int, n: int, integer_scales: bool = False):
     """Shape-only QuantizedTensor (ShapeDtypeStruct leaves) for lowering / planning tests: no quantization run."""
-    return jax.eval_shape(lambda w: afpq_jax.quantize(w, fmt, group_size=group, asym=asym),
+    return jax.eval_shape(lambda w: afpq_jax.quantize(w, fmt, group_size=group, asym=asym,
+                                                      integer_scales=integer_scales),
                           jax.ShapeDtypeStruct((k, n), jnp.float32))
 
 
@@ -449,15 +450,19 @@ _A8_SHAPES = [((3, 7, 200), 80, jnp.bfloat16, 32),  # M, N and K tails
               ((1, 256), 64, jnp.float32, 128),  # decode
               ((5, 96), 48, jnp.bfloat16, None)]  # per-channel
 # every format on the tail shape; the asymmetric formats (two scales / zero points) on the others
-A8_CASES = ([(f, a, st, *_A8_SHAPES[0]) for f, a in A8_FORMATS for st in (False, True)]
-            + [(f, True, st, *shape) for shape in _A8_SHAPES[1:] for f in ("int4", "fp4_e2m1") for st in (False, True)])
+A8_CASES = ([(f, a, st, *_A8_SHAPES[0], False) for f, a in A8_FORMATS for st in (False, True)]
+            + [(f, True, st, *shape, False) for shape in _A8_SHAPES[1:] for f in ("int4", "fp4_e2m1")
+               for st in (False, True)]
+            # integer group scales: one int8 tile per slot, one int32 accumulator over K
+            + [(f, a, st, *_A8_SHAPES[0], True) for f, a in A8_FORMATS[:4] for st in (False, True)]
+            + [(f, True, False, *shape, True) for shape in _A8_SHAPES[1:] for f in ("int4", "fp4_e2m1")])
 
 
 @pytest.mark.parametrize("impl", ["mosaic_tpu", "triton"])
-@pytest.mark.parametrize("fmt,asym,static,x_shape,n,dtype,group", A8_CASES,
+@pytest.mark.parametrize("fmt,asym,static,x_shape,n,dtype,group,integer_scales", A8_CASES,
                          ids=lambda v: str(v) if not isinstance(v, tuple) else "x".join(map(str, v)))
-def test_a8_kernels_match_xla(impl, fmt, asym, static, x_shape, n, dtype, group):
-    qt = _weight(fmt, group, asym, x_shape[-1], n)
+def test_a8_kernels_match_xla(impl, fmt, asym, static, x_shape, n, dtype, group, integer_scales):
+    qt = _weight(fmt, group, asym, x_shape[-1], n, integer_scales=integer_scales)
     x = _x(x_shape, dtype) * 3
     scale = jnp.float32(0.02) if static else None  # static: some activations saturate at +-127
     # Triton decode runs with 64-row K tiles: two tiles per group (int32 sums carried across tiles, then flushed)
@@ -472,12 +477,14 @@ def test_a8_kernels_match_xla(impl, fmt, asym, static, x_shape, n, dtype, group)
     assert np.all(np.abs(y32 - r32) <= bound + eps_out * np.abs(r32) + 1e-30)
 
 
-@pytest.mark.parametrize("fmt,asym", A8_FORMATS[:4])
+@pytest.mark.parametrize("fmt,asym,integer_scales", [(f, a, False) for f, a in A8_FORMATS[:4]]
+                         + [("int4", True, True), ("fp4_e2m1", True, True)])
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("m", [1, 128])
-def test_a8_triton_lowers(fmt, asym, static, m, verified_triton_modules):
+def test_a8_triton_lowers(fmt, asym, integer_scales, static, m, verified_triton_modules):
     from afpq_jax.kernels import quantized_matmul_a8
-    avals = (jax.ShapeDtypeStruct((m, 512), jnp.bfloat16), _abstract_weight(fmt, 128, asym, 512, 256))
+    avals = (jax.ShapeDtypeStruct((m, 512), jnp.bfloat16),
+             _abstract_weight(fmt, 128, asym, 512, 256, integer_scales))
     f = lambda x, q: quantized_matmul_a8(x, q, jnp.float32(0.05) if static else None,  # noqa: E731
                                          implementation="triton")
     text = jax.jit(f).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
@@ -485,17 +492,19 @@ def test_a8_triton_lowers(fmt, asym, static, m, verified_triton_modules):
 
 
 @pytest.mark.parametrize("kind", TPU_KINDS)
-@pytest.mark.parametrize("case", [("int4", 128, True, 1, 4096, 4096), ("fp4_e2m1", 128, True, 128, 576, 1536),
-                                  ("fp4_e2m1", 32, False, 16, 1024, 256), ("int8", None, False, 8, 512, 256)],
-                         ids=lambda c: f"{c[0]}-g{c[1]}-m{c[3]}")
+@pytest.mark.parametrize("case", [("int4", 128, True, 1, 4096, 4096, False),
+                                  ("fp4_e2m1", 128, True, 128, 576, 1536, False),
+                                  ("fp4_e2m1", 32, False, 16, 1024, 256, False), ("int8", None, False, 8, 512, 256, False),
+                                  ("int4", 128, True, 1, 4096, 4096, True), ("fp4_e2m1", 32, True, 16, 1024, 256, True)],
+                         ids=lambda c: f"{c[0]}-g{c[1]}-m{c[3]}{'-intscales' if c[6] else ''}")
 @pytest.mark.parametrize("static", [False, True])
 def test_a8_mosaic_tpu_lowers(kind, case, static):
     from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
     from afpq_jax.kernels import quantized_matmul_a8
-    fmt, group, asym, m, k, n = case
+    fmt, group, asym, m, k, n, integer_scales = case
     mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
                         abstract_device=AbstractDevice(device_kind=kind, num_cores=1, platform="tpu"))
-    avals = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), _abstract_weight(fmt, group, asym, k, n))
+    avals = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), _abstract_weight(fmt, group, asym, k, n, integer_scales))
     f = lambda x, q: quantized_matmul_a8(x, q, jnp.float32(0.05) if static else None,  # noqa: E731
                                          implementation="mosaic_tpu")
     with use_abstract_mesh(mesh):

@@ -103,6 +103,7 @@ class Problem:
     has_zero: bool        # zero present (asym INT)
     batched: bool         # qt has leading axes beyond (K, N)
     kind: str             # decode kind
+    integer_scales: bool = False  # uint8 group scales times a per-column channel_scale (W·A8 only)
 
     @property
     def slots(self) -> int:
@@ -133,7 +134,8 @@ class Problem:
                    asym=qt.asym, group=qt.effective_group_size, num_groups=qt.num_groups,
                    per_channel=qt.num_groups == 1, kp=kp, packed_rows=off, planes=tuple(planes),
                    scale_dtype=jnp.dtype(qt.scale.dtype).name, has_neg=qt.scale_neg is not None,
-                   has_zero=qt.zero is not None, batched=qt.codes.ndim > 2, kind=decode_kind(fmt))
+                   has_zero=qt.zero is not None, batched=qt.codes.ndim > 2, kind=decode_kind(fmt),
+                   integer_scales=qt.integer_scales)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,8 +188,8 @@ def _sublane_rows(x_dtype: str) -> int:
 
 def scale_block_rows(prob: Problem) -> int:
     """TPU: scale/zero rows per K step — the native tile height of the narrowest per-group array (uint8 zero
-    points: 32, 16-bit scales: 16, f32: 8), so every scale block DMA is tile-aligned."""
-    if prob.has_zero:
+    points or integer scales: 32, 16-bit scales: 16, f32: 8), so every scale block DMA is tile-aligned."""
+    if prob.has_zero or jnp.dtype(prob.scale_dtype).itemsize == 1:
         return 32
     return 8 if jnp.dtype(prob.scale_dtype).itemsize == 4 else 16
 

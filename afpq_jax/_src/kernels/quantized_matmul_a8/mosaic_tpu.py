@@ -12,6 +12,11 @@ at most 2**bits - 1 in magnitude, so zero points need no row-sum correction); a 
 takes one dot per group with the other groups' rows zeroed (lane-aligned x slices; no sub-128-lane slicing),
 asymmetric FP/NF one more for the negative levels; each int32 product is scaled by its group's scale row(s) into
 the float32 accumulator. Exact integer products; only the float epilogue rounds.
+
+Integer group scales (`QuantizedTensor.channel_scale`): the levels are multiplied by their group's integer scale
+(AFPQ: S_pos / S_neg by sign) into one int8 tile per slot — the groups of a chunk merge into that one tile, so
+each slot takes a single int8 dot — and an int32 accumulator carries the whole K loop; the epilogue is one
+per-column scale.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ def _kernel(*refs, prob: Problem, pl_, dynamic: bool):
     x_ref, c_ref, s_ref = next(it), next(it), next(it)
     sn_ref = next(it) if prob.has_neg else None
     z_ref = next(it) if prob.has_zero else None
+    ch_ref = next(it) if prob.integer_scales else None
     xs_in = None if dynamic else next(it)
     o_ref, acc_ref, xs_ref = next(it), next(it), next(it)
 
@@ -64,7 +70,7 @@ def _kernel(*refs, prob: Problem, pl_, dynamic: bool):
 
     @pl.when(k == 0)
     def _prologue():
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, acc_ref.dtype)
         if dynamic:
             amax = jnp.zeros((pl_.bm, 1), jnp.float32)
             for t in range(pl_.tiles):
@@ -78,17 +84,17 @@ def _kernel(*refs, prob: Problem, pl_, dynamic: bool):
     inv = 1.0 / xs
 
     def load_scale(ref):
-        v = ref[...].astype(jnp.float32)
+        v = ref[...].astype(jnp.int32 if prob.integer_scales else jnp.float32)
         if pl_.tiles > 1 and not prob.per_channel and prob.num_groups % pl_.scale_rows:
             row = jax.lax.broadcasted_iota(jnp.int32, v.shape, 0) + k * pl_.scale_rows
-            v = jnp.where(row < prob.num_groups, v, 0.0)  # K tail: groups past the last one scale to 0
+            v = jnp.where(row < prob.num_groups, v, jnp.zeros_like(v))  # K tail: groups past the last scale to 0
         return v
 
     s_all = load_scale(s_ref)
     sn_all = load_scale(sn_ref) if sn_ref is not None else None
     z_all = z_ref[...].astype(jnp.int32) if z_ref is not None else None
     x_tile = x_ref.at[k]
-    acc = jnp.zeros(acc_ref.shape, jnp.float32)
+    acc = jnp.zeros(acc_ref.shape, acc_ref.dtype)
     for r0 in range(0, pl_.slot_rows, pl_.cr):
         rows = min(pl_.cr, pl_.slot_rows - r0)
         codes = c_ref[pl.ds(r0, rows), :].astype(jnp.int32)
@@ -98,6 +104,19 @@ def _kernel(*refs, prob: Problem, pl_, dynamic: bool):
             xv = x_tile[:, pl.ds(s * pl_.seg + r0, rows)].astype(jnp.float32) * inv
             xq = jnp.clip(jnp.round(xv), -INT8_MAX, INT8_MAX).astype(jnp.int8)
             levels = decode.integer_level(prob, code)
+            if prob.integer_scales:  # one int8 tile: each piece's levels times its group's integer scale(s)
+                w8 = None
+                for a, n in pieces:
+                    g = 0 if prob.per_channel else (r0 + a) // gr
+                    lev = levels + 2 ** (prob.bits - 1) - z_all[g:g + 1, :] if prob.has_zero else levels
+                    scale = (jnp.where(lev < 0, sn_all[g:g + 1, :], s_all[g:g + 1, :]) if prob.has_neg
+                             else s_all[g:g + 1, :])
+                    part = lev * scale
+                    if len(pieces) > 1:
+                        part = jnp.where((row >= a) & (row < a + n), part, 0)
+                    w8 = part if w8 is None else w8 + part
+                acc = acc + jax.lax.dot(xq, w8.astype(jnp.int8), preferred_element_type=jnp.int32)
+                continue
             for a, n in pieces:
                 g = 0 if prob.per_channel else (r0 + a) // gr  # group of these rows within the step
                 lev = levels
@@ -119,7 +138,11 @@ def _kernel(*refs, prob: Problem, pl_, dynamic: bool):
 
     @pl.when(k == pl_.tiles - 1)
     def _store():
-        o_ref[...] = (acc_ref[...] * xs).astype(o_ref.dtype)
+        if prob.integer_scales:
+            ch = ch_ref[0:1, :] * (1.0 / mult)
+            o_ref[...] = (acc_ref[...].astype(jnp.float32) * ch * xs).astype(o_ref.dtype)
+        else:
+            o_ref[...] = (acc_ref[...] * xs).astype(o_ref.dtype)
 
 
 def quantized_matmul_a8_tpu(x2d, qt, input_scale, prob: Problem, cfg: BlockConfig, *, interpret: bool = False):
@@ -139,6 +162,9 @@ def quantized_matmul_a8_tpu(x2d, qt, input_scale, prob: Problem, cfg: BlockConfi
         s_spec = pl.BlockSpec((pl_.scale_rows, bn), lambda i, j, k: (k, j))
     extra = [a for a in (qt.scale_neg, qt.zero) if a is not None]
     specs = [x_spec, c_spec, s_spec, *[s_spec] * len(extra)]
+    if prob.integer_scales:  # (8, N) float32: a tile-aligned row block
+        extra.append(jnp.broadcast_to(qt.channel_scale.astype(jnp.float32)[None], (8, prob.n)))
+        specs.append(pl.BlockSpec((8, bn), lambda i, j, k: (0, j)))
     dynamic = input_scale is None
     if not dynamic:
         extra.append(jnp.broadcast_to(jnp.asarray(input_scale, jnp.float32), (8, 128)))
@@ -150,7 +176,8 @@ def quantized_matmul_a8_tpu(x2d, qt, input_scale, prob: Problem, cfg: BlockConfi
         grid=grid,
         in_specs=specs,
         out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
-        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32), pltpu.VMEM((bm, 128), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.int32 if prob.integer_scales else jnp.float32),
+                        pltpu.VMEM((bm, 128), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret else False,
         name=f"afpq_qmm_a8_{prob.format_name}",

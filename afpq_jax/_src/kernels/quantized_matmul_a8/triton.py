@@ -10,6 +10,10 @@ quantized copy of x is ever written to memory. Per K tile and slot: codes -> int
 (`decode.integer_level`), split into positive and negative levels for asymmetric FP/NF (two int8 dots into two
 int32 accumulators), INT-asym keeps a row sum of the int8 activations for the zero-point correction. At a
 group's last tile the int32 sums are converted and scaled into the float32 accumulator.
+
+Integer group scales (`QuantizedTensor.channel_scale`): each slot's levels are multiplied by their group's
+integer scale (AFPQ: S_pos or S_neg by sign; INT: ``S · (code − zero)``) into one int8 tile, all K tiles
+accumulate into one int32 accumulator, and the epilogue is one per-column scale: no float work in the K loop.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, dynamic: bool):
     x_ref, c_ref, s_ref = next(it), next(it), next(it)
     sn_ref = next(it) if prob.has_neg else None
     z_ref = next(it) if prob.has_zero else None
+    ch_ref = next(it) if prob.integer_scales else None
     xs_ref = None if dynamic else next(it)
     o_ref = next(it)
 
@@ -95,9 +100,30 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, dynamic: bool):
         xs = jnp.broadcast_to(pltr.load(xs_ref.at[pl.ds(0, 1), pl.ds(0, 1)]).astype(jnp.float32), (bm, 1))
     inv = 1.0 / xs
 
-    def group_row(ref, t):
+    def group_row(ref, t, dtype=jnp.float32):
         g = 0 if prob.per_channel else (t * bk) // prob.group
-        return load_rows(ref, g, 1, prob.num_groups).astype(jnp.float32)  # (1, bn)
+        return load_rows(ref, g, 1, prob.num_groups).astype(dtype)  # (1, bn)
+
+    if prob.integer_scales:
+        def int_body(t, acc):
+            planes = w4a16_triton.load_code_planes(prob, c_ref, load_rows, t, bk, bn)
+            s_pos = group_row(s_ref, t, jnp.int32)
+            s_neg = group_row(sn_ref, t, jnp.int32) if prob.has_neg else None
+            zero = group_row(z_ref, t, jnp.int32) - 2 ** (prob.bits - 1) if prob.has_zero else None
+            for s, code in enumerate(decode.slot_codes(prob, planes)):
+                xq = _quantize(load_x(t * bk + s * seg, seg), inv)
+                lev = decode.integer_level(prob, code)
+                if zero is not None:
+                    lev = lev - zero  # code - zero: the shifted level minus the shifted zero point
+                w8 = lev * (jnp.where(lev < 0, s_neg, s_pos) if s_neg is not None else s_pos)
+                acc = acc + jax.lax.dot(xq, w8.astype(jnp.int8), preferred_element_type=jnp.int32)
+            return acc
+
+        acc = jax.lax.fori_loop(0, tiles, int_body, jnp.zeros((bm, bn), jnp.int32))
+        ch = load_rows(ch_ref, 0, 1, 1).astype(jnp.float32) * (1.0 / mult)
+        pltr.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(n0, bn)], (acc.astype(jnp.float32) * ch * xs).astype(o_ref.dtype),
+                   mask=row_ok & col_ok)
+        return
 
     def body(t, carry):
         acc, p_pos, p_neg, rsum = carry
@@ -141,6 +167,8 @@ def quantized_matmul_a8_triton(x2d, qt, input_scale, prob: Problem, cfg: BlockCo
     tiles = cdiv(prob.kp, bk)
     xp = base.permute_x(x2d, mp=prob.m, tiles=tiles, block_k=bk, slots=p, segment=bk // p)
     extra = [a for a in (qt.scale_neg, qt.zero) if a is not None]
+    if prob.integer_scales:
+        extra.append(qt.channel_scale.reshape(1, prob.n))
     dynamic = input_scale is None
     if not dynamic:
         extra.append(jnp.asarray(input_scale, jnp.float32).reshape(1, 1))
