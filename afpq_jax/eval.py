@@ -1,5 +1,5 @@
-"""`python -m afpq_jax.eval`: perplexity on held-out text and greedy generation, for a float model (HF
-directory, GGUF) or a converted afpq-jax checkpoint.
+"""`python -m afpq_jax.eval`: perplexity on held-out text and generation (greedy or sampled), for a float model
+(HF directory, GGUF) or a converted afpq-jax checkpoint.
 
 Also the library functions `perplexity` and `generate`.
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 
 from afpq_jax._src import cli
 from afpq_jax._src.errors import InputNotFoundError
-from afpq_jax._src.evaluation import default_seq_len, generate, perplexity
+from afpq_jax._src.evaluation import default_seq_len, perplexity
+from afpq_jax._src.generation import generate
 
 __all__ = ["generate", "main", "perplexity"]
 
@@ -29,8 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: min(2048, model context))")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
-    p.add_argument("--prompt", default=None, help="also generate greedily from this prompt")
+    p.add_argument("--prompt", default=None, help="also generate from this prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set reaching this mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
     p.add_argument("--json", action="store_true", help="print results as one JSON object")
     p.add_argument("--no-progress", action="store_true")
@@ -43,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         from afpq_jax import assets
+        from afpq_jax._src.generation import check_sampling
+
+        check_sampling(args.temperature, args.top_k, args.top_p)  # before any loading
         from afpq_jax._src.api import load, load_tokenizer, require_file, tokenize
 
         model_path = args.model or str(assets.smollm2_hf_dir())
@@ -65,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             result["ppl_seconds"] = round(time.perf_counter() - t0, 2)
         if args.prompt:
             ids = tok(args.prompt, add_special_tokens=False)["input_ids"]
-            new = generate(model, ids, max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id)
+            new = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, key=args.seed, eos_token_id=tok.eos_token_id)
             result["prompt"] = args.prompt
             result["generation"] = tok.decode(new[0].tolist(), skip_special_tokens=True)
         if args.json:

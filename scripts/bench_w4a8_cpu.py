@@ -2,8 +2,9 @@
 
 Rows per M in (1, 16, 512): dense float32 and bfloat16 matmuls, W4A16 (`quantized_matmul`: dequantize, then a
 float dot; f32 and bf16 x) and W4A8 (`quantized_matmul_a8`: int8 x int8 -> int32 per group, dynamic per-token
-and static per-tensor activation scales) for int4-asym and fp4_e2m1-asym weights. Each figure is the median of
---repeats calls of one jitted function after a warm-up call.
+and static per-tensor activation scales) for int4-asym and fp4_e2m1-asym weights, and W4A8 with integer group
+scales (`integer_scales=True`: one int8 GEMM, per-column epilogue). Each figure is the median of --repeats calls of
+one jitted function after a warm-up call.
 
     python scripts/bench_w4a8_cpu.py [--size 4096] [--repeats 7] [--out results/bench_w4a8_cpu.jsonl]
 """
@@ -46,6 +47,7 @@ def main() -> None:
     w = rng.standard_normal((k, n)).astype(np.float32) * 0.02
     w32, w16 = jnp.asarray(w), jnp.asarray(w, jnp.bfloat16)
     weights = {f: aq.quantize(w, f, group_size=128, asym=True) for f in ("int4", "fp4_e2m1")}
+    integer = {f: aq.quantize(w, f, group_size=128, asym=True, integer_scales=True) for f in ("int4", "fp4_e2m1")}
     rows = []
     for m in (int(v) for v in args.ms.split(",")):
         x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
@@ -59,6 +61,8 @@ def main() -> None:
             cases[f"{f} W4A16 bf16"] = (w4a16, (x.astype(jnp.bfloat16), qt))
             cases[f"{f} W4A8 dynamic"] = (w4a8, (x, qt))
             cases[f"{f} W4A8 static"] = (w4a8, (x, qt, jnp.float32(0.03)))
+            cases[f"{f} W4A8 int-scales dynamic"] = (w4a8, (x, integer[f]))
+            cases[f"{f} W4A8 int-scales static"] = (w4a8, (x, integer[f], jnp.float32(0.03)))
         base = None
         for name, (fn, fargs) in cases.items():
             sec = timed(fn, fargs, args.repeats)
@@ -66,7 +70,7 @@ def main() -> None:
             row = {"m": m, "k": k, "n": n, "case": name, "ms": round(sec * 1e3, 3),
                    "vs_dense_f32": round(sec / base, 2), "device": jax.devices()[0].device_kind}
             rows.append(row)
-            print(f"M={m:4d}  {name:22s} {sec * 1e3:9.3f} ms  ({sec / base:5.2f}x dense f32)", flush=True)
+            print(f"M={m:4d}  {name:32s} {sec * 1e3:9.3f} ms  ({sec / base:5.2f}x dense f32)", flush=True)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

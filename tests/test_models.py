@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import afpq_jax as aq
-from afpq_jax._src.evaluation import generate
+from afpq_jax._src.generation import generate
 from afpq_jax._src.io.gguf import read_gguf_config
 from afpq_jax._src.models import config_from_hf
 from tests import test_gguf

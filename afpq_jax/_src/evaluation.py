@@ -1,4 +1,4 @@
-"""Perplexity (non-overlapping windows, the GPTQ/AFPQ-paper protocol) and greedy generation with a KV cache."""
+"""Perplexity (non-overlapping windows, the GPTQ/AFPQ-paper protocol); generation lives in `generation`."""
 
 from __future__ import annotations
 
@@ -54,35 +54,3 @@ def perplexity(model: CausalLM, token_ids, *, seq_len: int | None = None, batch_
     count = n * (seq_len - 1)
     return {"perplexity": math.exp(total / count), "nll": total / count, "windows": n, "seq_len": seq_len,
             "tokens": count}
-
-
-def generate(model: CausalLM, prompt_ids, *, max_new_tokens: int = 32, eos_token_id=None) -> np.ndarray:
-    """Greedy decoding with a KV cache: prefill the prompt once, then one token per step. Returns the new ids
-    ``[batch, <= max_new_tokens]`` (stops early when every sequence produced ``eos_token_id``)."""
-    prompt = np.asarray(prompt_ids, np.int32)
-    if prompt.ndim == 1:
-        prompt = prompt[None]
-    b, s = prompt.shape
-    max_len = s + max_new_tokens
-    if max_len > model.cfg.max_seq_len:
-        raise InputError(f"prompt ({s}) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
-                         f"({model.cfg.max_seq_len})")
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def step(state, ids, cache, start):
-        logits, cache = nnx.merge(graphdef, state).forward_with_cache(ids, cache, start)
-        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
-
-    cache = model.init_cache(b, max_len)
-    token, cache = step(state, jnp.asarray(prompt), cache, jnp.int32(0))
-    eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
-    out = [np.asarray(token)]
-    done = np.isin(out[-1], list(eos))
-    for i in range(1, max_new_tokens):
-        if done.all():
-            break
-        token, cache = step(state, token[:, None], cache, jnp.int32(s + i - 1))
-        out.append(np.asarray(token))
-        done |= np.isin(out[-1], list(eos))
-    return np.stack(out, axis=1)
