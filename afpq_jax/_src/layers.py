@@ -69,6 +69,10 @@ class QuantDense(nnx.Module):
     its static description (scheme, shape, dtype) as plain attributes, so `nnx.split` puts only arrays in the
     state and the graphdef carries the rest. A scheme with int8 activations (``act_bits=8``) runs the integer
     path (`quantized_matmul_a8`); ``act_mode="static"`` adds ``input_scale``, the calibrated per-tensor scale.
+
+    Quantization-aware training: `enable_fake_quant` keeps the float ``kernel`` as the latent (trainable) weight
+    and runs the forward through ``fake_quant`` with ``train_scheme`` (straight-through gradient); `quantize`
+    with that scheme then packs exactly the weight the forward used.
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False, dtype=jnp.float32,
@@ -76,6 +80,7 @@ class QuantDense(nnx.Module):
         self.in_features, self.out_features = in_features, out_features
         self.dtype = jnp.dtype(dtype).name
         self.scheme = scheme
+        self.train_scheme = None
         if scheme is None:
             rngs = rngs or nnx.Rngs(0)
             init = nnx.initializers.lecun_normal()
@@ -122,6 +127,16 @@ class QuantDense(nnx.Module):
         self.input_scale = (QuantWeight(jnp.asarray(input_scale, jnp.float32).reshape(()))
                             if act_mode == "static" else None)
 
+    def enable_fake_quant(self, scheme: QuantScheme | None) -> None:
+        """Trains this float layer quantization-aware with ``scheme`` (weights only; None: plain float again)."""
+        if self.is_quantized:
+            raise InputError("fake quantization needs the float kernel; this layer is already packed")
+        if scheme is not None:
+            if scheme.quantizes_activations:
+                raise InputError("quantization-aware training here fakes weight quantization only; drop act_bits")
+            scheme.validate()
+        self.train_scheme = scheme
+
     def set_quantized(self, qt: QuantizedTensor) -> None:
         """Replaces the kernel by a packed weight (drops the float kernel)."""
         if qt.shape != (self.in_features, self.out_features):
@@ -130,6 +145,7 @@ class QuantDense(nnx.Module):
         qt.validate()
         if hasattr(self, "kernel"):
             del self.kernel
+        self.train_scheme = None
         scales = qt.channel_scale if qt.integer_scales else qt.scale
         self.scheme = QuantScheme.create(qt.format_name, group_size=qt.group_size, asym=qt.asym,
                                          scale_dtype=jnp.dtype(scales.dtype).name,
@@ -155,6 +171,8 @@ class QuantDense(nnx.Module):
         elif self.is_quantized:
             # the fused kernel for this backend (Mosaic TPU, Triton / Mosaic GPU), else dequantize-then-dot
             y = quantized_matmul(x, self.quantized_tensor())
+        elif self.train_scheme is not None:
+            y = jnp.matmul(x, self.train_scheme.fake_quant(self.kernel.get_value()).astype(x.dtype))
         else:
             y = jnp.matmul(x, self.kernel.get_value().astype(x.dtype))
         if self.bias is not None:

@@ -126,6 +126,11 @@ class QuantScheme:
         ints = "-intscales" if self.integer_scales else ""
         return f"{self.format}-{'asym' if self.asym else 'sym'}-g{group}{ints}{act}"
 
+    def fake_quant(self, w: jax.Array) -> jax.Array:
+        """``dequantize(self.quantize(w))`` without packing, with a straight-through (identity) gradient."""
+        return quantizer.fake_quant(w, self.format, group_size=self.group_size, asym=self.asym,
+                                    scale_dtype=self.scale_dtype, integer_scales=self.integer_scales)
+
     def quantize(self, w: jax.Array, clip_ratios=None) -> QuantizedTensor:
         """Round-to-nearest quantization of a kernel with this scheme (``clip_ratios``: `quantize`'s)."""
         return quantizer.quantize(w, self.format, group_size=self.group_size, asym=self.asym,

@@ -206,12 +206,17 @@ class CausalLM(nnx.Module):
             logits = self.lm_head(x)
         return logits.astype(jnp.float32)
 
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, *, remat: bool = False) -> jax.Array:
+        """``remat``: recompute each block's activations in the backward pass (training memory: one block's
+        activations at a time instead of every block's)."""
         b, s = input_ids.shape
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         x = self.embed_inputs(input_ids)
         for layer in self.layers:
-            x, _ = layer(x, positions)
+            if remat:
+                x = nnx.remat(_block_output)(layer, x, positions)
+            else:
+                x, _ = layer(x, positions)
         return self.head(x)
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
@@ -238,6 +243,10 @@ class CausalLM(nnx.Module):
         if self.lm_head is not None:
             out["lm_head"] = self.lm_head
         return out
+
+
+def _block_output(block: Block, x: jax.Array, positions: jax.Array) -> jax.Array:
+    return block(x, positions)[0]
 
 
 _LINEAR_NAMES = ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
