@@ -9,12 +9,15 @@ same batches and computes the same numbers as an uninterrupted one.
 
 Sharding (``mesh``): parameters and optimizer state are sharded FSDP-style over the mesh's ``data`` axis (each
 array's first axis that divides evenly; smaller arrays replicated), batches over ``data`` on the batch axis;
-XLA inserts the all-gathers and reduce-scatters. Without a mesh the same code runs on the default device.
+XLA inserts the all-gathers and reduce-scatters (the mesh's axes must be ``AxisType.Auto``, e.g.
+``jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,))``). Without a mesh the same code runs on the
+default device.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -129,6 +132,16 @@ def fsdp_sharding(mesh: Mesh, x) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def check_mesh(mesh: Mesh | None) -> None:
+    if mesh is None:
+        return
+    if "data" not in mesh.axis_names:
+        raise InputError(f"the training mesh needs a 'data' axis, got axes {mesh.axis_names}")
+    if any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
+        raise InputError("the training mesh's axes must be AxisType.Auto (sharding propagated by XLA): "
+                         "jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))")
+
+
 def _place(tree, mesh: Mesh | None):
     if mesh is None:
         return tree
@@ -160,10 +173,20 @@ def _cast_for_compute(params, dtype):
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
-def make_train_step(student_graphdef, teacher_graphdef, cfg: QATConfig, tx: optax.GradientTransformation
-                    ) -> Callable:
-    """``step(params, frozen, teacher_state, opt_state, ids (A, B, L), gamma) -> (params, opt_state, loss)``."""
+def step_options(cfg: QATConfig) -> QATConfig:
+    """``cfg`` with the fields that do not change the compiled step set to fixed values (one compilation per
+    architecture and step-relevant options; the step count matters only to a decaying schedule)."""
+    decays = cfg.schedule != "constant" or cfg.warmup_steps
+    return dataclasses.replace(cfg, gamma=None, confidence="max_prob", gamma_batches=1, eval_every=0,
+                               checkpoint_every=0, seed=0, steps=cfg.steps if decays else 1)
+
+
+@functools.lru_cache(maxsize=16)
+def make_train_step(student_graphdef, teacher_graphdef, cfg: QATConfig) -> Callable:
+    """``step(params, frozen, teacher_state, opt_state, ids (A, B, L), gamma) -> (params, opt_state, loss)`` for
+    ``cfg`` = `step_options` (cached: repeated runs reuse the compiled step)."""
     dtype = jnp.dtype(cfg.compute_dtype)
+    tx = optimizer(cfg)
 
     def loss_fn(params, frozen, teacher_state, ids, gamma):
         student = nnx.merge(student_graphdef, _cast_for_compute(params, dtype), _cast_for_compute(frozen, dtype))
@@ -267,6 +290,7 @@ def train(student: CausalLM, teacher: CausalLM, data: np.ndarray, cfg: QATConfig
         raise InputError(f"training data token ids must lie in [0, {student.cfg.vocab_size})")
     if resume and checkpoint_dir is None:
         raise InputError("resume needs the checkpoint directory of the run to continue")
+    check_mesh(mesh)
     graphdef, params, frozen = nnx.split(student, trainable_filter, ...)
     t_graphdef, t_state = nnx.split(teacher)
     if cfg.compute_dtype == "bfloat16":
@@ -292,7 +316,7 @@ def train(student: CausalLM, teacher: CausalLM, data: np.ndarray, cfg: QATConfig
                          f"new directory")
     if gamma is None:
         gamma = _estimate_gamma(teacher, data, cfg) if cfg.loss == "cakld" else 0.5
-    step_fn = make_train_step(graphdef, t_graphdef, cfg, tx)
+    step_fn = make_train_step(graphdef, t_graphdef, step_options(cfg))
     stream = data_lib.batches(data, position=position, batch_size=cfg.batch_size, accum=cfg.grad_accum,
                               seed=cfg.seed)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * (data.shape[1] - 1)
