@@ -8,6 +8,8 @@ Public API (everything else lives in `afpq_jax._src` and may change):
   ActivationQuant — int8 activations (W4A8: FPTQ's layer-wise rule, static, dynamic, SmoothQuant).
   QuantDense — the Flax NNX layer (float or packed weight).
   generate — batched greedy / sampled (temperature, top-k, top-p) decoding with a KV cache.
+  train_qat, QATConfig, SelfGeneratedData, QATResult — quantization-aware training by self-distillation
+    (BitDistiller: CAKLD, clipping init, self-generated data) exported to the packed checkpoint.
   formats, kernels, assets (imported on demand) — code books, the fused matmul op, the built-in model and texts.
   AfpqError, InputError, CheckpointError, QuantizationError — the errors raised on purpose.
 """
@@ -25,14 +27,16 @@ from afpq_jax._src.calibration.taps import ABS_MAX, ABS_SUM, XTX, Statistic
 from afpq_jax._src.algorithms import AWQ, GPTQ, RTN, ClipSearch
 from afpq_jax._src.algorithms.activations import ActivationQuant
 from afpq_jax._src.models import CausalLM
-from afpq_jax._src.api import load, load_tokenizer, quantize_pretrained, save, tokenize
+from afpq_jax._src.api import QATResult, load, load_tokenizer, quantize_pretrained, save, tokenize, train_qat
+from afpq_jax._src.training.data import SelfGeneratedData
+from afpq_jax._src.training.trainer import QATConfig
 from afpq_jax._src.generation import generate
 
 __version__ = "0.1.0"
 
 __all__ = ["ABS_MAX", "ABS_SUM", "AWQ", "ActivationQuant", "AfpqError", "BlockContext", "Calibration", "CausalLM",
-           "CheckpointError", "ClipSearch", "Format", "GPTQ", "InputError", "Method", "QuantDense", "QuantRule",
+           "CheckpointError", "ClipSearch", "Format", "GPTQ", "InputError", "Method", "QATConfig", "QATResult", "QuantDense", "QuantRule",
            "QuantScheme", "QuantizationError", "QuantizedTensor", "RTN", "Statistic", "XTX", "available_formats",
            "available_methods", "default_rules", "dequantize", "fake_quant", "formats", "generate", "get_format", "get_method",
            "load", "load_rules", "load_tokenizer", "quantize", "quantize_pretrained", "register_method",
-           "resolve_rules", "rules_from_json", "save", "tokenize"]
+           "resolve_rules", "rules_from_json", "save", "SelfGeneratedData", "tokenize", "train_qat"]

@@ -20,18 +20,6 @@ from afpq_jax._src.errors import InputError
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
 
-def _group_size(text: str) -> int | None:
-    if text.lower() in ("none", "channel", "per-channel", "-1", "0"):
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"group size must be a positive integer or 'none', got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"group size must be a positive integer or 'none', got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m afpq_jax.convert", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -40,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "file, or a Hub id org/name (needs network). Default: SmolLM2-135M-Instruct from PyPI.")
     p.add_argument("--format", default=None,
                    help=f"code book: {', '.join(aq.available_formats())} (aliases fp4, fp3); default nf3")
-    p.add_argument("--group-size", type=_group_size, default=128,
+    p.add_argument("--group-size", type=cli.group_size, default=128,
                    help="input rows per scale group; 'none' = one group per output channel")
     p.add_argument("--rules", default=None,
                    help="JSON rules file for mixed layouts: a list of {\"pattern\": regex over layer paths, "
@@ -99,23 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _rules(args) -> tuple[list, str]:
-    """(rules, default output-name suffix) from --rules or --format/--group-size/--sym/--quantize-lm-head."""
-    if args.rules is not None:
-        explicit = [f for f, on in (("--format", args.format is not None), ("--group-size", args.group_size != 128),
-                                    ("--sym", args.sym), ("--quantize-lm-head", args.quantize_lm_head),
-                                    ("--integer-scales", args.integer_scales)) if on]
-        if explicit:
-            raise InputError(f"--rules replaces {', '.join(explicit)}; put the scheme(s) in the rules file")
-        return aq.load_rules(args.rules), Path(args.rules).stem
-    scheme = aq.QuantScheme.create(args.format or "nf3", group_size=args.group_size, asym=not args.sym,
-                                   scale_dtype=args.scale_dtype, integer_scales=args.integer_scales)
-    suffix = (f"{scheme.format}-{'sym' if args.sym else 'asym'}-"
-              f"{'gchannel' if args.group_size is None else f'g{args.group_size}'}"
-              f"{'-intscales' if args.integer_scales else ''}")
-    return aq.default_rules(scheme, quantize_lm_head=args.quantize_lm_head), suffix
-
-
 def _activations(args) -> aq.ActivationQuant | None:
     """The --act-* flags as an `ActivationQuant` (None: float activations)."""
     given = [f for f, on in (("--act-scheme", args.act_scheme is not None),
@@ -167,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         t0 = time.perf_counter()
-        rules, suffix = _rules(args)
+        rules, suffix = cli.rules_from_args(args)
         method = _method(args)
         activations = _activations(args)
         if activations is not None:

@@ -236,3 +236,40 @@ def test_sharded_training_equals_unsharded():
     r = subprocess.run([sys.executable, "-c", SHARDED, str(FIXTURES / "llama_gqa")], env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_train_cli_writes_a_loadable_packed_checkpoint(tmp_path, capsys):
+    from afpq_jax import train as train_cli
+    out = tmp_path / "qat"
+    argv = ["--model", str(FIXTURES / "llama_gqa"), "--format", "int2", "--group-size", "32", "--steps", "3",
+            "--batch-size", "2", "--lr", "1e-3", "--samples", "4", "--prompt-len", "2", "--new-tokens", "6",
+            "--calib-random", "--calib-samples", "2", "--calib-seqlen", "8", "--data-cache", str(tmp_path / "cache"),
+            "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "3", "--history",
+            str(tmp_path / "h.jsonl"), "--out", str(out), "--no-progress"]
+    assert train_cli.main(argv) == 0, capsys.readouterr().err
+    qc = json.loads((out / "quantization_config.json").read_text())
+    assert qc["method"] == "qat" and qc["training"]["steps"] == 3 and qc["data"]["kind"] == "self-generated"
+    assert all(v["format"] == "int2" for v in qc["layers"].values())
+    model = aq.load(out)
+    assert all(m.is_quantized for p, m in model.linear_layers().items() if p != "lm_head")
+    assert len((tmp_path / "h.jsonl").read_text().splitlines()) == 3
+    # the same run resumed from its finished checkpoint with more steps trains on, into a new output
+    assert train_cli.main([*argv[:-3], "--steps", "4", "--resume", "--out", str(tmp_path / "qat2"),
+                           "--no-progress"]) == 0
+    assert json.loads((tmp_path / "qat2" / "quantization_config.json").read_text())["training"]["steps"] == 4
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--steps", "0"], "steps must be at least 1"),
+    (["--gamma", "1.5"], "gamma"),
+    (["--format", "nf4", "--rules", "r.json"], "--rules replaces"),
+])
+def test_train_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, extra, message):
+    from afpq_jax import train as train_cli
+    out = tmp_path / "out"
+    rc = train_cli.main(["--model", str(FIXTURES / "llama_gqa"), "--calib-random", "--out", str(out),
+                         "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err, err
+    assert not out.exists()

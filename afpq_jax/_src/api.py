@@ -34,6 +34,12 @@ from afpq_jax._src.io import sources
 from afpq_jax._src.loading import CheckpointWeights, ModelWeights, load_float
 from afpq_jax._src.models import CausalLM, ModelConfig, config_from_hf, linear_paths
 from afpq_jax._src.scheme import QuantRule, QuantScheme, as_rules, resolve_rules, rules_to_json, unused_rules
+from afpq_jax._src.assets import cache_dir as assets_cache_dir
+from afpq_jax._src.training import data as qat_data
+from afpq_jax._src.training import trainer as training
+from afpq_jax._src.training.data import SelfGeneratedData
+from afpq_jax._src.training.student import export_student, make_student
+from afpq_jax._src.training.trainer import QATConfig
 
 logger = logging.getLogger("afpq_jax")
 
@@ -147,6 +153,35 @@ def _tokenizer_location(info: CheckpointInfo | None) -> str | None:
     return info.gguf_path or info.tokenizer_dir
 
 
+def _calibration_windows(calibration: Calibration, cfg: ModelConfig, info: CheckpointInfo | None) -> np.ndarray:
+    """The calibration windows (samples, seqlen) of a model, tokenizing text with the model's tokenizer."""
+    calibration.validate()
+    tok_path = _tokenizer_location(info)
+
+    def tokenize_text(text: str) -> np.ndarray:
+        if tok_path is None:
+            raise InputError("calibration text needs the model's tokenizer, and this model has none; pass "
+                             "Calibration(token_ids=...) or Calibration(random=True)")
+        return tokenize(load_tokenizer(tok_path), text)
+
+    return calibration.windows(cfg.vocab_size, cfg.max_seq_len, tokenize_text)
+
+
+def _layout(rules, cfg: ModelConfig) -> dict[str, QuantScheme]:
+    """{layer path: scheme} of the rules over this architecture (warns about rules that decide nothing)."""
+    paths = linear_paths(cfg)
+    layout = resolve_rules(rules, paths)
+    for rule in unused_rules(rules, paths):
+        if rule.scheme is None:
+            continue  # keeping absent layers float is harmless (e.g. the lm_head rule on a tied model)
+        logger.warning("quantization rule %r decides no layer of this model (layer paths look like %s)",
+                       rule.pattern, paths[0])
+    if not layout:
+        raise InputError("the rules quantize no layer of this model; layer paths look like "
+                         f"{paths[0]!r} (patterns must match the whole path)")
+    return layout
+
+
 def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme | QuantRule | Iterable[QuantRule],
                         *, method: str | Method = "rtn", calibration: Calibration | None = None,
                         clip: bool | None = None, activations: ActivationQuant | None = None, dtype=None,
@@ -176,16 +211,7 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
         cfg = config_from_hf(source.config)
         weights, info, dt = CheckpointWeights(source, cfg), _source_info(source), _dtype(dtype or "float32")
         source_name, source_kind = str(model), source.kind
-    paths = linear_paths(cfg)
-    layout = resolve_rules(rules, paths)
-    for rule in unused_rules(rules, paths):
-        if rule.scheme is None:
-            continue  # keeping absent layers float is harmless (e.g. the lm_head rule on a tied model)
-        logger.warning("quantization rule %r decides no layer of this model (layer paths look like %s)",
-                       rule.pattern, paths[0])
-    if not layout:
-        raise InputError("the rules quantize no layer of this model; layer paths look like "
-                         f"{paths[0]!r} (patterns must match the whole path)")
+    layout = _layout(rules, cfg)
     weight_method = m
     m = _with_activations(m, activations, layout)
     windows = None
@@ -193,16 +219,7 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
         if calibration is None:
             raise InputError(f"method {m.name!r} needs calibration data: pass calibration=afpq_jax.Calibration("
                              f"text=...) (afpq_jax.assets.wiki_text() is the Wikipedia split the CLI uses)")
-        calibration.validate()
-        tok_path = _tokenizer_location(info)
-
-        def tokenize_text(text: str) -> np.ndarray:
-            if tok_path is None:
-                raise InputError("calibration text needs the model's tokenizer, and this model has none; pass "
-                                 "Calibration(token_ids=...) or Calibration(random=True)")
-            return tokenize(load_tokenizer(tok_path), text)
-
-        windows = calibration.windows(cfg.vocab_size, cfg.max_seq_len, tokenize_text)
+        windows = _calibration_windows(calibration, cfg, info)
     qcfg = m.prepare_config(cfg)
     qmodel, report, seconds = driver.run(weights, qcfg, layout, m, windows, calibration if m.calibrated else None,
                                          dtype=dt, progress=progress, timer=timer)
@@ -218,6 +235,103 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
         gguf_path=info.gguf_path if info else None, source=source_name, source_kind=source_kind,
         quantization=json.dumps(record, sort_keys=True), phase_seconds=tuple(seconds.items()))
     return qmodel
+
+
+@dataclasses.dataclass
+class QATResult:
+    """What `train_qat` produced: the packed ``model`` (write it with `save`), the trained fake-quant ``student``,
+    the loss history (``{"step", "loss"[, "eval_perplexity"]}`` per step), CAKLD's γ, steps, tokens and seconds."""
+
+    model: CausalLM
+    student: CausalLM
+    history: list[dict]
+    gamma: float
+    steps: int
+    tokens: int
+    seconds: float
+
+
+def train_qat(model: str | os.PathLike | CausalLM, rules: QuantScheme | QuantRule | Iterable[QuantRule], *,
+              config: QATConfig | None = None, data: SelfGeneratedData | np.ndarray | None = None,
+              calibration: Calibration | None = None, clip: ClipSearch | None = ClipSearch(),
+              eval_ids: np.ndarray | None = None, checkpoint_dir: str | os.PathLike | None = None,
+              resume: bool = False, mesh=None, dtype=None, progress: bool = True) -> QATResult:
+    """Quantization-aware training with self-distillation (BitDistiller): the float ``model`` is the teacher; the
+    student is the same model with the layers the ``rules`` quantize in fake-quant mode, initialised with the
+    two-sided clipping search on ``calibration`` (``clip=None`` skips it), trained with ``config`` (`QATConfig`:
+    CAKLD by default) on ``data`` — token ids ``(n, L)``, or `SelfGeneratedData` (default): sequences the teacher
+    samples from prompts of the calibration data — and exported to packed weights (`QATResult.model`, written by
+    `save` exactly like a conversion). ``checkpoint_dir`` / ``resume``: orbax training checkpoints; ``mesh``: a
+    `jax.sharding.Mesh` with a ``data`` axis (FSDP); ``eval_ids``: held-out token stream for ``eval_every``.
+    """
+    config = config or QATConfig()
+    config.validate()
+    rules = as_rules(rules)
+    teacher = model if isinstance(model, CausalLM) else load(model, dtype=dtype or "float32")
+    info = teacher.checkpoint_info
+    layout = _layout(rules, teacher.cfg)
+    if calibration is None and (clip is not None or data is None or isinstance(data, SelfGeneratedData)):
+        raise InputError("QAT needs calibration data for the clipping init and the self-generated prompts: pass "
+                         "calibration=afpq_jax.Calibration(text=...) (or clip=None with data=token ids)")
+    windows = None
+    if clip is not None:
+        clip.validate()
+        windows = _calibration_windows(calibration, teacher.cfg, info)
+    if data is None or isinstance(data, SelfGeneratedData):
+        gen = data or SelfGeneratedData()
+        gen.validate()
+        data = _self_generated(teacher, gen, calibration, info, progress)
+        data_record = {"kind": "self-generated", **gen.to_json()}
+    else:
+        data = np.asarray(data)
+        data_record = {"kind": "token ids", "shape": list(data.shape)}
+    student, clip_report = make_student(teacher, layout, windows=windows, calibration=calibration, clip=clip,
+                                        progress=progress)
+    result = training.train(student, teacher, data, config, eval_ids=eval_ids, checkpoint_dir=checkpoint_dir,
+                            resume=resume, mesh=mesh, progress=progress)
+    packed = export_student(result.student)
+    source_name, source_kind = (info.source, info.source_kind) if info else ("<in-memory model>", "model")
+    final = result.history[-1] if result.history else {}
+    record = {
+        "method": "qat", "method_options": {"name": "qat", **config.to_json()},
+        "clip": clip is not None, "activations": None, "data": data_record,
+        "calibration": calibration.options_json() if calibration is not None else None,
+        "rules": rules_to_json(rules), "report": clip_report, "source": source_name, "source_kind": source_kind,
+        "training": {"steps": result.steps, "tokens": result.tokens, "gamma": result.gamma,
+                     "final_loss": final.get("loss"), "seconds": result.seconds},
+    }
+    packed.checkpoint_info = CheckpointInfo(
+        hf_config=info.hf_config if info else None, tokenizer_dir=info.tokenizer_dir if info else None,
+        gguf_path=info.gguf_path if info else None, source=source_name, source_kind=source_kind,
+        quantization=json.dumps(record, sort_keys=True), phase_seconds=(("train", result.seconds),))
+    return QATResult(model=packed, student=result.student, history=result.history, gamma=result.gamma,
+                     steps=result.steps, tokens=result.tokens, seconds=result.seconds)
+
+
+def _self_generated(teacher: CausalLM, gen: SelfGeneratedData, calibration: Calibration,
+                    info: CheckpointInfo | None, progress: bool) -> np.ndarray:
+    if gen.prompt_file is not None:
+        tok_path = _tokenizer_location(info)
+        if tok_path is None:
+            raise InputError("a prompt file needs the model's tokenizer, and this model has none")
+        lines = qat_data.read_prompt_file(gen.prompt_file, load_tokenizer(tok_path))
+        long_enough = [ids[: gen.prompt_len] for ids in lines if len(ids) >= gen.prompt_len]
+        if not long_enough:
+            raise InputError(f"no line of {gen.prompt_file} has {gen.prompt_len} tokens; use a smaller prompt_len")
+        rng = np.random.default_rng(gen.seed)
+        prompts = np.stack([long_enough[i] for i in rng.integers(0, len(long_enough), gen.samples)])
+    else:
+        prompts = _calibration_windows(dataclasses.replace(calibration, samples=gen.samples, seqlen=gen.prompt_len,
+                                                           seed=gen.seed), teacher.cfg, info)
+    cache = gen.cache_dir if gen.cache_dir is not None else str(assets_cache_dir() / "selfgen")
+    import hashlib  # the teacher's identity: its provenance and a digest of its embeddings and final norm
+    digest = hashlib.sha256(np.asarray(teacher.embed.weight.get_value()).tobytes())
+    digest.update(np.asarray(teacher.final_norm.weight.get_value()).tobytes())
+    fingerprint = json.dumps({"source": info.source if info else None, "config": info.hf_config if info else None,
+                              "weights": digest.hexdigest()}, sort_keys=True)
+    return qat_data.self_generated(teacher, prompts, new_tokens=gen.new_tokens, temperature=gen.temperature,
+                                   batch_size=gen.batch_size, seed=gen.seed, cache_dir=cache,
+                                   fingerprint=fingerprint, progress=progress)
 
 
 def save(model: CausalLM, out_dir: str | os.PathLike, *, overwrite: bool = False,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from afpq_jax._src.errors import AfpqError
+from afpq_jax._src.errors import AfpqError, InputError
 from afpq_jax._src.memory import limit_malloc_arenas
+from afpq_jax._src.scheme import QuantScheme, default_rules, load_rules
 
 # Errors afpq-jax raises on purpose, and the operating system's (a full disk, a directory without write
 # permission): the message is the whole story. Anything else (KeyError, TypeError, RuntimeError, ...) is a bug
@@ -27,3 +30,35 @@ def run(main: Callable[[], int], debug: bool) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 2
+
+
+def group_size(text: str) -> int | None:
+    if text.lower() in ("none", "channel", "per-channel", "-1", "0"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be a positive integer or 'none', got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"group size must be a positive integer or 'none', got {text!r}")
+    return value
+
+
+def rules_from_args(args) -> tuple[list, str]:
+    """(rules, default output-name suffix) from --rules or --format/--group-size/--sym and, where the command has
+    them, --quantize-lm-head / --integer-scales / --scale-dtype."""
+    lm_head = getattr(args, "quantize_lm_head", False)
+    integer_scales = getattr(args, "integer_scales", False)
+    if args.rules is not None:
+        explicit = [f for f, on in (("--format", args.format is not None), ("--group-size", args.group_size != 128),
+                                    ("--sym", args.sym), ("--quantize-lm-head", lm_head),
+                                    ("--integer-scales", integer_scales)) if on]
+        if explicit:
+            raise InputError(f"--rules replaces {', '.join(explicit)}; put the scheme(s) in the rules file")
+        return load_rules(args.rules), Path(args.rules).stem
+    scheme = QuantScheme.create(args.format or "nf3", group_size=args.group_size, asym=not args.sym,
+                                scale_dtype=getattr(args, "scale_dtype", "float16"), integer_scales=integer_scales)
+    suffix = (f"{scheme.format}-{'sym' if args.sym else 'asym'}-"
+              f"{'gchannel' if args.group_size is None else f'g{args.group_size}'}"
+              f"{'-intscales' if integer_scales else ''}")
+    return default_rules(scheme, quantize_lm_head=lm_head), suffix

@@ -10,6 +10,7 @@ it instead of generating again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,6 +25,33 @@ from afpq_jax._src.calibration.data import sample_windows
 from afpq_jax._src.errors import InputError, InputNotFoundError
 from afpq_jax._src.generation import generate
 from afpq_jax._src.models import CausalLM
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SelfGeneratedData:
+    """How the teacher writes the QAT training set: ``samples`` prompts of ``prompt_len`` tokens (windows of the
+    calibration data, or the first ``prompt_len`` tokens of each line of ``prompt_file`` that has that many),
+    each continued by ``new_tokens`` tokens sampled at ``temperature`` (BitDistiller: 0.7), ``batch_size``
+    sequences per generation call; cached under ``cache_dir`` (default: afpq-jax's cache directory)."""
+
+    samples: int = 64
+    prompt_len: int = 16
+    new_tokens: int = 256
+    temperature: float = 0.7
+    batch_size: int = 8
+    seed: int = 0
+    prompt_file: str | None = None
+    cache_dir: str | None = None
+
+    def validate(self) -> None:
+        for name in ("samples", "prompt_len", "new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"self-generated data: {name} must be at least 1, got {getattr(self, name)}")
+        if not self.temperature >= 0:
+            raise InputError(f"self-generated data: temperature must be >= 0, got {self.temperature}")
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "cache_dir"}
 
 
 def read_prompt_file(path: str | os.PathLike, tokenizer) -> list[np.ndarray]:

@@ -1,0 +1,144 @@
+"""`python -m afpq_jax.train`: quantization-aware training by self-distillation (BitDistiller) into a packed
+afpq-jax checkpoint.
+
+The float model is the teacher; the student is the same model with its quantized layers in fake-quant mode,
+clipped by the two-sided search on calibration text, trained on sequences the teacher writes itself (CAKLD by
+default), and written like `python -m afpq_jax.convert` writes (loadable by `afpq_jax.load`, evaluable by
+`python -m afpq_jax.eval`). With no arguments: SmolLM2-135M-Instruct to NF3-asym g128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import afpq_jax as aq
+from afpq_jax._src import cli
+from afpq_jax._src.api import require_file, summarize
+from afpq_jax._src.checkpoint import output_exists
+from afpq_jax._src.errors import InputError
+from afpq_jax._src.training import losses
+from afpq_jax._src.training.trainer import SCHEDULES
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = aq.QATConfig()
+    g = aq.SelfGeneratedData()
+    p = argparse.ArgumentParser(prog="python -m afpq_jax.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="float model: HF directory, .gguf file or Hub id (default: "
+                                                 "SmolLM2-135M-Instruct from PyPI)")
+    p.add_argument("--format", default=None, help="code book (default nf3; BitDistiller's 2-bit: int2)")
+    p.add_argument("--group-size", type=cli.group_size, default=128, help="'none' = per output channel")
+    p.add_argument("--sym", action="store_true", help="symmetric instead of asymmetric (AFPQ / min-max) scales")
+    p.add_argument("--rules", default=None, help="JSON rules file (as for convert); replaces --format/--group-size/"
+                                                 "--sym")
+    p.add_argument("--loss", default=d.loss, choices=losses.LOSSES)
+    p.add_argument("--gamma", type=float, default=None, help="CAKLD's gamma (default: the teacher's confidence)")
+    p.add_argument("--confidence", default=d.confidence, choices=losses.CONFIDENCE_MODES,
+                   help="how gamma is estimated: max_prob (BitDistiller's code) or label_prob (its paper)")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=d.learning_rate, help="AdamW learning rate")
+    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 compute (float32 master weights)")
+    p.add_argument("--no-remat", action="store_true", help="keep every block's activations (more memory)")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every K steps (0: never)")
+    p.add_argument("--checkpoint-dir", default=None, help="orbax training checkpoints (for --resume)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir")
+    p.add_argument("--samples", type=int, default=g.samples, help="self-generated training sequences")
+    p.add_argument("--prompt-len", type=int, default=g.prompt_len, help="prompt tokens per sequence")
+    p.add_argument("--new-tokens", type=int, default=g.new_tokens, help="tokens the teacher writes per sequence")
+    p.add_argument("--gen-temperature", type=float, default=g.temperature, help="teacher sampling temperature")
+    p.add_argument("--prompt-file", default=None, help="UTF-8 prompts, one per line (default: calibration text)")
+    p.add_argument("--data-cache", default=None, help="directory of the self-generated data cache")
+    p.add_argument("--no-clip", action="store_true", help="skip the clipping init")
+    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows for the clipping init")
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--calib-text", default=None, help="UTF-8 calibration text (default: Wikipedia split)")
+    p.add_argument("--calib-random", action="store_true",
+                   help="random token ids for the clipping init and the prompts (no tokenizer needed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output directory (default: out/<model>-<scheme>-qat)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--history", default=None, help="also write the loss history (JSON lines) here")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def run() -> int:
+        t0 = time.perf_counter()
+        rules, suffix = cli.rules_from_args(args)
+        config = aq.QATConfig(loss=args.loss, gamma=args.gamma, confidence=args.confidence, steps=args.steps,
+                              batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr,
+                              schedule=args.schedule, warmup_steps=args.warmup_steps,
+                              weight_decay=args.weight_decay, compute_dtype="bfloat16" if args.bf16 else "float32",
+                              remat=not args.no_remat, eval_every=args.eval_every,
+                              checkpoint_every=args.checkpoint_every, seed=args.seed)
+        config.validate()
+        data = aq.SelfGeneratedData(samples=args.samples, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                    temperature=args.gen_temperature, seed=args.seed, prompt_file=args.prompt_file,
+                                    cache_dir=args.data_cache)
+        data.validate()
+        if args.prompt_file is not None:
+            require_file(args.prompt_file, "--prompt-file")
+        if args.resume and args.checkpoint_dir is None:
+            raise InputError("--resume needs --checkpoint-dir (the directory of the run to continue)")
+        model = args.model
+        out = Path(args.out or f"out/{Path(model).stem if model else DEFAULT_MODEL_NAME}-{suffix}-qat-{args.loss}")
+        if out.exists() and not args.overwrite:  # before hours of training
+            raise output_exists(out)
+        from afpq_jax import assets
+        if model is None:
+            model = str(assets.smollm2_hf_dir())
+        options = dict(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
+                       search_samples=min(16, args.calib_samples))
+        eval_text = None
+        if args.calib_random:
+            calibration = aq.Calibration(random=True, **options)
+        elif args.calib_text is not None:
+            calibration = aq.Calibration(text=require_file(args.calib_text, "--calib-text").read_text(
+                encoding="utf-8"), **options)
+        else:
+            text, eval_text = assets.wiki_text()
+            calibration = aq.Calibration(text=text, **options)
+        eval_ids = None
+        if args.eval_every and eval_text is not None:
+            eval_ids = aq.tokenize(aq.load_tokenizer(model), eval_text)
+        print(f"training {model}\n  -> " + ", ".join(f"{r.pattern} -> {r.scheme or 'float'}" for r in rules)
+              + f"; loss={args.loss}, {args.steps} steps x {args.batch_size * args.grad_accum} sequences",
+              file=sys.stderr)
+        result = aq.train_qat(model, rules, config=config, data=data, calibration=calibration,
+                              clip=None if args.no_clip else aq.ClipSearch(), eval_ids=eval_ids,
+                              checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                              progress=not args.no_progress)
+        aq.save(result.model, out, overwrite=args.overwrite)
+        if args.history:
+            Path(args.history).write_text("".join(json.dumps(h) + "\n" for h in result.history))
+        losses_seen = [h["loss"] for h in result.history]
+        print("\n".join(summarize(result.model, out, time.perf_counter() - t0).lines()))
+        print(f"training         : {result.steps} steps, {result.tokens:,} tokens, gamma {result.gamma:.3f}, "
+              f"loss {np.mean(losses_seen[:5]):.4f} (first 5) -> {np.mean(losses_seen[-5:]):.4f} (last 5), "
+              f"{result.seconds:.0f} s")
+        return 0
+
+    return cli.run(run, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
