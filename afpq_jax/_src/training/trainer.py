@@ -324,6 +324,7 @@ def train(student: CausalLM, teacher: CausalLM, data: np.ndarray, cfg: QATConfig
     bar = tqdm(range(step0, cfg.steps), initial=step0, total=cfg.steps, desc=f"QAT ({cfg.loss})", unit="step",
                disable=not progress)
     last_saved = step0
+    t_step = time.perf_counter()
     for step in bar:
         position, ids = next(stream)
         new_params, new_opt, loss = step_fn(params, frozen, t_state, opt_state, _place_batch(ids, mesh),
@@ -334,9 +335,9 @@ def train(student: CausalLM, teacher: CausalLM, data: np.ndarray, cfg: QATConfig
             raise QuantizationError(f"QAT diverged: the loss is {loss} at step {step + 1}{where}; lower the learning "
                                     f"rate (now {cfg.learning_rate:g}) or use compute_dtype float32")
         params, opt_state = new_params, new_opt
-        entry = {"step": step + 1, "loss": round(loss, 6)}
-        elapsed = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step * (step + 1 - step0) / elapsed:,.0f}")
+        now = time.perf_counter()
+        entry = {"step": step + 1, "loss": round(loss, 6), "seconds": round(now - t_step, 3)}
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / (now - t_step):,.0f}")  # first: compile
         if cfg.eval_every and eval_ids is not None and (step + 1) % cfg.eval_every == 0:
             current = nnx.merge(graphdef, params, frozen)
             entry["eval_perplexity"] = round(perplexity(current, eval_ids, seq_len=eval_seq_len,
@@ -347,6 +348,7 @@ def train(student: CausalLM, teacher: CausalLM, data: np.ndarray, cfg: QATConfig
             ckpt.save(step + 1, params, opt_state, {"step": step + 1, "position": position, "gamma": gamma,
                                                     "fingerprint": fingerprint, "history": history})
             last_saved = step + 1
+        t_step = time.perf_counter()  # step time excludes evaluation and checkpointing
     bar.close()
     trained = nnx.merge(graphdef, jax.device_get(params), jax.device_get(frozen))
     trained.checkpoint_info = student.checkpoint_info

@@ -1,0 +1,94 @@
+"""SmolLM2-135M quantization-aware training (BitDistiller) on this machine: held-out perplexity after N steps.
+
+Each row runs the real CLI (`python -m afpq_jax.train`, under ``/usr/bin/time -v`` for wall time and peak RSS)
+and scores the packed checkpoint it wrote with the protocol of the other tables (held-out Wikipedia, seq 2048,
+first 8 windows). The loss history of every row is kept next to the results.
+
+    python scripts/qat_smollm2.py --rows nf3:cakld:100,int2:cakld:100,int2:ce:100 [--lr 5e-5]
+    python scripts/qat_smollm2.py --report
+
+A row is format:loss:steps (format nf3 = NF3-asym g128, int2 = INT2-asym g128, as BitDistiller). Self-generated
+data: --samples prompts of 16 tokens from the calibration split, each continued by --new-tokens teacher tokens at
+temperature 0.7 (cached under afpq-jax's cache directory, shared by rows with the same options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import afpq_jax as aq
+from afpq_jax import assets
+from afpq_jax.eval import perplexity
+
+FORMATS = {"nf3": "nf3", "int2": "int2"}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="nf3:cakld:100,int2:cakld:100")
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--out", default="results/qat_smollm2.jsonl")
+    ap.add_argument("--report", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {json.loads(line)["row"]: json.loads(line) for line in out.read_text().splitlines()} if out.exists() \
+        else {}
+    if not args.report:
+        model_path = assets.smollm2_hf_dir()
+        eval_ids = aq.tokenize(aq.load_tokenizer(model_path), assets.wiki_text()[1])
+        for row in args.rows.split(","):
+            key = f"{row}:lr{args.lr:g}"
+            if key in done:
+                continue
+            fmt, loss, steps = row.split(":")
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt, history = Path(tmp) / "model", Path(tmp) / "history.jsonl"
+                cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "afpq_jax.train", "--model", str(model_path),
+                       "--format", FORMATS[fmt], "--loss", loss, "--steps", steps, "--lr", str(args.lr),
+                       "--batch-size", str(args.batch_size), "--samples", str(args.samples),
+                       "--new-tokens", str(args.new_tokens), "--calib-samples", str(args.calib_samples),
+                       "--history", str(history), "--out", str(ckpt), "--no-progress"]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    sys.exit(proc.stderr[-3000:])
+                wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", proc.stderr)
+                peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+                qc = json.loads((ckpt / "quantization_config.json").read_text())
+                r = perplexity(aq.load(ckpt), eval_ids, seq_len=2048, max_windows=8, progress=False)
+                rec = {"row": key, "format": fmt, "loss": loss, "steps": int(steps), "lr": args.lr,
+                       "perplexity": r["perplexity"], "training": qc["training"],
+                       "history": [json.loads(line) for line in history.read_text().splitlines()],
+                       "wall": wall.group(1) if wall else None,
+                       "peak_rss_mb": round(int(peak.group(1)) / 1024) if peak else None,
+                       "summary": proc.stdout.strip().splitlines()[-1], "commit": _commit()}
+            done[key] = rec
+            with out.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(json.dumps({k: v for k, v in rec.items() if k != "history"}), flush=True)
+    for key, r in done.items():
+        losses = [h["loss"] for h in r["history"]]
+        print(f"{key:28s} ppl {r['perplexity']:8.2f}  loss {losses[0]:.3f} -> {losses[-1]:.3f}  "
+              f"{r['training']['tokens']:,} tokens  {r['wall']}  {r['peak_rss_mb']} MiB")
+
+
+if __name__ == "__main__":
+    main()
