@@ -93,13 +93,14 @@ def data(teacher):
 
 
 def test_clip_init_equals_clipped_rtn_and_export_equals_the_fake_quant_forward(teacher):
-    cal = aq.Calibration(random=True, samples=4, seqlen=16, search_samples=4)
+    cal = aq.Calibration(random=True, samples=2, seqlen=16, search_samples=2)
     layout = _layout(teacher, "nf3")
+    clip = aq.ClipSearch(steps=4, step=0.1)  # a 4 x 4 grid: the same code path as the default 10 x 10, cheaper
     student, report = make_student(teacher, layout, windows=cal.windows(teacher.cfg.vocab_size, 64),
-                                   calibration=cal, progress=False)
+                                   calibration=cal, clip=clip, progress=False)
     assert "attn.q_proj" not in report["0"]["clipped"] and "mlp.down_proj" in report["0"]["clipped"]
-    rtn = aq.quantize_pretrained(FIXTURES / "llama_gqa", aq.QuantScheme.create("nf3", group_size=32), clip=True,
-                                 calibration=cal, progress=False)
+    rtn = aq.quantize_pretrained(FIXTURES / "llama_gqa", aq.QuantScheme.create("nf3", group_size=32),
+                                 method=aq.RTN(clip=clip), calibration=cal, progress=False)
     for path, layer in student.linear_layers().items():  # block 0 sees the same calibration inputs in both
         if path.startswith("layers.0."):
             np.testing.assert_array_equal(np.asarray(layer.train_scheme.fake_quant(layer.kernel.get_value())),
@@ -134,14 +135,27 @@ def _history(result):
 
 def test_training_lowers_the_loss_and_exports(teacher, data, tmp_path):
     student, _ = make_student(teacher, _layout(teacher), clip=None)
-    result = train(student, teacher, data, QATConfig(steps=12, batch_size=4, learning_rate=1e-3),
+    result = train(student, teacher, data, QATConfig(steps=12, batch_size=4, learning_rate=1e-3, eval_every=6),
                    eval_ids=data.reshape(-1), eval_seq_len=16, progress=False)
     loss = _history(result)
     assert np.mean(loss[-3:]) < 0.8 * np.mean(loss[:3]), loss
+    evals = [h["eval_perplexity"] for h in result.history if "eval_perplexity" in h]
+    assert len(evals) == 2 and evals[1] < evals[0]
     assert 0 < result.gamma < 1
     packed = export_student(result.student)
     ids = jnp.asarray(data[:2])
     np.testing.assert_array_equal(np.asarray(packed(ids)), np.asarray(result.student(ids)))
+
+
+def test_bf16_compute_trains_with_float32_master_weights(teacher, data):
+    student, _ = make_student(teacher, _layout(teacher), clip=None)
+    cfg = QATConfig(steps=2, batch_size=4, learning_rate=1e-3, gamma=0.3)
+    f32 = train(student, teacher, data, cfg, progress=False)
+    bf16 = train(student, teacher, data, QATConfig(**{**cfg.to_json(), "compute_dtype": "bfloat16"}),
+                 progress=False)
+    assert _history(bf16)[0] == pytest.approx(_history(f32)[0], rel=0.05)  # same start, bf16 rounding
+    kernel = bf16.student.linear_layers()["layers.0.attn.q_proj"].kernel.get_value()
+    assert kernel.dtype == jnp.float32  # master weights
 
 
 def test_resume_is_bit_identical_and_checks_the_run(teacher, data, tmp_path):

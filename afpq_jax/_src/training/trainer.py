@@ -356,10 +356,14 @@ def train(student: CausalLM, teacher: CausalLM, data: np.ndarray, cfg: QATConfig
                        tokens=tokens_per_step * cfg.steps, seconds=round(time.perf_counter() - t0, 1))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, state, ids):
+    return nnx.merge(graphdef, state)(ids)
+
+
 def _estimate_gamma(teacher: CausalLM, data: np.ndarray, cfg: QATConfig) -> float:
     """CAKLD's γ over the first ``gamma_batches`` batches of the stream (the teacher's mean confidence)."""
     graphdef, state = nnx.split(teacher)
-    fn = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
     stream = data_lib.batches(data, position=0, batch_size=cfg.batch_size, accum=1, seed=cfg.seed)
 
     def batches():
@@ -368,4 +372,4 @@ def _estimate_gamma(teacher: CausalLM, data: np.ndarray, cfg: QATConfig) -> floa
             ids = ids[0]
             yield jnp.asarray(ids[:, :-1]), jnp.asarray(ids[:, 1:]), jnp.ones(ids[:, 1:].shape, jnp.float32)
 
-    return losses.teacher_confidence(batches(), lambda ids: fn(state, ids), cfg.confidence)
+    return losses.teacher_confidence(batches(), lambda ids: _logits(graphdef, state, ids), cfg.confidence)
