@@ -34,8 +34,8 @@ def _weight(seed: int, k: int = 100, n: int = 24) -> np.ndarray:
     return w
 
 
-@pytest.mark.parametrize("fmt,asym", FORMATS)
-@pytest.mark.parametrize("group_size", [32, None, 48])  # 48: K=100 leaves a short last group
+@pytest.mark.parametrize("fmt,asym,group_size", [(f, a, 48) for f, a in FORMATS]  # 48: K=100, a short last group
+                         + [(f, True, g) for f in ("int4", "fp4_e2m1") for g in (32, None)])
 def test_integer_scales_equal_the_numpy_reference(fmt, asym, group_size):
     w = _weight(hash((fmt, asym, group_size)) % 2**32)
     qt = aq.quantize(w, fmt, group_size=group_size, asym=asym, integer_scales=True)
@@ -79,8 +79,7 @@ def test_integer_scales_cost_little_error_on_gaussian_weights():
     assert bits[1] < bits[0]  # uint8 group scales instead of float16
 
 
-@pytest.mark.parametrize("fmt,asym", FORMATS[:5])
-@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("fmt,asym,static", [(f, a, False) for f, a in FORMATS[:5]] + [("fp4_e2m1", True, True)])
 def test_one_int8_gemm_equals_float64_emulation(fmt, asym, static):
     rng = np.random.default_rng(11)
     w = _weight(5)
