@@ -34,7 +34,6 @@ from afpq_jax._src.io import sources
 from afpq_jax._src.loading import CheckpointWeights, ModelWeights, load_float
 from afpq_jax._src.models import CausalLM, ModelConfig, config_from_hf, linear_paths
 from afpq_jax._src.scheme import QuantRule, QuantScheme, as_rules, resolve_rules, rules_to_json, unused_rules
-from afpq_jax._src.assets import cache_dir as assets_cache_dir
 from afpq_jax._src.training import data as qat_data
 from afpq_jax._src.training import trainer as training
 from afpq_jax._src.training.data import SelfGeneratedData
@@ -323,7 +322,11 @@ def _self_generated(teacher: CausalLM, gen: SelfGeneratedData, calibration: Cali
     else:
         prompts = _calibration_windows(dataclasses.replace(calibration, samples=gen.samples, seqlen=gen.prompt_len,
                                                            seed=gen.seed), teacher.cfg, info)
-    cache = gen.cache_dir if gen.cache_dir is not None else str(assets_cache_dir() / "selfgen")
+    if gen.cache_dir is not None:
+        cache = gen.cache_dir
+    else:  # afpq-jax's cache directory (imported here: `import afpq_jax` never loads the asset fetcher)
+        from afpq_jax._src.assets import cache_dir
+        cache = str(cache_dir() / "selfgen")
     import hashlib  # the teacher's identity: its provenance and a digest of its embeddings and final norm
     digest = hashlib.sha256(np.asarray(teacher.embed.weight.get_value()).tobytes())
     digest.update(np.asarray(teacher.final_norm.weight.get_value()).tobytes())

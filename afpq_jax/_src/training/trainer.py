@@ -356,6 +356,20 @@ def train(student: CausalLM, teacher: CausalLM, data: np.ndarray, cfg: QATConfig
                        tokens=tokens_per_step * cfg.steps, seconds=round(time.perf_counter() - t0, 1))
 
 
+def step_cost(student: CausalLM, teacher: CausalLM, cfg: QATConfig, seq_len: int) -> float:
+    """FLOPs of one compiled training step (``grad_accum`` x ``batch_size`` sequences of ``seq_len`` tokens),
+    from XLA's cost analysis; nothing runs."""
+    graphdef, params, frozen = nnx.split(student, trainable_filter, ...)
+    t_graphdef, t_state = nnx.split(teacher)
+    step = make_train_step(graphdef, t_graphdef, step_options(cfg))
+    opt_state = jax.eval_shape(optimizer(cfg).init, params)
+    ids = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.batch_size, seq_len), jnp.int32)
+    compiled = step.lower(params, frozen, t_state, opt_state, ids, jnp.float32(0.5)).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(graphdef, state, ids):
     return nnx.merge(graphdef, state)(ids)
