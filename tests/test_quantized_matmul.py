@@ -531,3 +531,18 @@ def test_a8_dispatch_and_declines():
         quantized_matmul_a8(x, nf)
     with pytest.raises(afpq_jax.InputError, match="scalar"):
         quantized_matmul_a8(x, qt, jnp.ones((2,)))
+
+
+@pytest.mark.parametrize("fmt,group,asym,k,n,dtype", [("int4", 128, True, 576, 160, jnp.float32),
+                                                     ("nf3", 32, True, 100, 40, jnp.bfloat16),
+                                                     ("fp4_e2m1", None, False, 200, 64, jnp.float32),
+                                                     ("nf4", 64, True, 256, 96, jnp.float32)])
+def test_xla_scan_equals_the_reference(fmt, group, asym, k, n, dtype):
+    qt = _weight(fmt, group, asym, k, n)
+    x = _x((3, k), dtype)
+    config = BlockConfig(block_k=64) if group is not None and group <= 64 else None  # several groups per chunk
+    y = quantized_matmul(x, qt, implementation="xla_scan", config=config)
+    ref = quantized_matmul(x, qt, implementation="xla")
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    # the same dequantized values; only the order of the float32 sum differs (per-chunk partial dots)
+    _check(y, x, qt, ref)

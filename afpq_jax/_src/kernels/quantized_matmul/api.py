@@ -7,6 +7,9 @@ whose ``supports`` accepts the call runs:
     gpu: triton -> mosaic_gpu -> xla
     cpu (and anything else): xla
 
+("xla_scan", a scan over K chunks that never holds the whole float weight, runs only when named: not yet
+faster than "xla" on the measured CPU by enough to be the default; see BUILD_NOTES.)
+
 A candidate that declines logs one WARNING line per (implementation, reason) on the ``afpq_jax.kernels`` logger
 (once per process) and the next one is tried; "xla" supports everything. Kernels are forward-only (no VJP). An explicitly named implementation never falls back: it raises ``NotImplementedError`` with the
 reason instead. ``interpret=True`` runs a Pallas kernel in interpret mode (any backend, e.g. CPU tests).
@@ -57,6 +60,22 @@ class _Xla:
         return quantized_matmul_xla(x2d, qt)
 
 
+@dataclasses.dataclass(frozen=True)
+class _XlaScan:
+    """The CPU path (`xla_scan`): a scan over K chunks, never the whole float weight at once."""
+
+    name: str = "xla_scan"
+    backend: str = "cpu"
+
+    def supports(self, prob, config):
+        from afpq_jax._src.kernels.quantized_matmul import xla_scan
+        return xla_scan.why_unsupported(prob, config.block_k)
+
+    def __call__(self, x2d, qt, prob, config, *, interpret=False):
+        from afpq_jax._src.kernels.quantized_matmul import xla_scan
+        return xla_scan.quantized_matmul_scan(x2d, qt, prob, config.block_k)
+
+
 IMPLEMENTATIONS: dict[str, Implementation] = {}
 
 DISPATCH_ORDER: dict[str, tuple[str, ...]] = {
@@ -96,6 +115,7 @@ class _Deferred:
 
 def _register_builtins() -> None:
     register_implementation(_Xla())
+    register_implementation(_XlaScan())
     register_implementation(_Deferred("mosaic_tpu", "tpu", "mosaic_tpu", "MosaicTpu"))
     register_implementation(_Deferred("triton", "gpu", "triton", "Triton"))
     register_implementation(_Deferred("mosaic_gpu", "gpu", "mosaic_gpu", "MosaicGpu"))
@@ -151,7 +171,7 @@ def quantized_matmul(x: jax.Array, qt: QuantizedTensor, *, implementation: str |
     full-precision dot). Only the summation order differs between implementations.
 
     implementation: None (dispatch, see the module doc), or a name in `IMPLEMENTATIONS`
-        ("xla", "mosaic_tpu", "triton", "mosaic_gpu").
+        ("xla", "xla_scan", "mosaic_tpu", "triton", "mosaic_gpu").
     config: a `BlockConfig`; unset fields take the implementation's defaults for this shape.
     interpret: run Pallas kernels in interpret mode (CPU testing).
     """

@@ -273,6 +273,9 @@ def default_config(impl: str, prob: Problem) -> BlockConfig:
         return tpu_default(prob)
     if impl in ("triton", "mosaic_gpu"):
         return gpu_default(prob, impl)
+    if impl == "xla_scan":
+        from afpq_jax._src.kernels.quantized_matmul.xla_scan import default_block_k
+        return BlockConfig(block_k=default_block_k(prob))
     return BlockConfig()
 
 
