@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import zipfile
 from pathlib import Path

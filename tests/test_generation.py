@@ -57,7 +57,7 @@ def test_sampling_follows_the_numpy_distribution(top_k, top_p):
 
 
 def test_temperature_zero_and_top_k_one_are_greedy(model, prompt):
-    greedy = aq.generate(model, prompt, max_new_tokens=6)
+    greedy = aq.generate(model, prompt, max_new_tokens=6)  # transformers' greedy continuation (stored fixture)
     np.testing.assert_array_equal(greedy, np.load(FIXTURES / "llama_gqa" / "generate.npz")["generated"][:, :6])
     np.testing.assert_array_equal(aq.generate(model, prompt, max_new_tokens=6, temperature=1.5, top_k=1, key=3),
                                   greedy)

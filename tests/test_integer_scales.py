@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import afpq_jax as aq
-from afpq_jax import convert as convert_cli
 from afpq_jax.algorithms import gptq_quantize
 from afpq_jax.kernels import quantized_matmul, quantized_matmul_a8
 from afpq_jax._src import packing

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from afpq_jax._src import packing
 from afpq_jax._src.calibration.method import BlockContext, Method, register_method
 from afpq_jax._src.calibration.taps import XTX
 from afpq_jax._src.errors import InputError, QuantizationError

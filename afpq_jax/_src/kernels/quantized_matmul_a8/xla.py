@@ -81,7 +81,7 @@ def int8_weight(qt: QuantizedTensor) -> tuple[jax.Array, jax.Array]:
     """A weight with integer group scales as one int8 matrix ``W8`` (K, N) and its float32 column scale (N,)
     (``channel_scale / m``), so that ``W8 · column scale = dequantize(qt)`` exactly."""
     fmt = qt.format
-    k, n = qt.in_features, qt.out_features
+    k = qt.in_features
     g = qt.effective_group_size
     codes = packing.unpack(qt.codes, fmt.bits, k).astype(jnp.int32)
     rows = jnp.minimum(jnp.arange(k) // g, qt.num_groups - 1)
