@@ -53,6 +53,7 @@ def main() -> None:
     done = {json.loads(line)["row"]: json.loads(line) for line in out.read_text().splitlines()} if out.exists() \
         else {}
     if not args.report:
+        commit = _commit()  # the code the rows run (taken now: later commits must not relabel them)
         model_path = assets.smollm2_hf_dir()
         eval_ids = aq.tokenize(aq.load_tokenizer(model_path), assets.wiki_text()[1])
         for row in args.rows.split(","):
@@ -79,7 +80,7 @@ def main() -> None:
                        "history": [json.loads(line) for line in history.read_text().splitlines()],
                        "wall": wall.group(1) if wall else None,
                        "peak_rss_mb": round(int(peak.group(1)) / 1024) if peak else None,
-                       "summary": proc.stdout.strip().splitlines()[-1], "commit": _commit()}
+                       "summary": proc.stdout.strip().splitlines()[-1], "commit": commit}
             done[key] = rec
             with out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
