@@ -120,7 +120,8 @@ def _factor(w, h, damp, *, bs: int, act_order: bool):
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "sdt", "static", "bs", "integer_scales"))
-def _gptq(w, h, perm, hinv, *, fmt: Format, asym: bool, g: int, sdt, static: bool, bs: int, integer_scales: bool):
+def _gptq(w, h, perm, hinv, *, fmt: Format, asym: bool, g: int, sdt, static: bool, bs: int,
+          integer_scales: bool = False):
     """The whole GPTQ of one kernel as one compiled program (one compilation per layer shape), given `_factor`'s
     column order and factor. Returns codes, group params and the channel scale ((1, 1, N); None unless
     ``integer_scales``).
