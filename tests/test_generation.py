@@ -91,9 +91,11 @@ def test_bad_generation_arguments(model, prompt, kwargs, message):
         aq.generate(model, prompt, **kwargs)
 
 
-def test_ragged_prompts_are_refused(model):
+def test_ragged_or_out_of_vocabulary_prompts_are_refused(model):
     with pytest.raises(InputError, match="equal length"):
         aq.generate(model, [[1, 2, 3], [4, 5]])
+    with pytest.raises(InputError, match=r"lie in \[0, 256\)"):
+        aq.generate(model, [[1, 2, 256]])
 
 
 def test_eval_cli_rejects_bad_sampling_options_before_loading(capsys):

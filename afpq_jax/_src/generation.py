@@ -107,6 +107,9 @@ def generate(model: CausalLM, prompt_ids, *, max_new_tokens: int = 32, temperatu
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     check_sampling(temperature, top_k, top_p)
+    if prompt.min() < 0 or prompt.max() >= model.cfg.vocab_size:
+        raise InputError(f"prompt token ids must lie in [0, {model.cfg.vocab_size}), got [{prompt.min()}, "
+                         f"{prompt.max()}]")
     b, s = prompt.shape
     if s + max_new_tokens > model.cfg.max_seq_len:
         raise InputError(f"prompt ({s}) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
