@@ -152,9 +152,8 @@ def _tokenizer_location(info: CheckpointInfo | None) -> str | None:
     return info.gguf_path or info.tokenizer_dir
 
 
-def _calibration_windows(calibration: Calibration, cfg: ModelConfig, info: CheckpointInfo | None) -> np.ndarray:
-    """The calibration windows (samples, seqlen) of a model, tokenizing text with the model's tokenizer."""
-    calibration.validate()
+def _text_tokenizer(info: CheckpointInfo | None):
+    """``text -> token ids`` with the model's tokenizer (a one-line error when the model has none)."""
     tok_path = _tokenizer_location(info)
 
     def tokenize_text(text: str) -> np.ndarray:
@@ -163,7 +162,13 @@ def _calibration_windows(calibration: Calibration, cfg: ModelConfig, info: Check
                              "Calibration(token_ids=...) or Calibration(random=True)")
         return tokenize(load_tokenizer(tok_path), text)
 
-    return calibration.windows(cfg.vocab_size, cfg.max_seq_len, tokenize_text)
+    return tokenize_text
+
+
+def _calibration_windows(calibration: Calibration, cfg: ModelConfig, info: CheckpointInfo | None) -> np.ndarray:
+    """The calibration windows (samples, seqlen) of a model, tokenizing text with the model's tokenizer."""
+    calibration.validate()
+    return calibration.windows(cfg.vocab_size, cfg.max_seq_len, _text_tokenizer(info))
 
 
 def _layout(rules, cfg: ModelConfig) -> dict[str, QuantScheme]:
@@ -272,6 +277,10 @@ def train_qat(model: str | os.PathLike | CausalLM, rules: QuantScheme | QuantRul
     if calibration is None and (clip is not None or data is None or isinstance(data, SelfGeneratedData)):
         raise InputError("QAT needs calibration data for the clipping init and the self-generated prompts: pass "
                          "calibration=afpq_jax.Calibration(text=...) (or clip=None with data=token ids)")
+    calibration_record = None if calibration is None else calibration.options_json()
+    if calibration is not None and calibration.text is not None:  # tokenized once for the clip windows and prompts
+        calibration.validate()
+        calibration = dataclasses.replace(calibration, text=None, token_ids=_text_tokenizer(info)(calibration.text))
     windows = None
     if clip is not None:
         clip.validate()
@@ -294,7 +303,7 @@ def train_qat(model: str | os.PathLike | CausalLM, rules: QuantScheme | QuantRul
     record = {
         "method": "qat", "method_options": {"name": "qat", **config.to_json()},
         "clip": clip is not None, "activations": None, "data": data_record,
-        "calibration": calibration.options_json() if calibration is not None else None,
+        "calibration": calibration_record,
         "rules": rules_to_json(rules), "report": clip_report, "source": source_name, "source_kind": source_kind,
         "training": {"steps": result.steps, "tokens": result.tokens, "gamma": result.gamma,
                      "final_loss": final.get("loss"), "seconds": result.seconds},

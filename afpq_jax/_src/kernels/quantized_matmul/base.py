@@ -268,14 +268,24 @@ def mosaic_gpu_smem_bytes(prob: Problem, bm: int, bn: int, bk: int, stages: int)
     return stages * per_step + bk * bn * it + bm * bn * it
 
 
+CPU_TILE_BYTES = 2 << 20  # "xla_scan": target size of one dequantized float32 tile (L2 + part of L3)
+
+
+def cpu_scan_default(prob: Problem) -> BlockConfig:
+    """"xla_scan": rows per chunk = whole groups (per-channel: 256-row units), about `CPU_TILE_BYTES` of float32
+    tile, at least one unit."""
+    unit = 256 if prob.per_channel else prob.group
+    rows = max(1, CPU_TILE_BYTES // (4 * prob.n) // unit) * unit
+    return BlockConfig(block_k=min(rows, cdiv(prob.k, unit) * unit))
+
+
 def default_config(impl: str, prob: Problem) -> BlockConfig:
     if impl == "mosaic_tpu":
         return tpu_default(prob)
     if impl in ("triton", "mosaic_gpu"):
         return gpu_default(prob, impl)
     if impl == "xla_scan":
-        from afpq_jax._src.kernels.quantized_matmul.xla_scan import default_block_k
-        return BlockConfig(block_k=default_block_k(prob))
+        return cpu_scan_default(prob)
     return BlockConfig()
 
 

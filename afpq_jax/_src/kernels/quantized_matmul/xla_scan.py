@@ -20,16 +20,6 @@ from afpq_jax._src.kernels.quantized_matmul.xla import dot_precision
 from afpq_jax._src.qtensor import QuantizedTensor
 from afpq_jax._src.quantizer import GroupParams
 
-TILE_BYTES = 2 << 20  # target size of one dequantized float32 tile (a 2-core Xeon's L2 + part of L3)
-
-
-def default_block_k(prob: Problem) -> int:
-    """Rows per chunk: whole groups, about `TILE_BYTES` of float32 tile, at least one group."""
-    unit = 256 if prob.per_channel else prob.group
-    rows = max(1, TILE_BYTES // (4 * prob.n) // unit) * unit
-    return min(rows, cdiv(prob.k, unit) * unit)
-
-
 def why_unsupported(prob: Problem, block_k: int) -> str | None:
     if prob.batched:
         return "stacked (batched) weights: use xla"

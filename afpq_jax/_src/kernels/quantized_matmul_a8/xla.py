@@ -48,6 +48,11 @@ def quantize_activations(x: jax.Array, scale: jax.Array) -> jax.Array:
     return jnp.clip(jnp.round(x.astype(jnp.float32) * inv), -INT8_MAX, INT8_MAX).astype(jnp.int8)
 
 
+def _integer_levels(fmt, mult: int, dtype) -> jax.Array:
+    """The code book's levels times ``mult`` (exact integers by `Format.int8_multiplier`), indexed by code."""
+    return jnp.asarray(np.round(fmt.levels_array(np.float64) * mult).astype(dtype))
+
+
 def integer_weight(qt: QuantizedTensor) -> tuple[list[jax.Array], list[jax.Array], jax.Array | None]:
     """The weight as int8 level tensors ``(G, g, N)`` and the float32 scale ``(G, N)`` each one's sums take:
     one part (symmetric, INT), or two (AFPQ: positive-level and negative-level codes). Third: the INT-asym zero
@@ -68,7 +73,7 @@ def integer_weight(qt: QuantizedTensor) -> tuple[list[jax.Array], list[jax.Array
         # symmetric INT has the implicit zero point 2**(bits-1): 0 after the shift
         zero = qt.zero.astype(jnp.int32) - offset if qt.asym else None
         return [levels], [scale], zero
-    table = jnp.asarray(np.round(fmt.levels_array(np.float64) * mult).astype(np.int8))
+    table = _integer_levels(fmt, mult, np.int8)
     levels = table[codes].reshape(groups, g, n)
     if not qt.asym:
         return [levels], [scale / mult], None
@@ -92,7 +97,7 @@ def int8_weight(qt: QuantizedTensor) -> tuple[jax.Array, jax.Array]:
         mult = 1
     else:
         mult = fmt.int8_multiplier()
-        levels = jnp.asarray(np.round(fmt.levels_array(np.float64) * mult).astype(np.int32))[codes]
+        levels = _integer_levels(fmt, mult, np.int32)[codes]
         if qt.asym:
             scale = jnp.where(levels < 0, qt.scale_neg.astype(jnp.int32)[rows], scale)
         w8 = scale * levels
