@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="also record a quick held-out perplexity (seq 256, 4 windows) every K steps")
     ap.add_argument("--out", default="results/qat_smollm2.jsonl")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
@@ -67,6 +69,7 @@ def main() -> None:
                        "--format", FORMATS[fmt], "--loss", loss, "--steps", steps, "--lr", str(args.lr),
                        "--batch-size", str(args.batch_size), "--samples", str(args.samples),
                        "--new-tokens", str(args.new_tokens), "--calib-samples", str(args.calib_samples),
+                       "--eval-every", str(args.eval_every),
                        "--history", str(history), "--out", str(ckpt), "--no-progress"]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
@@ -76,6 +79,7 @@ def main() -> None:
                 qc = json.loads((ckpt / "quantization_config.json").read_text())
                 r = perplexity(aq.load(ckpt), eval_ids, seq_len=2048, max_windows=8, progress=False)
                 rec = {"row": key, "format": fmt, "loss": loss, "steps": int(steps), "lr": args.lr,
+                       "samples": args.samples, "new_tokens": args.new_tokens, "batch_size": args.batch_size,
                        "perplexity": r["perplexity"], "training": qc["training"],
                        "history": [json.loads(line) for line in history.read_text().splitlines()],
                        "wall": wall.group(1) if wall else None,
