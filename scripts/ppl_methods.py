@@ -1,4 +1,4 @@
-"""SmolLM2-135M perplexity for RTN / GPTQ / AWQ x {INT3, NF3-sym, NF3-asym, FP3-sym, FP3-asym, INT4, NF4-asym}
+"""SmolLM2-135M perplexity for RTN / GPTQ / AWQ x {INT3, NF3-sym, NF3-asym, FP3-sym, FP3-asym, INT4, NF4-asym, INT2}
 at group size 128, on the held-out Wikipedia split (same protocol as scripts/ppl_table.py: seq 2048, first 8
 windows), calibrated on random windows of the disjoint calibration split.
 
@@ -29,7 +29,7 @@ from afpq_jax import assets
 from afpq_jax.eval import perplexity
 
 ROWS = [("int3", True), ("nf3", False), ("nf3", True), ("fp3_e2m0", False), ("fp3_e2m0", True), ("int4", True),
-        ("nf4", True)]
+        ("nf4", True), ("int2", True)]
 METHODS = ["rtn", "gptq", "awq"]
 
 
