@@ -113,12 +113,12 @@ class Llama(nnx.Module):
 
 def hf_params(directory: str | Path, cfg: LlamaConfig) -> dict:
     """The pure params dict of `Llama` from a Hugging Face LLaMA directory (model.safetensors), float32."""
-    from safetensors.numpy import load_file
-    t = load_file(str(Path(directory) / "model.safetensors"))
+    from safetensors import safe_open
     d, n, k, h = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim
+    f = safe_open(str(Path(directory) / "model.safetensors"), framework="numpy")
 
-    def f32(name):
-        return np.asarray(t[name], np.float32)
+    def f32(name):  # one tensor at a time, as the mapping asks for it
+        return np.asarray(f.get_tensor(name), np.float32)
 
     layers = {}
     for i in range(cfg.layers):

@@ -20,6 +20,7 @@ module is running, which of its parameters an array is) and the provider's rule 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -227,12 +228,25 @@ def _dot(plan: DotPlan | EinsumPlan) -> DotPlan:
     return plan.dot if isinstance(plan, EinsumPlan) else plan
 
 
+# Compiled once per scheme / shape: qwix runs models eagerly while it quantizes them, op by op.
+@functools.partial(jax.jit, static_argnums=0)
+def _rtn(scheme: QuantScheme, w2: jax.Array) -> QuantizedTensor:
+    return scheme.quantize(w2)
+
+
+@functools.partial(jax.jit, static_argnames=("implementation", "int8_activations"))
+def _matmul(x2: jax.Array, qt: QuantizedTensor, *, implementation: str | None, int8_activations: bool):
+    if int8_activations:
+        return quantized_matmul_a8(x2, qt, None).astype(x2.dtype)
+    return quantized_matmul(x2, qt, implementation=implementation)
+
+
 def pack(w: jax.Array, layout: WeightLayout, scheme: QuantScheme, *, hessian: jax.Array | None = None,
          name: str = "kernel", **gptq_options) -> PackedWeight:
     """Quantizes a float weight of ``layout.shape`` (RTN, or GPTQ given the Hessian of its K inputs)."""
     w2 = layout.to_2d(jnp.asarray(w))
     if hessian is None:
-        qt = scheme.quantize(w2)
+        qt = _rtn(scheme, w2)
     else:
         qt = gptq_quantize(w2, hessian, scheme.format, group_size=scheme.group_size, asym=scheme.asym,
                            scale_dtype=scheme.scale_dtype, integer_scales=scheme.integer_scales, name=name,
@@ -282,11 +296,8 @@ class PtqProvider(_AfpqProvider):
             name = flax_util.find_param(w)
             packed = pack(w, dot.layout, scheme, name=f"{_layer_name()}/{name}")
             _replace_param(name, packed)
-        x2 = dot.lhs_2d(jnp.asarray(x))
-        if packed.scheme.act_bits is not None:
-            y2 = quantized_matmul_a8(x2, packed.qt, None).astype(x2.dtype)
-        else:
-            y2 = quantized_matmul(x2, packed.qt, implementation=self.implementation)
+        y2 = _matmul(dot.lhs_2d(jnp.asarray(x)), packed.qt, implementation=self.implementation,
+                     int8_activations=packed.scheme.act_bits is not None)
         return plan.output(y2)
 
 
@@ -396,7 +407,7 @@ def quantize_params(params: Mapping, abstract_quantized_model: Any, *,
 def packed_weights(tree: Any) -> dict[str, PackedWeight]:
     """Every `PackedWeight` of an NNX model or a (Linen) params tree, by its ``/``-joined path."""
     if isinstance(tree, nnx.Module):
-        return {"/".join(map(str, (*path, name))): v for path, module in tree.iter_modules()
+        return {"/".join(map(str, (*path, name))): v for path, module in nnx.iter_modules(tree)
                 for name, v in vars(module).items() if isinstance(v, PackedWeight)}
     leaves = jax.tree_util.tree_flatten_with_path(flax_util.unbox(tree),
                                                   is_leaf=lambda x: isinstance(x, PackedWeight))[0]
