@@ -339,6 +339,29 @@ def test_bad_rules_and_versions_are_clear():
         check_qwix_version(qwix.__version__)
 
 
+def test_transformed_or_foreign_traced_weights_are_refused_and_nothing_is_cached():
+    class Matmul(nnx.Module):  # x @ w: dot_general runs inside jnp.matmul's own jit
+        def __init__(self):
+            self.w = nnx.Param(jax.random.normal(jax.random.key(1), (32, 32)))
+
+        def __call__(self, x):
+            return x @ self.w[...]
+
+    class Transposed(Matmul):
+        def __call__(self, x):
+            return jnp.dot(x, self.w[...].T)
+
+    x = jax.random.normal(jax.random.key(0), (3, 32))
+    for provider in (PtqProvider, QatProvider):
+        with pytest.raises(aq.InputError, match=r"Matmul: .*inside another jitted function.*jnp.dot"):
+            qwix.quantize_model(Matmul(), provider([AfpqRule(scheme=NF3)]), x)
+    with pytest.raises(aq.InputError, match=r"Transposed: .*transformed"):
+        qwix.quantize_model(Transposed(), PtqProvider([AfpqRule(scheme=NF3)]), x)
+    plain = Matmul()  # the refused trace left nothing behind in jnp.matmul's cache
+    np.testing.assert_allclose(np.asarray(plain(x)), np.asarray(x) @ np.asarray(plain.w[...]), rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_dynamic_int8_activations_match_the_built_in_integer_path():
     scheme = aq.QuantScheme.create("int4", group_size=32).with_activations(8, "dynamic")
     x = jax.random.normal(jax.random.key(0), (4, 48))

@@ -132,7 +132,36 @@ nnx.register_data_type(PackedWeight)
 
 
 def _layer_name() -> str:
-    return "/".join(map(str, flax_util.get_current_module_path()))
+    return "/".join(map(str, flax_util.get_current_module_path())) or type(flax_util.get_current_module()).__name__
+
+
+def _stored_param(module: nnx.Module, name: str, w) -> jax.Array:
+    """The NNX parameter ``name`` as stored, checked to be what the op received as ``w`` (up to a dtype cast).
+
+    An op whose weight is the parameter transformed (``w.T``, ``w * c``) is refused: packing the parameter would
+    change what the model computes. So is an op traced inside a jitted library function (``x @ w`` runs
+    jnp.matmul's own jit): what runs there is cached by that function for every later call of the same shapes,
+    quantized or not, so nothing may be substituted inside it."""
+    value = getattr(module, name).get_value()
+    where = _layer_name()
+    if isinstance(w, jax.core.Tracer) and (not isinstance(value, jax.core.Tracer) or w._trace is not value._trace):
+        raise InputError(f"{where}: its weight {name} reaches dot_general inside another jitted function (as "
+                         f"`x @ w` does through jnp.matmul); write jnp.dot(x, w), jnp.einsum or "
+                         f"jax.lax.dot_general, or use nnx.Linear / nnx.Einsum")
+    if tuple(value.shape) != tuple(w.shape) or not (
+            isinstance(w, jax.core.Tracer) or w is value
+            or np.array_equal(np.asarray(w), np.asarray(value).astype(w.dtype))):
+        raise InputError(f"{where}: the op's weight operand is {name} transformed (e.g. w.T or w * c), not {name} "
+                         f"as stored; write the op on the parameter itself, or keep this layer float with a rule "
+                         f"whose scheme is None")
+    return value
+
+
+def _has_matrix_params(module) -> bool:
+    if isinstance(module, nn.Module):
+        params = module.variables.get("params", {}) if module.scope is not None else {}
+        return any(jnp.ndim(flax_util.unbox(v)) >= 2 for v in params.values() if not isinstance(v, Mapping))
+    return any(isinstance(v, nnx.Param) and v.ndim >= 2 for v in vars(module).values())
 
 
 class _AfpqProvider(qwix.QuantizationProvider):
@@ -141,6 +170,8 @@ class _AfpqProvider(qwix.QuantizationProvider):
 
     def __init__(self, rules: Sequence[AfpqRule], *, disable_jit: bool = False):
         super().__init__(_check_rules(rules), disable_jit=disable_jit)
+        self._quantized: set[str] = set()  # layers whose weight an op quantized
+        self._missed: set[str] = set()     # layers with matrix parameters where a matching op saw no parameter
 
     # ---- what qwix calls ----
     def get_intercept_map(self):
@@ -148,6 +179,7 @@ class _AfpqProvider(qwix.QuantizationProvider):
             "jax.lax.dot_general": self.dot_general,
             "jax.numpy.einsum": self.einsum,
             "jax.numpy.dot": self.dot,
+            "jax.numpy.matmul": self.matmul,
             "flax.linen.Module.param": self._linen_param,
             "flax.linen.dtypes.promote_dtype": self._promote_dtype,
             "flax.nnx.nn.dtypes.promote_dtype": self._promote_dtype,
@@ -157,6 +189,10 @@ class _AfpqProvider(qwix.QuantizationProvider):
         first = not self._initial_run_complete
         model_output = super().process_model_output(method_name, model_output)
         if first:
+            for layer in sorted(self._missed - self._quantized):
+                warnings.warn(f"{layer}: a rule matches this layer but none of its matmuls took one of its "
+                              f"parameters as the weight operand (the weight is transformed first, or the op is "
+                              f"not a dot_general/einsum/dot/matmul): it stays float", stacklevel=2)
             for rule in self.get_unused_rules():
                 warnings.warn(f"rule module_path={rule.module_path!r} matched no dot_general/einsum of the model; "
                               f"check the pattern against the module paths (e.g. 'layers/0/attn/q_proj')",
@@ -169,7 +205,14 @@ class _AfpqProvider(qwix.QuantizationProvider):
         return rule.scheme if isinstance(rule, AfpqRule) else None
 
     def _weight(self, w) -> bool:
-        return isinstance(w, PackedWeight) or (hasattr(w, "shape") and flax_util.find_param(w) is not None)
+        """Whether ``w`` is a weight (packed, or a parameter of the running module); notes the misses."""
+        found = isinstance(w, PackedWeight) or (hasattr(w, "shape") and flax_util.find_param(w) is not None)
+        layer = _layer_name()
+        if found:
+            self._quantized.add(layer)
+        elif _has_matrix_params(flax_util.get_current_module()):
+            self._missed.add(layer)
+        return found
 
     def dot_general(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *,
                     out_sharding=None):
@@ -201,6 +244,12 @@ class _AfpqProvider(qwix.QuantizationProvider):
                            out_sharding=out_sharding)
         dims = (((jnp.ndim(a) - 1,), (len(b.shape) - 2,)), ((), ()))
         return self.dot_general(a, b, dims, precision, preferred_element_type, out_sharding=out_sharding)
+
+    def matmul(self, a, b, precision=None, preferred_element_type=None, out_sharding=None):
+        if jnp.ndim(a) == 0 or len(getattr(b, "shape", ())) != 2:
+            return jnp.matmul(a, b, precision=precision, preferred_element_type=preferred_element_type,
+                              out_sharding=out_sharding)
+        return self.dot(a, b, precision, preferred_element_type, out_sharding=out_sharding)
 
     @staticmethod
     def _typed(y, preferred_element_type):
@@ -254,18 +303,6 @@ def pack(w: jax.Array, layout: WeightLayout, scheme: QuantScheme, *, hessian: ja
     return PackedWeight(qt, layout, scheme)
 
 
-def _replace_param(name: str, packed: PackedWeight) -> None:
-    """Puts ``packed`` where the float parameter ``name`` of the running module was."""
-    module = flax_util.get_current_module()
-    if isinstance(module, nn.Module):
-        if not module.is_initializing():
-            raise InputError(f"{_layer_name()}: a float weight reached a quantized linen model's apply; pass the "
-                             f"params of the PTQ model's init (or afpq_jax.qwix.quantize_params' result)")
-        module.put_variable("params", name, packed)
-    else:
-        setattr(module, name, jax.tree.map(nnx.Param, packed))
-
-
 class PtqProvider(_AfpqProvider):
     """Post-training quantization: matching weights become `PackedWeight`s, matmuls run on packed codes.
 
@@ -293,12 +330,26 @@ class PtqProvider(_AfpqProvider):
                                  f"op needs {dot.layout}")
             packed = w
         else:
-            name = flax_util.find_param(w)
-            packed = pack(w, dot.layout, scheme, name=f"{_layer_name()}/{name}")
-            _replace_param(name, packed)
+            packed = self._pack_param(w, dot.layout, scheme)
         y2 = _matmul(dot.lhs_2d(jnp.asarray(x)), packed.qt, implementation=self.implementation,
                      int8_activations=packed.scheme.act_bits is not None)
         return plan.output(y2)
+
+    def _pack_param(self, w, layout: WeightLayout, scheme: QuantScheme) -> PackedWeight:
+        """Packs the module parameter that ``w`` is and puts the packed weight in its place."""
+        name = flax_util.find_param(w)
+        module = flax_util.get_current_module()
+        if isinstance(module, nn.Module):
+            if not module.is_initializing():
+                raise InputError(f"{_layer_name()}: a float weight reached a quantized linen model's apply; pass "
+                                 f"the params of the PTQ model's init (or afpq_jax.qwix.quantize_params' result)")
+            packed = pack(w, layout, scheme, name=f"{_layer_name()}/{name}")
+            module.put_variable("params", name, packed)
+            return packed
+        value = _stored_param(module, name, w)
+        packed = pack(value, layout, scheme, name=f"{_layer_name()}/{name}")
+        setattr(module, name, jax.tree.map(nnx.Param, packed))
+        return packed
 
 
 class QatProvider(_AfpqProvider):
@@ -316,6 +367,9 @@ class QatProvider(_AfpqProvider):
     def _run(self, plan, x, w, scheme, original):
         if isinstance(w, PackedWeight):
             raise InputError(f"{_layer_name()}: QAT needs the float weights; this model is already quantized")
+        module = flax_util.get_current_module()
+        if isinstance(module, nnx.Module):
+            _stored_param(module, flax_util.find_param(w), w)
         layout = _dot(plan).layout
         return original(x, layout.from_2d(scheme.fake_quant(layout.to_2d(w))))
 
@@ -337,6 +391,9 @@ class GptqCalibration(_AfpqProvider):
         if isinstance(w, PackedWeight):
             raise InputError(f"{_layer_name()}: GPTQ calibration needs the float model")
         name = flax_util.find_param(w)
+        module = flax_util.get_current_module()
+        if isinstance(module, nnx.Module):
+            _stored_param(module, name, w)
         if flax_util.should_update_quant_stats():  # qwix's own first (initializing) call is not a batch
             x2 = _dot(plan).lhs_2d(jnp.asarray(x))
             if isinstance(x2, jax.core.Tracer):
