@@ -11,6 +11,7 @@ Public API (everything else lives in `afpq_jax._src` and may change):
   train_qat, QATConfig, SelfGeneratedData, QATResult — quantization-aware training by self-distillation
     (BitDistiller: CAKLD, clipping init, self-generated data) exported to the packed checkpoint.
   formats, kernels, assets (imported on demand) — code books, the fused matmul op, the built-in model and texts.
+  qwix (imported on demand, needs the qwix extra) — AFPQ for any Flax model through qwix providers.
   AfpqError, InputError, CheckpointError, QuantizationError — the errors raised on purpose.
 """
 
