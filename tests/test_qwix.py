@@ -276,7 +276,7 @@ class LinenBlock(nn.Module):
         return x + nn.Dense(d, name="mlp_out")(nn.gelu(nn.Dense(2 * d, name="mlp_in")(x)))
 
 
-def test_linen_block_ptq_equals_reference_and_qat_trains():
+def test_linen_block_ptq_equals_reference_save_restore_and_qat_trains(tmp_path):
     x = jax.random.normal(jax.random.key(0), (2, 5, 32))
     model = LinenBlock()
     params = model.init(jax.random.key(1), x)["params"]
@@ -295,6 +295,10 @@ def test_linen_block_ptq_equals_reference_and_qat_trains():
                                np.asarray(model.apply({"params": ref}, x)), rtol=1e-4, atol=1e-4)
     # init of the PTQ module packs its own random weights
     assert len(packed_weights(qmodel.init(jax.random.key(1), x)["params"])) == 6
+    save_state(qparams, tmp_path / "linen")
+    restored = restore_state(abstract, tmp_path / "linen")
+    np.testing.assert_array_equal(np.asarray(qmodel.apply({"params": restored}, x)),
+                                  np.asarray(qmodel.apply({"params": qparams}, x)))
     qat = qwix.quantize_model(model, QatProvider(rules))
     y = jnp.zeros_like(x)
 
