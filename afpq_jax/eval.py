@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set reaching this mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--mesh", type=cli.mesh_spec, default=None,
+                   help="shard the model over the devices: 'model=4' (tensor parallel) or 'data=2,model=4'")
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
     p.add_argument("--json", action="store_true", help="print results as one JSON object")
     p.add_argument("--no-progress", action="store_true")
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(model_path).exists():
             raise InputNotFoundError(f"model path {model_path!r} does not exist")
         t0 = time.perf_counter()
-        model = load(model_path)
+        model = load(model_path, mesh=cli.make_mesh(args.mesh) if args.mesh else None)
         tok = load_tokenizer(model_path)
         result: dict = {"model": model_path, "load_seconds": round(time.perf_counter() - t0, 2)}
         if not args.no_ppl:

@@ -34,6 +34,7 @@ from afpq_jax._src.io import sources
 from afpq_jax._src.loading import CheckpointWeights, ModelWeights, load_float
 from afpq_jax._src.models import CausalLM, ModelConfig, config_from_hf, linear_paths
 from afpq_jax._src.scheme import QuantRule, QuantScheme, as_rules, resolve_rules, rules_to_json, unused_rules
+from afpq_jax._src.sharding import check_mesh, shard_model
 from afpq_jax._src.training import data as qat_data
 from afpq_jax._src.training import trainer as training
 from afpq_jax._src.training.data import SelfGeneratedData
@@ -62,17 +63,24 @@ def _source_info(source: sources.Source) -> CheckpointInfo:
                           source=str(source.path), source_kind=source.kind)
 
 
-def load(path: str | os.PathLike, *, dtype="float32") -> CausalLM:
+def load(path: str | os.PathLike, *, dtype="float32", mesh: jax.sharding.Mesh | None = None) -> CausalLM:
     """A ready NNX model from a converted afpq-jax checkpoint, a float Hugging Face directory (safetensors or
     Flax msgpack), a GGUF file, or a Hub id (needs network). ``model(input_ids)`` gives float32 logits.
-    ``dtype`` applies to float checkpoints (a converted checkpoint keeps the dtype it was converted with)."""
+    ``dtype`` applies to float checkpoints (a converted checkpoint keeps the dtype it was converted with).
+
+    ``mesh``: a `jax.sharding.Mesh` with axes ``'model'`` (tensor parallel) and/or ``'data'`` (FSDP); every
+    parameter, float or packed, becomes a sharded array on it (see `afpq_jax._src.sharding` for the split).
+    A converted checkpoint is restored straight into the shards; a float checkpoint is read one tensor at a
+    time and then placed."""
     if checkpoint.is_converted_checkpoint(path):
-        return checkpoint.load(path)
+        return checkpoint.load(path, mesh=mesh)
+    if mesh is not None:
+        check_mesh(mesh)
     source = sources.open_source(path)
     cfg = config_from_hf(source.config)
     model = load_float(CheckpointWeights(source, cfg), cfg, dtype=_dtype(dtype))
     model.checkpoint_info = _source_info(source)
-    return model
+    return model if mesh is None else shard_model(model, mesh)
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -23,6 +23,7 @@ from afpq_jax._src.errors import CheckpointError, InputError, OutputExistsError
 from afpq_jax._src.loading import ModelAssembler
 from afpq_jax._src.models import CausalLM, config_from_hf
 from afpq_jax._src.scheme import QuantScheme
+from afpq_jax._src.sharding import model_shardings
 
 QUANT_CONFIG = "quantization_config.json"
 PARAMS_DIR = "params"
@@ -157,8 +158,9 @@ def read_quant_config(path: Path) -> dict:
     return qc
 
 
-def load(path: str | os.PathLike) -> CausalLM:
-    """Restores a converted checkpoint into a ready model (packed weights stay packed)."""
+def load(path: str | os.PathLike, mesh=None) -> CausalLM:
+    """Restores a converted checkpoint into a ready model (packed weights stay packed); with a ``mesh``, every
+    leaf is restored straight into its shard (`afpq_jax._src.sharding`): no host holds the whole model."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
@@ -169,7 +171,9 @@ def load(path: str | os.PathLike) -> CausalLM:
         cfg = dataclasses.replace(cfg, mlp_act_scale=True)
     layout = quant_layout(qc, path)
     asm = ModelAssembler(cfg, layout, jnp.dtype(qc.get("dtype", "float32")))
-    target = _nested({p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in asm.abstract_state().items()})
+    shardings = model_shardings(asm.partial_model(), mesh) if mesh is not None else {}
+    target = _nested({p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings.get(p))
+                      for p, v in asm.abstract_state().items()})
     params = path / PARAMS_DIR
     if not params.is_dir():
         raise CheckpointError(f"{path} has no {PARAMS_DIR}/ directory; the checkpoint is incomplete")

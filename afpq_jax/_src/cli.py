@@ -44,6 +44,32 @@ def group_size(text: str) -> int | None:
     return value
 
 
+def mesh_spec(text: str) -> dict[str, int]:
+    """``--mesh`` as axis sizes: ``model=4`` or ``data=2,model=4`` (argparse type; the mesh is made later)."""
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        name, _, size = part.partition("=")
+        name = name.strip()
+        if name not in ("data", "model") or not size.strip().isdigit() or int(size) < 1 or name in out:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a mesh like 'model=4' or 'data=2,model=4' (axes "
+                                             f"'data' and 'model', each once, sizes >= 1)")
+        out[name] = int(size)
+    return out
+
+
+def make_mesh(sizes: dict[str, int]):
+    """The device mesh for ``--mesh`` sizes; their product must be the number of devices."""
+    import jax
+    from jax.sharding import AxisType
+    n = 1
+    for v in sizes.values():
+        n *= v
+    if n != jax.device_count():
+        raise InputError(f"--mesh {','.join(f'{k}={v}' for k, v in sizes.items())} needs {n} devices, "
+                         f"{jax.device_count()} are visible; make the sizes multiply to {jax.device_count()}")
+    return jax.make_mesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes))
+
+
 def rules_from_args(args) -> tuple[list, str]:
     """(rules, default output-name suffix) from --rules or --format/--group-size/--sym and, where the command has
     them, --quantize-lm-head / --integer-scales / --scale-dtype."""
