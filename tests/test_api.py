@@ -473,8 +473,9 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-def test_scripts_and_pallas_kernels_use_only_the_public_api():
-    files = sorted((ROOT / "scripts").glob("*.py")) + sorted((ROOT / "pallas_kernels").rglob("*.py"))
+def test_scripts_examples_and_pallas_kernels_use_only_the_public_api():
+    files = (sorted((ROOT / "scripts").glob("*.py")) + sorted((ROOT / "examples").glob("*.py"))
+             + sorted((ROOT / "pallas_kernels").rglob("*.py")))
     offenders = {str(f.relative_to(ROOT)): sorted(m for m in _imports(f) if m.startswith("afpq_jax._src"))
                  for f in files}
     assert not {f: m for f, m in offenders.items() if m}
