@@ -7,6 +7,7 @@ With no arguments it converts the built-in default, SmolLM2-135M-Instruct (fetch
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -82,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also quantize lm_head (untied models only; embeddings always stay float)")
     p.add_argument("--out", default=None, help="output directory (default: out/<model>-<format>-<scheme>-g<size>)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--save-progress", action="store_true",
+                   help="keep every finished block (and the next block's calibration inputs) in .<out>.progress/ "
+                        "next to --out, so an interrupted conversion can --resume")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted conversion whose progress is next to --out (same options)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p
@@ -163,9 +169,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{'' if args.clip is None else (' +clip' if args.clip else ' -clip')}"
               f"{'' if activations is None else f'; activations int{activations.bits} {activations.scheme}'}",
               file=sys.stderr)
+        progress_dir = out.parent / f".{out.name}.progress"
+        if args.resume and not (progress_dir / "progress.json").exists():
+            raise InputError(f"nothing to resume: {progress_dir} holds no saved progress (a conversion run with "
+                             f"--save-progress and the same --out leaves it when interrupted)")
+        keep = args.save_progress or args.resume
         qmodel = aq.quantize_pretrained(model, rules, method=method, calibration=calibration, dtype=args.dtype,
-                                        activations=activations, progress=not args.no_progress)
+                                        activations=activations, progress=not args.no_progress,
+                                        progress_dir=progress_dir if keep else None, resume=args.resume)
         aq.save(qmodel, out, overwrite=args.overwrite)
+        if keep:
+            shutil.rmtree(progress_dir, ignore_errors=True)
         print("\n".join(summarize(qmodel, out, time.perf_counter() - t0).lines()))
         return 0
 

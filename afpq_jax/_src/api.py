@@ -27,6 +27,8 @@ from afpq_jax._src.algorithms.clip import ClipSearch
 from afpq_jax._src.calibration import driver
 from afpq_jax._src.calibration.data import Calibration
 from afpq_jax._src.calibration.method import Method, get_method
+from afpq_jax._src.calibration.progress import BlockProgress
+from afpq_jax._src.calibration.progress import fingerprint as progress_fingerprint
 from afpq_jax._src.calibration.timer import PhaseTimer
 from afpq_jax._src.checkpoint import CheckpointInfo
 from afpq_jax._src.errors import CheckpointError, InputError, InputNotFoundError
@@ -197,7 +199,8 @@ def _layout(rules, cfg: ModelConfig) -> dict[str, QuantScheme]:
 def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme | QuantRule | Iterable[QuantRule],
                         *, method: str | Method = "rtn", calibration: Calibration | None = None,
                         clip: bool | None = None, activations: ActivationQuant | None = None, dtype=None,
-                        progress: bool = True, timer: PhaseTimer | None = None) -> CausalLM:
+                        progress: bool = True, timer: PhaseTimer | None = None,
+                        progress_dir: str | os.PathLike | None = None, resume: bool = False) -> CausalLM:
     """Quantizes a float model in memory and returns the quantized `CausalLM` (write it with `save`).
 
     model: a Hugging Face directory, a GGUF file, a Hub id, or an in-memory float `CausalLM` (left unchanged).
@@ -211,6 +214,10 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
         a rule's scheme names ``act_bits`` / ``act_mode`` itself.
     dtype: of the unquantized parameters and of compute (default float32; an in-memory model's own dtype).
     timer: a `PhaseTimer` (subclass) to observe the conversion's phases and blocks.
+    progress_dir: save every finished block there (with the next block's calibration inputs), so that an
+        interrupted conversion can continue; ``resume=True`` continues from what it holds (it must be the same
+        conversion: same model, rules, method, options, calibration and dtype), else it is started over. The
+        result equals an uninterrupted run's. Delete the directory once the model is saved.
     """
     rules = as_rules(rules)
     m = resolve_method(method, clip)
@@ -233,8 +240,18 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
                              f"text=...) (afpq_jax.assets.wiki_text() is the Wikipedia split the CLI uses)")
         windows = _calibration_windows(calibration, cfg, info)
     qcfg = m.prepare_config(cfg)
+    store = None
+    if progress_dir is not None:
+        method_json = {"name": m.name, "options": weight_method.to_json(),
+                       "activations": None if activations is None else activations.to_json()}
+        store = BlockProgress(progress_dir, progress_fingerprint(
+            qcfg, layout, method_json, calibration.options_json() if m.calibrated else None, windows, dt))
+        if not resume:
+            store.start_over()
+    elif resume:
+        raise InputError("resume=True needs progress_dir (the directory an interrupted conversion saved to)")
     qmodel, report, seconds = driver.run(weights, qcfg, layout, m, windows, calibration if m.calibrated else None,
-                                         dtype=dt, progress=progress, timer=timer)
+                                         dtype=dt, progress=progress, timer=timer, store=store)
     record = {
         "method": weight_method.name, "method_options": weight_method.to_json(),
         "clip": getattr(weight_method, "clip", None) is not None,

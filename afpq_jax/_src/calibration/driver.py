@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from afpq_jax._src.calibration import taps
 from afpq_jax._src.calibration.data import Calibration
 from afpq_jax._src.calibration.method import BlockContext, Method
+from afpq_jax._src.calibration.progress import BlockProgress
 from afpq_jax._src.calibration.timer import PhaseTimer
 from afpq_jax._src.loading import FloatWeights, ModelAssembler
 from afpq_jax._src.memory import release_freed_memory
@@ -56,23 +57,36 @@ def _dequantized_copy(block: Block, cfg: ModelConfig, index: int, dtype) -> Bloc
 
 def run(weights: FloatWeights, cfg: ModelConfig, layout: Mapping[str, QuantScheme], method: Method,
         windows: np.ndarray | None, calibration: Calibration | None, *, dtype=jnp.float32,
-        progress: bool = True, timer: PhaseTimer | None = None) -> tuple[CausalLM, dict, dict[str, float]]:
+        progress: bool = True, timer: PhaseTimer | None = None,
+        store: BlockProgress | None = None) -> tuple[CausalLM, dict, dict[str, float]]:
     """Quantizes the model block by block with ``method``. ``cfg`` is the architecture to build (already
     `Method.prepare_config`-ed). Returns (model, report, seconds per phase); the report holds the method's
-    per-block facts (deterministic), the seconds do not belong in a checkpoint."""
+    per-block facts (deterministic), the seconds do not belong in a checkpoint. ``store``: each finished block
+    is saved there, and a run finds the blocks an interrupted one saved and continues after them."""
     timer = timer if timer is not None else PhaseTimer()
     t_start = time.perf_counter()
     dtype = jnp.dtype(dtype)
     asm = ModelAssembler(cfg, layout, dtype)
     x_all = positions = None
+    rng = np.random.default_rng(calibration.seed if calibration is not None else 0)
+    report: dict = {}
     if method.calibrated:
         if windows is None or calibration is None:
             raise ValueError(f"method {method.name!r} needs calibration windows")
-        embedding = [p for p in weights.outer_paths() if p[0] in _EMBEDDING]
-        asm.place_outer(weights, embedding)
         n, seqlen = windows.shape
         rows = max(calibration.batch_size, calibration.search_batch_size)
         positions = jnp.broadcast_to(jnp.arange(seqlen, dtype=jnp.int32), (rows, seqlen))
+    point = store.resume() if store is not None else None
+    start = 0
+    if point is not None:
+        with timer("resume"):
+            for i in range(point.done + 1):
+                asm.place_block(i, store.block(i, cfg, dtype))
+            report, start, x_all = point.report, point.done + 1, point.activations
+            rng.bit_generator.state = point.rng_state
+    elif method.calibrated:
+        embedding = [p for p in weights.outer_paths() if p[0] in _EMBEDDING]
+        asm.place_outer(weights, embedding)
         with timer("embed"):
             x_all = np.empty((n, seqlen, cfg.hidden_size), np.float32)
             embedder = asm.partial_model()  # only its embedding layers are filled
@@ -80,9 +94,8 @@ def run(weights: FloatWeights, cfg: ModelConfig, layout: Mapping[str, QuantSchem
                 x_all[sl] = np.asarray(embedder.embed_inputs(jnp.asarray(windows[sl])), np.float32)
             del embedder
             asm.release(embedding)  # placed again at the end: not resident next to the activations
-    rng = np.random.default_rng(calibration.seed if calibration is not None else 0)
-    report: dict = {}
-    bar = tqdm(range(cfg.num_layers), desc=f"{method.name} blocks", unit="block", disable=not progress)
+    bar = tqdm(range(start, cfg.num_layers), desc=f"{method.name} blocks", unit="block", disable=not progress,
+               initial=start, total=cfg.num_layers)
     for i in bar:
         with timer("load block"):
             block = weights.block(i, cfg, dtype)
@@ -111,6 +124,9 @@ def run(weights: FloatWeights, cfg: ModelConfig, layout: Mapping[str, QuantSchem
         if facts:
             report[str(i)] = facts
         asm.place_block(i, block)
+        if store is not None:
+            with timer("save progress"):
+                store.save(i, block, report, rng, x_all if method.calibrated and i + 1 < cfg.num_layers else None)
         del block, linears
         release_freed_memory()
         timer.block_done(i)
