@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--mesh", type=cli.mesh_spec, default=None,
                    help="shard the model over the devices: 'model=4' (tensor parallel) or 'data=2,model=4'")
+    cli.add_distributed_flags(p)
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
     p.add_argument("--json", action="store_true", help="print results as one JSON object")
     p.add_argument("--no-progress", action="store_true")
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         from afpq_jax._src.generation import check_sampling
 
         check_sampling(args.temperature, args.top_k, args.top_p)  # before any loading
+        cli.init_distributed(args)
         from afpq_jax._src.api import load, load_tokenizer, require_file, tokenize
 
         model_path = args.model or str(assets.smollm2_hf_dir())

@@ -104,3 +104,50 @@ def test_sharded_load_equals_unsharded_on_4_devices(tmp_path):
                         str(tmp_path / "tokenizer.json")], env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_over_loopback_score_like_one(tmp_path):
+    """2 processes x 2 simulated CPU devices (jax.distributed, gloo collectives): the packed checkpoint is
+    restored into shards spanning both processes and scores the perplexity of a single process."""
+    scheme = aq.QuantScheme.create("nf3", group_size=16)
+    ckpt = tmp_path / "ckpt"
+    aq.save(aq.quantize_pretrained(FIXTURES / "llama_gqa", scheme, progress=False), ckpt)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = "the quick brown fox jumps over lazy dog".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(ckpt / "tokenizer.json"))
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 40, encoding="utf-8")
+    base = [sys.executable, "-m", "afpq_jax.eval", "--model", str(ckpt), "--text", str(text), "--seq-len", "16",
+            "--json", "--no-progress"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    single = subprocess.run(base, env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    port = _free_port()
+    env2 = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen([*base, "--mesh", "data=2,model=2", "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i)], env=env2, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    import json
+    want = json.loads(single.stdout)["perplexity"]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        assert json.loads(out.strip().splitlines()[-1])["perplexity"] == pytest.approx(want, rel=1e-5)
+
+
+def test_distributed_flags_are_checked(capsys):
+    from afpq_jax import eval as eval_cli
+    rc = eval_cli.main(["--model", str(FIXTURES / "llama_gqa"), "--no-ppl", "--num-processes", "2"])
+    assert rc == 2 and "need --coordinator" in capsys.readouterr().err
+    rc = eval_cli.main(["--model", str(FIXTURES / "llama_gqa"), "--no-ppl", "--coordinator", "127.0.0.1:1",
+                        "--num-processes", "2", "--process-id", "2"])
+    assert rc == 2 and "not in [0, 2)" in capsys.readouterr().err

@@ -57,6 +57,34 @@ def mesh_spec(text: str) -> dict[str, int]:
     return out
 
 
+def add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-process (one process per host, each running the same command)")
+    g.add_argument("--coordinator", default=None,
+                   help="HOST:PORT of process 0 (jax.distributed), or 'auto' to detect the cluster (SLURM, TPU pod, "
+                        "Open MPI)")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+
+
+def init_distributed(args) -> None:
+    """``jax.distributed.initialize`` from the flags (before anything touches a device)."""
+    if args.coordinator is None:
+        if args.num_processes is not None or args.process_id is not None:
+            raise InputError("--num-processes / --process-id need --coordinator HOST:PORT (or --coordinator auto)")
+        return
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices across processes
+    if args.coordinator == "auto":
+        jax.distributed.initialize()
+        return
+    if args.num_processes is None or args.process_id is None:
+        raise InputError("--coordinator HOST:PORT needs --num-processes and --process-id")
+    if not 0 <= args.process_id < args.num_processes:
+        raise InputError(f"--process-id {args.process_id} is not in [0, {args.num_processes})")
+    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
+
+
 def make_mesh(sizes: dict[str, int]):
     """The device mesh for ``--mesh`` sizes; their product must be the number of devices."""
     import jax
