@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "next to --out, so an interrupted conversion can --resume")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted conversion whose progress is next to --out (same options)")
+    p.add_argument("--mesh", type=cli.mesh_spec, default=None,
+                   help="devices: calibration minibatches split over 'data' (--calib-batch-size a multiple of it), "
+                        "the result placed over 'data' x 'model', e.g. 'data=4' or 'data=2,model=2'")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         keep = args.save_progress or args.resume
         qmodel = aq.quantize_pretrained(model, rules, method=method, calibration=calibration, dtype=args.dtype,
                                         activations=activations, progress=not args.no_progress,
-                                        progress_dir=progress_dir if keep else None, resume=args.resume)
+                                        progress_dir=progress_dir if keep else None, resume=args.resume,
+                                        mesh=cli.make_mesh(args.mesh) if args.mesh else None)
         aq.save(qmodel, out, overwrite=args.overwrite)
         if keep:
             shutil.rmtree(progress_dir, ignore_errors=True)

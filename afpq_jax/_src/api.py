@@ -7,6 +7,7 @@ calibration options, per-block report) travels with the model as its `Checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,7 +25,7 @@ from afpq_jax._src import algorithms  # noqa: F401  (registers the built-in meth
 from afpq_jax._src import checkpoint
 from afpq_jax._src.algorithms.activations import ActivationQuant, WithActivations
 from afpq_jax._src.algorithms.clip import ClipSearch
-from afpq_jax._src.calibration import driver
+from afpq_jax._src.calibration import driver, taps
 from afpq_jax._src.calibration.data import Calibration
 from afpq_jax._src.calibration.method import Method, get_method
 from afpq_jax._src.calibration.progress import BlockProgress
@@ -200,7 +201,8 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
                         *, method: str | Method = "rtn", calibration: Calibration | None = None,
                         clip: bool | None = None, activations: ActivationQuant | None = None, dtype=None,
                         progress: bool = True, timer: PhaseTimer | None = None,
-                        progress_dir: str | os.PathLike | None = None, resume: bool = False) -> CausalLM:
+                        progress_dir: str | os.PathLike | None = None, resume: bool = False,
+                        mesh: jax.sharding.Mesh | None = None) -> CausalLM:
     """Quantizes a float model in memory and returns the quantized `CausalLM` (write it with `save`).
 
     model: a Hugging Face directory, a GGUF file, a Hub id, or an in-memory float `CausalLM` (left unchanged).
@@ -218,6 +220,8 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
         interrupted conversion can continue; ``resume=True`` continues from what it holds (it must be the same
         conversion: same model, rules, method, options, calibration and dtype), else it is started over. The
         result equals an uninterrupted run's. Delete the directory once the model is saved.
+    mesh: calibration minibatches are split over its ``'data'`` axis (``Calibration.batch_size`` must be a
+        multiple of its size to take effect) and the returned model is placed on it like `load` places one.
     """
     rules = as_rules(rules)
     m = resolve_method(method, clip)
@@ -250,8 +254,14 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
             store.start_over()
     elif resume:
         raise InputError("resume=True needs progress_dir (the directory an interrupted conversion saved to)")
-    qmodel, report, seconds = driver.run(weights, qcfg, layout, m, windows, calibration if m.calibrated else None,
-                                         dtype=dt, progress=progress, timer=timer, store=store)
+    if mesh is not None:
+        mesh = check_mesh(mesh)
+    with taps.data_parallel(mesh) if mesh is not None else contextlib.nullcontext():
+        qmodel, report, seconds = driver.run(weights, qcfg, layout, m, windows,
+                                             calibration if m.calibrated else None, dtype=dt, progress=progress,
+                                             timer=timer, store=store)
+    if mesh is not None:
+        shard_model(qmodel, mesh)
     record = {
         "method": weight_method.name, "method_options": weight_method.to_json(),
         "clip": getattr(weight_method, "clip", None) is not None,

@@ -7,6 +7,8 @@ share an input.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping
@@ -20,6 +22,27 @@ from afpq_jax._src.layers import record_inputs
 from afpq_jax._src.models.transformer import block_linears
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+_DATA_MESH: contextvars.ContextVar = contextvars.ContextVar("afpq_data_mesh", default=None)
+
+
+@contextlib.contextmanager
+def data_parallel(mesh) -> Iterator[None]:
+    """Within it, calibration minibatches are split over the mesh's ``'data'`` axis (when their size divides):
+    the jitted passes then run data parallel and XLA sums statistics such as XTX across devices."""
+    token = _DATA_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _DATA_MESH.reset(token)
+
+
+def device_batch(x: np.ndarray) -> jax.Array:
+    """A minibatch (B, ...) on the devices: split over ``'data'`` inside `data_parallel`, else as is."""
+    mesh = _DATA_MESH.get()
+    if mesh is None or "data" not in mesh.axis_names or len(x) % mesh.shape["data"]:
+        return jnp.asarray(x)
+    spec = jax.sharding.PartitionSpec("data", *([None] * (np.ndim(x) - 1)))
+    return jax.device_put(np.asarray(x), jax.sharding.NamedSharding(mesh, spec))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +162,7 @@ def input_statistics(block, statistics: tuple[Statistic, ...], layers, x_all: np
     graphdef, state = nnx.split(block)
     total, count = None, 0
     for sl in minibatches(len(x_all), batch_size):
-        stats = _block_statistics(graphdef, tuple(statistics), frozenset(layers), state, jnp.asarray(x_all[sl]),
+        stats = _block_statistics(graphdef, tuple(statistics), frozenset(layers), state, device_batch(x_all[sl]),
                                   positions[: sl.stop - sl.start])
         total = _combine(total, stats, statistics)
         count += (sl.stop - sl.start) * x_all.shape[1]
@@ -160,7 +183,7 @@ def layer_input(block, x: np.ndarray, positions, batch_size: int, name: str) -> 
     b = minibatch_size(len(x), batch_size)
     buf = None
     for index, sl in enumerate(minibatches(len(x), b)):
-        inputs = _block_inputs(graphdef, state, jnp.asarray(x[sl]), positions[:b])
+        inputs = _block_inputs(graphdef, state, device_batch(x[sl]), positions[:b])
         v = next(v for key, v in inputs.items() if name in key.split(",")).astype(jnp.float32)
         if buf is None:
             buf = jnp.zeros((len(x) // b, *v.shape), jnp.float32)
@@ -176,7 +199,7 @@ def sampled_inputs(block, x: np.ndarray, positions, batch_size: int,
     out: dict[str, np.ndarray] = {}
     seqlen = x.shape[1]
     for sl in minibatches(len(x), batch_size):
-        for key, v in _block_inputs(graphdef, state, jnp.asarray(x[sl]), positions[: sl.stop - sl.start]).items():
+        for key, v in _block_inputs(graphdef, state, device_batch(x[sl]), positions[: sl.stop - sl.start]).items():
             wanted = [name for name in key.split(",") if name in rows]
             if not wanted:
                 continue
@@ -198,7 +221,7 @@ def forward(block, x_all: np.ndarray, positions, batch_size: int, *, statistics:
     graphdef, state = nnx.split(block)
     total = None
     for sl in minibatches(len(x_all), batch_size):
-        x, pos = jnp.asarray(x_all[sl]), positions[: sl.stop - sl.start]
+        x, pos = device_batch(x_all[sl]), positions[: sl.stop - sl.start]
         if statistics:
             out, stats = _forward_statistics(graphdef, tuple(statistics), frozenset(layers), state, x, pos)
             total = _combine(total, stats, statistics)
