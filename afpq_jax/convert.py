@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", type=cli.mesh_spec, default=None,
                    help="devices: calibration minibatches split over 'data' (--calib-batch-size a multiple of it), "
                         "the result placed over 'data' x 'model', e.g. 'data=4' or 'data=2,model=2'")
+    p.add_argument("--max-memory", type=cli.byte_size, default=None,
+                   help="host memory for the conversion, e.g. 16G: calibration activations beyond half of it are "
+                        "memory-mapped from a file (--spill-dir) instead of held in RAM")
+    p.add_argument("--spill-dir", default=None, help="directory for spilled activations (default: $TMPDIR)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p
@@ -180,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         qmodel = aq.quantize_pretrained(model, rules, method=method, calibration=calibration, dtype=args.dtype,
                                         activations=activations, progress=not args.no_progress,
                                         progress_dir=progress_dir if keep else None, resume=args.resume,
-                                        mesh=cli.make_mesh(args.mesh) if args.mesh else None)
+                                        mesh=cli.make_mesh(args.mesh) if args.mesh else None,
+                                        max_memory=args.max_memory, spill_dir=args.spill_dir)
         aq.save(qmodel, out, overwrite=args.overwrite)
         if keep:
             shutil.rmtree(progress_dir, ignore_errors=True)

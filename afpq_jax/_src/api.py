@@ -202,7 +202,8 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
                         clip: bool | None = None, activations: ActivationQuant | None = None, dtype=None,
                         progress: bool = True, timer: PhaseTimer | None = None,
                         progress_dir: str | os.PathLike | None = None, resume: bool = False,
-                        mesh: jax.sharding.Mesh | None = None) -> CausalLM:
+                        mesh: jax.sharding.Mesh | None = None, max_memory: int | None = None,
+                        spill_dir: str | os.PathLike | None = None) -> CausalLM:
     """Quantizes a float model in memory and returns the quantized `CausalLM` (write it with `save`).
 
     model: a Hugging Face directory, a GGUF file, a Hub id, or an in-memory float `CausalLM` (left unchanged).
@@ -222,6 +223,8 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
         result equals an uninterrupted run's. Delete the directory once the model is saved.
     mesh: calibration minibatches are split over its ``'data'`` axis (``Calibration.batch_size`` must be a
         multiple of its size to take effect) and the returned model is placed on it like `load` places one.
+    max_memory: bytes of host memory for the conversion; calibration activations larger than half of it are kept
+        in a memory-mapped file in ``spill_dir`` (default: the temporary directory), deleted at the end.
     """
     rules = as_rules(rules)
     m = resolve_method(method, clip)
@@ -256,10 +259,14 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
         raise InputError("resume=True needs progress_dir (the directory an interrupted conversion saved to)")
     if mesh is not None:
         mesh = check_mesh(mesh)
+    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int)
+                                   or max_memory <= 0):
+        raise InputError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
     with taps.data_parallel(mesh) if mesh is not None else contextlib.nullcontext():
         qmodel, report, seconds = driver.run(weights, qcfg, layout, m, windows,
                                              calibration if m.calibrated else None, dtype=dt, progress=progress,
-                                             timer=timer, store=store)
+                                             timer=timer, store=store, max_memory=max_memory,
+                                             spill_dir=None if spill_dir is None else str(spill_dir))
     if mesh is not None:
         shard_model(qmodel, mesh)
     record = {

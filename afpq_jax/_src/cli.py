@@ -44,6 +44,21 @@ def group_size(text: str) -> int | None:
     return value
 
 
+def byte_size(text: str) -> int:
+    """``--max-memory``: bytes, or a number with K / M / G / T (powers of 1024), e.g. ``8G``."""
+    t = text.strip().upper().removesuffix("B")
+    scale = 1
+    if t and t[-1] in "KMGT":
+        scale, t = 1024 ** ("KMGT".index(t[-1]) + 1), t[:-1]
+    try:
+        value = float(t)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 8G, 512M or 1073741824")
+    return int(value * scale)
+
+
 def mesh_spec(text: str) -> dict[str, int]:
     """``--mesh`` as axis sizes: ``model=4`` or ``data=2,model=4`` (argparse type; the mesh is made later)."""
     out: dict[str, int] = {}

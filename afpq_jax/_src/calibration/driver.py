@@ -23,6 +23,7 @@ from afpq_jax._src.calibration import taps
 from afpq_jax._src.calibration.data import Calibration
 from afpq_jax._src.calibration.method import BlockContext, Method
 from afpq_jax._src.calibration.progress import BlockProgress
+from afpq_jax._src.calibration.spill import activation_buffer
 from afpq_jax._src.calibration.timer import PhaseTimer
 from afpq_jax._src.loading import FloatWeights, ModelAssembler
 from afpq_jax._src.memory import release_freed_memory
@@ -57,12 +58,14 @@ def _dequantized_copy(block: Block, cfg: ModelConfig, index: int, dtype) -> Bloc
 
 def run(weights: FloatWeights, cfg: ModelConfig, layout: Mapping[str, QuantScheme], method: Method,
         windows: np.ndarray | None, calibration: Calibration | None, *, dtype=jnp.float32,
-        progress: bool = True, timer: PhaseTimer | None = None,
-        store: BlockProgress | None = None) -> tuple[CausalLM, dict, dict[str, float]]:
+        progress: bool = True, timer: PhaseTimer | None = None, store: BlockProgress | None = None,
+        max_memory: int | None = None, spill_dir: str | None = None) -> tuple[CausalLM, dict, dict[str, float]]:
     """Quantizes the model block by block with ``method``. ``cfg`` is the architecture to build (already
     `Method.prepare_config`-ed). Returns (model, report, seconds per phase); the report holds the method's
     per-block facts (deterministic), the seconds do not belong in a checkpoint. ``store``: each finished block
-    is saved there, and a run finds the blocks an interrupted one saved and continues after them."""
+    is saved there, and a run finds the blocks an interrupted one saved and continues after them.
+    ``max_memory`` (bytes): calibration activations larger than half of it live in a file in ``spill_dir``
+    (default: the system's temporary directory) instead of RAM (`spill`)."""
     timer = timer if timer is not None else PhaseTimer()
     t_start = time.perf_counter()
     dtype = jnp.dtype(dtype)
@@ -82,13 +85,16 @@ def run(weights: FloatWeights, cfg: ModelConfig, layout: Mapping[str, QuantSchem
         with timer("resume"):
             for i in range(point.done + 1):
                 asm.place_block(i, store.block(i, cfg, dtype))
-            report, start, x_all = point.report, point.done + 1, point.activations
+            report, start = point.report, point.done + 1
+            if point.activations is not None:
+                shape = np.load(point.activations, mmap_mode="r").shape
+                x_all = activation_buffer(shape, max_memory, spill_dir, source=point.activations)
             rng.bit_generator.state = point.rng_state
     elif method.calibrated:
         embedding = [p for p in weights.outer_paths() if p[0] in _EMBEDDING]
         asm.place_outer(weights, embedding)
         with timer("embed"):
-            x_all = np.empty((n, seqlen, cfg.hidden_size), np.float32)
+            x_all = activation_buffer((n, seqlen, cfg.hidden_size), max_memory, spill_dir)
             embedder = asm.partial_model()  # only its embedding layers are filled
             for sl in taps.minibatches(n, calibration.batch_size):
                 x_all[sl] = np.asarray(embedder.embed_inputs(jnp.asarray(windows[sl])), np.float32)

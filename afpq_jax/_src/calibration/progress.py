@@ -51,7 +51,7 @@ class ResumePoint:
     done: int                      # the last finished block
     report: dict
     rng_state: dict
-    activations: np.ndarray | None  # block done+1's inputs (calibrated methods)
+    activations: Path | None  # the .npy of block done+1's inputs (calibrated methods)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -81,10 +81,10 @@ class BlockProgress:
                                   f"rules, method, calibration or dtype); run without --resume to start over")
         acts = self.directory / ACTIVATIONS
         return ResumePoint(done=int(state["done"]), report=state["report"], rng_state=state["rng"],
-                           activations=np.load(acts) if state.get("activations") else None)
+                           activations=acts if state.get("activations") else None)
 
     def save(self, index: int, block: Block, report: dict, rng: np.random.Generator,
-             activations: np.ndarray | None) -> None:
+             activations) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         leaves = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(block))}
         schemes = {name: (lin.scheme.to_json() if lin.scheme is not None else None)
@@ -94,6 +94,9 @@ class BlockProgress:
                 np.savez(f, __schemes__=np.asarray(json.dumps(schemes)), **leaves)
 
         def write_activations(p: Path) -> None:
+            if hasattr(activations, "save_npy"):  # spilled to a file: copied, not read into RAM
+                activations.save_npy(p)
+                return
             with open(p, "wb") as f:
                 np.save(f, activations)
 
