@@ -37,7 +37,7 @@ from afpq_jax._src.io import sources
 from afpq_jax._src.loading import CheckpointWeights, ModelWeights, load_float
 from afpq_jax._src.models import CausalLM, ModelConfig, config_from_hf, linear_paths
 from afpq_jax._src.scheme import QuantRule, QuantScheme, as_rules, resolve_rules, rules_to_json, unused_rules
-from afpq_jax._src.sharding import check_mesh, shard_model
+from afpq_jax._src.sharding import check_mesh, model_shardings, shard_model
 from afpq_jax._src.training import data as qat_data
 from afpq_jax._src.training import trainer as training
 from afpq_jax._src.training.data import SelfGeneratedData
@@ -74,16 +74,19 @@ def load(path: str | os.PathLike, *, dtype="float32", mesh: jax.sharding.Mesh | 
     ``mesh``: a `jax.sharding.Mesh` with axes ``'model'`` (tensor parallel) and/or ``'data'`` (FSDP); every
     parameter, float or packed, becomes a sharded array on it (see `afpq_jax._src.sharding` for the split).
     A converted checkpoint is restored straight into the shards; a float checkpoint is read one tensor at a
-    time and then placed."""
+    time on the host and each tensor placed on its shards at once."""
     if checkpoint.is_converted_checkpoint(path):
         return checkpoint.load(path, mesh=mesh)
-    if mesh is not None:
-        check_mesh(mesh)
     source = sources.open_source(path)
     cfg = config_from_hf(source.config)
-    model = load_float(CheckpointWeights(source, cfg), cfg, dtype=_dtype(dtype))
+    place = None
+    if mesh is not None:  # each array goes to its shards as it is read: no device holds the whole model
+        abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=_dtype(dtype), rngs=nnx.Rngs(0)))
+        shardings = model_shardings(abstract, mesh)
+        place = lambda p, value: jax.device_put(value, shardings[p])  # noqa: E731
+    model = load_float(CheckpointWeights(source, cfg), cfg, dtype=_dtype(dtype), place=place)
     model.checkpoint_info = _source_info(source)
-    return model if mesh is None else shard_model(model, mesh)
+    return model
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -166,10 +166,13 @@ def abstract_model(cfg: ModelConfig, quant: Mapping[str, QuantScheme] | None = N
 class ModelAssembler:
     """The model being built: abstract until each parameter is placed; `finish` checks nothing is missing."""
 
-    def __init__(self, cfg: ModelConfig, layout: Mapping[str, QuantScheme], dtype):
+    def __init__(self, cfg: ModelConfig, layout: Mapping[str, QuantScheme], dtype,
+                 place: Callable[[ModelPath, jax.Array], jax.Array] | None = None):
+        """``place(path, array)``: where each placed array goes (e.g. its shard of a device mesh); default: as is."""
         self.cfg, self.layout, self.dtype = cfg, dict(layout), jnp.dtype(dtype)
         self._graphdef, self._flat = abstract_model(cfg, self.layout, self.dtype)
         self._layout_changed = False
+        self._put = place or (lambda path, value: value)
 
     def place_block(self, index: int, block: Block) -> None:
         """Copies a finished block's state (float parameters and packed weights) into the model.
@@ -195,7 +198,7 @@ class ModelAssembler:
             if tuple(want.shape) != tuple(var.get_value().shape) or want.dtype != var.get_value().dtype:
                 raise RuntimeError(f"block {index}: {dotted(key)} is {var.get_value().dtype}"
                                    f"{tuple(var.get_value().shape)}, the model expects {want.dtype}{tuple(want.shape)}")
-            self._flat[key].set_value(var.get_value())
+            self._flat[key].set_value(self._put(key, var.get_value()))
 
     def place_outer(self, weights: FloatWeights, paths: list[ModelPath] | None = None,
                     quantize: Callable[[QuantScheme, np.ndarray], QuantizedTensor] | None = None) -> None:
@@ -214,6 +217,7 @@ class ModelAssembler:
                                       f"(e.g. tie_word_embeddings)")
             else:
                 _set_float(self._flat[path], arr, dotted(path), path)
+                self._flat[path].set_value(self._put(path, self._flat[path].get_value()))
 
     def release(self, paths: list[ModelPath]) -> None:
         """Forgets placed parameters (to be placed again later: keeps them out of memory meanwhile)."""
@@ -229,7 +233,7 @@ class ModelAssembler:
                 continue
             if key not in self._flat or tuple(self._flat[key].get_value().shape) != tuple(leaf.shape):
                 raise RuntimeError(f"quantized weight does not fit layer {dotted(layer_path)}")
-            self._flat[key].set_value(leaf)
+            self._flat[key].set_value(self._put(key, leaf))
 
     def abstract_state(self) -> dict[ModelPath, jax.ShapeDtypeStruct]:
         """Every parameter of the model: its path, shape and dtype."""
@@ -245,7 +249,7 @@ class ModelAssembler:
         if tuple(value.shape) != tuple(want.shape) or value.dtype != want.dtype:
             raise CheckpointError(f"{dotted(path)} is {value.dtype}{tuple(value.shape)} in the checkpoint, the model "
                                   f"expects {want.dtype}{tuple(want.shape)}")
-        self._flat[path].set_value(value)
+        self._flat[path].set_value(self._put(path, value))
 
     def partial_model(self) -> CausalLM:
         """The model with whatever is placed so far (for embedding calibration inputs before any block)."""
@@ -262,9 +266,10 @@ class ModelAssembler:
         return _merge(self._graphdef, self._flat, "the checkpoint")
 
 
-def load_float(weights: FloatWeights, cfg: ModelConfig, *, dtype=jnp.float32, progress: bool = False) -> CausalLM:
-    """A float model from ``weights``, block by block."""
-    asm = ModelAssembler(cfg, {}, dtype)
+def load_float(weights: FloatWeights, cfg: ModelConfig, *, dtype=jnp.float32, progress: bool = False,
+               place: Callable[[ModelPath, jax.Array], jax.Array] | None = None) -> CausalLM:
+    """A float model from ``weights``, block by block (each array through ``place``, see `ModelAssembler`)."""
+    asm = ModelAssembler(cfg, {}, dtype, place)
     for i in tqdm(range(cfg.num_layers), desc="loading", unit="block", disable=not progress, leave=False):
         asm.place_block(i, weights.block(i, cfg, dtype))
     asm.place_outer(weights)
