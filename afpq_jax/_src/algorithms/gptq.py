@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from afpq_jax._src.calibration.method import BlockContext, Method, register_method
-from afpq_jax._src.calibration.taps import XTX
+from afpq_jax._src.calibration.taps import XTX, column_sharded
 from afpq_jax._src.errors import InputError, QuantizationError
 from afpq_jax._src.formats import Format, get_format
 from afpq_jax._src.qtensor import QuantizedTensor
@@ -278,7 +278,8 @@ class GPTQ(Method):
         with ctx.timer("gptq"):
             for name, s in ctx.schemes.items():
                 layer = ctx.linears[name]
-                qt = gptq_quantize(layer.kernel.get_value(), ctx.stats[name]["xtx"] * (2.0 / ctx.tokens), s.format,
+                kernel = column_sharded(layer.kernel.get_value())  # columns are independent given H
+                qt = gptq_quantize(kernel, ctx.stats[name]["xtx"] * (2.0 / ctx.tokens), s.format,
                                    group_size=s.group_size, asym=s.asym, scale_dtype=s.scale_dtype, damp=self.damp,
                                    block_size=self.block_size, act_order=self.act_order,
                                    integer_scales=s.integer_scales, name=f"layers.{ctx.index}.{name}")

@@ -36,6 +36,16 @@ def data_parallel(mesh) -> Iterator[None]:
         _DATA_MESH.reset(token)
 
 
+def column_sharded(w: jax.Array) -> jax.Array:
+    """A kernel (K, N) split by output columns over every device of the `data_parallel` mesh (when N divides):
+    column-independent solves such as GPTQ's then run SPMD, each device on its columns."""
+    mesh = _DATA_MESH.get()
+    if mesh is None or mesh.devices.size == 1 or w.shape[-1] % mesh.devices.size:
+        return w
+    spec = jax.sharding.PartitionSpec(*([None] * (w.ndim - 1)), tuple(mesh.axis_names))
+    return jax.device_put(w, jax.sharding.NamedSharding(mesh, spec))
+
+
 def device_batch(x: np.ndarray) -> jax.Array:
     """A minibatch (B, ...) on the devices: split over ``'data'`` inside `data_parallel`, else as is."""
     mesh = _DATA_MESH.get()
