@@ -54,6 +54,21 @@ def test_mesh_flag_parsing():
             mesh_spec(bad)
 
 
+def _word_tokenizer(path: Path) -> None:
+    """A word-level tokenizer.json whose ids fit the fixture's 256-token vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = "the quick brown fox jumps over lazy dog hello".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+
+
+def _text(directory: Path) -> Path:
+    text = directory / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 40, encoding="utf-8")
+    return text
+
+
 SHARDED_LOAD = textwrap.dedent("""
     import sys, tempfile, subprocess, json
     import jax, jax.numpy as jnp, numpy as np
@@ -92,13 +107,8 @@ SHARDED_LOAD = textwrap.dedent("""
 
 
 def test_sharded_load_equals_unsharded_on_4_devices(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    words = "the quick brown fox jumps over lazy dog hello".split()
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
-    text = tmp_path / "text.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog " * 40, encoding="utf-8")
+    _word_tokenizer(tmp_path / "tokenizer.json")
+    text = _text(tmp_path)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-c", SHARDED_LOAD, str(FIXTURES / "llama_gqa"), str(text),
                         str(tmp_path / "tokenizer.json")], env=env,
@@ -119,13 +129,8 @@ def test_two_processes_over_loopback_score_like_one(tmp_path):
     scheme = aq.QuantScheme.create("nf3", group_size=16)
     ckpt = tmp_path / "ckpt"
     aq.save(aq.quantize_pretrained(FIXTURES / "llama_gqa", scheme, progress=False), ckpt)
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    words = "the quick brown fox jumps over lazy dog".split()
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(ckpt / "tokenizer.json"))
-    text = tmp_path / "text.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog " * 40, encoding="utf-8")
+    _word_tokenizer(ckpt / "tokenizer.json")
+    text = _text(tmp_path)
     base = [sys.executable, "-m", "afpq_jax.eval", "--model", str(ckpt), "--text", str(text), "--seq-len", "16",
             "--json", "--no-progress"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}

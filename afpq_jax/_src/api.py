@@ -37,7 +37,7 @@ from afpq_jax._src.io import sources
 from afpq_jax._src.loading import CheckpointWeights, ModelWeights, load_float
 from afpq_jax._src.models import CausalLM, ModelConfig, config_from_hf, linear_paths
 from afpq_jax._src.scheme import QuantRule, QuantScheme, as_rules, resolve_rules, rules_to_json, unused_rules
-from afpq_jax._src.sharding import check_mesh, model_shardings, shard_model
+from afpq_jax._src.sharding import check_mesh, shard_model
 from afpq_jax._src.training import data as qat_data
 from afpq_jax._src.training import trainer as training
 from afpq_jax._src.training.data import SelfGeneratedData
@@ -79,12 +79,8 @@ def load(path: str | os.PathLike, *, dtype="float32", mesh: jax.sharding.Mesh | 
         return checkpoint.load(path, mesh=mesh)
     source = sources.open_source(path)
     cfg = config_from_hf(source.config)
-    place = None
-    if mesh is not None:  # each array goes to its shards as it is read: no device holds the whole model
-        abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=_dtype(dtype), rngs=nnx.Rngs(0)))
-        shardings = model_shardings(abstract, mesh)
-        place = lambda p, value: jax.device_put(value, shardings[p])  # noqa: E731
-    model = load_float(CheckpointWeights(source, cfg), cfg, dtype=_dtype(dtype), place=place)
+    # with a mesh each array goes to its shards as it is read: no device holds the whole model
+    model = load_float(CheckpointWeights(source, cfg), cfg, dtype=_dtype(dtype), mesh=mesh)
     model.checkpoint_info = _source_info(source)
     return model
 
@@ -227,7 +223,7 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
     mesh: calibration minibatches are split over its ``'data'`` axis (``Calibration.batch_size`` must be a
         multiple of its size to take effect) and the returned model is placed on it like `load` places one.
     max_memory: bytes of host memory for the conversion; calibration activations larger than half of it are kept
-        in a memory-mapped file in ``spill_dir`` (default: the temporary directory), deleted at the end.
+        in a file in ``spill_dir`` (default: the temporary directory), read by minibatch, deleted at the end.
     """
     rules = as_rules(rules)
     m = resolve_method(method, clip)

@@ -23,7 +23,6 @@ from afpq_jax._src.errors import CheckpointError, InputError, OutputExistsError
 from afpq_jax._src.loading import ModelAssembler
 from afpq_jax._src.models import CausalLM, config_from_hf
 from afpq_jax._src.scheme import QuantScheme
-from afpq_jax._src.sharding import model_shardings
 
 QUANT_CONFIG = "quantization_config.json"
 PARAMS_DIR = "params"
@@ -170,9 +169,8 @@ def load(path: str | os.PathLike, mesh=None) -> CausalLM:
     if qc.get("mlp_act_scale"):
         cfg = dataclasses.replace(cfg, mlp_act_scale=True)
     layout = quant_layout(qc, path)
-    asm = ModelAssembler(cfg, layout, jnp.dtype(qc.get("dtype", "float32")))
-    shardings = model_shardings(asm.partial_model(), mesh) if mesh is not None else {}
-    target = _nested({p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings.get(p))
+    asm = ModelAssembler(cfg, layout, jnp.dtype(qc.get("dtype", "float32")), mesh)
+    target = _nested({p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=asm.shardings.get(p))
                       for p, v in asm.abstract_state().items()})
     params = path / PARAMS_DIR
     if not params.is_dir():

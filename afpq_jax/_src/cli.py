@@ -103,14 +103,13 @@ def init_distributed(args) -> None:
 def make_mesh(sizes: dict[str, int]):
     """The device mesh for ``--mesh`` sizes; their product must be the number of devices."""
     import jax
-    from jax.sharding import AxisType
     n = 1
     for v in sizes.values():
         n *= v
     if n != jax.device_count():
         raise InputError(f"--mesh {','.join(f'{k}={v}' for k, v in sizes.items())} needs {n} devices, "
                          f"{jax.device_count()} are visible; make the sizes multiply to {jax.device_count()}")
-    return jax.make_mesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes))
+    return jax.make_mesh(tuple(sizes.values()), tuple(sizes))  # load / quantize_pretrained make its axes Auto
 
 
 def rules_from_args(args) -> tuple[list, str]:

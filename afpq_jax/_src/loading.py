@@ -28,6 +28,7 @@ from afpq_jax._src.models.params import map_key, to_model_layout
 from afpq_jax._src.models.transformer import Block, block_linears
 from afpq_jax._src.qtensor import LEAF_NAMES, QuantizedTensor
 from afpq_jax._src.scheme import QuantScheme
+from afpq_jax._src.sharding import model_shardings
 
 ModelPath = tuple[Any, ...]  # ("layers", 3, "attn", "q_proj", "kernel")
 
@@ -166,13 +167,16 @@ def abstract_model(cfg: ModelConfig, quant: Mapping[str, QuantScheme] | None = N
 class ModelAssembler:
     """The model being built: abstract until each parameter is placed; `finish` checks nothing is missing."""
 
-    def __init__(self, cfg: ModelConfig, layout: Mapping[str, QuantScheme], dtype,
-                 place: Callable[[ModelPath, jax.Array], jax.Array] | None = None):
-        """``place(path, array)``: where each placed array goes (e.g. its shard of a device mesh); default: as is."""
+    def __init__(self, cfg: ModelConfig, layout: Mapping[str, QuantScheme], dtype, mesh=None):
+        """``mesh``: every placed array goes straight to its shards (`sharding.model_shardings`)."""
         self.cfg, self.layout, self.dtype = cfg, dict(layout), jnp.dtype(dtype)
         self._graphdef, self._flat = abstract_model(cfg, self.layout, self.dtype)
         self._layout_changed = False
-        self._put = place or (lambda path, value: value)
+        self.shardings = model_shardings(self.partial_model(), mesh) if mesh is not None else {}
+
+    def _put(self, path: ModelPath, value):
+        sharding = self.shardings.get(path)
+        return value if sharding is None else jax.device_put(value, sharding)
 
     def place_block(self, index: int, block: Block) -> None:
         """Copies a finished block's state (float parameters and packed weights) into the model.
@@ -267,9 +271,9 @@ class ModelAssembler:
 
 
 def load_float(weights: FloatWeights, cfg: ModelConfig, *, dtype=jnp.float32, progress: bool = False,
-               place: Callable[[ModelPath, jax.Array], jax.Array] | None = None) -> CausalLM:
-    """A float model from ``weights``, block by block (each array through ``place``, see `ModelAssembler`)."""
-    asm = ModelAssembler(cfg, {}, dtype, place)
+               mesh=None) -> CausalLM:
+    """A float model from ``weights``, block by block (each array on its shards of ``mesh``, if given)."""
+    asm = ModelAssembler(cfg, {}, dtype, mesh)
     for i in tqdm(range(cfg.num_layers), desc="loading", unit="block", disable=not progress, leave=False):
         asm.place_block(i, weights.block(i, cfg, dtype))
     asm.place_outer(weights)

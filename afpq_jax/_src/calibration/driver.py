@@ -23,7 +23,7 @@ from afpq_jax._src.calibration import taps
 from afpq_jax._src.calibration.data import Calibration
 from afpq_jax._src.calibration.method import BlockContext, Method
 from afpq_jax._src.calibration.progress import BlockProgress
-from afpq_jax._src.calibration.spill import activation_buffer
+from afpq_jax._src.calibration.spill import activation_buffer, load_activations
 from afpq_jax._src.calibration.timer import PhaseTimer
 from afpq_jax._src.loading import FloatWeights, ModelAssembler
 from afpq_jax._src.memory import release_freed_memory
@@ -87,8 +87,7 @@ def run(weights: FloatWeights, cfg: ModelConfig, layout: Mapping[str, QuantSchem
                 asm.place_block(i, store.block(i, cfg, dtype))
             report, start = point.report, point.done + 1
             if point.activations is not None:
-                shape = np.load(point.activations, mmap_mode="r").shape
-                x_all = activation_buffer(shape, max_memory, spill_dir, source=point.activations)
+                x_all = load_activations(point.activations, max_memory, spill_dir)
             rng.bit_generator.state = point.rng_state
     elif method.calibrated:
         embedding = [p for p in weights.outer_paths() if p[0] in _EMBEDDING]

@@ -89,6 +89,7 @@ class BlockProgress:
         leaves = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(block))}
         schemes = {name: (lin.scheme.to_json() if lin.scheme is not None else None)
                    for name, lin in block_linears(block).items()}
+
         def write_block(p: Path) -> None:
             with open(p, "wb") as f:
                 np.savez(f, __schemes__=np.asarray(json.dumps(schemes)), **leaves)

@@ -70,18 +70,30 @@ def _remove(file, directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def activation_buffer(shape: tuple[int, ...], max_memory: int | None, spill_dir: str | None,
-                      source: str | os.PathLike | None = None) -> np.ndarray | SpilledArray:
+def _in_ram(shape: tuple[int, ...], max_memory: int | None) -> bool:
+    return max_memory is None or 4 * int(np.prod(shape)) <= max_memory // 2
+
+
+def _spilled(shape: tuple[int, ...], spill_dir: str | None) -> SpilledArray:
+    return SpilledArray(Path(tempfile.mkdtemp(prefix="afpq-activations-", dir=spill_dir)) / "x.npy", shape)
+
+
+def activation_buffer(shape: tuple[int, ...], max_memory: int | None,
+                      spill_dir: str | None) -> np.ndarray | SpilledArray:
     """Calibration activations (S, L, D) float32: in RAM, or spilled to a file in ``spill_dir`` when they exceed
     half of ``max_memory`` bytes (the other half is left to one float block, the packed blocks and XLA's
-    temporaries). ``source``: an ``.npy`` file of that shape to start from (a resumed conversion's)."""
-    nbytes = 4 * int(np.prod(shape))
-    if max_memory is None or nbytes <= max_memory // 2:
-        return np.empty(shape, np.float32) if source is None else np.load(source)
-    spilled = SpilledArray(Path(tempfile.mkdtemp(prefix="afpq-activations-", dir=spill_dir)) / "x.npy", shape)
-    if source is not None:
-        src = np.load(source, mmap_mode="r")
-        step = max(1, len(src) // 16)
-        for a in range(0, len(src), step):
-            spilled[a:a + step] = src[a:a + step]
+    temporaries)."""
+    return np.empty(shape, np.float32) if _in_ram(shape, max_memory) else _spilled(shape, spill_dir)
+
+
+def load_activations(source: str | os.PathLike, max_memory: int | None,
+                     spill_dir: str | None) -> np.ndarray | SpilledArray:
+    """`activation_buffer` filled from an ``.npy`` file (a resumed conversion's), never whole in RAM if spilled."""
+    src = np.load(source, mmap_mode="r")
+    if _in_ram(src.shape, max_memory):
+        return np.array(src)
+    spilled = _spilled(src.shape, spill_dir)
+    step = max(1, len(src) // 16)
+    for a in range(0, len(src), step):
+        spilled[a:a + step] = src[a:a + step]
     return spilled

@@ -40,6 +40,7 @@ from afpq_jax._src.interop.layout import DotPlan, EinsumPlan, WeightLayout, dot_
 from afpq_jax._src.kernels.quantized_matmul import quantized_matmul
 from afpq_jax._src.kernels.quantized_matmul_a8 import quantized_matmul_a8
 from afpq_jax._src.qtensor import QuantizedTensor
+from afpq_jax._src.quantizer import dequantize
 from afpq_jax._src.scheme import QuantScheme
 
 TESTED_QWIX_VERSIONS = ("0.1.8",)
@@ -124,7 +125,6 @@ class PackedWeight:
 
     def dequantize(self) -> jax.Array:
         """The float weight in its original shape."""
-        from afpq_jax._src.quantizer import dequantize
         return self.layout.from_2d(dequantize(self.qt))
 
 

@@ -37,7 +37,7 @@ def _leaves(tree: Any) -> tuple[list[str], list[Any], Any]:
 def _packed_summary(tree: Any) -> dict[str, Any]:
     layers, weights, bits = {}, 0, 0
     for path, pw in packed_weights(tree).items():
-        nbytes = sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(pw.qt))
+        nbytes = pw.qt.nbytes
         count = pw.layout.k * pw.layout.n
         layers[path] = {"scheme": pw.scheme.to_json(), "shape": list(pw.layout.shape),
                         "contracting": list(pw.layout.contracting), "weights": count, "bytes": nbytes}
