@@ -52,13 +52,17 @@ def main():
     ap.add_argument("--formats", nargs="+", default=["fp4_e2m1", "int4"])
     ap.add_argument("--group-size", type=int, default=128, help="0 = per-channel")
     ap.add_argument("--sym", action="store_true", help="symmetric instead of asymmetric (AFPQ) scales")
+    ap.add_argument("--schemes", nargs="+", choices=["asym", "sym"], default=None,
+                    help="time these schemes (default: asym, or sym with --sym); both -> an asym-over-sym table")
     ap.add_argument("--x-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--impls", nargs="+", default=None, help="default: every registered one that applies")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--stack", type=int, default=None,
                     help="distinct weights per timed call (one executable runs all R matmuls; R weights also defeat "
                          "the L2 cache). Default: 16 on an accelerator, 1 on CPU")
-    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--markdown", action="store_true", help="markdown rows, printed as each case finishes")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no new (format, M) case after this many seconds; the rest are listed as skipped")
     a = ap.parse_args()
 
     backend = current_backend()
@@ -76,17 +80,34 @@ def main():
     ws = [jax.random.normal(k, (a.k, a.n), jnp.float32) for k in jax.random.split(kw, r)]
     dense = unrolled(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
     ws16 = [w.astype(jnp.bfloat16) for w in ws]
-    header = ["format", "M", "impl", "time µs", "vs dense f32", "vs dense bf16"]
+    header = ["format", "M", "impl", "time µs", "vs dense f32", "vs dense bf16", "TFLOP/s"]
     if bw:
         header += ["GB/s", "of roofline", "bound vs bf16"]
-    rows, failures = [], []
-    for fmt in a.formats:
-        qts = [afpq_jax.quantize(w, fmt, group_size=g, asym=not a.sym) for w in ws]
+    schemes = a.schemes or (["sym"] if a.sym else ["asym"])
+    rows, failures, times, dense_times = [], [], {}, {}
+    start = time.perf_counter()
+
+    def emit(row):
+        rows.append(row)
+        if a.markdown:
+            print("| " + " | ".join(str(c) for c in row) + " |", flush=True)
+
+    if a.markdown:
+        print("| " + " | ".join(header) + " |\n|" + "|".join("---" for _ in header) + "|", flush=True)
+    for fmt, scheme in [(f, s) for f in a.formats for s in schemes]:
+        asym = scheme == "asym"
+        qts = [afpq_jax.quantize(w, fmt, group_size=g, asym=asym) for w in ws]
         qt = qts[0]
         for m in a.m:
+            if a.budget_s is not None and time.perf_counter() - start > a.budget_s:
+                emit([f"{fmt}-{scheme}", m, "", "skipped: --budget-s reached"] + [""] * (len(header) - 4))
+                continue
             xs = [jax.random.normal(k, (m, a.k), jnp.float32) for k in jax.random.split(kx, r)]
-            t32 = timed(dense, xs, ws, reps=a.reps, per_call=r)
-            t16 = timed(dense, [x.astype(jnp.bfloat16) for x in xs], ws16, reps=a.reps, per_call=r)
+            fresh = m not in dense_times
+            if fresh:  # the same dense matmuls for every format: timed once per M
+                dense_times[m] = (timed(dense, xs, ws, reps=a.reps, per_call=r),
+                                  timed(dense, [x.astype(jnp.bfloat16) for x in xs], ws16, reps=a.reps, per_call=r))
+            t32, t16 = dense_times[m]
             xq = xs[0].astype(xdt)
             xqs = [x.astype(xdt) for x in xs]
             prob = Problem.create(xq.shape, xq.dtype, qt)
@@ -95,7 +116,7 @@ def main():
                 cfg = resolve_config(name, prob, None)
                 why = IMPLEMENTATIONS[name].supports(prob, cfg)
                 if why is not None:
-                    rows.append([f"{fmt}", m, name, f"declined: {why}"] + [""] * (len(header) - 4))
+                    emit([f"{fmt}", m, name, f"declined: {why}"] + [""] * (len(header) - 4))
                     continue
                 f = unrolled(lambda x, q, name=name: quantized_matmul(x, q, implementation=name))
                 try:
@@ -105,36 +126,42 @@ def main():
                     err = float(np.max(np.abs(y - ref)) / (np.max(np.abs(ref)) + 1e-30))
                     if err > (1e-5 if xdt == jnp.float32 else 2e-2):
                         failures.append(f"{name} {fmt} M={m}: relative error {err:.2e} vs xla")
-                        rows.append([f"{fmt}", m, name, f"WRONG: relative error {err:.2e} vs xla"]
-                                    + [""] * (len(header) - 4))
+                        emit([f"{fmt}", m, name, f"WRONG: relative error {err:.2e} vs xla"]
+                             + [""] * (len(header) - 4))
                         continue
                     t = timed(f, xqs, qts, reps=a.reps, per_call=r)
                 except Exception as e:  # a kernel that fails to compile or run is a finding, not the end of the run
                     msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
                     failures.append(f"{name} {fmt} M={m}: {type(e).__name__}: {msg}")
-                    rows.append([f"{fmt}", m, name, f"FAILED: {type(e).__name__}: {msg}"]
-                                + [""] * (len(header) - 4))
+                    emit([f"{fmt}", m, name, f"FAILED: {type(e).__name__}: {msg}"]
+                         + [""] * (len(header) - 4))
                     continue
-                row = [f"{fmt}-{'sym' if a.sym else 'asym'}-g{g or 'ch'}", m, name, f"{t * 1e6:.1f}",
-                       f"{t / t32:.2f}x", f"{t / t16:.2f}x"]
+                times[fmt, scheme, m, name] = t
+                row = [f"{fmt}-{scheme}-g{g or 'ch'}", m, name, f"{t * 1e6:.1f}",
+                       f"{t / t32:.2f}x", f"{t / t16:.2f}x", f"{2 * m * a.k * a.n / t / 1e12:.2f}"]
                 if bw:
                     ideal = roofline.ideal_bytes(prob)
                     gbs = ideal / t / 1e9
                     row += [f"{gbs:.0f}", f"{gbs * 1e9 / bw:.1%}",
-                            f"{roofline.decode_bound(fmt, g, not a.sym, m, a.k, a.n, xdt.itemsize):.2f}x"]
-                rows.append(row)
-            rows.append(["dense", m, "f32 / bf16", f"{t32 * 1e6:.1f} / {t16 * 1e6:.1f}", "", ""]
-                        + [""] * (len(header) - 6))
+                            f"{roofline.decode_bound(fmt, g, asym, m, a.k, a.n, xdt.itemsize):.2f}x"]
+                emit(row)
+            if fresh:
+                emit(["dense", m, "f32 / bf16", f"{t32 * 1e6:.1f} / {t16 * 1e6:.1f}", "", ""]
+                     + [""] * (len(header) - 6))
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
-    if a.markdown:
-        print("| " + " | ".join(header) + " |\n|" + "|".join("---" for _ in header) + "|")
-        for r in rows:
-            print("| " + " | ".join(str(c) for c in r) + " |")
-    else:
+    if not a.markdown:
         print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
         for r in rows:
             print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
-    print("ratios: time of the quantized op / time of the dense matmul (< 1 = faster).")
+    print("ratios: time of the quantized op / time of the dense matmul (< 1 = faster). Times are end to end: "
+          "the op as a user calls it (x permutation, kernel, split-K sum), per matmul.")
+    pairs = sorted({key[:1] + key[2:] for key in times if key[1] == "asym" and (key[0], "sym", *key[2:]) in times})
+    if pairs:
+        print("\nasym over sym (the second scale's cost):")
+        print("| format | M | impl | asym µs | sym µs | asym / sym |\n|---|---|---|---|---|---|")
+        for fmt, m, name in pairs:
+            ta, ts = times[fmt, "asym", m, name], times[fmt, "sym", m, name]
+            print(f"| {fmt} | {m} | {name} | {ta * 1e6:.1f} | {ts * 1e6:.1f} | {ta / ts:.3f} |")
     if failures:
         print("\n".join(["FAILURES:"] + failures))
         raise SystemExit(1)

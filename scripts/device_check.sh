@@ -1,25 +1,58 @@
 #!/usr/bin/env bash
-# One-shot accelerator check (run it on a TPU/GPU machine from the repository root; needs jax, flax, orbax there).
-# Every kernel that accepts a shape is checked against the "xla" reference, then timed against dense matmuls of
-# the same shape (scripts/bench_quantized_matmul.py). Results go to $OUT (default results/device/).
+# One-shot accelerator check, at most ~6 minutes on one GPU (H100/H200) or TPU: versions and devices, the kernel
+# numerics tests compiled for the real backend (AFPQ_KERNELS_NATIVE=1: interpret=False, other backends' kernels
+# skipped), then scripts/bench_quantized_matmul.py (every applicable kernel checked against "xla", then timed).
+# Everything goes to one markdown report, $OUT/report.md (default OUT=results/device).
+#
+#   bash scripts/device_check.sh            # on the accelerator machine, from the repository root
+#   bash scripts/device_check.sh --dry-run  # CPU: the same steps on tiny shapes, interpret mode (CI runs this)
 set -u
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
 OUT=${OUT:-results/device}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-{
-  python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
-  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-} 2>&1 | tee "$OUT/env.txt"
-bench() {
-  echo; echo "### bench_quantized_matmul $*"
-  timeout "${BENCH_TIMEOUT:-120}" python3 scripts/bench_quantized_matmul.py --markdown --reps "${REPS:-50}" "$@" 2>&1
-  echo "(exit $?)"
+REPORT="$OUT/report.md"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+PY=${PYTHON:-python3}
+status=0
+
+step() {  # step TITLE TIMEOUT_S COMMAND...: runs the command, its output into the report as a code block or table
+  local title=$1 limit=$2; shift 2
+  echo; echo "## $title"; echo; echo "\`$*\`"; echo
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1
+  local rc=$?
+  echo; echo "(exit $rc, $((SECONDS - t0)) s)"
+  [ $rc -ne 0 ] && status=1
+  return 0
 }
+
+if [ $DRY -eq 1 ]; then
+  export JAX_PLATFORMS=cpu
+  TESTS=(-k "test_formats_match_reference and triton-int4-a-g128")
+  BENCH=(--k 256 --n 256 --reps 2 --stack 2)
+  SWEEP=(--m 1 16 --formats int4 nf3)
+  T_TESTS=300 T_SWEEP=300 B_SWEEP=200 T_SMALL=120 B_SMALL=60
+else
+  export JAX_PLATFORMS=${JAX_PLATFORMS:-} AFPQ_KERNELS_NATIVE=1
+  TESTS=(-n 4 -k "match_reference or vmap")
+  BENCH=(--reps 20)
+  SWEEP=(--m 1 16 128 1024 --formats int4 fp4_e2m1 nf4 nf3)
+  T_TESTS=150 T_SWEEP=200 B_SWEEP=150 T_SMALL=60 B_SMALL=40  # ~6 minutes in all
+fi
+set -o pipefail
+
 {
-  bench --m 1 16 128 --formats int4 fp4_e2m1 nf4 nf3 int3 int2
-  bench --m 1 16 --formats int4 nf4 --sym
-  bench --m 1 16 --formats nf4 int4 --group-size 64
-  bench --m 1 16 --formats nf4 --group-size 0
-  bench --m 1 16 --formats fp4_e2m1 --x-dtype float32
-  bench --m 1 16 --k 576 --n 1536 --formats nf3 nf4   # SmolLM2-135M's MLP shape
-} 2>&1 | tee "$OUT/bench.md"
+  echo "# afpq-jax device check ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
+  step "versions and devices" 120 $PY -c "import jax, jaxlib, platform; print('python', platform.python_version(), '| jax', jax.__version__, 'jaxlib', jaxlib.__version__); print(jax.devices()); print([d.device_kind for d in jax.devices()])"
+  command -v nvidia-smi >/dev/null && step "nvidia-smi" 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  step "kernel tests (native on the accelerator; interpret mode in the dry run)" $T_TESTS \
+    $PY -m pytest -q -p no:cacheprovider tests/test_quantized_matmul.py "${TESTS[@]}"
+  step "decode/prefill sweep, g128, asym and sym" $T_SWEEP \
+    $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" "${SWEEP[@]}" --schemes asym sym --budget-s $B_SWEEP
+  step "group 64" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" --m 1 16 --formats nf4 int4 --group-size 64 --budget-s $B_SMALL
+  step "per-channel" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" --m 1 16 --formats nf4 --group-size 0 --budget-s $B_SMALL
+  step "SmolLM2-135M MLP shape (K=576, N=1536)" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" --m 1 16 --k 576 --n 1536 --formats nf3 nf4 --budget-s $B_SMALL
+  echo; echo "device check: $([ $status -eq 0 ] && echo 'all steps passed' || echo 'SOME STEPS FAILED (see above)')"
+  exit $status
+} 2>&1 | tee "$REPORT"

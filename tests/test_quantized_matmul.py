@@ -1,6 +1,10 @@
 """`afpq_jax.kernels.quantized_matmul` (`pallas_kernels.quantized_matmul` re-exports it): every Pallas implementation (interpret mode) against the "xla" reference,
 lowering of each kernel for its real backend (from CPU), dispatch and fallback, config and roofline helpers.
 
+``AFPQ_KERNELS_NATIVE=1`` (set by `scripts/device_check.sh` on a GPU/TPU machine, with ``JAX_PLATFORMS`` left to
+JAX): the numerics tests compile the kernels of the machine's backend for real (``interpret=False``) and every
+other test is skipped.
+
 Tolerance: implementations differ only in the order of the float32 accumulation (the dequantized weights are
 bit-identical), so |y - ref| <= eps_out(dtype) * |ref| + 1e-5 * (|x| @ |W|): 1e-5 relative to the magnitude of
 the products for float32 output, plus one rounding of the result for bfloat16 / float16 output.
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +23,13 @@ import pytest
 
 import afpq_jax
 from afpq_jax._src import quantizer
-from afpq_jax.kernels import IMPLEMENTATIONS, BlockConfig, quantized_matmul, select_implementation, why_not
+from afpq_jax.kernels import (IMPLEMENTATIONS, BlockConfig, current_backend, quantized_matmul, select_implementation,
+                              why_not)
 from afpq_jax._src.kernels.quantized_matmul import api, base, roofline
 from afpq_jax._src.kernels.quantized_matmul.base import Problem
 
+NATIVE = os.environ.get("AFPQ_KERNELS_NATIVE") == "1"
+INTERPRET = not NATIVE
 FORMATS = ("int2", "int3", "int4", "fp3_e2m0", "fp4_e2m1", "nf3", "nf4")
 KERNELS = ("mosaic_tpu", "triton", "mosaic_gpu")
 
@@ -32,6 +40,16 @@ def _weight(fmt: str, group: int | None, asym: bool, k: int, n: int, seed: int =
     # A few exact zeros and one-signed columns exercise the zero codes and zero-scale sides.
     w = w.at[:, 0].set(jnp.abs(w[:, 0])).at[3, :].set(0.0)
     return afpq_jax.quantize(w, fmt, group_size=group, asym=asym, integer_scales=integer_scales)
+
+
+@pytest.fixture(autouse=True)
+def _native_kernels_only(request):
+    """Native mode: only tests that run one of this backend's kernels (an ``impl`` parameter)."""
+    if NATIVE:
+        spec = getattr(request.node, "callspec", None)
+        impl = spec.params.get("impl") if spec else None
+        if impl not in IMPLEMENTATIONS or impl.startswith("xla") or IMPLEMENTATIONS[impl].backend != current_backend():
+            pytest.skip(f"native kernel run on {current_backend()}: not one of its kernels' numerics")
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,7 +79,7 @@ def _check(y, x, qt, ref=None):
 
 
 def _run(impl, x, qt, config=None):
-    return jax.jit(lambda x, q: quantized_matmul(x, q, implementation=impl, config=config, interpret=True))(x, qt)
+    return jax.jit(lambda x, q: quantized_matmul(x, q, implementation=impl, config=config, interpret=INTERPRET))(x, qt)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -329,7 +347,7 @@ def test_vmap_over_stacked_weights(impl):
     w = jax.random.normal(jax.random.key(0), (2, 512, 128), jnp.float32)
     qt = afpq_jax.quantize(w, "nf4", group_size=256, asym=True)
     x = _x((2, 3, 512), jnp.bfloat16)
-    y = jax.jit(jax.vmap(lambda x, q: quantized_matmul(x, q, implementation=impl, interpret=True)))(x, qt)
+    y = jax.jit(jax.vmap(lambda x, q: quantized_matmul(x, q, implementation=impl, interpret=INTERPRET)))(x, qt)
     ref = quantized_matmul(x, qt)  # xla, batched matmul
     for b in range(2):
         _check(y[b], x[b], jax.tree.map(lambda a: a[b], qt), ref[b])
@@ -443,7 +461,7 @@ A8_FORMATS = (("int4", True), ("int4", False), ("fp4_e2m1", True), ("fp4_e2m1", 
 def _a8(impl, x, qt, scale, config=None):
     from afpq_jax.kernels import quantized_matmul_a8
     return jax.jit(lambda x, q, s: quantized_matmul_a8(x, q, s, implementation=impl, config=config,
-                                                       interpret=True))(x, qt, scale)
+                                                       interpret=INTERPRET))(x, qt, scale)
 
 
 _A8_SHAPES = [((3, 7, 200), 80, jnp.bfloat16, 32),  # M, N and K tails

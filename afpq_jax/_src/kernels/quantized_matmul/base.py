@@ -245,6 +245,15 @@ def gpu_default(prob: Problem, impl: str) -> BlockConfig:
             bk = prob.group
         warps = 4 if prob.m <= 64 else 8
         stages = 3
+        # Prefill tiles (128 x 256 at 3 stages) ask for 256 KiB of shared memory: Hopper has 227 KiB per CTA
+        # (measured: RESOURCE_EXHAUSTED on an H200). Halve K first (groups stay whole: both are powers of two).
+        while triton_smem_bytes(prob, bm, bn, bk, stages) > GPU_SMEM_BUDGET:
+            if bk // 2 >= 16 * p and bk % 2 == 0:
+                bk //= 2
+            elif stages > 2:
+                stages -= 1
+            else:
+                break
         return BlockConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
                            split_k=triton_split_k(prob, bm, bn, bk))
     # Mosaic GPU (Hopper WGMMA): M tile = one warpgroup MMA (64 rows); every slot matrix a multiple of 64 rows
@@ -258,6 +267,18 @@ def gpu_default(prob: Problem, impl: str) -> BlockConfig:
     while bn > 64 and mosaic_gpu_smem_bytes(prob, 64, bn, bk, stages) > 200 * 1024:
         bn //= 2
     return BlockConfig(block_m=64, block_n=bn, block_k=bk, num_stages=stages)
+
+
+GPU_SMEM_BUDGET = 200 * 1024  # default tilings stay under this (Hopper: 227 KiB per CTA; Ampere: 163 KiB)
+
+
+def triton_smem_bytes(prob: Problem, bm: int, bn: int, bk: int, stages: int) -> int:
+    """Upper estimate of the Triton kernel's shared memory: ``stages`` buffers of the pipelined x, code and
+    scale tiles, plus the decoded weight tile that ``tl.dot`` takes from shared memory."""
+    it = jnp.dtype(prob.x_dtype).itemsize
+    scale_rows = 1 if prob.per_channel else cdiv(bk, prob.group)
+    per_step = bm * bk * it + bk * prob.bits // 8 * bn + prob.n_scale_arrays * scale_rows * bn * 4
+    return stages * per_step + bk * bn * it
 
 
 def mosaic_gpu_smem_bytes(prob: Problem, bm: int, bn: int, bk: int, stages: int) -> int:
