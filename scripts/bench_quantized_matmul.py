@@ -14,6 +14,7 @@ Every kernel's output is checked against "xla" first.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -25,23 +26,47 @@ import afpq_jax
 from afpq_jax.kernels import IMPLEMENTATIONS, Problem, current_backend, quantized_matmul, resolve_config, roofline
 
 
-def timed(fn, *args, reps: int, per_call: int = 1) -> float:
-    """Median wall time of one ``fn(*args)`` after a warm-up run, divided by ``per_call`` (the number of matmuls
-    one call runs)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / per_call
+def timed(fn, xs, ws, *, reps: int, loops: int, r: int) -> float:
+    """Seconds per matmul: the median time of ``fn(xs, ws, 2 * loops)`` minus that of ``fn(xs, ws, loops)``
+    (after a warm-up), over the ``loops * r`` matmuls between them. The difference drops every fixed cost of a
+    call: host dispatch, and the copies of the weights into the loop carry."""
+    def median(n):
+        jax.block_until_ready(fn(xs, ws, n))
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(xs, ws, n))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return max(median(2 * loops) - median(loops), 1e-12) / (loops * r)
 
 
-def unrolled(op):
-    """One executable running ``op(x_i, w_i)`` for every pair: R launches per host dispatch, so the time is the
-    device's, not the host's dispatch latency (measured ~90 µs per call on an H200 machine, more than a decode
-    matmul takes)."""
-    return jax.jit(lambda xs, ws: [op(x, w) for x, w in zip(xs, ws)])
+def looped(op):
+    """One executable running ``n`` (an argument) rounds over every pair ``op(x_i, w_i)``. x and the weight's
+    first array carry one element written from the previous output, so XLA can neither hoist a matmul (or the
+    "xla" path's dequantization) out of the loop nor drop one; the writes are in place (one element of the loop
+    carry). Host dispatch was ~500 µs per call with 16 pytree weights on an H200 machine, more than the matmuls
+    took: `timed` takes it out."""
+    def touch(a, c):
+        idx = (0,) * a.ndim
+        return a.at[idx].set(a[idx] + (c > 1).astype(a.dtype))  # c stays < 1e-3: values unchanged
+
+    def run(xs, ws, n):
+        def body(_, carry):
+            xs, ws, c = carry
+            new_x, new_w = [], []
+            for x, w in zip(xs, ws):
+                x = touch(x, c)
+                leaves, tree = jax.tree.flatten(w)
+                w = jax.tree.unflatten(tree, [touch(leaves[0], c)] + leaves[1:])
+                y = op(x, w)
+                c = jnp.tanh(y[(0,) * y.ndim].astype(jnp.float32)) * 1e-3
+                new_x.append(x)
+                new_w.append(w)
+            return new_x, new_w, c
+        return jax.lax.fori_loop(0, n, body, (list(xs), list(ws), jnp.float32(0)))[2]
+    return jax.jit(run)
 
 
 def main():
@@ -57,6 +82,9 @@ def main():
     ap.add_argument("--x-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--impls", nargs="+", default=None, help="default: every registered one that applies")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--loops", type=int, default=None,
+                    help="rounds over the R weights in the shorter of the two timed calls (default: 10 on an accelerator, "
+                         "1 on CPU)")
     ap.add_argument("--stack", type=int, default=None,
                     help="distinct weights per timed call (one executable runs all R matmuls; R weights also defeat "
                          "the L2 cache). Default: 16 on an accelerator, 1 on CPU")
@@ -74,11 +102,13 @@ def main():
     xdt = jnp.dtype(a.x_dtype)
     impls = a.impls or [n for n in IMPLEMENTATIONS if n == "xla" or IMPLEMENTATIONS[n].backend == backend]
 
-    r = a.stack or (16 if backend != "cpu" else 1)
-    print(f"each timed call runs {r} matmuls on distinct weights (--stack); times are per matmul")
+    r = a.stack or (8 if backend != "cpu" else 1)
+    loops = a.loops or (10 if backend != "cpu" else 1)
+    print(f"time per matmul = (call of {2 * loops} rounds - call of {loops} rounds (--loops)) / ({loops} x {r}), "
+          f"each round over {r} distinct weights (--stack) in one jitted loop")
     kw, kx = jax.random.split(jax.random.key(0))
     ws = [jax.random.normal(k, (a.k, a.n), jnp.float32) for k in jax.random.split(kw, r)]
-    dense = unrolled(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
+    dense = looped(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
     ws16 = [w.astype(jnp.bfloat16) for w in ws]
     header = ["format", "M", "impl", "time µs", "vs dense f32", "vs dense bf16", "TFLOP/s"]
     if bw:
@@ -105,8 +135,8 @@ def main():
             xs = [jax.random.normal(k, (m, a.k), jnp.float32) for k in jax.random.split(kx, r)]
             fresh = m not in dense_times
             if fresh:  # the same dense matmuls for every format: timed once per M
-                dense_times[m] = (timed(dense, xs, ws, reps=a.reps, per_call=r),
-                                  timed(dense, [x.astype(jnp.bfloat16) for x in xs], ws16, reps=a.reps, per_call=r))
+                dense_times[m] = (timed(dense, xs, ws, reps=a.reps, loops=loops, r=r),
+                                  timed(dense, [x.astype(jnp.bfloat16) for x in xs], ws16, reps=a.reps, loops=loops, r=r))
             t32, t16 = dense_times[m]
             xq = xs[0].astype(xdt)
             xqs = [x.astype(xdt) for x in xs]
@@ -118,9 +148,10 @@ def main():
                 if why is not None:
                     emit([f"{fmt}", m, name, f"declined: {why}"] + [""] * (len(header) - 4))
                     continue
-                f = unrolled(lambda x, q, name=name: quantized_matmul(x, q, implementation=name))
+                op = functools.partial(quantized_matmul, implementation=name)
+                f = looped(op)
                 try:
-                    y = np.asarray(f([xq], [qt])[0], np.float32)
+                    y = np.asarray(jax.jit(op)(xq, qt), np.float32)
                     if ref is None:
                         ref = np.asarray(quantized_matmul(xq, qt, implementation="xla"), np.float32)
                     err = float(np.max(np.abs(y - ref)) / (np.max(np.abs(ref)) + 1e-30))
@@ -129,7 +160,7 @@ def main():
                         emit([f"{fmt}", m, name, f"WRONG: relative error {err:.2e} vs xla"]
                              + [""] * (len(header) - 4))
                         continue
-                    t = timed(f, xqs, qts, reps=a.reps, per_call=r)
+                    t = timed(f, xqs, qts, reps=a.reps, loops=loops, r=r)
                 except Exception as e:  # a kernel that fails to compile or run is a finding, not the end of the run
                     msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
                     failures.append(f"{name} {fmt} M={m}: {type(e).__name__}: {msg}")

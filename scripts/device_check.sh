@@ -6,6 +6,7 @@
 #
 #   bash scripts/device_check.sh            # on the accelerator machine, from the repository root
 #   bash scripts/device_check.sh --dry-run  # CPU: the same steps on tiny shapes, interpret mode (CI runs this)
+#   STEPS="tests sweep" B_SWEEP=150 bash scripts/device_check.sh   # a subset; B_SWEEP: the sweep's time budget (s)
 set -u
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
@@ -27,32 +28,44 @@ step() {  # step TITLE TIMEOUT_S COMMAND...: runs the command, its output into t
   return 0
 }
 
+isolated_tests() {  # isolated_tests -k EXPR: every selected test in its own process, 12 at a time (a CUDA fault
+  # such as CUDA_ERROR_MISALIGNED_ADDRESS poisons the process it happens in: every later test there fails too)
+  local ids
+  ids=$($PY -m pytest --collect-only -q -p no:cacheprovider tests/test_quantized_matmul.py "$@" | grep '::')
+  echo "$ids" | xargs -P 12 -I{} sh -c 'out=$("$0" -m pytest -q -p no:cacheprovider "$1" 2>&1); rc=$?
+    if [ $rc -eq 0 ]; then echo "passed  $1"; else echo "FAILED  $1"; echo "$out" | grep -m2 -E "^E  |Error" | cut -c1-220 | sed "s/^/        /"; fi; exit $rc' "$PY" {}
+}
+export -f isolated_tests
+export PY
+
 if [ $DRY -eq 1 ]; then
   export JAX_PLATFORMS=cpu
-  TESTS=(-k "test_formats_match_reference and triton-int4-a-g128")
+  TESTS=(-k "test_formats_match_reference and triton-int4-a-g")
   BENCH=(--k 256 --n 256 --reps 2 --stack 2)
   SWEEP=(--m 1 16 --formats int4 nf3)
-  T_TESTS=300 T_SWEEP=300 B_SWEEP=200 T_SMALL=120 B_SMALL=60
+  T_TESTS=300 T_SWEEP=300 T_SMALL=120 B_SMALL=60; B_SWEEP=${B_SWEEP:-200}
 else
   export JAX_PLATFORMS=${JAX_PLATFORMS:-} AFPQ_KERNELS_NATIVE=1
-  TESTS=(-n 4 -k "match_reference or vmap")
+  TESTS=(-k "match_reference or vmap")
   BENCH=(--reps 20)
-  SWEEP=(--m 1 16 128 1024 --formats int4 fp4_e2m1 nf4 nf3)
-  T_TESTS=150 T_SWEEP=200 B_SWEEP=150 T_SMALL=60 B_SMALL=40  # ~6 minutes in all
+  SWEEP=(--m 1 16 128 1024 --formats nf4 fp4_e2m1 nf3 int4)
+  T_TESTS=150 T_SMALL=60 B_SMALL=40; B_SWEEP=${B_SWEEP:-150}; T_SWEEP=$((B_SWEEP + 60))  # ~6 minutes in all
 fi
 set -o pipefail
+STEPS=" ${STEPS:-tests sweep g64 channel smollm2} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 {
   echo "# afpq-jax device check ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
   step "versions and devices" 120 $PY -c "import jax, jaxlib, platform; print('python', platform.python_version(), '| jax', jax.__version__, 'jaxlib', jaxlib.__version__); print(jax.devices()); print([d.device_kind for d in jax.devices()])"
   command -v nvidia-smi >/dev/null && step "nvidia-smi" 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  step "kernel tests (native on the accelerator; interpret mode in the dry run)" $T_TESTS \
-    $PY -m pytest -q -p no:cacheprovider tests/test_quantized_matmul.py "${TESTS[@]}"
-  step "decode/prefill sweep, g128, asym and sym" $T_SWEEP \
+  want tests && step "kernel tests (native on the accelerator; interpret mode in the dry run)" $T_TESTS \
+    bash -c 'isolated_tests "$@"' isolated_tests "${TESTS[@]}"
+  want sweep && step "decode/prefill sweep, g128, asym and sym" $T_SWEEP \
     $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" "${SWEEP[@]}" --schemes asym sym --budget-s $B_SWEEP
-  step "group 64" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" --m 1 16 --formats nf4 int4 --group-size 64 --budget-s $B_SMALL
-  step "per-channel" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" --m 1 16 --formats nf4 --group-size 0 --budget-s $B_SMALL
-  step "SmolLM2-135M MLP shape (K=576, N=1536)" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" --m 1 16 --k 576 --n 1536 --formats nf3 nf4 --budget-s $B_SMALL
+  want g64 && step "group 64" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" --m 1 16 --formats nf4 int4 --group-size 64 --budget-s $B_SMALL
+  want channel && step "per-channel" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" --m 1 16 --formats nf4 --group-size 0 --budget-s $B_SMALL
+  want smollm2 && step "SmolLM2-135M MLP shape (K=576, N=1536)" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" --m 1 16 --k 576 --n 1536 --formats nf3 nf4 --budget-s $B_SMALL
   echo; echo "device check: $([ $status -eq 0 ] && echo 'all steps passed' || echo 'SOME STEPS FAILED (see above)')"
   exit $status
 } 2>&1 | tee "$REPORT"
