@@ -40,9 +40,9 @@ export PY
 
 if [ $DRY -eq 1 ]; then
   export JAX_PLATFORMS=cpu
-  TESTS=(-k "test_formats_match_reference and triton-int4-a-g")
+  TESTS=(-k "test_formats_match_reference and triton-int4-a-g128")
   BENCH=(--k 256 --n 256 --reps 2 --stack 2)
-  SWEEP=(--m 1 16 --formats int4 nf3)
+  SWEEP=(--m 1 --formats int4 nf3)
   T_TESTS=300 T_SWEEP=300 T_SMALL=120 B_SMALL=60; B_SWEEP=${B_SWEEP:-200}
 else
   export JAX_PLATFORMS=${JAX_PLATFORMS:-} AFPQ_KERNELS_NATIVE=1

@@ -93,6 +93,8 @@ def _format_cases(impl):
                 # WGMMA-layout scope: groups >= 64 * rows-per-byte (see mosaic_gpu.why_unsupported).
                 big = 512 if afpq_jax.get_format(fmt).bits == 3 else 256
                 groups = (big,) if asym else (None,)
+                if fmt == "int3" and asym:
+                    continue  # declined (misaligned access on an H200); in test_documented_declines
             else:
                 groups = (32, 64, 128, 256, None) if (fmt, asym) in (("nf4", True), ("nf3", True)) else (32, 128, None)
             for g in groups:
@@ -355,7 +357,7 @@ def test_vmap_over_stacked_weights(impl):
 
 @pytest.mark.parametrize("impl,fmt,group", [("mosaic_tpu", "nf3", 32), ("mosaic_tpu", "int4", 96),
                                             ("triton", "int4", 96), ("mosaic_gpu", "int4", 64),
-                                            ("mosaic_gpu", "nf3", 128)])
+                                            ("mosaic_gpu", "nf3", 128), ("mosaic_gpu", "int3", 512)])
 def test_documented_declines(impl, fmt, group):
     qt = _weight(fmt, group, True, 1152, 128)
     x = _x((2, 1152), jnp.bfloat16)

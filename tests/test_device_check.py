@@ -1,0 +1,36 @@
+"""`scripts/device_check.sh --dry-run`: the one-shot accelerator check runs its every step on CPU (interpret-mode
+kernel tests, tiny benchmark shapes), so it cannot rot between the sessions that have a device."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_device_check_dry_run(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    env.pop("AFPQ_KERNELS_NATIVE", None)
+    r = subprocess.run(["bash", "scripts/device_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    report = (tmp_path / "report.md").read_text()
+    assert r.returncode == 0, report[-3000:]
+    for section in ("## versions and devices", "## kernel tests", "## decode/prefill sweep", "## group 64",
+                    "## per-channel", "## SmolLM2-135M MLP shape"):
+        assert section in report
+    assert "passed  tests/test_quantized_matmul.py::test_formats_match_reference[triton-int4-a-g128]" in report
+    assert "FAILED" not in report and "WRONG" not in report
+    assert "| int4-asym-g128 | 1 | xla |" in report and "asym over sym" in report
+    assert report.rstrip().endswith("device check: all steps passed")
+
+
+def test_device_check_reports_a_failing_step(tmp_path):
+    """A step that fails (here: a Python without jax) makes the whole check fail, and the report says so."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON="/bin/false", STEPS="sweep")
+    r = subprocess.run(["bash", "scripts/device_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0
+    assert "SOME STEPS FAILED" in (tmp_path / "report.md").read_text()
