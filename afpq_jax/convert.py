@@ -91,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", type=cli.mesh_spec, default=None,
                    help="devices: calibration minibatches split over 'data' (--calib-batch-size a multiple of it), "
                         "the result placed over 'data' x 'model', e.g. 'data=4' or 'data=2,model=2'")
+    cli.add_distributed_flags(p)
     p.add_argument("--max-memory", type=cli.byte_size, default=None,
                    help="host memory for the conversion, e.g. 16G: calibration activations beyond half of it are "
-                        "memory-mapped from a file (--spill-dir) instead of held in RAM")
+                        "kept in a file (--spill-dir), read and written by minibatch, instead of in RAM")
     p.add_argument("--spill-dir", default=None, help="directory for spilled activations (default: $TMPDIR)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         t0 = time.perf_counter()
+        cli.init_distributed(args)
         rules, suffix = cli.rules_from_args(args)
         method = _method(args)
         activations = _activations(args)

@@ -419,7 +419,7 @@ def save(model: CausalLM, out_dir: str | os.PathLike, *, overwrite: bool = False
         "bits_per_weight": round(8 * q_bytes / max(1, q_params), 4),
     }
     with checkpoint.staging_dir(out, overwrite) as tmp:
-        if info is not None and info.gguf_path:
+        if info is not None and info.gguf_path and jax.process_index() == 0:
             from afpq_jax._src.io import gguf as gguf_io
             gguf_io.write_hf_tokenizer(Path(info.gguf_path), tmp)
         checkpoint.save(model, tmp, hf_config=hf, quant_config=quant_config,

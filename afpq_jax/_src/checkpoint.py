@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from afpq_jax._src.errors import CheckpointError, InputError, OutputExistsError
@@ -82,13 +83,24 @@ def _leaf(nested: dict, path: tuple):
 @contextlib.contextmanager
 def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yields a fresh temporary directory next to ``out``; on success it replaces ``out``, on any failure
-    (including Ctrl-C / SIGTERM) it is deleted and ``out`` is left as it was."""
+    (including Ctrl-C / SIGTERM) it is deleted and ``out`` is left as it was.
+
+    Multi-process (``jax.process_count() > 1``, a shared file system): every process gets the same directory
+    (process 0's name, broadcast); process 0 creates, renames and deletes it, the others wait at barriers.
+    """
     out = out.absolute()
     if out.exists() and not overwrite:
         raise output_exists(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    multi, lead = jax.process_count() > 1, jax.process_index() == 0
+    token = uuid.uuid4().int & 0xFFFFFFFF
+    if multi:
+        from jax.experimental import multihost_utils
+        token = int(multihost_utils.broadcast_one_to_all(np.uint32(token)))
+    tmp = out.parent / f".{out.name}.partial-{token:08x}"
+    if lead:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    _barrier("afpq_jax staging directory created")
 
     def on_term(signum, frame):  # turn SIGTERM into an exception so the cleanup below runs
         raise KeyboardInterrupt(f"signal {signum}")
@@ -96,18 +108,27 @@ def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     previous = signal.signal(signal.SIGTERM, on_term) if _in_main_thread() else None
     try:
         yield tmp
-        if out.exists():
+        _barrier("afpq_jax checkpoint written")
+        if lead and out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old, ignore_errors=True)
-        else:
+        elif lead:
             tmp.rename(out)
+        _barrier("afpq_jax checkpoint renamed")
     finally:
-        if tmp.exists():
+        if lead and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _barrier(name: str) -> None:
+    """Waits for every process (multi-process runs only)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def _in_main_thread() -> bool:
@@ -117,14 +138,17 @@ def _in_main_thread() -> bool:
 
 def save(model: CausalLM, directory: Path, *, hf_config: dict, quant_config: dict,
          tokenizer_dir: Path | None = None) -> None:
-    """Writes a checkpoint into ``directory`` (which must exist and be empty: use `staging_dir`)."""
+    """Writes a checkpoint into ``directory`` (which must exist and be empty: use `staging_dir`). Multi-process:
+    every process calls it; orbax writes each process's shards, process 0 the JSON and tokenizer files."""
     import orbax.checkpoint as ocp
 
     _, state = nnx.split(model)
     tree = _nested({p: v.get_value() for p, v in nnx.to_flat_state(state)})
     ckpt = ocp.StandardCheckpointer()
-    ckpt.save(directory / PARAMS_DIR, tree)
+    ckpt.save(directory / PARAMS_DIR, tree)  # every process writes its own shards (orbax multi-host save)
     ckpt.wait_until_finished()
+    if jax.process_index() != 0:
+        return
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
     (directory / QUANT_CONFIG).write_text(json.dumps(quant_config, indent=2, sort_keys=True))
     if tokenizer_dir is not None:
@@ -170,7 +194,9 @@ def load(path: str | os.PathLike, mesh=None) -> CausalLM:
         cfg = dataclasses.replace(cfg, mlp_act_scale=True)
     layout = quant_layout(qc, path)
     asm = ModelAssembler(cfg, layout, jnp.dtype(qc.get("dtype", "float32")), mesh)
-    target = _nested({p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=asm.shardings.get(p))
+    # an explicit target sharding everywhere: a checkpoint saved by several processes restores into one
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = _nested({p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=asm.shardings.get(p, one_device))
                       for p, v in asm.abstract_state().items()})
     params = path / PARAMS_DIR
     if not params.is_dir():

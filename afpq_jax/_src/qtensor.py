@@ -154,22 +154,24 @@ class QuantizedTensor:
             raise InputError(f"{name}: zero must be uint8 {want_scale}, got {self.zero.dtype} {self.zero.shape}")
         if any(isinstance(x, jax.core.Tracer) for x in self._leaves()):
             return
+        # Value checks reduce on the devices: a leaf may span several processes (multi-host conversion), and only
+        # a replicated scalar can be read back everywhere.
         if self.channel_scale is not None:
             top = fmt.integer_scale_max(self.asym)
             for label, s in (("scale", self.scale), ("scale_neg", self.scale_neg)):
-                if s is not None and int(np.max(np.asarray(s), initial=0)) > top:
+                if s is not None and s.size and int(jnp.max(s)) > top:
                     raise InputError(f"{name}: integer {label} exceeds {top}, the largest that keeps every "
                                      f"level x scale within int8")
         for label, s in (("scale", self.scale), ("scale_neg", self.scale_neg), ("channel_scale",
                                                                               self.channel_scale)):
             if s is not None:
-                s = np.asarray(s, dtype=np.float32)
-                if not np.all(np.isfinite(s)) or np.any(s < 0):
+                s = jnp.asarray(s, jnp.float32)
+                if not bool(jnp.all(jnp.isfinite(s) & (s >= 0))):
                     raise InputError(f"{name}: {label} has negative or non-finite entries")
-        if needs_zero and int(np.max(np.asarray(self.zero), initial=0)) >= 2**fmt.bits:
+        if needs_zero and self.zero.size and int(jnp.max(self.zero)) >= 2**fmt.bits:
             raise InputError(f"{name}: zero points exceed the {fmt.bits}-bit range")
-        if fmt.num_codes < 2**fmt.bits and int(np.max(np.asarray(
-                packing.unpack(self.codes, fmt.bits, k)), initial=0)) >= fmt.num_codes:
+        if fmt.num_codes < 2**fmt.bits and int(jnp.max(packing.unpack(self.codes, fmt.bits, k),
+                                                        initial=0)) >= fmt.num_codes:
             raise InputError(f"{name}: codes index past the {fmt.num_codes}-entry code book")
 
     def __repr__(self) -> str:

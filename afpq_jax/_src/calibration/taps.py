@@ -46,6 +46,15 @@ def column_sharded(w: jax.Array) -> jax.Array:
     return jax.device_put(w, jax.sharding.NamedSharding(mesh, spec))
 
 
+def to_host(a: jax.Array) -> np.ndarray:
+    """``a``'s whole value on this host; an array split across processes is gathered from all of them (every
+    process must call this for the same array)."""
+    if getattr(a, "is_fully_addressable", True):
+        return np.asarray(a)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+
 def device_batch(x: np.ndarray) -> jax.Array:
     """A minibatch (B, ...) on the devices: split over ``'data'`` inside `data_parallel`, else as is."""
     mesh = _DATA_MESH.get()
@@ -213,7 +222,7 @@ def sampled_inputs(block, x: np.ndarray, positions, batch_size: int,
             wanted = [name for name in key.split(",") if name in rows]
             if not wanted:
                 continue
-            flat = np.asarray(v, np.float32).reshape(-1, v.shape[-1])
+            flat = to_host(v).astype(np.float32).reshape(-1, v.shape[-1])
             for name in wanted:
                 idx = rows[name]
                 here = (idx >= sl.start * seqlen) & (idx < sl.stop * seqlen)
@@ -238,7 +247,7 @@ def forward(block, x_all: np.ndarray, positions, batch_size: int, *, statistics:
         else:
             out = block_apply(graphdef, state, x, pos)
         if write:
-            x_all[sl] = np.asarray(out, np.float32)
+            x_all[sl] = to_host(out)
     if total is None:
         return {}
     total = jax.block_until_ready(total)
