@@ -201,6 +201,8 @@ def _calibration(args) -> aq.Calibration:
     """The calibration set the flags describe (used only by calibrated methods)."""
     options = dict(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
                    batch_size=args.calib_batch_size)
+    if args.mesh:  # the searches (AWQ, clip) split their minibatches over 'data' too
+        options["search_batch_size"] = args.calib_batch_size
     if args.calib_random:
         return aq.Calibration(random=True, **options)
     if args.calib_text is not None:

@@ -166,13 +166,13 @@ CONVERT_ON_MESH = textwrap.dedent("""
     import afpq_jax as aq
     fx = sys.argv[1]
     mesh = jax.make_mesh((4, 1), ("data", "model"))
-    cal = aq.Calibration(random=True, samples=8, seqlen=16, batch_size=4)
+    cal = aq.Calibration(random=True, samples=8, seqlen=16, batch_size=4, search_batch_size=4)
     scheme = aq.QuantScheme.create("nf3", group_size=16)
 
     def leaves(m):
         return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(m))}
 
-    for method in ("rtn", "gptq"):
+    for method in ("rtn", "gptq", "awq"):
         one = leaves(aq.quantize_pretrained(fx, scheme, method=method, calibration=cal, progress=False))
         four_model = aq.quantize_pretrained(fx, scheme, method=method, calibration=cal, progress=False, mesh=mesh)
         assert len(four_model.layers[0].mlp.up_proj.codes.get_value().sharding.device_set) == 4
@@ -182,7 +182,7 @@ CONVERT_ON_MESH = textwrap.dedent("""
             a, b = one[k].astype(np.float32), four[k].astype(np.float32)
             if method == "rtn":
                 np.testing.assert_array_equal(one[k], four[k], err_msg=k)
-            else:  # a flipped near-tie code moves GPTQ's later updates a little
+            else:  # a flipped near-tie code moves GPTQ's later updates (AWQ's next block's inputs) a little
                 close = np.mean(np.isclose(a, b, rtol=2e-3, atol=1e-4))
                 assert close > 0.99, (k, close)
     print("OK")
@@ -191,7 +191,8 @@ CONVERT_ON_MESH = textwrap.dedent("""
 
 def test_conversion_on_4_devices_equals_1_device():
     """RTN: identical arrays; GPTQ with its calibration minibatches split over 4 devices (XTX summed across
-    them by XLA): codes equal but for near-ties, scales within float tolerance."""
+    them by XLA) and its columns over 4 devices, AWQ with its search minibatches split over 4 devices and the clip
+    search's columns over 4 devices: codes equal but for near-ties, scales within float tolerance."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-c", CONVERT_ON_MESH, str(FIXTURES / "llama_gqa")], env=env,
                        capture_output=True, text=True, timeout=900)

@@ -23,7 +23,7 @@ from flax import nnx
 from afpq_jax._src.algorithms.clip import ClipSearch
 from afpq_jax._src.algorithms.folds import ScalingGroup, fold_scale, get_path, scaling_groups
 from afpq_jax._src.calibration.method import BlockContext, Method, register_method
-from afpq_jax._src.calibration.taps import ABS_SUM, minibatch_size
+from afpq_jax._src.calibration.taps import ABS_SUM, device_minibatches, minibatch_size
 from afpq_jax._src.errors import InputError
 from afpq_jax._src.memory import trim_heap
 from afpq_jax._src.models.config import ModelConfig
@@ -91,7 +91,7 @@ def as_minibatches(x, batch_size: int) -> jax.Array:
     """Sequences (S, L, D) as equal minibatches (S // B, B, L, D), B = `minibatch_size` (S, batch_size)."""
     x = np.asarray(x)
     mb = minibatch_size(len(x), batch_size)
-    return jnp.asarray(x.reshape(len(x) // mb, mb, *x.shape[1:]))
+    return device_minibatches(x.reshape(len(x) // mb, mb, *x.shape[1:]))
 
 
 def search_scale(block, group: ScalingGroup, x, positions: jax.Array, x_mean: jax.Array,

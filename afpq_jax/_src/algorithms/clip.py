@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from afpq_jax._src.calibration.taps import column_sharded
 from afpq_jax._src.formats import Format, get_format
 from afpq_jax._src.errors import InputError
 from afpq_jax._src.quantizer import decode, encode, group_params, to_groups
@@ -174,7 +175,8 @@ class ClipSearch:
         ratios = {}
         for name in rows:
             s = ctx.schemes[name]
-            ratios[name], _ = clip_search(ctx.linears[name].kernel.get_value(), inputs.pop(name), s.format,
+            kernel = column_sharded(ctx.linears[name].kernel.get_value())  # columns are searched independently
+            ratios[name], _ = clip_search(kernel, inputs.pop(name), s.format,
                                           group_size=s.group_size, asym=s.asym, scale_dtype=s.scale_dtype,
                                           steps=self.steps, step=self.step)
         return jax.block_until_ready(ratios)

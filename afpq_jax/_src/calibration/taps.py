@@ -64,6 +64,16 @@ def device_batch(x: np.ndarray) -> jax.Array:
     return jax.device_put(np.asarray(x), jax.sharding.NamedSharding(mesh, spec))
 
 
+def device_minibatches(xs: np.ndarray) -> jax.Array:
+    """Minibatches (M, B, ...) on the devices, each minibatch's B sequences split over ``'data'`` inside
+    `data_parallel` (AWQ's scale search: every candidate's loss then sums over all devices' tokens)."""
+    mesh = _DATA_MESH.get()
+    if mesh is None or "data" not in mesh.axis_names or xs.shape[1] % mesh.shape["data"]:
+        return jnp.asarray(xs)
+    spec = jax.sharding.PartitionSpec(None, "data", *([None] * (np.ndim(xs) - 2)))
+    return jax.device_put(np.asarray(xs), jax.sharding.NamedSharding(mesh, spec))
+
+
 @dataclasses.dataclass(frozen=True)
 class Statistic:
     """A reduction over a linear layer's inputs, accumulated over every calibration token.
