@@ -132,7 +132,8 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     for method in a.method:
         for n in a.devices:
-            env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+            env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n} "
+                       "--xla_cpu_collective_call_terminate_timeout_seconds=3600")  # a loaded host is slow
             cmd = [sys.executable, __file__, "--child", "--dir", str(a.dir), "--devices", str(n), "--method", method,
                    "--format", a.format, "--samples", str(a.samples), "--seqlen", str(a.seqlen),
                    "--batch-size", str(a.batch_size)] + (["--max-memory", str(budget)] if budget else [])

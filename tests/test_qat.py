@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 import afpq_jax as aq
+from tests.devices import simulated_devices
 from afpq_jax._src.errors import InputError, QuantizationError
 from afpq_jax._src.models import linear_paths
 from afpq_jax._src.scheme import default_rules, resolve_rules
@@ -246,7 +247,7 @@ SHARDED = textwrap.dedent("""
 
 
 def test_sharded_training_equals_unsharded():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": simulated_devices(4), "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-c", SHARDED, str(FIXTURES / "llama_gqa")], env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]

@@ -15,6 +15,7 @@ from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
 import afpq_jax as aq
+from tests.devices import simulated_devices
 from afpq_jax._src.cli import mesh_spec
 from afpq_jax._src.sharding import partition_spec
 
@@ -84,10 +85,20 @@ SHARDED_LOAD = textwrap.dedent("""
     aq.save(packed, ckpt)
     import shutil; shutil.copy(sys.argv[3], ckpt + "/tokenizer.json")
     refs = {fx: np.asarray(float_model(ids)), ckpt: np.asarray(packed(ids))}
+    from afpq_jax._src.io import sources   # record what the float load reads
+    whole, sliced = [], []
+    read, read_slice = sources.Source.read, sources.Source.read_slice
+    sources.Source.read = lambda self, n: (whole.append(n), read(self, n))[1]
+    sources.Source.read_slice = lambda self, n, i: (sliced.append((n, i)), read_slice(self, n, i))[1]
     for shape in ((1, 4), (2, 2)):
         mesh = jax.make_mesh(shape, ("data", "model"))   # Explicit axes by default: load makes them Auto
         for path, ref in refs.items():
+            whole.clear(); sliced.clear()
             model = aq.load(path, mesh=mesh)
+            if path == fx:  # block tensors: each shard read on its own, never a whole tensor
+                assert not [n for n in whole if n.startswith("model.layers.")], whole
+                ups = [i for n, i in sliced if n == "model.layers.0.mlp.up_proj.weight"]
+                assert len(ups) == 4 and {i[0].stop - i[0].start for i in ups} == {160 // shape[1]}, ups
             up = model.layers[0].mlp.up_proj
             leaf = (up.codes if up.is_quantized else up.kernel).get_value()
             assert leaf.sharding.spec == jax.sharding.PartitionSpec(
@@ -110,7 +121,7 @@ SHARDED_LOAD = textwrap.dedent("""
 def test_sharded_load_equals_unsharded_on_4_devices(tmp_path):
     _word_tokenizer(tmp_path / "tokenizer.json")
     text = _text(tmp_path)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": simulated_devices(4), "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-c", SHARDED_LOAD, str(FIXTURES / "llama_gqa"), str(text),
                         str(tmp_path / "tokenizer.json")], env=env,
                        capture_output=True, text=True, timeout=900)
@@ -138,7 +149,7 @@ def test_two_processes_over_loopback_score_like_one(tmp_path):
     single = subprocess.run(base, env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
     port = _free_port()
-    env2 = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env2 = {**env, "XLA_FLAGS": simulated_devices(2)}
     procs = [subprocess.Popen([*base, "--mesh", "data=2,model=2", "--coordinator", f"127.0.0.1:{port}",
                                "--num-processes", "2", "--process-id", str(i)], env=env2, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -193,7 +204,7 @@ def test_conversion_on_4_devices_equals_1_device():
     """RTN: identical arrays; GPTQ with its calibration minibatches split over 4 devices (XTX summed across
     them by XLA) and its columns over 4 devices, AWQ with its search minibatches split over 4 devices and the clip
     search's columns over 4 devices: codes equal but for near-ties, scales within float tolerance."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": simulated_devices(4), "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-c", CONVERT_ON_MESH, str(FIXTURES / "llama_gqa")], env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
@@ -205,6 +216,17 @@ def _leaves(path):
     return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(m))}
 
 
+def test_safetensors_slices_equal_the_whole_tensor(tmp_path):
+    from afpq_jax._src.io import sources
+    src = sources.open_source(FIXTURES / "llama_gqa")
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        full = src.read(name)
+        assert src.describe(name) == (full.dtype, full.shape)
+        for index in [tuple(slice(0, d) for d in full.shape), tuple(slice(d // 3, d - 1) for d in full.shape),
+                      (slice(1, 2),) + tuple(slice(None) for _ in full.shape[1:])]:
+            np.testing.assert_array_equal(src.read_slice(name, index), full[index])
+
+
 def test_two_process_conversion_equals_one_process(tmp_path):
     """`convert --coordinator ... --mesh data=4` on 2 processes x 2 simulated devices (gloo over loopback): the
     calibration minibatches split over both hosts' devices, GPTQ's columns over all four, each process writes
@@ -212,7 +234,7 @@ def test_two_process_conversion_equals_one_process(tmp_path):
     Compared with one process driving the same 4-device mesh: RTN identical, GPTQ within float tolerance (the
     cross-host sums may add in another order; measured: every element within it)."""
     import json
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": simulated_devices(2)}
     base = ["-m", "afpq_jax.convert", "--model", str(FIXTURES / "llama_gqa"), "--format", "nf3", "--group-size",
             "16", "--no-progress"]
     gptq = ["--method", "gptq", "--calib-random", "--calib-samples", "4", "--calib-seqlen", "16",
@@ -227,7 +249,7 @@ def test_two_process_conversion_equals_one_process(tmp_path):
             _, err = p.communicate(timeout=600)
             assert p.returncode == 0, err[-3000:]
         r = subprocess.run([sys.executable, *base, *extra, "--out", str(tmp_path / f"{name}-1p"), "--mesh", "data=4"],
-                           env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, capture_output=True,
+                           env={**env, "XLA_FLAGS": simulated_devices(4)}, capture_output=True,
                            text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
     assert not list(tmp_path.glob(".*partial*"))  # the staging directories are gone

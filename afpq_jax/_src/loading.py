@@ -40,9 +40,11 @@ def dotted(path: ModelPath) -> str:
 class FloatWeights(Protocol):
     """Float weights to build a model from, block by block."""
 
-    def block(self, index: int, cfg: ModelConfig, dtype) -> Block:
+    def block(self, index: int, cfg: ModelConfig, dtype, shardings: Mapping[ModelPath, Any] | None = None) -> Block:
         """Decoder block ``index`` as a float `Block` of architecture ``cfg`` (parameters ``cfg`` adds that the
-        weights lack, such as AWQ's GELU act scale, start at identity)."""
+        weights lack, such as AWQ's GELU act scale, start at identity). ``shardings`` ({path in the block:
+        sharding}): those parameters are built as sharded arrays, each shard read on its own where the source
+        allows it."""
 
     def outer_paths(self) -> list[ModelPath]:
         """Model paths of the parameters outside the blocks (embeddings, final norm, lm_head)."""
@@ -71,15 +73,23 @@ def _merge(graphdef, flat: dict, what: str):
 
 
 def _check_shape(arr, want, name: str, path: ModelPath) -> None:
-    if tuple(arr.shape) != tuple(want):
-        raise CheckpointError(f"tensor {name!r} has shape {tuple(arr.shape)} but the model expects {tuple(want)} "
+    _check_dims(tuple(arr.shape), want, name, path)
+
+
+def _check_dims(shape: tuple[int, ...], want, name: str, path: ModelPath) -> None:
+    if tuple(shape) != tuple(want):
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(shape)} but the model expects {tuple(want)} "
                               f"for {dotted(path)}; config.json does not match the weights")
+
+
+def _check_float(dtype, name: str) -> None:
+    if not np.issubdtype(dtype, np.floating) and np.dtype(dtype).name != "bfloat16":
+        raise CheckpointError(f"tensor {name!r} has non-float dtype {np.dtype(dtype)}")
 
 
 def _set_float(var, arr, name: str, path: ModelPath) -> None:
     _check_shape(arr, var.get_value().shape, name, path)
-    if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
-        raise CheckpointError(f"tensor {name!r} has non-float dtype {arr.dtype}")
+    _check_float(arr.dtype, name)
     var.set_value(jnp.asarray(arr, dtype=var.get_value().dtype))
 
 
@@ -111,14 +121,40 @@ class CheckpointWeights:
             else:
                 self._outer[path] = (name, transpose)
 
-    def block(self, index: int, cfg: ModelConfig, dtype) -> Block:
+    def block(self, index: int, cfg: ModelConfig, dtype, shardings: Mapping[ModelPath, Any] | None = None) -> Block:
         graphdef, flat = _abstract_block(cfg, index, dtype)
         for name, rel, transpose in self._blocks.get(index, []):
             if rel not in flat:
                 raise CheckpointError(f"tensor {name!r} maps to layers.{index}.{dotted(rel)}, which this model "
                                       f"does not have; check config.json (e.g. attention_bias)")
-            _set_float(flat[rel], to_model_layout(self.source.read(name), transpose), name, ("layers", index, *rel))
+            sharding = (shardings or {}).get(rel)
+            if sharding is not None:
+                flat[rel].set_value(self.read_sharded(name, transpose, flat[rel].get_value(), sharding,
+                                                      ("layers", index, *rel)))
+            else:
+                _set_float(flat[rel], to_model_layout(self.source.read(name), transpose), name,
+                           ("layers", index, *rel))
         return _merge(graphdef, flat, f"block {index} of {self.source.path}")
+
+    def read_sharded(self, name: str, transpose: bool, want: jax.ShapeDtypeStruct, sharding,
+                     path: ModelPath) -> jax.Array:
+        """Tensor ``name`` in model layout as an array with ``sharding``. From safetensors each addressable shard
+        is read on its own (`Source.read_slice`: a host reads only its shards' bytes); other formats read the
+        tensor once and place it."""
+        if not self.source.reads_slices:
+            arr = to_model_layout(self.source.read(name), transpose)
+            _check_shape(arr, want.shape, name, path)
+            _check_float(arr.dtype, name)
+            return jax.device_put(np.asarray(arr, want.dtype), sharding)
+        dtype, shape = self.source.describe(name)
+        _check_dims(shape[::-1] if transpose else shape, want.shape, name, path)
+        _check_float(dtype, name)
+
+        def shard(index: tuple[slice, ...]) -> np.ndarray:
+            src = tuple(reversed(index)) if transpose else index
+            return np.asarray(to_model_layout(self.source.read_slice(name, src), transpose), dtype=want.dtype)
+
+        return jax.make_array_from_callback(tuple(want.shape), sharding, shard)
 
     def outer_paths(self) -> list[ModelPath]:
         return list(self._outer)
@@ -142,8 +178,8 @@ class ModelWeights:
         self.model, self.cfg = model, model.cfg
         self._state = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
-    def block(self, index: int, cfg: ModelConfig, dtype) -> Block:
-        graphdef, flat = _abstract_block(cfg, index, dtype)
+    def block(self, index: int, cfg: ModelConfig, dtype, shardings: Mapping[ModelPath, Any] | None = None) -> Block:
+        graphdef, flat = _abstract_block(cfg, index, dtype)  # in memory already: placed whole, then sharded
         for rel, var in flat.items():
             key = ("layers", index, *rel)
             if key in self._state:
@@ -173,6 +209,10 @@ class ModelAssembler:
         self._graphdef, self._flat = abstract_model(cfg, self.layout, self.dtype)
         self._layout_changed = False
         self.shardings = model_shardings(self.partial_model(), mesh) if mesh is not None else {}
+
+    def block_shardings(self, index: int) -> dict[ModelPath, Any]:
+        """{path inside block ``index``: its sharding} (empty without a mesh)."""
+        return {key[2:]: s for key, s in self.shardings.items() if key[:2] == ("layers", index)}
 
     def _put(self, path: ModelPath, value):
         sharding = self.shardings.get(path)
@@ -275,6 +315,6 @@ def load_float(weights: FloatWeights, cfg: ModelConfig, *, dtype=jnp.float32, pr
     """A float model from ``weights``, block by block (each array on its shards of ``mesh``, if given)."""
     asm = ModelAssembler(cfg, {}, dtype, mesh)
     for i in tqdm(range(cfg.num_layers), desc="loading", unit="block", disable=not progress, leave=False):
-        asm.place_block(i, weights.block(i, cfg, dtype))
+        asm.place_block(i, weights.block(i, cfg, dtype, shardings=asm.block_shardings(i)))
     asm.place_outer(weights)
     return asm.finish()

@@ -85,6 +85,17 @@ class SafetensorsFile:
                 f.close()
         return out
 
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """``read(name)[index]`` reading only the pages the slice touches (a memory map of the tensor)."""
+        dtype, shape, begin, _ = self.entries[name]
+        if not shape or 0 in shape:
+            return self.read(name)[index]
+        view = np.memmap(self.path, dtype=dtype, mode="r", offset=self.data_start + begin, shape=tuple(shape))
+        try:
+            return np.array(view[index])
+        finally:
+            del view
+
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         """Tensors in file order (sequential reads)."""
         order = sorted(self.entries, key=lambda k: self.entries[k][2])

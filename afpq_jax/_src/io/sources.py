@@ -34,6 +34,8 @@ class Source:
     _iter: Callable[[], TensorIter]
     _read: Callable[[str], np.ndarray]
     tokenizer_dir: Path | None = None
+    _read_slice: Callable[[str, tuple[slice, ...]], np.ndarray] | None = None
+    _describe: Callable[[str], tuple[np.dtype, tuple[int, ...]]] | None = None  # (dtype, shape) without reading
 
     def tensors(self) -> TensorIter:
         """All tensors, in storage order (sequential reads)."""
@@ -44,6 +46,28 @@ class Source:
         if name not in self._names:
             raise CheckpointError(f"{self.path} has no tensor {name!r}")
         return self._read(name)
+
+    @property
+    def reads_slices(self) -> bool:
+        """Whether `read_slice` reads only the slice's bytes (safetensors); else it reads the whole tensor."""
+        return self._read_slice is not None
+
+    def describe(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        """(dtype, shape) of a tensor (from the header where the format has one)."""
+        if name not in self._names:
+            raise CheckpointError(f"{self.path} has no tensor {name!r}")
+        if self._describe is None:
+            arr = self._read(name)
+            return arr.dtype, tuple(arr.shape)
+        return self._describe(name)
+
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """``read(name)[index]``; safetensors read only the slice's bytes (each host reads its own shards)."""
+        if self._read_slice is None:
+            return self.read(name)[index]
+        if name not in self._names:
+            raise CheckpointError(f"{self.path} has no tensor {name!r}")
+        return self._read_slice(name, index)
 
     @functools.cached_property
     def _names(self) -> set[str]:
@@ -100,7 +124,18 @@ def _safetensors_source(d: Path, config: dict) -> Source:
         except SafetensorsError as e:
             raise CheckpointError(str(e)) from None
 
-    return Source(d, "safetensors", config, [k for h in handles for k in h.keys()], tensors, read, tokenizer_dir=d)
+    def read_slice(name: str, index: tuple[slice, ...]) -> np.ndarray:
+        try:
+            return owner[name].read_slice(name, index)
+        except SafetensorsError as e:
+            raise CheckpointError(str(e)) from None
+
+    def describe(name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        dtype, shape, _, _ = owner[name].entries[name]
+        return dtype, tuple(shape)
+
+    return Source(d, "safetensors", config, [k for h in handles for k in h.keys()], tensors, read, tokenizer_dir=d,
+                  _read_slice=read_slice, _describe=describe)
 
 
 def _flatten_msgpack(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
