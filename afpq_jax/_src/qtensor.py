@@ -17,6 +17,20 @@ SCALE_DTYPES = ("float16", "bfloat16", "float32")
 LEAF_NAMES = ("codes", "scale", "scale_neg", "zero", "channel_scale")  # the array fields, in pytree order
 
 
+def _finite_non_negative(s):
+    xp = np if isinstance(s, np.ndarray) else jnp
+    s = s.astype(xp.float32)
+    return xp.all(xp.isfinite(s) & (s >= 0))
+
+
+def _reduced(a, on_host, on_devices):
+    """``on_host(numpy value)``, or ``on_devices(a)`` for an array split across processes (whose reduction is a
+    replicated scalar every process can read)."""
+    if getattr(a, "is_fully_addressable", True):
+        return on_host(np.asarray(a))
+    return on_devices(a)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantizedTensor:
     """A weight ``(..., K, N)`` (Flax kernel layout, K = contraction axis) stored as packed low-bit codes.
@@ -154,24 +168,22 @@ class QuantizedTensor:
             raise InputError(f"{name}: zero must be uint8 {want_scale}, got {self.zero.dtype} {self.zero.shape}")
         if any(isinstance(x, jax.core.Tracer) for x in self._leaves()):
             return
-        # Value checks reduce on the devices: a leaf may span several processes (multi-host conversion), and only
-        # a replicated scalar can be read back everywhere.
+        # A leaf that spans several processes (multi-host conversion) cannot be read on one host: its checks
+        # reduce on the devices to a replicated scalar instead (`_reduced`).
         if self.channel_scale is not None:
             top = fmt.integer_scale_max(self.asym)
             for label, s in (("scale", self.scale), ("scale_neg", self.scale_neg)):
-                if s is not None and s.size and int(jnp.max(s)) > top:
+                if s is not None and s.size and int(_reduced(s, np.max, jnp.max)) > top:
                     raise InputError(f"{name}: integer {label} exceeds {top}, the largest that keeps every "
                                      f"level x scale within int8")
         for label, s in (("scale", self.scale), ("scale_neg", self.scale_neg), ("channel_scale",
                                                                               self.channel_scale)):
-            if s is not None:
-                s = jnp.asarray(s, jnp.float32)
-                if not bool(jnp.all(jnp.isfinite(s) & (s >= 0))):
-                    raise InputError(f"{name}: {label} has negative or non-finite entries")
-        if needs_zero and self.zero.size and int(jnp.max(self.zero)) >= 2**fmt.bits:
+            if s is not None and not bool(_reduced(s, _finite_non_negative, _finite_non_negative)):
+                raise InputError(f"{name}: {label} has negative or non-finite entries")
+        if needs_zero and self.zero.size and int(_reduced(self.zero, np.max, jnp.max)) >= 2**fmt.bits:
             raise InputError(f"{name}: zero points exceed the {fmt.bits}-bit range")
-        if fmt.num_codes < 2**fmt.bits and int(jnp.max(packing.unpack(self.codes, fmt.bits, k),
-                                                        initial=0)) >= fmt.num_codes:
+        if fmt.num_codes < 2**fmt.bits and self.codes.size and int(_reduced(
+                packing.unpack(self.codes, fmt.bits, k), np.max, jnp.max)) >= fmt.num_codes:
             raise InputError(f"{name}: codes index past the {fmt.num_codes}-entry code book")
 
     def __repr__(self) -> str:
