@@ -247,6 +247,9 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
         windows = _calibration_windows(calibration, cfg, info)
     qcfg = m.prepare_config(cfg)
     store = None
+    if progress_dir is not None and jax.process_count() > 1:
+        raise InputError("saving progress (--save-progress / --resume, progress_dir=) is for single-process "
+                         "conversions; run multi-process conversions without it")
     if progress_dir is not None:
         method_json = {"name": m.name, "options": weight_method.to_json(),
                        "activations": None if activations is None else activations.to_json()}
