@@ -418,8 +418,8 @@ def test_config_resolve_keeps_overrides():
             groups = (None, 64 * {4: 2, 3: 8, 2: 4}[bits]) if impl == "mosaic_gpu" else (None, 64, 128)
             for g in groups:
                 for m, dt in ((1, jnp.bfloat16), (512, jnp.bfloat16), (16, jnp.float32)):
-                    if impl == "mosaic_gpu" and dt == jnp.float32:
-                        continue
+                    if impl == "mosaic_gpu" and (dt == jnp.float32 or fmt == "int3"):
+                        continue  # f32 x and INT3-asym are documented declines
                     p = _prob(fmt, g, True, m=m, k=4096, n=4096, dtype=dt)
                     assert IMPLEMENTATIONS[impl].supports(p, base.resolve(impl, p, None)) is None, (impl, fmt, g, m)
 
