@@ -55,23 +55,25 @@ def to_host(a: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(a, tiled=True))
 
 
+def _split_over_data(x: np.ndarray, axis: int) -> jax.Array:
+    """``x`` on the devices, its ``axis`` split over ``'data'`` inside `data_parallel` (when the size divides)."""
+    mesh = _DATA_MESH.get()
+    if mesh is None or "data" not in mesh.axis_names or np.shape(x)[axis] % mesh.shape["data"]:
+        return jnp.asarray(x)
+    spec = [None] * np.ndim(x)
+    spec[axis] = "data"
+    return jax.device_put(np.asarray(x), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+
+
 def device_batch(x: np.ndarray) -> jax.Array:
     """A minibatch (B, ...) on the devices: split over ``'data'`` inside `data_parallel`, else as is."""
-    mesh = _DATA_MESH.get()
-    if mesh is None or "data" not in mesh.axis_names or len(x) % mesh.shape["data"]:
-        return jnp.asarray(x)
-    spec = jax.sharding.PartitionSpec("data", *([None] * (np.ndim(x) - 1)))
-    return jax.device_put(np.asarray(x), jax.sharding.NamedSharding(mesh, spec))
+    return _split_over_data(x, 0)
 
 
 def device_minibatches(xs: np.ndarray) -> jax.Array:
     """Minibatches (M, B, ...) on the devices, each minibatch's B sequences split over ``'data'`` inside
     `data_parallel` (AWQ's scale search: every candidate's loss then sums over all devices' tokens)."""
-    mesh = _DATA_MESH.get()
-    if mesh is None or "data" not in mesh.axis_names or xs.shape[1] % mesh.shape["data"]:
-        return jnp.asarray(xs)
-    spec = jax.sharding.PartitionSpec(None, "data", *([None] * (np.ndim(xs) - 2)))
-    return jax.device_put(np.asarray(xs), jax.sharding.NamedSharding(mesh, spec))
+    return _split_over_data(xs, 1)
 
 
 @dataclasses.dataclass(frozen=True)
