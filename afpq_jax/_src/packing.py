@@ -14,6 +14,9 @@ what tiled kernels need.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from afpq_jax._src.errors import InputError
@@ -38,6 +41,8 @@ def packed_rows(k: int, bits: int) -> int:
     return padded_rows(k) * bits // 8
 
 
+# Jitted: eagerly, each of the ~20 shift / or / slice ops compiles on its own for every new shape.
+@functools.partial(jax.jit, static_argnames=("bits",))
 def pack(codes: jnp.ndarray, bits: int) -> jnp.ndarray:
     """Packs integer codes ``(..., K, N)`` (values < 2**bits) into uint8 ``(..., packed_rows(K, bits), N)``."""
     k = codes.shape[-2]
@@ -59,6 +64,7 @@ def pack(codes: jnp.ndarray, bits: int) -> jnp.ndarray:
     return planes[0] if len(planes) == 1 else jnp.concatenate(planes, axis=-2)
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "k"))
 def unpack(packed: jnp.ndarray, bits: int, k: int) -> jnp.ndarray:
     """Inverse of `pack`: uint8 ``(..., packed_rows(k, bits), N)`` -> uint8 codes ``(..., k, N)``."""
     kp = padded_rows(k)

@@ -250,6 +250,7 @@ def _quantize_codes(w, fmt: Format, asym: bool, g: int, scale_dtype, clip_ratios
     return from_groups(encode(fmt, asym, wg, params), w.shape[-2]), params, channel
 
 
+@functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "dtype"))
 def _decode_codes(codes, params: GroupParams, fmt: Format, asym: bool, g: int, dtype):
     k = codes.shape[-2]
     return from_groups(decode(fmt, asym, to_groups(codes, g), params), k).astype(dtype)
