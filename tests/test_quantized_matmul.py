@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -287,21 +289,30 @@ def _prob(fmt="int4", group=128, asym=True, m=4, k=1024, n=256, dtype=jnp.bfloat
     return Problem.create((m, k), dtype, _abstract_weight(fmt, group, asym, k, n))
 
 
-def test_cpu_dispatch_is_xla_and_matches():
+def test_cpu_dispatch_by_size_and_dtype():
     qt = _weight("nf4", 128, True, 576, 200)
+
+    def pick(m, dtype=jnp.float32):
+        return select_implementation(Problem.create((m, 576), dtype, qt), backend="cpu")[0]
+
+    assert pick(1) == pick(32) == "cpu"
+    assert pick(33) == pick(64) == "xla_scan"  # the C++ kernel's size rule, then the scan's
+    assert pick(65) == "xla"
+    assert pick(1, jnp.bfloat16) == "xla_scan"  # the C++ kernel takes float32 x only
     x = _x((2, 576), jnp.float32)
-    assert select_implementation(Problem.create(x.shape, x.dtype, qt))[0] == "xla"
     ref = quantizer.dequantize(qt, jnp.float32)
     np.testing.assert_allclose(np.asarray(quantized_matmul(x, qt)), np.asarray(x) @ np.asarray(ref),
                                rtol=1e-5, atol=1e-4)
+    # size rules are dispatch preferences: a named implementation runs any M
+    _check(quantized_matmul(_x((70, 576), jnp.float32), qt, implementation="cpu"), _x((70, 576), jnp.float32), qt)
 
 
 def test_dispatch_order_per_backend():
     assert api.DISPATCH_ORDER == {"tpu": ("mosaic_tpu", "xla"), "gpu": ("triton", "mosaic_gpu", "xla"),
-                                  "cpu": ("xla",)}
+                                  "cpu": ("cpu", "xla_scan", "xla")}
     assert select_implementation(_prob(), backend="tpu")[0] == "mosaic_tpu"
     assert select_implementation(_prob(), backend="gpu")[0] == "triton"
-    assert select_implementation(_prob(), backend="cpu")[0] == "xla"
+    assert select_implementation(_prob(dtype=jnp.float32), backend="cpu")[0] == "cpu"
     assert select_implementation(_prob(), backend="something-else")[0] == "xla"
 
 
@@ -552,14 +563,73 @@ def test_a8_dispatch_and_declines():
         quantized_matmul_a8(x, qt, jnp.ones((2,)))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The CPU paths: the C++ kernel ("cpu") and the scan ("xla_scan").
+
+@pytest.mark.parametrize("fmt", FORMATS + ("int8",))
+@pytest.mark.parametrize("asym", [True, False])
+@pytest.mark.parametrize("group", [32, 128, None])
+def test_cpu_kernel_equals_the_reference(fmt, asym, group):
+    # N = 1100: two 512-column blocks (the AVX-512 path where the machine has it) and a 76-column tail (the
+    # portable path); K = 1003: a short last group and a K that is not a multiple of 8; M = 5: 4 + 1 x rows.
+    qt = _weight(fmt, group, asym, 1003, 1100)
+    x = _x((5, 1003), jnp.float32)
+    _check(quantized_matmul(x, qt, implementation="cpu"), x, qt)
+
+
+def test_cpu_kernel_shapes_and_transforms():
+    qt = _weight("nf3", 64, True, 200, 600)
+    for shape in [(1, 200), (2, 3, 200), (33, 200)]:  # leading axes flatten; M past the size rule
+        x = _x(shape, jnp.float32)
+        _check(jax.jit(lambda a, q: quantized_matmul(a, q, implementation="cpu"))(x, qt), x, qt)
+    xs = _x((3, 2, 200), jnp.float32)
+    y = jax.vmap(lambda a: quantized_matmul(a, qt, implementation="cpu"))(xs)
+    _check(y.reshape(6, -1), xs.reshape(6, 200), qt)
+    assert "float32 x" in why_not("cpu", _x((1, 200), jnp.bfloat16), qt)
+
+
+_CPU_SUBPROCESS = """
+import sys, jax, jax.numpy as jnp, numpy as np
+import afpq_jax
+from afpq_jax.kernels import quantized_matmul, select_implementation, Problem
+qt = afpq_jax.quantize(jax.random.normal(jax.random.key(0), (512, 2048)), "int4", group_size=128)
+x = jax.random.normal(jax.random.key(1), (3, 512))
+chosen = select_implementation(Problem.create(x.shape, x.dtype, qt), backend="cpu")[0]
+y = np.asarray(quantized_matmul(x, qt))
+ref = np.asarray(x, np.float64) @ np.asarray(afpq_jax.dequantize(qt, jnp.float32), np.float64)
+print(chosen, float(np.abs(y - ref).max()))
+"""
+
+
+def test_cpu_kernel_threads_and_unbuildable_fallback(tmp_path):
+    """XLA's default thread pool (the suite runs single-threaded): four column blocks over two threads. No
+    compiler: the kernel declines with the reason and dispatch runs the scan."""
+    base_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    threaded = subprocess.run([sys.executable, "-c", _CPU_SUBPROCESS], env=base_env, capture_output=True,
+                              text=True, timeout=300)
+    assert threaded.returncode == 0, threaded.stderr[-2000:]
+    chosen, err = threaded.stdout.split()
+    assert chosen == "cpu" and float(err) < 1e-3
+    env = {**base_env, "CXX": str(tmp_path / "no-such-compiler"), "AFPQ_CACHE": str(tmp_path / "cache")}
+    fallback = subprocess.run([sys.executable, "-c", _CPU_SUBPROCESS], env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert fallback.returncode == 0, fallback.stderr[-2000:]
+    chosen, err = fallback.stdout.split()
+    assert chosen == "xla_scan" and float(err) < 1e-3
+    assert "no C++ compiler" in fallback.stderr and "using xla_scan" in fallback.stderr
+    assert not (tmp_path / "cache" / "kernels").exists() or not any((tmp_path / "cache" / "kernels").iterdir())
+
+
 @pytest.mark.parametrize("fmt,group,asym,k,n,dtype", [("int4", 128, True, 576, 160, jnp.float32),
                                                      ("nf3", 32, True, 100, 40, jnp.bfloat16),
+                                                     ("int3", 128, False, 300, 72, jnp.float32),
                                                      ("fp4_e2m1", None, False, 200, 64, jnp.float32),
                                                      ("nf4", 64, True, 256, 96, jnp.float32)])
 def test_xla_scan_equals_the_reference(fmt, group, asym, k, n, dtype):
     qt = _weight(fmt, group, asym, k, n)
     x = _x((3, k), dtype)
-    config = BlockConfig(block_k=64) if group is not None and group <= 64 else None  # several groups per chunk
+    # several groups per chunk (g <= 64), or a chunk inside a group (g = 128 with 64-row chunks)
+    config = BlockConfig(block_k=64) if group is not None and (group <= 64 or fmt == "int3") else None
     y = quantized_matmul(x, qt, implementation="xla_scan", config=config)
     ref = quantized_matmul(x, qt, implementation="xla")
     assert y.dtype == ref.dtype and y.shape == ref.shape

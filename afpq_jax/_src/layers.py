@@ -169,7 +169,8 @@ class QuantDense(nnx.Module):
             scale = None if self.input_scale is None else self.input_scale.get_value()
             y = quantized_matmul_a8(x, self.quantized_tensor(), scale)
         elif self.is_quantized:
-            # the fused kernel for this backend (Mosaic TPU, Triton / Mosaic GPU), else dequantize-then-dot
+            # the fused kernel for this backend (Mosaic TPU, Triton / Mosaic GPU, the C++ kernel on CPU at decode
+            # sizes), else dequantize-then-dot
             y = quantized_matmul(x, self.quantized_tensor())
         elif self.train_scheme is not None:
             y = jnp.matmul(x, self.train_scheme.fake_quant(self.kernel.get_value()).astype(x.dtype))

@@ -5,10 +5,11 @@ whose ``supports`` accepts the call runs:
 
     tpu: mosaic_tpu -> xla
     gpu: triton -> mosaic_gpu -> xla
-    cpu (and anything else): xla
+    cpu: cpu (C++ via the XLA FFI, M <= 32, float32 x) -> xla_scan (M <= 64) -> xla
+    anything else: xla
 
-("xla_scan", a scan over K chunks that never holds the whole float weight, runs only when named: not yet
-faster than "xla" on the measured CPU by enough to be the default; see BUILD_NOTES.)
+At decode sizes the CPU paths never hold the whole float weight; at large M dequantizing once and one BLAS dot
+("xla") is faster on the measured CPU (BUILD_NOTES, "CPU path").
 
 A candidate that declines logs one WARNING line per (implementation, reason) on the ``afpq_jax.kernels`` logger
 (once per process) and the next one is tried; "xla" supports everything. Kernels are forward-only (no VJP). An explicitly named implementation never falls back: it raises ``NotImplementedError`` with the
@@ -46,6 +47,9 @@ class Implementation(Protocol):
                  interpret: bool) -> jax.Array:
         """(M, K) -> (M, N) in x's dtype."""
 
+    # Optional: ``preferred(prob) -> str | None``, a size rule dispatch applies before `supports` (None: take
+    # it). A supported but slower shape is skipped without a warning; an explicit call still runs it.
+
 
 @dataclasses.dataclass(frozen=True)
 class _Xla:
@@ -71,9 +75,33 @@ class _XlaScan:
         from afpq_jax._src.kernels.quantized_matmul import xla_scan
         return xla_scan.why_unsupported(prob, config.block_k)
 
+    def preferred(self, prob):
+        from afpq_jax._src.kernels.quantized_matmul import xla_scan
+        return xla_scan.why_not_preferred(prob)
+
     def __call__(self, x2d, qt, prob, config, *, interpret=False):
         from afpq_jax._src.kernels.quantized_matmul import xla_scan
         return xla_scan.quantized_matmul_scan(x2d, qt, prob, config.block_k)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cpu:
+    """The C++ CPU kernel (`cpu`), built on first use; declines when it cannot be built."""
+
+    name: str = "cpu"
+    backend: str = "cpu"
+
+    def supports(self, prob, config):
+        from afpq_jax._src.kernels.quantized_matmul import cpu
+        return cpu.why_unsupported(prob)
+
+    def preferred(self, prob):
+        from afpq_jax._src.kernels.quantized_matmul import cpu
+        return cpu.why_not_preferred(prob)
+
+    def __call__(self, x2d, qt, prob, config, *, interpret=False):
+        from afpq_jax._src.kernels.quantized_matmul import cpu
+        return cpu.quantized_matmul_cpu(x2d, qt, prob)
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {}
@@ -81,7 +109,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {}
 DISPATCH_ORDER: dict[str, tuple[str, ...]] = {
     "tpu": ("mosaic_tpu", "xla"),
     "gpu": ("triton", "mosaic_gpu", "xla"),
-    "cpu": ("xla",),
+    "cpu": ("cpu", "xla_scan", "xla"),
 }
 
 
@@ -116,6 +144,7 @@ class _Deferred:
 def _register_builtins() -> None:
     register_implementation(_Xla())
     register_implementation(_XlaScan())
+    register_implementation(_Cpu())
     register_implementation(_Deferred("mosaic_tpu", "tpu", "mosaic_tpu", "MosaicTpu"))
     register_implementation(_Deferred("triton", "gpu", "triton", "Triton"))
     register_implementation(_Deferred("mosaic_gpu", "gpu", "mosaic_gpu", "MosaicGpu"))
@@ -146,6 +175,9 @@ def select_implementation(prob: Problem, config: BlockConfig | None = None, back
     order = DISPATCH_ORDER.get(backend, ("xla",))
     for i, name in enumerate(order):
         impl = IMPLEMENTATIONS[name]
+        preferred = getattr(impl, "preferred", None)
+        if preferred is not None and preferred(prob) is not None:
+            continue
         cfg = base.resolve(name, prob, config)
         reason = impl.supports(prob, cfg)
         if reason is None:
@@ -171,7 +203,7 @@ def quantized_matmul(x: jax.Array, qt: QuantizedTensor, *, implementation: str |
     full-precision dot). Only the summation order differs between implementations.
 
     implementation: None (dispatch, see the module doc), or a name in `IMPLEMENTATIONS`
-        ("xla", "xla_scan", "mosaic_tpu", "triton", "mosaic_gpu").
+        ("xla", "xla_scan", "cpu", "mosaic_tpu", "triton", "mosaic_gpu").
     config: a `BlockConfig`; unset fields take the implementation's defaults for this shape.
     interpret: run Pallas kernels in interpret mode (CPU testing).
     """

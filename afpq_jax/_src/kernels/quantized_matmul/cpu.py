@@ -1,0 +1,119 @@
+"""The "cpu" implementation: a C++ kernel (``cpu_kernel.cc``) called through the XLA FFI.
+
+XLA's CPU backend cannot fuse the decode of packed codes into its dot, so the "xla" path writes and reads back
+the whole float weight (67 MB at 4096²), and "xla_scan" pays a dot call per chunk. This kernel reads the codes
+once and accumulates into an (M, 256) float32 tile per column block, on XLA's intra-op thread pool; on AVX-512
+machines a codebook lookup is one register permute. Numerics: see the C++ file (weights bit-identical to
+`dequantize`, float32 sums in K order).
+
+Built on first use from the packaged source with the system C++ compiler (``$CXX``, else ``g++``) into
+``<asset cache>/kernels/`` under a name that hashes the source, the compiler, the flags, jaxlib and the CPU's
+features (it is compiled with ``-march=native``); written under a temporary name and renamed, so concurrent
+processes never load a half-written library. No compiler, a failed build or ``AFPQ_CPU_KERNEL=0``: the
+implementation declines with the reason and dispatch moves on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from afpq_jax._src.assets import cache_dir
+from afpq_jax._src.kernels.quantized_matmul.base import Problem
+from afpq_jax._src.qtensor import QuantizedTensor
+
+SOURCE = Path(__file__).with_name("cpu_kernel.cc")
+TARGET = "afpq_quantized_matmul_cpu"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-fast-math")
+MAX_M = 32  # dispatch: beyond this many x rows, dequantizing once and one BLAS dot ("xla") is faster
+
+
+def _cpu_features() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+    return platform.processor() + platform.machine()
+
+
+@functools.cache
+def build() -> Path | str:
+    """The compiled library's path, or why it is unavailable (one line)."""
+    if os.environ.get("AFPQ_CPU_KERNEL", "1") == "0":
+        return "disabled by AFPQ_CPU_KERNEL=0"
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx}) to build the CPU kernel; install g++ or set CXX"
+    import jaxlib
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, " ".join(FLAGS), jaxlib.__version__,
+                                    _cpu_features()]).encode()).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"afpq_cpu_{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:200])
+            return f"building the CPU kernel failed ({' '.join(cmd[:2])} ...): {first}"
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+@functools.cache
+def _registered() -> str | None:
+    """Loads and registers the kernel once per process; None, or why not."""
+    lib = build()
+    if isinstance(lib, str):
+        return lib
+    handler = ctypes.cdll.LoadLibrary(str(lib)).AfpqQuantizedMatmulCpu
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    return None
+
+
+def why_not_preferred(prob: Problem) -> str | None:
+    """Dispatch's size rule (explicit calls run any M)."""
+    return f"M={prob.m} > {MAX_M}: dequantizing once and one dot is faster" if prob.m > MAX_M else None
+
+
+def why_unsupported(prob: Problem) -> str | None:
+    if prob.batched:
+        return "stacked (batched) weights: use xla"
+    if prob.x_dtype != "float32":
+        return f"x is {prob.x_dtype}; the CPU kernel takes float32 x"
+    if len(prob.fmt.levels) > 16 and not prob.fmt.is_int:
+        return "code books above 16 levels"
+    return _registered()
+
+
+def quantized_matmul_cpu(x2d: jax.Array, qt: QuantizedTensor, prob: Problem) -> jax.Array:
+    """(M, K) float32 @ W -> (M, N) float32."""
+    fmt = prob.fmt
+    pos, neg = qt.float_scales()
+    unused = jnp.zeros((1, 1), jnp.float32)
+    zero = unused if qt.zero is None else qt.zero.astype(jnp.float32)
+    levels = np.asarray([0.0] if fmt.is_int else fmt.levels_array(), np.float32)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((prob.m, prob.n), jnp.float32),
+                            vmap_method="sequential")
+    return call(x2d, qt.codes, pos.astype(jnp.float32), unused if neg is None else neg.astype(jnp.float32), zero,
+                bits=np.int64(prob.bits), group=np.int64(prob.group), is_int=bool(fmt.is_int),
+                has_neg=neg is not None, has_zero=qt.zero is not None,
+                n_negative=np.int64(int(np.sum(levels < 0))), table=levels)

@@ -1,0 +1,266 @@
+// The "cpu" implementation of quantized_matmul: an XLA FFI handler, built on first use by cpu.py.
+//
+// y (M, N) f32 = x (M, K) f32 @ W, W given as packed codes (afpq_jax._src.packing layout) and float32 group
+// scales. Per task (a block of kBlockN output columns) the weight is decoded one K row at a time into a small
+// float buffer and accumulated into an (M, kBlockN) float32 tile, so the codes are read once and no float
+// weight is ever materialised.
+//
+// Numerics: each weight is computed exactly as afpq_jax._src.quantizer.decode does in float32 —
+// (code - zero) * scale (INT) or level * scale (codebook; s_neg for negative levels) — and the products are
+// summed in float32 in K order (XLA's dot sums in another order: the results differ by rounding only).
+// Keep -ffast-math off: it would let the compiler change the decode arithmetic.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kBlockN = 256;  // columns per task: the (M, 256) f32 accumulator stays in L1 / L2
+
+struct Problem {
+  int64_t m, k, n, bits, group, kp;
+  bool is_int, has_neg, has_zero;
+  int64_t n_negative;  // codebook: codes below this have negative levels (scaled by s_neg)
+  float table[16];     // codebook levels, padded to 16
+  const float* x;
+  const uint8_t* codes;
+  const float *pos, *neg, *zero;
+  float* y;
+};
+
+// Codes of row k, columns [n0, n0 + nb), into out.
+inline void RowCodes(const Problem& p, int64_t k, int64_t n0, int64_t nb, uint8_t* out) {
+  if (p.bits == 3) {  // a 2-bit plane (4 rows per byte), then a 1-bit plane (8 rows per byte)
+    const uint8_t* lo = p.codes + (k / 4) * p.n + n0;
+    const uint8_t* hi = p.codes + (p.kp / 4 + k / 8) * p.n + n0;
+    const int s0 = 2 * static_cast<int>(k % 4), s1 = static_cast<int>(k % 8);
+    for (int64_t j = 0; j < nb; ++j) out[j] = ((lo[j] >> s0) & 3) | (((hi[j] >> s1) & 1) << 2);
+    return;
+  }
+  const int w = static_cast<int>(p.bits), per_byte = 8 / w;
+  const uint8_t* row = p.codes + (k / per_byte) * p.n + n0;
+  const int shift = w * static_cast<int>(k % per_byte);
+  const uint8_t mask = static_cast<uint8_t>((1 << w) - 1);
+  for (int64_t j = 0; j < nb; ++j) out[j] = (row[j] >> shift) & mask;
+}
+
+// Weights of row k (scales of its group) from its codes.
+inline void RowWeights(const Problem& p, int64_t group, int64_t n0, int64_t nb, const uint8_t* c, float* w) {
+  const float* pos = p.pos + group * p.n + n0;
+  if (p.is_int) {
+    if (p.has_zero) {
+      const float* zero = p.zero + group * p.n + n0;
+      for (int64_t j = 0; j < nb; ++j) w[j] = (static_cast<float>(c[j]) - zero[j]) * pos[j];
+    } else {
+      const float mid = static_cast<float>(1 << (p.bits - 1));
+      for (int64_t j = 0; j < nb; ++j) w[j] = (static_cast<float>(c[j]) - mid) * pos[j];
+    }
+    return;
+  }
+  const float* neg = p.has_neg ? p.neg + group * p.n + n0 : pos;
+  const uint8_t n_negative = static_cast<uint8_t>(p.n_negative);
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  // 16-entry lookup in one permute: the table lives in one register.
+  const __m512 table = _mm512_loadu_ps(p.table);
+  for (; j + 16 <= nb; j += 16) {
+    const __m128i c8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + j));
+    const __m512i idx = _mm512_cvtepu8_epi32(c8);
+    const __m512 level = _mm512_permutexvar_ps(idx, table);
+    const __mmask16 is_neg = _mm512_cmplt_epu32_mask(idx, _mm512_set1_epi32(n_negative));
+    const __m512 scale = _mm512_mask_blend_ps(is_neg, _mm512_loadu_ps(pos + j), _mm512_loadu_ps(neg + j));
+    _mm512_storeu_ps(w + j, _mm512_mul_ps(level, scale));
+  }
+#endif
+  for (; j < nb; ++j) w[j] = p.table[c[j]] * (c[j] < n_negative ? neg[j] : pos[j]);
+}
+
+// Portable path: columns [n0, n0 + nb), every row of x.
+void ColumnBlock(const Problem& p, int64_t n0, int64_t nb) {
+  std::vector<float> acc(p.m * nb, 0.0f), w(nb);
+  std::vector<uint8_t> c(nb);
+  for (int64_t k = 0; k < p.k; ++k) {
+    RowCodes(p, k, n0, nb, c.data());
+    RowWeights(p, k / p.group, n0, nb, c.data(), w.data());
+    for (int64_t i = 0; i < p.m; ++i) {
+      const float xv = p.x[i * p.k + k];
+      float* a = acc.data() + i * nb;
+      for (int64_t j = 0; j < nb; ++j) a[j] += xv * w[j];
+    }
+  }
+  for (int64_t i = 0; i < p.m; ++i) std::copy(acc.begin() + i * nb, acc.begin() + (i + 1) * nb, p.y + i * p.n + n0);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+constexpr bool kWide = true;
+constexpr int64_t kWideN = 512;
+
+// 64 codes of row k, columns [n0, n0 + 64), one per byte.
+inline __m512i RowCodes64(const Problem& p, int64_t k, int64_t n0) {
+  if (p.bits == 3) {
+    const __m512i lo = _mm512_loadu_si512(p.codes + (k / 4) * p.n + n0);
+    const __m512i hi = _mm512_loadu_si512(p.codes + (p.kp / 4 + k / 8) * p.n + n0);
+    const __m512i l = _mm512_and_si512(_mm512_srl_epi16(lo, _mm_cvtsi32_si128(2 * static_cast<int>(k % 4))),
+                                       _mm512_set1_epi8(3));
+    const __m512i h = _mm512_and_si512(_mm512_srl_epi16(hi, _mm_cvtsi32_si128(static_cast<int>(k % 8))),
+                                       _mm512_set1_epi8(1));
+    return _mm512_or_si512(l, _mm512_add_epi8(h, _mm512_add_epi8(h, _mm512_add_epi8(h, h))));  // h << 2
+  }
+  const int w = static_cast<int>(p.bits), per_byte = 8 / w;
+  const __m512i row = _mm512_loadu_si512(p.codes + (k / per_byte) * p.n + n0);
+  const __m512i shifted = _mm512_srl_epi16(row, _mm_cvtsi32_si128(w * static_cast<int>(k % per_byte)));
+  return _mm512_and_si512(shifted, _mm512_set1_epi8(static_cast<char>((1 << w) - 1)));
+}
+
+// Columns [n0, n0 + kWideN), x rows [i0, i0 + MI). Rows are walked in K order and each row's kWideN code
+// bytes are consecutive cache lines, which the hardware prefetcher follows (a 64-column block, one line per
+// row and a new 4 KiB page every row, ran at DRAM latency).
+template <int MI>
+void BlockWide(const Problem& p, int64_t n0, int64_t i0) {
+  constexpr int kVecs = kWideN / 16;
+  alignas(64) float acc[MI][kWideN] = {};
+  const __m512 table = _mm512_loadu_ps(p.table);
+  const __m512i n_negative = _mm512_set1_epi32(static_cast<int>(p.n_negative));
+  const __m512 mid = _mm512_set1_ps(static_cast<float>(1 << (p.bits - 1)));
+  for (int64_t g0 = 0; g0 < p.k; g0 += p.group) {
+    const int64_t base = (g0 / p.group) * p.n + n0, g1 = std::min(g0 + p.group, p.k);
+    for (int64_t k = g0; k < g1; ++k) {
+      __m512 xv[MI];
+      for (int i = 0; i < MI; ++i) xv[i] = _mm512_set1_ps(p.x[(i0 + i) * p.k + k]);
+      for (int64_t c0 = 0; c0 < kWideN; c0 += 64) {
+        const __m512i codes = RowCodes64(p, k, n0 + c0);
+        for (int q = 0; q < 4; ++q) {
+          const int64_t col = c0 + 16 * q;
+          const __m512i c = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, q));
+          const __m512 pos = _mm512_loadu_ps(p.pos + base + col);
+          __m512 w;
+          if (p.is_int) {
+            const __m512 zero = p.has_zero ? _mm512_loadu_ps(p.zero + base + col) : mid;
+            w = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c), zero), pos);
+          } else {
+            const __m512 neg = p.has_neg ? _mm512_loadu_ps(p.neg + base + col) : pos;
+            const __mmask16 is_neg = _mm512_cmplt_epu32_mask(c, n_negative);
+            w = _mm512_mul_ps(_mm512_permutexvar_ps(c, table), _mm512_mask_blend_ps(is_neg, pos, neg));
+          }
+          for (int i = 0; i < MI; ++i)
+            _mm512_store_ps(acc[i] + col, _mm512_fmadd_ps(xv[i], w, _mm512_load_ps(acc[i] + col)));
+        }
+      }
+    }
+  }
+  for (int i = 0; i < MI; ++i) std::copy(acc[i], acc[i] + kWideN, p.y + (i0 + i) * p.n + n0);
+}
+
+void Wide(const Problem& p, int64_t n0) {
+  int64_t i = 0;
+  for (; i + 4 <= p.m; i += 4) BlockWide<4>(p, n0, i);
+  switch (p.m - i) {
+    case 3: BlockWide<3>(p, n0, i); break;
+    case 2: BlockWide<2>(p, n0, i); break;
+    case 1: BlockWide<1>(p, n0, i); break;
+    default: break;
+  }
+}
+#else
+constexpr bool kWide = false;
+constexpr int64_t kWideN = kBlockN;
+void Wide(const Problem&, int64_t) {}
+#endif
+
+// One task: the columns of block b (kWideN wide on AVX-512, else kBlockN).
+void RunBlock(const Problem& p, int64_t b) {
+  const int64_t width = kWide ? kWideN : kBlockN, n0 = b * width, nb = std::min(width, p.n - n0);
+  if (kWide && nb == kWideN) {
+    Wide(p, n0);
+  } else {
+    ColumnBlock(p, n0, nb);
+  }
+}
+
+// Runs every column block, on XLA's intra-op thread pool when it has more than one thread.
+void RunBlocks(const Problem& p, ffi::ThreadPool& pool) {
+  const int64_t width = kWide ? kWideN : kBlockN, blocks = (p.n + width - 1) / width;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), blocks));
+  if (workers == 1) {
+    for (int64_t b = 0; b < blocks; ++b) RunBlock(p, b);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable done;
+  int64_t running = workers;
+  auto work = [&]() {
+    for (int64_t b = next++; b < blocks; b = next++) RunBlock(p, b);
+    std::lock_guard<std::mutex> lock(mu);
+    if (--running == 0) done.notify_all();
+  };
+  for (int64_t t = 1; t < workers; ++t) pool.Schedule([&work] { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(mu);
+  done.wait(lock, [&] { return running == 0; });
+}
+
+ffi::Error QuantizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                           ffi::Buffer<ffi::F32> pos, ffi::Buffer<ffi::F32> neg, ffi::Buffer<ffi::F32> zero,
+                           ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group, bool is_int,
+                           bool has_neg, bool has_zero, int64_t n_negative, ffi::Span<const float> table) {
+  const auto xd = x.dimensions();
+  const auto cd = codes.dimensions();
+  if (xd.size() != 2 || cd.size() != 2) return ffi::Error::InvalidArgument("x and codes must be 2-D");
+  Problem p{};
+  p.m = xd[0];
+  p.k = xd[1];
+  p.n = cd[1];
+  p.bits = bits;
+  p.group = group;
+  p.kp = (p.k + 7) / 8 * 8;
+  if (bits < 1 || bits > 8 || 8 % bits != 0 && bits != 3) return ffi::Error::InvalidArgument("bad bits");
+  if (cd[0] != p.kp * bits / 8) return ffi::Error::InvalidArgument("codes rows do not match K and bits");
+  if (table.size() > 16) return ffi::Error::InvalidArgument("the code book has more than 16 levels");
+  p.is_int = is_int;
+  p.has_neg = has_neg;
+  p.has_zero = has_zero;
+  p.n_negative = n_negative;
+  if (table.size() == 0) return ffi::Error::InvalidArgument("empty code book");
+  std::fill(p.table, p.table + 16, table.back());
+  std::copy(table.begin(), table.end(), p.table);
+  p.x = x.typed_data();
+  p.codes = codes.typed_data();
+  p.pos = pos.typed_data();
+  p.neg = neg.typed_data();
+  p.zero = zero.typed_data();
+  p.y = y->typed_data();
+  RunBlocks(p, pool);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AfpqQuantizedMatmulCpu, QuantizedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x (M, K)
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // packed codes (packed rows, N)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // pos scale (G, N)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // neg scale (G, N), or (1, 1) unused
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // zero (G, N), or (1, 1) unused
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y (M, N)
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group")
+                                  .Attr<bool>("is_int")
+                                  .Attr<bool>("has_neg")
+                                  .Attr<bool>("has_zero")
+                                  .Attr<int64_t>("n_negative")
+                                  .Attr<ffi::Span<const float>>("table"));
