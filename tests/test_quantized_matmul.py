@@ -620,6 +620,30 @@ def test_cpu_kernel_threads_and_unbuildable_fallback(tmp_path):
     assert not (tmp_path / "cache" / "kernels").exists() or not any((tmp_path / "cache" / "kernels").iterdir())
 
 
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 -march levels")
+def test_cpu_kernel_portable_path(tmp_path):
+    """The kernel built without AVX-512 (the path other machines compile) gives the same numerics."""
+    code = """
+import jax, jax.numpy as jnp, numpy as np, afpq_jax
+from afpq_jax.kernels import quantized_matmul
+worst = 0.0
+for fmt, g, asym in [("int4", 128, True), ("nf3", 32, True), ("fp4_e2m1", None, False), ("int3", 64, False)]:
+    qt = afpq_jax.quantize(jax.random.normal(jax.random.key(0), (300, 130)), fmt, group_size=g, asym=asym)
+    x = jax.random.normal(jax.random.key(1), (3, 300))
+    y = np.asarray(quantized_matmul(x, qt, implementation="cpu"), np.float64)
+    w = np.asarray(afpq_jax.dequantize(qt, jnp.float32), np.float64)
+    ref = np.asarray(x, np.float64) @ w
+    worst = max(worst, float((np.abs(y - ref) / (1e-5 * (np.abs(np.asarray(x, np.float64)) @ np.abs(w)) + 1e-30)).max()))
+print(worst)
+"""
+    env = {**os.environ, "AFPQ_CPU_KERNEL_ARCH": "x86-64-v2", "AFPQ_CACHE": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.split()[-1]) <= 1.0  # within the suite's bound: 1e-5 * |x| @ |w|
+    built = list((tmp_path / "kernels").glob("afpq_cpu_*.so"))
+    assert len(built) == 1
+
+
 @pytest.mark.parametrize("fmt,group,asym,k,n,dtype", [("int4", 128, True, 576, 160, jnp.float32),
                                                      ("nf3", 32, True, 100, 40, jnp.bfloat16),
                                                      ("int3", 128, False, 300, 72, jnp.float32),

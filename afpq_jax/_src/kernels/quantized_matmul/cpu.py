@@ -8,7 +8,7 @@ machines a codebook lookup is one register permute. Numerics: see the C++ file (
 
 Built on first use from the packaged source with the system C++ compiler (``$CXX``, else ``g++``) into
 ``<asset cache>/kernels/`` under a name that hashes the source, the compiler, the flags, jaxlib and the CPU's
-features (it is compiled with ``-march=native``); written under a temporary name and renamed, so concurrent
+features (it is compiled with ``-march=native``, or ``$AFPQ_CPU_KERNEL_ARCH``); written under a temporary name and renamed, so concurrent
 processes never load a half-written library. No compiler, a failed build or ``AFPQ_CPU_KERNEL=0``: the
 implementation declines with the reason and dispatch moves on.
 """
@@ -34,7 +34,7 @@ from afpq_jax._src.qtensor import QuantizedTensor
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cc")
 TARGET = "afpq_quantized_matmul_cpu"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-fast-math")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-fast-math")
 MAX_M = 32  # dispatch: beyond this many x rows, dequantizing once and one BLAS dot ("xla") is faster
 
 
@@ -58,15 +58,17 @@ def build() -> Path | str:
     if shutil.which(cxx) is None:
         return f"no C++ compiler ({cxx}) to build the CPU kernel; install g++ or set CXX"
     import jaxlib
+    # AFPQ_CPU_KERNEL_ARCH: e.g. x86-64-v2 builds the portable path on an AVX-512 machine (its test does).
+    flags = (*FLAGS, f"-march={os.environ.get('AFPQ_CPU_KERNEL_ARCH', 'native')}")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, " ".join(FLAGS), jaxlib.__version__,
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, " ".join(flags), jaxlib.__version__,
                                     _cpu_features()]).encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"afpq_cpu_{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)]
+    cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:

@@ -163,8 +163,57 @@ void BlockWide(const Problem& p, int64_t n0, int64_t i0) {
   for (int i = 0; i < MI; ++i) std::copy(acc[i], acc[i] + kWideN, p.y + (i0 + i) * p.n + n0);
 }
 
+// 16 codes of row k, columns [col, col + 16), one per int32 lane.
+inline __m512i RowCodes16(const Problem& p, int64_t k, int64_t col) {
+  auto lanes = [&](int64_t byte_row, int shift, int mask) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.codes + byte_row * p.n + col));
+    return _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(b), _mm_cvtsi32_si128(shift)),
+                            _mm512_set1_epi32(mask));
+  };
+  if (p.bits == 3) {
+    const __m512i lo = lanes(k / 4, 2 * static_cast<int>(k % 4), 3);
+    const __m512i hi = lanes(p.kp / 4 + k / 8, static_cast<int>(k % 8), 1);
+    return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 2));
+  }
+  const int w = static_cast<int>(p.bits), per_byte = 8 / w;
+  return lanes(k / per_byte, w * static_cast<int>(k % per_byte), (1 << w) - 1);
+}
+
+// Columns [n0, n0 + kWideN), x rows [i0, i0 + MI) for larger M: one 16-column vector at a time over all of K,
+// MI accumulators in registers, so each decoded vector feeds MI FMAs straight from registers.
+template <int MI>
+void BlockTall(const Problem& p, int64_t n0, int64_t i0) {
+  const __m512 table = _mm512_loadu_ps(p.table);
+  const __m512i n_negative = _mm512_set1_epi32(static_cast<int>(p.n_negative));
+  const __m512 mid = _mm512_set1_ps(static_cast<float>(1 << (p.bits - 1)));
+  for (int64_t col = n0; col < n0 + kWideN; col += 16) {
+    __m512 acc[MI];
+    for (int i = 0; i < MI; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < p.k; g0 += p.group) {
+      const int64_t base = (g0 / p.group) * p.n + col, g1 = std::min(g0 + p.group, p.k);
+      const __m512 pos = _mm512_loadu_ps(p.pos + base);
+      const __m512 other = p.is_int ? (p.has_zero ? _mm512_loadu_ps(p.zero + base) : mid)
+                                    : (p.has_neg ? _mm512_loadu_ps(p.neg + base) : pos);
+      for (int64_t k = g0; k < g1; ++k) {
+        const __m512i c = RowCodes16(p, k, col);
+        __m512 w;
+        if (p.is_int) {
+          w = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c), other), pos);
+        } else {
+          const __mmask16 is_neg = _mm512_cmplt_epu32_mask(c, n_negative);
+          w = _mm512_mul_ps(_mm512_permutexvar_ps(c, table), _mm512_mask_blend_ps(is_neg, pos, other));
+        }
+        for (int i = 0; i < MI; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(p.x[(i0 + i) * p.k + k]), w, acc[i]);
+      }
+    }
+    for (int i = 0; i < MI; ++i) _mm512_storeu_ps(p.y + (i0 + i) * p.n + col, acc[i]);
+  }
+}
+
 void Wide(const Problem& p, int64_t n0) {
   int64_t i = 0;
+  for (; i + 16 <= p.m; i += 16) BlockTall<16>(p, n0, i);
+  for (; i + 8 <= p.m; i += 8) BlockTall<8>(p, n0, i);
   for (; i + 4 <= p.m; i += 4) BlockWide<4>(p, n0, i);
   switch (p.m - i) {
     case 3: BlockWide<3>(p, n0, i); break;
