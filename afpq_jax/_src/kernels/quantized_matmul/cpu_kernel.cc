@@ -107,29 +107,59 @@ void ColumnBlock(const Problem& p, int64_t n0, int64_t nb) {
 constexpr bool kWide = true;
 constexpr int64_t kWideN = 512;
 
-// 64 codes of row k, columns [n0, n0 + 64), one per byte.
-inline __m512i RowCodes64(const Problem& p, int64_t k, int64_t n0) {
+// Where row k's codes live: byte rows (column 0) and bit offsets of its plane(s), and the byte rows
+// kPrefetchRows ahead. Computed once per row: the divisions cost more than decoding a 64-column chunk.
+// Each K row's bytes sit in another 4 KiB page, where hardware prefetchers stop; fetching the lines
+// kPrefetchRows byte rows ahead made the M=1 loop ~1.8x faster (as fast as with cache-resident codes).
+constexpr int64_t kPrefetchRows = 16;
+
+struct RowRef {
+  const uint8_t *lo, *hi, *lo_ahead, *hi_ahead;  // hi: the 1-bit plane of 3-bit codes
+  int lo_shift, hi_shift, lo_mask;
+};
+
+inline RowRef RowOf(const Problem& p, int64_t k) {
+  RowRef r{};
   if (p.bits == 3) {
-    const __m512i lo = _mm512_loadu_si512(p.codes + (k / 4) * p.n + n0);
-    const __m512i hi = _mm512_loadu_si512(p.codes + (p.kp / 4 + k / 8) * p.n + n0);
-    const __m512i l = _mm512_and_si512(_mm512_srl_epi16(lo, _mm_cvtsi32_si128(2 * static_cast<int>(k % 4))),
-                                       _mm512_set1_epi8(3));
-    const __m512i h = _mm512_and_si512(_mm512_srl_epi16(hi, _mm_cvtsi32_si128(static_cast<int>(k % 8))),
-                                       _mm512_set1_epi8(1));
-    return _mm512_or_si512(l, _mm512_add_epi8(h, _mm512_add_epi8(h, _mm512_add_epi8(h, h))));  // h << 2
+    const int64_t lo_rows = p.kp / 4, hi_rows = p.kp / 8;
+    r.lo = p.codes + (k / 4) * p.n;
+    r.hi = p.codes + (lo_rows + k / 8) * p.n;
+    r.lo_ahead = p.codes + std::min(k / 4 + kPrefetchRows, lo_rows - 1) * p.n;
+    r.hi_ahead = p.codes + (lo_rows + std::min(k / 8 + kPrefetchRows, hi_rows - 1)) * p.n;
+    r.lo_shift = 2 * static_cast<int>(k % 4);
+    r.hi_shift = static_cast<int>(k % 8);
+    r.lo_mask = 3;
+    return r;
   }
-  const int w = static_cast<int>(p.bits), per_byte = 8 / w;
-  const __m512i row = _mm512_loadu_si512(p.codes + (k / per_byte) * p.n + n0);
-  const __m512i shifted = _mm512_srl_epi16(row, _mm_cvtsi32_si128(w * static_cast<int>(k % per_byte)));
-  return _mm512_and_si512(shifted, _mm512_set1_epi8(static_cast<char>((1 << w) - 1)));
+  const int log2_per_byte = p.bits == 1 ? 3 : p.bits == 2 ? 2 : p.bits == 4 ? 1 : 0;  // shifts, not divisions
+  const int64_t byte_row = k >> log2_per_byte, rows = p.kp >> log2_per_byte;
+  r.lo = p.codes + byte_row * p.n;
+  r.lo_ahead = p.codes + std::min(byte_row + kPrefetchRows, rows - 1) * p.n;
+  r.lo_shift = static_cast<int>(p.bits * (k & ((int64_t{1} << log2_per_byte) - 1)));
+  r.lo_mask = (1 << p.bits) - 1;
+  return r;
 }
 
-// Columns [n0, n0 + kWideN), x rows [i0, i0 + MI). Rows are walked in K order and each row's kWideN code
-// bytes are consecutive cache lines, which the hardware prefetcher follows (a 64-column block, one line per
-// row and a new 4 KiB page every row, ran at DRAM latency).
+inline void PrefetchAhead(const RowRef& r, int64_t col) {
+  _mm_prefetch(reinterpret_cast<const char*>(r.lo_ahead + col), _MM_HINT_T0);
+  if (r.hi != nullptr) _mm_prefetch(reinterpret_cast<const char*>(r.hi_ahead + col), _MM_HINT_T0);
+}
+
+// 64 codes of a row, columns [col, col + 64), one per byte.
+inline __m512i RowCodes64(const RowRef& r, int64_t col) {
+  const __m512i lo = _mm512_and_si512(
+      _mm512_srl_epi16(_mm512_loadu_si512(r.lo + col), _mm_cvtsi32_si128(r.lo_shift)),
+      _mm512_set1_epi8(static_cast<char>(r.lo_mask)));
+  if (r.hi == nullptr) return lo;
+  const __m512i h = _mm512_and_si512(_mm512_srl_epi16(_mm512_loadu_si512(r.hi + col), _mm_cvtsi32_si128(r.hi_shift)),
+                                     _mm512_set1_epi8(1));
+  return _mm512_or_si512(lo, _mm512_add_epi8(h, _mm512_add_epi8(h, _mm512_add_epi8(h, h))));  // h << 2
+}
+
+// Columns [n0, n0 + kWideN), x rows [i0, i0 + MI): rows in K order, each row's kWideN code bytes decoded
+// 64 at a time into float32 accumulators in L1.
 template <int MI>
 void BlockWide(const Problem& p, int64_t n0, int64_t i0) {
-  constexpr int kVecs = kWideN / 16;
   alignas(64) float acc[MI][kWideN] = {};
   const __m512 table = _mm512_loadu_ps(p.table);
   const __m512i n_negative = _mm512_set1_epi32(static_cast<int>(p.n_negative));
@@ -139,8 +169,10 @@ void BlockWide(const Problem& p, int64_t n0, int64_t i0) {
     for (int64_t k = g0; k < g1; ++k) {
       __m512 xv[MI];
       for (int i = 0; i < MI; ++i) xv[i] = _mm512_set1_ps(p.x[(i0 + i) * p.k + k]);
+      const RowRef row = RowOf(p, k);
       for (int64_t c0 = 0; c0 < kWideN; c0 += 64) {
-        const __m512i codes = RowCodes64(p, k, n0 + c0);
+        PrefetchAhead(row, n0 + c0);
+        const __m512i codes = RowCodes64(row, n0 + c0);
         for (int q = 0; q < 4; ++q) {
           const int64_t col = c0 + 16 * q;
           const __m512i c = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, q));
@@ -163,20 +195,16 @@ void BlockWide(const Problem& p, int64_t n0, int64_t i0) {
   for (int i = 0; i < MI; ++i) std::copy(acc[i], acc[i] + kWideN, p.y + (i0 + i) * p.n + n0);
 }
 
-// 16 codes of row k, columns [col, col + 16), one per int32 lane.
-inline __m512i RowCodes16(const Problem& p, int64_t k, int64_t col) {
-  auto lanes = [&](int64_t byte_row, int shift, int mask) {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.codes + byte_row * p.n + col));
+// 16 codes of a row, columns [col, col + 16), one per int32 lane.
+inline __m512i RowCodes16(const RowRef& r, int64_t col) {
+  auto lanes = [col](const uint8_t* row, int shift, int mask) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + col));
     return _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(b), _mm_cvtsi32_si128(shift)),
                             _mm512_set1_epi32(mask));
   };
-  if (p.bits == 3) {
-    const __m512i lo = lanes(k / 4, 2 * static_cast<int>(k % 4), 3);
-    const __m512i hi = lanes(p.kp / 4 + k / 8, static_cast<int>(k % 8), 1);
-    return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 2));
-  }
-  const int w = static_cast<int>(p.bits), per_byte = 8 / w;
-  return lanes(k / per_byte, w * static_cast<int>(k % per_byte), (1 << w) - 1);
+  const __m512i lo = lanes(r.lo, r.lo_shift, r.lo_mask);
+  if (r.hi == nullptr) return lo;
+  return _mm512_or_si512(lo, _mm512_slli_epi32(lanes(r.hi, r.hi_shift, 1), 2));
 }
 
 // Columns [n0, n0 + kWideN), x rows [i0, i0 + MI) for larger M: one 16-column vector at a time over all of K,
@@ -195,7 +223,9 @@ void BlockTall(const Problem& p, int64_t n0, int64_t i0) {
       const __m512 other = p.is_int ? (p.has_zero ? _mm512_loadu_ps(p.zero + base) : mid)
                                     : (p.has_neg ? _mm512_loadu_ps(p.neg + base) : pos);
       for (int64_t k = g0; k < g1; ++k) {
-        const __m512i c = RowCodes16(p, k, col);
+        const RowRef row = RowOf(p, k);
+        if (col % 64 == 0) PrefetchAhead(row, col);
+        const __m512i c = RowCodes16(row, col);
         __m512 w;
         if (p.is_int) {
           w = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c), other), pos);
