@@ -296,9 +296,8 @@ def test_cpu_dispatch_by_size_and_dtype():
         return select_implementation(Problem.create((m, 576), dtype, qt), backend="cpu")[0]
 
     assert pick(1) == pick(32) == "cpu"
-    assert pick(33) == pick(64) == "xla_scan"  # the C++ kernel's size rule, then the scan's
-    assert pick(65) == "xla"
-    assert pick(1, jnp.bfloat16) == "xla_scan"  # the C++ kernel takes float32 x only
+    assert pick(33) == "xla"  # the C++ kernel's size rule
+    assert pick(1, jnp.bfloat16) == "xla"  # the C++ kernel takes float32 x only
     x = _x((2, 576), jnp.float32)
     ref = quantizer.dequantize(qt, jnp.float32)
     np.testing.assert_allclose(np.asarray(quantized_matmul(x, qt)), np.asarray(x) @ np.asarray(ref),
@@ -309,7 +308,7 @@ def test_cpu_dispatch_by_size_and_dtype():
 
 def test_dispatch_order_per_backend():
     assert api.DISPATCH_ORDER == {"tpu": ("mosaic_tpu", "xla"), "gpu": ("triton", "mosaic_gpu", "xla"),
-                                  "cpu": ("cpu", "xla_scan", "xla")}
+                                  "cpu": ("cpu", "xla")}
     assert select_implementation(_prob(), backend="tpu")[0] == "mosaic_tpu"
     assert select_implementation(_prob(), backend="gpu")[0] == "triton"
     assert select_implementation(_prob(dtype=jnp.float32), backend="cpu")[0] == "cpu"
@@ -603,7 +602,7 @@ print(chosen, float(np.abs(y - ref).max()))
 
 def test_cpu_kernel_threads_and_unbuildable_fallback(tmp_path):
     """XLA's default thread pool (the suite runs single-threaded): four column blocks over two threads. No
-    compiler: the kernel declines with the reason and dispatch runs the scan."""
+    compiler: the kernel declines with the reason and dispatch runs "xla"."""
     base_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     threaded = subprocess.run([sys.executable, "-c", _CPU_SUBPROCESS], env=base_env, capture_output=True,
                               text=True, timeout=300)
@@ -615,8 +614,8 @@ def test_cpu_kernel_threads_and_unbuildable_fallback(tmp_path):
                               timeout=300)
     assert fallback.returncode == 0, fallback.stderr[-2000:]
     chosen, err = fallback.stdout.split()
-    assert chosen == "xla_scan" and float(err) < 1e-3
-    assert "no C++ compiler" in fallback.stderr and "using xla_scan" in fallback.stderr
+    assert chosen == "xla" and float(err) < 1e-3
+    assert "no C++ compiler" in fallback.stderr and "using xla" in fallback.stderr
     assert not (tmp_path / "cache" / "kernels").exists() or not any((tmp_path / "cache" / "kernels").iterdir())
 
 

@@ -5,11 +5,12 @@ whose ``supports`` accepts the call runs:
 
     tpu: mosaic_tpu -> xla
     gpu: triton -> mosaic_gpu -> xla
-    cpu: cpu (C++ via the XLA FFI, M <= 32, float32 x) -> xla_scan (M <= 64) -> xla
+    cpu: cpu (C++ via the XLA FFI; float32 x, M <= 32) -> xla
     anything else: xla
 
-At decode sizes the CPU paths never hold the whole float weight; at large M dequantizing once and one BLAS dot
-("xla") is faster on the measured CPU (BUILD_NOTES, "CPU path").
+At decode sizes the C++ kernel reads the codes once and never holds the float weight; from M = 64 dequantizing
+once and one BLAS dot ("xla") is faster on the measured CPU (BUILD_NOTES, "CPU path"). "xla_scan" (a scan over
+K chunks in plain XLA) runs only when named: it measured no faster than "xla" once both ran in one jitted loop.
 
 A candidate that declines logs one WARNING line per (implementation, reason) on the ``afpq_jax.kernels`` logger
 (once per process) and the next one is tried; "xla" supports everything. Kernels are forward-only (no VJP). An explicitly named implementation never falls back: it raises ``NotImplementedError`` with the
@@ -66,7 +67,7 @@ class _Xla:
 
 @dataclasses.dataclass(frozen=True)
 class _XlaScan:
-    """The CPU path (`xla_scan`): a scan over K chunks, never the whole float weight at once."""
+    """`xla_scan`: a plain-XLA scan over K chunks, never the whole float weight at once (explicit only)."""
 
     name: str = "xla_scan"
     backend: str = "cpu"
@@ -74,10 +75,6 @@ class _XlaScan:
     def supports(self, prob, config):
         from afpq_jax._src.kernels.quantized_matmul import xla_scan
         return xla_scan.why_unsupported(prob, config.block_k)
-
-    def preferred(self, prob):
-        from afpq_jax._src.kernels.quantized_matmul import xla_scan
-        return xla_scan.why_not_preferred(prob)
 
     def __call__(self, x2d, qt, prob, config, *, interpret=False):
         from afpq_jax._src.kernels.quantized_matmul import xla_scan
@@ -109,7 +106,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {}
 DISPATCH_ORDER: dict[str, tuple[str, ...]] = {
     "tpu": ("mosaic_tpu", "xla"),
     "gpu": ("triton", "mosaic_gpu", "xla"),
-    "cpu": ("cpu", "xla_scan", "xla"),
+    "cpu": ("cpu", "xla"),
 }
 
 

@@ -11,8 +11,9 @@ columns are permuted to match instead (`base.permute_x`, once for the whole call
 rounded to x's dtype, are contracted with the permuted x in one dot per chunk with float32 accumulation: only
 the summation order differs from the "xla" reference.
 
-Measured (BUILD_NOTES, "CPU path"): at decode sizes this reads the 4-bit codes once and keeps the float tile in
-cache; at large M dequantizing once and running one big dot ("xla") wins, hence `MAX_M`.
+Explicit-only (`implementation="xla_scan"`): measured no faster than "xla" on the 2-core CPU once both ran
+inside one jitted loop (BUILD_NOTES, "CPU path"); the C++ kernel ("cpu") is the CPU default. It stays as the
+pure-XLA statement of the slot decode and for backends where a custom call is unwelcome.
 """
 
 from __future__ import annotations
@@ -26,14 +27,6 @@ from afpq_jax._src.kernels.quantized_matmul.base import Problem, cdiv, permute_x
 from afpq_jax._src.kernels.quantized_matmul.xla import dot_precision
 from afpq_jax._src.qtensor import QuantizedTensor
 from afpq_jax._src.quantizer import GroupParams
-
-MAX_M = 64  # dispatch: above this many x rows "xla" (dequantize once, one dot) is faster on the measured CPU
-
-
-def why_not_preferred(prob: Problem) -> str | None:
-    """Dispatch's size rule (explicit calls run any M)."""
-    return f"M={prob.m} > {MAX_M}: dequantizing once and one dot is faster" if prob.m > MAX_M else None
-
 
 def why_unsupported(prob: Problem, block_k: int) -> str | None:
     if prob.batched:
