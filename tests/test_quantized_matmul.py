@@ -617,6 +617,12 @@ def test_cpu_kernel_threads_and_unbuildable_fallback(tmp_path):
     assert chosen == "xla" and float(err) < 1e-3
     assert "no C++ compiler" in fallback.stderr and "using xla" in fallback.stderr
     assert not (tmp_path / "cache" / "kernels").exists() or not any((tmp_path / "cache" / "kernels").iterdir())
+    (tmp_path / "a-file").write_text("")  # a cache that cannot hold the library
+    env = {**base_env, "AFPQ_CACHE": str(tmp_path / "a-file")}
+    unwritable = subprocess.run([sys.executable, "-c", _CPU_SUBPROCESS], env=env, capture_output=True, text=True,
+                                timeout=300)
+    assert unwritable.returncode == 0, unwritable.stderr[-2000:]
+    assert unwritable.stdout.split()[0] == "xla" and "cannot build the CPU kernel" in unwritable.stderr
 
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 -march levels")

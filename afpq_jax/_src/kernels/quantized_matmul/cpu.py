@@ -66,17 +66,20 @@ def build() -> Path | str:
     out = cache_dir() / "kernels" / f"afpq_cpu_{key}.so"
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)]
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:200])
             return f"building the CPU kernel failed ({' '.join(cmd[:2])} ...): {first}"
         os.replace(tmp, out)
+    except OSError as e:  # an unwritable cache, a compiler that cannot run
+        return f"cannot build the CPU kernel in {out.parent}: {e}"
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():
+            tmp.unlink()
     return out
 
 
@@ -86,7 +89,10 @@ def _registered() -> str | None:
     lib = build()
     if isinstance(lib, str):
         return lib
-    handler = ctypes.cdll.LoadLibrary(str(lib)).AfpqQuantizedMatmulCpu
+    try:
+        handler = ctypes.cdll.LoadLibrary(str(lib)).AfpqQuantizedMatmulCpu
+    except (OSError, AttributeError) as e:
+        return f"cannot load the CPU kernel {lib}: {e}"
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
     return None
 
