@@ -330,3 +330,31 @@ def test_unknown_tensor_is_rejected(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="ffn_gate_exps"):
         list(iter_gguf_tensors(path))
+
+
+def test_slices_equal_the_whole_tensor(tiny: tuple[Path, dict[str, np.ndarray], bool]) -> None:
+    """Per-shard reads (sharded loading): only the slice's rows are dequantized; q/k by whole heads."""
+    from afpq_jax._src.io import sources
+
+    path, weights, _ = tiny
+    src = sources.open_source(path)
+    assert src.reads_slices
+    for name in src.tensor_names:
+        full = src.read(name)
+        assert src.describe(name) == (np.dtype(np.float32), full.shape)
+        indexes = [tuple(slice(0, d) for d in full.shape), tuple(slice(d // 3, d - 1) for d in full.shape),
+                   (slice(1, 2),) + tuple(slice(None) for _ in full.shape[1:])]
+        if full.ndim == 2:  # a head-straddling row range, and a slice within rows
+            indexes += [(slice(HEAD_DIM // 2 + 1, full.shape[0] - 3), slice(None)), (slice(None), slice(5, 9))]
+        for index in indexes:
+            np.testing.assert_array_equal(src.read_slice(name, index), full[index], err_msg=f"{name} {index}")
+    # a row range dequantizes only its rows (whole heads for q: 8 rows per head here)
+    from afpq_jax._src.io.gguf import GGUFTensors
+
+    tensors = GGUFTensors(path)
+    rows: list[int] = []
+    dequantize = tensors._dequantize
+    tensors._dequantize = lambda n, data, shape: (rows.append(shape[0]), dequantize(n, data, shape))[1]
+    tensors.read_slice("model.layers.0.mlp.down_proj.weight", (slice(4, 10), slice(None)))
+    tensors.read_slice("model.layers.0.self_attn.q_proj.weight", (slice(9, 11), slice(None)))
+    assert rows == [6, HEAD_DIM]

@@ -95,8 +95,9 @@ SHARDED_LOAD = textwrap.dedent("""
         for path, ref in refs.items():
             whole.clear(); sliced.clear()
             model = aq.load(path, mesh=mesh)
-            if path == fx:  # block tensors: each shard read on its own, never a whole tensor
-                assert not [n for n in whole if n.startswith("model.layers.")], whole
+            if path == fx:  # every tensor (blocks, embedding, norms): each shard read on its own, never whole
+                assert not whole, whole
+                assert any(n == "model.embed_tokens.weight" for n, _ in sliced), sliced
                 ups = [i for n, i in sliced if n == "model.layers.0.mlp.up_proj.weight"]
                 assert len(ups) == 4 and {i[0].stop - i[0].start for i in ups} == {160 // shape[1]}, ups
             up = model.layers[0].mlp.up_proj

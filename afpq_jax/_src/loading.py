@@ -52,6 +52,10 @@ class FloatWeights(Protocol):
     def read_outer(self, path: ModelPath) -> np.ndarray:
         """One of `outer_paths` in model layout."""
 
+    def read_outer_sharded(self, path: ModelPath, want: jax.ShapeDtypeStruct, sharding) -> jax.Array:
+        """One of `outer_paths` as a float array of ``want``'s shape and dtype with ``sharding``, each shard read
+        on its own where the source allows it."""
+
 
 def _abstract_block(cfg: ModelConfig, index: int, dtype) -> tuple[Any, dict]:
     block = nnx.eval_shape(lambda: Block(cfg, index, {}, dtype=dtype, rngs=nnx.Rngs(0)))
@@ -163,6 +167,10 @@ class CheckpointWeights:
         name, transpose = self._outer[path]
         return to_model_layout(self.source.read(name), transpose)
 
+    def read_outer_sharded(self, path: ModelPath, want: jax.ShapeDtypeStruct, sharding) -> jax.Array:
+        name, transpose = self._outer[path]
+        return self.read_sharded(name, transpose, want, sharding, path)
+
     def tensor_name(self, path: ModelPath) -> str:
         return self._outer[path][0]
 
@@ -191,6 +199,12 @@ class ModelWeights:
 
     def read_outer(self, path: ModelPath) -> np.ndarray:
         return np.asarray(self._state[path])
+
+    def read_outer_sharded(self, path: ModelPath, want: jax.ShapeDtypeStruct, sharding) -> jax.Array:
+        arr = self.read_outer(path)  # in memory already: placed whole, then sharded
+        _check_shape(arr, want.shape, dotted(path), path)
+        _check_float(arr.dtype, dotted(path))
+        return jax.device_put(np.asarray(arr, want.dtype), sharding)
 
 
 def abstract_model(cfg: ModelConfig, quant: Mapping[str, QuantScheme] | None = None, dtype=jnp.float32):
@@ -249,9 +263,9 @@ class ModelAssembler:
         """Reads parameters outside the blocks (all, or ``paths``); a kernel the layout quantizes (lm_head) goes
         through ``quantize`` (default: the scheme's RTN)."""
         for path in paths if paths is not None else weights.outer_paths():
-            arr = weights.read_outer(path)
             layer = dotted(path[:-1])
-            if path[-1] == "kernel" and layer in self.layout:
+            if path[-1] == "kernel" and layer in self.layout:  # quantized whole (RTN needs every group)
+                arr = weights.read_outer(path)
                 scheme = self.layout[layer]
                 _check_shape(arr, (self.cfg.hidden_size, self.cfg.vocab_size), layer, path)
                 qt = (quantize or (lambda s, a: s.quantize(a)))(scheme, arr)
@@ -259,9 +273,12 @@ class ModelAssembler:
             elif path not in self._flat:
                 raise CheckpointError(f"parameter {dotted(path)} is not part of this model; check config.json "
                                       f"(e.g. tie_word_embeddings)")
+            elif path in self.shardings:  # each shard read on its own (the embedding: vocab x hidden)
+                want = self._flat[path].get_value()
+                self._flat[path].set_value(weights.read_outer_sharded(
+                    path, jax.ShapeDtypeStruct(want.shape, want.dtype), self.shardings[path]))
             else:
-                _set_float(self._flat[path], arr, dotted(path), path)
-                self._flat[path].set_value(self._put(path, self._flat[path].get_value()))
+                _set_float(self._flat[path], weights.read_outer(path), dotted(path), path)
 
     def release(self, paths: list[ModelPath]) -> None:
         """Forgets placed parameters (to be placed again later: keeps them out of memory meanwhile)."""

@@ -322,22 +322,48 @@ class GGUFTensors:
     def names(self) -> list[str]:
         return list(self._tensors)
 
-    def read(self, name: str) -> np.ndarray:
+    def describe(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        """(float32, HF shape) of a tensor, without reading it."""
+        return np.dtype(np.float32), tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
+
+    def _n_head(self, name: str) -> int | None:
+        return next((n for proj, n in self._heads.items() if f".self_attn.{proj}." in name), None)
+
+    def _dequantize(self, name: str, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         from gguf.quants import dequantize
 
         t = self._tensors[name]
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         try:
-            arr = dequantize(t.data, t.tensor_type)
+            arr = dequantize(data, t.tensor_type)
         except NotImplementedError as e:
             raise InputError(
                 f"cannot dequantize GGUF tensor {t.name} of type {t.tensor_type.name} ({e}); upgrade the gguf package"
             ) from e
-        arr = np.array(arr, dtype=np.float32, copy=True).reshape(shape)  # own the memory, not the mmap
-        for proj, n_head in self._heads.items():
-            if f".self_attn.{proj}." in name:
-                arr = unpermute_qk(arr, n_head)
-        return arr
+        return np.array(arr, dtype=np.float32, copy=True).reshape(shape)  # own the memory, not the mmap
+
+    def read(self, name: str) -> np.ndarray:
+        shape = self.describe(name)[1]
+        arr = self._dequantize(name, self._tensors[name].data, shape)
+        n_head = self._n_head(name)
+        return arr if n_head is None else unpermute_qk(arr, n_head)
+
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """``read(name)[index]``, dequantizing only the rows the slice needs (the file stores whole rows, so a
+        slice within rows reads those rows whole). q/k rows are read by whole heads, the unit their GGUF row
+        permutation works in."""
+        shape = self.describe(name)[1]
+        if len(shape) != 2 or not index:
+            return self.read(name)[index]
+        r0, r1, step = index[0].indices(shape[0])
+        if step != 1 or r1 <= r0:
+            return self.read(name)[index]
+        n_head = self._n_head(name)
+        unit = 1 if n_head is None else shape[0] // n_head
+        lo, hi = r0 // unit * unit, -(-r1 // unit) * unit
+        arr = self._dequantize(name, self._tensors[name].data[lo:hi], (hi - lo, shape[1]))
+        if n_head is not None:
+            arr = unpermute_qk(arr, (hi - lo) // unit)  # the permutation is per head
+        return arr[r0 - lo:r1 - lo][(slice(None), *index[1:])]
 
 
 def iter_gguf_tensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, np.ndarray]]:

@@ -49,7 +49,8 @@ class Source:
 
     @property
     def reads_slices(self) -> bool:
-        """Whether `read_slice` reads only the slice's bytes (safetensors); else it reads the whole tensor."""
+        """Whether `read_slice` reads only what the slice needs (safetensors: its bytes; GGUF: its rows); else it
+        reads the whole tensor."""
         return self._read_slice is not None
 
     def describe(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
@@ -62,7 +63,8 @@ class Source:
         return self._describe(name)
 
     def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        """``read(name)[index]``; safetensors read only the slice's bytes (each host reads its own shards)."""
+        """``read(name)[index]``; safetensors read only the slice's bytes and GGUF only its rows (each host reads
+        its own shards)."""
         if self._read_slice is None:
             return self.read(name)[index]
         if name not in self._names:
@@ -177,7 +179,8 @@ def _gguf_source(f: Path) -> Source:
     except (ValueError, OSError) as e:
         raise CheckpointError(f"{f}: {e}") from None
     names = tensors.names()
-    return Source(f, "gguf", config, names, lambda: ((n, tensors.read(n)) for n in names), tensors.read)
+    return Source(f, "gguf", config, names, lambda: ((n, tensors.read(n)) for n in names), tensors.read,
+                  _read_slice=tensors.read_slice, _describe=tensors.describe)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
