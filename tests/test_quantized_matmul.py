@@ -365,6 +365,21 @@ def test_vmap_over_stacked_weights(impl):
         _check(y[b], x[b], jax.tree.map(lambda a: a[b], qt), ref[b])
 
 
+def test_mosaic_gpu_refuses_devices_without_wgmma():
+    from types import SimpleNamespace
+    from afpq_jax._src.kernels.quantized_matmul.mosaic_gpu import device_refusal
+
+    def gpu(kind, capability):
+        return [SimpleNamespace(platform="gpu", device_kind=kind, compute_capability=capability)]
+
+    assert device_refusal(gpu("NVIDIA H100 80GB HBM3", "9.0")) is None
+    assert "has 8.0" in device_refusal(gpu("NVIDIA A100-SXM4-80GB", "8.0"))
+    assert "has 10.0" in device_refusal(gpu("NVIDIA B200", "10.0"))
+    assert "not a CUDA device" in device_refusal(gpu("AMD Instinct MI300X", "gfx942"))
+    assert device_refusal([SimpleNamespace(platform="cpu", device_kind="cpu")]) is None  # interpret mode
+    assert device_refusal() is None  # this machine: CPU
+
+
 @pytest.mark.parametrize("impl,fmt,group", [("mosaic_tpu", "nf3", 32), ("mosaic_tpu", "int4", 96),
                                             ("triton", "int4", 96), ("mosaic_gpu", "int4", 64),
                                             ("mosaic_gpu", "nf3", 128), ("mosaic_gpu", "int3", 512)])

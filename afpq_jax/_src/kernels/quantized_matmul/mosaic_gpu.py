@@ -34,6 +34,22 @@ from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, ro
 WGMMA_ROWS = 64
 
 
+def device_refusal(devices=None) -> str | None:
+    """Why the visible GPU cannot run this kernel, or None. WGMMA (sm_90a) exists on compute capability 9.x only
+    (Hopper: not Ampere / Ada, not Blackwell's tcgen05, not ROCm), and without this check such a device failed at
+    compile time instead of falling back. Only a GPU is checked: on CPU the kernel runs in interpret mode."""
+    device = (jax.devices() if devices is None else devices)[0]
+    if device.platform != "gpu":
+        return None
+    capability = str(getattr(device, "compute_capability", "") or "")
+    major = capability.split(".")[0]
+    if not major.isdigit():
+        return f"needs an NVIDIA GPU of compute capability 9.x (Hopper); {device.device_kind} is not a CUDA device"
+    if int(major) != 9:
+        return (f"needs compute capability 9.x (Hopper WGMMA); {device.device_kind} has {capability}")
+    return None
+
+
 def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
     if prob.batched:
         return "stacked (batched) weights; vmap the op over the stack instead"
@@ -179,7 +195,7 @@ class MosaicGpu:
     backend: str = "gpu"
 
     def supports(self, prob: Problem, config: BlockConfig) -> str | None:
-        return why_unsupported(prob, config)
+        return device_refusal() or why_unsupported(prob, config)
 
     def __call__(self, x2d, qt, prob, config, *, interpret=False):
         return quantized_matmul_mosaic_gpu(x2d, qt, prob, config, interpret=interpret)
