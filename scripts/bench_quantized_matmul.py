@@ -1,13 +1,13 @@
 """Benchmark `afpq_jax.kernels.quantized_matmul` against dense matmuls of the same shape.
 
-For every format, M and implementation available on the default backend ("xla" everywhere; "mosaic_tpu" on TPU;
-"triton" and "mosaic_gpu" on GPU, where they accept the shape) it prints the median time of --reps runs after
+For every format, M and implementation available on the default backend ("xla" everywhere; "cpu" and "xla_scan"
+on CPU; "mosaic_tpu" on TPU; "triton" and "mosaic_gpu" on GPU, where they accept the shape) it prints the median time of --reps runs after
 a warm-up (compile) run, the time of a dense float32 and bfloat16 ``x @ W`` of the same shape, and on a
 TPU/GPU the achieved bandwidth (ideal bytes: packed weight + x + output, see `roofline.ideal_bytes`) and its
 fraction of the device's HBM roofline (bandwidth table keyed by device_kind in `roofline.HBM_BANDWIDTH`).
 Every kernel's output is checked against "xla" first.
 
-    python scripts/bench_quantized_matmul.py                      # CPU: the xla path, M=1 and 16, K=N=4096
+    python scripts/bench_quantized_matmul.py --x-dtype float32 --loops 4   # CPU: C++ kernel, scan, xla; M=1, 16
     python scripts/bench_quantized_matmul.py --m 1 16 128 --formats nf4 nf3 int4 --markdown   # on a device
 """
 
