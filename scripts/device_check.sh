@@ -41,7 +41,7 @@ export PY
 if [ $DRY -eq 1 ]; then
   export JAX_PLATFORMS=cpu
   TESTS=(-k "test_formats_match_reference and triton-int4-a-g128")
-  BENCH=(--k 256 --n 256 --reps 2 --stack 2)
+  BENCH=(--k 256 --n 256 --reps 2 --stack 2 --impls xla)  # the script, not the CPU kernels (tested elsewhere)
   SWEEP=(--m 1 --formats int4 nf3)
   T_TESTS=300 T_SWEEP=300 T_SMALL=120 B_SMALL=60; B_SWEEP=${B_SWEEP:-200}
 else
