@@ -3,6 +3,13 @@ import os
 # Tests run on CPU; keep XLA from grabbing every core's worth of threads per xdist worker.
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the xdist workers and every subprocess a test starts (they inherit the
+# environment): many tests compile the same programs in separate processes. A repeated tiny-model conversion
+# took 8.6 s instead of 29 s with a warm cache. Keys include the jax version, flags and devices.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache",
+                                   "jax-compilation-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.05")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
