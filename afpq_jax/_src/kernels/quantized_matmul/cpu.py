@@ -2,15 +2,15 @@
 
 XLA's CPU backend cannot fuse the decode of packed codes into its dot, so the "xla" path writes and reads back
 the whole float weight (67 MB at 4096²), and "xla_scan" pays a dot call per chunk. This kernel reads the codes
-once and accumulates into an (M, 256) float32 tile per column block, on XLA's intra-op thread pool; on AVX-512
-machines a codebook lookup is one register permute. Numerics: see the C++ file (weights bit-identical to
-`dequantize`, float32 sums in K order).
+once and accumulates in float32 per block of output columns, on XLA's intra-op thread pool; with AVX-512 a
+codebook lookup is one register permute. Numerics: see the C++ file (weights bit-identical to `dequantize`,
+float32 sums in K order).
 
 Built on first use from the packaged source with the system C++ compiler (``$CXX``, else ``g++``) into
-``<asset cache>/kernels/`` under a name that hashes the source, the compiler, the flags, jaxlib and the CPU's
-features (it is compiled with ``-march=native``, or ``$AFPQ_CPU_KERNEL_ARCH``); written under a temporary name and renamed, so concurrent
-processes never load a half-written library. No compiler, a failed build or ``AFPQ_CPU_KERNEL=0``: the
-implementation declines with the reason and dispatch moves on.
+``<asset cache>/kernels/``, under a name that hashes the source, the compiler, the flags, jaxlib and the CPU's
+features. It is compiled with ``-march=native`` (or ``$AFPQ_CPU_KERNEL_ARCH``), written under a temporary name
+and renamed, so concurrent processes never load a half-written library. No compiler, a failed build, an
+unwritable cache or ``AFPQ_CPU_KERNEL=0``: the implementation declines with the reason and dispatch moves on.
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 """The CPU path: ``x @ W`` as a `lax.scan` over K chunks of whole groups, so only one dequantized ``(chunk, N)``
 float tile is live at a time (it stays in cache) instead of the whole float weight.
 
-Per chunk of ``block_k`` rows (a multiple of the group and of the 8-row packing unit; per-channel weights: any
-multiple of 8) every bit plane's rows are one contiguous slice (`afpq_jax._src.packing`). The chunk is decoded
+Per chunk of ``block_k`` rows (a multiple of the 8-row packing unit, and a multiple or a divisor of the group)
+every bit plane's rows are one contiguous slice (`afpq_jax._src.packing`). The chunk is decoded
 slot by slot, as the Pallas kernels do (`base` "Slots"): slot ``s`` holds the chunk rows ``s, s + p, ...`` and
 comes out of the code bytes with shifts and masks only, so there is no interleave back into row order; x's
 columns are permuted to match instead (`base.permute_x`, once for the whole call). Values come from
 `decode.dequant`, bit-identical to `dequantize` (tested there), except the "table" kind (NF4 / NF3), where the
 16-entry lookup of `quantizer.decode` is faster on CPU than the select tree the kernels need. The decoded slots,
-rounded to x's dtype, are contracted with the permuted x in one dot per chunk with float32 accumulation: only
-the summation order differs from the "xla" reference.
+rounded to x's dtype, are contracted with the matching slots of the permuted x (one dot per slot, float32
+accumulation): only the summation order differs from the "xla" reference.
 
 Explicit-only (`implementation="xla_scan"`): measured no faster than "xla" on the 2-core CPU once both ran
 inside one jitted loop (BUILD_NOTES, "CPU path"); the C++ kernel ("cpu") is the CPU default. It stays as the
@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from afpq_jax._src import quantizer
+from afpq_jax._src import packing, quantizer
 from afpq_jax._src.kernels.quantized_matmul import decode
 from afpq_jax._src.kernels.quantized_matmul.base import Problem, cdiv, permute_x
 from afpq_jax._src.kernels.quantized_matmul.xla import dot_precision
@@ -31,8 +31,8 @@ from afpq_jax._src.quantizer import GroupParams
 def why_unsupported(prob: Problem, block_k: int) -> str | None:
     if prob.batched:
         return "stacked (batched) weights: use xla"
-    if block_k % 8:
-        return f"block_k={block_k} must be a multiple of 8 (the packing unit)"
+    if block_k % packing.PACK_ROWS:
+        return f"block_k={block_k} must be a multiple of {packing.PACK_ROWS} (the packing unit)"
     if not prob.per_channel and block_k % prob.group and prob.group % block_k:
         return f"block_k={block_k} must be a multiple or a divisor of the group size {prob.group}"
     if not prob.per_channel and prob.group % prob.slots:
@@ -41,7 +41,7 @@ def why_unsupported(prob: Problem, block_k: int) -> str | None:
 
 
 def _chunk_planes(qt: QuantizedTensor, prob: Problem, chunks: int, c: int) -> list[jax.Array]:
-    """The code planes as (chunks, rows per chunk, N) int32, in `decode.slot_codes`' order (3-bit: the 2-bit
+    """The code planes as (chunks, rows per chunk, N) uint8, in `decode.slot_codes`' order (3-bit: the 2-bit
     plane's even and odd byte rows, then the 1-bit plane)."""
     out = []
     for plane in prob.planes:
