@@ -297,7 +297,8 @@ def test_cpu_dispatch_by_size_and_dtype():
 
     assert pick(1) == pick(32) == "cpu"
     assert pick(33) == "xla"  # the C++ kernel's size rule
-    assert pick(1, jnp.bfloat16) == "xla"  # the C++ kernel takes float32 x only
+    assert pick(1, jnp.bfloat16) == "cpu"
+    assert pick(1, jnp.float16) == "xla"  # the C++ kernel takes float32 or bfloat16 x
     x = _x((2, 576), jnp.float32)
     ref = quantizer.dequantize(qt, jnp.float32)
     np.testing.assert_allclose(np.asarray(quantized_matmul(x, qt)), np.asarray(x) @ np.asarray(ref),
@@ -599,7 +600,23 @@ def test_cpu_kernel_shapes_and_transforms():
     xs = _x((3, 2, 200), jnp.float32)
     y = jax.vmap(lambda a: quantized_matmul(a, qt, implementation="cpu"))(xs)
     _check(y.reshape(6, -1), xs.reshape(6, 200), qt)
-    assert "float32 x" in why_not("cpu", _x((1, 200), jnp.bfloat16), qt)
+    assert "float32 or bfloat16 x" in why_not("cpu", _x((1, 200), jnp.float16), qt)
+
+
+@pytest.mark.parametrize("fmt,group,asym", [("int4", 128, True), ("nf4", 64, True), ("fp4_e2m1", None, False),
+                                            ("nf3", 32, True), ("int3", 128, False)])
+@pytest.mark.parametrize("m", [1, 5, 20])
+def test_cpu_kernel_bfloat16_x(fmt, group, asym, m):
+    """bfloat16 x: weights rounded to bfloat16 in the kernel, float32 sums, a bfloat16 result (the contract)."""
+    qt = _weight(fmt, group, asym, 1003, 1100)
+    x = _x((m, 1003), jnp.bfloat16)
+    y = quantized_matmul(x, qt, implementation="cpu")
+    _check(y, x, qt)
+    # exactly the float32 sum of bf16 x times bf16-rounded weights, up to order: compare to a float64 reference
+    w16 = np.asarray(quantizer.dequantize(qt, jnp.bfloat16), np.float64)
+    ref = np.asarray(x, np.float64) @ w16
+    err = np.abs(np.asarray(y, np.float64) - ref)
+    assert np.all(err <= 2.0**-8 * np.abs(ref) + 1e-5 * (np.abs(np.asarray(x, np.float64)) @ np.abs(w16)) + 1e-30)
 
 
 _CPU_SUBPROCESS = """
@@ -647,13 +664,17 @@ def test_cpu_kernel_portable_path(tmp_path):
 import jax, jax.numpy as jnp, numpy as np, afpq_jax
 from afpq_jax.kernels import quantized_matmul
 worst = 0.0
-for fmt, g, asym in [("int4", 128, True), ("nf3", 32, True), ("fp4_e2m1", None, False), ("int3", 64, False)]:
+for fmt, g, asym, dt in [("int4", 128, True, jnp.float32), ("nf3", 32, True, jnp.float32),
+                         ("fp4_e2m1", None, False, jnp.float32), ("int3", 64, False, jnp.float32),
+                         ("nf4", 128, True, jnp.bfloat16)]:
     qt = afpq_jax.quantize(jax.random.normal(jax.random.key(0), (300, 130)), fmt, group_size=g, asym=asym)
-    x = jax.random.normal(jax.random.key(1), (3, 300))
-    y = np.asarray(quantized_matmul(x, qt, implementation="cpu"), np.float64)
-    w = np.asarray(afpq_jax.dequantize(qt, jnp.float32), np.float64)
-    ref = np.asarray(x, np.float64) @ w
-    worst = max(worst, float((np.abs(y - ref) / (1e-5 * (np.abs(np.asarray(x, np.float64)) @ np.abs(w)) + 1e-30)).max()))
+    x = jax.random.normal(jax.random.key(1), (3, 300)).astype(dt)
+    y = np.asarray(quantized_matmul(x, qt, implementation="cpu").astype(jnp.float32), np.float64)
+    w = np.asarray(afpq_jax.dequantize(qt, dt).astype(jnp.float32), np.float64)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    ref = x64 @ w
+    eps = 2.0**-8 if dt == jnp.bfloat16 else 0.0  # the bfloat16 result's rounding
+    worst = max(worst, float((np.abs(y - ref) / (eps * np.abs(ref) + 1e-5 * (np.abs(x64) @ np.abs(w)) + 1e-30)).max()))
 print(worst)
 """
     env = {**os.environ, "AFPQ_CPU_KERNEL_ARCH": "x86-64-v2", "AFPQ_CACHE": str(tmp_path)}

@@ -2,7 +2,7 @@
 
 XLA's CPU backend cannot fuse the decode of packed codes into its dot, so the "xla" path writes and reads back
 the whole float weight (67 MB at 4096²), and "xla_scan" pays a dot call per chunk. This kernel reads the codes
-once and accumulates in float32 per block of output columns, on XLA's intra-op thread pool; with AVX-512 a
+once and accumulates in float32 per block of output columns (float32 or bfloat16 x), on XLA's intra-op thread pool; with AVX-512 a
 codebook lookup is one register permute. Numerics: see the C++ file (weights bit-identical to `dequantize`,
 float32 sums in K order).
 
@@ -105,15 +105,16 @@ def why_not_preferred(prob: Problem) -> str | None:
 def why_unsupported(prob: Problem) -> str | None:
     if prob.batched:
         return "stacked (batched) weights: use xla"
-    if prob.x_dtype != "float32":
-        return f"x is {prob.x_dtype}; the CPU kernel takes float32 x"
+    if prob.x_dtype not in ("float32", "bfloat16"):
+        return f"x is {prob.x_dtype}; the CPU kernel takes float32 or bfloat16 x"
     if len(prob.fmt.levels) > 16 and not prob.fmt.is_int:
         return "code books above 16 levels"
     return _registered()
 
 
 def quantized_matmul_cpu(x2d: jax.Array, qt: QuantizedTensor, prob: Problem) -> jax.Array:
-    """(M, K) float32 @ W -> (M, N) float32."""
+    """(M, K) @ W -> (M, N) in x's dtype (float32 or bfloat16: x goes in as float32, exactly, and the kernel
+    rounds each weight to bfloat16)."""
     fmt = prob.fmt
     pos, neg = qt.float_scales()
     unused = jnp.zeros((1, 1), jnp.float32)
@@ -121,7 +122,9 @@ def quantized_matmul_cpu(x2d: jax.Array, qt: QuantizedTensor, prob: Problem) -> 
     levels = np.asarray([0.0] if fmt.is_int else fmt.levels_array(), np.float32)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((prob.m, prob.n), jnp.float32),
                             vmap_method="sequential")
-    return call(x2d, qt.codes, pos.astype(jnp.float32), unused if neg is None else neg.astype(jnp.float32), zero,
-                bits=np.int64(prob.bits), group=np.int64(prob.group), is_int=bool(fmt.is_int),
-                has_neg=neg is not None, has_zero=qt.zero is not None,
-                n_negative=np.int64(int(np.sum(levels < 0))), table=levels)
+    y = call(x2d.astype(jnp.float32), qt.codes, pos.astype(jnp.float32),
+             unused if neg is None else neg.astype(jnp.float32), zero,
+             bits=np.int64(prob.bits), group=np.int64(prob.group), is_int=bool(fmt.is_int),
+             has_neg=neg is not None, has_zero=qt.zero is not None, round_bf16=prob.x_dtype == "bfloat16",
+             n_negative=np.int64(int(np.sum(levels < 0))), table=levels)
+    return y.astype(x2d.dtype)

@@ -8,14 +8,16 @@
 // M = 8). Otherwise, and for a last partial block: a portable loop over kBlockN columns (ColumnBlock).
 //
 // Numerics: each weight is computed exactly as afpq_jax._src.quantizer.decode does in float32 —
-// (code - zero) * scale (INT) or level * scale (codebook; s_neg for negative levels) — and the products are
-// summed in float32 in K order (XLA's dot sums in another order: the results differ by rounding only).
+// (code - zero) * scale (INT) or level * scale (codebook; s_neg for negative levels) — rounded to bfloat16 when
+// x is bfloat16 (the caller passes x as float32, exactly), and the products are summed in float32 in K order
+// (XLA's dot sums in another order: the results differ by rounding only).
 // Keep -ffast-math off: it would let the compiler change the decode arithmetic.
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -34,6 +36,7 @@ constexpr int64_t kBlockN = 256;  // columns per task: the (M, 256) f32 accumula
 struct Problem {
   int64_t m, k, n, bits, group, kp;
   bool is_int, has_neg, has_zero;
+  bool round_bf16;     // bfloat16 x: each weight rounded to bfloat16 first (the op's contract: weights in x's dtype)
   int64_t n_negative;  // codebook: codes below this have negative levels (scaled by s_neg)
   float table[16];     // codebook levels, padded to 16
   const float* x;
@@ -41,6 +44,16 @@ struct Problem {
   const float *pos, *neg, *zero;
   float* y;
 };
+
+// float32 -> nearest bfloat16 (ties to even), kept in float32; weights are finite. bf16 x bf16 products are exact
+// in float32, so rounding the weight is all it takes to multiply in bfloat16 with float32 accumulation.
+inline float RoundBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 // Codes of row k, columns [n0, n0 + nb), into out.
 inline void RowCodes(const Problem& p, int64_t k, int64_t n0, int64_t nb, uint8_t* out) {
@@ -96,6 +109,8 @@ void ColumnBlock(const Problem& p, int64_t n0, int64_t nb) {
   for (int64_t k = 0; k < p.k; ++k) {
     RowCodes(p, k, n0, nb, c.data());
     RowWeights(p, k / p.group, n0, nb, c.data(), w.data());
+    if (p.round_bf16)
+      for (int64_t j = 0; j < nb; ++j) w[j] = RoundBf16(w[j]);
     for (int64_t i = 0; i < p.m; ++i) {
       const float xv = p.x[i * p.k + k];
       float* a = acc.data() + i * nb;
@@ -108,6 +123,13 @@ void ColumnBlock(const Problem& p, int64_t n0, int64_t nb) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 constexpr bool kWide = true;
 constexpr int64_t kWideN = 512;
+
+inline __m512 RoundBf16(__m512 w) {
+  const __m512i u = _mm512_castps_si512(w);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
 
 // Where row k's codes live: byte rows (column 0) and bit offsets of its plane(s), and the byte rows
 // kPrefetchRows ahead. Computed once per row: the divisions cost more than decoding a 64-column chunk.
@@ -188,6 +210,7 @@ void BlockWide(const Problem& p, int64_t n0, int64_t i0) {
             const __mmask16 is_neg = _mm512_cmplt_epu32_mask(c, n_negative);
             w = _mm512_mul_ps(_mm512_permutexvar_ps(c, table), _mm512_mask_blend_ps(is_neg, pos, neg));
           }
+          if (p.round_bf16) w = RoundBf16(w);
           for (int i = 0; i < MI; ++i)
             _mm512_store_ps(acc[i] + col, _mm512_fmadd_ps(xv[i], w, _mm512_load_ps(acc[i] + col)));
         }
@@ -235,6 +258,7 @@ void BlockTall(const Problem& p, int64_t n0, int64_t i0) {
           const __mmask16 is_neg = _mm512_cmplt_epu32_mask(c, n_negative);
           w = _mm512_mul_ps(_mm512_permutexvar_ps(c, table), _mm512_mask_blend_ps(is_neg, pos, other));
         }
+        if (p.round_bf16) w = RoundBf16(w);
         for (int i = 0; i < MI; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(p.x[(i0 + i) * p.k + k]), w, acc[i]);
       }
     }
@@ -296,7 +320,8 @@ void RunBlocks(const Problem& p, ffi::ThreadPool& pool) {
 ffi::Error QuantizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                            ffi::Buffer<ffi::F32> pos, ffi::Buffer<ffi::F32> neg, ffi::Buffer<ffi::F32> zero,
                            ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group, bool is_int,
-                           bool has_neg, bool has_zero, int64_t n_negative, ffi::Span<const float> table) {
+                           bool has_neg, bool has_zero, bool round_bf16, int64_t n_negative,
+                           ffi::Span<const float> table) {
   const auto xd = x.dimensions();
   const auto cd = codes.dimensions();
   if (xd.size() != 2 || cd.size() != 2) return ffi::Error::InvalidArgument("x and codes must be 2-D");
@@ -313,6 +338,7 @@ ffi::Error QuantizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   p.is_int = is_int;
   p.has_neg = has_neg;
   p.has_zero = has_zero;
+  p.round_bf16 = round_bf16;
   p.n_negative = n_negative;
   if (table.size() == 0) return ffi::Error::InvalidArgument("empty code book");
   std::fill(p.table, p.table + 16, table.back());
@@ -343,5 +369,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AfpqQuantizedMatmulCpu, QuantizedMatmul,
                                   .Attr<bool>("is_int")
                                   .Attr<bool>("has_neg")
                                   .Attr<bool>("has_zero")
+                                  .Attr<bool>("round_bf16")
                                   .Attr<int64_t>("n_negative")
                                   .Attr<ffi::Span<const float>>("table"));
