@@ -97,6 +97,13 @@ def _set_float(var, arr, name: str, path: ModelPath) -> None:
     var.set_value(jnp.asarray(arr, dtype=var.get_value().dtype))
 
 
+def _place_whole(arr, want: jax.ShapeDtypeStruct, sharding, name: str, path: ModelPath) -> jax.Array:
+    """A whole float tensor, checked against ``want``, placed with ``sharding``."""
+    _check_shape(arr, want.shape, name, path)
+    _check_float(arr.dtype, name)
+    return jax.device_put(np.asarray(arr, want.dtype), sharding)
+
+
 class CheckpointWeights:
     """Float weights of an opened checkpoint, read tensor by tensor on demand (random access)."""
 
@@ -142,14 +149,11 @@ class CheckpointWeights:
 
     def read_sharded(self, name: str, transpose: bool, want: jax.ShapeDtypeStruct, sharding,
                      path: ModelPath) -> jax.Array:
-        """Tensor ``name`` in model layout as an array with ``sharding``. From safetensors each addressable shard
-        is read on its own (`Source.read_slice`: a host reads only its shards' bytes); other formats read the
-        tensor once and place it."""
+        """Tensor ``name`` in model layout as an array with ``sharding``. Where the source reads slices
+        (safetensors, GGUF) each addressable shard is read on its own (`Source.read_slice`: a host reads only its
+        shards); other formats read the tensor once and place it."""
         if not self.source.reads_slices:
-            arr = to_model_layout(self.source.read(name), transpose)
-            _check_shape(arr, want.shape, name, path)
-            _check_float(arr.dtype, name)
-            return jax.device_put(np.asarray(arr, want.dtype), sharding)
+            return _place_whole(to_model_layout(self.source.read(name), transpose), want, sharding, name, path)
         dtype, shape = self.source.describe(name)
         _check_dims(shape[::-1] if transpose else shape, want.shape, name, path)
         _check_float(dtype, name)
@@ -201,10 +205,8 @@ class ModelWeights:
         return np.asarray(self._state[path])
 
     def read_outer_sharded(self, path: ModelPath, want: jax.ShapeDtypeStruct, sharding) -> jax.Array:
-        arr = self.read_outer(path)  # in memory already: placed whole, then sharded
-        _check_shape(arr, want.shape, dotted(path), path)
-        _check_float(arr.dtype, dotted(path))
-        return jax.device_put(np.asarray(arr, want.dtype), sharding)
+        # in memory already: placed whole, then sharded
+        return _place_whole(self.read_outer(path), want, sharding, dotted(path), path)
 
 
 def abstract_model(cfg: ModelConfig, quant: Mapping[str, QuantScheme] | None = None, dtype=jnp.float32):

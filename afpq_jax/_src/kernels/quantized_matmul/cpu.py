@@ -126,5 +126,5 @@ def quantized_matmul_cpu(x2d: jax.Array, qt: QuantizedTensor, prob: Problem) -> 
              unused if neg is None else neg.astype(jnp.float32), zero,
              bits=np.int64(prob.bits), group=np.int64(prob.group), is_int=bool(fmt.is_int),
              has_neg=neg is not None, has_zero=qt.zero is not None, round_bf16=prob.x_dtype == "bfloat16",
-             n_negative=np.int64(int(np.sum(levels < 0))), table=levels)
+             table=levels)
     return y.astype(x2d.dtype)

@@ -37,7 +37,7 @@ struct Problem {
   int64_t m, k, n, bits, group, kp;
   bool is_int, has_neg, has_zero;
   bool round_bf16;     // bfloat16 x: each weight rounded to bfloat16 first (the op's contract: weights in x's dtype)
-  int64_t n_negative;  // codebook: codes below this have negative levels (scaled by s_neg)
+  int64_t n_negative;  // codebook: codes below this have negative levels (scaled by s_neg); from the table
   float table[16];     // codebook levels, padded to 16
   const float* x;
   const uint8_t* codes;
@@ -55,90 +55,15 @@ inline float RoundBf16(float f) {
   return f;
 }
 
-// Codes of row k, columns [n0, n0 + nb), into out.
-inline void RowCodes(const Problem& p, int64_t k, int64_t n0, int64_t nb, uint8_t* out) {
-  if (p.bits == 3) {  // a 2-bit plane (4 rows per byte), then a 1-bit plane (8 rows per byte)
-    const uint8_t* lo = p.codes + (k / 4) * p.n + n0;
-    const uint8_t* hi = p.codes + (p.kp / 4 + k / 8) * p.n + n0;
-    const int s0 = 2 * static_cast<int>(k % 4), s1 = static_cast<int>(k % 8);
-    for (int64_t j = 0; j < nb; ++j) out[j] = ((lo[j] >> s0) & 3) | (((hi[j] >> s1) & 1) << 2);
-    return;
-  }
-  const int w = static_cast<int>(p.bits), per_byte = 8 / w;
-  const uint8_t* row = p.codes + (k / per_byte) * p.n + n0;
-  const int shift = w * static_cast<int>(k % per_byte);
-  const uint8_t mask = static_cast<uint8_t>((1 << w) - 1);
-  for (int64_t j = 0; j < nb; ++j) out[j] = (row[j] >> shift) & mask;
-}
-
-// Weights of row k (scales of its group) from its codes.
-inline void RowWeights(const Problem& p, int64_t group, int64_t n0, int64_t nb, const uint8_t* c, float* w) {
-  const float* pos = p.pos + group * p.n + n0;
-  if (p.is_int) {
-    if (p.has_zero) {
-      const float* zero = p.zero + group * p.n + n0;
-      for (int64_t j = 0; j < nb; ++j) w[j] = (static_cast<float>(c[j]) - zero[j]) * pos[j];
-    } else {
-      const float mid = static_cast<float>(1 << (p.bits - 1));
-      for (int64_t j = 0; j < nb; ++j) w[j] = (static_cast<float>(c[j]) - mid) * pos[j];
-    }
-    return;
-  }
-  const float* neg = p.has_neg ? p.neg + group * p.n + n0 : pos;
-  const uint8_t n_negative = static_cast<uint8_t>(p.n_negative);
-  int64_t j = 0;
-#if defined(__AVX512F__)
-  // 16-entry lookup in one permute: the table lives in one register.
-  const __m512 table = _mm512_loadu_ps(p.table);
-  for (; j + 16 <= nb; j += 16) {
-    const __m128i c8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + j));
-    const __m512i idx = _mm512_cvtepu8_epi32(c8);
-    const __m512 level = _mm512_permutexvar_ps(idx, table);
-    const __mmask16 is_neg = _mm512_cmplt_epu32_mask(idx, _mm512_set1_epi32(n_negative));
-    const __m512 scale = _mm512_mask_blend_ps(is_neg, _mm512_loadu_ps(pos + j), _mm512_loadu_ps(neg + j));
-    _mm512_storeu_ps(w + j, _mm512_mul_ps(level, scale));
-  }
-#endif
-  for (; j < nb; ++j) w[j] = p.table[c[j]] * (c[j] < n_negative ? neg[j] : pos[j]);
-}
-
-// Portable path: columns [n0, n0 + nb), every row of x.
-void ColumnBlock(const Problem& p, int64_t n0, int64_t nb) {
-  std::vector<float> acc(p.m * nb, 0.0f), w(nb);
-  std::vector<uint8_t> c(nb);
-  for (int64_t k = 0; k < p.k; ++k) {
-    RowCodes(p, k, n0, nb, c.data());
-    RowWeights(p, k / p.group, n0, nb, c.data(), w.data());
-    if (p.round_bf16)
-      for (int64_t j = 0; j < nb; ++j) w[j] = RoundBf16(w[j]);
-    for (int64_t i = 0; i < p.m; ++i) {
-      const float xv = p.x[i * p.k + k];
-      float* a = acc.data() + i * nb;
-      for (int64_t j = 0; j < nb; ++j) a[j] += xv * w[j];
-    }
-  }
-  for (int64_t i = 0; i < p.m; ++i) std::copy(acc.begin() + i * nb, acc.begin() + (i + 1) * nb, p.y + i * p.n + n0);
-}
-
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-constexpr bool kWide = true;
-constexpr int64_t kWideN = 512;
-
-inline __m512 RoundBf16(__m512 w) {
-  const __m512i u = _mm512_castps_si512(w);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
-
-// Where row k's codes live: byte rows (column 0) and bit offsets of its plane(s), and the byte rows
-// kPrefetchRows ahead. Computed once per row: the divisions cost more than decoding a 64-column chunk.
-// Each K row's bytes sit in another 4 KiB page, where hardware prefetchers stop; fetching the lines
+// Where row k's codes live: byte rows (column 0) and bit offsets of its plane(s) (afpq_jax._src.packing: a
+// 2-bit plane, 4 rows per byte, then a 1-bit plane, 8 rows per byte, for 3-bit codes; one plane otherwise), and
+// the byte rows kPrefetchRows ahead. Computed once per row: the divisions cost more than decoding a 64-column
+// chunk. Each K row's bytes sit in another 4 KiB page, where hardware prefetchers stop; fetching the lines
 // kPrefetchRows byte rows ahead made the M=1 loop ~1.8x faster (as fast as with cache-resident codes).
 constexpr int64_t kPrefetchRows = 16;
 
 struct RowRef {
-  const uint8_t *lo, *hi, *lo_ahead, *hi_ahead;  // hi: the 1-bit plane of 3-bit codes
+  const uint8_t *lo, *hi, *lo_ahead, *hi_ahead;  // hi: the 1-bit plane of 3-bit codes, else null
   int lo_shift, hi_shift, lo_mask;
 };
 
@@ -164,6 +89,59 @@ inline RowRef RowOf(const Problem& p, int64_t k) {
   return r;
 }
 
+// Codes of a row, columns [n0, n0 + nb), into out.
+inline void RowCodes(const RowRef& r, int64_t n0, int64_t nb, uint8_t* out) {
+  for (int64_t j = 0; j < nb; ++j) out[j] = (r.lo[n0 + j] >> r.lo_shift) & r.lo_mask;
+  if (r.hi != nullptr)
+    for (int64_t j = 0; j < nb; ++j) out[j] |= ((r.hi[n0 + j] >> r.hi_shift) & 1) << 2;
+}
+
+// Weights of row k (scales of its group) from its codes.
+inline void RowWeights(const Problem& p, int64_t group, int64_t n0, int64_t nb, const uint8_t* c, float* w) {
+  const float* pos = p.pos + group * p.n + n0;
+  if (p.is_int) {
+    if (p.has_zero) {
+      const float* zero = p.zero + group * p.n + n0;
+      for (int64_t j = 0; j < nb; ++j) w[j] = (static_cast<float>(c[j]) - zero[j]) * pos[j];
+    } else {
+      const float mid = static_cast<float>(1 << (p.bits - 1));
+      for (int64_t j = 0; j < nb; ++j) w[j] = (static_cast<float>(c[j]) - mid) * pos[j];
+    }
+    return;
+  }
+  const float* neg = p.has_neg ? p.neg + group * p.n + n0 : pos;
+  for (int64_t j = 0; j < nb; ++j) w[j] = p.table[c[j]] * (c[j] < p.n_negative ? neg[j] : pos[j]);
+}
+
+// Portable path: columns [n0, n0 + nb), every row of x.
+void ColumnBlock(const Problem& p, int64_t n0, int64_t nb) {
+  std::vector<float> acc(p.m * nb, 0.0f), w(nb);
+  std::vector<uint8_t> c(nb);
+  for (int64_t k = 0; k < p.k; ++k) {
+    RowCodes(RowOf(p, k), n0, nb, c.data());
+    RowWeights(p, k / p.group, n0, nb, c.data(), w.data());
+    if (p.round_bf16)
+      for (int64_t j = 0; j < nb; ++j) w[j] = RoundBf16(w[j]);
+    for (int64_t i = 0; i < p.m; ++i) {
+      const float xv = p.x[i * p.k + k];
+      float* a = acc.data() + i * nb;
+      for (int64_t j = 0; j < nb; ++j) a[j] += xv * w[j];
+    }
+  }
+  for (int64_t i = 0; i < p.m; ++i) std::copy(acc.begin() + i * nb, acc.begin() + (i + 1) * nb, p.y + i * p.n + n0);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+constexpr bool kWide = true;
+constexpr int64_t kWideN = 512;
+
+inline __m512 RoundBf16(__m512 w) {
+  const __m512i u = _mm512_castps_si512(w);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
 inline void PrefetchAhead(const RowRef& r, int64_t col) {
   _mm_prefetch(reinterpret_cast<const char*>(r.lo_ahead + col), _MM_HINT_T0);
   if (r.hi != nullptr) _mm_prefetch(reinterpret_cast<const char*>(r.hi_ahead + col), _MM_HINT_T0);
@@ -180,14 +158,33 @@ inline __m512i RowCodes64(const RowRef& r, int64_t col) {
   return _mm512_or_si512(lo, _mm512_add_epi8(h, _mm512_add_epi8(h, _mm512_add_epi8(h, h))));  // h << 2
 }
 
+// Weights16 / Other16 are forced inline: GCC left them out of line, and M=1 INT4 ran ~15% slower.
+// 16 weights from their codes (int32 lanes). ``other``: the zero point (INT; 2^(bits-1) when symmetric) or s_neg
+// (codebook; s_pos when symmetric).
+__attribute__((always_inline)) inline __m512 Weights16(const Problem& p, __m512i c, __m512 pos, __m512 other, __m512 table) {
+  __m512 w;
+  if (p.is_int) {
+    w = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c), other), pos);
+  } else {  // the level by one permute of the 16-entry table in a register; the scale by the level's sign
+    const __mmask16 is_neg = _mm512_cmplt_epu32_mask(c, _mm512_set1_epi32(static_cast<int>(p.n_negative)));
+    w = _mm512_mul_ps(_mm512_permutexvar_ps(c, table), _mm512_mask_blend_ps(is_neg, pos, other));
+  }
+  if (p.round_bf16) w = RoundBf16(w);
+  return w;
+}
+
+// The ``other`` of `Weights16` for the 16 columns at ``at`` (an offset into the scale arrays).
+__attribute__((always_inline)) inline __m512 Other16(const Problem& p, int64_t at) {
+  if (p.is_int) return p.has_zero ? _mm512_loadu_ps(p.zero + at) : _mm512_set1_ps(static_cast<float>(1 << (p.bits - 1)));
+  return _mm512_loadu_ps((p.has_neg ? p.neg : p.pos) + at);
+}
+
 // Columns [n0, n0 + kWideN), x rows [i0, i0 + MI): rows in K order, each row's kWideN code bytes decoded
 // 64 at a time into float32 accumulators in L1.
 template <int MI>
 void BlockWide(const Problem& p, int64_t n0, int64_t i0) {
   alignas(64) float acc[MI][kWideN] = {};
   const __m512 table = _mm512_loadu_ps(p.table);
-  const __m512i n_negative = _mm512_set1_epi32(static_cast<int>(p.n_negative));
-  const __m512 mid = _mm512_set1_ps(static_cast<float>(1 << (p.bits - 1)));
   for (int64_t g0 = 0; g0 < p.k; g0 += p.group) {
     const int64_t base = (g0 / p.group) * p.n + n0, g1 = std::min(g0 + p.group, p.k);
     for (int64_t k = g0; k < g1; ++k) {
@@ -200,17 +197,7 @@ void BlockWide(const Problem& p, int64_t n0, int64_t i0) {
         for (int q = 0; q < 4; ++q) {
           const int64_t col = c0 + 16 * q;
           const __m512i c = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, q));
-          const __m512 pos = _mm512_loadu_ps(p.pos + base + col);
-          __m512 w;
-          if (p.is_int) {
-            const __m512 zero = p.has_zero ? _mm512_loadu_ps(p.zero + base + col) : mid;
-            w = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c), zero), pos);
-          } else {
-            const __m512 neg = p.has_neg ? _mm512_loadu_ps(p.neg + base + col) : pos;
-            const __mmask16 is_neg = _mm512_cmplt_epu32_mask(c, n_negative);
-            w = _mm512_mul_ps(_mm512_permutexvar_ps(c, table), _mm512_mask_blend_ps(is_neg, pos, neg));
-          }
-          if (p.round_bf16) w = RoundBf16(w);
+          const __m512 w = Weights16(p, c, _mm512_loadu_ps(p.pos + base + col), Other16(p, base + col), table);
           for (int i = 0; i < MI; ++i)
             _mm512_store_ps(acc[i] + col, _mm512_fmadd_ps(xv[i], w, _mm512_load_ps(acc[i] + col)));
         }
@@ -237,28 +224,16 @@ inline __m512i RowCodes16(const RowRef& r, int64_t col) {
 template <int MI>
 void BlockTall(const Problem& p, int64_t n0, int64_t i0) {
   const __m512 table = _mm512_loadu_ps(p.table);
-  const __m512i n_negative = _mm512_set1_epi32(static_cast<int>(p.n_negative));
-  const __m512 mid = _mm512_set1_ps(static_cast<float>(1 << (p.bits - 1)));
   for (int64_t col = n0; col < n0 + kWideN; col += 16) {
     __m512 acc[MI];
     for (int i = 0; i < MI; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t g0 = 0; g0 < p.k; g0 += p.group) {
       const int64_t base = (g0 / p.group) * p.n + col, g1 = std::min(g0 + p.group, p.k);
-      const __m512 pos = _mm512_loadu_ps(p.pos + base);
-      const __m512 other = p.is_int ? (p.has_zero ? _mm512_loadu_ps(p.zero + base) : mid)
-                                    : (p.has_neg ? _mm512_loadu_ps(p.neg + base) : pos);
+      const __m512 pos = _mm512_loadu_ps(p.pos + base), other = Other16(p, base);
       for (int64_t k = g0; k < g1; ++k) {
         const RowRef row = RowOf(p, k);
         if (col % 64 == 0) PrefetchAhead(row, col);
-        const __m512i c = RowCodes16(row, col);
-        __m512 w;
-        if (p.is_int) {
-          w = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c), other), pos);
-        } else {
-          const __mmask16 is_neg = _mm512_cmplt_epu32_mask(c, n_negative);
-          w = _mm512_mul_ps(_mm512_permutexvar_ps(c, table), _mm512_mask_blend_ps(is_neg, pos, other));
-        }
-        if (p.round_bf16) w = RoundBf16(w);
+        const __m512 w = Weights16(p, RowCodes16(row, col), pos, other, table);
         for (int i = 0; i < MI; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(p.x[(i0 + i) * p.k + k]), w, acc[i]);
       }
     }
@@ -320,8 +295,7 @@ void RunBlocks(const Problem& p, ffi::ThreadPool& pool) {
 ffi::Error QuantizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                            ffi::Buffer<ffi::F32> pos, ffi::Buffer<ffi::F32> neg, ffi::Buffer<ffi::F32> zero,
                            ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group, bool is_int,
-                           bool has_neg, bool has_zero, bool round_bf16, int64_t n_negative,
-                           ffi::Span<const float> table) {
+                           bool has_neg, bool has_zero, bool round_bf16, ffi::Span<const float> table) {
   const auto xd = x.dimensions();
   const auto cd = codes.dimensions();
   if (xd.size() != 2 || cd.size() != 2) return ffi::Error::InvalidArgument("x and codes must be 2-D");
@@ -332,17 +306,16 @@ ffi::Error QuantizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   p.bits = bits;
   p.group = group;
   p.kp = (p.k + 7) / 8 * 8;
-  if (bits < 1 || bits > 8 || 8 % bits != 0 && bits != 3) return ffi::Error::InvalidArgument("bad bits");
+  if (bits < 1 || bits > 8 || (8 % bits != 0 && bits != 3)) return ffi::Error::InvalidArgument("bad bits");
   if (cd[0] != p.kp * bits / 8) return ffi::Error::InvalidArgument("codes rows do not match K and bits");
-  if (table.size() > 16) return ffi::Error::InvalidArgument("the code book has more than 16 levels");
+  if (table.size() == 0 || table.size() > 16) return ffi::Error::InvalidArgument("the code book needs 1 to 16 levels");
   p.is_int = is_int;
   p.has_neg = has_neg;
   p.has_zero = has_zero;
   p.round_bf16 = round_bf16;
-  p.n_negative = n_negative;
-  if (table.size() == 0) return ffi::Error::InvalidArgument("empty code book");
   std::fill(p.table, p.table + 16, table.back());
   std::copy(table.begin(), table.end(), p.table);
+  p.n_negative = std::count_if(table.begin(), table.end(), [](float v) { return v < 0; });  // levels ascend
   p.x = x.typed_data();
   p.codes = codes.typed_data();
   p.pos = pos.typed_data();
@@ -370,5 +343,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AfpqQuantizedMatmulCpu, QuantizedMatmul,
                                   .Attr<bool>("has_neg")
                                   .Attr<bool>("has_zero")
                                   .Attr<bool>("round_bf16")
-                                  .Attr<int64_t>("n_negative")
                                   .Attr<ffi::Span<const float>>("table"));
