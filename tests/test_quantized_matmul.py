@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 import afpq_jax
 from afpq_jax._src import quantizer
@@ -145,6 +146,10 @@ SHAPES = {
         ("nf3", 64, True, (130, 576), 96, jnp.bfloat16, None),          # 2 M tiles, 3-bit split rows
         ("int3", 256, True, (4, 1024), 128, jnp.float32, BlockConfig(block_k=128)),  # group > block_k
         ("int2", None, False, (2, 3, 512), 128, jnp.bfloat16, None),    # leading axes
+        # Codebook levels by select tree / FP4 arithmetic instead of the table load (K tail, unmasked K, 3-bit).
+        ("nf4", 128, True, (16, 1040), 300, jnp.float16, BlockConfig(lookup=False)),
+        ("fp4_e2m1", 32, True, (3, 576), 200, jnp.float32, BlockConfig(lookup=False, block_k=64)),
+        ("nf3", 64, True, (5, 576), 96, jnp.bfloat16, BlockConfig(lookup=False)),
     ],
     "mosaic_gpu": [
         ("int4", 128, True, (1, 512), 128, jnp.bfloat16, None),         # decode (M padded to 64)
@@ -240,6 +245,14 @@ def test_triton_lowers(case, verified_triton_modules):
     assert len(verified_triton_modules) == 1
 
 
+@pytest.mark.parametrize("fmt", ["nf4", "fp4_e2m1", "nf3"])
+def test_triton_select_tree_lowers(fmt, verified_triton_modules):
+    f = lambda x, q: quantized_matmul(x, q, implementation="triton", config=BlockConfig(lookup=False))  # noqa: E731
+    text = jax.jit(f).trace(*_avals(fmt, 128, True, (16, 576), 1536, jnp.bfloat16)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text and len(verified_triton_modules) == 1
+
+
 @pytest.mark.parametrize("case", MOSAIC_GPU_LOWER_CASES,
                          ids=lambda c: f"{c[0]}-g{c[1]}-m{c[3][0]}-{jnp.dtype(c[5]).name}")
 def test_mosaic_gpu_lowers(case):
@@ -280,6 +293,71 @@ def test_kernels_have_no_gather(impl):
         names = _kernel_primitives(impl, case)
         assert not {"gather", "dynamic_slice", "scatter"} & names, names
         assert "dot_general" in names or "wgmma" in " ".join(names)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ALU work per weight (`roofline.kernel_ops`): the counter against hand-counted kernels, then the kernels.
+
+def _ops_of(kernel, *avals):
+    def call(*args):
+        return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((16, 32), jnp.float32), interpret=True)(*args)
+    return roofline.kernel_ops(jax.make_jaxpr(call)(*avals))
+
+
+def test_kernel_ops_counts_hand_counted_kernels():
+    x = jax.ShapeDtypeStruct((16, 64), jnp.float32)
+    codes = jax.ShapeDtypeStruct((64, 32), jnp.uint8)
+    table = jax.ShapeDtypeStruct((16,), jnp.float32)
+
+    def arithmetic(x_ref, c_ref, o_ref):  # 6 ops per weight: convert, sub, mul, then lt, mul, select_n
+        w = (c_ref[...].astype(jnp.float32) - 8.0) * 0.5
+        w = jnp.where(w < 0, w, 2 * w)
+        o_ref[...] = jnp.dot(x_ref[...], w, preferred_element_type=jnp.float32)
+
+    ops = _ops_of(arithmetic, x, codes)
+    assert ops.by_primitive == {"convert_element_type": 1.0, "sub": 1.0, "mul": 2.0, "lt": 1.0, "select_n": 1.0}
+    assert ops.ops == 6.0 and ops.loads == 0.0
+
+    def looked_up(x_ref, c_ref, t_ref, o_ref):  # one convert, one table read per weight; x's ops are per x element
+        w = t_ref[c_ref[...].astype(jnp.int32)]
+        o_ref[...] = jnp.dot(x_ref[...] * 2.0, w, preferred_element_type=jnp.float32)
+
+    ops = _ops_of(looked_up, x, codes, table)
+    assert ops.loads == 1.0
+    assert ops.by_primitive == {"convert_element_type": 1.0, "mul": 16 * 64 / (64 * 32)}
+
+    def loop(x_ref, c_ref, o_ref):  # a loop body is counted once against its own multiplies
+        def body(t, acc):
+            w = c_ref[pl.ds(t * 32, 32), :].astype(jnp.float32)
+            return acc + jnp.dot(x_ref[:, pl.ds(t * 32, 32)], w, preferred_element_type=jnp.float32)
+        o_ref[...] = jax.lax.fori_loop(0, 2, body, jnp.zeros((16, 32), jnp.float32))
+
+    ops = _ops_of(loop, x, codes)
+    assert ops.by_primitive["convert_element_type"] == 1.0
+    with pytest.raises(ValueError, match="no matrix multiply"):
+        roofline.kernel_ops(jax.make_jaxpr(lambda a: a * 2)(x))
+
+
+def test_triton_table_lookup_cuts_vector_ops():
+    # NF4-asym decode: the select tree costs ~30 vector ops per weight; the table load leaves < 8 and one lookup.
+    avals = _avals("nf4", 128, True, (1, 4096), 4096, jnp.bfloat16)
+
+    def ops(impl, config=None):
+        f = lambda x, q: quantized_matmul(x, q, implementation=impl, config=config)  # noqa: E731
+        return roofline.kernel_ops(jax.make_jaxpr(f)(*avals))
+
+    lut, tree = ops("triton"), ops("triton", BlockConfig(lookup=False))
+    assert lut.loads == 1.0 and lut.ops < 8 and "select_n" in lut.by_primitive
+    assert tree.loads == 0.0 and tree.ops > 25 and tree.by_primitive["select_n"] >= 15
+    assert ops("mosaic_tpu").ops > 25  # no gather on TPU: the select tree stays
+
+
+def test_triton_reads_x_unpermuted():
+    # x goes into the kernel as it is: no XLA-side permutation (pad / transpose) around the Triton call.
+    for case in (LOWER_CASES[0], LOWER_CASES[2]):
+        jaxpr = jax.make_jaxpr(lambda x, q: quantized_matmul(x, q, implementation="triton"))(*_avals(*case))
+        outer = {e.primitive.name for e in jaxpr.jaxpr.eqns}
+        assert "pallas_call" in outer and not {"pad", "transpose"} & outer, outer
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """In-kernel decoding of packed codes: pure jnp on tiles, shared by every Pallas kernel.
 
-Only shifts, masks, compares, selects, converts and multiplies: no gathers (Mosaic TPU has none, and a
-16-entry select tree is cheaper than a shared-memory lookup on GPU for these tile shapes).
+Shifts, masks, compares, selects, converts and multiplies, plus, where the kernel can read a small table per
+element (Triton: an L1-resident global load), one table lookup for a codebook level (`lookup_table`) in place of
+the select tree or FP4 bit construction. Mosaic TPU and Mosaic GPU have no such gather and use the arithmetic.
 
 Bit-exactness: every path computes the same float32 product as `afpq_jax._src.quantizer.decode` —
 ``level * scale`` (codebook; the scale is s_neg for negative levels, s_pos otherwise) or
@@ -95,35 +96,50 @@ def _pad_table(levels: tuple[float, ...], size: int) -> list[float]:
     return lv + [lv[-1]] * (size - len(lv))  # codes past the table never occur in a valid tensor
 
 
-def dequant(prob: Problem, code: jax.Array, sc: Scales) -> jax.Array:
-    """Codes (int32 tile) -> float32 weights, bit-identical to the reference decode."""
+def lookup_table(prob: Problem) -> np.ndarray:
+    """float32 ``(2**bits,)`` table a kernel indexes by code in `dequant`'s ``lookup``: the level's magnitude for
+    the sign-folding kinds ("e2m1", "signsym": the sign comes with the scale), the signed level for "table"."""
+    if prob.kind == "int":
+        raise ValueError("INT codes decode arithmetically; there is no level table")
+    levels = _pad_table(prob.fmt.levels, 2**prob.bits)
+    if prob.kind in ("e2m1", "signsym"):
+        levels = [abs(v) for v in levels]
+    return np.asarray(levels, np.float32)
+
+
+def dequant(prob: Problem, code: jax.Array, sc: Scales, lookup=None) -> jax.Array:
+    """Codes (int32 tile) -> float32 weights, bit-identical to the reference decode.
+
+    ``lookup(code)``, when given, returns `lookup_table` at each code (a kernel's table read); codebook levels
+    then cost one lookup instead of a select tree or the FP4 bit construction. INT ignores it."""
     fmt = prob.fmt
     if prob.kind == "int":
         zero = sc.zero if prob.has_zero else np.float32(2 ** (prob.bits - 1))
         return (code.astype(jnp.float32) - zero) * sc.pos
     n = 2**prob.bits
     half = n // 2
-    if prob.kind == "e2m1":
+    if prob.kind in ("e2m1", "signsym"):
         neg = code < half
-        pattern = jnp.where(neg, (half - 1) - code, code - half)  # E2M1 magnitude bits e1 e0 m0
-        big = jax.lax.bitcast_convert_type((pattern + _F32_ONE_HALF_BITS) << 22, jnp.float32)
-        mag = jnp.where(pattern >= 2, big, pattern.astype(jnp.float32) * np.float32(0.5))
+        if lookup is not None:
+            mag = lookup(code)
+        elif prob.kind == "e2m1":
+            pattern = jnp.where(neg, (half - 1) - code, code - half)  # E2M1 magnitude bits e1 e0 m0
+            big = jax.lax.bitcast_convert_type((pattern + _F32_ONE_HALF_BITS) << 22, jnp.float32)
+            mag = jnp.where(pattern >= 2, big, pattern.astype(jnp.float32) * np.float32(0.5))
+        else:
+            idx = jnp.where(neg, (half - 1) - code, code - half)
+            mag = _select_tree(idx, [abs(v) for v in fmt.levels[half:]])
         return mag * jnp.where(neg, sc.neg, sc.pos)
-    if prob.kind == "signsym":
-        neg = code < half
-        idx = jnp.where(neg, (half - 1) - code, code - half)
-        mag = _select_tree(idx, [abs(v) for v in fmt.levels[half:]])
-        return mag * jnp.where(neg, sc.neg, sc.pos)
-    # General table (NF4, NF3): value by select tree, scale by the level's sign.
-    value = _select_tree(code, _pad_table(fmt.levels, n))
+    # General table (NF4, NF3): the value, then the scale by the level's sign.
+    value = lookup(code) if lookup is not None else _select_tree(code, _pad_table(fmt.levels, n))
     if prob.has_neg:
         n_negative = int(np.sum(np.asarray(fmt.levels) < 0))
         return value * jnp.where(code < n_negative, sc.neg, sc.pos)
     return value * sc.pos
 
 
-def dequant_slots(prob: Problem, planes: list[jax.Array], sc: Scales) -> list[jax.Array]:
-    return [dequant(prob, c, sc) for c in slot_codes(prob, planes)]
+def dequant_slots(prob: Problem, planes: list[jax.Array], sc: Scales, lookup=None) -> list[jax.Array]:
+    return [dequant(prob, c, sc, lookup) for c in slot_codes(prob, planes)]
 
 
 def integer_level(prob: Problem, code: jax.Array) -> jax.Array:

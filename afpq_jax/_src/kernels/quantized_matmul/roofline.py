@@ -126,3 +126,105 @@ def ideal_bytes(prob: Problem) -> float:
     per_group_bytes = s_item * (1 + prob.has_neg) + prob.has_zero
     return (prob.packed_rows * prob.n + prob.num_groups * prob.n * per_group_bytes
             + (prob.m * prob.k + prob.m * prob.n) * itemsize)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ALU side: vector operations per weight in a kernel's traced body.
+
+# Primitives that move or re-lay data rather than compute on it (register broadcasts and reshapes are free or
+# nearly so inside a kernel; memory ops are counted apart).
+_LAYOUT = frozenset({"broadcast_in_dim", "reshape", "squeeze", "expand_dims", "iota", "slice", "concatenate",
+                     "split", "transpose"})
+_MEMORY = frozenset({"get", "swap", "load", "masked_load", "masked_swap", "store"})
+_CALLS = frozenset({"pjit", "jit", "closed_call", "custom_jvp_call", "custom_vjp_call"})
+_KERNELS = frozenset({"pallas_call", "core_map", "mpmd_map"})
+_TABLE_MAX = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOps:
+    """Vector work of a kernel's weight path, per weight it multiplies (static: counted in the traced kernel
+    body, before compiler simplification; loops count their body once, and the weights of the dots in the
+    same body are the denominator).
+
+    ops:     elementwise arithmetic / logic / select / convert elements per weight (the ALU budget).
+    loads:   elements read from refs of at most `_TABLE_MAX` elements (table lookups) per weight.
+    by_primitive: ops per weight by primitive name.
+    """
+
+    ops: float
+    loads: float
+    by_primitive: dict[str, float]
+
+
+def _sub_jaxprs(eqn):
+    import jax.extend as jex
+    for v in eqn.params.values():
+        for s in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(s, jex.core.ClosedJaxpr):
+                yield s.jaxpr
+            elif isinstance(s, jex.core.Jaxpr):
+                yield s
+
+
+def _size(aval) -> int:
+    return int(math.prod(getattr(aval, "shape", ())))
+
+
+def _dot_weights(eqn) -> int:
+    """Weights one matrix-multiply equation consumes: its right operand (dot_general) or the B ref (wgmma)."""
+    if eqn.primitive.name == "dot_general":
+        return _size(eqn.invars[1].aval)
+    if eqn.primitive.name == "wgmma_ref":
+        return _size(eqn.invars[2].aval)
+    return 0
+
+
+def kernel_ops(jaxpr) -> KernelOps:
+    """`KernelOps` of the Pallas kernels in ``jaxpr`` (a ``jax.make_jaxpr`` of a call of the op). Every body
+    inside a kernel that holds matrix multiplies contributes its vector ops (calls such as ``jnp.where``'s are
+    inlined; loops are bodies of their own) over the weights its multiplies consume."""
+    totals: dict[str, int] = {}
+    loads = weights = 0
+
+    def own(j, counts: dict[str, int]) -> tuple[int, int]:
+        """(dot weights, indexed-load elements) of ``j``'s own equations, calls inlined, loops not."""
+        w = indexed = 0
+        for e in j.eqns:
+            name = e.primitive.name
+            if name in _CALLS:
+                for s in _sub_jaxprs(e):
+                    dw, di = own(s, counts)
+                    w, indexed = w + dw, indexed + di
+                continue
+            size = sum(_size(v.aval) for v in e.outvars)
+            if _dot_weights(e):
+                w += _dot_weights(e)
+            elif name in _MEMORY:
+                if name != "swap" and size > 1 and _size(e.invars[0].aval) <= _TABLE_MAX:
+                    indexed += size  # a tile read from a small ref: a table lookup
+            elif name not in _LAYOUT and size > 1 and next(_sub_jaxprs(e), None) is None:
+                counts[name] = counts.get(name, 0) + size
+        return w, indexed
+
+    def walk(j, inside: bool):
+        nonlocal loads, weights
+        if inside:
+            counts: dict[str, int] = {}
+            w, indexed = own(j, counts)
+            if w:  # bodies without a multiply (index math, epilogues) are not per-weight work
+                weights, loads = weights + w, loads + indexed
+                for k, v in counts.items():
+                    totals[k] = totals.get(k, 0) + v
+        for e in j.eqns:
+            if inside and e.primitive.name in _CALLS:
+                continue  # already inlined into this body
+            kernel = inside or e.primitive.name in _KERNELS
+            for s in _sub_jaxprs(e):
+                walk(s, kernel)
+
+    walk(getattr(jaxpr, "jaxpr", jaxpr), False)
+    if not weights:
+        raise ValueError("no matrix multiply found inside a Pallas kernel in this jaxpr")
+    return KernelOps(ops=sum(totals.values()) / weights, loads=loads / weights,
+                     by_primitive={k: v / weights for k, v in sorted(totals.items())})

@@ -8,12 +8,14 @@ Per K tile of ``block_k`` rows the program loads, with masked pointer loads stra
 * the tile's scale rows: ``block_k / group`` rows (or the one row of the group containing the tile when the
   group is at least ``block_k``), each read once per (K tile, N tile) and broadcast to its rows in registers
   (broadcast + reshape, no gather),
-* x's permuted columns for the tile (one ``(block_m, block_k / slots)`` segment per slot),
+* x's columns for each slot straight from x (slot s of tile t: columns ``t*block_k + s + p*r``, a strided
+  pointer load; no XLA-side permutation pass and no padding copy of x),
 
-unpacks and decodes in registers (`decode.dequant`), casts to x's dtype and issues one ``tl.dot`` per slot into
-a float32 accumulator. Out-of-range rows/columns load as 0 (zero scales -> +-0 weights; x is zero-padded past
-K), so K, N and M need not be multiples of the tiles (x and the output are not padded along M: rows past M are
-masked, so a decode step moves no padding bytes). Tile sizes must be powers of two (Triton) and >= 16
+unpacks and decodes in registers (`decode.dequant`; codebook levels by one load per weight from a
+``2**bits``-entry float32 table that stays in L1, unless ``BlockConfig.lookup`` is False), casts to x's dtype and
+issues one ``tl.dot`` per slot into a float32 accumulator. Out-of-range rows/columns load as 0 (zero scales ->
++-0 weights; x's columns past K and rows past M load as 0), so K, N and M need not be multiples of the tiles
+(nothing is padded: a decode step moves no padding bytes). Tile sizes must be powers of two (Triton) and >= 16
 (tensor-core dot minimum).
 
 Decode (M <= 16) has only N / block_n output tiles; ``split_k`` programs then share each tile's K range and
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from afpq_jax._src.kernels.quantized_matmul import base, decode
+from afpq_jax._src.kernels.quantized_matmul import decode
 from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, cdiv
 from afpq_jax._src.kernels.quantized_matmul.xla import dot_precision
 
@@ -80,19 +82,47 @@ def load_code_planes(prob: Problem, c_ref, load_rows, t, bk: int, bn: int) -> li
     return [v.astype(jnp.int32) for v in planes]
 
 
+def uses_lookup(prob: Problem, cfg: BlockConfig) -> bool:
+    """Whether the kernel decodes codebook levels with a table load (an extra table operand)."""
+    return prob.kind != "int" and cfg.lookup is not False
+
+
+def x_slot_indices(prob: Problem, i, bm: int, bk: int) -> tuple[jax.Array, list[jax.Array]]:
+    """Loop-invariant indices of x's slot columns in M tile ``i``: (rows, per-slot column offsets). Slot ``s`` of
+    K tile ``t`` is columns ``t*bk + s + p*r`` (r < bk/p): a strided pointer load of the unpermuted x, written
+    as explicit indices (the Pallas interpreter has no strided slices). Rows past M re-read row M - 1: their
+    outputs are never stored, so they need no mask."""
+    seg = bk // prob.slots
+    rows = jnp.minimum(i * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, seg), 0), prob.m - 1)
+    r = jax.lax.broadcasted_iota(jnp.int32, (bm, seg), 1)
+    return rows, [s + prob.slots * r for s in range(prob.slots)]
+
+
+def load_x_slot(x_ref, prob: Problem, rows, col0, t, bk: int):
+    """Slot columns ``col0 + t*bk`` of x; columns past K read as 0 (masked only when K is not a multiple of
+    ``bk``: otherwise no tile reaches past K)."""
+    cols = col0 + t * bk
+    if prob.k % bk:
+        return pltr.load(x_ref.at[rows, cols], mask=cols < prob.k, other=0)
+    return pltr.load(x_ref.at[rows, cols])
+
+
 def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, per_split: int):
     it = iter(refs)
     x_ref, c_ref, s_ref = next(it), next(it), next(it)
     sn_ref = next(it) if prob.has_neg else None
     z_ref = next(it) if prob.has_zero else None
+    t_ref = next(it) if uses_lookup(prob, cfg) else None
     o_ref = next(it)
+    lookup = None if t_ref is None else (lambda code: pltr.load(t_ref.at[code]))
 
     bm, bn, bk, p = cfg.block_m, cfg.block_n, cfg.block_k, prob.slots
     seg = bk // p
     j, i = pl.program_id(0), pl.program_id(1)
     n0 = j * bn
     col_ok = (n0 + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < prob.n
-    row_ok = (i * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < prob.m  # x is not padded along M
+    row_ok = (i * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < prob.m  # nothing is padded along M
+    x_rows, x_cols = x_slot_indices(prob, i, bm, bk)
     xdt = jnp.dtype(prob.x_dtype)
     precision = dot_precision(xdt)
 
@@ -115,8 +145,8 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, per_split: int):
     def body(t, acc):
         planes = load_code_planes(prob, c_ref, load_rows, t, bk, bn)
         sc = decode.prepare_scales(prob, scale_tile(s_ref, t), scale_tile(sn_ref, t), scale_tile(z_ref, t))
-        for s, w in enumerate(decode.dequant_slots(prob, planes, sc)):
-            xs = pltr.load(x_ref.at[pl.ds(i * bm, bm), pl.ds(t * bk + s * seg, seg)], mask=row_ok, other=0)
+        for s, w in enumerate(decode.dequant_slots(prob, planes, sc, lookup)):
+            xs = load_x_slot(x_ref, prob, x_rows, x_cols[s], t, bk)
             acc = acc + jax.lax.dot_general(xs, w.astype(xdt), (((1,), (0,)), ((), ())), precision=precision,
                                             preferred_element_type=jnp.float32)
         return acc
@@ -142,8 +172,9 @@ def effective_split(prob: Problem, cfg: BlockConfig) -> tuple[int, int]:
 def quantized_matmul_triton(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpret: bool = False):
     p, bm, bn, bk = prob.slots, cfg.block_m, cfg.block_n, cfg.block_k
     tiles = cdiv(prob.kp, bk)
-    xp = base.permute_x(x2d, mp=prob.m, tiles=tiles, block_k=bk, slots=p, segment=bk // p)
     extra = [a for a in (qt.scale_neg, qt.zero) if a is not None]
+    if uses_lookup(prob, cfg):
+        extra.append(jnp.asarray(decode.lookup_table(prob)))
     split, per_split = effective_split(prob, cfg)
     out_shape = (jax.ShapeDtypeStruct((prob.m, prob.n), x2d.dtype) if split == 1 else
                  jax.ShapeDtypeStruct((split, prob.m, prob.n), jnp.float32))
@@ -154,7 +185,7 @@ def quantized_matmul_triton(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpr
         compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"afpq_qmm_{prob.format_name}",
-    )(xp, qt.codes, qt.scale, *extra)
+    )(x2d, qt.codes, qt.scale, *extra)
     return out if split == 1 else jnp.sum(out, axis=0).astype(x2d.dtype)
 
 
