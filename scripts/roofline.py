@@ -5,7 +5,9 @@ Prints (markdown with --markdown):
      int2/int3/int4/fp3/fp4/nf3/nf4 x group 32/64/128/256/per-channel (K=4096) x sym/asym;
   2. decode (M = 1, 16) at K = N = 4096 on TPU v5e and H100: time of a bf16 matmul and of the packed one at the
      HBM roofline (weights + x + output), and the bytes each kernel's default tiling moves relative to that
-     ideal (1.00 = no redundant reads of codes, scales or x; "x_prep" = the XLA pass that permutes x).
+     ideal (1.00 = no redundant reads of codes, scales or x; "x_prep" = the XLA pass that permutes x);
+  3. vector ops per weight of each kernel's decode path (`roofline.kernel_ops`, a static count of the traced
+     kernel body): the ALU side of the roofline.
 
     python scripts/roofline.py [--markdown] [--k 4096] [--n 4096]
 """
@@ -18,11 +20,14 @@ import jax
 import jax.numpy as jnp
 
 import afpq_jax
-from afpq_jax.kernels import IMPLEMENTATIONS, Problem, resolve_config, roofline
+from afpq_jax.kernels import IMPLEMENTATIONS, BlockConfig, Problem, quantized_matmul, resolve_config, roofline
 
 FORMATS = ("int2", "int3", "int4", "fp3_e2m0", "fp4_e2m1", "nf3", "nf4")
 GROUPS = (32, 64, 128, 256, None)
 DEVICES = (("TPU v5e", "TPU v5 lite"), ("H100 SXM", "NVIDIA H100 80GB HBM3"))
+OPS_CASES = (("int4", 128, True), ("int4", 128, False), ("fp4_e2m1", 128, True), ("fp4_e2m1", 128, False),
+             ("nf4", 128, True), ("nf4", 128, False), ("nf3", 128, True), ("fp3_e2m0", 128, True),
+             ("nf4", 256, True), ("nf3", 512, True), ("int2", 128, True))
 DECODE_CASES = (("int4", 128, True), ("fp4_e2m1", 128, True), ("nf4", 128, True), ("nf4", 64, True),
                 ("nf3", 128, True), ("int3", 128, True), ("int2", 128, True), ("nf4", None, False))
 
@@ -38,10 +43,13 @@ def table(rows, header, markdown):
     print("\n".join(out))
 
 
+def _abstract_weight(fmt, g, asym, k, n):
+    return jax.eval_shape(lambda w: afpq_jax.quantize(w, fmt, group_size=g, asym=asym),
+                          jax.ShapeDtypeStruct((k, n), jnp.float32))
+
+
 def _problem(fmt, g, asym, m, k, n):
-    qt = jax.eval_shape(lambda w: afpq_jax.quantize(w, fmt, group_size=g, asym=asym),
-                        jax.ShapeDtypeStruct((k, n), jnp.float32))
-    return Problem.create((m, k), jnp.bfloat16, qt)
+    return Problem.create((m, k), jnp.bfloat16, _abstract_weight(fmt, g, asym, k, n))
 
 
 def main():
@@ -92,6 +100,29 @@ def main():
     print("\nHBM: " + ", ".join(f"{d} {roofline.hbm_bandwidth(k) / 1e9:.0f} GB/s" for d, k in DEVICES)
           + ". mosaic_gpu pads M to 64 rows in HBM (it is the prefill kernel);\nGPU kernels re-read x per N tile from "
           "L2 (not counted); the Triton split-K partial sums are counted.")
+
+    print(f"\n## Vector ops per weight in each kernel's decode path (static count of the traced kernel body, "
+          f"K={a.k}, N={a.n}, bf16 x)\n")
+    kernels = (("mosaic_tpu", None), ("triton", None), ("triton", BlockConfig(lookup=False)), ("mosaic_gpu", None))
+    rows = []
+    for fmt, g, asym in OPS_CASES:
+        for m in (1, 16):
+            prob = _problem(fmt, g, asym, m, a.k, a.n)
+            x = jax.ShapeDtypeStruct((m, a.k), jnp.bfloat16)
+            qt = _abstract_weight(fmt, g, asym, a.k, a.n)
+            cells = []
+            for impl, config in kernels:
+                if IMPLEMENTATIONS[impl].supports(prob, resolve_config(impl, prob, config)) is not None:
+                    cells.append("declined")
+                    continue
+                ops = roofline.kernel_ops(jax.make_jaxpr(
+                    lambda x, q: quantized_matmul(x, q, implementation=impl, config=config))(x, qt))
+                cells.append(f"{ops.ops:.1f}" + (f" + {ops.loads:.0f} lookup" if ops.loads else ""))
+            rows.append([f"{fmt}-{'asym' if asym else 'sym'}", "channel" if g is None else g, m, *cells])
+    table(rows, ["format", "group", "M", "mosaic_tpu", "triton", "triton (lookup=False)", "mosaic_gpu"], a.markdown)
+    print("\nElementwise arithmetic / logic / select / convert elements per weight multiplied, before compiler "
+          "simplification\n(`roofline.kernel_ops`); \"lookup\" = reads from the level table (L1-resident on GPU). "
+          "x-side work\n(index arithmetic of Triton's strided x loads) is spread over the weights it feeds.")
 
 
 if __name__ == "__main__":

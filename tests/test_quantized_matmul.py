@@ -556,6 +556,7 @@ def test_roofline_numbers():
     prob = _prob("nf4", 128, True, m=1, k=4096, n=4096)
     got = roofline.kernel_hbm_bytes("triton", prob, base.resolve("triton", prob, None))
     assert got["codes"] + got["scales"] == pytest.approx(roofline.ideal_bytes(prob) - 2 * (4096 + 4096))
+    assert got["x_prep"] == 0 and got["x"] == 2 * 4096  # x read as it is, once from HBM
 
 
 # ---------------------------------------------------------------------------------------------------------

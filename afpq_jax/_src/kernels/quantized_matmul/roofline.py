@@ -74,7 +74,8 @@ def kernel_hbm_bytes(impl: str, prob: Problem, cfg: BlockConfig) -> dict[str, fl
     per M tile when resident, else once per N tile. triton / mosaic_gpu: each program reads its N slab of
     codes and scales once; x is re-read per N tile by the grid, from L2 for decode-sized x (``x_l2``, not in
     ``total``).
-    ``x_prep``: the XLA pass that writes x's per-tile column permutation (read x + write the copy).
+    ``x_prep``: the XLA pass that writes x's per-tile column permutation (read x + write the copy); Triton reads
+    x unpermuted and has none.
     """
     itemsize = jnp.dtype(prob.x_dtype).itemsize
     s_item = jnp.dtype(prob.scale_dtype).itemsize
@@ -103,9 +104,12 @@ def kernel_hbm_bytes(impl: str, prob: Problem, cfg: BlockConfig) -> dict[str, fl
         scales = m_tiles * prob.num_groups * prob.n * per_group_bytes
         # Every program reads its M tile of x for all of K: n_tiles reads of x in all. Decode-sized x (<= a few
         # MiB) stays in the 50 MiB L2 after the first, so HBM sees x once; the rest is L2 traffic (`x_l2`).
-        x = mp * tiles * bk * itemsize
+        if impl == "triton":  # reads x as it is (strided loads in the kernel): no permuted, padded copy
+            x, x_prep = prob.m * prob.k * itemsize, 0
+        else:
+            x = mp * tiles * bk * itemsize
+            x_prep = prob.m * prob.k * itemsize + mp * tiles * bk * itemsize
         x_l2 = (n_tiles - 1) * x
-        x_prep = prob.m * prob.k * itemsize + mp * tiles * bk * itemsize
         out = mp * prob.n * itemsize
         split = 1
         if impl == "triton":
@@ -148,7 +152,8 @@ class KernelOps:
     same body are the denominator).
 
     ops:     elementwise arithmetic / logic / select / convert elements per weight (the ALU budget).
-    loads:   elements read from refs of at most `_TABLE_MAX` elements (table lookups) per weight.
+    loads:   elements read at an array of indices from refs of at most `_TABLE_MAX` elements (table lookups)
+             per weight.
     by_primitive: ops per weight by primitive name.
     """
 
@@ -201,8 +206,9 @@ def kernel_ops(jaxpr) -> KernelOps:
             if _dot_weights(e):
                 w += _dot_weights(e)
             elif name in _MEMORY:
-                if name != "swap" and size > 1 and _size(e.invars[0].aval) <= _TABLE_MAX:
-                    indexed += size  # a tile read from a small ref: a table lookup
+                gathered = any(_size(v.aval) > 1 and jnp.issubdtype(v.aval.dtype, jnp.integer) for v in e.invars[1:])
+                if name != "swap" and gathered and _size(e.invars[0].aval) <= _TABLE_MAX:
+                    indexed += size  # a small ref read at an array of indices: a table lookup
             elif name not in _LAYOUT and size > 1 and next(_sub_jaxprs(e), None) is None:
                 counts[name] = counts.get(name, 0) + size
         return w, indexed
