@@ -354,10 +354,15 @@ def test_triton_table_lookup_cuts_vector_ops():
 
 def test_triton_reads_x_unpermuted():
     # x goes into the kernel as it is: no XLA-side permutation (pad / transpose) around the Triton call.
-    for case in (LOWER_CASES[0], LOWER_CASES[2]):
-        jaxpr = jax.make_jaxpr(lambda x, q: quantized_matmul(x, q, implementation="triton"))(*_avals(*case))
-        outer = {e.primitive.name for e in jaxpr.jaxpr.eqns}
-        assert "pallas_call" in outer and not {"pad", "transpose"} & outer, outer
+    from afpq_jax.kernels import quantized_matmul_a8
+    for case in (LOWER_CASES[0], LOWER_CASES[2], LOWER_CASES[3]):
+        for op in (quantized_matmul, lambda x, q, implementation: quantized_matmul_a8(x, q, None,
+                                                                                      implementation=implementation)):
+            if case[0] == "nf3" and op is not quantized_matmul:
+                continue  # NF3 has no integer levels (no W·A8)
+            jaxpr = jax.make_jaxpr(lambda x, q: op(x, q, implementation="triton"))(*_avals(*case))
+            outer = {e.primitive.name for e in jaxpr.jaxpr.eqns}
+            assert "pallas_call" in outer and not {"pad", "transpose"} & outer, outer
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -600,6 +605,17 @@ def test_a8_kernels_match_xla(impl, fmt, asym, static, x_shape, n, dtype, group,
     eps_out = 0.0 if dtype == jnp.float32 else float(jnp.finfo(dtype).eps)
     y32, r32 = (np.asarray(v, np.float32).reshape(-1, n) for v in (y, ref))
     assert np.all(np.abs(y32 - r32) <= bound + eps_out * np.abs(r32) + 1e-30)
+
+
+@pytest.mark.parametrize("asym,integer_scales", [(True, False), (False, False), (True, True)])
+def test_a8_triton_arithmetic_levels(asym, integer_scales):
+    # FP4 integer levels by E2M1 arithmetic (lookup=False) instead of the table load: the same int32 sums.
+    qt = _weight("fp4_e2m1", 32, asym, 200, 80, integer_scales=integer_scales)
+    x = _x((3, 7, 200), jnp.bfloat16) * 3
+    y = _a8("triton", x, qt, None, BlockConfig(lookup=False))
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(_a8("triton", x, qt, None), np.float32))
+    ref = np.asarray(_a8("xla", x, qt, None), np.float32)
+    np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("fmt,asym,integer_scales", [(f, a, False) for f, a in A8_FORMATS[:4]]

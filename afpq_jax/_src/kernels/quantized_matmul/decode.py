@@ -142,17 +142,27 @@ def dequant_slots(prob: Problem, planes: list[jax.Array], sc: Scales, lookup=Non
     return [dequant(prob, c, sc, lookup) for c in slot_codes(prob, planes)]
 
 
-def integer_level(prob: Problem, code: jax.Array) -> jax.Array:
+def integer_lookup_table(prob: Problem) -> np.ndarray:
+    """int32 ``(2**bits,)`` table of ``m * level`` by code (codebook formats), for `integer_level`'s lookup."""
+    mult = prob.fmt.int8_multiplier()
+    if prob.kind == "int" or mult is None:
+        raise ValueError(f"{prob.format_name} has no integer level table")
+    return np.asarray([round(v * mult) for v in _pad_table(prob.fmt.levels, 2**prob.bits)], np.int32)
+
+
+def integer_level(prob: Problem, code: jax.Array, lookup=None) -> jax.Array:
     """Codes (int32 tile) -> ``m * level`` as int32 (m = `Format.int8_multiplier`; INT: ``code - 2**(bits-1)``,
     the zero point moved the same way by the caller): the integer weights of the W·A8 kernels. FP4 E2M1 is
     arithmetic (magnitude pattern p: p for p < 2, else (2 + (p & 1)) << ((p >> 1) - 1)); other formats use a
-    select tree over the integer table."""
+    select tree over the integer table, or ``lookup(code)`` (`integer_lookup_table` read by the kernel)."""
     fmt = prob.fmt
     if prob.kind == "int":
         return code - 2 ** (prob.bits - 1)
     mult = fmt.int8_multiplier()
     if mult is None:
         raise ValueError(f"{fmt.name} has no integer levels")
+    if lookup is not None:
+        return lookup(code)
     half = 2**prob.bits // 2
     if prob.kind == "e2m1":
         neg = code < half

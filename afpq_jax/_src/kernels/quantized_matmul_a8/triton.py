@@ -3,11 +3,12 @@ levels decoded in registers, int8 x int8 ``tl.dot`` with int32 accumulation per 
 float epilogue (group scales, AFPQ's split by code sign, INT zero points, activation scale) once per group.
 
 One program per (N tile, M tile); K tiles of ``block_k`` rows never straddle a group (``block_k`` divides the
-group size, or the weight is per-channel). x arrives permuted per K tile into slot segments (`base.permute_x`,
-the same layout as the W4A16 kernels), still in float: the dynamic per-token scale is the prologue of the
+group size, or the weight is per-channel). x arrives as it is, in float, and each slot's columns are read with
+the W4A16 kernel's strided loads: the dynamic per-token scale is the prologue of the
 kernel (a pass over the M tile's x rows computing max|x|, then every tile is quantized in registers), so no
 quantized copy of x is ever written to memory. Per K tile and slot: codes -> integer levels
-(`decode.integer_level`), split into positive and negative levels for asymmetric FP/NF (two int8 dots into two
+(`decode.integer_level`; codebook formats by one load from an int32 level table unless ``BlockConfig.lookup``
+is False), split into positive and negative levels for asymmetric FP/NF (two int8 dots into two
 int32 accumulators), INT-asym keeps a row sum of the int8 activations for the zero-point correction. At a
 group's last tile the int32 sums are converted and scaled into the float32 accumulator.
 
@@ -75,10 +76,11 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, dynamic: bool):
     z_ref = next(it) if prob.has_zero else None
     ch_ref = next(it) if prob.integer_scales else None
     xs_ref = None if dynamic else next(it)
+    t_ref = next(it) if w4a16_triton.uses_lookup(prob, cfg) else None
     o_ref = next(it)
+    lookup = None if t_ref is None else (lambda code: pltr.load(t_ref.at[code]))
 
-    bm, bn, bk, p = cfg.block_m, cfg.block_n, cfg.block_k, prob.slots
-    seg = bk // p
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     mult = float(prob.fmt.int8_multiplier())
     j, i = pl.program_id(0), pl.program_id(1)
     n0 = j * bn
@@ -89,12 +91,18 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, dynamic: bool):
         r = row0 + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
         return pltr.load(ref.at[pl.ds(row0, rows), pl.ds(n0, bn)], mask=(r < end) & col_ok, other=0)
 
-    def load_x(col0, cols):
-        return pltr.load(x_ref.at[pl.ds(i * bm, bm), pl.ds(col0, cols)], mask=row_ok, other=0).astype(jnp.float32)
+    x_rows, x_cols = w4a16_triton.x_slot_indices(prob, i, bm, bk)
 
-    if dynamic:  # prologue: per-token max|x| over the whole (permuted, zero-padded) row
-        amax = jax.lax.fori_loop(0, tiles, lambda t, m: jnp.maximum(
-            m, jnp.max(jnp.abs(load_x(t * bk, bk)), axis=1, keepdims=True)), jnp.zeros((bm, 1), jnp.float32))
+    def load_x(t, s):
+        return w4a16_triton.load_x_slot(x_ref, prob, x_rows, x_cols[s], t, bk).astype(jnp.float32)
+
+    def row_amax(t, m):
+        cols = t * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        v = pltr.load(x_ref.at[pl.ds(i * bm, bm), pl.ds(t * bk, bk)], mask=row_ok & (cols < prob.k), other=0)
+        return jnp.maximum(m, jnp.max(jnp.abs(v.astype(jnp.float32)), axis=1, keepdims=True))
+
+    if dynamic:  # prologue: per-token max|x| over the whole row
+        amax = jax.lax.fori_loop(0, tiles, row_amax, jnp.zeros((bm, 1), jnp.float32))
         xs = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
     else:
         xs = jnp.broadcast_to(pltr.load(xs_ref.at[pl.ds(0, 1), pl.ds(0, 1)]).astype(jnp.float32), (bm, 1))
@@ -111,8 +119,8 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, dynamic: bool):
             s_neg = group_row(sn_ref, t, jnp.int32) if prob.has_neg else None
             zero = group_row(z_ref, t, jnp.int32) - 2 ** (prob.bits - 1) if prob.has_zero else None
             for s, code in enumerate(decode.slot_codes(prob, planes)):
-                xq = _quantize(load_x(t * bk + s * seg, seg), inv)
-                lev = decode.integer_level(prob, code)
+                xq = _quantize(load_x(t, s), inv)
+                lev = decode.integer_level(prob, code, lookup)
                 if zero is not None:
                     lev = lev - zero  # code - zero: the shifted level minus the shifted zero point
                 w8 = lev * (jnp.where(lev < 0, s_neg, s_pos) if s_neg is not None else s_pos)
@@ -129,8 +137,8 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, dynamic: bool):
         acc, p_pos, p_neg, rsum = carry
         planes = w4a16_triton.load_code_planes(prob, c_ref, load_rows, t, bk, bn)
         for s, code in enumerate(decode.slot_codes(prob, planes)):
-            xq = _quantize(load_x(t * bk + s * seg, seg), inv)
-            lev = decode.integer_level(prob, code)
+            xq = _quantize(load_x(t, s), inv)
+            lev = decode.integer_level(prob, code, lookup)
             if prob.has_neg:
                 pos = jnp.where(lev > 0, lev, 0).astype(jnp.int8)
                 neg = jnp.where(lev < 0, lev, 0).astype(jnp.int8)
@@ -163,15 +171,16 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, dynamic: bool):
 
 
 def quantized_matmul_a8_triton(x2d, qt, input_scale, prob: Problem, cfg: BlockConfig, *, interpret: bool = False):
-    p, bm, bn, bk = prob.slots, cfg.block_m, cfg.block_n, cfg.block_k
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     tiles = cdiv(prob.kp, bk)
-    xp = base.permute_x(x2d, mp=prob.m, tiles=tiles, block_k=bk, slots=p, segment=bk // p)
     extra = [a for a in (qt.scale_neg, qt.zero) if a is not None]
     if prob.integer_scales:
         extra.append(qt.channel_scale.reshape(1, prob.n))
     dynamic = input_scale is None
     if not dynamic:
         extra.append(jnp.asarray(input_scale, jnp.float32).reshape(1, 1))
+    if w4a16_triton.uses_lookup(prob, cfg):
+        extra.append(jnp.asarray(decode.integer_lookup_table(prob)))
     return pl.pallas_call(
         functools.partial(_kernel, prob=prob, cfg=cfg, tiles=tiles, dynamic=dynamic),
         out_shape=jax.ShapeDtypeStruct((prob.m, prob.n), jnp.float32),
@@ -179,7 +188,7 @@ def quantized_matmul_a8_triton(x2d, qt, input_scale, prob: Problem, cfg: BlockCo
         compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"afpq_qmm_a8_{prob.format_name}",
-    )(xp, qt.codes, qt.scale, *extra)
+    )(x2d, qt.codes, qt.scale, *extra)
 
 
 @dataclasses.dataclass(frozen=True)
