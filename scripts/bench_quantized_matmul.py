@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import afpq_jax
-from afpq_jax.kernels import IMPLEMENTATIONS, Problem, current_backend, quantized_matmul, resolve_config, roofline
+from afpq_jax.kernels import (IMPLEMENTATIONS, BlockConfig, Problem, current_backend, quantized_matmul,
+                              resolve_config, roofline)
 
 
 def timed(fn, xs, ws, *, reps: int, loops: int, r: int) -> float:
@@ -81,6 +82,9 @@ def main():
                     help="time these schemes (default: asym, or sym with --sym); both -> an asym-over-sym table")
     ap.add_argument("--x-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--impls", nargs="+", default=None, help="default: every registered one that applies")
+    ap.add_argument("--triton-lookup", choices=["on", "off", "both"], default="on",
+                    help="Triton codebook decode: table lookup (on, the default config), select tree (off), or "
+                         "both as two rows ('triton' and 'triton-tree')")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--loops", type=int, default=None,
                     help="rounds over the R weights in the shorter of the two timed calls (default: 10 on an accelerator, "
@@ -101,6 +105,15 @@ def main():
     g = None if a.group_size == 0 else a.group_size
     xdt = jnp.dtype(a.x_dtype)
     impls = a.impls or [n for n in IMPLEMENTATIONS if n == "xla" or IMPLEMENTATIONS[n].backend == backend]
+
+    variants = []  # (row label, config): "triton-tree" is Triton with BlockConfig(lookup=False)
+    for name in impls:
+        if name == "triton" and a.triton_lookup in ("on", "both"):
+            variants.append((name, None))
+        if name == "triton" and a.triton_lookup in ("off", "both"):
+            variants.append(("triton-tree", BlockConfig(lookup=False)))
+        if name != "triton":
+            variants.append((name, None))
 
     r = a.stack or (8 if backend != "cpu" else 1)
     loops = a.loops or (10 if backend != "cpu" else 1)
@@ -142,13 +155,14 @@ def main():
             xqs = [x.astype(xdt) for x in xs]
             prob = Problem.create(xq.shape, xq.dtype, qt)
             ref = None
-            for name in impls:
-                cfg = resolve_config(name, prob, None)
-                why = IMPLEMENTATIONS[name].supports(prob, cfg)
+            for name, config in variants:
+                impl = name.removesuffix("-tree")
+                cfg = resolve_config(impl, prob, config)
+                why = IMPLEMENTATIONS[impl].supports(prob, cfg)
                 if why is not None:
                     emit([f"{fmt}", m, name, f"declined: {why}"] + [""] * (len(header) - 4))
                     continue
-                op = functools.partial(quantized_matmul, implementation=name)
+                op = functools.partial(quantized_matmul, implementation=impl, config=config)
                 f = looped(op)
                 try:
                     y = np.asarray(jax.jit(op)(xq, qt), np.float32)

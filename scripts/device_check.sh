@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One-shot accelerator check, at most ~6 minutes on one GPU (H100/H200) or TPU: versions and devices, the kernel
+# One-shot accelerator check, about 7 minutes on one GPU (H100/H200) or TPU: versions and devices, the kernel
 # numerics tests compiled for the real backend (AFPQ_KERNELS_NATIVE=1: interpret=False, other backends' kernels
 # skipped), then scripts/bench_quantized_matmul.py (every applicable kernel checked against "xla", then timed).
 # Everything goes to one markdown report, $OUT/report.md (default OUT=results/device).
 #
 #   bash scripts/device_check.sh            # on the accelerator machine, from the repository root
 #   bash scripts/device_check.sh --dry-run  # CPU: the same steps on tiny shapes, interpret mode (CI runs this)
-#   STEPS="tests sweep" B_SWEEP=150 bash scripts/device_check.sh   # a subset; B_SWEEP: the sweep's time budget (s)
+#   STEPS="tests sweep lookup" B_SWEEP=150 bash scripts/device_check.sh   # a subset; B_SWEEP: the sweep's budget (s)
 set -u
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
@@ -43,16 +43,18 @@ if [ $DRY -eq 1 ]; then
   TESTS=(-k "test_formats_match_reference and triton-int4-a-g128")
   BENCH=(--k 256 --n 256 --reps 2 --stack 2 --impls xla)  # the script, not the CPU kernels (tested elsewhere)
   SWEEP=(--m 1 --formats int4 nf3)
+  LOOKUP=(--impls xla)  # the step's plumbing only: Triton does not run on CPU outside interpret mode
   T_TESTS=300 T_SWEEP=300 T_SMALL=120 B_SMALL=60; B_SWEEP=${B_SWEEP:-200}
 else
   export JAX_PLATFORMS=${JAX_PLATFORMS:-} AFPQ_KERNELS_NATIVE=1
   TESTS=(-k "match_reference or vmap")
   BENCH=(--reps 20)
   SWEEP=(--m 1 16 128 1024 --formats nf4 fp4_e2m1 nf3 int4)
-  T_TESTS=150 T_SMALL=60 B_SMALL=40; B_SWEEP=${B_SWEEP:-150}; T_SWEEP=$((B_SWEEP + 60))  # ~6 minutes in all
+  LOOKUP=(--impls triton --triton-lookup both)
+  T_TESTS=150 T_SMALL=60 B_SMALL=40; B_SWEEP=${B_SWEEP:-130}; T_SWEEP=$((B_SWEEP + 60))  # ~7 minutes in all
 fi
 set -o pipefail
-STEPS=" ${STEPS:-tests sweep g64 channel smollm2} "
+STEPS=" ${STEPS:-tests sweep lookup g64 channel smollm2} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 {
@@ -63,6 +65,7 @@ want() { [[ "$STEPS" == *" $1 "* ]]; }
     bash -c 'isolated_tests "$@"' isolated_tests "${TESTS[@]}"
   want sweep && step "decode/prefill sweep, g128, asym and sym" $T_SWEEP \
     $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" "${SWEEP[@]}" --schemes asym sym --budget-s $B_SWEEP
+  want lookup && step "Triton codebook decode: table lookup vs select tree" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" "${LOOKUP[@]}" --m 1 16 --formats nf4 fp4_e2m1 --budget-s $B_SMALL
   want g64 && step "group 64" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" --m 1 16 --formats nf4 int4 --group-size 64 --budget-s $B_SMALL
   want channel && step "per-channel" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" --m 1 16 --formats nf4 --group-size 0 --budget-s $B_SMALL
   want smollm2 && step "SmolLM2-135M MLP shape (K=576, N=1536)" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" --m 1 16 --k 576 --n 1536 --formats nf3 nf4 --budget-s $B_SMALL
