@@ -156,6 +156,7 @@ SHAPES = {
         ("nf4", None, True, (70, 1024), 256, jnp.float16, None),        # 2 M tiles, per-channel
         ("nf3", 512, True, (5, 2048), 64, jnp.bfloat16, None),          # 3-bit, 4 K steps
         ("int2", 256, True, (2, 3, 512), 128, jnp.bfloat16, None),      # leading axes, zero points
+        ("int4", 128, True, (3, 1024), 128, jnp.bfloat16, BlockConfig(num_stages=2)),  # one weight buffer
     ],
 }
 
@@ -168,6 +169,27 @@ def test_shapes_match_reference(impl, fmt, group, asym, x_shape, n, dtype, confi
     x = _x(x_shape, dtype)
     assert why_not(impl, x, qt, config) is None
     _check(_run(impl, x, qt, config), x, qt)
+
+
+def test_mosaic_gpu_double_buffers_the_weight_tile():
+    # Two weight buffers (and x released a step late) from 3 pipeline stages; the 4-bit defaults get them within
+    # Hopper's shared memory, 3-bit (512-row K steps) keeps one buffer and 2 stages.
+    def cfg(fmt, g, m, k, n):
+        prob = _prob(fmt, g, True, m=m, k=k, n=n)
+        c = base.resolve("mosaic_gpu", prob, None)
+        assert base.mosaic_gpu_smem_bytes(prob, 64, c.block_n, c.block_k, c.num_stages) <= 227 * 1024
+        return c, base.mosaic_gpu_weight_buffers(c.num_stages)
+
+    for fmt, g in (("int4", 128), ("nf4", 256), ("fp4_e2m1", None), ("int2", 256)):
+        for m in (1, 128):
+            c, buffers = cfg(fmt, g, m, 4096, 4096)
+            assert buffers == 2 and c.num_stages == 3, (fmt, g, m, c)
+    c, buffers = cfg("nf3", 512, 16, 4096, 4096)
+    assert buffers == 1 and c.num_stages == 2
+    # The kernel's tile loop runs several steps on both paths (buffer reuse is exercised by the numerics tests).
+    for xs, k, config in ((SHAPES["mosaic_gpu"][0][3], 512, None), ((3, 1024), 1024, BlockConfig(num_stages=2))):
+        prob = _prob("int4", 128, True, m=xs[0], k=k, n=128)
+        assert k // base.resolve("mosaic_gpu", prob, config).block_k >= 4
 
 
 def test_tpu_multi_step_configs_are_really_multi_step():

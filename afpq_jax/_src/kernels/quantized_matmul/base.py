@@ -267,10 +267,24 @@ def gpu_default(prob: Problem, impl: str) -> BlockConfig:
     limit = prob.kp if prob.per_channel else min(prob.group, prob.kp)
     while bk * 2 <= min(limit, 256) and prob.kp % (bk * 2) == 0 and (prob.per_channel or prob.group % (bk * 2) == 0):
         bk *= 2
-    stages = 2
-    while bn > 64 and mosaic_gpu_smem_bytes(prob, 64, bn, bk, stages) > 200 * 1024:
-        bn //= 2
+    # 3 stages: x's buffer is released a step late (the WGMMA reading it is still in flight), so 2 stages would
+    # leave no buffer to prefetch into.
+    stages = 3
+    while mosaic_gpu_smem_bytes(prob, 64, bn, bk, stages) > GPU_SMEM_BUDGET:
+        if bn > 64:
+            bn //= 2
+        elif stages > 2:
+            stages -= 1  # 2 stages: a single weight buffer (see mosaic_gpu_weight_buffers)
+        else:
+            break
     return BlockConfig(block_m=64, block_n=bn, block_k=bk, num_stages=stages)
+
+
+def mosaic_gpu_weight_buffers(stages: int) -> int:
+    """Weight tiles in shared memory: 2 (the next step's dequantization overlaps this step's WGMMA) when the
+    pipeline has 3 or more stages, since x's buffer is then released a step late; else 1 (each step waits for
+    its WGMMA)."""
+    return 2 if stages >= 3 else 1
 
 
 GPU_SMEM_BUDGET = 200 * 1024  # default tilings stay under this (Hopper: 227 KiB per CTA; Ampere: 163 KiB)
@@ -286,11 +300,11 @@ def triton_smem_bytes(prob: Problem, bm: int, bn: int, bk: int, stages: int) -> 
 
 
 def mosaic_gpu_smem_bytes(prob: Problem, bm: int, bn: int, bk: int, stages: int) -> int:
-    """Shared memory of the Mosaic GPU kernel: pipelined x / code / scale tiles, the staged weight tile and the
-    output tile (Hopper allows 227 KiB per CTA)."""
+    """Shared memory of the Mosaic GPU kernel: pipelined x / code / scale tiles, the weight tile (double-buffered
+    from 3 stages) and the output tile (Hopper allows 227 KiB per CTA)."""
     it = jnp.dtype(prob.x_dtype).itemsize
     per_step = bm * bk * it + bk * prob.bits // 8 * bn + prob.n_scale_arrays * bn * 4
-    return stages * per_step + bk * bn * it + bm * bn * it
+    return stages * per_step + mosaic_gpu_weight_buffers(stages) * bk * bn * it + bm * bn * it
 
 
 CPU_TILE_BYTES = 2 << 20  # "xla_scan": target size of one dequantized float32 tile (L2 + part of L3)

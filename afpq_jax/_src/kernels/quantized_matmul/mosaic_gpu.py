@@ -9,7 +9,10 @@ warpgroup loads the code tile into registers (WGMMA layout), unpacks the slot ma
 plane is read through an ``(R/2, 2N)`` view of the codes — a free reshape of a row-major array — whose column
 halves are the even and odd byte rows), decodes (`decode.dequant`), writes the ``block_k x block_n`` tile in x's dtype into shared memory
 (slot s at rows ``[s*block_k/p, (s+1)*block_k/p)``, matching x's column permutation) and issues
-``wgmma(acc, x_tile, w_tile)``.
+``wgmma(acc, x_tile, w_tile)``. With 3 pipeline stages (the default where shared memory allows: all 4-bit and
+2-bit tilings) the weight tile is double-buffered: the WGMMA of step k runs while step k + 1 dequantizes into the
+other buffer (``wgmma_wait(1)``), and x's buffer is released a step late for it. With 2 stages (3-bit's 512-row
+steps) each step waits for its WGMMA.
 
 Scope (declined cases fall back, see `why_unsupported`): x in bf16/f16 (WGMMA has no exact f32 path); slot
 matrices of at least 64 rows per step (the WGMMA register layout), hence 4-bit groups >= 128, 2-bit >= 256,
@@ -98,6 +101,8 @@ def _kernel(*refs, w_smem, o_smem, prob: Problem, cfg: BlockConfig, tiles: int, 
     bm, bn, bk, p = cfg.block_m, cfg.block_n, cfg.block_k, prob.slots
     seg = bk // p
     xdt = jnp.dtype(prob.x_dtype)
+    stages = cfg.num_stages or 2
+    buffers = base.mosaic_gpu_weight_buffers(stages)
     j, i = lax.axis_index("n"), lax.axis_index("m")
 
     def layout(v, lay=plgpu.Layout.WGMMA):
@@ -109,7 +114,8 @@ def _kernel(*refs, w_smem, o_smem, prob: Problem, cfg: BlockConfig, tiles: int, 
             return None
         return layout(jnp.broadcast_to(ref[0].astype(jnp.float32), (seg, bn)))
 
-    def step(acc_ref, _, x_smem, *smem):
+    def step(acc_ref, indices, x_smem, *smem):
+        (t,) = indices
         smem = iter(smem)
         if prob.bits == 3:
             planes = [next(smem)[...], next(smem)[...], next(smem)[...]]
@@ -120,16 +126,23 @@ def _kernel(*refs, w_smem, o_smem, prob: Problem, cfg: BlockConfig, tiles: int, 
         sn_ref = next(smem) if prob.has_neg else None
         z_ref = next(smem) if prob.has_zero else None
         sc = decode.prepare_scales(prob, row(s_ref), row(sn_ref), row(z_ref))
+        # Double-buffered weight tile: this step writes buffer t % 2 while the previous step's WGMMA (reading the
+        # other one) may still run. wgmma_wait(1) leaves one WGMMA in flight, the one issued here; the one that
+        # read this buffer (step t - 2) was retired by step t - 1's wait.
+        w_buf = w_smem.at[lax.rem(t, buffers)]
         for s, w in enumerate(decode.dequant_slots(prob, planes, sc)):
-            w_smem[pl.ds(s * seg, seg), :] = w.astype(xdt)
+            w_buf[pl.ds(s * seg, seg), :] = w.astype(xdt)
         plgpu.commit_smem()
-        plgpu.wgmma(acc_ref, x_smem, w_smem)
-        plgpu.wgmma_wait(0)
+        plgpu.wgmma(acc_ref, x_smem, w_buf)
+        plgpu.wgmma_wait(buffers - 1)
 
     def group_row(t):
         return 0 if prob.per_channel else (t * bk) // prob.group
 
-    x_spec = plgpu.BlockSpec((bm, bk), lambda t: (i, t), transforms=_transforms(bk, xdt.itemsize))
+    # With two weight buffers, x's buffer of step t is read by the WGMMA still in flight during step t + 1: it
+    # is released one step late.
+    x_spec = plgpu.BlockSpec((bm, bk), lambda t: (i, t), transforms=_transforms(bk, xdt.itemsize),
+                             delay_release=buffers - 1)
     code_specs, code_args = [], []
     if prob.bits == 3:
         # 2-bit plane through the (R/2, 2N) view of the codes (a free bitcast on GPU): pair-row r holds byte rows
@@ -149,7 +162,8 @@ def _kernel(*refs, w_smem, o_smem, prob: Problem, cfg: BlockConfig, tiles: int, 
 
     def compute(acc_ref):
         plgpu.emit_pipeline(functools.partial(step, acc_ref), grid=(tiles,), in_specs=[x_spec, *code_specs, *scale_specs],
-                            max_concurrent_steps=cfg.num_stages or 2)(x_gmem, *code_args, *scale_args)
+                            max_concurrent_steps=stages)(x_gmem, *code_args, *scale_args)
+        plgpu.wgmma_wait(0)
         return acc_ref[...]
 
     acc = pl.run_scoped(compute, plgpu.ACC((bm, bn), jnp.float32))
@@ -177,7 +191,8 @@ def quantized_matmul_mosaic_gpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, int
         grid=(prob.n // bn, mp // bm),
         grid_names=("n", "m"),
         scratch_types=dict(
-            w_smem=plgpu.SMEM((bk, bn), xdt, transforms=_transforms(bn, xdt.itemsize)),
+            w_smem=plgpu.SMEM((base.mosaic_gpu_weight_buffers(cfg.num_stages or 2), bk, bn), xdt,
+                              transforms=_transforms(bn, xdt.itemsize)),
             o_smem=plgpu.SMEM((bm, bn), xdt, transforms=_transforms(bn, xdt.itemsize)),
         ),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
