@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax.extend as jex
 import jax.numpy as jnp
 
 from afpq_jax._src import formats as formats_lib
@@ -163,7 +164,6 @@ class KernelOps:
 
 
 def _sub_jaxprs(eqn):
-    import jax.extend as jex
     for v in eqn.params.values():
         for s in (v if isinstance(v, (list, tuple)) else [v]):
             if isinstance(s, jex.core.ClosedJaxpr):
@@ -206,7 +206,8 @@ def kernel_ops(jaxpr) -> KernelOps:
             if _dot_weights(e):
                 w += _dot_weights(e)
             elif name in _MEMORY:
-                gathered = any(_size(v.aval) > 1 and jnp.issubdtype(v.aval.dtype, jnp.integer) for v in e.invars[1:])
+                gathered = any(_size(v.aval) > 1 and jnp.issubdtype(v.aval.dtype, jnp.integer)
+                               for v in e.invars[1:])
                 if name != "swap" and gathered and _size(e.invars[0].aval) <= _TABLE_MAX:
                     indexed += size  # a small ref read at an array of indices: a table lookup
             elif name not in _LAYOUT and size > 1 and next(_sub_jaxprs(e), None) is None:
