@@ -400,8 +400,8 @@ def test_cpu_dispatch_by_size_and_dtype():
     def pick(m, dtype=jnp.float32):
         return select_implementation(Problem.create((m, 576), dtype, qt), backend="cpu")[0]
 
-    assert pick(1) == pick(32) == "cpu"
-    assert pick(33) == "xla"  # the C++ kernel's size rule
+    assert pick(1) == pick(256) == "cpu"
+    assert pick(257) == "xla"  # the C++ kernel's size rule
     assert pick(1, jnp.bfloat16) == "cpu"
     assert pick(1, jnp.float16) == "xla"  # the C++ kernel takes float32 or bfloat16 x
     x = _x((2, 576), jnp.float32)
@@ -703,15 +703,17 @@ def test_a8_dispatch_and_declines():
 @pytest.mark.parametrize("group", [32, 128, None])
 def test_cpu_kernel_equals_the_reference(fmt, asym, group):
     # N = 1100: two 512-column blocks (the AVX-512 path where the machine has it) and a 76-column tail (the
-    # portable path); K = 1003: a short last group and a K that is not a multiple of 8; M = 5: 4 + 1 x rows.
+    # portable path); K = 1003: a short last group, a K that is not a multiple of 8 and a short last K chunk.
+    # M = 4: the row-walking path; M = 13: the panel path (micro-kernels of 6 + 6 + 1 rows).
     qt = _weight(fmt, group, asym, 1003, 1100)
-    x = _x((5, 1003), jnp.float32)
-    _check(quantized_matmul(x, qt, implementation="cpu"), x, qt)
+    for m in (4, 13):
+        x = _x((m, 1003), jnp.float32)
+        _check(quantized_matmul(x, qt, implementation="cpu"), x, qt)
 
 
 def test_cpu_kernel_shapes_and_transforms():
     qt = _weight("nf3", 64, True, 200, 600)
-    for shape in [(1, 200), (2, 3, 200), (33, 200)]:  # leading axes flatten; M past the size rule
+    for shape in [(1, 200), (2, 3, 200), (300, 200)]:  # leading axes flatten; M past the size rule
         x = _x(shape, jnp.float32)
         _check(jax.jit(lambda a, q: quantized_matmul(a, q, implementation="cpu"))(x, qt), x, qt)
     xs = _x((3, 2, 200), jnp.float32)

@@ -5,7 +5,7 @@ whose ``supports`` accepts the call runs:
 
     tpu: mosaic_tpu -> xla
     gpu: triton -> mosaic_gpu -> xla
-    cpu: cpu (C++ via the XLA FFI; float32 or bfloat16 x, M <= 32) -> xla
+    cpu: cpu (C++ via the XLA FFI; float32 or bfloat16 x, M <= 256) -> xla
     anything else: xla
 
 At decode sizes the C++ kernel reads the codes once and never holds the float weight; from M = 64 dequantizing

@@ -34,7 +34,7 @@ from afpq_jax._src.qtensor import QuantizedTensor
 SOURCE = Path(__file__).with_name("cpu_kernel.cc")
 TARGET = "afpq_quantized_matmul_cpu"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-fast-math")
-MAX_M = 32  # dispatch: beyond this many x rows, dequantizing once and one BLAS dot ("xla") is faster
+MAX_M = 256  # dispatch: beyond this many x rows, dequantizing once and one BLAS dot ("xla") is faster
 
 
 def _cpu_features() -> str:

@@ -4,8 +4,9 @@
 // scales. Tasks are blocks of output columns on XLA's intra-op thread pool; within one, the weight is decoded a
 // K row at a time and accumulated into float32, so the codes are read once and no float weight is ever
 // materialised. With AVX-512 (-march=native on such a machine): 512-column blocks, decoded 64 codes per load,
-// codebook levels by one register permute (BlockWide for M < 8, BlockTall with register accumulators from
-// M = 8). Otherwise, and for a last partial block: a portable loop over kBlockN columns (ColumnBlock).
+// codebook levels by one register permute (BlockWide for M <= 4; BlockPanel from M = 5: K chunks decoded once
+// into a float buffer, then a register-tiled micro-kernel). Otherwise, and for a last partial block: a portable
+// loop over kBlockN columns (ColumnBlock).
 //
 // Numerics: each weight is computed exactly as afpq_jax._src.quantizer.decode does in float32 —
 // (code - zero) * scale (INT) or level * scale (codebook; s_neg for negative levels) — rounded to bfloat16 when
@@ -207,44 +208,77 @@ void BlockWide(const Problem& p, int64_t n0, int64_t i0) {
   for (int i = 0; i < MI; ++i) std::copy(acc[i], acc[i] + kWideN, p.y + (i0 + i) * p.n + n0);
 }
 
-// 16 codes of a row, columns [col, col + 16), one per int32 lane.
-inline __m512i RowCodes16(const RowRef& r, int64_t col) {
-  auto lanes = [col](const uint8_t* row, int shift, int mask) {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + col));
-    return _mm512_and_si512(_mm512_srl_epi32(_mm512_cvtepu8_epi32(b), _mm_cvtsi32_si128(shift)),
-                            _mm512_set1_epi32(mask));
-  };
-  const __m512i lo = lanes(r.lo, r.lo_shift, r.lo_mask);
-  if (r.hi == nullptr) return lo;
-  return _mm512_or_si512(lo, _mm512_slli_epi32(lanes(r.hi, r.hi_shift, 1), 2));
-}
+// Panel path (M >= kPanelMinM): K in chunks of kChunk rows. A chunk's weights for the block's kWideN columns
+// are decoded once into a float buffer (64 KiB, L2), then a register-tiled micro-kernel (up to kMicroRows x rows
+// by 64 columns: 24 accumulators, 4 weight loads and kMicroRows broadcasts per 24 FMAs) adds the chunk into the
+// float32 accumulators of every x row. Each code row is read for all kWideN columns at once (8 cache lines in one
+// page) instead of 16 columns per pass over K, and the decode is paid once per weight whatever M is. Sums stay
+// in K order, as in the other paths.
+constexpr int64_t kChunk = 32;
+constexpr int kMicroRows = 6;
+constexpr int64_t kPanelMinM = 5;  // measured: M = 4 is faster in BlockWide, M = 5 here
 
-// Columns [n0, n0 + kWideN), x rows [i0, i0 + MI) for larger M: one 16-column vector at a time over all of K,
-// MI accumulators in registers, so each decoded vector feeds MI FMAs straight from registers.
 template <int MI>
-void BlockTall(const Problem& p, int64_t n0, int64_t i0) {
-  const __m512 table = _mm512_loadu_ps(p.table);
-  for (int64_t col = n0; col < n0 + kWideN; col += 16) {
-    __m512 acc[MI];
-    for (int i = 0; i < MI; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t g0 = 0; g0 < p.k; g0 += p.group) {
-      const int64_t base = (g0 / p.group) * p.n + col, g1 = std::min(g0 + p.group, p.k);
-      const __m512 pos = _mm512_loadu_ps(p.pos + base), other = Other16(p, base);
-      for (int64_t k = g0; k < g1; ++k) {
-        const RowRef row = RowOf(p, k);
-        if (col % 64 == 0) PrefetchAhead(row, col);
-        const __m512 w = Weights16(p, RowCodes16(row, col), pos, other, table);
-        for (int i = 0; i < MI; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(p.x[(i0 + i) * p.k + k]), w, acc[i]);
+void MicroPanel(const Problem& p, const float* w, int64_t kc, int64_t k0, int64_t i0, float* acc) {
+  for (int64_t c = 0; c < kWideN; c += 64) {
+    __m512 a[MI][4];
+    for (int i = 0; i < MI; ++i)
+      for (int j = 0; j < 4; ++j) a[i][j] = _mm512_loadu_ps(acc + (i0 + i) * kWideN + c + 16 * j);
+    const float* x = p.x + i0 * p.k + k0;
+    for (int64_t kk = 0; kk < kc; ++kk) {
+      const float* wr = w + kk * kWideN + c;
+      const __m512 w0 = _mm512_load_ps(wr), w1 = _mm512_load_ps(wr + 16), w2 = _mm512_load_ps(wr + 32),
+                   w3 = _mm512_load_ps(wr + 48);
+      for (int i = 0; i < MI; ++i) {
+        const __m512 xb = _mm512_set1_ps(x[i * p.k + kk]);
+        a[i][0] = _mm512_fmadd_ps(xb, w0, a[i][0]);
+        a[i][1] = _mm512_fmadd_ps(xb, w1, a[i][1]);
+        a[i][2] = _mm512_fmadd_ps(xb, w2, a[i][2]);
+        a[i][3] = _mm512_fmadd_ps(xb, w3, a[i][3]);
       }
     }
-    for (int i = 0; i < MI; ++i) _mm512_storeu_ps(p.y + (i0 + i) * p.n + col, acc[i]);
+    for (int i = 0; i < MI; ++i)
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc + (i0 + i) * kWideN + c + 16 * j, a[i][j]);
   }
 }
 
+void BlockPanel(const Problem& p, int64_t n0) {
+  alignas(64) static thread_local float w[kChunk * kWideN];
+  std::vector<float> acc(p.m * kWideN, 0.0f);
+  const __m512 table = _mm512_loadu_ps(p.table);
+  for (int64_t k0 = 0; k0 < p.k; k0 += kChunk) {
+    const int64_t kc = std::min(kChunk, p.k - k0);
+    for (int64_t kk = 0; kk < kc; ++kk) {
+      const int64_t k = k0 + kk, base = (k / p.group) * p.n + n0;
+      const RowRef row = RowOf(p, k);
+      for (int64_t c0 = 0; c0 < kWideN; c0 += 64) {
+        PrefetchAhead(row, n0 + c0);
+        const __m512i codes = RowCodes64(row, n0 + c0);
+        for (int q = 0; q < 4; ++q) {
+          const int64_t col = c0 + 16 * q;
+          const __m512i c = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, q));
+          _mm512_store_ps(w + kk * kWideN + col,
+                          Weights16(p, c, _mm512_loadu_ps(p.pos + base + col), Other16(p, base + col), table));
+        }
+      }
+    }
+    int64_t i = 0;
+    for (; i + kMicroRows <= p.m; i += kMicroRows) MicroPanel<kMicroRows>(p, w, kc, k0, i, acc.data());
+    switch (p.m - i) {
+      case 5: MicroPanel<5>(p, w, kc, k0, i, acc.data()); break;
+      case 4: MicroPanel<4>(p, w, kc, k0, i, acc.data()); break;
+      case 3: MicroPanel<3>(p, w, kc, k0, i, acc.data()); break;
+      case 2: MicroPanel<2>(p, w, kc, k0, i, acc.data()); break;
+      case 1: MicroPanel<1>(p, w, kc, k0, i, acc.data()); break;
+      default: break;
+    }
+  }
+  for (int64_t i = 0; i < p.m; ++i) std::copy(acc.begin() + i * kWideN, acc.begin() + (i + 1) * kWideN, p.y + i * p.n + n0);
+}
+
 void Wide(const Problem& p, int64_t n0) {
+  if (p.m >= kPanelMinM) return BlockPanel(p, n0);
   int64_t i = 0;
-  for (; i + 16 <= p.m; i += 16) BlockTall<16>(p, n0, i);
-  for (; i + 8 <= p.m; i += 8) BlockTall<8>(p, n0, i);
   for (; i + 4 <= p.m; i += 4) BlockWide<4>(p, n0, i);
   switch (p.m - i) {
     case 3: BlockWide<3>(p, n0, i); break;
