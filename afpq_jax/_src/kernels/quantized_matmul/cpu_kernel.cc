@@ -183,7 +183,7 @@ __attribute__((always_inline)) inline __m512 Other16(const Problem& p, int64_t a
 // Columns [n0, n0 + kWideN), x rows [i0, i0 + MI): rows in K order, each row's kWideN code bytes decoded
 // 64 at a time into float32 accumulators in L1.
 template <int MI>
-void BlockWide(const Problem& p, int64_t n0, int64_t i0) {
+__attribute__((noinline)) void BlockWide(const Problem& p, int64_t n0, int64_t i0) {
   alignas(64) float acc[MI][kWideN] = {};
   const __m512 table = _mm512_loadu_ps(p.table);
   for (int64_t g0 = 0; g0 < p.k; g0 += p.group) {
@@ -242,7 +242,7 @@ void MicroPanel(const Problem& p, const float* w, int64_t kc, int64_t k0, int64_
   }
 }
 
-void BlockPanel(const Problem& p, int64_t n0) {
+__attribute__((noinline)) void BlockPanel(const Problem& p, int64_t n0) {
   alignas(64) static thread_local float w[kChunk * kWideN];
   std::vector<float> acc(p.m * kWideN, 0.0f);
   const __m512 table = _mm512_loadu_ps(p.table);
