@@ -11,6 +11,7 @@ from tests import reference as ref
 
 ALL = ["int2", "int3", "int4", "int8", "fp4_e2m1", "fp3_e2m0", "nf4", "nf3"]
 SCALE_EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-22}
+SCALE_TINY = {"float16": 2.0**-24, "bfloat16": 2.0**-133, "float32": 2.0**-149}  # subnormal spacing
 
 
 def _weights(kind: str, k: int, n: int, seed: int) -> np.ndarray:
@@ -91,9 +92,11 @@ def test_error_bound(fmt, asym, group_size, kind, scale_dtype, seed):
     f = aq.get_format(fmt)
     _, got, side_scale = _check_against_reference(w, fmt, group_size, asym, scale_dtype)
     # Half the largest level gap times the scale; the scale's rounding toward zero can push the group's
-    # extreme past the top level by up to (number of steps) x (relative rounding of the scale).
+    # extreme past the top level by up to (number of steps) x (one unit of the stored scale: relative for
+    # normal scales, the dtype's subnormal spacing for tiny ones, e.g. float16 scales below 2**-14).
     steps = 2**f.bits - 1 if f.is_int else f.divisor
-    bound = side_scale * (f.max_gap() / 2 + steps * SCALE_EPS[scale_dtype]) * (1 + 1e-5) + 1e-30
+    unit = np.maximum(side_scale * SCALE_EPS[scale_dtype], SCALE_TINY[scale_dtype])
+    bound = (side_scale * f.max_gap() / 2 + steps * unit) * (1 + 1e-5) + 1e-30
     if f.is_int and asym:  # the integer zero point shifts the grid by up to half a step
         bound = bound + side_scale * 0.5
     assert np.all(np.abs(got - w) <= bound)

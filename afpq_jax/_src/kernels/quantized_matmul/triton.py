@@ -13,9 +13,9 @@ Per K tile of ``block_k`` rows the program loads, with masked pointer loads stra
 
 unpacks and decodes in registers (`decode.dequant`; codebook levels by one load per weight from a
 ``2**bits``-entry float32 table that stays in L1, unless ``BlockConfig.lookup`` is False), casts to x's dtype and
-issues one ``tl.dot`` per slot into a float32 accumulator. Out-of-range rows/columns load as 0 (zero scales ->
-+-0 weights; x's columns past K and rows past M load as 0), so K, N and M need not be multiples of the tiles
-(nothing is padded: a decode step moves no padding bytes). Tile sizes must be powers of two (Triton) and >= 16
+issues one ``tl.dot`` per slot into a float32 accumulator. Out-of-range code rows/columns load as 0 (zero
+scales -> +-0 weights) and x's columns past K load as 0; rows past M re-read row M - 1 and are never stored. So
+K, N and M need not be multiples of the tiles (nothing is padded: a decode step moves no padding bytes). Tile sizes must be powers of two (Triton) and >= 16
 (tensor-core dot minimum).
 
 Decode (M <= 16) has only N / block_n output tiles; ``split_k`` programs then share each tile's K range and
@@ -170,7 +170,7 @@ def effective_split(prob: Problem, cfg: BlockConfig) -> tuple[int, int]:
 
 
 def quantized_matmul_triton(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpret: bool = False):
-    p, bm, bn, bk = prob.slots, cfg.block_m, cfg.block_n, cfg.block_k
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     tiles = cdiv(prob.kp, bk)
     extra = [a for a in (qt.scale_neg, qt.zero) if a is not None]
     if uses_lookup(prob, cfg):
