@@ -43,6 +43,56 @@ def timed(fn, xs, ws, *, reps: int, loops: int, r: int) -> float:
     return max(median(2 * loops) - median(loops), 1e-12) / (loops * r)
 
 
+# Where a profiler trace keeps the op timeline: GPU stream lines, TPU's "XLA Ops" line, the CPU client's thunks.
+def _timeline_lines(plane):
+    for line in plane.lines:
+        if plane.name.startswith("/device:GPU") and line.name.startswith("Stream"):
+            yield line
+        elif plane.name.startswith("/device:TPU") and line.name == "XLA Ops":
+            yield line
+        elif plane.name == "/host:CPU" and line.name.startswith("tf_XLAPjRtCpuClient"):
+            yield line
+
+
+_KERNEL_MARKERS = ("afpq_qmm", "custom-call", "custom_call", "ffi_call", "triton", "mosaic")
+
+
+def profiled(fn, args, calls: int = 10) -> tuple[float, float] | None:
+    """(kernel, XLA-side) seconds per call of ``fn(*args)`` from a profiler trace of ``calls`` calls: the summed
+    durations of the timeline's ops. "kernel" = custom calls (the Pallas / C++ kernel; for "xla", a library
+    GEMM where the backend calls one), "XLA-side" = everything else (x permutation, split-K sum, dequantization,
+    casts). Host dispatch and idle gaps are in neither. None when the trace has no op timeline."""
+    import glob
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(calls):
+                out = fn(*args)
+            jax.block_until_ready(out)
+        files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+        if not files:
+            return None
+        data = ProfileData.from_file(files[0])
+    kernel = other = 0.0
+    seen = False
+    for plane in data.planes:
+        for line in _timeline_lines(plane):
+            for ev in line.events:
+                if ev.name.startswith(("end: ", "ThreadpoolListener")) or ev.duration_ns <= 0:
+                    continue
+                seen = True
+                hlo = dict(ev.stats).get("hlo_op", "")
+                if any(k in ev.name.lower() or k in str(hlo).lower() for k in _KERNEL_MARKERS):
+                    kernel += ev.duration_ns
+                else:
+                    other += ev.duration_ns
+    return (kernel * 1e-9 / calls, other * 1e-9 / calls) if seen else None
+
+
 def looped(op):
     """One executable running ``n`` (an argument) rounds over every pair ``op(x_i, w_i)``. x and the weight's
     first array carry one element written from the previous output, so XLA can neither hoist a matmul (or the
@@ -85,6 +135,8 @@ def main():
     ap.add_argument("--triton-lookup", choices=["on", "off", "both"], default="on",
                     help="Triton codebook decode: table lookup (on, the default config), select tree (off), or "
                          "both as two rows ('triton' and 'triton-tree')")
+    ap.add_argument("--no-profile", dest="profile", action="store_false",
+                    help="skip the profiler trace that splits each op's device time into kernel and XLA-side ops")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--loops", type=int, default=None,
                     help="rounds over the R weights in the shorter of the two timed calls (default: 10 on an accelerator, "
@@ -123,7 +175,7 @@ def main():
     ws = [jax.random.normal(k, (a.k, a.n), jnp.float32) for k in jax.random.split(kw, r)]
     dense = looped(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
     ws16 = [w.astype(jnp.bfloat16) for w in ws]
-    header = ["format", "M", "impl", "time µs", "vs dense f32", "vs dense bf16", "TFLOP/s"]
+    header = ["format", "M", "impl", "time µs", "kernel / XLA-side µs", "vs dense f32", "vs dense bf16", "TFLOP/s"]
     if bw:
         header += ["GB/s", "of roofline", "bound vs bf16"]
     schemes = a.schemes or (["sym"] if a.sym else ["asym"])
@@ -175,6 +227,7 @@ def main():
                              + [""] * (len(header) - 4))
                         continue
                     t = timed(f, xqs, qts, reps=a.reps, loops=loops, r=r)
+                    parts = profiled(jax.jit(op), (xq, qt)) if a.profile else None
                 except Exception as e:  # a kernel that fails to compile or run is a finding, not the end of the run
                     msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
                     failures.append(f"{name} {fmt} M={m}: {type(e).__name__}: {msg}")
@@ -182,7 +235,8 @@ def main():
                          + [""] * (len(header) - 4))
                     continue
                 times[fmt, scheme, m, name] = t
-                row = [f"{fmt}-{scheme}-g{g or 'ch'}", m, name, f"{t * 1e6:.1f}",
+                split = "n/a" if parts is None else f"{parts[0] * 1e6:.1f} / {parts[1] * 1e6:.1f}"
+                row = [f"{fmt}-{scheme}-g{g or 'ch'}", m, name, f"{t * 1e6:.1f}", split,
                        f"{t / t32:.2f}x", f"{t / t16:.2f}x", f"{2 * m * a.k * a.n / t / 1e12:.2f}"]
                 if bw:
                     ideal = roofline.ideal_bytes(prob)
@@ -191,15 +245,17 @@ def main():
                             f"{roofline.decode_bound(fmt, g, asym, m, a.k, a.n, xdt.itemsize):.2f}x"]
                 emit(row)
             if fresh:
-                emit(["dense", m, "f32 / bf16", f"{t32 * 1e6:.1f} / {t16 * 1e6:.1f}", "", ""]
-                     + [""] * (len(header) - 6))
+                emit(["dense", m, "f32 / bf16", f"{t32 * 1e6:.1f} / {t16 * 1e6:.1f}", "", "", ""]
+                     + [""] * (len(header) - 7))
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
     if not a.markdown:
         print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
         for r in rows:
             print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
     print("ratios: time of the quantized op / time of the dense matmul (< 1 = faster). Times are end to end: "
-          "the op as a user calls it (x permutation, kernel, split-K sum), per matmul.")
+          "the op as a user calls it (x permutation, kernel, split-K sum), per matmul.\n"
+          "kernel / XLA-side: device time per single call from a profiler trace, split into custom-call kernels "
+          "and XLA's own ops (n/a: no op timeline in the trace).")
     pairs = sorted({key[:1] + key[2:] for key in times if key[1] == "asym" and (key[0], "sym", *key[2:]) in times})
     if pairs:
         print("\nasym over sym (the second scale's cost):")

@@ -18,12 +18,16 @@ def test_device_check_dry_run(tmp_path):
                        text=True, timeout=600)
     report = (tmp_path / "report.md").read_text()
     assert r.returncode == 0, report[-3000:]
-    for section in ("## versions and devices", "## kernel tests", "## decode/prefill sweep", "## group 64",
-                    "## per-channel", "## SmolLM2-135M MLP shape"):
+    for section in ("## versions and devices", "## kernel tests", "## decode/prefill sweep", "## Triton codebook",
+                    "## group 64", "## per-channel", "## SmolLM2-135M MLP shape"):
         assert section in report
     assert "passed  tests/test_quantized_matmul.py::test_formats_match_reference[triton-int4-a-g128]" in report
     assert "FAILED" not in report and "WRONG" not in report
     assert "| int4-asym-g128 | 1 | xla |" in report and "asym over sym" in report
+    # The profiler split of each op's device time (CPU: the client's thunk timeline): XLA ops only for "xla".
+    row = next(line for line in report.splitlines() if line.startswith("| int4-asym-g128 | 1 | xla |"))
+    kernel, xla_side = (float(v) for v in row.split("|")[5].split("/"))
+    assert kernel == 0.0 and xla_side > 0.0
     assert report.rstrip().endswith("device check: all steps passed")
 
 
@@ -34,3 +38,14 @@ def test_device_check_reports_a_failing_step(tmp_path):
                        text=True, timeout=120)
     assert r.returncode != 0
     assert "SOME STEPS FAILED" in (tmp_path / "report.md").read_text()
+
+
+def test_benchmark_splits_kernel_time_from_xla_time():
+    """The CPU kernel is a custom call: the profiler split counts its time as kernel time, x's casts as XLA's."""
+    r = subprocess.run([sys.executable, "scripts/bench_quantized_matmul.py", "--k", "256", "--n", "512", "--m", "2",
+                        "--formats", "int4", "--x-dtype", "bfloat16", "--reps", "1", "--loops", "1", "--impls", "cpu",
+                        "--markdown"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| int4-asym-g128 | 2 | cpu |"))
+    kernel, xla_side = (float(v) for v in row.split("|")[5].split("/"))
+    assert kernel > 0.0 and xla_side > 0.0
