@@ -49,3 +49,15 @@ def test_benchmark_splits_kernel_time_from_xla_time():
     row = next(line for line in r.stdout.splitlines() if line.startswith("| int4-asym-g128 | 2 | cpu |"))
     kernel, xla_side = (float(v) for v in row.split("|")[5].split("/"))
     assert kernel > 0.0 and xla_side > 0.0
+
+
+def test_benchmark_times_both_triton_decodes_when_asked():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_qmm", ROOT / "scripts" / "bench_quantized_matmul.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    both = bench.implementation_variants(["triton", "xla"], "both")
+    assert [label for label, _ in both] == ["triton", "triton-tree", "xla"]
+    assert both[0][1] is None and both[1][1].lookup is False and both[2][1] is None
+    assert [label for label, _ in bench.implementation_variants(["triton"], "off")] == ["triton-tree"]
+    assert bench.implementation_variants(["cpu", "xla"], "both") == [("cpu", None), ("xla", None)]

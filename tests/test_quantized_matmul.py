@@ -178,7 +178,7 @@ def test_mosaic_gpu_double_buffers_the_weight_tile():
         prob = _prob(fmt, g, True, m=m, k=k, n=n)
         c = base.resolve("mosaic_gpu", prob, None)
         assert base.mosaic_gpu_smem_bytes(prob, 64, c.block_n, c.block_k, c.num_stages) <= 227 * 1024
-        return c, base.mosaic_gpu_weight_buffers(c.num_stages)
+        return c, base.mosaic_gpu_weight_buffers(prob, c.block_k, c.num_stages)
 
     for fmt, g in (("int4", 128), ("nf4", 256), ("fp4_e2m1", None), ("int2", 256)):
         for m in (1, 128):
@@ -186,6 +186,16 @@ def test_mosaic_gpu_double_buffers_the_weight_tile():
             assert buffers == 2 and c.num_stages == 3, (fmt, g, m, c)
     c, buffers = cfg("nf3", 512, 16, 4096, 4096)
     assert buffers == 1 and c.num_stages == 2
+    # A caller's wider tile gets the stage count that fits it (the default's 3 would not), and so still runs.
+    for fmt, g in (("nf4", 256), ("int4", None), ("int2", 256)):
+        prob = _prob(fmt, g, True, m=128, k=4096, n=4096)
+        c = base.resolve("mosaic_gpu", prob, BlockConfig(block_n=128))
+        assert c.block_n == 128 and c.num_stages == 2 and why_not("mosaic_gpu", _x((128, 4096), jnp.bfloat16),
+                                                                   _abstract_weight(fmt, g, True, 4096, 4096),
+                                                                   BlockConfig(block_n=128)) is None
+    # Fewer K steps than 3: one buffer (the pipeline cannot keep 3 steps in flight).
+    prob = _prob("int4", 128, True, m=1, k=256, n=128)
+    assert base.mosaic_gpu_weight_buffers(prob, 128, 3) == 1
     # The kernel's tile loop runs several steps on both paths (buffer reuse is exercised by the numerics tests).
     for xs, k, config in ((SHAPES["mosaic_gpu"][0][3], 512, None), ((3, 1024), 1024, BlockConfig(num_stages=2))):
         prob = _prob("int4", 128, True, m=xs[0], k=k, n=128)
@@ -372,6 +382,9 @@ def test_triton_table_lookup_cuts_vector_ops():
     assert lut.loads == 1.0 and lut.ops < 8 and "select_n" in lut.by_primitive
     assert tree.loads == 0.0 and tree.ops > 25 and tree.by_primitive["select_n"] >= 15
     assert ops("mosaic_tpu").ops > 25  # no gather on TPU: the select tree stays
+    # Mosaic GPU: the same per-weight count with one or two weight buffers (a multiply reads one buffer).
+    double, single = ops("mosaic_gpu"), ops("mosaic_gpu", BlockConfig(num_stages=2))
+    assert double.ops == pytest.approx(single.ops) and double.ops > 25
 
 
 def test_triton_reads_x_unpermuted():
@@ -743,7 +756,7 @@ import sys, jax, jax.numpy as jnp, numpy as np
 import afpq_jax
 from afpq_jax.kernels import quantized_matmul, select_implementation, Problem
 qt = afpq_jax.quantize(jax.random.normal(jax.random.key(0), (512, 2048)), "int4", group_size=128)
-x = jax.random.normal(jax.random.key(1), (3, 512))
+x = jax.random.normal(jax.random.key(1), (7, 512))  # 7 rows: the panel path (micro-kernels of 6 + 1 rows)
 chosen = select_implementation(Problem.create(x.shape, x.dtype, qt), backend="cpu")[0]
 y = np.asarray(quantized_matmul(x, qt))
 ref = np.asarray(x, np.float64) @ np.asarray(afpq_jax.dequantize(qt, jnp.float32), np.float64)

@@ -8,8 +8,8 @@ whose ``supports`` accepts the call runs:
     cpu: cpu (C++ via the XLA FFI; float32 or bfloat16 x, M <= 256) -> xla
     anything else: xla
 
-At decode sizes the C++ kernel reads the codes once and never holds the float weight; from M = 64 dequantizing
-once and one BLAS dot ("xla") is faster on the measured CPU (BUILD_NOTES, "CPU path"). "xla_scan" (a scan over
+Up to 256 rows of x the C++ kernel reads the codes once and never holds the float weight; beyond that,
+dequantizing once and one dot ("xla") is faster on the measured CPU (BUILD_NOTES, "CPU path"). "xla_scan" (a scan over
 K chunks in plain XLA) runs only when named: it measured no faster than "xla" once both ran in one jitted loop.
 
 A candidate that declines logs one WARNING line per (implementation, reason) on the ``afpq_jax.kernels`` logger

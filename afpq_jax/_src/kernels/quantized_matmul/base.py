@@ -155,9 +155,10 @@ class BlockConfig:
                alone cannot fill a GPU); partial float32 sums are added in XLA (deterministic).
     x_resident: TPU only: keep all of x's K tiles for the current M tile in VMEM (x is then read from HBM once
                per M tile instead of once per (M, N) tile). None = when it fits in `x_resident_max_bytes`.
-    lookup:    Triton only: codebook levels (FP/NF formats) by one load per weight from a 2**bits-entry table
-               that stays in L1 (default), instead of a select tree (NF) or bit construction (FP4); about 4x
-               fewer vector ops per weight for NF4 (`roofline.kernel_ops`). Numerics are identical.
+    lookup:    Triton kernels (W4A16 and W·A8) only: codebook levels (FP/NF formats) by one load per weight from
+               a 2**bits-entry table that stays in L1 (default), instead of a select tree (NF) or bit
+               construction (FP4); about 4x fewer vector ops per weight for NF4 (`roofline.kernel_ops`).
+               Numerics are identical.
     """
 
     block_m: int | None = None
@@ -267,24 +268,24 @@ def gpu_default(prob: Problem, impl: str) -> BlockConfig:
     limit = prob.kp if prob.per_channel else min(prob.group, prob.kp)
     while bk * 2 <= min(limit, 256) and prob.kp % (bk * 2) == 0 and (prob.per_channel or prob.group % (bk * 2) == 0):
         bk *= 2
-    # 3 stages: x's buffer is released a step late (the WGMMA reading it is still in flight), so 2 stages would
-    # leave no buffer to prefetch into.
-    stages = 3
-    while mosaic_gpu_smem_bytes(prob, 64, bn, bk, stages) > GPU_SMEM_BUDGET:
-        if bn > 64:
-            bn //= 2
-        elif stages > 2:
-            stages -= 1  # 2 stages: a single weight buffer (see mosaic_gpu_weight_buffers)
-        else:
-            break
+    # 3 stages buy a second weight buffer (x's buffer is then released a step late, see
+    # `mosaic_gpu_weight_buffers`): block_n is halved for them where 128 columns do not fit with 3 stages.
+    while bn > 64 and mosaic_gpu_stages(prob, bn, bk) < 3:
+        bn //= 2
+    stages = mosaic_gpu_stages(prob, bn, bk)
     return BlockConfig(block_m=64, block_n=bn, block_k=bk, num_stages=stages)
 
 
-def mosaic_gpu_weight_buffers(stages: int) -> int:
+def mosaic_gpu_stages(prob: Problem, bn: int, bk: int) -> int:
+    """Mosaic GPU pipeline depth for a tiling: 3 (two weight buffers) when that fits `GPU_SMEM_BUDGET`, else 2."""
+    return 3 if mosaic_gpu_smem_bytes(prob, 64, bn, bk, 3) <= GPU_SMEM_BUDGET else 2
+
+
+def mosaic_gpu_weight_buffers(prob: Problem, bk: int, stages: int) -> int:
     """Weight tiles in shared memory: 2 (the next step's dequantization overlaps this step's WGMMA) when the
-    pipeline has 3 or more stages, since x's buffer is then released a step late; else 1 (each step waits for
-    its WGMMA)."""
-    return 2 if stages >= 3 else 1
+    pipeline keeps 3 or more steps in flight (x's buffer is then released a step late; the pipeline runs at most
+    as many steps concurrently as there are K steps), else 1 (each step waits for its WGMMA)."""
+    return 2 if min(stages, max(1, prob.kp // bk)) >= 3 else 1
 
 
 GPU_SMEM_BUDGET = 200 * 1024  # default tilings stay under this (Hopper: 227 KiB per CTA; Ampere: 163 KiB)
@@ -304,7 +305,8 @@ def mosaic_gpu_smem_bytes(prob: Problem, bm: int, bn: int, bk: int, stages: int)
     from 3 stages) and the output tile (Hopper allows 227 KiB per CTA)."""
     it = jnp.dtype(prob.x_dtype).itemsize
     per_step = bm * bk * it + bk * prob.bits // 8 * bn + prob.n_scale_arrays * bn * 4
-    return stages * per_step + mosaic_gpu_weight_buffers(stages) * bk * bn * it + bm * bn * it
+    steps = min(stages, max(1, prob.kp // bk))  # the pipeline never buffers more steps than there are
+    return steps * per_step + mosaic_gpu_weight_buffers(prob, bk, stages) * bk * bn * it + bm * bn * it
 
 
 CPU_TILE_BYTES = 2 << 20  # "xla_scan": target size of one dequantized float32 tile (L2 + part of L3)
@@ -329,8 +331,12 @@ def default_config(impl: str, prob: Problem) -> BlockConfig:
 
 
 def resolve(impl: str, prob: Problem, config: BlockConfig | None) -> BlockConfig:
-    """Fills the unset fields of ``config`` with the backend defaults for ``prob``."""
-    return merge(config, default_config(impl, prob))
+    """Fills the unset fields of ``config`` with the backend defaults for ``prob``. Mosaic GPU's pipeline depth,
+    when unset, is chosen for the merged tiles (a caller's wider block_n may not fit the default's 3 stages)."""
+    merged = merge(config, default_config(impl, prob))
+    if impl == "mosaic_gpu" and config is not None and config.num_stages is None:
+        merged = merged.replace(num_stages=mosaic_gpu_stages(prob, merged.block_n, merged.block_k))
+    return merged
 
 
 def merge(config: BlockConfig | None, defaults: BlockConfig) -> BlockConfig:

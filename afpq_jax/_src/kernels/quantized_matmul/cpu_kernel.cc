@@ -228,8 +228,8 @@ void MicroPanel(const Problem& p, const float* w, int64_t kc, int64_t k0, int64_
     const float* x = p.x + i0 * p.k + k0;
     for (int64_t kk = 0; kk < kc; ++kk) {
       const float* wr = w + kk * kWideN + c;
-      const __m512 w0 = _mm512_load_ps(wr), w1 = _mm512_load_ps(wr + 16), w2 = _mm512_load_ps(wr + 32),
-                   w3 = _mm512_load_ps(wr + 48);
+      const __m512 w0 = _mm512_loadu_ps(wr), w1 = _mm512_loadu_ps(wr + 16), w2 = _mm512_loadu_ps(wr + 32),
+                   w3 = _mm512_loadu_ps(wr + 48);  // unaligned forms: same speed, no reliance on TLS alignment
       for (int i = 0; i < MI; ++i) {
         const __m512 xb = _mm512_set1_ps(x[i * p.k + kk]);
         a[i][0] = _mm512_fmadd_ps(xb, w0, a[i][0]);
@@ -258,7 +258,7 @@ __attribute__((noinline)) void BlockPanel(const Problem& p, int64_t n0) {
         for (int q = 0; q < 4; ++q) {
           const int64_t col = c0 + 16 * q;
           const __m512i c = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, q));
-          _mm512_store_ps(w + kk * kWideN + col,
+          _mm512_storeu_ps(w + kk * kWideN + col,
                           Weights16(p, c, _mm512_loadu_ps(p.pos + base + col), Other16(p, base + col), table));
         }
       }

@@ -9,10 +9,11 @@ warpgroup loads the code tile into registers (WGMMA layout), unpacks the slot ma
 plane is read through an ``(R/2, 2N)`` view of the codes — a free reshape of a row-major array — whose column
 halves are the even and odd byte rows), decodes (`decode.dequant`), writes the ``block_k x block_n`` tile in x's dtype into shared memory
 (slot s at rows ``[s*block_k/p, (s+1)*block_k/p)``, matching x's column permutation) and issues
-``wgmma(acc, x_tile, w_tile)``. With 3 pipeline stages (the default where shared memory allows: all 4-bit and
-2-bit tilings) the weight tile is double-buffered: the WGMMA of step k runs while step k + 1 dequantizes into the
-other buffer (``wgmma_wait(1)``), and x's buffer is released a step late for it. With 2 stages (3-bit's 512-row
-steps) each step waits for its WGMMA.
+``wgmma(acc, x_tile, w_tile)``. With 3 pipeline stages and at least 3 K steps the weight tile is
+double-buffered: the WGMMA of step k runs while step k + 1 dequantizes into the other buffer
+(``wgmma_wait(1)``), and x's buffer is released a step late for it. The defaults take 3 stages wherever shared
+memory allows, halving block_n to 64 for them if need be (4-bit groups >= 256 and per-channel, 2-bit); 3-bit's
+512-row steps keep 2 stages, and then each step waits for its WGMMA.
 
 Scope (declined cases fall back, see `why_unsupported`): x in bf16/f16 (WGMMA has no exact f32 path); slot
 matrices of at least 64 rows per step (the WGMMA register layout), hence 4-bit groups >= 128, 2-bit >= 256,
@@ -102,7 +103,7 @@ def _kernel(*refs, w_smem, o_smem, prob: Problem, cfg: BlockConfig, tiles: int, 
     seg = bk // p
     xdt = jnp.dtype(prob.x_dtype)
     stages = cfg.num_stages or 2
-    buffers = base.mosaic_gpu_weight_buffers(stages)
+    buffers = base.mosaic_gpu_weight_buffers(prob, bk, stages)
     j, i = lax.axis_index("n"), lax.axis_index("m")
 
     def layout(v, lay=plgpu.Layout.WGMMA):
@@ -191,7 +192,7 @@ def quantized_matmul_mosaic_gpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, int
         grid=(prob.n // bn, mp // bm),
         grid_names=("n", "m"),
         scratch_types=dict(
-            w_smem=plgpu.SMEM((base.mosaic_gpu_weight_buffers(cfg.num_stages or 2), bk, bn), xdt,
+            w_smem=plgpu.SMEM((base.mosaic_gpu_weight_buffers(prob, bk, cfg.num_stages or 2), bk, bn), xdt,
                               transforms=_transforms(bn, xdt.itemsize)),
             o_smem=plgpu.SMEM((bm, bn), xdt, transforms=_transforms(bn, xdt.itemsize)),
         ),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.extend as jex
 import jax.numpy as jnp
 
@@ -153,8 +154,11 @@ class KernelOps:
     same body are the denominator).
 
     ops:     elementwise arithmetic / logic / select / convert elements per weight (the ALU budget).
-    loads:   elements read at an array of indices from refs of at most `_TABLE_MAX` elements (table lookups)
-             per weight.
+    loads:   elements read at an array of indices from 1-D refs of at most `_TABLE_MAX` elements (table
+             lookups) per weight.
+
+    The denominator sums the weights of every multiply, so a kernel that multiplies each weight tile twice (the
+    W·A8 kernels' AFPQ split into positive and negative levels) reports half its ops per weight.
     by_primitive: ops per weight by primitive name.
     """
 
@@ -176,12 +180,27 @@ def _size(aval) -> int:
     return int(math.prod(getattr(aval, "shape", ())))
 
 
+def _wgmma_b_shape(eqn) -> tuple[int, ...]:
+    """Shape of the B operand a Mosaic GPU ``wgmma_ref`` multiplies: the B ref (e.g. one buffer of a
+    double-buffered tile) after its indexer, rebuilt from the equation's transform trees; the whole ref when it
+    has none."""
+    leaves = list(eqn.invars[3:])
+    transforms = []
+    for name in ("acc_transforms_tree", "a_transforms_tree", "b_transforms_tree"):
+        tree = eqn.params.get(name)
+        n = 0 if tree is None else tree.num_leaves
+        transforms.append(() if tree is None else jax.tree_util.tree_unflatten(tree, leaves[:n]))
+        leaves = leaves[n:]
+    indexers = [t for t in transforms[2] if hasattr(t, "get_indexer_shape")]
+    return tuple(indexers[-1].get_indexer_shape()) if indexers else tuple(eqn.invars[2].aval.shape)
+
+
 def _dot_weights(eqn) -> int:
-    """Weights one matrix-multiply equation consumes: its right operand (dot_general) or the B ref (wgmma)."""
+    """Weights one matrix-multiply equation consumes: its right operand (dot_general) or B (wgmma)."""
     if eqn.primitive.name == "dot_general":
         return _size(eqn.invars[1].aval)
     if eqn.primitive.name == "wgmma_ref":
-        return _size(eqn.invars[2].aval)
+        return int(math.prod(_wgmma_b_shape(eqn)))
     return 0
 
 
@@ -206,10 +225,11 @@ def kernel_ops(jaxpr) -> KernelOps:
             if _dot_weights(e):
                 w += _dot_weights(e)
             elif name in _MEMORY:
+                ref = e.invars[0].aval
                 gathered = any(_size(v.aval) > 1 and jnp.issubdtype(v.aval.dtype, jnp.integer)
                                for v in e.invars[1:])
-                if name != "swap" and gathered and _size(e.invars[0].aval) <= _TABLE_MAX:
-                    indexed += size  # a small ref read at an array of indices: a table lookup
+                if name != "swap" and gathered and len(ref.shape) == 1 and _size(ref) <= _TABLE_MAX:
+                    indexed += size  # a small 1-D ref read at an array of indices: a table lookup
             elif name not in _LAYOUT and size > 1 and next(_sub_jaxprs(e), None) is None:
                 counts[name] = counts.get(name, 0) + size
         return w, indexed
