@@ -2,7 +2,8 @@
 
 Dispatch picks the fused Pallas kernel for the default backend (Mosaic TPU; Triton, then Mosaic GPU) and falls
 back to the XLA reference (dequantize, then one dot); `IMPLEMENTATIONS` is the registry, `why_not` says why a
-kernel declines a call, `roofline` holds the byte counts the benchmarks compare against.
+kernel declines a call, `roofline` holds the byte and op counts the benchmarks compare against, `tuning` the
+measured tilings (`scripts/autotune_quantized_matmul.py` records them).
 `quantized_matmul_a8(x, qt, input_scale)`: the W·A8 integer path (int8 activations, int32 sums).
 """
 
@@ -10,7 +11,7 @@ from afpq_jax._src.kernels.quantized_matmul import (DISPATCH_ORDER, IMPLEMENTATI
                                                     Problem, current_backend, default_config, quantized_matmul,
                                                     register_implementation, resolve, select_implementation,
                                                     why_not)
-from afpq_jax._src.kernels.quantized_matmul import roofline
+from afpq_jax._src.kernels.quantized_matmul import roofline, tuning
 from afpq_jax._src.kernels.quantized_matmul_a8 import (activation_scale, integer_weight, quantize_activations,
                                                        quantized_matmul_a8)
 
@@ -19,4 +20,4 @@ resolve_config = resolve
 __all__ = ["DISPATCH_ORDER", "IMPLEMENTATIONS", "BlockConfig", "Implementation", "Problem", "activation_scale",
            "current_backend", "default_config", "integer_weight", "quantize_activations", "quantized_matmul",
            "quantized_matmul_a8", "register_implementation", "resolve_config", "roofline",
-           "select_implementation", "why_not"]
+           "select_implementation", "tuning", "why_not"]

@@ -832,3 +832,48 @@ def test_xla_scan_equals_the_reference(fmt, group, asym, k, n, dtype):
     assert y.dtype == ref.dtype and y.shape == ref.shape
     # the same dequantized values; only the order of the float32 sum differs (per-chunk partial dots)
     _check(y, x, qt, ref)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measured tilings (`tuning`): the table, dispatch's use of it, the autotuning script.
+
+def _scan_chunks(impl, x, qt, config=None):
+    jaxpr = jax.make_jaxpr(lambda a, q: quantized_matmul(a, q, implementation=impl, config=config))(x, qt)
+    return [e.params["length"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+
+
+def test_tuned_tiling_is_used_under_the_callers_fields_and_dropped_when_declined(tmp_path, monkeypatch):
+    from afpq_jax.kernels import tuning
+    monkeypatch.setenv("AFPQ_TUNED_CONFIGS", str(tmp_path / "table.json"))
+    qt = _weight("nf4", 128, True, 1024, 256)
+    x = _x((3, 1024), jnp.float32)
+    prob = Problem.create(x.shape, x.dtype, qt)
+    kind = jax.devices()[0].device_kind
+    assert tuning.tuned("xla_scan", prob) is None and tuning.load() == {}
+    default_chunks = _scan_chunks("xla_scan", x, qt)
+    tuning.record({tuning.shape_key("xla_scan", prob, kind): BlockConfig(block_k=256)})
+    assert tuning.tuned("xla_scan", prob) == BlockConfig(block_k=256)
+    assert tuning.shape_key("xla_scan", Problem.create((4, 1024), x.dtype, qt), kind) == \
+        tuning.shape_key("xla_scan", prob, kind)  # M = 3 and 4 share the bucket
+    assert _scan_chunks("xla_scan", x, qt) == [4] != default_chunks  # the measured tiling is used
+    assert _scan_chunks("xla_scan", x, qt, BlockConfig(block_k=512)) == [2]  # the caller's field wins
+    _check(quantized_matmul(x, qt, implementation="xla_scan"), x, qt)
+    # An entry the kernel declines (Triton needs power-of-two tiles) is dropped: the defaults apply.
+    tuning.record({tuning.shape_key("triton", prob, kind): BlockConfig(block_n=24)})
+    assert api.resolve_tuned("triton", prob, None) == base.resolve("triton", prob, None)
+    (tmp_path / "table.json").write_text("{not json")
+    with pytest.raises(afpq_jax.InputError, match="not valid JSON"):
+        tuning.load()
+
+
+def test_autotune_script_records_the_fastest_tiling(tmp_path):
+    out = tmp_path / "table.json"
+    r = subprocess.run([sys.executable, "scripts/autotune_quantized_matmul.py", "--impl", "xla_scan", "--m", "2",
+                        "--k", "512", "--n", "256", "--formats", "int4", "--x-dtype", "float32", "--reps", "1",
+                        "--out", str(out)], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = __import__("json").loads(out.read_text())
+    (key, fields), = table.items()
+    assert key.endswith("|xla_scan|int4-asym-g128|float32|m2|k512|n256") and set(fields) == {"block_k"}
+    assert "| int4-asym-g128 | 2 |" in r.stdout

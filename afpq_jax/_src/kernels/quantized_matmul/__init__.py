@@ -2,7 +2,8 @@
 
 One op, one folder: `api` (the op, its implementation registry and dispatch), `base` (problem description and
 tilings), `xla` (the reference), one file per backend (`mosaic_tpu`, `triton`, `mosaic_gpu`), `decode` (in-kernel
-code -> value shared by the kernels) and `roofline` (byte counts for benchmarks).
+code -> value shared by the kernels), `roofline` (byte and op counts for benchmarks) and `tuning` (measured
+tilings per device and shape).
 """
 
 from afpq_jax._src.kernels.quantized_matmul.api import (DISPATCH_ORDER, IMPLEMENTATIONS, Implementation,

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from afpq_jax._src.errors import ArgumentTypeError, InputError
 from afpq_jax._src.qtensor import QuantizedTensor
-from afpq_jax._src.kernels.quantized_matmul import base
+from afpq_jax._src.kernels.quantized_matmul import base, tuning
 from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem
 
 logger = logging.getLogger("afpq_jax.kernels")
@@ -165,6 +165,17 @@ def _log_once(name: str, reason: str, prob: Problem, nxt: str) -> None:
                    prob.m, prob.k, prob.n, prob.x_dtype, reason, nxt)
 
 
+def resolve_tuned(name: str, prob: Problem, config: BlockConfig | None) -> BlockConfig:
+    """``config`` over the measured tiling for this shape on this device (`tuning`), over the defaults; the
+    measured tiling is dropped if the implementation declines it."""
+    measured = tuning.tuned(name, prob)
+    if measured is not None:
+        cfg = base.resolve(name, prob, base.merge(config, measured))
+        if IMPLEMENTATIONS[name].supports(prob, cfg) is None:
+            return cfg
+    return base.resolve(name, prob, config)
+
+
 def select_implementation(prob: Problem, config: BlockConfig | None = None, backend: str | None = None,
                           *, log: bool = True) -> tuple[str, BlockConfig]:
     """The implementation (and resolved config) that ``implementation=None`` would run."""
@@ -175,7 +186,7 @@ def select_implementation(prob: Problem, config: BlockConfig | None = None, back
         preferred = getattr(impl, "preferred", None)
         if preferred is not None and preferred(prob) is not None:
             continue
-        cfg = base.resolve(name, prob, config)
+        cfg = resolve_tuned(name, prob, config)
         reason = impl.supports(prob, cfg)
         if reason is None:
             return name, cfg
@@ -187,7 +198,7 @@ def select_implementation(prob: Problem, config: BlockConfig | None = None, back
 def why_not(implementation: str, x, qt: QuantizedTensor, config: BlockConfig | None = None) -> str | None:
     """None if ``implementation`` supports ``x @ qt`` (x may be a ShapeDtypeStruct), else the reason."""
     prob = Problem.create(x.shape, x.dtype, qt.with_float_scales())
-    return IMPLEMENTATIONS[implementation].supports(prob, base.resolve(implementation, prob, config))
+    return IMPLEMENTATIONS[implementation].supports(prob, resolve_tuned(implementation, prob, config))
 
 
 def quantized_matmul(x: jax.Array, qt: QuantizedTensor, *, implementation: str | None = None,
@@ -201,7 +212,8 @@ def quantized_matmul(x: jax.Array, qt: QuantizedTensor, *, implementation: str |
 
     implementation: None (dispatch, see the module doc), or a name in `IMPLEMENTATIONS`
         ("xla", "xla_scan", "cpu", "mosaic_tpu", "triton", "mosaic_gpu").
-    config: a `BlockConfig`; unset fields take the implementation's defaults for this shape.
+    config: a `BlockConfig`; unset fields take the measured tiling for this shape and device (`tuning`) if
+        there is one, else the implementation's defaults.
     interpret: run Pallas kernels in interpret mode (CPU testing).
     """
     if not isinstance(qt, QuantizedTensor):
@@ -216,7 +228,7 @@ def quantized_matmul(x: jax.Array, qt: QuantizedTensor, *, implementation: str |
         if implementation not in IMPLEMENTATIONS:
             raise InputError(f"unknown implementation {implementation!r}; registered: {sorted(IMPLEMENTATIONS)}")
         name = implementation
-        cfg = base.resolve(name, prob, config)
+        cfg = resolve_tuned(name, prob, config)
         reason = IMPLEMENTATIONS[name].supports(prob, cfg)
         if reason is not None:
             raise NotImplementedError(f"quantized_matmul[{name}] does not support this call: {reason}")
