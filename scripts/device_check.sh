@@ -44,6 +44,7 @@ if [ $DRY -eq 1 ]; then
   BENCH=(--k 256 --n 256 --reps 2 --stack 2 --impls xla)  # the script, not the CPU kernels (tested elsewhere)
   SWEEP=(--m 1 --formats int4 nf3)
   LOOKUP=(--impls xla)  # the step's plumbing only: Triton does not run on CPU outside interpret mode
+  TUNE_IMPLS=xla_scan TUNE=(--m 1 --k 512 --n 256 --formats int4 --reps 1) T_TUNE=120 B_TUNE=30
   T_TESTS=300 T_SWEEP=300 T_SMALL=120 B_SMALL=60; B_SWEEP=${B_SWEEP:-200}
 else
   export JAX_PLATFORMS=${JAX_PLATFORMS:-} AFPQ_KERNELS_NATIVE=1
@@ -51,6 +52,8 @@ else
   BENCH=(--reps 20)
   SWEEP=(--m 1 16 128 1024 --formats nf4 fp4_e2m1 nf3 int4)
   LOOKUP=(--impls triton --triton-lookup both)
+  TUNE_IMPLS=${TUNE_IMPLS:-$( [ -n "$(command -v nvidia-smi)" ] && echo triton || echo mosaic_tpu )}
+  TUNE=(--m 1 16 128 --formats nf4 int4 fp4_e2m1 nf3) T_TUNE=${T_TUNE:-540} B_TUNE=${B_TUNE:-480}
   # Budgets (B_*) stop a benchmark step from starting new cases; a case takes up to ~20 s to compile, hence
   # time limits (T_*) 40-60 s above them. Typically 7-8 minutes in all; the limits cap it at 10.
   T_TESTS=150 T_SMALL=60 B_SMALL=25; B_SWEEP=${B_SWEEP:-130}; T_SWEEP=$((B_SWEEP + 60))
@@ -71,6 +74,9 @@ want() { [[ "$STEPS" == *" $1 "* ]]; }
   want g64 && step "group 64" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" --m 1 16 --formats nf4 int4 --group-size 64 --no-profile --budget-s $B_SMALL
   want channel && step "per-channel" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" --m 1 16 --formats nf4 --group-size 0 --no-profile --budget-s $B_SMALL
   want smollm2 && step "SmolLM2-135M MLP shape (K=576, N=1536)" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" --m 1 16 --k 576 --n 1536 --formats nf3 nf4 --no-profile --budget-s $B_SMALL
+  # Not in the default steps (minutes per kernel): STEPS="tune" records measured tilings in $OUT/tuned_configs.json
+  # (copy it to afpq_jax/_src/kernels/quantized_matmul/tuned_configs.json to ship it).
+  want tune && for impl in $TUNE_IMPLS; do step "autotune $impl" $T_TUNE $PY scripts/autotune_quantized_matmul.py --impl $impl "${TUNE[@]}" --out "$OUT/tuned_configs.json" --budget-s $B_TUNE; done
   echo; echo "device check: $([ $status -eq 0 ] && echo 'all steps passed' || echo 'SOME STEPS FAILED (see above)')"
   exit $status
 } 2>&1 | tee "$REPORT"

@@ -61,3 +61,15 @@ def test_benchmark_times_both_triton_decodes_when_asked():
     assert both[0][1] is None and both[1][1].lookup is False and both[2][1] is None
     assert [label for label, _ in bench.implementation_variants(["triton"], "off")] == ["triton-tree"]
     assert bench.implementation_variants(["cpu", "xla"], "both") == [("cpu", None), ("xla", None)]
+
+
+def test_device_check_tune_step_writes_a_table(tmp_path):
+    """The optional "tune" step (not in the default steps) records measured tilings next to the report."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, STEPS="tune")
+    env.pop("AFPQ_KERNELS_NATIVE", None)
+    r = subprocess.run(["bash", "scripts/device_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    report = (tmp_path / "report.md").read_text()
+    assert r.returncode == 0, report[-3000:]
+    assert "## autotune xla_scan" in report and "recorded 1 tiling(s)" in report
+    assert "|xla_scan|int4-asym-g128|" in (tmp_path / "tuned_configs.json").read_text()
