@@ -36,7 +36,7 @@ CANDIDATES: dict[str, dict[str, tuple]] = {
     "triton": {"block_n": (32, 64, 128, 256), "block_k": (128, 256, 512, 1024), "split_k": (1, 2, 4, 8, 16),
                "num_warps": (2, 4, 8), "num_stages": (2, 3, 4), "lookup": (True, False)},
     "mosaic_tpu": {"block_n": (128, 256, 512, 1024, 2048), "block_k": (512, 1024, 2048, 4096, 8192),
-                   "x_resident": (True, False)},
+                   "x_resident": (True, False), "lookup": (False, True)},
     "mosaic_gpu": {"block_n": (64, 128, 256), "num_stages": (2, 3, 4)},
     "xla_scan": {"block_k": (128, 256, 512, 1024, 2048, 4096)},
 }

@@ -103,7 +103,8 @@ def main():
 
     print(f"\n## Vector ops per weight in each kernel's decode path (static count of the traced kernel body, "
           f"K={a.k}, N={a.n}, bf16 x)\n")
-    kernels = (("mosaic_tpu", None), ("triton", None), ("triton", BlockConfig(lookup=False)), ("mosaic_gpu", None))
+    kernels = (("mosaic_tpu", None), ("mosaic_tpu", BlockConfig(lookup=True)), ("triton", None),
+               ("triton", BlockConfig(lookup=False)), ("mosaic_gpu", None))
     rows = []
     for fmt, g, asym in OPS_CASES:
         for m in (1, 16):
@@ -119,7 +120,8 @@ def main():
                     lambda x, q: quantized_matmul(x, q, implementation=impl, config=config))(x, qt))
                 cells.append(f"{ops.ops:.1f}" + (f" + {ops.loads:.0f} lookup" if ops.loads else ""))
             rows.append([f"{fmt}-{'asym' if asym else 'sym'}", "channel" if g is None else g, m, *cells])
-    table(rows, ["format", "group", "M", "mosaic_tpu", "triton", "triton (lookup=False)", "mosaic_gpu"], a.markdown)
+    table(rows, ["format", "group", "M", "mosaic_tpu", "mosaic_tpu (lookup=True)", "triton",
+                 "triton (lookup=False)", "mosaic_gpu"], a.markdown)
     print("\nElementwise arithmetic / logic / select / convert elements per weight multiplied, before compiler "
           "simplification\n(`roofline.kernel_ops`); \"lookup\" = reads from the level table (L1-resident on GPU). "
           "x-side work\n(index arithmetic of Triton's strided x loads) is spread over the weights it feeds.")

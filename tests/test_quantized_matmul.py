@@ -137,6 +137,11 @@ SHAPES = {
         ("int4", 32, True, (2, 3, 2048), 256, jnp.float16, TPU_SMALL),  # leading axes, zero points, 2 steps
         ("int2", None, True, (260, 512), 128, jnp.bfloat16, BlockConfig(block_m=128, x_resident=False)),
         ("nf4", 32, False, (16, 1024), 128, jnp.bfloat16, BlockConfig(block_k=512, x_resident=False)),
+        # Levels by lane gather from a one-row table (opt-in): 2 K steps, 3 N tiles, 3-bit, FP3 per-channel.
+        ("nf4", 128, True, (1, 4096), 384, jnp.bfloat16, BlockConfig(lookup=True, block_n=128)),
+        ("nf3", 64, True, (5, 2112), 256, jnp.float32, BlockConfig(lookup=True)),
+        ("fp4_e2m1", 32, True, (17, 1100), 256, jnp.float32, BlockConfig(lookup=True, block_n=128)),
+        ("fp3_e2m0", None, False, (3, 1024), 128, jnp.float16, BlockConfig(lookup=True)),
     ],
     "triton": [
         ("int4", 128, True, (1, 1024), 256, jnp.bfloat16, None),
@@ -250,6 +255,19 @@ def test_mosaic_tpu_lowers(kind, case):
     avals = _avals(*case)
     with use_abstract_mesh(mesh):
         text = _lower("mosaic_tpu", avals, "tpu")
+    assert "tpu_custom_call" in text
+
+
+@pytest.mark.parametrize("kind", TPU_KINDS)
+@pytest.mark.parametrize("fmt", ["nf4", "nf3", "fp4_e2m1"])
+def test_mosaic_tpu_lane_lookup_lowers(kind, fmt):
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
+    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
+                        abstract_device=AbstractDevice(device_kind=kind, num_cores=1, platform="tpu"))
+    f = lambda x, q: quantized_matmul(x, q, implementation="mosaic_tpu", config=BlockConfig(lookup=True))  # noqa
+    avals = _avals(fmt, 128, True, (16, 4096), 1024, jnp.bfloat16)  # outside the mesh (they are cached)
+    with use_abstract_mesh(mesh):
+        text = jax.jit(f).trace(*avals).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text
 
 
@@ -381,7 +399,9 @@ def test_triton_table_lookup_cuts_vector_ops():
     lut, tree = ops("triton"), ops("triton", BlockConfig(lookup=False))
     assert lut.loads == 1.0 and lut.ops < 8 and "select_n" in lut.by_primitive
     assert tree.loads == 0.0 and tree.ops > 25 and tree.by_primitive["select_n"] >= 15
-    assert ops("mosaic_tpu").ops > 25  # no gather on TPU: the select tree stays
+    assert ops("mosaic_tpu").ops > 25  # TPU's default keeps the select tree
+    tpu_lut = ops("mosaic_tpu", BlockConfig(lookup=True))  # opt-in lane gather: one gather op per weight
+    assert tpu_lut.ops < 8 and tpu_lut.by_primitive["gather"] == 1.0 and "select_n" in tpu_lut.by_primitive
     # Mosaic GPU: the same per-weight count with one or two weight buffers (a multiply reads one buffer).
     double, single = ops("mosaic_gpu"), ops("mosaic_gpu", BlockConfig(num_stages=2))
     assert double.ops == pytest.approx(single.ops) and double.ops > 25
@@ -508,6 +528,13 @@ def test_documented_declines(impl, fmt, group):
     assert why_not(impl, x, qt) is not None
     with pytest.raises(NotImplementedError, match=impl):
         quantized_matmul(x, qt, implementation=impl, interpret=True)
+
+
+def test_mosaic_tpu_lookup_needs_lane_aligned_tiles():
+    qt = _weight("nf4", 128, True, 256, 130)  # N = 130: one full-width, not lane-aligned block
+    x = _x((2, 256), jnp.float32)
+    assert "multiple of 128" in why_not("mosaic_tpu", x, qt, BlockConfig(lookup=True))
+    assert why_not("mosaic_tpu", x, qt) is None  # the default decode takes it
 
 
 def test_bad_arguments():

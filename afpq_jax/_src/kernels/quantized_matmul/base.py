@@ -155,10 +155,11 @@ class BlockConfig:
                alone cannot fill a GPU); partial float32 sums are added in XLA (deterministic).
     x_resident: TPU only: keep all of x's K tiles for the current M tile in VMEM (x is then read from HBM once
                per M tile instead of once per (M, N) tile). None = when it fits in `x_resident_max_bytes`.
-    lookup:    Triton kernels (W4A16 and W·A8) only: codebook levels (FP/NF formats) by one load per weight from
-               a 2**bits-entry table that stays in L1 (default), instead of a select tree (NF) or bit
-               construction (FP4); about 4x fewer vector ops per weight for NF4 (`roofline.kernel_ops`).
-               Numerics are identical.
+    lookup:    codebook levels (FP/NF formats) from a 2**bits-entry table instead of a select tree (NF) or bit
+               construction (FP4); about 4x fewer vector ops per weight for NF4 (`roofline.kernel_ops`), same
+               numerics. Triton kernels (W4A16 and W·A8): one L1 load per weight, on by default. Mosaic TPU:
+               a lane gather from a one-vreg-row table, opt-in (True) until measured on hardware; needs block_n
+               a multiple of 128. Other kernels ignore it.
     """
 
     block_m: int | None = None

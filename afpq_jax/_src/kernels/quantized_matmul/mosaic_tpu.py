@@ -85,6 +85,8 @@ def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
         return f"block_n={cfg.block_n} must be a multiple of 128 (or N={prob.n})"
     if cfg.chunk_k % (128 * p):
         return f"chunk_k={cfg.chunk_k} must be a multiple of 128 * slots = {128 * p}"
+    if uses_lookup(prob, cfg) and cfg.block_n % LANES:
+        return f"lookup=True gathers along 128-lane blocks: block_n={cfg.block_n} must be a multiple of 128"
     pl_ = plan(prob, cfg)
     gr = prob.kp if prob.per_channel else prob.group // p  # slot rows per group
     if not prob.per_channel:
@@ -112,13 +114,34 @@ def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
     return None
 
 
-def _kernel(*refs, prob: Problem, pl_: _Plan, n_code_refs: int):
+LANES = 128
+
+
+def uses_lookup(prob: Problem, cfg: BlockConfig) -> bool:
+    """Opt-in (``BlockConfig(lookup=True)``; unmeasured on hardware, so not the default): codebook levels by a
+    lane gather from a table held in one vreg row."""
+    return prob.kind != "int" and bool(cfg.lookup)
+
+
+def _lane_lookup(table_row: jax.Array, code: jax.Array) -> jax.Array:
+    """``table[code]`` per element: the table sits in lanes 0..2**bits-1 of a (1, 128) row; each 128-lane block
+    of ``code`` gathers from that row broadcast over its rows (`jnp.take_along_axis` along lanes, which Mosaic
+    lowers to one ``tpu.dynamic_gather`` per vreg)."""
+    rows, cols = code.shape
+    tab = jnp.broadcast_to(table_row, (rows, LANES))
+    parts = [jnp.take_along_axis(tab, code[:, j:j + LANES], axis=1, mode="promise_in_bounds")
+             for j in range(0, cols, LANES)]  # codes are < 2**bits <= 128: no index wrapping or fill
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
+def _kernel(*refs, prob: Problem, pl_: _Plan, n_code_refs: int, lookup: bool):
     it = iter(refs)
     x_ref = next(it)
     code_refs = [next(it) for _ in range(n_code_refs)]
     s_ref = next(it)
     sn_ref = next(it) if prob.has_neg else None
     z_ref = next(it) if prob.has_zero else None
+    t_ref = next(it) if lookup else None
     o_ref = next(it)
     acc_ref = next(it)
     p2_scratch = next(it) if prob.bits == 3 else None
@@ -184,7 +207,8 @@ def _kernel(*refs, prob: Problem, pl_: _Plan, n_code_refs: int):
             planes = [codes[pl.ds(r0, rows), :].astype(jnp.int32)]
         sc = decode.prepare_scales(prob, expand(s_all, r0, rows), expand(sn_all, r0, rows),
                                    expand(z_all, r0, rows))
-        for s, w in enumerate(decode.dequant_slots(prob, planes, sc)):
+        table = None if t_ref is None else functools.partial(_lane_lookup, t_ref[0:1, :])
+        for s, w in enumerate(decode.dequant_slots(prob, planes, sc, table)):
             w = w.astype(xdt).astype(mxu_dt)
             xs = x_tile[:, pl.ds(s * pl_.seg + r0, rows)].astype(mxu_dt)
             acc = acc + jax.lax.dot_general(xs, w, (((1,), (0,)), ((), ())), precision=precision,
@@ -223,13 +247,19 @@ def quantized_matmul_tpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpret:
     else:
         s_spec = pl.BlockSpec((pl_.scale_rows, bn), lambda i, j, k: (k, j))
     extra = [a for a in (qt.scale_neg, qt.zero) if a is not None]
+    lookup = uses_lookup(prob, cfg)
+    table_args, table_specs = [], []
+    if lookup:  # one (8, 128) f32 tile: every row holds the level table in its first lanes
+        row = jnp.zeros((LANES,), jnp.float32).at[:2**prob.bits].set(decode.lookup_table(prob))
+        table_args.append(jnp.broadcast_to(row, (8, LANES)))
+        table_specs.append(pl.BlockSpec((8, LANES), lambda i, j, k: (0, 0)))
 
     scratch = [pltpu.VMEM((bm, bn), jnp.float32)]
     if prob.bits == 3:
         scratch.append(pltpu.VMEM((2 * pl_.cr, bn), jnp.int32))
 
     grid = (pl_.mp // bm, cdiv(prob.n, bn), T)
-    kernel = functools.partial(_kernel, prob=prob, pl_=pl_, n_code_refs=len(code_args))
+    kernel = functools.partial(_kernel, prob=prob, pl_=pl_, n_code_refs=len(code_args), lookup=lookup)
     itemsize = jnp.dtype(prob.x_dtype).itemsize
     bytes_accessed = (codes.size + sum(a.size * a.dtype.itemsize for a in (qt.scale, *extra))
                       + xp.size * itemsize * (1 if pl_.x_resident else grid[1]) + pl_.mp * prob.n * itemsize)
@@ -237,7 +267,7 @@ def quantized_matmul_tpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpret:
         kernel,
         out_shape=jax.ShapeDtypeStruct((pl_.mp, prob.n), x2d.dtype),
         grid=grid,
-        in_specs=[x_spec, *code_specs, s_spec, *[s_spec] * len(extra)],
+        in_specs=[x_spec, *code_specs, s_spec, *[s_spec] * len(extra), *table_specs],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
         scratch_shapes=scratch,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
@@ -246,7 +276,7 @@ def quantized_matmul_tpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpret:
         interpret=pltpu.InterpretParams() if interpret else False,
         name=f"afpq_qmm_{prob.format_name}",
     )
-    return _sequential_vmap(call)(xp, *code_args, qt.scale, *extra)[:prob.m]
+    return _sequential_vmap(call)(xp, *code_args, qt.scale, *extra, *table_args)[:prob.m]
 
 
 def _sequential_vmap(fn):
