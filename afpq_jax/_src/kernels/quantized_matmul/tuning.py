@@ -20,7 +20,6 @@ from pathlib import Path
 
 import jax
 
-from afpq_jax._src.assets import tmp_sibling
 from afpq_jax._src.errors import InputError
 from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem
 
@@ -78,6 +77,8 @@ def tuned(impl: str, prob: Problem, device_kind: str | None = None) -> BlockConf
 def record(entries: dict[str, BlockConfig], path: Path | None = None) -> Path:
     """Merges ``entries`` (key -> config; unset fields are left out) into the table at ``path`` (default
     `table_path`), written under a temporary name and renamed."""
+    from afpq_jax._src.assets import tmp_sibling  # here: importing the library must not load the asset fetcher
+
     path = Path(path or table_path())
     table = dict(load(path))
     for key, cfg in entries.items():
