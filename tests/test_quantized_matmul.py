@@ -162,6 +162,10 @@ SHAPES = {
         ("nf3", 512, True, (5, 2048), 64, jnp.bfloat16, None),          # 3-bit, 4 K steps
         ("int2", 256, True, (2, 3, 512), 128, jnp.bfloat16, None),      # leading axes, zero points
         ("int4", 128, True, (3, 1024), 128, jnp.bfloat16, BlockConfig(num_stages=2)),  # one weight buffer
+        # Ragged K: whole 128-row steps in the kernel, the rest (64 / 76 / 104 rows) added in XLA.
+        ("int4", 128, True, (3, 576), 128, jnp.bfloat16, None),         # SmolLM2's K
+        ("nf4", None, True, (70, 1100), 256, jnp.float16, None),        # per-channel, K not a multiple of 8
+        ("int2", 256, False, (2, 1000), 64, jnp.bfloat16, None),        # 2-bit, one 512-row step + 488 rows
     ],
 }
 
@@ -229,6 +233,7 @@ LOWER_CASES = [
 ]
 MOSAIC_GPU_LOWER_CASES = [
     ("int4", 128, True, (1, 4096), 4096, jnp.bfloat16),
+    ("nf4", 128, True, (16, 576), 1536, jnp.bfloat16),      # ragged K: float32 kernel output plus an XLA tail
     ("nf4", None, True, (128, 4096), 4096, jnp.bfloat16),
     ("nf3", 512, True, (64, 1024), 128, jnp.bfloat16),
     ("int3", None, False, (100, 4096), 512, jnp.bfloat16),

@@ -17,7 +17,9 @@ memory allows, halving block_n to 64 for them if need be (4-bit groups >= 256 an
 
 Scope (declined cases fall back, see `why_unsupported`): x in bf16/f16 (WGMMA has no exact f32 path); slot
 matrices of at least 64 rows per step (the WGMMA register layout), hence 4-bit groups >= 128, 2-bit >= 256,
-3-bit >= 512 or per-channel; N a multiple of 64 and K padded (to 8) a multiple of block_k. M is padded to 64:
+3-bit >= 512 or per-channel; N a multiple of 64. When block_k does not divide K (e.g. K = 576 with 128-row
+steps), the kernel runs the whole steps and writes float32, and the remaining rows are added by one small XLA
+dot (`_tail_matmul`); 3-bit needs 2*Kp to be a multiple of block_k for its plane blocks. M is padded to 64:
 this is the prefill kernel; decode shapes are Triton's (dispatch tries Triton first).
 """
 
@@ -32,8 +34,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from afpq_jax._src import packing, quantizer
 from afpq_jax._src.kernels.quantized_matmul import base, decode
 from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, round_up
+from afpq_jax._src.kernels.quantized_matmul.xla import dot_precision
 
 WGMMA_ROWS = 64
 
@@ -68,8 +72,11 @@ def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
     if bk % p or (bk // p) % WGMMA_ROWS:
         return (f"block_k={bk} gives {bk // p}-row slot matrices; the WGMMA register layout needs a multiple of "
                 f"{WGMMA_ROWS} (block_k a multiple of {WGMMA_ROWS * p})")
-    if prob.kp % bk:
-        return f"K (padded to {prob.kp}) must be a multiple of block_k={bk}"
+    if prob.kp < bk:
+        return f"K (padded to {prob.kp}) is shorter than one K step (block_k={bk})"
+    if prob.bits == 3 and (2 * prob.kp) % bk:
+        return (f"3-bit: the 1-bit plane starts at packed row {prob.kp // 4}, not a multiple of its step block "
+                f"({bk // 8} rows) for block_k={bk}")
     if prob.bits == 3 and prob.has_zero:
         # Device check on an H200 (2026-11-28): CUDA_ERROR_MISALIGNED_ADDRESS for INT3 asym (g512); NF3/FP3 asym
         # and INT2/INT4 with zero points ran correctly. Declined until the zero-point tile is fixed.
@@ -174,12 +181,34 @@ def _kernel(*refs, w_smem, o_smem, prob: Problem, cfg: BlockConfig, tiles: int, 
     plgpu.wait_smem_to_gmem(0)
 
 
+def _tail_matmul(x2d, qt, prob: Problem, k0: int) -> jax.Array:
+    """``x[:, k0:] @ W[k0:K]`` in XLA with the op's numerics (weights decoded as `quantizer.dequantize` does,
+    rounded to x's dtype, float32 sums): the rows past the kernel's last whole K step when block_k does not
+    divide K. ``k0`` is a multiple of block_k (>= 64 rows per byte), so every plane's rows of [k0, Kp) are
+    whole packed rows."""
+    planes = [qt.codes[pl.row_offset + k0 * pl.width // 8:pl.row_offset + pl.rows] for pl in prob.planes]
+    codes = packing.unpack(jnp.concatenate(planes, axis=0), prob.bits, prob.kp - k0)[:prob.k - k0]
+    group = (k0 + jnp.arange(prob.k - k0)) // prob.group  # per-channel: the group is all of K
+    pos, neg = qt.float_scales()
+    params = quantizer.GroupParams(pos[group], None if neg is None else neg[group],
+                                   None if qt.zero is None else qt.zero[group])
+    w = quantizer.decode(prob.fmt, prob.asym, codes, params).astype(x2d.dtype)
+    return jax.lax.dot_general(x2d[:, k0:], w, (((1,), (0,)), ((), ())), precision=dot_precision(x2d.dtype),
+                               preferred_element_type=jnp.float32)
+
+
 def quantized_matmul_mosaic_gpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpret: bool = False):
+    """The kernel over K's whole steps; a ragged last piece of K (e.g. K = 576 with 128-row steps) is added by
+    `_tail_matmul`, the kernel then writing float32 so the sum is rounded to x's dtype once."""
     p, bm, bn, bk = prob.slots, cfg.block_m, cfg.block_n, cfg.block_k
     tiles = prob.kp // bk
+    k_main = tiles * bk
+    tail = k_main < prob.k
     mp = round_up(max(prob.m, 1), bm)
     xdt = jnp.dtype(prob.x_dtype)
-    xp = base.permute_x(x2d, mp=mp, tiles=tiles, block_k=bk, slots=p, segment=bk // p)
+    out_dt = jnp.dtype(jnp.float32) if tail else xdt
+    xp = base.permute_x(x2d[:, :k_main] if tail else x2d, mp=mp, tiles=tiles, block_k=bk, slots=p,
+                        segment=bk // p)
     extra = [a for a in (qt.scale_neg, qt.zero) if a is not None]
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
@@ -188,13 +217,13 @@ def quantized_matmul_mosaic_gpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, int
         interp = None
     call = plgpu.kernel(
         functools.partial(_kernel, prob=prob, cfg=cfg, tiles=tiles, interpret=bool(interpret)),
-        out_type=jax.ShapeDtypeStruct((mp, prob.n), xdt),
+        out_type=jax.ShapeDtypeStruct((mp, prob.n), out_dt),
         grid=(prob.n // bn, mp // bm),
         grid_names=("n", "m"),
         scratch_types=dict(
             w_smem=plgpu.SMEM((base.mosaic_gpu_weight_buffers(prob, bk, cfg.num_stages or 2), bk, bn), xdt,
                               transforms=_transforms(bn, xdt.itemsize)),
-            o_smem=plgpu.SMEM((bm, bn), xdt, transforms=_transforms(bn, xdt.itemsize)),
+            o_smem=plgpu.SMEM((bm, bn), out_dt, transforms=_transforms(bn, out_dt.itemsize)),
         ),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interp,
@@ -202,7 +231,8 @@ def quantized_matmul_mosaic_gpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, int
     codes = [qt.codes]
     if prob.bits == 3:
         codes.append(qt.codes.reshape(prob.packed_rows // 2, 2 * prob.n))
-    return call(xp, *codes, qt.scale, *extra)[:prob.m]
+    y = call(xp, *codes, qt.scale, *extra)[:prob.m]
+    return (y + _tail_matmul(x2d, qt, prob, k_main)).astype(xdt) if tail else y
 
 
 @dataclasses.dataclass(frozen=True)
