@@ -166,6 +166,11 @@ SHAPES = {
         ("int4", 128, True, (3, 576), 128, jnp.bfloat16, None),         # SmolLM2's K
         ("nf4", None, True, (70, 1100), 256, jnp.float16, None),        # per-channel, K not a multiple of 8
         ("int2", 256, False, (2, 1000), 64, jnp.bfloat16, None),        # 2-bit, one 512-row step + 488 rows
+        # Groups smaller than a K step: several scale rows per step, selected per slot row.
+        ("int4", 64, True, (3, 1024), 128, jnp.bfloat16, None),         # 2 groups per step, zero points
+        ("fp4_e2m1", 32, True, (5, 576), 128, jnp.float16, None),       # 4 per step, ragged K
+        ("nf3", 256, True, (2, 2048), 64, jnp.bfloat16, None),          # 3-bit, 2 per 512-row step
+        ("int2", 128, False, (3, 1024), 128, jnp.bfloat16, None),       # 2-bit, 2 per 256-row step
     ],
 }
 
@@ -234,6 +239,8 @@ LOWER_CASES = [
 MOSAIC_GPU_LOWER_CASES = [
     ("int4", 128, True, (1, 4096), 4096, jnp.bfloat16),
     ("nf4", 128, True, (16, 576), 1536, jnp.bfloat16),      # ragged K: float32 kernel output plus an XLA tail
+    ("int4", 64, True, (64, 4096), 512, jnp.bfloat16),       # two groups per K step (selected scale rows)
+    ("nf3", 256, True, (16, 2048), 256, jnp.bfloat16),
     ("nf4", None, True, (128, 4096), 4096, jnp.bfloat16),
     ("nf3", 512, True, (64, 1024), 128, jnp.bfloat16),
     ("int3", None, False, (100, 4096), 512, jnp.bfloat16),
@@ -525,7 +532,7 @@ def test_mosaic_gpu_refuses_devices_without_wgmma():
 
 
 @pytest.mark.parametrize("impl,fmt,group", [("mosaic_tpu", "nf3", 32), ("mosaic_tpu", "int4", 96),
-                                            ("triton", "int4", 96), ("mosaic_gpu", "int4", 64),
+                                            ("triton", "int4", 96), ("mosaic_gpu", "int4", 96),
                                             ("mosaic_gpu", "nf3", 128), ("mosaic_gpu", "int3", 512)])
 def test_documented_declines(impl, fmt, group):
     qt = _weight(fmt, group, True, 1152, 128)

@@ -3,8 +3,10 @@ bf16/f16 tile staged in swizzled shared memory, WGMMA with a float32 register ac
 
 One CTA (one warpgroup) per (N tile, 64-row M tile). ``plgpu.emit_pipeline`` streams, per K step of
 ``block_k`` rows, x's permuted ``(64, block_k)`` tile (swizzled, WGMMA operand A), each bit plane's
-``(block_k / rows_per_byte, block_n)`` uint8 tile and the one scale row (and s_neg / zero-point row) of the group
-containing the step (``block_k`` divides the group: each scale row is read once per (K step, N tile)). The
+``(block_k / rows_per_byte, block_n)`` uint8 tile and the step's scale rows (and s_neg / zero-point rows): the
+one row of the group containing the step when ``block_k`` divides the group, else the step's ``block_k / group``
+rows, each slot row taking its group's row by a select (one per further group). Each scale row is read once per
+(K step, N tile). The
 warpgroup loads the code tile into registers (WGMMA layout), unpacks the slot matrices (3-bit: the 2-bit
 plane is read through an ``(R/2, 2N)`` view of the codes — a free reshape of a row-major array — whose column
 halves are the even and odd byte rows), decodes (`decode.dequant`), writes the ``block_k x block_n`` tile in x's dtype into shared memory
@@ -16,8 +18,8 @@ memory allows, halving block_n to 64 for them if need be (4-bit groups >= 256 an
 512-row steps keep 2 stages, and then each step waits for its WGMMA.
 
 Scope (declined cases fall back, see `why_unsupported`): x in bf16/f16 (WGMMA has no exact f32 path); slot
-matrices of at least 64 rows per step (the WGMMA register layout), hence 4-bit groups >= 128, 2-bit >= 256,
-3-bit >= 512 or per-channel; N a multiple of 64. When block_k does not divide K (e.g. K = 576 with 128-row
+matrices of a multiple of 64 rows per step (the WGMMA register layout: block_k a multiple of 64 * slots); the
+group and block_k dividing one another; N a multiple of 64; INT3 with zero points (faulted on an H200). When block_k does not divide K (e.g. K = 576 with 128-row
 steps), the kernel runs the whole steps and writes float32, and the remaining rows are added by one small XLA
 dot (`_tail_matmul`); 3-bit needs 2*Kp to be a multiple of block_k for its plane blocks. M is padded to 64:
 this is the prefill kernel; decode shapes are Triton's (dispatch tries Triton first).
@@ -86,10 +88,15 @@ def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
     smem = base.mosaic_gpu_smem_bytes(prob, cfg.block_m, bn, bk, cfg.num_stages or 2)
     if smem > 227 * 1024:
         return f"tiles need {smem} bytes of shared memory (> 227 KiB)"
-    if not prob.per_channel and prob.group % bk:
-        return (f"group size {prob.group} must be a multiple of block_k={bk} (one scale row per step); "
-                f"needs groups >= {WGMMA_ROWS * p} for {prob.bits}-bit")
+    if not prob.per_channel and prob.group % bk and (bk % prob.group or prob.group % p):
+        return (f"group size {prob.group} and block_k={bk}: one must divide the other (whole groups per K step, "
+                f"or whole K steps per group)")
     return None
+
+
+def groups_per_step(prob: Problem, bk: int) -> int:
+    """Scale rows one K step reads: 1 when the group spans the step (or per-channel), else block_k / group."""
+    return 1 if prob.per_channel or prob.group >= bk else bk // prob.group
 
 
 def _transforms(cols: int, itemsize: int):
@@ -117,10 +124,19 @@ def _kernel(*refs, w_smem, o_smem, prob: Problem, cfg: BlockConfig, tiles: int, 
         # The GPU interpreter has no layout_cast rule; layouts only matter for the real lowering.
         return v if interpret else plgpu.layout_cast(v, lay)
 
+    tpg = groups_per_step(prob, bk)
+    if tpg > 1:  # slot row r of a step belongs to the step's group r // (group / slots)
+        iota = (jax.lax.broadcasted_iota(jnp.int32, (seg, bn), 0) if interpret else
+                plgpu.broadcasted_iota(jnp.int32, (seg, bn), 0, layout=plgpu.Layout.WGMMA))
+        group_of_row = iota // (prob.group // p)
+
     def row(ref):
         if ref is None:
             return None
-        return layout(jnp.broadcast_to(ref[0].astype(jnp.float32), (seg, bn)))
+        v = layout(jnp.broadcast_to(ref[0].astype(jnp.float32), (seg, bn)))
+        for g in range(1, tpg):  # several groups per step: one select per further group
+            v = jnp.where(group_of_row == g, layout(jnp.broadcast_to(ref[g].astype(jnp.float32), (seg, bn))), v)
+        return v
 
     def step(acc_ref, indices, x_smem, *smem):
         (t,) = indices
@@ -166,7 +182,10 @@ def _kernel(*refs, w_smem, o_smem, prob: Problem, cfg: BlockConfig, tiles: int, 
         code_specs.append(plgpu.BlockSpec((bk // prob.planes[0].rows_per_byte, bn), lambda t: (t, j)))
         code_args.append(c_gmem)
     scale_args = [a for a in (s_gmem, sn_gmem, z_gmem) if a is not None]
-    scale_specs = [plgpu.BlockSpec((1, bn), lambda t: (group_row(t), j)) for _ in scale_args]
+    if tpg > 1:  # the step's tpg scale rows: block t of (tpg, bn) blocks
+        scale_specs = [plgpu.BlockSpec((tpg, bn), lambda t: (t, j)) for _ in scale_args]
+    else:
+        scale_specs = [plgpu.BlockSpec((1, bn), lambda t: (group_row(t), j)) for _ in scale_args]
 
     def compute(acc_ref):
         plgpu.emit_pipeline(functools.partial(step, acc_ref), grid=(tiles,), in_specs=[x_spec, *code_specs, *scale_specs],
