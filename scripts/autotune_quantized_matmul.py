@@ -77,7 +77,7 @@ def search(impl: str, x, qt, *, reps: int, loops: int) -> tuple[BlockConfig, flo
             cand = dataclasses.replace(best, **{field: v})
             t = measure(cand)
             if t is not None and t < best_t * (1 - MIN_GAIN):
-                best, best_t = resolved(cand), t
+                best, best_t = cand, t
     return best, best_t, default_t
 
 

@@ -176,6 +176,12 @@ class BlockConfig:
         return dataclasses.replace(self, **kw)
 
 
+def uses_lookup(prob: Problem, cfg: BlockConfig) -> bool:
+    """Whether a kernel decodes codebook levels from a table (an extra table operand): ``cfg.lookup`` after
+    `resolve` (Triton's defaults turn it on, Mosaic TPU's leave it off); INT codes never use one."""
+    return prob.kind != "int" and bool(cfg.lookup)
+
+
 x_resident_max_bytes = 4 << 20  # per buffer; x blocks are double-buffered.
 
 

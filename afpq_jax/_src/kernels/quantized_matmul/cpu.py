@@ -77,7 +77,7 @@ def build() -> Path | str:
     except OSError as e:  # an unwritable cache, a compiler that cannot run
         return f"cannot build the CPU kernel in {out.parent}: {e}"
     finally:
-        if tmp.exists():
+        if tmp.exists():  # not unlink(missing_ok=True): that raises when the cache's parent is a file
             tmp.unlink()
     return out
 

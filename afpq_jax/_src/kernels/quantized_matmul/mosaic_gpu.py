@@ -104,7 +104,8 @@ def _transforms(cols: int, itemsize: int):
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _kernel(*refs, w_smem, o_smem, prob: Problem, cfg: BlockConfig, tiles: int, interpret: bool):
+def _kernel(*refs, w_smem, o_smem, prob: Problem, cfg: BlockConfig, tiles: int, stages: int, buffers: int,
+            interpret: bool):
     it = iter(refs)
     x_gmem, c_gmem = next(it), next(it)
     c2_gmem = next(it) if prob.bits == 3 else None
@@ -116,8 +117,6 @@ def _kernel(*refs, w_smem, o_smem, prob: Problem, cfg: BlockConfig, tiles: int, 
     bm, bn, bk, p = cfg.block_m, cfg.block_n, cfg.block_k, prob.slots
     seg = bk // p
     xdt = jnp.dtype(prob.x_dtype)
-    stages = cfg.num_stages or 2
-    buffers = base.mosaic_gpu_weight_buffers(prob, bk, stages)
     j, i = lax.axis_index("n"), lax.axis_index("m")
 
     def layout(v, lay=plgpu.Layout.WGMMA):
@@ -226,6 +225,8 @@ def quantized_matmul_mosaic_gpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, int
     mp = round_up(max(prob.m, 1), bm)
     xdt = jnp.dtype(prob.x_dtype)
     out_dt = jnp.dtype(jnp.float32) if tail else xdt
+    stages = cfg.num_stages or 2
+    buffers = base.mosaic_gpu_weight_buffers(prob, bk, stages)
     xp = base.permute_x(x2d[:, :k_main] if tail else x2d, mp=mp, tiles=tiles, block_k=bk, slots=p,
                         segment=bk // p)
     extra = [a for a in (qt.scale_neg, qt.zero) if a is not None]
@@ -235,13 +236,13 @@ def quantized_matmul_mosaic_gpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, int
     else:
         interp = None
     call = plgpu.kernel(
-        functools.partial(_kernel, prob=prob, cfg=cfg, tiles=tiles, interpret=bool(interpret)),
+        functools.partial(_kernel, prob=prob, cfg=cfg, tiles=tiles, stages=stages, buffers=buffers,
+                          interpret=bool(interpret)),
         out_type=jax.ShapeDtypeStruct((mp, prob.n), out_dt),
         grid=(prob.n // bn, mp // bm),
         grid_names=("n", "m"),
         scratch_types=dict(
-            w_smem=plgpu.SMEM((base.mosaic_gpu_weight_buffers(prob, bk, cfg.num_stages or 2), bk, bn), xdt,
-                              transforms=_transforms(bn, xdt.itemsize)),
+            w_smem=plgpu.SMEM((buffers, bk, bn), xdt, transforms=_transforms(bn, xdt.itemsize)),
             o_smem=plgpu.SMEM((bm, bn), out_dt, transforms=_transforms(bn, out_dt.itemsize)),
         ),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),

@@ -37,6 +37,8 @@ from afpq_jax._src.kernels.quantized_matmul import base, decode
 from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, cdiv, round_up
 from afpq_jax._src.kernels.quantized_matmul.xla import dot_precision
 
+LANES = 128
+
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
@@ -85,7 +87,7 @@ def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
         return f"block_n={cfg.block_n} must be a multiple of 128 (or N={prob.n})"
     if cfg.chunk_k % (128 * p):
         return f"chunk_k={cfg.chunk_k} must be a multiple of 128 * slots = {128 * p}"
-    if uses_lookup(prob, cfg) and cfg.block_n % LANES:
+    if base.uses_lookup(prob, cfg) and cfg.block_n % LANES:
         return f"lookup=True gathers along 128-lane blocks: block_n={cfg.block_n} must be a multiple of 128"
     pl_ = plan(prob, cfg)
     gr = prob.kp if prob.per_channel else prob.group // p  # slot rows per group
@@ -112,15 +114,6 @@ def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
             return (f"3-bit: the 1-bit plane starts at packed row {prob.kp // 4}, not a multiple of its block "
                     f"({cfg.block_k // 8} rows) for block_k={cfg.block_k} (needs 2*Kp % block_k == 0)")
     return None
-
-
-LANES = 128
-
-
-def uses_lookup(prob: Problem, cfg: BlockConfig) -> bool:
-    """Opt-in (``BlockConfig(lookup=True)``; unmeasured on hardware, so not the default): codebook levels by a
-    lane gather from a table held in one vreg row."""
-    return prob.kind != "int" and bool(cfg.lookup)
 
 
 def _lane_lookup(table_row: jax.Array, code: jax.Array) -> jax.Array:
@@ -247,7 +240,7 @@ def quantized_matmul_tpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpret:
     else:
         s_spec = pl.BlockSpec((pl_.scale_rows, bn), lambda i, j, k: (k, j))
     extra = [a for a in (qt.scale_neg, qt.zero) if a is not None]
-    lookup = uses_lookup(prob, cfg)
+    lookup = base.uses_lookup(prob, cfg)  # opt-in here: a lane gather unmeasured on hardware
     table_args, table_specs = [], []
     if lookup:  # one (8, 128) f32 tile: every row holds the level table in its first lanes
         row = jnp.zeros((LANES,), jnp.float32).at[:2**prob.bits].set(decode.lookup_table(prob))

@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from afpq_jax._src.kernels.quantized_matmul import decode
-from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, cdiv
+from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, cdiv, uses_lookup
 from afpq_jax._src.kernels.quantized_matmul.xla import dot_precision
 
 
@@ -82,9 +82,9 @@ def load_code_planes(prob: Problem, c_ref, load_rows, t, bk: int, bn: int) -> li
     return [v.astype(jnp.int32) for v in planes]
 
 
-def uses_lookup(prob: Problem, cfg: BlockConfig) -> bool:
-    """Whether the kernel decodes codebook levels with a table load (an extra table operand)."""
-    return prob.kind != "int" and cfg.lookup is not False
+def table_reader(t_ref):
+    """`decode`'s ``lookup`` for a kernel's level-table ref (one load per element, L1-resident), or None."""
+    return None if t_ref is None else (lambda code: pltr.load(t_ref.at[code]))
 
 
 def x_slot_indices(prob: Problem, i, bm: int, bk: int) -> tuple[jax.Array, list[jax.Array]]:
@@ -114,7 +114,7 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, per_split: int):
     z_ref = next(it) if prob.has_zero else None
     t_ref = next(it) if uses_lookup(prob, cfg) else None
     o_ref = next(it)
-    lookup = None if t_ref is None else (lambda code: pltr.load(t_ref.at[code]))
+    lookup = table_reader(t_ref)
 
     bm, bn, bk, p = cfg.block_m, cfg.block_n, cfg.block_k, prob.slots
     seg = bk // p

@@ -76,9 +76,9 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, dynamic: bool):
     z_ref = next(it) if prob.has_zero else None
     ch_ref = next(it) if prob.integer_scales else None
     xs_ref = None if dynamic else next(it)
-    t_ref = next(it) if w4a16_triton.uses_lookup(prob, cfg) else None
+    t_ref = next(it) if base.uses_lookup(prob, cfg) else None
     o_ref = next(it)
-    lookup = None if t_ref is None else (lambda code: pltr.load(t_ref.at[code]))
+    lookup = w4a16_triton.table_reader(t_ref)
 
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     mult = float(prob.fmt.int8_multiplier())
@@ -179,7 +179,7 @@ def quantized_matmul_a8_triton(x2d, qt, input_scale, prob: Problem, cfg: BlockCo
     dynamic = input_scale is None
     if not dynamic:
         extra.append(jnp.asarray(input_scale, jnp.float32).reshape(1, 1))
-    if w4a16_triton.uses_lookup(prob, cfg):
+    if base.uses_lookup(prob, cfg):
         extra.append(jnp.asarray(decode.integer_lookup_table(prob)))
     return pl.pallas_call(
         functools.partial(_kernel, prob=prob, cfg=cfg, tiles=tiles, dynamic=dynamic),
