@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -268,6 +269,9 @@ def test_mosaic_tpu_lowers(kind, case):
     with use_abstract_mesh(mesh):
         text = _lower("mosaic_tpu", avals, "tpu")
     assert "tpu_custom_call" in text
+    # x's permutation may be fused into the kernel's operand read; the packed weights and scales are read as stored.
+    fusion = re.findall(r"allow_input_fusion\\22: \[([a-z,]+)\]", text)
+    assert len(fusion) == 1 and fusion[0].split(",")[0] == "true" and "true" not in fusion[0].split(",")[1:]
 
 
 @pytest.mark.parametrize("kind", TPU_KINDS)
@@ -281,6 +285,9 @@ def test_mosaic_tpu_lane_lookup_lowers(kind, fmt):
     with use_abstract_mesh(mesh):
         text = jax.jit(f).trace(*avals).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text
+    fusion = re.findall(r"allow_input_fusion\\22: \[([a-z,]+)\]", text)  # x and the table's broadcast
+    flags = fusion[0].split(",") if len(fusion) == 1 else []
+    assert flags[0] == flags[-1] == "true" and set(flags[1:-1]) == {"false"}, fusion
 
 
 @pytest.fixture
@@ -725,6 +732,10 @@ def test_a8_mosaic_tpu_lowers(kind, case, static):
     with use_abstract_mesh(mesh):
         text = jax.jit(f).trace(*avals).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text
+    fusion = re.findall(r"allow_input_fusion\\22: \[([a-z,]+)\]", text)  # x, the channel / input scale broadcasts
+    weights = 2 + int(asym)  # codes, scale, and s_neg or zero points
+    assert len(fusion) == 1 and fusion[0].split(",") == (["true"] + ["false"] * weights
+                                                        + ["true"] * (int(integer_scales) + int(static)))
 
 
 def test_a8_dispatch_and_declines():

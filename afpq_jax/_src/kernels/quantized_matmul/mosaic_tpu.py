@@ -6,7 +6,8 @@ split them across TensorCores). Per K step of ``block_k`` rows the kernel receiv
 
 * x: the step's permuted columns (see `base.permute_x`): ``(block_m, slots * segment)``; with ``x_resident``
   all K steps of the M tile sit in VMEM and are read from HBM once per M tile (decode: x is never re-read
-  per N tile);
+  per N tile). The permutation is XLA code the kernel allows XLA to fuse into its operand read
+  (``allow_input_fusion``), so it need not run as a pass of its own;
 * codes: one block per bit plane ``(block_k / rows_per_byte, block_n)`` uint8 — the packed bytes exactly as
   stored (3-bit: the same array passed twice, once per plane);
 * scales (and s_neg / zero points): ``(block_k / group, block_n)`` — each group's scale row is DMA'd once per
@@ -256,6 +257,9 @@ def quantized_matmul_tpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpret:
     itemsize = jnp.dtype(prob.x_dtype).itemsize
     bytes_accessed = (codes.size + sum(a.size * a.dtype.itemsize for a in (qt.scale, *extra))
                       + xp.size * itemsize * (1 if pl_.x_resident else grid[1]) + pl_.mp * prob.n * itemsize)
+    # XLA may fuse x's permutation (pad / reshape / transpose) and the table's broadcast into the kernel's
+    # operand reads, so no separate XLA pass over x runs before the kernel; the packed weights are read as stored.
+    input_fusion = [True] + [False] * (len(code_args) + 1 + len(extra)) + [True] * len(table_args)
     call = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((pl_.mp, prob.n), x2d.dtype),
@@ -263,7 +267,8 @@ def quantized_matmul_tpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpret:
         in_specs=[x_spec, *code_specs, s_spec, *[s_spec] * len(extra), *table_specs],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
         scratch_shapes=scratch,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
+                                             allow_input_fusion=input_fusion),
         cost_estimate=pl.CostEstimate(flops=2 * pl_.mp * prob.kp * prob.n, transcendentals=0,
                                       bytes_accessed=int(bytes_accessed)),
         interpret=pltpu.InterpretParams() if interpret else False,

@@ -162,13 +162,17 @@ def quantized_matmul_a8_tpu(x2d, qt, input_scale, prob: Problem, cfg: BlockConfi
         s_spec = pl.BlockSpec((pl_.scale_rows, bn), lambda i, j, k: (k, j))
     extra = [a for a in (qt.scale_neg, qt.zero) if a is not None]
     specs = [x_spec, c_spec, s_spec, *[s_spec] * len(extra)]
+    # XLA may fuse x's permutation and the broadcasts below into the kernel's operand reads (never the weights).
+    input_fusion = [True, False, False] + [False] * len(extra)
     if prob.integer_scales:  # (8, N) float32: a tile-aligned row block
         extra.append(jnp.broadcast_to(qt.channel_scale.astype(jnp.float32)[None], (8, prob.n)))
         specs.append(pl.BlockSpec((8, bn), lambda i, j, k: (0, j)))
+        input_fusion.append(True)
     dynamic = input_scale is None
     if not dynamic:
         extra.append(jnp.broadcast_to(jnp.asarray(input_scale, jnp.float32), (8, 128)))
         specs.append(pl.BlockSpec((8, 128), lambda i, j, k: (0, 0)))
+        input_fusion.append(True)
     grid = (pl_.mp // bm, cdiv(prob.n, bn), T)
     out = pl.pallas_call(
         functools.partial(_kernel, prob=prob, pl_=pl_, dynamic=dynamic),
@@ -178,7 +182,8 @@ def quantized_matmul_a8_tpu(x2d, qt, input_scale, prob: Problem, cfg: BlockConfi
         out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
         scratch_shapes=[pltpu.VMEM((bm, bn), jnp.int32 if prob.integer_scales else jnp.float32),
                         pltpu.VMEM((bm, 128), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
+                                             allow_input_fusion=input_fusion),
         interpret=pltpu.InterpretParams() if interpret else False,
         name=f"afpq_qmm_a8_{prob.format_name}",
     )(xp, qt.codes, qt.scale, *extra)
