@@ -76,6 +76,18 @@ def test_kv_cache_matches_full_forward(name):
     np.testing.assert_allclose(np.concatenate(chunks, axis=1), ref["logits"], atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["llama_gqa", "bloom"])
+def test_chunked_causal_attention_equals_one_whole_window(name):
+    # 300 tokens: cache-free attention runs 2 query chunks (256, 44), each against only the keys up to its
+    # last query; the cached path attends one whole masked window. Both must give the same logits.
+    from afpq_jax._src.models.transformer import query_chunk
+    model = aq.load(FIXTURES / name)
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, model.cfg.vocab_size, (2, 300)), jnp.int32)
+    assert query_chunk(300) < 300 and 300 % query_chunk(300)
+    whole, _ = model.forward_with_cache(ids, model.init_cache(2, 300), 0)
+    np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(whole), rtol=0, atol=2e-5)
+
+
 def test_gguf_import_matches_the_same_model_as_safetensors(tmp_path):
     weights = test_gguf._hf_weights(np.random.default_rng(1), tied=False)
     gguf_path = test_gguf.write_tiny_llama(tmp_path / "tiny.gguf", weights)
