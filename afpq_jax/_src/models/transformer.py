@@ -151,7 +151,8 @@ class Attention(nnx.Module):
             slopes = jnp.asarray(alibi_slopes(self.cfg.num_heads)).reshape(qg.shape[2], qg.shape[3])
             scores = scores + slopes[None, :, :, None, None] * key_pos.astype(jnp.float32)
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        e = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))  # a shift: its gradient cancels
+        shift = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))  # its gradient cancels
+        e = jnp.exp(scores - shift)
         out = jnp.einsum("bkgst,btkd->bskgd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
         total = jnp.sum(e, axis=-1).transpose(0, 3, 1, 2)[..., None]  # (B, S, KV, G, 1)
         return (out / total).astype(v.dtype)
