@@ -125,8 +125,7 @@ class Attention(nnx.Module):
             cache = (k, v)
         qg = q.reshape(b, s, kv, h // kv, d)
         if cache is not None:  # positions index the cache: unfilled slots (key position > query's) are hidden
-            key_pos = jnp.arange(k.shape[1])
-            out = self._attend(qg, k, v, key_pos, key_pos[None, None, :] <= positions[:, :, None])
+            out = self._attend(qg, k, v, positions)
         else:
             # Without a cache query i sees keys 0..i. Query chunks see only the keys up to their last query: the
             # masked upper triangle (up to 44% of the work) is skipped, and one chunk's scores stay
@@ -135,21 +134,22 @@ class Attention(nnx.Module):
             outs = []
             for q0 in range(0, s, c):
                 q1 = min(q0 + c, s)
-                key_pos = jnp.arange(q1)
-                outs.append(self._attend(qg[:, q0:q1], k[:, :q1], v[:, :q1], key_pos,
-                                         (key_pos[None, :] <= jnp.arange(q0, q1)[:, None])[None]))
+                outs.append(self._attend(qg[:, q0:q1], k[:, :q1], v[:, :q1], jnp.arange(q0, q1)[None]))
             out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
         return self.o_proj(out.reshape(b, s, h * d)), cache
 
-    def _attend(self, qg, k, v, key_pos, allowed):
-        """softmax(q·k / √d [+ ALiBi], keys not ``allowed`` hidden) · v. qg: (B, S, KV, G, D); k, v: (B, T, KV, D);
-        allowed: (B or 1, S, T) -> (B, S, KV, G, D) in v's dtype. Scores, exponentials and the sums are float32;
-        the weighted values are divided by the row sums after the product (one division per output element)."""
+    def _attend(self, qg, k, v, query_pos):
+        """softmax(q·k / √d [+ ALiBi], keys at positions past the query's hidden) · v. qg: (B, S, KV, G, D); k, v:
+        (B, T, KV, D), key t at position t; query_pos: (B or 1, S) -> (B, S, KV, G, D) in v's dtype. Scores,
+        exponentials and the sums are float32; the weighted values are divided by the row sums after the product
+        (one division per output element)."""
         d = qg.shape[-1]
+        key_pos = jnp.arange(k.shape[1])
         scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
         if self.cfg.position == "alibi":
             slopes = jnp.asarray(alibi_slopes(self.cfg.num_heads)).reshape(qg.shape[2], qg.shape[3])
             scores = scores + slopes[None, :, :, None, None] * key_pos.astype(jnp.float32)
+        allowed = key_pos[None, None, :] <= query_pos[:, :, None]  # (B or 1, S, T)
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         shift = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))  # its gradient cancels
         e = jnp.exp(scores - shift)

@@ -181,6 +181,7 @@ def _kernel(*refs, prob: Problem, pl_: _Plan, n_code_refs: int, lookup: bool):
 
     x_tile = x_ref.at[k] if pl_.x_resident else x_ref
     acc = jnp.zeros(acc_ref.shape, jnp.float32)
+    table = None if t_ref is None else functools.partial(_lane_lookup, t_ref[0:1, :])  # read once per step
     for r0 in range(0, pl_.slot_rows, pl_.cr):
         rows = min(pl_.cr, pl_.slot_rows - r0)
         if prob.bits == 3:
@@ -201,7 +202,6 @@ def _kernel(*refs, prob: Problem, pl_: _Plan, n_code_refs: int, lookup: bool):
             planes = [codes[pl.ds(r0, rows), :].astype(jnp.int32)]
         sc = decode.prepare_scales(prob, expand(s_all, r0, rows), expand(sn_all, r0, rows),
                                    expand(z_all, r0, rows))
-        table = None if t_ref is None else functools.partial(_lane_lookup, t_ref[0:1, :])
         for s, w in enumerate(decode.dequant_slots(prob, planes, sc, table)):
             w = w.astype(xdt).astype(mxu_dt)
             xs = x_tile[:, pl.ds(s * pl_.seg + r0, rows)].astype(mxu_dt)
