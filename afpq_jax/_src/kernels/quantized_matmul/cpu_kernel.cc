@@ -3,10 +3,11 @@
 // y (M, N) f32 = x (M, K) f32 @ W, W given as packed codes (afpq_jax._src.packing layout) and float32 group
 // scales. Tasks are blocks of output columns on XLA's intra-op thread pool; within one, the weight is decoded a
 // K row at a time and accumulated into float32, so the codes are read once and no float weight is ever
-// materialised. With AVX-512 (-march=native on such a machine): 512-column blocks, decoded 64 codes per load,
-// codebook levels by one register permute (BlockWide for M <= 4; BlockPanel from M = 5: K chunks decoded once
-// into a float buffer, then a register-tiled micro-kernel). Otherwise, and for a last partial block: a portable
-// loop over kBlockN columns (ColumnBlock).
+// materialised. With AVX-512 (-march=native on such a machine): blocks of up to 512 columns (any multiple of 16),
+// decoded 64 codes per load, codebook levels by one register permute (BlockWide for M <= 4; BlockPanel from
+// M = 5: K chunks decoded once into a float buffer, then a register-tiled micro-kernel). Otherwise, and for the
+// last N mod 16 columns: a portable loop over up to kBlockN columns (ColumnBlock). The columns are split evenly
+// over the tasks (`Tasks`), so no thread idles while another runs an extra block.
 //
 // Numerics: each weight is computed exactly as afpq_jax._src.quantizer.decode does in float32 —
 // (code - zero) * scale (INT) or level * scale (codebook; s_neg for negative levels) — rounded to bfloat16 when
@@ -148,15 +149,41 @@ inline void PrefetchAhead(const RowRef& r, int64_t col) {
   if (r.hi != nullptr) _mm_prefetch(reinterpret_cast<const char*>(r.hi_ahead + col), _MM_HINT_T0);
 }
 
-// 64 codes of a row, columns [col, col + 64), one per byte.
-inline __m512i RowCodes64(const RowRef& r, int64_t col) {
+// Up to 64 bytes at p; a short chunk (width < 64, a block's last) by a masked load, which never reads past it.
+inline __m512i LoadBytes(const uint8_t* p, int64_t width) {
+  return width == 64 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(~0ULL >> (64 - width), p);
+}
+
+// The codes of a row, columns [col, col + width), width <= 64, one per byte.
+inline __m512i RowCodes64(const RowRef& r, int64_t col, int64_t width) {
   const __m512i lo = _mm512_and_si512(
-      _mm512_srl_epi16(_mm512_loadu_si512(r.lo + col), _mm_cvtsi32_si128(r.lo_shift)),
+      _mm512_srl_epi16(LoadBytes(r.lo + col, width), _mm_cvtsi32_si128(r.lo_shift)),
       _mm512_set1_epi8(static_cast<char>(r.lo_mask)));
   if (r.hi == nullptr) return lo;
-  const __m512i h = _mm512_and_si512(_mm512_srl_epi16(_mm512_loadu_si512(r.hi + col), _mm_cvtsi32_si128(r.hi_shift)),
+  const __m512i h = _mm512_and_si512(_mm512_srl_epi16(LoadBytes(r.hi + col, width), _mm_cvtsi32_si128(r.hi_shift)),
                                      _mm512_set1_epi8(1));
   return _mm512_or_si512(lo, _mm512_add_epi8(h, _mm512_add_epi8(h, _mm512_add_epi8(h, h))));  // h << 2
+}
+
+// Codes [16 q, 16 q + 16) of 64, as int32 lanes (the extract needs an immediate).
+__attribute__((always_inline)) inline __m512i Codes16(__m512i codes, int q) {
+  switch (q) {
+    case 0: return _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 0));
+    case 1: return _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 1));
+    case 2: return _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 2));
+    default: return _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, 3));
+  }
+}
+
+// f(q) for the 16-column quarters of a chunk of ``width`` codes. A full chunk (all but a block's last) is
+// unrolled, so each `Codes16` folds to one extract with its immediate and no branch.
+template <class F>
+__attribute__((always_inline)) inline void ForQuarters(int64_t width, F&& f) {
+  if (width == 64) {
+    f(0), f(1), f(2), f(3);
+    return;
+  }
+  for (int q = 0; q < width / 16; ++q) f(q);
 }
 
 // Weights16 / Other16 are forced inline: GCC left them out of line, and M=1 INT4 ran ~15% slower.
@@ -180,11 +207,11 @@ __attribute__((always_inline)) inline __m512 Other16(const Problem& p, int64_t a
   return _mm512_loadu_ps((p.has_neg ? p.neg : p.pos) + at);
 }
 
-// Columns [n0, n0 + kWideN), x rows [i0, i0 + MI): rows in K order, each row's kWideN code bytes decoded
-// 64 at a time into float32 accumulators in L1. Out of line: inlined into Wide, the M = 1 INT4 loop ran 15-20%
-// slower (min of 200 calls).
+// Columns [n0, n0 + nb) (nb <= kWideN, a multiple of 16), x rows [i0, i0 + MI): rows in K order, each row's nb
+// code bytes decoded 64 at a time into float32 accumulators in L1. Out of line: inlined into Wide, the M = 1
+// INT4 loop ran 15-20% slower (min of 200 calls).
 template <int MI>
-__attribute__((noinline)) void BlockWide(const Problem& p, int64_t n0, int64_t i0) {
+__attribute__((noinline)) void BlockWide(const Problem& p, int64_t n0, int64_t nb, int64_t i0) {
   alignas(64) float acc[MI][kWideN] = {};
   const __m512 table = _mm512_loadu_ps(p.table);
   for (int64_t g0 = 0; g0 < p.k; g0 += p.group) {
@@ -193,57 +220,61 @@ __attribute__((noinline)) void BlockWide(const Problem& p, int64_t n0, int64_t i
       __m512 xv[MI];
       for (int i = 0; i < MI; ++i) xv[i] = _mm512_set1_ps(p.x[(i0 + i) * p.k + k]);
       const RowRef row = RowOf(p, k);
-      for (int64_t c0 = 0; c0 < kWideN; c0 += 64) {
+      for (int64_t c0 = 0; c0 < nb; c0 += 64) {
+        const int64_t width = std::min<int64_t>(64, nb - c0);
         PrefetchAhead(row, n0 + c0);
-        const __m512i codes = RowCodes64(row, n0 + c0);
-        for (int q = 0; q < 4; ++q) {
+        const __m512i codes = RowCodes64(row, n0 + c0, width);
+        ForQuarters(width, [&](int q) __attribute__((always_inline)) {
           const int64_t col = c0 + 16 * q;
-          const __m512i c = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, q));
+          const __m512i c = Codes16(codes, q);
           const __m512 w = Weights16(p, c, _mm512_loadu_ps(p.pos + base + col), Other16(p, base + col), table);
           for (int i = 0; i < MI; ++i)
             _mm512_store_ps(acc[i] + col, _mm512_fmadd_ps(xv[i], w, _mm512_load_ps(acc[i] + col)));
-        }
+        });
       }
     }
   }
-  for (int i = 0; i < MI; ++i) std::copy(acc[i], acc[i] + kWideN, p.y + (i0 + i) * p.n + n0);
+  for (int i = 0; i < MI; ++i) std::copy(acc[i], acc[i] + nb, p.y + (i0 + i) * p.n + n0);
 }
 
-// Panel path (M >= kPanelMinM): K in chunks of kChunk rows. A chunk's weights for the block's kWideN columns
-// are decoded once into a float buffer (64 KiB, L2), then a register-tiled micro-kernel (up to kMicroRows x rows
-// by 64 columns: 24 accumulators, 4 weight loads and kMicroRows broadcasts per 24 FMAs) adds the chunk into the
-// float32 accumulators of every x row. Each code row is read for all kWideN columns at once (8 cache lines in one
-// page) instead of 16 columns per pass over K, and the decode is paid once per weight whatever M is. Sums stay
-// in K order, as in the other paths.
+// Panel path (M >= kPanelMinM): K in chunks of kChunk rows. A chunk's weights for the block's nb columns are
+// decoded once into a float buffer (up to 64 KiB, L2), then a register-tiled micro-kernel (up to kMicroRows x rows
+// by 64 columns: 24 accumulators, 4 weight loads and kMicroRows broadcasts per 24 FMAs; 16 columns for the block's
+// last nb mod 64) adds the chunk into the float32 accumulators of every x row. Each code row is read for all nb
+// columns at once (up to 8 cache lines in one page) instead of 16 columns per pass over K, and the decode is paid
+// once per weight whatever M is. Sums stay in K order, as in the other paths.
 constexpr int64_t kChunk = 32;
 constexpr int kMicroRows = 6;
 constexpr int64_t kPanelMinM = 5;  // measured: M = 4 is faster in BlockWide, M = 5 here
 
-template <int MI>
-void MicroPanel(const Problem& p, const float* w, int64_t kc, int64_t k0, int64_t i0, float* acc) {
-  for (int64_t c = 0; c < kWideN; c += 64) {
-    __m512 a[MI][4];
-    for (int i = 0; i < MI; ++i)
-      for (int j = 0; j < 4; ++j) a[i][j] = _mm512_loadu_ps(acc + (i0 + i) * kWideN + c + 16 * j);
-    const float* x = p.x + i0 * p.k + k0;
-    for (int64_t kk = 0; kk < kc; ++kk) {
-      const float* wr = w + kk * kWideN + c;
-      const __m512 w0 = _mm512_loadu_ps(wr), w1 = _mm512_loadu_ps(wr + 16), w2 = _mm512_loadu_ps(wr + 32),
-                   w3 = _mm512_loadu_ps(wr + 48);  // unaligned forms: same speed, no reliance on TLS alignment
-      for (int i = 0; i < MI; ++i) {
-        const __m512 xb = _mm512_set1_ps(x[i * p.k + kk]);
-        a[i][0] = _mm512_fmadd_ps(xb, w0, a[i][0]);
-        a[i][1] = _mm512_fmadd_ps(xb, w1, a[i][1]);
-        a[i][2] = _mm512_fmadd_ps(xb, w2, a[i][2]);
-        a[i][3] = _mm512_fmadd_ps(xb, w3, a[i][3]);
-      }
+// Columns [c, c + 16 J) of the chunk, x rows [i0, i0 + MI).
+template <int MI, int J>
+void MicroTile(const Problem& p, const float* w, int64_t kc, int64_t k0, int64_t i0, int64_t c, float* acc) {
+  __m512 a[MI][J];
+  for (int i = 0; i < MI; ++i)
+    for (int j = 0; j < J; ++j) a[i][j] = _mm512_loadu_ps(acc + (i0 + i) * kWideN + c + 16 * j);
+  const float* x = p.x + i0 * p.k + k0;
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    const float* wr = w + kk * kWideN + c;
+    __m512 wv[J];
+    for (int j = 0; j < J; ++j) wv[j] = _mm512_loadu_ps(wr + 16 * j);  // unaligned forms: same speed
+    for (int i = 0; i < MI; ++i) {
+      const __m512 xb = _mm512_set1_ps(x[i * p.k + kk]);
+      for (int j = 0; j < J; ++j) a[i][j] = _mm512_fmadd_ps(xb, wv[j], a[i][j]);
     }
-    for (int i = 0; i < MI; ++i)
-      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc + (i0 + i) * kWideN + c + 16 * j, a[i][j]);
   }
+  for (int i = 0; i < MI; ++i)
+    for (int j = 0; j < J; ++j) _mm512_storeu_ps(acc + (i0 + i) * kWideN + c + 16 * j, a[i][j]);
 }
 
-__attribute__((noinline)) void BlockPanel(const Problem& p, int64_t n0) {
+template <int MI>
+void MicroPanel(const Problem& p, const float* w, int64_t nb, int64_t kc, int64_t k0, int64_t i0, float* acc) {
+  int64_t c = 0;
+  for (; c + 64 <= nb; c += 64) MicroTile<MI, 4>(p, w, kc, k0, i0, c, acc);
+  for (; c < nb; c += 16) MicroTile<MI, 1>(p, w, kc, k0, i0, c, acc);
+}
+
+__attribute__((noinline)) void BlockPanel(const Problem& p, int64_t n0, int64_t nb) {
   alignas(64) static thread_local float w[kChunk * kWideN];
   std::vector<float> acc(p.m * kWideN, 0.0f);
   const __m512 table = _mm512_loadu_ps(p.table);
@@ -252,64 +283,90 @@ __attribute__((noinline)) void BlockPanel(const Problem& p, int64_t n0) {
     for (int64_t kk = 0; kk < kc; ++kk) {
       const int64_t k = k0 + kk, base = (k / p.group) * p.n + n0;
       const RowRef row = RowOf(p, k);
-      for (int64_t c0 = 0; c0 < kWideN; c0 += 64) {
+      for (int64_t c0 = 0; c0 < nb; c0 += 64) {
+        const int64_t width = std::min<int64_t>(64, nb - c0);
         PrefetchAhead(row, n0 + c0);
-        const __m512i codes = RowCodes64(row, n0 + c0);
-        for (int q = 0; q < 4; ++q) {
+        const __m512i codes = RowCodes64(row, n0 + c0, width);
+        ForQuarters(width, [&](int q) __attribute__((always_inline)) {
           const int64_t col = c0 + 16 * q;
-          const __m512i c = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes, q));
+          const __m512i c = Codes16(codes, q);
           _mm512_storeu_ps(w + kk * kWideN + col,
                           Weights16(p, c, _mm512_loadu_ps(p.pos + base + col), Other16(p, base + col), table));
-        }
+        });
       }
     }
     int64_t i = 0;
-    for (; i + kMicroRows <= p.m; i += kMicroRows) MicroPanel<kMicroRows>(p, w, kc, k0, i, acc.data());
+    for (; i + kMicroRows <= p.m; i += kMicroRows) MicroPanel<kMicroRows>(p, w, nb, kc, k0, i, acc.data());
     switch (p.m - i) {
-      case 5: MicroPanel<5>(p, w, kc, k0, i, acc.data()); break;
-      case 4: MicroPanel<4>(p, w, kc, k0, i, acc.data()); break;
-      case 3: MicroPanel<3>(p, w, kc, k0, i, acc.data()); break;
-      case 2: MicroPanel<2>(p, w, kc, k0, i, acc.data()); break;
-      case 1: MicroPanel<1>(p, w, kc, k0, i, acc.data()); break;
+      case 5: MicroPanel<5>(p, w, nb, kc, k0, i, acc.data()); break;
+      case 4: MicroPanel<4>(p, w, nb, kc, k0, i, acc.data()); break;
+      case 3: MicroPanel<3>(p, w, nb, kc, k0, i, acc.data()); break;
+      case 2: MicroPanel<2>(p, w, nb, kc, k0, i, acc.data()); break;
+      case 1: MicroPanel<1>(p, w, nb, kc, k0, i, acc.data()); break;
       default: break;
     }
   }
-  for (int64_t i = 0; i < p.m; ++i) std::copy(acc.begin() + i * kWideN, acc.begin() + (i + 1) * kWideN, p.y + i * p.n + n0);
+  for (int64_t i = 0; i < p.m; ++i) std::copy(acc.begin() + i * kWideN, acc.begin() + i * kWideN + nb, p.y + i * p.n + n0);
 }
 
-void Wide(const Problem& p, int64_t n0) {
-  if (p.m >= kPanelMinM) return BlockPanel(p, n0);
+void Wide(const Problem& p, int64_t n0, int64_t nb) {
+  if (p.m >= kPanelMinM) return BlockPanel(p, n0, nb);
   int64_t i = 0;
-  for (; i + 4 <= p.m; i += 4) BlockWide<4>(p, n0, i);
+  for (; i + 4 <= p.m; i += 4) BlockWide<4>(p, n0, nb, i);
   switch (p.m - i) {
-    case 3: BlockWide<3>(p, n0, i); break;
-    case 2: BlockWide<2>(p, n0, i); break;
-    case 1: BlockWide<1>(p, n0, i); break;
+    case 3: BlockWide<3>(p, n0, nb, i); break;
+    case 2: BlockWide<2>(p, n0, nb, i); break;
+    case 1: BlockWide<1>(p, n0, nb, i); break;
     default: break;
   }
 }
 #else
 constexpr bool kWide = false;
 constexpr int64_t kWideN = kBlockN;
-void Wide(const Problem&, int64_t) {}
+void Wide(const Problem&, int64_t, int64_t) {}
 #endif
 
-// One task: the columns of block b (kWideN wide on AVX-512, else kBlockN).
-void RunBlock(const Problem& p, int64_t b) {
-  const int64_t width = kWide ? kWideN : kBlockN, n0 = b * width, nb = std::min(width, p.n - n0);
-  if (kWide && nb == kWideN) {
-    Wide(p, n0);
+// Column ranges [n0, n0 + nb), one per task.
+struct Span {
+  int64_t n0, nb;
+};
+
+// The tasks: the fewest blocks of at most kWideN columns (kBlockN on the portable path), their count rounded up
+// to a multiple of the threads, the columns split evenly among them in units of 16 (AVX-512) and no narrower
+// than 64 where N allows; on AVX-512 the last N mod 16 columns are one more (portable) task. SmolLM2 on 2 threads:
+// N = 576 is two tasks of 288 columns, not 512 + 64; N = 192 two of 96, not one portable block.
+std::vector<Span> Tasks(int64_t n, int64_t threads) {
+  const int64_t unit = kWide ? 16 : 1, cap = kWide ? kWideN : kBlockN;
+  const int64_t units = n / unit, even = units * unit;
+  std::vector<Span> tasks;
+  if (units > 0) {
+    int64_t t = (even + cap - 1) / cap;
+    if (threads > 1) t = (t + threads - 1) / threads * threads;
+    t = std::max<int64_t>(1, std::min<int64_t>({t, units, std::max<int64_t>(1, even / 64)}));
+    for (int64_t i = 0; i < t; ++i) {
+      const int64_t a = i * units / t * unit, b = (i + 1) * units / t * unit;
+      tasks.push_back({a, b - a});
+    }
+  }
+  if (even < n) tasks.push_back({even, n - even});
+  return tasks;
+}
+
+void RunTask(const Problem& p, const Span& s) {
+  if (kWide && s.nb % 16 == 0) {
+    Wide(p, s.n0, s.nb);
   } else {
-    ColumnBlock(p, n0, nb);
+    ColumnBlock(p, s.n0, s.nb);
   }
 }
 
-// Runs every column block, on XLA's intra-op thread pool when it has more than one thread.
+// Runs every task, on XLA's intra-op thread pool when it has more than one thread.
 void RunBlocks(const Problem& p, ffi::ThreadPool& pool) {
-  const int64_t width = kWide ? kWideN : kBlockN, blocks = (p.n + width - 1) / width;
+  const std::vector<Span> tasks = Tasks(p.n, pool.num_threads());
+  const int64_t blocks = static_cast<int64_t>(tasks.size());
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), blocks));
   if (workers == 1) {
-    for (int64_t b = 0; b < blocks; ++b) RunBlock(p, b);
+    for (const Span& s : tasks) RunTask(p, s);
     return;
   }
   std::atomic<int64_t> next{0};
@@ -317,7 +374,7 @@ void RunBlocks(const Problem& p, ffi::ThreadPool& pool) {
   std::condition_variable done;
   int64_t running = workers;
   auto work = [&]() {
-    for (int64_t b = next++; b < blocks; b = next++) RunBlock(p, b);
+    for (int64_t b = next++; b < blocks; b = next++) RunTask(p, tasks[b]);
     std::lock_guard<std::mutex> lock(mu);
     if (--running == 0) done.notify_all();
   };
