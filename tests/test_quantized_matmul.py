@@ -776,9 +776,10 @@ def test_cpu_kernel_equals_the_reference(fmt, asym, group):
     # N = 1100 on one thread: blocks of 352, 352 and 384 columns (the AVX-512 path where the machine has it;
     # 352 ends in a 32-column chunk) and a 12-column tail (the portable path); K = 1003: a short last group, a K
     # that is not a multiple of 8 and a short last K chunk.
-    # M = 4: the row-walking path; M = 13: the panel path (micro-kernels of 6 + 6 + 1 rows).
+    # M = 1, 2: the post-scaled path (per-group sums; strips of 64 and 32 columns here, 48 and 16 in the tests
+    # below); M = 4: the row-walking path; M = 13: the panel path (micro-kernels of 6 + 6 + 1 rows).
     qt = _weight(fmt, group, asym, 1003, 1100)
-    for m in (4, 13):
+    for m in (1, 2, 4, 13):
         x = _x((m, 1003), jnp.float32)
         _check(quantized_matmul(x, qt, implementation="cpu"), x, qt)
 

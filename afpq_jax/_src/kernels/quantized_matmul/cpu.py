@@ -3,8 +3,9 @@
 XLA's CPU backend cannot fuse the decode of packed codes into its dot, so the "xla" path writes and reads back
 the whole float weight (67 MB at 4096²), and "xla_scan" pays a dot call per chunk. This kernel reads the codes
 once and accumulates in float32 per block of output columns (float32 or bfloat16 x), on XLA's intra-op thread pool; with AVX-512 a
-codebook lookup is one register permute. Numerics: see the C++ file (weights bit-identical to `dequantize`,
-float32 sums in K order).
+codebook lookup is one register permute. Numerics: see the C++ file (decode, M <= 2 with float32 x: per-group
+sums of x * level scaled once per group; otherwise weights bit-identical to `dequantize`, float32 sums in K
+order).
 
 Built on first use from the packaged source with the system C++ compiler (``$CXX``, else ``g++``) into
 ``<asset cache>/kernels/``, under a name that hashes the source, the compiler, the flags, jaxlib and the CPU's

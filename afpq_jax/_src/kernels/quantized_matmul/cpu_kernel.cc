@@ -4,15 +4,20 @@
 // scales. Tasks are blocks of output columns on XLA's intra-op thread pool; within one, the weight is decoded a
 // K row at a time and accumulated into float32, so the codes are read once and no float weight is ever
 // materialised. With AVX-512 (-march=native on such a machine): blocks of up to 512 columns (any multiple of 16),
-// decoded 64 codes per load, codebook levels by one register permute (BlockWide for M <= 4; BlockPanel from
-// M = 5: K chunks decoded once into a float buffer, then a register-tiled micro-kernel). Otherwise, and for the
+// decoded 64 codes per load, codebook levels by one register permute (BlockScaled for M <= 2 with float32 x:
+// per-group post-scaling, accumulators in registers; BlockWide for M <= 4; BlockPanel from M = 5: K chunks
+// decoded once into a float buffer, then a register-tiled micro-kernel). Otherwise, and for the
 // last N mod 16 columns: a portable loop over up to kBlockN columns (ColumnBlock). The columns are split evenly
 // over the tasks (`Tasks`), so no thread idles while another runs an extra block.
 //
-// Numerics: each weight is computed exactly as afpq_jax._src.quantizer.decode does in float32 —
-// (code - zero) * scale (INT) or level * scale (codebook; s_neg for negative levels) — rounded to bfloat16 when
-// x is bfloat16 (the caller passes x as float32, exactly), and the products are summed in float32 in K order
-// (XLA's dot sums in another order: the results differ by rounding only).
+// Numerics, two contracts (both within 1e-5 * |x| @ |w| of XLA's dot, tested):
+// - M <= kScaledMaxM with float32 x (decode; `BlockScaled`): per group, float32 sums of x * level (INT:
+//   x * (code - zero)), times the group's scale(s) once; the groups' terms added in K order. Weights are never
+//   formed, so they are not rounded as level * scale first.
+// - Otherwise: each weight is computed exactly as afpq_jax._src.quantizer.decode does in float32 —
+//   (code - zero) * scale (INT) or level * scale (codebook; s_neg for negative levels) — rounded to bfloat16 when
+//   x is bfloat16 (the caller passes x as float32, exactly), and the products are summed in float32 in K order.
+// XLA's dot sums in another order: the results differ by rounding only.
 // Keep -ffast-math off: it would let the compiler change the decode arithmetic.
 
 #include <algorithm>
@@ -309,8 +314,103 @@ __attribute__((noinline)) void BlockPanel(const Problem& p, int64_t n0, int64_t 
   for (int64_t i = 0; i < p.m; ++i) std::copy(acc.begin() + i * kWideN, acc.begin() + i * kWideN + nb, p.y + i * p.n + n0);
 }
 
+// Post-scaled path (M <= kScaledMaxM, float32 x): per group and strip of up to 64 columns, the code -> level
+// products accumulate in registers, and the group's scales are applied once per strip:
+//   codebook: y += s_pos * sum_k x_k level+(c_k) + s_neg * sum_k x_k level-(c_k)   (level+ / level-: the
+//             non-negative / negative levels, the others zero; symmetric: y += s * sum_k x_k level(c_k))
+//   INT:      y += s * sum_k x_k (c_k - zero)
+// The per-weight work is the decode and one FMA per x row (two for AFPQ): no scale loads, select or multiply and
+// no accumulator load / store. Numerics differ from the row-walking path: a weight is not first rounded as
+// level * scale, and the sums add per group, then across groups (tested to the same bound). bfloat16 x, whose
+// contract rounds each weight to bfloat16, keeps the row-walking path.
+constexpr int64_t kScaledMaxM = 2;  // 2 x rows x 4 vectors x 2 accumulators = 16 of the 32 registers
+enum Kind { kIntKind, kCodebookKind, kAsymCodebookKind };
+
+// One strip: columns [n0 + c0, n0 + c0 + 16 NQ) over the K rows [g0, g1) of one group, x rows [i0, i0 + MI),
+// added into acc (the block's accumulators, columns counted from n0).
+template <int MI, int NQ, int KIND>
+__attribute__((always_inline)) inline void Strip(const Problem& p, int64_t n0, int64_t c0, int64_t g0, int64_t g1,
+                                                 int64_t i0, __m512 t_pos, __m512 t_neg, float (*acc)[kWideN],
+                                                 int64_t next_lo, int64_t next_hi) {
+  const int64_t base = (g0 / p.group) * p.n + n0 + c0;
+  __m512 a[MI][NQ], b[MI][NQ], zero[NQ];
+  for (int i = 0; i < MI; ++i)
+    for (int q = 0; q < NQ; ++q) a[i][q] = b[i][q] = _mm512_setzero_ps();
+  if (KIND == kIntKind)
+    for (int q = 0; q < NQ; ++q) zero[q] = Other16(p, base + 16 * q);
+  for (int64_t k = g0; k < g1; ++k) {
+    const RowRef row = RowOf(p, k);
+    PrefetchAhead(row, n0 + c0);
+    _mm_prefetch(reinterpret_cast<const char*>(row.lo + n0 + c0 + next_lo), _MM_HINT_T0);
+    if (row.hi != nullptr) _mm_prefetch(reinterpret_cast<const char*>(row.hi + n0 + c0 + next_hi), _MM_HINT_T0);
+    const __m512i codes = RowCodes64(row, n0 + c0, 16 * NQ);
+    __m512 xv[MI];
+    for (int i = 0; i < MI; ++i) xv[i] = _mm512_set1_ps(p.x[(i0 + i) * p.k + k]);
+    for (int q = 0; q < NQ; ++q) {
+      const __m512i c = Codes16(codes, q);
+      if (KIND == kIntKind) {
+        const __m512 w = _mm512_sub_ps(_mm512_cvtepi32_ps(c), zero[q]);
+        for (int i = 0; i < MI; ++i) a[i][q] = _mm512_fmadd_ps(xv[i], w, a[i][q]);
+      } else {
+        const __m512 w = _mm512_permutexvar_ps(c, t_pos);
+        for (int i = 0; i < MI; ++i) a[i][q] = _mm512_fmadd_ps(xv[i], w, a[i][q]);
+        if (KIND == kAsymCodebookKind) {
+          const __m512 wn = _mm512_permutexvar_ps(c, t_neg);
+          for (int i = 0; i < MI; ++i) b[i][q] = _mm512_fmadd_ps(xv[i], wn, b[i][q]);
+        }
+      }
+    }
+  }
+  for (int q = 0; q < NQ; ++q) {
+    const __m512 pos = _mm512_loadu_ps(p.pos + base + 16 * q);
+    for (int i = 0; i < MI; ++i) {
+      float* out = acc[i] + c0 + 16 * q;
+      __m512 r = _mm512_fmadd_ps(a[i][q], pos, _mm512_load_ps(out));
+      if (KIND == kAsymCodebookKind) r = _mm512_fmadd_ps(b[i][q], _mm512_loadu_ps(p.neg + base + 16 * q), r);
+      _mm512_store_ps(out, r);
+    }
+  }
+}
+
+template <int MI, int KIND>
+__attribute__((noinline)) void BlockScaled(const Problem& p, int64_t n0, int64_t nb, int64_t i0) {
+  alignas(64) float acc[MI][kWideN] = {};
+  alignas(64) float pos_levels[16], neg_levels[16];  // AFPQ: each sign's levels, the other sign's zeroed
+  for (int j = 0; j < 16; ++j) {
+    const bool negative = j < p.n_negative;
+    pos_levels[j] = KIND == kAsymCodebookKind && negative ? 0.0f : p.table[j];
+    neg_levels[j] = negative ? p.table[j] : 0.0f;
+  }
+  const __m512 t_pos = _mm512_load_ps(pos_levels), t_neg = _mm512_load_ps(neg_levels);
+  // Each row also fetches the line the next strip reads: the same row 64 columns on, or after a block's last
+  // strip, the next group's row at the block's first column (a hint: past the end it fetches nothing useful).
+  const int64_t lo_rows = p.bits == 3 ? p.group / 4 : p.group * p.bits / 8, hi_rows = p.group / 8;
+  for (int64_t g0 = 0; g0 < p.k; g0 += p.group) {
+    const int64_t g1 = std::min(g0 + p.group, p.k);
+    for (int64_t c0 = 0; c0 < nb; c0 += 64) {
+      const bool last = c0 + 64 >= nb;
+      const int64_t next_lo = last ? lo_rows * p.n - c0 : 64, next_hi = last ? hi_rows * p.n - c0 : 64;
+      switch (std::min<int64_t>(64, nb - c0) / 16) {
+        case 4: Strip<MI, 4, KIND>(p, n0, c0, g0, g1, i0, t_pos, t_neg, acc, next_lo, next_hi); break;
+        case 3: Strip<MI, 3, KIND>(p, n0, c0, g0, g1, i0, t_pos, t_neg, acc, next_lo, next_hi); break;
+        case 2: Strip<MI, 2, KIND>(p, n0, c0, g0, g1, i0, t_pos, t_neg, acc, next_lo, next_hi); break;
+        default: Strip<MI, 1, KIND>(p, n0, c0, g0, g1, i0, t_pos, t_neg, acc, next_lo, next_hi); break;
+      }
+    }
+  }
+  for (int i = 0; i < MI; ++i) std::copy(acc[i], acc[i] + nb, p.y + (i0 + i) * p.n + n0);
+}
+
+template <int MI>
+void Scaled(const Problem& p, int64_t n0, int64_t nb) {
+  if (p.is_int) return BlockScaled<MI, kIntKind>(p, n0, nb, 0);
+  if (p.has_neg) return BlockScaled<MI, kAsymCodebookKind>(p, n0, nb, 0);
+  BlockScaled<MI, kCodebookKind>(p, n0, nb, 0);
+}
+
 void Wide(const Problem& p, int64_t n0, int64_t nb) {
   if (p.m >= kPanelMinM) return BlockPanel(p, n0, nb);
+  if (p.m <= kScaledMaxM && !p.round_bf16) return p.m == 1 ? Scaled<1>(p, n0, nb) : Scaled<2>(p, n0, nb);
   int64_t i = 0;
   for (; i + 4 <= p.m; i += 4) BlockWide<4>(p, n0, nb, i);
   switch (p.m - i) {
