@@ -25,6 +25,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -460,28 +461,39 @@ void RunTask(const Problem& p, const Span& s) {
   }
 }
 
-// Runs every task, on XLA's intra-op thread pool when it has more than one thread.
+// Runs every task, on XLA's intra-op thread pool when it has more than one thread. The tasks are claimed from a
+// shared counter by this thread and by helpers scheduled on the pool, and this thread waits only for tasks that
+// were claimed, never for a helper to start: the pool's threads may all be busy elsewhere (with 4 simulated CPU
+// devices, a call that waited for its queued helper never returned). A helper that starts after every task is
+// claimed touches only the state it co-owns (`Shared`), so it may outlive this call.
 void RunBlocks(const Problem& p, ffi::ThreadPool& pool) {
   const std::vector<Span> tasks = Tasks(p.n, pool.num_threads());
   const int64_t blocks = static_cast<int64_t>(tasks.size());
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), blocks));
-  if (workers == 1) {
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), blocks) - 1;
+  if (helpers <= 0) {
     for (const Span& s : tasks) RunTask(p, s);
     return;
   }
-  std::atomic<int64_t> next{0};
-  std::mutex mu;
-  std::condition_variable done;
-  int64_t running = workers;
-  auto work = [&]() {
-    for (int64_t b = next++; b < blocks; b = next++) RunTask(p, tasks[b]);
-    std::lock_guard<std::mutex> lock(mu);
-    if (--running == 0) done.notify_all();
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::mutex mu;
+    std::condition_variable all_done;
+    int64_t done = 0;
   };
-  for (int64_t t = 1; t < workers; ++t) pool.Schedule([&work] { work(); });
+  auto shared = std::make_shared<Shared>();
+  const Problem* problem = &p;
+  const Span* spans = tasks.data();
+  auto work = [shared, problem, spans, blocks]() {
+    for (int64_t b = shared->next++; b < blocks; b = shared->next++) {
+      RunTask(*problem, spans[b]);  // b < blocks: the caller is still waiting, so problem and spans are alive
+      std::lock_guard<std::mutex> lock(shared->mu);
+      if (++shared->done == blocks) shared->all_done.notify_all();
+    }
+  };
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work(); });  // each helper holds a copy
   work();
-  std::unique_lock<std::mutex> lock(mu);
-  done.wait(lock, [&] { return running == 0; });
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->all_done.wait(lock, [&] { return shared->done == blocks; });
 }
 
 ffi::Error QuantizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
