@@ -513,6 +513,15 @@ ffi::Error QuantizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   if (bits < 1 || bits > 8 || (8 % bits != 0 && bits != 3)) return ffi::Error::InvalidArgument("bad bits");
   if (cd[0] != p.kp * bits / 8) return ffi::Error::InvalidArgument("codes rows do not match K and bits");
   if (table.size() == 0 || table.size() > 16) return ffi::Error::InvalidArgument("the code book needs 1 to 16 levels");
+  if (group < 1) return ffi::Error::InvalidArgument("group must be >= 1");
+  const int64_t groups = (p.k + group - 1) / group;
+  const auto has_shape = [&](ffi::Buffer<ffi::F32>& b, bool used) {
+    const auto d = b.dimensions();
+    return d.size() == 2 && (used ? d[0] == groups && d[1] == p.n : d[0] == 1 && d[1] == 1);
+  };
+  if (!has_shape(pos, true) || !has_shape(neg, has_neg) || !has_shape(zero, has_zero))
+    return ffi::Error::InvalidArgument("scales must be (ceil(K / group), N), unused ones (1, 1)");
+  if (p.m == 0 || p.n == 0) return ffi::Error::Success();  // nothing to compute (the paths assume a row)
   p.is_int = is_int;
   p.has_neg = has_neg;
   p.has_zero = has_zero;
