@@ -816,7 +816,7 @@ import sys, jax, jax.numpy as jnp, numpy as np
 import afpq_jax
 from afpq_jax.kernels import quantized_matmul, select_implementation, Problem
 # N = 2048: four 512-column tasks; N = 200: two of 96 and the last 8 columns (portable); N = 1100: four of 272
-# (partial 64-column chunks); 7 rows: the panel path (micro-kernels of 6 + 1 rows), 1 row: the row-walking one.
+# (partial 64-column chunks); 7 rows: the panel path (micro-kernels of 6 + 1 rows), 1 row: the post-scaled one.
 worst, chosen = 0.0, set()
 for (k, n, fmt) in [(512, 2048, "int4"), (300, 200, "nf3"), (256, 1100, "fp4_e2m1")]:
     qt = afpq_jax.quantize(jax.random.normal(jax.random.key(0), (k, n)), fmt, group_size=128)

@@ -120,7 +120,7 @@ SHARDED_LOAD = textwrap.dedent("""
 
 
 def test_sharded_load_equals_unsharded_on_4_devices(tmp_path):
-    """Also the C++ kernel under 4 devices sharing XLA's two pool threads: a kernel call that waited for its
+    """Also the C++ kernel under 4 devices sharing XLA's thread pool: a kernel call that waited for its
     helper task to start deadlocked here (5cdb665), hence a timeout well short of the suite's patience."""
     _word_tokenizer(tmp_path / "tokenizer.json")
     text = _text(tmp_path)
