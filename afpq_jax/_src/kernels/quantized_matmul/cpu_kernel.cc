@@ -39,7 +39,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kBlockN = 256;  // columns per task: the (M, 256) f32 accumulator stays in L1 / L2
+constexpr int64_t kBlockN = 256;  // most columns per portable task: the (M, 256) f32 accumulator stays in L1 / L2
 
 struct Problem {
   int64_t m, k, n, bits, group, kp;
@@ -213,6 +213,23 @@ __attribute__((always_inline)) inline __m512 Other16(const Problem& p, int64_t a
   return _mm512_loadu_ps((p.has_neg ? p.neg : p.pos) + at);
 }
 
+// f(col, w) for the weights of row k, columns [n0 + col, n0 + col + 16), col = 0, 16, ... < nb (a multiple of 16),
+// decoded 64 codes per load; ``base``: the row's group's offset into the scale arrays, at column n0.
+template <class F>
+__attribute__((always_inline)) inline void RowWeights16(const Problem& p, int64_t k, int64_t n0, int64_t nb,
+                                                        int64_t base, __m512 table, F&& f) {
+  const RowRef row = RowOf(p, k);
+  for (int64_t c0 = 0; c0 < nb; c0 += 64) {
+    const int64_t width = std::min<int64_t>(64, nb - c0);
+    PrefetchAhead(row, n0 + c0);
+    const __m512i codes = RowCodes64(row, n0 + c0, width);
+    ForQuarters(width, [&](int q) __attribute__((always_inline)) {
+      const int64_t col = c0 + 16 * q;
+      f(col, Weights16(p, Codes16(codes, q), _mm512_loadu_ps(p.pos + base + col), Other16(p, base + col), table));
+    });
+  }
+}
+
 // Columns [n0, n0 + nb) (nb <= kWideN, a multiple of 16), x rows [i0, i0 + MI): rows in K order, each row's nb
 // code bytes decoded 64 at a time into float32 accumulators in L1. Out of line: inlined into Wide, the M = 1
 // INT4 loop ran 15-20% slower (min of 200 calls).
@@ -225,19 +242,10 @@ __attribute__((noinline)) void BlockWide(const Problem& p, int64_t n0, int64_t n
     for (int64_t k = g0; k < g1; ++k) {
       __m512 xv[MI];
       for (int i = 0; i < MI; ++i) xv[i] = _mm512_set1_ps(p.x[(i0 + i) * p.k + k]);
-      const RowRef row = RowOf(p, k);
-      for (int64_t c0 = 0; c0 < nb; c0 += 64) {
-        const int64_t width = std::min<int64_t>(64, nb - c0);
-        PrefetchAhead(row, n0 + c0);
-        const __m512i codes = RowCodes64(row, n0 + c0, width);
-        ForQuarters(width, [&](int q) __attribute__((always_inline)) {
-          const int64_t col = c0 + 16 * q;
-          const __m512i c = Codes16(codes, q);
-          const __m512 w = Weights16(p, c, _mm512_loadu_ps(p.pos + base + col), Other16(p, base + col), table);
-          for (int i = 0; i < MI; ++i)
-            _mm512_store_ps(acc[i] + col, _mm512_fmadd_ps(xv[i], w, _mm512_load_ps(acc[i] + col)));
-        });
-      }
+      RowWeights16(p, k, n0, nb, base, table, [&](int64_t col, __m512 w) __attribute__((always_inline)) {
+        for (int i = 0; i < MI; ++i)
+          _mm512_store_ps(acc[i] + col, _mm512_fmadd_ps(xv[i], w, _mm512_load_ps(acc[i] + col)));
+      });
     }
   }
   for (int i = 0; i < MI; ++i) std::copy(acc[i], acc[i] + nb, p.y + (i0 + i) * p.n + n0);
@@ -287,19 +295,11 @@ __attribute__((noinline)) void BlockPanel(const Problem& p, int64_t n0, int64_t 
   for (int64_t k0 = 0; k0 < p.k; k0 += kChunk) {
     const int64_t kc = std::min(kChunk, p.k - k0);
     for (int64_t kk = 0; kk < kc; ++kk) {
-      const int64_t k = k0 + kk, base = (k / p.group) * p.n + n0;
-      const RowRef row = RowOf(p, k);
-      for (int64_t c0 = 0; c0 < nb; c0 += 64) {
-        const int64_t width = std::min<int64_t>(64, nb - c0);
-        PrefetchAhead(row, n0 + c0);
-        const __m512i codes = RowCodes64(row, n0 + c0, width);
-        ForQuarters(width, [&](int q) __attribute__((always_inline)) {
-          const int64_t col = c0 + 16 * q;
-          const __m512i c = Codes16(codes, q);
-          _mm512_storeu_ps(w + kk * kWideN + col,
-                          Weights16(p, c, _mm512_loadu_ps(p.pos + base + col), Other16(p, base + col), table));
-        });
-      }
+      const int64_t k = k0 + kk;
+      RowWeights16(p, k, n0, nb, (k / p.group) * p.n + n0, table,
+                   [&](int64_t col, __m512 wv) __attribute__((always_inline)) {
+                     _mm512_storeu_ps(w + kk * kWideN + col, wv);
+                   });
     }
     int64_t i = 0;
     for (; i + kMicroRows <= p.m; i += kMicroRows) MicroPanel<kMicroRows>(p, w, nb, kc, k0, i, acc.data());
@@ -327,11 +327,11 @@ __attribute__((noinline)) void BlockPanel(const Problem& p, int64_t n0, int64_t 
 constexpr int64_t kScaledMaxM = 2;  // 2 x rows x 4 vectors x 2 accumulators = 16 of the 32 registers
 enum Kind { kIntKind, kCodebookKind, kAsymCodebookKind };
 
-// One strip: columns [n0 + c0, n0 + c0 + 16 NQ) over the K rows [g0, g1) of one group, x rows [i0, i0 + MI),
-// added into acc (the block's accumulators, columns counted from n0).
+// One strip: columns [n0 + c0, n0 + c0 + 16 NQ) over the K rows [g0, g1) of one group, x rows [0, MI), added into
+// acc (the block's accumulators, columns counted from n0).
 template <int MI, int NQ, int KIND>
 __attribute__((always_inline)) inline void Strip(const Problem& p, int64_t n0, int64_t c0, int64_t g0, int64_t g1,
-                                                 int64_t i0, __m512 t_pos, __m512 t_neg, float (*acc)[kWideN],
+                                                 __m512 t_pos, __m512 t_neg, float (*acc)[kWideN],
                                                  int64_t next_lo, int64_t next_hi) {
   const int64_t base = (g0 / p.group) * p.n + n0 + c0;
   __m512 a[MI][NQ], b[MI][NQ], zero[NQ];
@@ -346,7 +346,7 @@ __attribute__((always_inline)) inline void Strip(const Problem& p, int64_t n0, i
     if (row.hi != nullptr) _mm_prefetch(reinterpret_cast<const char*>(row.hi + n0 + c0 + next_hi), _MM_HINT_T0);
     const __m512i codes = RowCodes64(row, n0 + c0, 16 * NQ);
     __m512 xv[MI];
-    for (int i = 0; i < MI; ++i) xv[i] = _mm512_set1_ps(p.x[(i0 + i) * p.k + k]);
+    for (int i = 0; i < MI; ++i) xv[i] = _mm512_set1_ps(p.x[i * p.k + k]);
     for (int q = 0; q < NQ; ++q) {
       const __m512i c = Codes16(codes, q);
       if (KIND == kIntKind) {
@@ -364,17 +364,18 @@ __attribute__((always_inline)) inline void Strip(const Problem& p, int64_t n0, i
   }
   for (int q = 0; q < NQ; ++q) {
     const __m512 pos = _mm512_loadu_ps(p.pos + base + 16 * q);
+    const __m512 neg = KIND == kAsymCodebookKind ? _mm512_loadu_ps(p.neg + base + 16 * q) : pos;
     for (int i = 0; i < MI; ++i) {
       float* out = acc[i] + c0 + 16 * q;
       __m512 r = _mm512_fmadd_ps(a[i][q], pos, _mm512_load_ps(out));
-      if (KIND == kAsymCodebookKind) r = _mm512_fmadd_ps(b[i][q], _mm512_loadu_ps(p.neg + base + 16 * q), r);
+      if (KIND == kAsymCodebookKind) r = _mm512_fmadd_ps(b[i][q], neg, r);
       _mm512_store_ps(out, r);
     }
   }
 }
 
 template <int MI, int KIND>
-__attribute__((noinline)) void BlockScaled(const Problem& p, int64_t n0, int64_t nb, int64_t i0) {
+__attribute__((noinline)) void BlockScaled(const Problem& p, int64_t n0, int64_t nb) {
   alignas(64) float acc[MI][kWideN] = {};
   alignas(64) float pos_levels[16], neg_levels[16];  // AFPQ: each sign's levels, the other sign's zeroed
   for (int j = 0; j < 16; ++j) {
@@ -392,21 +393,21 @@ __attribute__((noinline)) void BlockScaled(const Problem& p, int64_t n0, int64_t
       const bool last = c0 + 64 >= nb;
       const int64_t next_lo = last ? lo_rows * p.n - c0 : 64, next_hi = last ? hi_rows * p.n - c0 : 64;
       switch (std::min<int64_t>(64, nb - c0) / 16) {
-        case 4: Strip<MI, 4, KIND>(p, n0, c0, g0, g1, i0, t_pos, t_neg, acc, next_lo, next_hi); break;
-        case 3: Strip<MI, 3, KIND>(p, n0, c0, g0, g1, i0, t_pos, t_neg, acc, next_lo, next_hi); break;
-        case 2: Strip<MI, 2, KIND>(p, n0, c0, g0, g1, i0, t_pos, t_neg, acc, next_lo, next_hi); break;
-        default: Strip<MI, 1, KIND>(p, n0, c0, g0, g1, i0, t_pos, t_neg, acc, next_lo, next_hi); break;
+        case 4: Strip<MI, 4, KIND>(p, n0, c0, g0, g1, t_pos, t_neg, acc, next_lo, next_hi); break;
+        case 3: Strip<MI, 3, KIND>(p, n0, c0, g0, g1, t_pos, t_neg, acc, next_lo, next_hi); break;
+        case 2: Strip<MI, 2, KIND>(p, n0, c0, g0, g1, t_pos, t_neg, acc, next_lo, next_hi); break;
+        default: Strip<MI, 1, KIND>(p, n0, c0, g0, g1, t_pos, t_neg, acc, next_lo, next_hi); break;
       }
     }
   }
-  for (int i = 0; i < MI; ++i) std::copy(acc[i], acc[i] + nb, p.y + (i0 + i) * p.n + n0);
+  for (int i = 0; i < MI; ++i) std::copy(acc[i], acc[i] + nb, p.y + i * p.n + n0);
 }
 
 template <int MI>
 void Scaled(const Problem& p, int64_t n0, int64_t nb) {
-  if (p.is_int) return BlockScaled<MI, kIntKind>(p, n0, nb, 0);
-  if (p.has_neg) return BlockScaled<MI, kAsymCodebookKind>(p, n0, nb, 0);
-  BlockScaled<MI, kCodebookKind>(p, n0, nb, 0);
+  if (p.is_int) return BlockScaled<MI, kIntKind>(p, n0, nb);
+  if (p.has_neg) return BlockScaled<MI, kAsymCodebookKind>(p, n0, nb);
+  BlockScaled<MI, kCodebookKind>(p, n0, nb);
 }
 
 void Wide(const Problem& p, int64_t n0, int64_t nb) {
@@ -443,7 +444,7 @@ std::vector<Span> Tasks(int64_t n, int64_t threads) {
   if (units > 0) {
     int64_t t = (even + cap - 1) / cap;
     if (threads > 1) t = (t + threads - 1) / threads * threads;
-    t = std::max<int64_t>(1, std::min<int64_t>({t, units, std::max<int64_t>(1, even / 64)}));
+    t = std::min<int64_t>({t, units, std::max<int64_t>(1, even / 64)});
     for (int64_t i = 0; i < t; ++i) {
       const int64_t a = i * units / t * unit, b = (i + 1) * units / t * unit;
       tasks.push_back({a, b - a});
