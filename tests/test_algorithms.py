@@ -16,7 +16,7 @@ import afpq_jax as aq
 from afpq_jax import QuantScheme
 from afpq_jax._src.algorithms import awq
 from afpq_jax._src.algorithms.clip import clip_search, group_output_error
-from afpq_jax._src.algorithms.gptq import accumulate_hessian, gptq_quantize, output_mse
+from afpq_jax._src.algorithms.gptq import accumulate_hessian, gptq_quantize, hessian_inverse_factor, output_mse
 from afpq_jax._src.calibration import driver, taps
 from afpq_jax._src.calibration.data import sample_windows
 from afpq_jax._src.io.sources import Source, open_source
@@ -36,12 +36,14 @@ def _correlated_inputs(k, t, seed):
         np.float32)
 
 
-@pytest.mark.parametrize("fmt,asym,g", [("nf3", True, 16), ("int3", True, 32), ("fp3_e2m0", True, 16),
-                                        ("int4", False, 16), ("nf4", False, 32)])
-def test_gptq_matches_numpy_reference(fmt, asym, g):
+# g16 in 32-row blocks: two 16-row sub-blocks per block; g64 (K = 128): 64-row blocks of two 32-row sub-blocks
+# that share their group's parameters.
+@pytest.mark.parametrize("fmt,asym,g,k", [("nf3", True, 16, 64), ("int3", True, 32, 64), ("fp3_e2m0", True, 16, 64),
+                                          ("int4", False, 16, 64), ("nf4", False, 32, 64), ("nf3", True, 64, 128)])
+def test_gptq_matches_numpy_reference(fmt, asym, g, k):
     rng = np.random.default_rng(0)
-    w = (rng.standard_t(4, (64, 12)) * 0.05).astype(np.float32)
-    x = _correlated_inputs(64, 512, 1)
+    w = (rng.standard_t(4, (k, 12)) * 0.05).astype(np.float32)
+    x = _correlated_inputs(k, 512, 1)
     h, _ = accumulate_hessian(None, jnp.asarray(x), 0)
     got = np.asarray(aq.dequantize(gptq_quantize(w, h, fmt, group_size=g, asym=asym, block_size=32)), np.float64)
     want = ref.ref_gptq(w, np.asarray(h, np.float64), fmt, g, asym, block=32)
@@ -49,6 +51,19 @@ def test_gptq_matches_numpy_reference(fmt, asym, g):
     rows_equal = np.mean(np.all(np.isclose(got, want, rtol=1e-4, atol=1e-6), axis=0))
     assert rows_equal >= 0.75, rows_equal
     assert output_mse(w, got, x) == pytest.approx(output_mse(w, want, x), rel=0.05)
+
+
+@pytest.mark.parametrize("k,damp", [(7, 0.0), (96, 0.01), (300, 0.01)])
+def test_hessian_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse(k, damp):
+    """Against float64 numpy done AutoGPTQ's way (invert, then factor): the same triangle, to float32 accuracy
+    scaled by H's condition number."""
+    x = _correlated_inputs(k, 4 * k, 5)
+    h = (x.T.astype(np.float64) @ x) * (2.0 / len(x))
+    got = np.asarray(hessian_inverse_factor(jnp.asarray(h, jnp.float32), damp), np.float64)
+    damped = h + damp * np.mean(np.diag(h)) * np.eye(k)
+    want = np.linalg.cholesky(np.linalg.inv(damped)).T
+    assert np.all(np.tril(got, -1) == 0) and np.all(np.diag(got) > 0)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-8 * np.linalg.cond(damped) * np.abs(want).max())
 
 
 # Each new (format, scheme, group, shape) compiles (~1 s): 20 examples, not the profile's 40, keep the suite short.
