@@ -37,16 +37,19 @@ def _correlated_inputs(k, t, seed):
 
 
 # g16 in 32-row blocks: two 16-row sub-blocks per block; g64 (K = 128): 64-row blocks of two 32-row sub-blocks
-# that share their group's parameters.
-@pytest.mark.parametrize("fmt,asym,g,k", [("nf3", True, 16, 64), ("int3", True, 32, 64), ("fp3_e2m0", True, 16, 64),
-                                          ("int4", False, 16, 64), ("nf4", False, 32, 64), ("nf3", True, 64, 128)])
-def test_gptq_matches_numpy_reference(fmt, asym, g, k):
+# that share their group's parameters; g37 in 111-row blocks (block_size 128): no small divisor, one sub-block
+# per group, each taking its own parameters.
+@pytest.mark.parametrize("fmt,asym,g,k,block", [("nf3", True, 16, 64, 32), ("int3", True, 32, 64, 32),
+                                                ("fp3_e2m0", True, 16, 64, 32), ("int4", False, 16, 64, 32),
+                                                ("nf4", False, 32, 64, 32), ("nf3", True, 64, 128, 32),
+                                                ("int4", True, 37, 111, 128)])
+def test_gptq_matches_numpy_reference(fmt, asym, g, k, block):
     rng = np.random.default_rng(0)
     w = (rng.standard_t(4, (k, 12)) * 0.05).astype(np.float32)
     x = _correlated_inputs(k, 512, 1)
     h, _ = accumulate_hessian(None, jnp.asarray(x), 0)
-    got = np.asarray(aq.dequantize(gptq_quantize(w, h, fmt, group_size=g, asym=asym, block_size=32)), np.float64)
-    want = ref.ref_gptq(w, np.asarray(h, np.float64), fmt, g, asym, block=32)
+    got = np.asarray(aq.dequantize(gptq_quantize(w, h, fmt, group_size=g, asym=asym, block_size=block)), np.float64)
+    want = ref.ref_gptq(w, np.asarray(h, np.float64), fmt, g, asym, block=block)
     # float32 vs float64 error propagation can flip a rare near-tie and everything downstream of it in that row
     rows_equal = np.mean(np.all(np.isclose(got, want, rtol=1e-4, atol=1e-6), axis=0))
     assert rows_equal >= 0.75, rows_equal

@@ -60,13 +60,13 @@ def _take(params: GroupParams, idx) -> GroupParams:
 
 
 def _sub_block(rows: int, g: int | None) -> int:
-    """Rows per inner sub-block of a GPTQ block of ``rows`` rows: the largest divisor of ``rows`` (and of the group
-    ``g`` when parameters are taken per group, so group starts are sub-block starts) of at most 32, or the whole
-    block when that divisor is under 8 (odd groups such as 45, where small sub-blocks would cost more than
-    they save)."""
+    """Rows per inner sub-block of a GPTQ block of ``rows`` rows. With parameters per group (``g``; ``rows`` is a
+    multiple of it) a sub-block must divide the group, so every group starts a sub-block: the largest divisor
+    of ``g`` of at most 32, or the whole group when that divisor is under 8 (e.g. g = 37: tiny sub-blocks would
+    cost more than they save). Static parameters (``g`` None): the same over ``rows``."""
     span = rows if g is None else g
-    best = max(d for d in range(1, min(span, 32) + 1) if span % d == 0 and rows % d == 0)
-    return best if best >= 8 or best == span else rows
+    best = max(d for d in range(1, min(span, 32) + 1) if span % d == 0)
+    return best if best >= 8 else span
 
 
 def _quantize_block(w1, hinv1, static_params, row_groups, channel, *, fmt: Format, asym: bool, g: int, sdt,
