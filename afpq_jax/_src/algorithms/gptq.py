@@ -85,9 +85,10 @@ def _quantize_block(w1, hinv1, static_params, row_groups, channel, *, fmt: Forma
     b, n = w1.shape
     sub = _sub_block(b, None if static else g)
 
-    def row(c, carry, params, hsub):
+    def row(c, carry, *, params_at, hsub):
         ws, codes, err = carry
         w = ws[c]
+        params = params_at(c)
         code = encode(fmt, asym, w, params)
         e = (w - decode(fmt, asym, code, params)) / hsub[c, c]
         ws = ws - hsub[c][:, None] * e[None, :]  # hsub is upper triangular: only rows >= c move
@@ -99,15 +100,16 @@ def _quantize_block(w1, hinv1, static_params, row_groups, channel, *, fmt: Forma
         hsub = hinv1[s0:s1, s0:s1]
         carry = (w1[s0:s1], jnp.zeros((sub, n), jnp.uint8), jnp.zeros((sub, n), jnp.float32))
         if static:  # params per row given (act-order static groups, or per-channel)
-            groups = row_groups[s0:s1]
-
-            def body(c, carry, groups=groups, hsub=hsub):
-                return row(c, carry, _take(static_params, groups[c]), hsub)
+            def params_at(c, groups=row_groups[s0:s1]):
+                return _take(static_params, groups[c])
         else:
             if s0 % g == 0:
                 params = _params_of(fmt, asym, w1[s0:s0 + g], sdt, channel)
                 block_params.append(params)
-            body = functools.partial(_with_params, row, params, hsub)
+
+            def params_at(c, params=params):
+                return params
+        body = functools.partial(row, params_at=params_at, hsub=hsub)
         _, c_sub, e_sub = jax.lax.fori_loop(0, sub, body, carry)
         codes.append(c_sub)
         errs.append(e_sub)
@@ -116,10 +118,6 @@ def _quantize_block(w1, hinv1, static_params, row_groups, channel, *, fmt: Forma
     stacked = None if static else GroupParams(*(None if block_params[0][i] is None else
                                                 jnp.stack([p[i] for p in block_params]) for i in range(3)))
     return jnp.concatenate(codes), stacked, jnp.concatenate(errs)
-
-
-def _with_params(row, params, hsub, c, carry):
-    return row(c, carry, params, hsub)
 
 
 def _damped(w, h, damp):
