@@ -4,12 +4,13 @@ Dispatch (``implementation=None``): the candidates for the default backend are t
 whose ``supports`` accepts the call runs:
 
     tpu: mosaic_tpu -> xla
-    gpu: triton -> mosaic_gpu -> xla
+    gpu: triton -> mosaic_gpu (both M < 128) -> xla
     cpu: cpu (C++ via the XLA FFI; float32 or bfloat16 x, M <= 256) -> xla
     anything else: xla
 
 Up to 256 rows of x the C++ kernel reads the codes once and never holds the float weight; beyond that,
-dequantizing once and one dot ("xla") is faster on the measured CPU (BUILD_NOTES, "CPU path"). "xla_scan" (a scan over
+dequantizing once and one dot ("xla") is faster on the measured CPU (BUILD_NOTES, "CPU path"). On GPU the same
+holds from 128 rows on (measured on an H200: `base.GPU_PREFILL_M`). "xla_scan" (a scan over
 K chunks in plain XLA) runs only when named: it measured no faster than "xla" once both ran in one jitted loop.
 
 A candidate that declines logs one WARNING line per (implementation, reason) on the ``afpq_jax.kernels`` logger
@@ -133,6 +134,10 @@ class _Deferred:
 
     def supports(self, prob, config):
         return self._impl().supports(prob, config)
+
+    def preferred(self, prob):
+        rule = getattr(self._impl(), "preferred", None)
+        return None if rule is None else rule(prob)
 
     def __call__(self, x2d, qt, prob, config, *, interpret=False):
         return self._impl()(x2d, qt, prob, config, interpret=interpret)

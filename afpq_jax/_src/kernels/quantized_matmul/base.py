@@ -295,6 +295,19 @@ def mosaic_gpu_weight_buffers(prob: Problem, bk: int, stages: int) -> int:
     return 2 if min(stages, max(1, prob.kp // bk)) >= 3 else 1
 
 
+# GPU dispatch: from this many rows of x on, "xla" (dequantize the weight once, then the library GEMM) ran faster
+# than both GPU kernels on an H200 (BUILD_NOTES, "Second GPU run": INT4 and NF4, sym and asym, M = 128 and 1024).
+# The kernels decode every weight tile again for each M tile; the GEMM path decodes once.
+GPU_PREFILL_M = 128
+
+
+def gpu_why_not_preferred(prob: Problem) -> str | None:
+    """Dispatch's size rule for the GPU kernels (an explicit call runs any M)."""
+    if prob.m >= GPU_PREFILL_M:
+        return f"M={prob.m} >= {GPU_PREFILL_M}: dequantizing once and the library GEMM is faster"
+    return None
+
+
 GPU_SMEM_BUDGET = 200 * 1024  # default tilings stay under this (Hopper: 227 KiB per CTA; Ampere: 163 KiB)
 
 

@@ -263,5 +263,8 @@ class MosaicGpu:
     def supports(self, prob: Problem, config: BlockConfig) -> str | None:
         return device_refusal() or why_unsupported(prob, config)
 
+    def preferred(self, prob: Problem) -> str | None:
+        return base.gpu_why_not_preferred(prob)
+
     def __call__(self, x2d, qt, prob, config, *, interpret=False):
         return quantized_matmul_mosaic_gpu(x2d, qt, prob, config, interpret=interpret)

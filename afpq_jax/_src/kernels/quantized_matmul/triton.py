@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from afpq_jax._src.kernels.quantized_matmul import decode
+from afpq_jax._src.kernels.quantized_matmul import base, decode
 from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, cdiv, uses_lookup
 from afpq_jax._src.kernels.quantized_matmul.xla import dot_precision
 
@@ -196,6 +196,9 @@ class Triton:
 
     def supports(self, prob: Problem, config: BlockConfig) -> str | None:
         return why_unsupported(prob, config)
+
+    def preferred(self, prob: Problem) -> str | None:
+        return base.gpu_why_not_preferred(prob)
 
     def __call__(self, x2d, qt, prob, config, *, interpret=False):
         return quantized_matmul_triton(x2d, qt, prob, config, interpret=interpret)
