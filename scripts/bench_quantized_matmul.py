@@ -24,7 +24,7 @@ import numpy as np
 
 import afpq_jax
 from afpq_jax.kernels import (IMPLEMENTATIONS, BlockConfig, Problem, current_backend, quantized_matmul,
-                              resolve_config, roofline)
+                              resolve_config, roofline, select_implementation)
 
 
 def timed(fn, xs, ws, *, reps: int, loops: int, r: int) -> float:
@@ -193,7 +193,7 @@ def main():
     if bw:
         header += ["GB/s", "of roofline", "bound vs bf16"]
     schemes = a.schemes or (["sym"] if a.sym else ["asym"])
-    rows, failures, times, dense_times = [], [], {}, {}
+    rows, failures, times, dense_times, dispatched = [], [], {}, {}, {}
     start = time.perf_counter()
 
     def emit(row):
@@ -220,6 +220,7 @@ def main():
             xq = xs[0].astype(xdt)
             xqs = [x.astype(xdt) for x in xs]
             prob = Problem.create(xq.shape, xq.dtype, qt)
+            dispatched[fmt, scheme, m] = select_implementation(prob, log=False)[0]
             ref = None
             for name, config in variants:
                 impl = name.removesuffix("-tree")
@@ -277,6 +278,18 @@ def main():
         for fmt, m, name in pairs:
             ta, ts = times[fmt, "asym", m, name], times[fmt, "sym", m, name]
             print(f"| {fmt} | {m} | {name} | {ta * 1e6:.1f} | {ts * 1e6:.1f} | {ta / ts:.3f} |")
+    cases = sorted({key[:3] for key in times}, key=lambda c: (c[0], c[1], c[2]))
+    if cases:  # the size rules (`preferred`) against this run: is what dispatch picks the fastest measured?
+        print("\ndispatch (implementation=None) against the fastest implementation timed here:")
+        print("| format | M | dispatch | µs | fastest | µs | dispatch / fastest |\n|---|---|---|---|---|---|---|")
+        for fmt, scheme, m in cases:
+            timed_here = {name: t for (f, sc, mm, name), t in times.items() if (f, sc, mm) == (fmt, scheme, m)}
+            best = min(timed_here, key=timed_here.get)
+            pick = dispatched[fmt, scheme, m]
+            t_pick = timed_here.get(pick)
+            print(f"| {fmt}-{scheme} | {m} | {pick} | {'not timed' if t_pick is None else f'{t_pick * 1e6:.1f}'} "
+                  f"| {best} | {timed_here[best] * 1e6:.1f} | "
+                  f"{'' if t_pick is None else f'{t_pick / timed_here[best]:.2f}x'} |")
     if failures:
         print("\n".join(["FAILURES:"] + failures))
         raise SystemExit(1)

@@ -24,6 +24,8 @@ def test_device_check_dry_run(tmp_path):
     assert "passed  tests/test_quantized_matmul.py::test_formats_match_reference[triton-int4-a-g128]" in report
     assert "FAILED" not in report and "WRONG" not in report
     assert "| int4-asym-g128 | 1 | xla |" in report and "asym over sym" in report
+    # what dispatch picks, against the fastest implementation of the same case (the size rules' check)
+    assert "dispatch (implementation=None) against the fastest" in report and "| int4-asym | 1 | cpu |" in report
     # The profiler split of each op's device time (CPU: the client's thunk timeline): XLA ops only for "xla".
     row = next(line for line in report.splitlines() if line.startswith("| int4-asym-g128 | 1 | xla |"))
     kernel, xla_side = (float(v) for v in row.split("|")[5].split("/"))
