@@ -573,6 +573,46 @@ def test_vmap_over_stacked_weights(impl):
         _check(y[b], x[b], jax.tree.map(lambda a: a[b], qt), ref[b])
 
 
+@pytest.mark.parametrize("impl", ["cpu", *KERNELS])
+def test_kernels_differentiate_like_xla(impl):
+    """Pallas and FFI kernels have no derivative rules of their own; they take the "xla" path's. With a loss
+    linear in the output the cotangent is the same for every implementation, so the gradients (x and the float
+    scales) and the JVP equal xla's exactly. Dispatch (implementation=None) picks the C++ kernel at M = 4 on CPU,
+    which raised "cannot be differentiated" before."""
+    k, n, dt = (1024, 128, jnp.bfloat16) if impl == "mosaic_gpu" else (256, 128, jnp.float32)
+    if impl == "cpu" and IMPLEMENTATIONS["cpu"].supports(_prob("nf4", 64, m=4, k=k, n=n, dtype=dt), BlockConfig()):
+        pytest.skip("the C++ kernel cannot be built here")
+    qt = _weight("nf4", 64 if impl != "mosaic_gpu" else 256, True, k, n)
+    x = _x((4, k), dt)
+    c = _x((4, n), dt, seed=2)
+
+    def loss(impl, interpret):
+        return lambda x, q: jnp.sum((quantized_matmul(x, q, implementation=impl, interpret=interpret) * c)
+                                    .astype(jnp.float32))
+
+    want = jax.grad(loss("xla", False), argnums=(0, 1), allow_int=True)(x, qt)
+    runs = [(impl, INTERPRET and impl != "cpu")] + ([(None, False)] if impl == "cpu" else [])
+    for name, interpret in runs:
+        got = jax.jit(jax.grad(loss(name, interpret), argnums=(0, 1), allow_int=True))(x, qt)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        for field in ("scale", "scale_neg"):
+            np.testing.assert_array_equal(np.asarray(getattr(got[1], field)), np.asarray(getattr(want[1], field)))
+        _, tangent = jax.jvp(lambda x: quantized_matmul(x, qt, implementation=name, interpret=interpret), (x,), (x,))
+        np.testing.assert_array_equal(np.asarray(tangent), np.asarray(quantized_matmul(x, qt, implementation="xla")))
+
+
+@pytest.mark.parametrize("impl", ["mosaic_tpu", "triton"])
+def test_a8_kernels_differentiate_like_xla(impl):
+    from afpq_jax.kernels import quantized_matmul_a8
+    qt = _weight("int4", 64, True, 256, 128)
+    x, c = _x((4, 256), jnp.float32), _x((4, 128), jnp.float32, seed=2)
+
+    def grad(impl, interpret):
+        return jax.grad(lambda x: jnp.sum(quantized_matmul_a8(x, qt, implementation=impl, interpret=interpret) * c))(x)
+
+    np.testing.assert_array_equal(np.asarray(grad(impl, INTERPRET)), np.asarray(grad("xla", False)))
+
+
 def test_mosaic_gpu_refuses_devices_without_wgmma():
     from types import SimpleNamespace
     from afpq_jax._src.kernels.quantized_matmul.mosaic_gpu import device_refusal

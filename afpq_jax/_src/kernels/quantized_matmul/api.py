@@ -14,8 +14,9 @@ holds from 128 rows on (measured on an H200: `base.GPU_PREFILL_M`). "xla_scan" (
 K chunks in plain XLA) runs only when named: it measured no faster than "xla" once both ran in one jitted loop.
 
 A candidate that declines logs one WARNING line per (implementation, reason) on the ``afpq_jax.kernels`` logger
-(once per process) and the next one is tried; "xla" supports everything. Kernels are forward-only (no VJP). An explicitly named implementation never falls back: it raises ``NotImplementedError`` with the
-reason instead. ``interpret=True`` runs a Pallas kernel in interpret mode (any backend, e.g. CPU tests).
+(once per process) and the next one is tried; "xla" supports everything. An explicitly named implementation never
+falls back: it raises ``NotImplementedError`` with the reason instead. Every implementation is differentiable:
+a kernel's derivatives are those of the "xla" path (`base.with_reference_derivatives`). ``interpret=True`` runs a Pallas kernel in interpret mode (any backend, e.g. CPU tests).
 """
 
 from __future__ import annotations
@@ -241,7 +242,12 @@ def quantized_matmul(x: jax.Array, qt: QuantizedTensor, *, implementation: str |
         return _Xla()(x, qt, prob, cfg)
     if prob.m == 0:
         return jnp.zeros((*x.shape[:-1], prob.n), x.dtype)
-    y = IMPLEMENTATIONS[name](x.reshape(prob.m, prob.k), qt, prob, cfg, interpret=interpret)
+    from afpq_jax._src.kernels.quantized_matmul.xla import quantized_matmul_xla
+
+    def kernel(x2d, q):
+        return IMPLEMENTATIONS[name](x2d, q, prob, cfg, interpret=interpret)
+
+    y = base.with_reference_derivatives(kernel, quantized_matmul_xla)(x.reshape(prob.m, prob.k), qt)
     return y.reshape(*x.shape[:-1], prob.n)
 
 

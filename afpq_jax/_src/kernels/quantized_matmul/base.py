@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,24 @@ def cdiv(a: int, b: int) -> int:
 
 def round_up(a: int, b: int) -> int:
     return cdiv(a, b) * b
+
+
+def with_reference_derivatives(kernel: Callable, reference: Callable) -> Callable:
+    """``kernel`` with the derivatives of ``reference``: a function of the same arrays computing the same value up
+    to summation order (the op's "xla" path). Pallas and FFI kernels have no JVP or transpose rule of their own;
+    through this, `jax.grad`, `jax.jvp` and their compositions reach x and the float scales whichever
+    implementation dispatch picked (integer codes get float0 tangents). The forward pass still runs ``kernel``;
+    derivative passes run ``reference``'s linearization (dequantize, dot) beside it."""
+    @jax.custom_jvp
+    def fn(*args):
+        return kernel(*args)
+
+    @fn.defjvp
+    def _jvp(primals, tangents):
+        _, tangent_out = jax.jvp(reference, primals, tangents)
+        return kernel(*primals), tangent_out
+
+    return fn
 
 
 # ---------------------------------------------------------------------------------------------------------

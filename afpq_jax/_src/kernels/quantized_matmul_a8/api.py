@@ -3,7 +3,8 @@ a packed `QuantizedTensor` with integer levels, computed on integers (int8 x int
 
 Implementations (same registry habits as `quantized_matmul`): "xla" (the reference and the CPU path),
 "mosaic_tpu" (TPU int8 MXU) and "triton" (GPU int8 tensor cores). Dispatch (``implementation=None``): tpu ->
-mosaic_tpu, gpu -> triton, if the kernel supports the call, else xla (logged once); other backends -> xla. A named implementation never falls back (``NotImplementedError`` with the reason).
+mosaic_tpu, gpu -> triton, if the kernel supports the call, else xla (logged once); other backends -> xla. A named implementation never falls back (``NotImplementedError`` with the reason). The kernels take the "xla" path's
+derivatives (`base.with_reference_derivatives`), so every implementation differentiates alike.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 
 from afpq_jax._src.errors import ArgumentTypeError, InputError
 from afpq_jax._src.kernels.quantized_matmul.api import current_backend
-from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem
+from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, with_reference_derivatives
 from afpq_jax._src.kernels.quantized_matmul_a8.xla import quantized_matmul_a8_xla
 from afpq_jax._src.qtensor import QuantizedTensor
 
@@ -87,5 +88,11 @@ def quantized_matmul_a8(x: jax.Array, qt: QuantizedTensor, input_scale: jax.Arra
             name = "xla"
     if name == "xla" or prob.m == 0:
         return quantized_matmul_a8_xla(x, qt, input_scale).astype(x.dtype)
-    y = impl(x.reshape(prob.m, prob.k), qt, input_scale, prob, cfg, interpret=interpret)
-    return y.reshape(*x.shape[:-1], prob.n).astype(x.dtype)
+    def kernel(x2d, q, scale):
+        return impl(x2d, q, scale, prob, cfg, interpret=interpret).astype(x.dtype)
+
+    def reference(x2d, q, scale):
+        return quantized_matmul_a8_xla(x2d, q, scale).astype(x.dtype)
+
+    y = with_reference_derivatives(kernel, reference)(x.reshape(prob.m, prob.k), qt, input_scale)
+    return y.reshape(*x.shape[:-1], prob.n)
