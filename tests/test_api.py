@@ -218,6 +218,16 @@ def test_quantize_pretrained_from_an_in_memory_model(tmp_path):
     np.testing.assert_array_equal(np.asarray(aq.load(tmp_path / "q")(ids)), np.asarray(q_path(ids)))
     with pytest.raises(aq.CheckpointError, match="already has quantized layers"):
         aq.quantize_pretrained(q_mem, NF3, progress=False)
+    # bfloat16: every kernel, lm_head included, is quantized from its bfloat16 value on both paths (lm_head was
+    # quantized from the checkpoint's float32 on the path route: different codes, logits off by 0.2)
+    rules = [aq.QuantRule(".*", aq.QuantScheme.create("nf4", group_size=32))]
+    q_mem = aq.quantize_pretrained(aq.load(FIXTURES / "llama_gqa", dtype="bfloat16"), rules, progress=False)
+    q_path = aq.quantize_pretrained(FIXTURES / "llama_gqa", rules, dtype="bfloat16", progress=False)
+    assert q_path.linear_layers()["lm_head"].is_quantized
+    for p, layer in q_path.linear_layers().items():
+        np.testing.assert_array_equal(layer.quantized_tensor().codes, q_mem.linear_layers()[p].quantized_tensor().codes,
+                                      err_msg=p)
+    np.testing.assert_array_equal(np.asarray(q_mem(ids), np.float32), np.asarray(q_path(ids), np.float32))
 
 
 def test_save_refuses_an_existing_output_and_leaves_nothing_on_failure(tmp_path, monkeypatch):

@@ -270,6 +270,8 @@ class ModelAssembler:
                 arr = weights.read_outer(path)
                 scheme = self.layout[layer]
                 _check_shape(arr, (self.cfg.hidden_size, self.cfg.vocab_size), layer, path)
+                _check_float(arr.dtype, layer)
+                arr = np.asarray(arr, self.dtype)  # quantized from the model's dtype, as the blocks' kernels are
                 qt = (quantize or (lambda s, a: s.quantize(a)))(scheme, arr)
                 self._place_quantized(path[:-1], qt)
             elif path not in self._flat:

@@ -16,7 +16,8 @@ K chunks in plain XLA) runs only when named: it measured no faster than "xla" on
 A candidate that declines logs one WARNING line per (implementation, reason) on the ``afpq_jax.kernels`` logger
 (once per process) and the next one is tried; "xla" supports everything. An explicitly named implementation never
 falls back: it raises ``NotImplementedError`` with the reason instead. Every implementation is differentiable:
-a kernel's derivatives are those of the "xla" path (`base.with_reference_derivatives`). ``interpret=True`` runs a Pallas kernel in interpret mode (any backend, e.g. CPU tests).
+a kernel's derivatives are those of the "xla" path (`base.with_reference_derivatives`). ``interpret=True`` runs a
+Pallas kernel in interpret mode (any backend, e.g. CPU tests).
 """
 
 from __future__ import annotations
