@@ -111,6 +111,30 @@ def test_quant_dense_uses_the_packed_weight():
     assert float(jnp.abs(layer(x) - x @ w).max()) > 0  # really quantized
     with pytest.raises(ValueError, match="does not match layer"):
         aq.QuantDense(8, 8).set_quantized(aq.quantize(np.ones((8, 4), np.float32), "nf4"))
+    with pytest.raises(aq.InputError, match="in_features"):
+        aq.QuantDense(96, 24)(x[:, :50])
+    # a scheme's dynamic int8 activations come along (they were dropped: the layer ran float activations)
+    a8 = aq.QuantDense(96, 24)
+    a8.quantize(aq.QuantScheme.create("int4", group_size=32, act_bits=8, act_mode="dynamic"))
+    assert str(a8.scheme) == "int4-asym-g32-a8dynamic"
+    from afpq_jax.kernels import quantized_matmul_a8
+    np.testing.assert_array_equal(a8(x), quantized_matmul_a8(x, a8.quantized_tensor(), None))
+    with pytest.raises(aq.InputError, match="calibrated input_scale"):
+        aq.QuantDense(96, 24).quantize(aq.QuantScheme.create("int4", act_bits=8, act_mode="static"))
+    with pytest.raises(TypeError, match="takes a QuantScheme"):
+        aq.QuantDense(96, 24).quantize("nf4")
+
+
+def test_quant_scheme_is_canonical_and_valid_however_it_is_built():
+    assert aq.QuantScheme(format="fp4") == aq.QuantScheme.create("fp4_e2m1")  # aliases become canonical names
+    assert str(aq.QuantScheme(format="fp4", scale_dtype=jnp.bfloat16)) == "fp4_e2m1-asym-g128"
+    assert type(aq.QuantScheme(format="nf3", group_size=np.int64(64)).group_size) is int  # JSON-serialisable
+    for kwargs, message in [({"format": "bogus"}, "unknown format"), ({"format": "nf3", "group_size": 0}, "group_size"),
+                            ({"format": "nf3", "scale_dtype": "foo"}, "scale_dtype"),
+                            ({"format": "int4", "act_bits": 8.0, "act_mode": "dynamic"}, "act_bits"),
+                            ({"format": "nf3", "asym": 1}, "asym")]:
+        with pytest.raises(aq.InputError, match=message):
+            aq.QuantScheme(**kwargs)
 
 
 def test_sharded_index_with_missing_shard_is_reported(tmp_path):

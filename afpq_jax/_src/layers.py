@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from afpq_jax._src.errors import InputError
+from afpq_jax._src.errors import ArgumentTypeError, InputError
 from afpq_jax._src import formats as formats_lib
 from afpq_jax._src import packing
 from afpq_jax._src import quantizer
@@ -154,14 +154,25 @@ class QuantDense(nnx.Module):
 
     def quantize(self, scheme: QuantScheme, clip_ratios=None) -> QuantizedTensor:
         """Round-to-nearest quantization of this layer's float kernel, in place (``clip_ratios`` from the
-        clipping search shrink each group's range first)."""
+        clipping search shrink each group's range first). A scheme with dynamic int8 activations sets them too;
+        a static one needs its calibrated scale: quantize with the weight scheme, then `set_activation_quant`."""
         if self.is_quantized:
             raise InputError("layer is already quantized")
+        if not isinstance(scheme, QuantScheme):
+            raise ArgumentTypeError(f"QuantDense.quantize takes a QuantScheme (aq.QuantScheme.create(...)), got "
+                                    f"{type(scheme).__name__}")
+        if scheme.act_mode == "static":
+            raise InputError("a static int8 activation scheme needs its calibrated input_scale: quantize with "
+                             "scheme.with_activations(None, None), then set_activation_quant(8, 'static', scale)")
         qt = scheme.quantize(self.kernel.get_value(), clip_ratios)
         self.set_quantized(qt)
+        if scheme.quantizes_activations:
+            self.set_activation_quant(scheme.act_bits, scheme.act_mode)
         return qt
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if x.shape[-1] != self.in_features:
+            raise InputError(f"x's last axis ({x.shape[-1]}) must equal the layer's in_features ({self.in_features})")
         taps = _RECORDER.get()
         if taps is not None:
             taps.append((self, x))

@@ -287,7 +287,10 @@ def _check_weight(w) -> jax.Array:
 
 
 def check_scale_dtype(scale_dtype) -> jnp.dtype:
-    dt = jnp.dtype(scale_dtype)
+    try:
+        dt = jnp.dtype(scale_dtype)
+    except TypeError:
+        raise InputError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype!r}") from None
     if dt.name not in SCALE_DTYPES:
         raise InputError(f"scale_dtype must be one of {SCALE_DTYPES}, got {dt.name}")
     return dt

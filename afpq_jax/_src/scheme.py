@@ -54,11 +54,19 @@ class QuantScheme:
     act_bits: int | None = None
     act_mode: str | None = None
 
+    def __post_init__(self) -> None:
+        # Aliases ("fp4") and dtype spellings become canonical names, so equal schemes compare, hash and print
+        # alike however they were written; an invalid scheme cannot be built.
+        object.__setattr__(self, "format", formats_lib.get_format(self.format).name)
+        object.__setattr__(self, "scale_dtype", quantizer.check_scale_dtype(self.scale_dtype).name)
+        quantizer.check_group_size(self.group_size)
+        if self.group_size is not None:  # a numpy integer would not go into quantization_config.json
+            object.__setattr__(self, "group_size", int(self.group_size))
+        self.validate()
+
     def validate(self) -> None:
+        """Raises `InputError` naming the first invalid field (construction already calls it)."""
         fmt = formats_lib.get_format(self.format)
-        if fmt.name != self.format:
-            raise InputError(f"QuantScheme.format must be a canonical name ({fmt.name!r}), got {self.format!r}; "
-                             f"use QuantScheme.create")
         quantizer.check_group_size(self.group_size)
         quantizer.check_scale_dtype(self.scale_dtype)
         if not isinstance(self.asym, bool):
@@ -69,7 +77,7 @@ class QuantScheme:
             quantizer.integer_scale_limit(fmt, self.asym)
         if self.act_bits is None and self.act_mode is None:
             return
-        if self.act_bits not in ACT_BITS:
+        if isinstance(self.act_bits, bool) or self.act_bits not in ACT_BITS or not isinstance(self.act_bits, int):
             raise InputError(f"act_bits must be one of {ACT_BITS} (or null for float activations), got "
                              f"{self.act_bits!r}")
         if self.act_mode not in ACT_MODES:
@@ -84,21 +92,19 @@ class QuantScheme:
         return self.act_bits is not None
 
     def with_activations(self, act_bits: int | None, act_mode: str | None) -> QuantScheme:
-        s = dataclasses.replace(self, act_bits=act_bits, act_mode=act_mode)
-        s.validate()
-        return s
+        """This weight scheme with another activation scheme ((None, None): float activations)."""
+        return dataclasses.replace(self, act_bits=act_bits, act_mode=act_mode)
 
     @classmethod
     def create(cls, format: str, *, group_size: int | None = 128, asym: bool = True,
                scale_dtype: str = "float16", integer_scales: bool = False, act_bits: int | None = None,
                act_mode: str | None = None) -> QuantScheme:
-        s = cls(format=formats_lib.get_format(format).name, group_size=group_size, asym=asym,
-                scale_dtype=quantizer.check_scale_dtype(scale_dtype).name, integer_scales=integer_scales,
-                act_bits=act_bits, act_mode=act_mode)
-        s.validate()
-        return s
+        """The scheme, keyword for keyword (the constructor does the same; kept as the documented spelling)."""
+        return cls(format=format, group_size=group_size, asym=asym, scale_dtype=scale_dtype,
+                   integer_scales=integer_scales, act_bits=act_bits, act_mode=act_mode)
 
     def to_json(self) -> dict[str, Any]:
+        """The JSON object recorded per layer in quantization_config.json (`from_json` reads it back)."""
         out = dataclasses.asdict(self)
         if self.act_bits is None:  # schemes without the newer options keep the JSON of earlier versions
             del out["act_bits"], out["act_mode"]
