@@ -174,6 +174,13 @@ def test_quantize_params_equals_quantizing_in_the_forward_and_restore_is_exact(t
     with pytest.raises(aq.CheckpointError, match="same rules"):
         restore_state(nnx.eval_shape(lambda: qwix.quantize_model(_llama(), PtqProvider(other_rules), TOKENS)),
                       tmp_path / "state")
+    # same leaf shapes, another scheme: FP3 codes and scales look like NF3's (this restored without a word)
+    for scheme, message in ((aq.QuantScheme.create("fp3", group_size=48), "was saved as"),
+                            (aq.QuantScheme.create("nf3", group_size=48, scale_dtype="bfloat16"), "bfloat16")):
+        rule = AfpqRule(module_path=PROJ.module_path, scheme=scheme)
+        with pytest.raises(aq.CheckpointError, match=message):
+            restore_state(nnx.eval_shape(lambda: qwix.quantize_model(_llama(), PtqProvider([rule]), TOKENS)),
+                          tmp_path / "state")
     with pytest.raises(aq.InputError, match="exists"):
         save_state(q, tmp_path / "state")
 

@@ -69,10 +69,13 @@ class AfpqRule(qwix.QuantizationRule):
 def _check_rules(rules: Sequence[qwix.QuantizationRule]) -> list[AfpqRule]:
     if isinstance(rules, qwix.QuantizationRule):
         rules = [rules]
+    if rules is None or isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        raise InputError(f"rules must be a list of afpq_jax.qwix.AfpqRule, got {type(rules).__name__}")
     out = []
     for r in rules:
         if not isinstance(r, AfpqRule):
-            raise InputError(f"rule {r} is a plain qwix rule; afpq_jax.qwix providers take "
+            kind = "a plain qwix rule" if isinstance(r, qwix.QuantizationRule) else f"a {type(r).__name__}"
+            raise InputError(f"rule {r} is {kind}; afpq_jax.qwix providers take "
                              f"afpq_jax.qwix.AfpqRule(module_path=..., scheme=afpq_jax.QuantScheme.create(...))")
         if r.weight_qtype is not None or r.act_qtype is not None:
             raise InputError(f"AfpqRule(module_path={r.module_path!r}) sets qwix's weight_qtype/act_qtype; the "

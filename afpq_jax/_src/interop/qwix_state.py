@@ -79,13 +79,21 @@ def restore_state(target: Any, path: str | os.PathLike) -> Any:
     keys, values, treedef = _leaves(target)
     saved = manifest["leaves"]
     for i, (k, v) in enumerate(zip(keys, values)):
-        if i >= len(saved) or saved[i]["path"] != k or tuple(saved[i]["shape"]) != tuple(np.shape(v)):
+        if i >= len(saved) or saved[i]["path"] != k or tuple(saved[i]["shape"]) != tuple(np.shape(v)) or \
+                saved[i]["dtype"] != str(v.dtype):
             got = saved[i] if i < len(saved) else "nothing"
-            raise CheckpointError(f"{path}: leaf {k} {tuple(np.shape(v))} of the target is {got} in the "
+            raise CheckpointError(f"{path}: leaf {k} {v.dtype}{tuple(np.shape(v))} of the target is {got} in the "
                                   f"checkpoint; restore into the same model class quantized with the same rules")
     if len(saved) != len(keys):
         raise CheckpointError(f"{path}: the checkpoint has {len(saved)} leaves, the target {len(keys)}; restore "
                               f"into the same model class quantized with the same rules")
+    # Leaves of the same shapes can hold another format (nf4 and fp4 codes look alike): the schemes must agree.
+    saved_layers = manifest.get("packed", {}).get("layers", {})
+    for layer, pw in packed_weights(target).items():
+        was = saved_layers.get(layer, {}).get("scheme")
+        if was != pw.scheme.to_json():
+            raise CheckpointError(f"{path}: {layer} was saved as {was}, the target quantizes it as "
+                                  f"{pw.scheme.to_json()}; restore into a model quantized with the same rules")
     abstract = {f"leaf_{i:05d}": jax.ShapeDtypeStruct(np.shape(v), v.dtype) for i, v in enumerate(values)}
     restored = ocp.StandardCheckpointer().restore(path / STATE_DIR, abstract)
     tree = jax.tree_util.tree_unflatten(treedef, [restored[f"leaf_{i:05d}"] for i in range(len(values))])
