@@ -82,6 +82,27 @@ def test_gptq_with_diagonal_hessian_is_rtn(fmt, asym, g, k, seed):
     np.testing.assert_array_equal(aq.dequantize(qt), aq.fake_quant(w, fmt, group_size=g, asym=asym))
 
 
+def test_gptq_and_clip_search_check_their_inputs():
+    w = np.ones((16, 4), np.float32)
+    h = jnp.eye(16)
+    with_nan = w.copy()
+    with_nan[0, 0] = np.nan
+    for kwargs, exc, msg in [({"group_size": 0}, aq.InputError, "group_size"),
+                             ({"block_size": 0}, aq.InputError, "block_size"),
+                             ({"damp": -1.0}, aq.InputError, "damp"),
+                             ({"scale_dtype": "int8"}, aq.InputError, "scale_dtype"),
+                             ({"kernel": with_nan}, aq.InputError, "NaN/inf"),
+                             ({"kernel": w[None]}, aq.InputError, "2-D kernel"),
+                             ({"kernel": w.astype(np.int32)}, TypeError, "not floating point")]:
+        kernel = kwargs.pop("kernel", w)
+        with pytest.raises(exc, match=msg):
+            gptq_quantize(kernel, h, "nf4", **{"group_size": 8, **kwargs})
+    with pytest.raises(aq.InputError, match="100 features, the kernel expects 16"):
+        clip_search(w, np.ones((32, 100), np.float32), "nf4", group_size=8)
+    with pytest.raises(aq.InputError, match="group_size"):
+        clip_search(w, np.ones((32, 16), np.float32), "nf4", group_size=0)
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_beats_rtn_on_correlated_inputs(act_order):
     rng = np.random.default_rng(2)

@@ -229,6 +229,8 @@ def test_validate_catches_broken_invariants(mutate, msg):
     (np.ones((8, 8), np.float32), {"group_size": True}, ValueError, "positive integer"),
     (np.ones((8, 8), np.float32), {"group_size": "128"}, ValueError, "positive integer"),
     (np.ones((8, 8), np.float32), {"scale_dtype": "int8"}, ValueError, "scale_dtype"),
+    (np.ones((8, 8), np.float32), {"scale_dtype": "foo"}, aq.InputError, "scale_dtype"),
+    (np.ones((8, 8), np.float32), {"asym": "no"}, aq.InputError, "asym must be True or False"),
 ])
 def test_bad_inputs(w, kwargs, exc, msg):
     kwargs = {"fmt": "nf4", **kwargs}
@@ -242,3 +244,19 @@ def test_bad_inputs(w, kwargs, exc, msg):
 def test_dequantize_rejects_non_quantized():
     with pytest.raises(TypeError, match="QuantizedTensor"):
         aq.dequantize(np.ones((2, 2)))
+    qt = aq.quantize(np.ones((8, 8), np.float32), "nf4")
+    for dtype in ("int8", "foo"):
+        with pytest.raises(aq.InputError, match="float dtype"):
+            aq.dequantize(qt, dtype)
+
+
+def test_clip_ratios_are_checked():
+    w = _weights("normal", 64, 8, 0)
+    ones = np.ones((2, 1, 8), np.float32)  # groups of 32
+    np.testing.assert_array_equal(aq.quantize(w, "nf4", group_size=32, clip_ratios=(ones, ones)).codes,
+                                  aq.quantize(w, "nf4", group_size=32).codes)
+    for ratios, msg in [((ones[:1], ones), "needs \\(..., 2, 1, 8\\)"), ((ones[:, 0], ones), "shape \\(2, 8\\)"),
+                        ((ones, -ones), "must lie in \\(0, 1\\]"), ((ones, 2 * ones), "from 2 to 2"),
+                        (ones, "pair of arrays")]:
+        with pytest.raises(aq.InputError, match=msg):
+            aq.quantize(w, "nf4", group_size=32, clip_ratios=ratios)

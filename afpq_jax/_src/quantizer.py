@@ -266,7 +266,9 @@ def check_group_size(group_size) -> None:
         raise InputError(f"group_size must be a positive integer or None (per-channel), got {group_size!r}")
 
 
-def _check_weight(w) -> jax.Array:
+def check_weight(w) -> jax.Array:
+    """``w`` as a jax array after the checks every quantizer makes (at least 2-D, floating, non-empty, finite
+    when concrete); `InputError` / `ArgumentTypeError` naming the problem otherwise."""
     if not hasattr(w, "shape") or not hasattr(w, "dtype"):
         w = np.asarray(w)
     if len(w.shape) < 2:
@@ -280,10 +282,37 @@ def _check_weight(w) -> jax.Array:
     if not isinstance(w, jax.core.Tracer):
         finite = np.isfinite(np.asarray(w, dtype=np.float32))
         if not finite.all():
-            bad = np.argwhere(~finite)[0]
-            raise InputError(f"weight has {int((~finite).sum())} NaN/inf entries (first at index {tuple(bad)}); "
+            bad = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise InputError(f"weight has {int((~finite).sum())} NaN/inf entries (first at index {bad}); "
                              f"quantization needs finite weights — fix the checkpoint or the preceding step")
     return jnp.asarray(w)
+
+
+def check_clip_ratios(clip_ratios, shape: tuple[int, ...], g: int) -> None:
+    """``clip_ratios`` is None or a (negative side, positive side) pair of ``(..., G, 1, N)`` arrays for a weight
+    of ``shape`` in groups of ``g`` rows, with values in (0, 1] (checked when concrete)."""
+    if clip_ratios is None:
+        return
+    want = (-(-shape[-2] // g), 1, shape[-1])
+    if not isinstance(clip_ratios, (tuple, list)) or len(clip_ratios) != 2:
+        raise InputError(f"clip_ratios must be a (negative side, positive side) pair of arrays, got "
+                         f"{type(clip_ratios).__name__}")
+    for side, r in zip(("negative", "positive"), clip_ratios):
+        got = tuple(np.shape(r))
+        if got[-3:] != want or len(got) > len(shape) + 1:
+            raise InputError(f"clip_ratios' {side} side has shape {got}; a weight of shape {tuple(shape)} in groups "
+                             f"of {g} needs (..., {want[0]}, 1, {want[2]}): search them with the same group size")
+        if not isinstance(r, jax.core.Tracer):
+            v = np.asarray(r, np.float32)
+            if not np.all((v > 0) & (v <= 1)):
+                raise InputError(f"clip_ratios must lie in (0, 1] (shrink factors), got {side} side values from "
+                                 f"{v.min():.4g} to {v.max():.4g}")
+
+
+def check_asym(asym) -> bool:
+    if not isinstance(asym, (bool, np.bool_)):
+        raise InputError(f"asym must be True or False, got {asym!r}")
+    return bool(asym)
 
 
 def check_scale_dtype(scale_dtype) -> jnp.dtype:
@@ -310,11 +339,13 @@ def quantize(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128, a
     """
     fmt = formats_lib.get_format(fmt)
     check_group_size(group_size)
+    check_asym(asym)
     dt = check_scale_dtype(scale_dtype)
     if integer_scales:
         integer_scale_limit(fmt, bool(asym))
-    w = _check_weight(w)
+    w = check_weight(w)
     g = _group_size(w.shape[-2], group_size)
+    check_clip_ratios(clip_ratios, w.shape, g)
     codes, params, channel = _quantize_codes(w, fmt, bool(asym), g, dt, clip_ratios, bool(integer_scales))
     return packed_tensor(codes, params, channel, fmt=fmt, group_size=group_size, asym=bool(asym),
                          scale_dtype=dt, dtype=w.dtype)
@@ -343,6 +374,13 @@ def dequantize(qt: QuantizedTensor, dtype=None) -> jax.Array:
     """Reconstructs the weight (same shape; ``dtype`` defaults to the original weight's dtype)."""
     if not isinstance(qt, QuantizedTensor):
         raise ArgumentTypeError(f"dequantize expects a QuantizedTensor, got {type(qt).__name__}")
+    if dtype is not None:
+        try:
+            floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise InputError(f"dequantize dtype must be a float dtype (float32, bfloat16, float16), got {dtype!r}")
     fmt = qt.format
     codes = packing.unpack(qt.codes, fmt.bits, qt.in_features)
     pos, neg = qt.float_scales()
@@ -356,10 +394,11 @@ def fake_quant(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128,
     """``dequantize(quantize(w))`` without packing, with a straight-through (identity) gradient."""
     fmt = formats_lib.get_format(fmt)
     check_group_size(group_size)
+    check_asym(asym)
     dt = check_scale_dtype(scale_dtype)
     if integer_scales:
         integer_scale_limit(fmt, bool(asym))
-    w = _check_weight(w)
+    w = check_weight(w)
     g = _group_size(w.shape[-2], group_size)
     codes, params, _ = _quantize_codes(jax.lax.stop_gradient(w), fmt, bool(asym), g, dt, None,
                                        bool(integer_scales))

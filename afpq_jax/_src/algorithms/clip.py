@@ -26,7 +26,7 @@ import numpy as np
 from afpq_jax._src.calibration.taps import column_sharded
 from afpq_jax._src.formats import Format, get_format
 from afpq_jax._src.errors import InputError
-from afpq_jax._src.quantizer import decode, encode, group_params, to_groups
+from afpq_jax._src.quantizer import check_group_size, decode, encode, group_params, to_groups
 
 if TYPE_CHECKING:
     from afpq_jax._src.calibration.method import BlockContext
@@ -115,7 +115,14 @@ def clip_search(kernel: jax.Array, x: jax.Array, fmt: str | Format, *, group_siz
     the result never has a larger error than no clipping.
     """
     fmt = get_format(fmt)
+    check_group_size(group_size)
+    if np.ndim(kernel) != 2:
+        raise InputError(f"clip_search takes one 2-D kernel (in_features, out_features), got shape "
+                         f"{tuple(np.shape(kernel))}")
     k = kernel.shape[0]
+    if np.shape(x)[-1] != k:
+        raise InputError(f"calibration inputs have {np.shape(x)[-1]} features, the kernel expects {k} "
+                         f"(x: (tokens, in_features))")
     g = k if group_size is None else min(group_size, k)
     grid = shrink_grid(steps, step)
     if asym and not fmt.is_int:

@@ -22,11 +22,11 @@ import numpy as np
 
 from afpq_jax._src.calibration.method import BlockContext, Method, register_method
 from afpq_jax._src.calibration.taps import XTX, column_sharded
-from afpq_jax._src.errors import InputError, QuantizationError
+from afpq_jax._src.errors import ArgumentTypeError, InputError, QuantizationError
 from afpq_jax._src.formats import Format, get_format
 from afpq_jax._src.qtensor import QuantizedTensor
-from afpq_jax._src.quantizer import (GroupParams, channel_scale_of, decode, encode, group_params, integer_scale_limit,
-                                     packed_tensor, snap_to_integer_scales)
+from afpq_jax._src.quantizer import (GroupParams, channel_scale_of, check_group_size, check_scale_dtype, decode, encode,
+                                     group_params, integer_scale_limit, packed_tensor, snap_to_integer_scales)
 
 
 def hessian_inverse_factor(h: jax.Array, damp: float) -> jax.Array:
@@ -230,13 +230,26 @@ def gptq_quantize(kernel: jax.Array, hessian: jax.Array, fmt: str | Format, *, g
     naming ``name``. ``integer_scales``: see `_gptq` and `QuantizedTensor.channel_scale`.
     """
     fmt = get_format(fmt)
-    sdt = jnp.dtype(scale_dtype)
+    sdt = check_scale_dtype(scale_dtype)
+    check_group_size(group_size)
     if integer_scales:
         integer_scale_limit(fmt, asym)
+    if np.ndim(kernel) != 2 or 0 in np.shape(kernel):
+        raise InputError(f"gptq_quantize takes one 2-D kernel (in_features, out_features), got shape "
+                         f"{tuple(np.shape(kernel))} for {name}; quantize stacked kernels one at a time")
+    if not jnp.issubdtype(kernel.dtype, jnp.floating):
+        raise ArgumentTypeError(f"{name}: kernel dtype {jnp.dtype(kernel.dtype).name} is not floating point")
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size <= 0:
+        raise InputError(f"GPTQ block_size must be a positive integer, got {block_size!r}")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float, np.floating)) or not 0 <= damp < 1:
+        raise InputError(f"GPTQ damp must be a number in [0, 1), got {damp!r}")
     k, n = kernel.shape
     h = jnp.asarray(hessian, jnp.float32)
     if h.shape != (k, k):
         raise InputError(f"Hessian shape {h.shape} does not match kernel in_features {k}")
+    if not bool(jnp.all(jnp.isfinite(jnp.asarray(kernel)))):  # jnp, not numpy: the kernel may span hosts
+        raise InputError(f"{name} has NaN/inf weights; GPTQ needs finite weights — fix the checkpoint or the "
+                         f"preceding step")
     g = k if group_size is None else min(group_size, k)
     static = act_order or group_size is None or g == k
     # Blocks hold whole groups so group parameters always see fully error-updated rows.
