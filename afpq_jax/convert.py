@@ -14,7 +14,8 @@ from pathlib import Path
 
 import afpq_jax as aq
 from afpq_jax._src import cli
-from afpq_jax._src.api import model_config, require_file, resolve_method, summarize
+from afpq_jax._src.api import model_config, resolve_method, summarize
+from afpq_jax._src.io.files import read_text
 from afpq_jax._src.checkpoint import output_exists
 from afpq_jax._src.errors import InputError
 
@@ -206,7 +207,7 @@ def _calibration(args) -> aq.Calibration:
     if args.calib_random:
         return aq.Calibration(random=True, **options)
     if args.calib_text is not None:
-        text = require_file(args.calib_text, "--calib-text").read_text(encoding="utf-8")
+        text = read_text(args.calib_text, "--calib-text")
     else:
         from afpq_jax import assets
         text = assets.wiki_text()[0]

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
         check_sampling(args.temperature, args.top_k, args.top_p)  # before any loading
         cli.init_distributed(args)
-        from afpq_jax._src.api import load, load_tokenizer, require_file, tokenize
+        from afpq_jax._src.api import load, load_tokenizer, tokenize
+        from afpq_jax._src.io.files import read_text
 
         model_path = args.model or str(assets.smollm2_hf_dir())
         if not Path(model_path).exists():
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         result: dict = {"model": model_path, "load_seconds": round(time.perf_counter() - t0, 2)}
         if not args.no_ppl:
             if args.text:
-                text = require_file(args.text, "--text").read_text(encoding="utf-8")
+                text = read_text(args.text, "--text")
             else:
                 text = assets.wiki_text()[1]
             ids = tokenize(tok, text)

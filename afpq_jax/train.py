@@ -19,7 +19,8 @@ import numpy as np
 
 import afpq_jax as aq
 from afpq_jax._src import cli
-from afpq_jax._src.api import require_file, summarize
+from afpq_jax._src.api import summarize
+from afpq_jax._src.io.files import read_text, require_file
 from afpq_jax._src.checkpoint import output_exists
 from afpq_jax._src.errors import InputError
 from afpq_jax._src.training import losses
@@ -112,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.calib_random:
             calibration = aq.Calibration(random=True, **options)
         elif args.calib_text is not None:
-            calibration = aq.Calibration(text=require_file(args.calib_text, "--calib-text").read_text(
-                encoding="utf-8"), **options)
+            calibration = aq.Calibration(text=read_text(args.calib_text, "--calib-text"), **options)
         else:
             text, eval_text = assets.wiki_text()
             calibration = aq.Calibration(text=text, **options)

@@ -1,7 +1,7 @@
 import os
 
 # Tests run on CPU; keep XLA from grabbing every core's worth of threads per xdist worker.
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the xdist workers and every subprocess a test starts (they inherit the
 # environment): many tests compile the same programs in separate processes. A repeated tiny-model conversion

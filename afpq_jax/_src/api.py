@@ -32,7 +32,7 @@ from afpq_jax._src.calibration.progress import BlockProgress
 from afpq_jax._src.calibration.progress import fingerprint as progress_fingerprint
 from afpq_jax._src.calibration.timer import PhaseTimer
 from afpq_jax._src.checkpoint import CheckpointInfo
-from afpq_jax._src.errors import CheckpointError, InputError, InputNotFoundError
+from afpq_jax._src.errors import CheckpointError, InputError
 from afpq_jax._src.io import sources
 from afpq_jax._src.loading import CheckpointWeights, ModelWeights, load_float
 from afpq_jax._src.models import CausalLM, ModelConfig, config_from_hf, linear_paths
@@ -494,8 +494,3 @@ def _report(info: CheckpointInfo | None) -> dict:
     return json.loads(info.quantization).get("report") or {}
 
 
-def require_file(path: str | os.PathLike, what: str) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise InputNotFoundError(f"{what} {p} does not exist")
-    return p

@@ -20,7 +20,8 @@ import jax
 
 from afpq_jax._src import formats as formats_lib
 from afpq_jax._src import quantizer
-from afpq_jax._src.errors import InputError, InputNotFoundError
+from afpq_jax._src.errors import InputError
+from afpq_jax._src.io.files import read_text
 from afpq_jax._src.qtensor import QuantizedTensor
 
 
@@ -234,10 +235,9 @@ def rules_from_json(obj: Any) -> list[QuantRule]:
 def load_rules(path: str | os.PathLike) -> list[QuantRule]:
     """Reads a JSON rules file (see `rules_from_json`)."""
     p = Path(path)
-    if not p.is_file():
-        raise InputNotFoundError(f"rules file {p} does not exist")
+    text = read_text(p, "rules file")
     try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"rules file {p} is not valid JSON ({e.msg} at line {e.lineno})") from None
     try:

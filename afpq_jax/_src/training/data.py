@@ -22,7 +22,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from afpq_jax._src.calibration.data import sample_windows
-from afpq_jax._src.errors import InputError, InputNotFoundError
+from afpq_jax._src.errors import InputError
+from afpq_jax._src.io.files import read_text
 from afpq_jax._src.generation import generate
 from afpq_jax._src.models import CausalLM
 
@@ -57,12 +58,7 @@ class SelfGeneratedData:
 def read_prompt_file(path: str | os.PathLike, tokenizer) -> list[np.ndarray]:
     """Token ids of each non-empty line of a UTF-8 prompt file."""
     p = Path(path)
-    if not p.is_file():
-        raise InputNotFoundError(f"prompt file {p} does not exist")
-    try:
-        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError as e:
-        raise InputError(f"prompt file {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = [line.strip() for line in read_text(p, "prompt file").splitlines()]
     prompts = [np.asarray(tokenizer(line, add_special_tokens=False)["input_ids"], np.int32) for line in lines if line]
     prompts = [ids for ids in prompts if len(ids)]
     if not prompts:

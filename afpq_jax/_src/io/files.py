@@ -1,0 +1,31 @@
+"""Reading the small user files the tools take (text to score or calibrate on, rules, prompts): checked, with
+one-line errors that name the flag or argument."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from afpq_jax._src.errors import InputError, InputNotFoundError
+
+
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a `Path` if it is an existing file; else `InputNotFoundError` / `InputError` naming ``what``."""
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{what} {p} is a directory; pass a file")
+    if not p.is_file():
+        raise InputNotFoundError(f"{what} {p} does not exist")
+    return p
+
+
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of the file ``path`` (a byte-order mark is dropped); `InputError` if it is not UTF-8."""
+    p = require_file(path, what)
+    data = p.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise InputError(f"{what} {p} is UTF-16 text; save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} {p} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
