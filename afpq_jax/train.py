@@ -22,7 +22,7 @@ from afpq_jax._src import cli
 from afpq_jax._src.api import summarize
 from afpq_jax._src.io.files import read_text, require_file
 from afpq_jax._src.checkpoint import output_exists
-from afpq_jax._src.errors import InputError
+from afpq_jax._src.errors import InputError, InputNotFoundError
 from afpq_jax._src.training import losses
 from afpq_jax._src.training.trainer import SCHEDULES
 
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = aq.QATConfig()
     g = aq.SelfGeneratedData()
     p = argparse.ArgumentParser(prog="python -m afpq_jax.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--model", default=None, help="float model: HF directory, .gguf file or Hub id (default: "
                                                  "SmolLM2-135M-Instruct from PyPI)")
     p.add_argument("--format", default=None, help="code book (default nf3; BitDistiller's 2-bit: int2)")
@@ -45,33 +45,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, default=None, help="CAKLD's gamma (default: the teacher's confidence)")
     p.add_argument("--confidence", default=d.confidence, choices=losses.CONFIDENCE_MODES,
                    help="how gamma is estimated: max_prob (BitDistiller's code) or label_prob (its paper)")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=cli.positive_int, default=d.steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=cli.positive_int, default=d.batch_size, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=cli.positive_int, default=d.grad_accum,
+                   help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=d.learning_rate, help="AdamW learning rate")
     p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute (float32 master weights)")
     p.add_argument("--no-remat", action="store_true", help="keep every block's activations (more memory)")
-    p.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every K steps (0: never)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="perplexity on the held-out Wikipedia split every K steps (0: never); needs the built-in "
+                        "calibration text (not with --calib-text / --calib-random)")
     p.add_argument("--checkpoint-dir", default=None, help="orbax training checkpoints (for --resume)")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="steps between training checkpoints in --checkpoint-dir (0: none)")
     p.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir")
-    p.add_argument("--samples", type=int, default=g.samples, help="self-generated training sequences")
-    p.add_argument("--prompt-len", type=int, default=g.prompt_len, help="prompt tokens per sequence")
-    p.add_argument("--new-tokens", type=int, default=g.new_tokens, help="tokens the teacher writes per sequence")
+    p.add_argument("--samples", type=cli.positive_int, default=g.samples, help="self-generated training sequences")
+    p.add_argument("--prompt-len", type=cli.positive_int, default=g.prompt_len, help="prompt tokens per sequence")
+    p.add_argument("--new-tokens", type=cli.positive_int, default=g.new_tokens,
+                   help="tokens the teacher writes per sequence")
     p.add_argument("--gen-temperature", type=float, default=g.temperature, help="teacher sampling temperature")
     p.add_argument("--prompt-file", default=None, help="UTF-8 prompts, one per line (default: calibration text)")
     p.add_argument("--data-cache", default=None, help="directory of the self-generated data cache")
     p.add_argument("--no-clip", action="store_true", help="skip the clipping init")
-    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows for the clipping init")
-    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--calib-samples", type=cli.positive_int, default=16,
+                   help="calibration windows for the clipping init")
+    p.add_argument("--calib-seqlen", type=cli.positive_int, default=512)
     p.add_argument("--calib-text", default=None, help="UTF-8 calibration text (default: Wikipedia split)")
     p.add_argument("--calib-random", action="store_true",
-                   help="random token ids for the clipping init and the prompts (no tokenizer needed)")
+                   help="random token ids for the clipping init and the prompts (no tokenizer needed; not with "
+                        "--calib-text)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output directory (default: out/<model>-<scheme>-qat)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: out/<model>-<format>-<asym|sym>-g<size|channel>-qat-<loss>, or "
+                        "out/<model>-<rules file name>-qat-<loss> with --rules)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--history", default=None, help="also write the loss history (JSON lines) here")
     p.add_argument("--no-progress", action="store_true")
@@ -80,10 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.parse_args(build_parser(), argv)
+    if isinstance(args, int):
+        return args
 
     def run() -> int:
         t0 = time.perf_counter()
+        _check_flags(args)
         rules, suffix = cli.rules_from_args(args)
         config = aq.QATConfig(loss=args.loss, gamma=args.gamma, confidence=args.confidence, steps=args.steps,
                               batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr,
@@ -100,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             require_file(args.prompt_file, "--prompt-file")
         if args.resume and args.checkpoint_dir is None:
             raise InputError("--resume needs --checkpoint-dir (the directory of the run to continue)")
+        if args.resume and not Path(args.checkpoint_dir).is_dir():  # before the trainer creates it empty
+            raise InputNotFoundError(f"nothing to resume: --checkpoint-dir {args.checkpoint_dir} does not exist; "
+                                     f"pass the directory of the run to continue")
         model = args.model
-        out = Path(args.out or f"out/{Path(model).stem if model else DEFAULT_MODEL_NAME}-{suffix}-qat-{args.loss}")
+        out = Path(args.out or f"out/{cli.model_name(model) if model else DEFAULT_MODEL_NAME}-{suffix}-qat-{args.loss}")
         if out.exists() and not args.overwrite:  # before hours of training
             raise output_exists(out)
         from afpq_jax import assets
@@ -130,14 +145,51 @@ def main(argv: list[str] | None = None) -> int:
         aq.save(result.model, out, overwrite=args.overwrite)
         if args.history:
             Path(args.history).write_text("".join(json.dumps(h) + "\n" for h in result.history))
-        losses_seen = [h["loss"] for h in result.history]
         print("\n".join(summarize(result.model, out, time.perf_counter() - t0).lines()))
         print(f"training         : {result.steps} steps, {result.tokens:,} tokens, gamma {result.gamma:.3f}, "
-              f"loss {np.mean(losses_seen[:5]):.4f} (first 5) -> {np.mean(losses_seen[-5:]):.4f} (last 5), "
-              f"{result.seconds:.0f} s")
+              f"{loss_summary([h['loss'] for h in result.history])}, {result.seconds:.0f} s")
         return 0
 
-    return cli.run(run, args.debug)
+    interrupted = cli.INTERRUPTED
+    if args.checkpoint_dir is not None and args.checkpoint_every:
+        interrupted += (f"; training checkpoints written so far stay in {args.checkpoint_dir}: the same command "
+                        f"with --resume continues from the last one")
+    return cli.run(run, args.debug, interrupted)
+
+
+def loss_summary(losses: list[float]) -> str:
+    """The loss at the start and the end of a run: means of the first and last 5 steps where they do not
+    overlap, single steps for shorter runs."""
+    if not losses:
+        return "no loss recorded"
+    if len(losses) == 1:
+        return f"loss {losses[0]:.4f} (1 step)"
+    if len(losses) < 10:  # the 5-step means would share steps and look alike
+        return f"loss {losses[0]:.4f} (step 1) -> {losses[-1]:.4f} (step {len(losses)})"
+    return f"loss {np.mean(losses[:5]):.4f} (first 5) -> {np.mean(losses[-5:]):.4f} (last 5)"
+
+
+def _check_flags(args) -> None:
+    """Flag values and combinations, named by their flags (the library would name its fields, or say nothing)."""
+    if args.calib_random and args.calib_text is not None:
+        raise InputError("--calib-random and --calib-text both choose the calibration data; pass one of them")
+    if args.eval_every and (args.calib_random or args.calib_text is not None):
+        raise InputError("--eval-every scores the held-out part of the built-in Wikipedia text, which needs it as "
+                         "the calibration data; drop --eval-every or --calib-text / --calib-random")
+    for flag, value in (("--eval-every", args.eval_every), ("--checkpoint-every", args.checkpoint_every),
+                        ("--warmup-steps", args.warmup_steps)):
+        if value < 0:
+            raise InputError(f"{flag} must be >= 0, got {value}")
+    if args.calib_seqlen < 2:
+        raise InputError(f"--calib-seqlen must be at least 2, got {args.calib_seqlen}")
+    if args.gamma is not None and not 0 <= args.gamma <= 1:
+        raise InputError(f"--gamma must be in [0, 1] (or omitted: estimated), got {args.gamma}")
+    if not args.lr > 0:
+        raise InputError(f"--lr must be > 0, got {args.lr}")
+    if not args.weight_decay >= 0:
+        raise InputError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not args.gen_temperature >= 0:
+        raise InputError(f"--gen-temperature must be >= 0 (0 = greedy), got {args.gen_temperature}")
 
 
 if __name__ == "__main__":

@@ -312,9 +312,9 @@ def test_bad_calibration_options(tmp_path, capsys):
     assert convert_cli.main(base + ["--method", "gptq", "--clip"]) == 2
     assert "clipping search does not apply to method 'gptq'" in capsys.readouterr().err
     assert convert_cli.main(base + ["--method", "gptq", "--calib-samples", "0"]) == 2
-    assert "samples must be a positive integer" in capsys.readouterr().err
+    assert "--calib-samples: must be a positive integer" in capsys.readouterr().err
     assert convert_cli.main(base + ["--method", "awq", "--act-order"]) == 2
-    assert "--act-order apply to --method gptq" in capsys.readouterr().err
+    assert "--act-order applies to --method gptq" in capsys.readouterr().err
     with pytest.raises(aq.InputError, match="not more than the sequence length"):
         sample_windows(np.arange(10), 4, 10)
 

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -253,3 +255,187 @@ def test_chunked_tokenization_matches_whole_text_at_paragraph_boundaries():
     whole = tok(text, add_special_tokens=False)["input_ids"]
     chunked = tokenize(tok, text, chunk_chars=50)
     assert chunked.dtype == np.int32 and chunked.tolist() == whole
+
+
+# ---- the command-line tools' flags: bad values and combinations are one line, exit status 2 ------------------
+
+def _tool(name):
+    from afpq_jax import train as train_cli
+    return {"eval": eval_cli, "convert": convert_cli, "train": train_cli}[name]
+
+
+def _tool_error(capsys, tool, argv) -> str:
+    """The one "error:" line of a failed in-process run (argparse's "prog: error: argument ..." included)."""
+    rc = _tool(tool).main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if "error:" in line]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (rc, err)
+    return lines[0]
+
+
+@pytest.mark.parametrize("tool,argv,message", [
+    # 1: counts where 0 or a negative number means nothing are refused by argparse
+    ("eval", ["--batch-size", "-1"], "--batch-size: must be a positive integer, got '-1'"),
+    ("eval", ["--batch-size", "0"], "--batch-size: must be a positive integer"),
+    ("eval", ["--max-windows", "-1"], "--max-windows: must be a positive integer"),
+    ("eval", ["--max-windows", "0"], "--max-windows: must be a positive integer"),
+    ("eval", ["--seq-len", "0"], "--seq-len: must be a positive integer"),
+    ("eval", ["--seq-len", "1"], "--seq-len must be at least 2"),
+    ("eval", ["--max-new-tokens", "0", "--prompt", "hi"], "--max-new-tokens: must be a positive integer"),
+    ("convert", ["--calib-samples", "0"], "--calib-samples: must be a positive integer"),
+    ("convert", ["--calib-batch-size", "-2"], "--calib-batch-size: must be a positive integer"),
+    ("convert", ["--calib-seqlen", "1", "--method", "gptq", "--calib-random"], "--calib-seqlen must be at least 2"),
+    ("convert", ["--num-processes", "0"], "--num-processes: must be a positive integer"),
+    ("train", ["--steps", "0"], "--steps: must be a positive integer"),
+    ("train", ["--grad-accum", "-1"], "--grad-accum: must be a positive integer"),
+    ("train", ["--samples", "0"], "--samples: must be a positive integer"),
+    ("train", ["--eval-every", "-1"], "--eval-every must be >= 0"),
+    ("train", ["--lr", "0"], "--lr must be > 0"),
+    # 2: a window longer than the model's context (llama_gqa: 128 positions)
+    ("eval", ["--seq-len", "100000"], "--seq-len 100000 exceeds the model's context of 128 tokens"),
+    # 3: held-out evaluation exists only for the built-in Wikipedia split
+    ("train", ["--eval-every", "5", "--calib-random"], "--eval-every scores the held-out part"),
+    ("train", ["--eval-every", "5", "--calib-text", "TEXT"], "drop --eval-every or --calib-text"),
+    # 5: --coordinator HOST:PORT
+    ("eval", ["--coordinator", "notaport"], "'notaport' is not HOST:PORT"),
+    ("convert", ["--coordinator", "host:99999"], "is not HOST:PORT"),
+    ("convert", ["--coordinator", ":1234"], "is not HOST:PORT"),
+    # 6: values that would be ignored
+    ("eval", ["--top-k", "5", "--prompt", "hi"], "--top-k / --top-p only apply when sampling"),
+    ("eval", ["--top-p", "0.9"], "add --temperature > 0"),
+    ("convert", ["--calib-random", "--calib-text", "TEXT"], "--calib-random and --calib-text"),
+    ("train", ["--calib-random", "--calib-text", "TEXT"], "--calib-random and --calib-text"),
+    # 11: wording, flags named as flags
+    ("convert", ["--format", "int4", "--act-scheme", "fptq"], "error: --act-scheme needs --act-bits 8"),
+    ("convert", ["--format", "int4", "--act-scheme", "fptq", "--act-rule", "relative"],
+     "error: --act-scheme, --act-rule need --act-bits 8"),
+    ("convert", ["--method", "awq", "--damp", "0.1"], "error: --damp applies to --method gptq"),
+    ("convert", ["--method", "awq", "--damp", "0.1", "--act-order"], "error: --damp, --act-order apply to"),
+    ("convert", ["--method", "gptq", "--damp", "1.5"], "--damp must be in [0, 1)"),
+    ("convert", ["--spill-dir", "SPILL", "--max-memory", "1G"], "--spill-dir SPILL is not an existing directory"),
+])
+def test_cli_bad_flags_are_one_line_errors(tmp_path, capsys, tool, argv, message):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 50)
+    spill = str(tmp_path / "nonexistent")
+    argv = [{"TEXT": str(text), "SPILL": spill}.get(a, a) for a in argv]
+    message = message.replace("SPILL", spill)
+    out = tmp_path / "out"
+    base = ["--model", str(FIXTURES / "llama_gqa"), "--no-progress"]
+    base += ["--text", str(text)] if tool == "eval" else ["--out", str(out)]
+    assert message in _tool_error(capsys, tool, [*base, *argv])
+    assert not out.exists()
+
+
+def test_library_perplexity_refuses_bad_windows_and_batches():
+    model = aq.load(FIXTURES / "llama_gqa")  # context: 128 positions
+    ids = np.random.default_rng(0).integers(0, 256, 300).astype(np.int32)
+    for kw, message in [(dict(batch_size=0), "batch_size must be a positive integer"),
+                        (dict(batch_size=-1), "batch_size must be a positive integer"),
+                        (dict(max_windows=0), "max_windows must be a positive integer"),
+                        (dict(max_windows=-1), "max_windows must be a positive integer"),
+                        (dict(seq_len=0), "seq_len must be an integer of at least 2"),
+                        (dict(seq_len=1), "seq_len must be an integer of at least 2"),
+                        (dict(seq_len=129), "exceeds the model's context of 128 tokens")]:
+        with pytest.raises(aq.InputError, match=re.escape(message)):
+            perplexity(model, ids, progress=False, **kw)
+    assert perplexity(model, ids, seq_len=128, max_windows=1, progress=False)["windows"] == 1
+
+
+def test_default_output_names_keep_dots_and_resolve_directories(tmp_path, monkeypatch, capsys):
+    from afpq_jax._src import cli
+    model = _copy(tmp_path, "llama_gqa")
+    model = model.rename(tmp_path / "Qwen2.5-0.5B")
+    (tmp_path / "tiny.q4.gguf").write_bytes(b"")
+    monkeypatch.chdir(model)
+    assert cli.model_name("../Qwen2.5-0.5B") == cli.model_name(".") == cli.model_name(str(model)) == "Qwen2.5-0.5B"
+    assert cli.model_name(str(tmp_path / "tiny.q4.gguf")) == "tiny.q4"
+    assert cli.model_name("meta-llama/Llama-3.1-8B") != cli.model_name("meta-llama/Llama-3.1-70B")
+    assert cli.model_name("meta-llama/Llama-3.1-8B") == "Llama-3.1-8B"
+    # both tools name the default output after the directory ("." resolved); an existing one is refused
+    (model / "out" / "Qwen2.5-0.5B-nf3-asym-g128").mkdir(parents=True)
+    (model / "out" / "Qwen2.5-0.5B-nf3-asym-g128-qat-cakld").mkdir()
+    assert "out/Qwen2.5-0.5B-nf3-asym-g128 already exists" in _tool_error(capsys, "convert", ["--model", "."])
+    assert "out/Qwen2.5-0.5B-nf3-asym-g128-qat-cakld already exists" in _tool_error(
+        capsys, "train", ["--model", ".", "--calib-random"])
+
+
+def test_coordinator_auto_outside_a_cluster_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "CLOUD_TPU"))}
+    r = subprocess.run([sys.executable, "-m", "afpq_jax.eval", "--model", str(FIXTURES / "llama_gqa"), "--no-ppl",
+                        "--coordinator", "auto"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: --coordinator auto found no cluster (SLURM, TPU pod, Open MPI); pass --coordinator HOST:PORT "
+        "--num-processes N --process-id I")
+
+
+def test_calibration_batch_not_split_over_the_data_axis_is_warned(capsys):
+    import jax
+    data = jax.device_count() + 2  # no such mesh here: the run stops at the mesh, after the warning
+    base = ["--model", str(FIXTURES / "llama_gqa"), "--method", "gptq", "--calib-random", "--calib-samples", "2",
+            "--calib-seqlen", "8", "--mesh", f"data={data}", "--no-progress"]
+    assert convert_cli.main(base) == 2
+    err = capsys.readouterr().err
+    assert f"needs {data} devices" in err.strip().splitlines()[-1]
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: --calib-batch-size 2 is not a multiple of the mesh's data size {data}, so "
+                        f"calibration is not split over the devices; pass --calib-batch-size {data} (or a "
+                        f"multiple)"]
+    convert_cli.main([*base, "--calib-batch-size", str(2 * data)])
+    assert "warning:" not in capsys.readouterr().err
+
+
+def test_overwriting_a_plain_file_leaves_nothing_hidden_behind(tmp_path):
+    out = tmp_path / "afile"
+    out.write_text("not a checkpoint")
+    assert convert_cli.main(["--model", str(FIXTURES / "llama_gqa"), "--out", str(out), "--overwrite",
+                             "--no-progress"]) == 0
+    assert checkpoint.is_converted_checkpoint(out) and [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+def test_train_resume_of_a_missing_directory_creates_nothing(tmp_path, capsys):
+    ckpt = tmp_path / "newdir"
+    # options small enough that a run would get as far as the trainer (which creates the directory it is given)
+    line = _tool_error(capsys, "train", ["--model", str(FIXTURES / "llama_gqa"), "--calib-random", "--calib-samples",
+                                         "2", "--calib-seqlen", "8", "--samples", "2", "--prompt-len", "2",
+                                         "--new-tokens", "6", "--data-cache", str(tmp_path / "cache"), "--resume",
+                                         "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "o"),
+                                         "--no-progress"])
+    assert "nothing to resume" in line and str(ckpt) in line
+    assert not ckpt.exists() and not (tmp_path / "o").exists()
+
+
+def test_train_loss_summary_is_honest_for_short_runs():
+    from afpq_jax.train import loss_summary
+    assert loss_summary([3.0]) == "loss 3.0000 (1 step)"
+    assert loss_summary([3.0, 2.0, 1.0]) == "loss 3.0000 (step 1) -> 1.0000 (step 3)"
+    assert loss_summary([float(i) for i in range(10, 0, -1)]) == "loss 8.0000 (first 5) -> 3.0000 (last 5)"
+
+
+def test_help_shows_each_default_once_and_true_output_names():
+    from afpq_jax._src import cli
+    for name in ("eval", "convert", "train"):
+        parser = _tool(name).build_parser()
+        assert parser.formatter_class is cli.HelpFormatter
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            text = formatter._expand_help(action)
+            assert "(default: None)" not in text and text.lower().count("default") <= 1, (name, text)
+        parser.format_help()
+    out_help = {a.dest: a.help for a in _tool("train").build_parser()._actions}["out"]
+    assert "-qat-<loss>" in out_help
+
+
+@pytest.mark.parametrize("extra,kept", [([], False), (["--save-progress"], True)])
+def test_interrupted_conversion_says_whether_progress_was_kept(tmp_path, capsys, monkeypatch, extra, kept):
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(aq, "quantize_pretrained", interrupted)
+    assert convert_cli.main(["--model", str(FIXTURES / "llama_gqa"), "--out", str(tmp_path / "o"),
+                             "--no-progress", *extra]) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("interrupted; nothing was written to the output path")
+    assert ("--resume continues it" in line) == kept, line

@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -123,6 +124,18 @@ def test_quant_dense_uses_the_packed_weight():
         aq.QuantDense(96, 24).quantize(aq.QuantScheme.create("int4", act_bits=8, act_mode="static"))
     with pytest.raises(TypeError, match="takes a QuantScheme"):
         aq.QuantDense(96, 24).quantize("nf4")
+
+
+def test_causal_lm_checks_its_token_ids():
+    model = aq.load(FIXTURES / "llama_gqa")
+    vocab = model.cfg.vocab_size
+    for ids, exc, msg in [(np.asarray([[1, vocab]]), aq.InputError, "must lie in"),  # gave NaN logits
+                          (np.asarray([[-1, 2]]), aq.InputError, "must lie in"),  # wrapped around
+                          (np.asarray([1, 2, 3]), aq.InputError, "batch, seq"),
+                          (np.asarray([[1.0, 2.0]]), TypeError, "integer token ids")]:
+        with pytest.raises(exc, match=msg):
+            model(ids)
+    jax.jit(lambda m, ids: m(ids))(model, jnp.asarray([[1, 2]]))  # traced ids: shape and dtype checks only
 
 
 def test_quant_scheme_is_canonical_and_valid_however_it_is_built():

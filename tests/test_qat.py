@@ -276,7 +276,7 @@ def test_train_cli_writes_a_loadable_packed_checkpoint(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,message", [
     (["--resume"], "--resume needs --checkpoint-dir"),
-    (["--steps", "0"], "steps must be at least 1"),
+    (["--steps", "0"], "--steps: must be a positive integer"),
     (["--gamma", "1.5"], "gamma"),
     (["--format", "nf4", "--rules", "r.json"], "--rules replaces"),
 ])

@@ -628,6 +628,14 @@ def test_mosaic_gpu_refuses_devices_without_wgmma():
     assert device_refusal() is None  # this machine: CPU
 
 
+def test_why_not_names_unknown_implementations_and_the_op_takes_array_likes():
+    qt = _weight("int4", 128, True, 256, 128)
+    x = _x((2, 256), jnp.float32)
+    with pytest.raises(afpq_jax.InputError, match="unknown implementation"):
+        why_not("cuda", x, qt)
+    np.testing.assert_array_equal(quantized_matmul(np.asarray(x), qt), quantized_matmul(x, qt))
+
+
 @pytest.mark.parametrize("impl,fmt,group", [("mosaic_tpu", "nf3", 32), ("mosaic_tpu", "int4", 96),
                                             ("triton", "int4", 96), ("mosaic_gpu", "int4", 96),
                                             ("mosaic_gpu", "nf3", 128), ("mosaic_gpu", "int3", 512)])
@@ -845,6 +853,11 @@ def test_a8_dispatch_and_declines():
         quantized_matmul_a8(x, nf)
     with pytest.raises(afpq_jax.InputError, match="scalar"):
         quantized_matmul_a8(x, qt, jnp.ones((2,)))
+    for scale in (0.0, -1.0):
+        with pytest.raises(afpq_jax.InputError, match="must be positive"):
+            quantized_matmul_a8(x, qt, jnp.float32(scale))
+    with pytest.raises(TypeError, match="float activations"):
+        quantized_matmul_a8(x.astype(jnp.int32), qt)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -246,11 +246,11 @@ def _cli_error(capsys, argv) -> str:
     (["--format", "nf4", "--act-bits", "8"], "no exact int8 representation"),
     (["--format", "int4", "--act-bits", "8", "--act-thresholds", "150,15"], "0 <= lo <= hi"),
     (["--format", "int4", "--act-bits", "8", "--act-thresholds", "15"], "LO,HI"),
-    (["--format", "int4", "--act-scheme", "fptq"], "need --act-bits 8"),
+    (["--format", "int4", "--act-scheme", "fptq"], "needs --act-bits 8"),
     (["--format", "int4", "--act-bits", "8", "--act-scheme", "static", "--smoothquant-alpha", "0.4"],
      "applies to --act-scheme smoothquant"),
     (["--format", "int4", "--act-bits", "8", "--act-scheme", "dynamic", "--act-rule", "relative"],
-     "apply to --act-scheme fptq"),
+     "applies to --act-scheme fptq"),
     (["--format", "int4", "--act-bits", "8", "--act-rule", "relative", "--act-max-token-ratio", "0.5"],
      "max_token_ratio must be at least 1"),
 ])

@@ -23,6 +23,7 @@ from flax import nnx
 
 from afpq_jax._src import algorithms  # noqa: F401  (registers the built-in methods)
 from afpq_jax._src import checkpoint
+from afpq_jax._src import validation
 from afpq_jax._src.algorithms.activations import ActivationQuant, WithActivations
 from afpq_jax._src.algorithms.clip import ClipSearch
 from afpq_jax._src.calibration import driver, taps
@@ -32,7 +33,7 @@ from afpq_jax._src.calibration.progress import BlockProgress
 from afpq_jax._src.calibration.progress import fingerprint as progress_fingerprint
 from afpq_jax._src.calibration.timer import PhaseTimer
 from afpq_jax._src.checkpoint import CheckpointInfo
-from afpq_jax._src.errors import CheckpointError, InputError
+from afpq_jax._src.errors import ArgumentTypeError, CheckpointError, InputError, OutputExistsError
 from afpq_jax._src.io import sources
 from afpq_jax._src.loading import CheckpointWeights, ModelWeights, load_float
 from afpq_jax._src.models import CausalLM, ModelConfig, config_from_hf, linear_paths
@@ -66,6 +67,12 @@ def _source_info(source: sources.Source) -> CheckpointInfo:
                           source=str(source.path), source_kind=source.kind)
 
 
+def _check_model_arg(model, what: str) -> None:
+    if not isinstance(model, (str, os.PathLike, CausalLM)) or (what == "load" and isinstance(model, CausalLM)):
+        kinds = "a path or Hub id" if what == "load" else "a path, a Hub id or an afpq_jax CausalLM"
+        raise ArgumentTypeError(f"{what} takes {kinds}, got {type(model).__name__}")
+
+
 def load(path: str | os.PathLike, *, dtype="float32", mesh: jax.sharding.Mesh | None = None) -> CausalLM:
     """A ready NNX model from a converted afpq-jax checkpoint, a float Hugging Face directory (safetensors or
     Flax msgpack), a GGUF file, or a Hub id (needs network). ``model(input_ids)`` gives float32 logits.
@@ -75,12 +82,14 @@ def load(path: str | os.PathLike, *, dtype="float32", mesh: jax.sharding.Mesh | 
     parameter, float or packed, becomes a sharded array on it (see `afpq_jax._src.sharding` for the split).
     A converted checkpoint is restored straight into the shards; a float checkpoint is read one tensor at a
     time on the host and each tensor placed on its shards at once."""
+    _check_model_arg(path, "load")
+    dt = _dtype(dtype)  # checked for converted checkpoints too, though they keep their own dtype
     if checkpoint.is_converted_checkpoint(path):
         return checkpoint.load(path, mesh=mesh)
     source = sources.open_source(path)
     cfg = config_from_hf(source.config)
     # with a mesh each array goes to its shards as it is read: no device holds the whole model
-    model = load_float(CheckpointWeights(source, cfg), cfg, dtype=_dtype(dtype), mesh=mesh)
+    model = load_float(CheckpointWeights(source, cfg), cfg, dtype=dt, mesh=mesh)
     model.checkpoint_info = _source_info(source)
     return model
 
@@ -226,6 +235,7 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
         in a file in ``spill_dir`` (default: the temporary directory), read by minibatch, deleted at the end.
     """
     rules = as_rules(rules)
+    _check_model_arg(model, "quantize_pretrained")
     m = resolve_method(method, clip)
     if isinstance(model, CausalLM):
         weights, cfg, info = ModelWeights(model), model.cfg, model.checkpoint_info
@@ -312,8 +322,14 @@ def train_qat(model: str | os.PathLike | CausalLM, rules: QuantScheme | QuantRul
     `save` exactly like a conversion). ``checkpoint_dir`` / ``resume``: orbax training checkpoints; ``mesh``: a
     `jax.sharding.Mesh` with a ``data`` axis (FSDP); ``eval_ids``: held-out token stream for ``eval_every``.
     """
-    config = config or QATConfig()
+    config = validation.instance(QATConfig() if config is None else config, QATConfig, "config",
+                                 "an afpq_jax.QATConfig(...)")
     config.validate()
+    clip = ClipSearch.coerce(clip, "clip")
+    if data is not None and not isinstance(data, SelfGeneratedData):
+        data = validation.token_ids(data, "QAT data")
+    if calibration is not None:
+        validation.instance(calibration, Calibration, "calibration", "an afpq_jax.Calibration(...)")
     rules = as_rules(rules)
     teacher = model if isinstance(model, CausalLM) else load(model, dtype=dtype or "float32")
     info = teacher.checkpoint_info
@@ -402,7 +418,8 @@ def save(model: CausalLM, out_dir: str | os.PathLike, *, overwrite: bool = False
         raise InputError(f"save expects an afpq_jax CausalLM, got {type(model).__name__}")
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise checkpoint.output_exists(out)
+        raise OutputExistsError(f"output directory {out} already exists; choose another path or pass "
+                                f"overwrite=True")
     info = model.checkpoint_info
     hf = hf_config if hf_config is not None else (json.loads(info.hf_config) if info and info.hf_config else None)
     if hf is None:

@@ -113,7 +113,10 @@ def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)
             tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # --overwrite of a plain file (or a link): rmtree would fail silently and leave it behind
+                old.unlink(missing_ok=True)
         elif lead:
             tmp.rename(out)
         _barrier("afpq_jax checkpoint renamed")

@@ -17,12 +17,16 @@ from afpq_jax._src.scheme import QuantScheme, default_rules, load_rules
 USER_ERRORS = (AfpqError, OSError)
 
 
-def run(main: Callable[[], int], debug: bool) -> int:
+INTERRUPTED = "interrupted; nothing was written to the output path"
+
+
+def run(main: Callable[[], int], debug: bool, interrupted: str = INTERRUPTED) -> int:
+    """``main()``'s exit status; ``interrupted`` is the line printed on Ctrl-C (what was kept, how to go on)."""
     limit_malloc_arenas()
     try:
         return main()
     except KeyboardInterrupt:
-        print("interrupted; nothing was written to the output path", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
     except USER_ERRORS as e:
         if debug:
@@ -30,6 +34,61 @@ def run(main: Callable[[], int], debug: bool) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 2
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
+    """The parsed flags, or the exit status argparse chose (2 for a bad flag, 0 for --help): ``main([...])``
+    returns a status for every outcome instead of raising SystemExit at in-process callers."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where it informs: not for None (the help says what happens then), not when the
+    help text already names its default, not for switches such as --sym (their default is not passing them)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if (action.default is None or action.default is argparse.SUPPRESS or "default" in help_text.lower()
+                or (action.nargs == 0 and isinstance(action.default, bool))):
+            return help_text
+        return super()._get_help_string(action)
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts where 0 or a negative number means nothing (windows, samples, steps, sizes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def model_name(model: str) -> str:
+    """The model's part of a default output name: a directory's own name (resolved, so '.' works), a file's stem
+    (``x.gguf``), a Hub id's last part (``org/Qwen2.5-0.5B``); dots inside names are kept (Llama-3.1-8B)."""
+    path = Path(model)
+    if path.is_dir():
+        name = path.resolve().name
+    elif path.is_file() or path.suffix.lower() == ".gguf":
+        name = path.stem
+    else:
+        name = model.rstrip("/").rpartition("/")[2]  # a Hub id org/name, or a path yet to exist
+    return name or "model"
+
+
+def coordinator(text: str) -> str:
+    """argparse type of ``--coordinator``: 'auto' or HOST:PORT with an integer port 1..65535."""
+    if text == "auto":
+        return text
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (a port 1..65535, e.g. 10.0.0.1:1234) or 'auto'")
+    return text
 
 
 def group_size(text: str) -> int | None:
@@ -74,10 +133,10 @@ def mesh_spec(text: str) -> dict[str, int]:
 
 def add_distributed_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("multi-process (one process per host, each running the same command)")
-    g.add_argument("--coordinator", default=None,
+    g.add_argument("--coordinator", type=coordinator, default=None,
                    help="HOST:PORT of process 0 (jax.distributed), or 'auto' to detect the cluster (SLURM, TPU pod, "
                         "Open MPI)")
-    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--num-processes", type=positive_int, default=None)
     g.add_argument("--process-id", type=int, default=None)
 
 
@@ -90,7 +149,11 @@ def init_distributed(args) -> None:
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices across processes
     if args.coordinator == "auto":
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize()
+        except ValueError as e:  # jax found no cluster environment to read the coordinator from
+            raise InputError("--coordinator auto found no cluster (SLURM, TPU pod, Open MPI); pass --coordinator "
+                             "HOST:PORT --num-processes N --process-id I") from e
         return
     if args.num_processes is None or args.process_id is None:
         raise InputError("--coordinator HOST:PORT needs --num-processes and --process-id")

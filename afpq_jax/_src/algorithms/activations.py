@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from afpq_jax._src import validation
 from afpq_jax._src.algorithms.folds import ScalingGroup, fold_scale, get_path, scaling_groups, tie_heads
 from afpq_jax._src.calibration.method import BlockContext, Method
 from afpq_jax._src.calibration.taps import ABS_MAX, TOKEN_MAX_HIST, histogram_quantile
@@ -68,10 +69,12 @@ class ActivationQuant:
             raise InputError(f"unknown activation scheme {self.scheme!r}; choose one of {', '.join(ACT_SCHEMES)}")
         if self.bits not in ACT_BITS:
             raise InputError(f"activation bits must be one of {ACT_BITS}, got {self.bits!r}")
-        lo, hi = self.thresholds
+        if isinstance(self.thresholds, (str, bytes)) or len(self.thresholds) != 2:
+            raise InputError(f"activation thresholds must be a pair (lo, hi), got {self.thresholds!r}")
+        lo, hi = (validation.number(t, "activation threshold") for t in self.thresholds)
         if not 0 <= lo <= hi:
             raise InputError(f"activation thresholds must satisfy 0 <= lo <= hi, got ({lo}, {hi})")
-        if not 0.0 <= self.alpha <= 1.0:
+        if not 0.0 <= validation.number(self.alpha, "SmoothQuant alpha") <= 1.0:
             raise InputError(f"SmoothQuant alpha must be in [0, 1], got {self.alpha}")
         if self.rule not in RULES:
             raise InputError(f"unknown FPTQ rule {self.rule!r}; choose one of {', '.join(RULES)}")

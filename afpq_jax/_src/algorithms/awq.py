@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from afpq_jax._src import validation
 from afpq_jax._src.algorithms.clip import ClipSearch
 from afpq_jax._src.algorithms.folds import ScalingGroup, fold_scale, get_path, scaling_groups
 from afpq_jax._src.calibration.method import BlockContext, Method, register_method
 from afpq_jax._src.calibration.taps import ABS_SUM, device_minibatches, minibatch_size
-from afpq_jax._src.errors import InputError
 from afpq_jax._src.memory import trim_heap
 from afpq_jax._src.models.config import ModelConfig
 from afpq_jax._src.quantizer import fake_quant
@@ -136,9 +136,11 @@ class AWQ(Method):
     grid: int = 20
     clip: ClipSearch | None = dataclasses.field(default_factory=ClipSearch)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "clip", ClipSearch.coerce(self.clip, "AWQ.clip"))
+
     def validate(self) -> None:
-        if self.grid <= 0:
-            raise InputError(f"AWQ grid must be positive, got {self.grid}")
+        validation.integer(self.grid, "AWQ grid")
         if self.clip is not None:
             self.clip.validate()
 

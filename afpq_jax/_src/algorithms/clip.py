@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import TYPE_CHECKING
 
 import jax
@@ -25,6 +26,7 @@ import numpy as np
 
 from afpq_jax._src.calibration.taps import column_sharded
 from afpq_jax._src.formats import Format, get_format
+from afpq_jax._src import validation
 from afpq_jax._src.errors import InputError
 from afpq_jax._src.quantizer import check_group_size, decode, encode, group_params, to_groups
 
@@ -154,6 +156,11 @@ def group_output_error(kernel, qkernel, x, group_size: int | None) -> np.ndarray
     return np.stack(out)
 
 
+DEFAULT_SKIP = ("attn.q_proj", "attn.k_proj", "attn.qkv_proj")  # LLaMA's q/k, BLOOM's fused qkv
+_WARNED: set = set()
+logger = logging.getLogger("afpq_jax")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ClipSearch:
     """The clipping search as a step of a method (RTN, AWQ): per layer, on ``tokens`` input rows sampled from the
@@ -163,17 +170,39 @@ class ClipSearch:
     tokens: int = 512
     steps: int = 10
     step: float = 0.05
-    skip: tuple[str, ...] = ("attn.q_proj", "attn.k_proj", "attn.qkv_proj")
+    skip: tuple[str, ...] = DEFAULT_SKIP
+
+    def __post_init__(self) -> None:
+        if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
+            raise InputError(f"ClipSearch.skip must be layer names within a block like 'attn.q_proj', got "
+                             f"{self.skip!r}")
+        object.__setattr__(self, "skip", tuple(self.skip))  # hashable and JSON-stable however it was given
 
     def validate(self) -> None:
-        if self.tokens <= 0 or self.steps <= 0 or self.step <= 0:
-            raise InputError(f"clip search needs positive tokens, steps and step, got {self}")
+        validation.integer(self.tokens, "clip search tokens")
+        validation.integer(self.steps, "clip search steps")
+        if not validation.number(self.step, "clip search step") > 0:
+            raise InputError(f"clip search step must be positive, got {self.step}")
         if (self.steps - 1) * self.step >= 1:
             raise InputError(f"clip search ratios must stay positive: (steps - 1) * step = "
                              f"{(self.steps - 1) * self.step:g} >= 1")
 
+    @staticmethod
+    def coerce(clip: ClipSearch | bool | None, what: str) -> ClipSearch | None:
+        """A method's ``clip`` option: True -> the default search, False / None -> none, or a `ClipSearch`."""
+        if clip is True:
+            return ClipSearch()
+        if clip is False or clip is None:
+            return None
+        return validation.instance(clip, ClipSearch, what, "an afpq_jax.ClipSearch(...), True, False or None")
+
     def block_ratios(self, ctx: BlockContext) -> dict[str, tuple[jax.Array, jax.Array]]:
         """{layer: (r_neg, r_pos)} for the block's quantized layers outside ``skip``."""
+        unknown = [s for s in self.skip if s not in ctx.linears and s not in DEFAULT_SKIP]
+        if unknown and (self, tuple(ctx.linears)) not in _WARNED:
+            _WARNED.add((self, tuple(ctx.linears)))
+            logger.warning("ClipSearch.skip entries %s name no layer of this model's blocks (they are %s); those "
+                           "entries skip nothing", unknown, ", ".join(ctx.linears))
         x = ctx.search_sequences
         n_tokens = x.shape[0] * x.shape[1]
         rows = {name: ctx.rng.choice(n_tokens, size=min(self.tokens, n_tokens), replace=False)

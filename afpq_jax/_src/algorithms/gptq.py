@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from afpq_jax._src import validation
 from afpq_jax._src.calibration.method import BlockContext, Method, register_method
 from afpq_jax._src.calibration.taps import XTX, column_sharded
 from afpq_jax._src.errors import ArgumentTypeError, InputError, QuantizationError
@@ -239,10 +240,9 @@ def gptq_quantize(kernel: jax.Array, hessian: jax.Array, fmt: str | Format, *, g
                          f"{tuple(np.shape(kernel))} for {name}; quantize stacked kernels one at a time")
     if not jnp.issubdtype(kernel.dtype, jnp.floating):
         raise ArgumentTypeError(f"{name}: kernel dtype {jnp.dtype(kernel.dtype).name} is not floating point")
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size <= 0:
-        raise InputError(f"GPTQ block_size must be a positive integer, got {block_size!r}")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float, np.floating)) or not 0 <= damp < 1:
-        raise InputError(f"GPTQ damp must be a number in [0, 1), got {damp!r}")
+    validation.integer(block_size, "GPTQ block_size")
+    if not 0 <= validation.number(damp, "GPTQ damp") < 1:
+        raise InputError(f"GPTQ damp must be in [0, 1), got {damp!r}")
     k, n = kernel.shape
     h = jnp.asarray(hessian, jnp.float32)
     if h.shape != (k, k):
@@ -307,10 +307,11 @@ class GPTQ(Method):
     act_order: bool = False
 
     def validate(self) -> None:
-        if not 0 <= self.damp < 1:
+        if not 0 <= validation.number(self.damp, "GPTQ damp") < 1:
             raise InputError(f"GPTQ damp must be in [0, 1), got {self.damp}")
-        if self.block_size <= 0:
-            raise InputError(f"GPTQ block_size must be positive, got {self.block_size}")
+        validation.integer(self.block_size, "GPTQ block_size")
+        if not isinstance(self.act_order, bool):
+            raise InputError(f"GPTQ act_order must be True or False, got {self.act_order!r}")
 
     def statistics(self):
         return (XTX,)

@@ -22,6 +22,9 @@ class RTN(Method):
     name: ClassVar[str] = "rtn"
     clip: ClipSearch | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "clip", ClipSearch.coerce(self.clip, "RTN.clip"))
+
     @property
     def calibrated(self) -> bool:
         return self.clip is not None

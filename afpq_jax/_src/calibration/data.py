@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from afpq_jax._src import validation
 from afpq_jax._src.errors import InputError
 
 
@@ -41,9 +42,12 @@ class Calibration:
         if sources != 1:
             raise InputError("Calibration needs exactly one data source: text=..., token_ids=... or random=True")
         for f in ("samples", "seqlen", "batch_size", "search_samples", "search_batch_size"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-                raise InputError(f"calibration option {f} must be a positive integer, got {v!r}")
+            validation.integer(getattr(self, f), f"calibration option {f}")
+        validation.integer(self.seed, "calibration seed", minimum=0)
+        if self.text is not None and not isinstance(self.text, str):
+            raise InputError(f"Calibration.text must be a string, got {type(self.text).__name__}")
+        if self.token_ids is not None:
+            validation.token_ids(self.token_ids, "Calibration.token_ids")
         if self.seqlen < 2:
             raise InputError("calibration seqlen must be at least 2")
         if self.token_ids is not None and np.ndim(self.token_ids) not in (1, 2):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from afpq_jax._src.errors import InputError
+from afpq_jax._src.errors import ArgumentTypeError, InputError
 from afpq_jax._src.layers import LayerNorm, QuantDense, RMSNorm
 from afpq_jax._src.scheme import QuantScheme
 from afpq_jax._src.models.config import ModelConfig
@@ -237,6 +237,7 @@ class CausalLM(nnx.Module):
     def __call__(self, input_ids: jax.Array, *, remat: bool = False) -> jax.Array:
         """``remat``: recompute each block's activations in the backward pass (training memory: one block's
         activations at a time instead of every block's)."""
+        self.check_input_ids(input_ids)
         b, s = input_ids.shape
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         x = self.embed_inputs(input_ids)
@@ -246,6 +247,22 @@ class CausalLM(nnx.Module):
             else:
                 x, _ = layer(x, positions)
         return self.head(x)
+
+    def check_input_ids(self, input_ids) -> None:
+        """Integer ``[batch, seq]`` ids, within the vocabulary when concrete (an out-of-range id would silently
+        embed as NaN or wrap around). Longer sequences than the context are the caller's choice, as in HF
+        transformers (`generate` and `perplexity` refuse them)."""
+        if not hasattr(input_ids, "dtype"):  # a list: tracers and arrays keep their dtype
+            input_ids = np.asarray(input_ids)
+        shape, dtype = np.shape(input_ids), input_ids.dtype
+        if len(shape) != 2:
+            raise InputError(f"input_ids must be [batch, seq], got shape {tuple(shape)}; add a batch axis")
+        if not jnp.issubdtype(dtype, jnp.integer):
+            raise ArgumentTypeError(f"input_ids must be integer token ids, got dtype {jnp.dtype(dtype).name}")
+        if not isinstance(input_ids, jax.core.Tracer) and shape[0] * shape[1]:
+            ids = np.asarray(input_ids)
+            if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+                raise InputError(f"token ids must lie in [0, {self.cfg.vocab_size}), got [{ids.min()}, {ids.max()}]")
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.cfg

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from afpq_jax._src import validation
 from afpq_jax._src.calibration.data import sample_windows
 from afpq_jax._src.errors import InputError
 from afpq_jax._src.io.files import read_text
@@ -46,9 +47,9 @@ class SelfGeneratedData:
 
     def validate(self) -> None:
         for name in ("samples", "prompt_len", "new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise InputError(f"self-generated data: {name} must be at least 1, got {getattr(self, name)}")
-        if not self.temperature >= 0:
+            validation.integer(getattr(self, name), f"self-generated data: {name}")
+        validation.integer(self.seed, "self-generated data: seed", minimum=0)
+        if not validation.number(self.temperature, "self-generated data: temperature") >= 0:
             raise InputError(f"self-generated data: temperature must be >= 0, got {self.temperature}")
 
     def to_json(self) -> dict:

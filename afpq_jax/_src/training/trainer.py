@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from afpq_jax._src import validation
 from afpq_jax._src.errors import InputError, QuantizationError
 from afpq_jax._src.evaluation import perplexity
 from afpq_jax._src.models import CausalLM
@@ -81,19 +82,18 @@ class QATConfig:
         if self.confidence not in losses.CONFIDENCE_MODES:
             raise InputError(f"unknown confidence mode {self.confidence!r}; choose one of "
                              f"{', '.join(losses.CONFIDENCE_MODES)}")
-        if self.gamma is not None and not 0 <= self.gamma <= 1:
+        if self.gamma is not None and not 0 <= validation.number(self.gamma, "gamma") <= 1:
             raise InputError(f"gamma must be in [0, 1] (or None: estimated), got {self.gamma}")
         if self.schedule not in SCHEDULES:
             raise InputError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise InputError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         for name in ("steps", "batch_size", "grad_accum", "gamma_batches"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.learning_rate > 0 or self.weight_decay < 0:
+            validation.integer(getattr(self, name), name)
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+            validation.integer(getattr(self, name), name, minimum=0)
+        if not validation.number(self.learning_rate, "learning_rate") > 0 or \
+                validation.number(self.weight_decay, "weight_decay") < 0:
             raise InputError(f"learning_rate must be > 0 and weight_decay >= 0, got {self.learning_rate}, "
                              f"{self.weight_decay}")
 
@@ -301,6 +301,8 @@ def train(student: CausalLM, teacher: CausalLM, data: np.ndarray, cfg: QATConfig
     frozen, t_state = _place(frozen, mesh), _place(t_state, mesh)
     opt_state = _place(tx.init(params), mesh)
     fingerprint = run_fingerprint(student, cfg, data)
+    if resume and (checkpoint_dir is None or not Path(checkpoint_dir).is_dir()):  # before orbax creates it
+        raise InputError(f"nothing to resume: {checkpoint_dir} is not a directory of training checkpoints")
     ckpt = TrainingCheckpoints(checkpoint_dir) if checkpoint_dir is not None else None
     step0, position, history, gamma = 0, 0, [], cfg.gamma
     if resume and ckpt.latest_step() is not None:
@@ -340,7 +342,8 @@ def train(student: CausalLM, teacher: CausalLM, data: np.ndarray, cfg: QATConfig
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / (now - t_step):,.0f}")  # first: compile
         if cfg.eval_every and eval_ids is not None and (step + 1) % cfg.eval_every == 0:
             current = nnx.merge(graphdef, params, frozen)
-            entry["eval_perplexity"] = round(perplexity(current, eval_ids, seq_len=eval_seq_len,
+            entry["eval_perplexity"] = round(perplexity(current, eval_ids,
+                                                        seq_len=min(eval_seq_len, current.cfg.max_seq_len),
                                                         max_windows=eval_windows, progress=False)["perplexity"], 4)
         history.append(entry)
         if ckpt is not None and cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0

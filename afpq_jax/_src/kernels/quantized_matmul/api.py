@@ -203,7 +203,11 @@ def select_implementation(prob: Problem, config: BlockConfig | None = None, back
 
 
 def why_not(implementation: str, x, qt: QuantizedTensor, config: BlockConfig | None = None) -> str | None:
-    """None if ``implementation`` supports ``x @ qt`` (x may be a ShapeDtypeStruct), else the reason."""
+    """None if ``implementation`` supports ``x @ qt`` (x may be a ShapeDtypeStruct), else the reason: shapes,
+    dtypes and tiling. A Pallas kernel also compiles only for its own platform (TPU or GPU; also from another host,
+    for ahead-of-time lowering) or with ``interpret=True``; that is not checked here."""
+    if implementation not in IMPLEMENTATIONS:
+        raise InputError(f"unknown implementation {implementation!r}; registered: {sorted(IMPLEMENTATIONS)}")
     prob = Problem.create(x.shape, x.dtype, qt.with_float_scales())
     return IMPLEMENTATIONS[implementation].supports(prob, resolve_tuned(implementation, prob, config))
 
@@ -225,6 +229,7 @@ def quantized_matmul(x: jax.Array, qt: QuantizedTensor, *, implementation: str |
     """
     if not isinstance(qt, QuantizedTensor):
         raise ArgumentTypeError(f"quantized_matmul expects a QuantizedTensor, got {type(qt).__name__}")
+    x = x if hasattr(x, "dtype") else jnp.asarray(x)
     if jnp.dtype(x.dtype).name not in X_DTYPES:
         raise ArgumentTypeError(f"x must be one of {X_DTYPES}, got {jnp.dtype(x.dtype).name}")
     qt = qt.with_float_scales()  # integer group scales pay off on the int8 path; here they are float32 scales

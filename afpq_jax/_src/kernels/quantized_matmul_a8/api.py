@@ -35,7 +35,10 @@ def _pallas(name: str):
 
 
 def why_not(implementation: str, x, qt: QuantizedTensor, config: BlockConfig | None = None) -> str | None:
-    """None if ``implementation`` supports ``quantized_matmul_a8(x, qt)``, else the reason."""
+    """None if ``implementation`` supports ``quantized_matmul_a8(x, qt)`` (shapes, formats, tiling; a Pallas kernel
+    also needs its own platform or ``interpret=True``), else the reason."""
+    if implementation not in IMPLEMENTATIONS:
+        raise InputError(f"unknown implementation {implementation!r}; registered: {list(IMPLEMENTATIONS)}")
     if implementation == "xla":
         return None
     impl = _pallas(implementation)
@@ -55,6 +58,9 @@ def quantized_matmul_a8(x: jax.Array, qt: QuantizedTensor, input_scale: jax.Arra
     """
     if not isinstance(qt, QuantizedTensor):
         raise ArgumentTypeError(f"quantized_matmul_a8 expects a QuantizedTensor, got {type(qt).__name__}")
+    x = x if hasattr(x, "dtype") else jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ArgumentTypeError(f"x must be float activations (they are quantized here), got {jnp.dtype(x.dtype).name}")
     if qt.codes.ndim != 2:
         raise InputError("quantized_matmul_a8 takes a 2-D weight (stacked weights: vmap over the leading axes)")
     if x.shape[-1] != qt.in_features:
@@ -62,6 +68,8 @@ def quantized_matmul_a8(x: jax.Array, qt: QuantizedTensor, input_scale: jax.Arra
     if input_scale is not None and jnp.ndim(input_scale) != 0:
         raise InputError(f"input_scale must be a scalar (per-tensor static scale), got shape "
                          f"{jnp.shape(input_scale)}")
+    if input_scale is not None and not isinstance(input_scale, jax.core.Tracer) and not float(input_scale) > 0:
+        raise InputError(f"input_scale must be positive (max|x| / 127 from calibration), got {float(input_scale)}")
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise InputError(f"unknown implementation {implementation!r}; registered: {list(IMPLEMENTATIONS)}")
     name = implementation
