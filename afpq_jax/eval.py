@@ -10,10 +10,9 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from afpq_jax._src import cli
-from afpq_jax._src.errors import InputError, InputNotFoundError
+from afpq_jax._src.errors import InputError
 from afpq_jax._src.evaluation import default_seq_len, perplexity
 from afpq_jax._src.generation import generate
 
@@ -24,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m afpq_jax.eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=cli.HelpFormatter)
     p.add_argument("--model", default=None,
-                   help="converted checkpoint, HF directory or .gguf file (default: SmolLM2-135M-Instruct float)")
+                   help="converted checkpoint, HF directory, .gguf file or Hub id org/name (needs network; default: "
+                        "SmolLM2-135M-Instruct float)")
     p.add_argument("--text", default=None,
                    help="UTF-8 text file to score (default: the held-out English Wikipedia split)")
     p.add_argument("--seq-len", type=cli.positive_int, default=None,
@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         cli.init_distributed(args)
         from afpq_jax._src.api import load, load_tokenizer, model_config, tokenize
         from afpq_jax._src.io.files import read_text
+        from afpq_jax._src.io.sources import local_path
 
-        model_path = args.model or str(assets.smollm2_hf_dir())
-        if not Path(model_path).exists():
-            raise InputNotFoundError(f"model path {model_path!r} does not exist")
+        text = read_text(args.text, "--text") if args.text and not args.no_ppl else None  # before any loading
+        model_path = str(local_path(args.model)) if args.model else str(assets.smollm2_hf_dir())  # a Hub id too
         if args.seq_len is not None and not args.no_ppl:  # before loading the weights
             context = model_config(model_path).max_seq_len
             if args.seq_len > context:
@@ -82,11 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         tok = load_tokenizer(model_path)
         result: dict = {"model": model_path, "load_seconds": round(time.perf_counter() - t0, 2)}
         if not args.no_ppl:
-            if args.text:
-                text = read_text(args.text, "--text")
-            else:
-                text = assets.wiki_text()[1]
-            ids = tokenize(tok, text)
+            ids = tokenize(tok, text if text is not None else assets.wiki_text()[1])
             t0 = time.perf_counter()
             result.update(perplexity(model, ids, seq_len=args.seq_len or default_seq_len(model),
                                      batch_size=args.batch_size, max_windows=args.max_windows,

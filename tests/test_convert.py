@@ -327,6 +327,20 @@ def test_cli_bad_flags_are_one_line_errors(tmp_path, capsys, tool, argv, message
     assert not out.exists()
 
 
+def test_user_files_and_missing_models_are_one_line_errors(tmp_path, capsys):
+    utf16 = tmp_path / "rules.json"
+    utf16.write_text('[{"pattern": ".*", "scheme": {"format": "nf3"}}]', encoding="utf-16")  # PowerShell's >
+    latin = tmp_path / "t.txt"
+    latin.write_bytes(b"caf\xe9 " * 100)
+    model = ["--model", str(FIXTURES / "llama_gqa")]
+    for tool, argv, message in [("convert", [*model, "--rules", str(utf16)], "is UTF-16 text"),
+                                ("convert", [*model, "--rules", str(tmp_path)], "is a directory"),
+                                ("eval", [*model, "--text", str(latin)], "is not UTF-8 text"),
+                                ("eval", ["--model", str(tmp_path / "nope"), "--no-ppl"], "does not exist")]:
+        assert message in _tool_error(capsys, tool, [*argv, "--no-progress", *(
+            ["--out", str(tmp_path / "o")] if tool == "convert" else [])])
+
+
 def test_library_perplexity_refuses_bad_windows_and_batches():
     model = aq.load(FIXTURES / "llama_gqa")  # context: 128 positions
     ids = np.random.default_rng(0).integers(0, 256, 300).astype(np.int32)

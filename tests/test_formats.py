@@ -77,3 +77,7 @@ def test_format_validation(kwargs, msg):
 def test_register_rejects_duplicates():
     with pytest.raises(ValueError, match="already registered"):
         formats.register_format(formats.get_format("nf4"))
+    # a width the packed layout cannot store is refused at registration (it failed at the first quantize)
+    with pytest.raises(ValueError, match="cannot pack 5-bit codes"):
+        formats.register_format(formats.fp_format("fp5_e2m2", 2, 2))
+    assert "fp5_e2m2" not in formats.available_formats()

@@ -73,7 +73,7 @@ def _check_model_arg(model, what: str) -> None:
         raise ArgumentTypeError(f"{what} takes {kinds}, got {type(model).__name__}")
 
 
-def load(path: str | os.PathLike, *, dtype="float32", mesh: jax.sharding.Mesh | None = None) -> CausalLM:
+def load(path: str | os.PathLike, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None) -> CausalLM:
     """A ready NNX model from a converted afpq-jax checkpoint, a float Hugging Face directory (safetensors or
     Flax msgpack), a GGUF file, or a Hub id (needs network). ``model(input_ids)`` gives float32 logits.
     ``dtype`` applies to float checkpoints (a converted checkpoint keeps the dtype it was converted with).
@@ -94,7 +94,7 @@ def load(path: str | os.PathLike, *, dtype="float32", mesh: jax.sharding.Mesh | 
     return model
 
 
-def load_tokenizer(path: str | os.PathLike):
+def load_tokenizer(path: str | os.PathLike) -> Any:
     """The tokenizer that belongs to a model path (directory with tokenizer files, or a GGUF file)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found": we never run torch
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -207,7 +207,8 @@ def _layout(rules, cfg: ModelConfig) -> dict[str, QuantScheme]:
 
 def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme | QuantRule | Iterable[QuantRule],
                         *, method: str | Method = "rtn", calibration: Calibration | None = None,
-                        clip: bool | None = None, activations: ActivationQuant | None = None, dtype=None,
+                        clip: bool | None = None, activations: ActivationQuant | None = None,
+                        dtype: str | None = None,
                         progress: bool = True, timer: PhaseTimer | None = None,
                         progress_dir: str | os.PathLike | None = None, resume: bool = False,
                         mesh: jax.sharding.Mesh | None = None, max_memory: int | None = None,
@@ -313,7 +314,8 @@ def train_qat(model: str | os.PathLike | CausalLM, rules: QuantScheme | QuantRul
               config: QATConfig | None = None, data: SelfGeneratedData | np.ndarray | None = None,
               calibration: Calibration | None = None, clip: ClipSearch | None = ClipSearch(),
               eval_ids: np.ndarray | None = None, checkpoint_dir: str | os.PathLike | None = None,
-              resume: bool = False, mesh=None, dtype=None, progress: bool = True) -> QATResult:
+              resume: bool = False, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None,
+              progress: bool = True) -> QATResult:
     """Quantization-aware training with self-distillation (BitDistiller): the float ``model`` is the teacher; the
     student is the same model with the layers the ``rules`` quantize in fake-quant mode, initialised with the
     two-sided clipping search on ``calibration`` (``clip=None`` skips it), trained with ``config`` (`QATConfig`:

@@ -23,6 +23,7 @@ from typing import Literal
 
 import numpy as np
 
+from afpq_jax._src import packing
 from afpq_jax._src.errors import ArgumentTypeError, InputError
 
 Family = Literal["codebook", "int"]
@@ -139,6 +140,8 @@ def exmy_levels(exponent_bits: int, mantissa_bits: int, bias: int | None = None,
 
 def fp_format(name: str, exponent_bits: int, mantissa_bits: int, bias: int | None = None, *,
               subnormals: bool = True) -> Format:
+    """A signed small-float code book ``name`` with ``exponent_bits`` / ``mantissa_bits`` (bias default
+    2**(e-1) - 1; ``subnormals``) and one sign bit, e.g. ``fp_format("fp4_e2m1", 2, 1, bias=1)``."""
     levels = exmy_levels(exponent_bits, mantissa_bits, bias, subnormals=subnormals)
     return Format(name=name, family="codebook", bits=1 + exponent_bits + mantissa_bits, levels=levels,
                   divisor=max(levels), description=f"FP E{exponent_bits}M{mantissa_bits} bias "
@@ -146,6 +149,7 @@ def fp_format(name: str, exponent_bits: int, mantissa_bits: int, bias: int | Non
 
 
 def int_format(bits: int) -> Format:
+    """The ``bits``-bit integer grid 0 .. 2**bits - 1 (asymmetric with a zero point, or symmetric)."""
     # Unsigned grid; the zero point (stored or implicit) moves it onto the data.
     return Format(name=f"int{bits}", family="int", bits=bits, levels=tuple(float(i) for i in range(2**bits)),
                   divisor=float(2**bits - 1), description=f"{bits}-bit integer, asym min/max or sym absmax")
@@ -164,7 +168,9 @@ _ALIASES: dict[str, str] = {}
 
 
 def register_format(fmt: Format, *aliases: str) -> Format:
-    """Adds a format (and optional alias names) to the registry used by `get_format`."""
+    """Adds a format (and optional alias names) to the registry used by `get_format`. Its code width must be one
+    the packed layout stores (`packing.plane_widths`): refused here rather than at the first quantization."""
+    packing.plane_widths(fmt.bits)
     for key in (fmt.name, *aliases):
         if key in _REGISTRY or key in _ALIASES:
             raise InputError(f"format name {key!r} is already registered")
@@ -185,6 +191,7 @@ register_format(Format(name="nf3", family="codebook", bits=3, levels=_NF3, divis
 
 
 def available_formats() -> tuple[str, ...]:
+    """Canonical names of the registered formats (aliases such as "fp4" resolve through `get_format`)."""
     return tuple(_REGISTRY)
 
 

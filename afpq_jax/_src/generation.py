@@ -16,6 +16,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
 from flax import nnx
 
@@ -85,7 +86,7 @@ def _decode(graphdef, state, prompt, key, temperature, top_p, *, max_new_tokens:
     return out, steps
 
 
-def generate(model: CausalLM, prompt_ids, *, max_new_tokens: int = 32, temperature: float = 0.0,
+def generate(model: CausalLM, prompt_ids: ArrayLike, *, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, key: jax.Array | int | None = None,
              eos_token_id: int | list[int] | None = None) -> np.ndarray:
     """Continuations of ``prompt_ids`` (int ``[batch, seq]`` or ``[seq]``, equal-length prompts) as new token ids

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 import numpy as np
 
 from afpq_jax._src.errors import ArgumentTypeError, InputError
@@ -326,7 +327,7 @@ def check_scale_dtype(scale_dtype) -> jnp.dtype:
 
 
 def quantize(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128, asym: bool = True,
-             scale_dtype=jnp.float16, clip_ratios: tuple[jax.Array, jax.Array] | None = None,
+             scale_dtype: DTypeLike = jnp.float16, clip_ratios: tuple[jax.Array, jax.Array] | None = None,
              integer_scales: bool = False) -> QuantizedTensor:
     """Round-to-nearest quantization of a weight ``(..., in_features, out_features)`` into packed codes.
 
@@ -370,7 +371,7 @@ def packed_tensor(codes: jax.Array, params: GroupParams, channel: jax.Array | No
         shape=tuple(int(d) for d in codes.shape), dtype=jnp.dtype(dtype).name)
 
 
-def dequantize(qt: QuantizedTensor, dtype=None) -> jax.Array:
+def dequantize(qt: QuantizedTensor, dtype: DTypeLike | None = None) -> jax.Array:
     """Reconstructs the weight (same shape; ``dtype`` defaults to the original weight's dtype)."""
     if not isinstance(qt, QuantizedTensor):
         raise ArgumentTypeError(f"dequantize expects a QuantizedTensor, got {type(qt).__name__}")
@@ -390,7 +391,7 @@ def dequantize(qt: QuantizedTensor, dtype=None) -> jax.Array:
 
 
 def fake_quant(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128, asym: bool = True,
-               scale_dtype=jnp.float16, integer_scales: bool = False) -> jax.Array:
+               scale_dtype: DTypeLike = jnp.float16, integer_scales: bool = False) -> jax.Array:
     """``dequantize(quantize(w))`` without packing, with a straight-through (identity) gradient."""
     fmt = formats_lib.get_format(fmt)
     check_group_size(group_size)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 import numpy as np
 
 from afpq_jax._src.calibration.taps import column_sharded
@@ -108,7 +109,7 @@ def _search_separable_impl(w, x, grid, *, fmt: Format, g: int, sdt, cols: int):
 
 
 def clip_search(kernel: jax.Array, x: jax.Array, fmt: str | Format, *, group_size: int | None = 128,
-                asym: bool = True, scale_dtype=jnp.float16, steps: int = 10, step: float = 0.05
+                asym: bool = True, scale_dtype: DTypeLike = jnp.float16, steps: int = 10, step: float = 0.05
                 ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
     """Best per-group shrink ratios ``(r_neg, r_pos)`` (each ``(G, 1, N)``, for `quantize(clip_ratios=...)`)
     and the minimised error ``(G, N)``. ``x`` holds calibration inputs ``(T, K)`` of this layer.

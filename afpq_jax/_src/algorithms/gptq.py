@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 import numpy as np
 
 from afpq_jax._src import validation
@@ -221,7 +222,7 @@ def damping_schedule(damp: float, step: float, max_damp: float) -> list[float]:
 
 
 def gptq_quantize(kernel: jax.Array, hessian: jax.Array, fmt: str | Format, *, group_size: int | None = 128,
-                  asym: bool = True, scale_dtype=jnp.float16, damp: float = 0.01, block_size: int = 128,
+                  asym: bool = True, scale_dtype: DTypeLike = jnp.float16, damp: float = 0.01, block_size: int = 128,
                   act_order: bool = False, damp_step: float = 0.0025, max_damp: float = 1.0,
                   integer_scales: bool = False, name: str = "kernel") -> QuantizedTensor:
     """GPTQ-quantizes a kernel (K, N) given the Hessian (K, K) of its inputs.

@@ -135,6 +135,7 @@ def register_method(cls: type[Method], *, replace: bool = False) -> type[Method]
 
 
 def available_methods() -> list[str]:
+    """Names of the registered methods (``method=`` / ``--method``)."""
     return sorted(METHODS)
 
 

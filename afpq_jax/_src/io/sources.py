@@ -197,15 +197,20 @@ def _download_from_hub(repo_id: str) -> Path:
                               f"(config.json + *.safetensors) or a .gguf file") from None
 
 
+def local_path(path: str | os.PathLike) -> Path:
+    """The local model directory or file for ``path``: itself, or the downloaded snapshot of a Hub id."""
+    p = Path(path)
+    if p.exists():
+        return p
+    if isinstance(path, str) and _HUB_ID.match(path) and not path.startswith((".", "/")):
+        return _download_from_hub(path)
+    raise CheckpointError(f"model path {str(path)!r} does not exist; pass a Hugging Face model directory, "
+                          f"a .gguf file or a Hub id like org/name")
+
+
 def open_source(path: str | os.PathLike) -> Source:
     """Opens a local HF directory, a ``.gguf`` file, or (with network) a Hub id ``org/name``."""
-    p = Path(path)
-    if not p.exists():
-        if isinstance(path, str) and _HUB_ID.match(path) and not path.startswith((".", "/")):
-            p = _download_from_hub(path)
-        else:
-            raise CheckpointError(f"model path {str(path)!r} does not exist; pass a Hugging Face model directory, "
-                                  f"a .gguf file or a Hub id like org/name")
+    p = local_path(path)
     if p.is_file():
         with open(p, "rb") as fh:
             magic = fh.read(4)
