@@ -198,12 +198,16 @@ def test_prompt_file_errors(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n", encoding="utf-8")
     binary = tmp_path / "bin.txt"
-    binary.write_bytes(b"\xff\xfe\x00abc")
+    binary.write_bytes(b"\x80\x81abc")
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_text("a prompt\n", encoding="utf-16")
     tok = lambda s, add_special_tokens=False: {"input_ids": [ord(c) for c in s]}  # noqa: E731
     with pytest.raises(InputError, match="no prompts"):
         data_lib.read_prompt_file(empty, tok)
     with pytest.raises(InputError, match="not UTF-8"):
         data_lib.read_prompt_file(binary, tok)
+    with pytest.raises(InputError, match="is UTF-16 text"):
+        data_lib.read_prompt_file(utf16, tok)
 
 
 def test_self_generated_data_is_cached(teacher, tmp_path):

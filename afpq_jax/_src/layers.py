@@ -154,19 +154,17 @@ class QuantDense(nnx.Module):
 
     def quantize(self, scheme: QuantScheme, clip_ratios=None) -> QuantizedTensor:
         """Round-to-nearest quantization of this layer's float kernel, in place (``clip_ratios`` from the
-        clipping search shrink each group's range first). A scheme with dynamic int8 activations sets them too;
-        a static one needs its calibrated scale: quantize with the weight scheme, then `set_activation_quant`."""
+        clipping search shrink each group's range first). A scheme with dynamic int8 activations sets them too.
+        Static ones need the calibrated scale, which this call does not have: the weights are quantized and the
+        input stays float until `set_activation_quant(8, "static", scale)` (the calibration driver's step)."""
         if self.is_quantized:
             raise InputError("layer is already quantized")
         if not isinstance(scheme, QuantScheme):
             raise ArgumentTypeError(f"QuantDense.quantize takes a QuantScheme (aq.QuantScheme.create(...)), got "
                                     f"{type(scheme).__name__}")
-        if scheme.act_mode == "static":
-            raise InputError("a static int8 activation scheme needs its calibrated input_scale: quantize with "
-                             "scheme.with_activations(None, None), then set_activation_quant(8, 'static', scale)")
         qt = scheme.quantize(self.kernel.get_value(), clip_ratios)
         self.set_quantized(qt)
-        if scheme.quantizes_activations:
+        if scheme.act_mode == "dynamic":
             self.set_activation_quant(scheme.act_bits, scheme.act_mode)
         return qt
 

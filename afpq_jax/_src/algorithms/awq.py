@@ -174,5 +174,6 @@ class AWQ(Method):
             trim_heap()
         with ctx.timer("quantize"):
             for name, s in ctx.schemes.items():
-                jax.block_until_ready(ctx.linears[name].quantize(s, ratios.get(name)))
+                # weights only: the activation step (`activations.WithActivations`) sets each input's scheme
+                jax.block_until_ready(ctx.linears[name].quantize(s.with_activations(None, None), ratios.get(name)))
         return {"awq_alpha": alphas}

@@ -40,5 +40,6 @@ class RTN(Method):
                 ratios = self.clip.block_ratios(ctx)
         with ctx.timer("quantize"):
             for name, s in ctx.schemes.items():
-                jax.block_until_ready(ctx.linears[name].quantize(s, ratios.get(name)))
+                # weights only: the activation step (`activations.WithActivations`) sets each input's scheme
+                jax.block_until_ready(ctx.linears[name].quantize(s.with_activations(None, None), ratios.get(name)))
         return None

@@ -23,9 +23,17 @@ def read_text(path: str | os.PathLike, what: str) -> str:
     """The UTF-8 text of the file ``path`` (a byte-order mark is dropped); `InputError` if it is not UTF-8."""
     p = require_file(path, what)
     data = p.read_bytes()
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise InputError(f"{what} {p} is UTF-16 text; save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8)")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")) and _decodes(data, "utf-16"):  # PowerShell's > writes it
+            raise InputError(f"{what} {p} is UTF-16 text; save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8)") from None
         raise InputError(f"{what} {p} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+
+
+def _decodes(data: bytes, encoding: str) -> bool:
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError:
+        return False
+    return True
