@@ -143,6 +143,7 @@ def test_quant_scheme_is_canonical_and_valid_however_it_is_built():
     assert aq.QuantScheme(format="fp4") == aq.QuantScheme.create("fp4_e2m1")  # aliases become canonical names
     assert str(aq.QuantScheme(format="fp4", scale_dtype=jnp.bfloat16)) == "fp4_e2m1-asym-g128"
     assert type(aq.QuantScheme(format="nf3", group_size=np.int64(64)).group_size) is int  # JSON-serialisable
+    assert type(aq.QuantScheme(format="int4", act_bits=np.int64(8), act_mode="dynamic").act_bits) is int
     for kwargs, message in [({"format": "bogus"}, "unknown format"), ({"format": "nf3", "group_size": 0}, "group_size"),
                             ({"format": "nf3", "scale_dtype": "foo"}, "scale_dtype"),
                             ({"format": "int4", "act_bits": 8.0, "act_mode": "dynamic"}, "act_bits"),

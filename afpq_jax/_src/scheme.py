@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -61,8 +62,10 @@ class QuantScheme:
         object.__setattr__(self, "format", formats_lib.get_format(self.format).name)
         object.__setattr__(self, "scale_dtype", quantizer.check_scale_dtype(self.scale_dtype).name)
         quantizer.check_group_size(self.group_size)
-        if self.group_size is not None:  # a numpy integer would not go into quantization_config.json
-            object.__setattr__(self, "group_size", int(self.group_size))
+        for name in ("group_size", "act_bits"):  # a numpy integer would not go into quantization_config.json
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                object.__setattr__(self, name, int(value))
         self.validate()
 
     def validate(self) -> None:
@@ -78,7 +81,8 @@ class QuantScheme:
             quantizer.integer_scale_limit(fmt, self.asym)
         if self.act_bits is None and self.act_mode is None:
             return
-        if isinstance(self.act_bits, bool) or self.act_bits not in ACT_BITS or not isinstance(self.act_bits, int):
+        if isinstance(self.act_bits, bool) or not isinstance(self.act_bits, numbers.Integral) or \
+                self.act_bits not in ACT_BITS:
             raise InputError(f"act_bits must be one of {ACT_BITS} (or null for float activations), got "
                              f"{self.act_bits!r}")
         if self.act_mode not in ACT_MODES:
