@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from afpq_jax._src import validation
 from afpq_jax._src.errors import InputError
 from afpq_jax._src.models import CausalLM
 
@@ -32,25 +33,19 @@ def _nll_fn(model: CausalLM):
     return lambda ids: _window_nll_sum(graphdef, state, ids)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 def perplexity(model: CausalLM, token_ids, *, seq_len: int | None = None, batch_size: int = 1,
                max_windows: int | None = None, progress: bool = True) -> dict:
     """exp(mean NLL) over ``len(ids) // seq_len`` non-overlapping windows (the remainder is dropped); each
     window predicts its tokens 1..L-1 from the preceding ones, as in GPTQ's and AFPQ's WikiText-2 protocol."""
     ids = np.asarray(token_ids, np.int32).reshape(-1)
     seq_len = default_seq_len(model) if seq_len is None else seq_len  # 0 is an error, not "the default"
-    if not _is_int(seq_len) or seq_len < 2:
-        raise InputError(f"seq_len must be an integer of at least 2 (or None: the default), got {seq_len!r}")
+    validation.integer(seq_len, "seq_len", minimum=2)
     if seq_len > model.cfg.max_seq_len:  # beyond the positions the model was trained for (and memory runs out)
         raise InputError(f"seq_len {seq_len} exceeds the model's context of {model.cfg.max_seq_len} tokens "
                          f"(max_position_embeddings); use a seq_len of at most {model.cfg.max_seq_len}")
-    if not _is_int(batch_size) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if max_windows is not None and (not _is_int(max_windows) or max_windows < 1):
-        raise InputError(f"max_windows must be a positive integer or None (all windows), got {max_windows!r}")
+    validation.integer(batch_size, "batch_size")
+    if max_windows is not None:
+        validation.integer(max_windows, "max_windows")
     n = len(ids) // seq_len
     if max_windows is not None:
         n = min(n, max_windows)

@@ -340,15 +340,15 @@ def quantize(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128, a
     """
     fmt = formats_lib.get_format(fmt)
     check_group_size(group_size)
-    check_asym(asym)
+    asym = check_asym(asym)
     dt = check_scale_dtype(scale_dtype)
     if integer_scales:
-        integer_scale_limit(fmt, bool(asym))
+        integer_scale_limit(fmt, asym)
     w = check_weight(w)
     g = _group_size(w.shape[-2], group_size)
     check_clip_ratios(clip_ratios, w.shape, g)
-    codes, params, channel = _quantize_codes(w, fmt, bool(asym), g, dt, clip_ratios, bool(integer_scales))
-    return packed_tensor(codes, params, channel, fmt=fmt, group_size=group_size, asym=bool(asym),
+    codes, params, channel = _quantize_codes(w, fmt, asym, g, dt, clip_ratios, bool(integer_scales))
+    return packed_tensor(codes, params, channel, fmt=fmt, group_size=group_size, asym=asym,
                          scale_dtype=dt, dtype=w.dtype)
 
 
@@ -395,14 +395,13 @@ def fake_quant(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128,
     """``dequantize(quantize(w))`` without packing, with a straight-through (identity) gradient."""
     fmt = formats_lib.get_format(fmt)
     check_group_size(group_size)
-    check_asym(asym)
+    asym = check_asym(asym)
     dt = check_scale_dtype(scale_dtype)
     if integer_scales:
-        integer_scale_limit(fmt, bool(asym))
+        integer_scale_limit(fmt, asym)
     w = check_weight(w)
     g = _group_size(w.shape[-2], group_size)
-    codes, params, _ = _quantize_codes(jax.lax.stop_gradient(w), fmt, bool(asym), g, dt, None,
-                                       bool(integer_scales))
-    dq = _decode_codes(codes, params, fmt, bool(asym), g, w.dtype)
+    codes, params, _ = _quantize_codes(jax.lax.stop_gradient(w), fmt, asym, g, dt, None, bool(integer_scales))
+    dq = _decode_codes(codes, params, fmt, asym, g, w.dtype)
     # dq + (w - sg(w)) is exactly dq in value and has d/dw = identity (w + sg(dq - w) can be off by an ulp).
     return dq + (w - jax.lax.stop_gradient(w))

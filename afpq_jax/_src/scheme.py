@@ -61,7 +61,6 @@ class QuantScheme:
         # alike however they were written; an invalid scheme cannot be built.
         object.__setattr__(self, "format", formats_lib.get_format(self.format).name)
         object.__setattr__(self, "scale_dtype", quantizer.check_scale_dtype(self.scale_dtype).name)
-        quantizer.check_group_size(self.group_size)
         for name in ("group_size", "act_bits"):  # a numpy integer would not go into quantization_config.json
             value = getattr(self, name)
             if isinstance(value, numbers.Integral) and not isinstance(value, bool):

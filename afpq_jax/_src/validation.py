@@ -14,7 +14,7 @@ from afpq_jax._src.errors import ArgumentTypeError, InputError
 def integer(value: Any, what: str, *, minimum: int = 1) -> int:
     """``value`` if it is an integer (not a bool) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        bound = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
         raise InputError(f"{what} must be {bound}, got {value!r}")
     return int(value)
 

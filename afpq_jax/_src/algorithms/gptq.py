@@ -221,6 +221,13 @@ def damping_schedule(damp: float, step: float, max_damp: float) -> list[float]:
     return out
 
 
+def check_options(damp: float, block_size: int) -> None:
+    """GPTQ's damping (a fraction of mean(diag H), in [0, 1)) and block size (a positive integer)."""
+    if not 0 <= validation.number(damp, "GPTQ damp") < 1:
+        raise InputError(f"GPTQ damp must be in [0, 1), got {damp!r}")
+    validation.integer(block_size, "GPTQ block_size")
+
+
 def gptq_quantize(kernel: jax.Array, hessian: jax.Array, fmt: str | Format, *, group_size: int | None = 128,
                   asym: bool = True, scale_dtype: DTypeLike = jnp.float16, damp: float = 0.01, block_size: int = 128,
                   act_order: bool = False, damp_step: float = 0.0025, max_damp: float = 1.0,
@@ -241,9 +248,7 @@ def gptq_quantize(kernel: jax.Array, hessian: jax.Array, fmt: str | Format, *, g
                          f"{tuple(np.shape(kernel))} for {name}; quantize stacked kernels one at a time")
     if not jnp.issubdtype(kernel.dtype, jnp.floating):
         raise ArgumentTypeError(f"{name}: kernel dtype {jnp.dtype(kernel.dtype).name} is not floating point")
-    validation.integer(block_size, "GPTQ block_size")
-    if not 0 <= validation.number(damp, "GPTQ damp") < 1:
-        raise InputError(f"GPTQ damp must be in [0, 1), got {damp!r}")
+    check_options(damp, block_size)
     k, n = kernel.shape
     h = jnp.asarray(hessian, jnp.float32)
     if h.shape != (k, k):
@@ -308,9 +313,7 @@ class GPTQ(Method):
     act_order: bool = False
 
     def validate(self) -> None:
-        if not 0 <= validation.number(self.damp, "GPTQ damp") < 1:
-            raise InputError(f"GPTQ damp must be in [0, 1), got {self.damp}")
-        validation.integer(self.block_size, "GPTQ block_size")
+        check_options(self.damp, self.block_size)
         if not isinstance(self.act_order, bool):
             raise InputError(f"GPTQ act_order must be True or False, got {self.act_order!r}")
 
