@@ -12,11 +12,11 @@ Public API (everything else lives in `afpq_jax._src` and may change):
     (BitDistiller: CAKLD, clipping init, self-generated data) exported to the packed checkpoint.
   formats, kernels, assets (imported on demand) — code books, the fused matmul op, the built-in model and texts.
   qwix (imported on demand, needs the qwix extra) — AFPQ for any Flax model through qwix providers.
-  AfpqError, InputError, CheckpointError, QuantizationError — the errors raised on purpose.
+  AfpqError, InputError, CheckpointError, OutputError, QuantizationError — the errors raised on purpose.
 """
 
 from afpq_jax import formats
-from afpq_jax._src.errors import AfpqError, CheckpointError, InputError, QuantizationError
+from afpq_jax._src.errors import AfpqError, CheckpointError, InputError, OutputError, QuantizationError
 from afpq_jax._src.formats import Format, available_formats, get_format
 from afpq_jax._src.qtensor import QuantizedTensor
 from afpq_jax._src.quantizer import dequantize, fake_quant, quantize
@@ -36,7 +36,7 @@ from afpq_jax._src.generation import generate
 __version__ = "0.1.0"
 
 __all__ = ["ABS_MAX", "ABS_SUM", "AWQ", "ActivationQuant", "AfpqError", "BlockContext", "Calibration", "CausalLM",
-           "CheckpointError", "ClipSearch", "Format", "GPTQ", "InputError", "Method", "QATConfig", "QATResult", "QuantDense", "QuantRule",
+           "CheckpointError", "ClipSearch", "Format", "GPTQ", "InputError", "Method", "OutputError", "QATConfig", "QATResult", "QuantDense", "QuantRule",
            "QuantScheme", "QuantizationError", "QuantizedTensor", "RTN", "Statistic", "XTX", "available_formats",
            "available_methods", "default_rules", "dequantize", "fake_quant", "formats", "generate", "get_format", "get_method",
            "load", "load_rules", "load_tokenizer", "quantize", "quantize_pretrained", "register_method",

@@ -15,8 +15,9 @@ from pathlib import Path
 import afpq_jax as aq
 from afpq_jax._src import cli
 from afpq_jax._src.api import model_config, resolve_method, summarize
+from afpq_jax._src.calibration.progress import discard_empty_progress
+from afpq_jax._src.io import outputs
 from afpq_jax._src.io.files import read_text
-from afpq_jax._src.checkpoint import output_exists
 from afpq_jax._src.errors import InputError, InputNotFoundError
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -85,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also quantize lm_head (untied models only; embeddings always stay float)")
     p.add_argument("--out", default=None,
                    help="output directory (default: out/<model>-<format>-<asym|sym>-g<size|channel>, or "
-                        "out/<model>-<rules file name> with --rules; then -intscales, -a8<act-scheme> if used)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+                        "out/<model>-<rules file name> with --rules; then -intscales, -<method> (not for plain rtn), "
+                        "-a8<act-scheme> if used)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is an afpq-jax checkpoint (never any other directory)")
     p.add_argument("--save-progress", action="store_true",
                    help="keep every finished block (and the next block's calibration inputs) in .<out>.progress/ "
                         "next to --out, so an interrupted conversion can --resume")
@@ -143,6 +146,17 @@ def _activations(args) -> aq.ActivationQuant | None:
     return policy
 
 
+def _method_tag(args) -> str:
+    """The default output name's method part: none for plain RTN (the demo's name), so two methods' results
+    never share a default name."""
+    tag = args.method
+    if args.clip is True and args.method != "awq":
+        tag += "-clip"
+    elif args.clip is False and args.method == "awq":
+        tag += "-noclip"
+    return "" if tag == "rtn" else f"-{tag}"
+
+
 def _applies(flags: list[str]) -> str:
     return "applies" if len(flags) == 1 else "apply"
 
@@ -170,54 +184,75 @@ def main(argv: list[str] | None = None) -> int:
         rules, suffix = cli.rules_from_args(args)
         method = _method(args)
         activations = _activations(args)
+        suffix += _method_tag(args)
         if activations is not None:
             suffix += f"-a{activations.bits}{activations.scheme}"
         model = args.model
         name = cli.model_name(model) if model else DEFAULT_MODEL_NAME
         out = Path(args.out or f"out/{name}-{suffix}")
-        if out.exists() and not args.overwrite:  # fail before reading gigabytes
-            raise output_exists(out)
-        if model is None:
-            from afpq_jax import assets
-            model = str(assets.smollm2_hf_dir())
-        if args.quantize_lm_head and model_config(model).tie_embeddings:
-            raise InputError("lm_head is tied to the input embeddings in this model; quantizing it is not "
-                             "supported (drop --quantize-lm-head)")
-        method = resolve_method(method, args.clip)
-        calibrated = method.calibrated or (activations is not None and activations.calibrated) or any(
-            r.scheme is not None and r.scheme.act_mode == "static" for r in rules)
-        calibration = _calibration(args) if calibrated else None
-        data = (args.mesh or {}).get("data", 1)
-        if calibrated and args.calib_batch_size % data:  # the library's documented fallback: run it unsplit
-            print(f"warning: --calib-batch-size {args.calib_batch_size} is not a multiple of the mesh's data size "
-                  f"{data}, so calibration is not split over the devices; pass --calib-batch-size {data} (or a "
-                  f"multiple)", file=sys.stderr)
-        described = ", ".join(f"{r.pattern} -> {r.scheme or 'float'}" for r in rules)
-        print(f"converting {model}\n  -> {described}; method={args.method}"
-              f"{'' if args.clip is None else (' +clip' if args.clip else ' -clip')}"
-              f"{'' if activations is None else f'; activations int{activations.bits} {activations.scheme}'}",
-              file=sys.stderr)
-        progress_dir = out.parent / f".{out.name}.progress"
-        if args.resume and not (progress_dir / "progress.json").exists():
-            raise InputError(f"nothing to resume: {progress_dir} holds no saved progress (a conversion run with "
-                             f"--save-progress and the same --out leaves it when interrupted)")
-        keep = args.save_progress or args.resume
+        # before reading gigabytes: --out is checked, locked against other runs and held until the end
+        with outputs.claim(out, inputs=[model], overwrite=args.overwrite, what="--out", hint="--overwrite",
+                           lead=cli.is_lead()) as claim:
+            if model is None:
+                from afpq_jax import assets
+                model = str(assets.smollm2_hf_dir())
+                claim.check_inputs([model])
+            if args.spill_dir is not None:
+                outputs.check_scratch(args.spill_dir, [model, out], "--spill-dir")
+            return _convert(args, model, out, rules, method, activations, progress_dirs, t0)
+
+    def interrupted() -> str:
+        line = cli.INTERRUPTED
+        if (args.save_progress or args.resume) and progress_dirs and (progress_dirs[0] / "progress.json").exists():
+            line += ("; the progress so far is kept next to it: the same command with --resume continues it")
+        elif args.save_progress:
+            line += "; no block had finished, so there is no progress to resume"
+        return line
+
+    progress_dirs: list[Path] = []  # filled once known, for the message on Ctrl-C
+    return cli.run(run, args.debug, interrupted)
+
+
+def _convert(args, model: str, out: Path, rules, method, activations, progress_dirs: list[Path], t0: float) -> int:
+    """The conversion itself, inside the claim on ``out``."""
+    if args.quantize_lm_head and model_config(model).tie_embeddings:
+        raise InputError("lm_head is tied to the input embeddings in this model; quantizing it is not "
+                         "supported (drop --quantize-lm-head)")
+    method = resolve_method(method, args.clip)
+    calibrated = method.calibrated or (activations is not None and activations.calibrated) or any(
+        r.scheme is not None and r.scheme.act_mode == "static" for r in rules)
+    calibration = _calibration(args) if calibrated else None
+    data = (args.mesh or {}).get("data", 1)
+    if calibrated and args.calib_batch_size % data:  # the library's documented fallback: run it unsplit
+        print(f"warning: --calib-batch-size {args.calib_batch_size} is not a multiple of the mesh's data size "
+              f"{data}, so calibration is not split over the devices; pass --calib-batch-size {data} (or a "
+              f"multiple)", file=sys.stderr)
+    described = ", ".join(f"{r.pattern} -> {r.scheme or 'float'}" for r in rules)
+    print(f"converting {model}\n  -> {described}; method={args.method}"
+          f"{'' if args.clip is None else (' +clip' if args.clip else ' -clip')}"
+          f"{'' if activations is None else f'; activations int{activations.bits} {activations.scheme}'}",
+          file=sys.stderr)
+    progress_dir = out.parent / f".{out.name}.progress"
+    progress_dirs.append(progress_dir)
+    if args.resume and not (progress_dir / "progress.json").exists():
+        raise InputError(f"nothing to resume: {progress_dir} holds no saved progress (a conversion run with "
+                         f"--save-progress and the same --out leaves it when interrupted)")
+    keep = args.save_progress or args.resume
+    try:
         qmodel = aq.quantize_pretrained(model, rules, method=method, calibration=calibration, dtype=args.dtype,
                                         activations=activations, progress=not args.no_progress,
                                         progress_dir=progress_dir if keep else None, resume=args.resume,
                                         mesh=cli.make_mesh(args.mesh) if args.mesh else None,
                                         max_memory=args.max_memory, spill_dir=args.spill_dir)
-        aq.save(qmodel, out, overwrite=args.overwrite)
-        if keep:
-            shutil.rmtree(progress_dir, ignore_errors=True)
-        print("\n".join(summarize(qmodel, out, time.perf_counter() - t0).lines()))
-        return 0
-
-    interrupted = cli.INTERRUPTED
-    if args.save_progress or args.resume:
-        interrupted += ("; the progress so far is kept next to it: the same command with --resume continues "
-                        "it")
-    return cli.run(run, args.debug, interrupted)
+    except BaseException:
+        if keep:  # stopped before the first block was saved: leave no empty progress directory behind
+            discard_empty_progress(progress_dir)
+        raise
+    aq.save(qmodel, out, overwrite=args.overwrite)
+    if keep:
+        shutil.rmtree(progress_dir, ignore_errors=True)
+    print("\n".join(summarize(qmodel, out, time.perf_counter() - t0).lines()))
+    return 0
 
 
 def _check_flags(args) -> None:

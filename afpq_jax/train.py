@@ -20,8 +20,8 @@ import numpy as np
 import afpq_jax as aq
 from afpq_jax._src import cli
 from afpq_jax._src.api import summarize
+from afpq_jax._src.io import outputs
 from afpq_jax._src.io.files import read_text, require_file
-from afpq_jax._src.checkpoint import output_exists
 from afpq_jax._src.errors import InputError, InputNotFoundError
 from afpq_jax._src.training import losses
 from afpq_jax._src.training.trainer import SCHEDULES
@@ -117,44 +117,57 @@ def main(argv: list[str] | None = None) -> int:
                                      f"pass the directory of the run to continue")
         model = args.model
         out = Path(args.out or f"out/{cli.model_name(model) if model else DEFAULT_MODEL_NAME}-{suffix}-qat-{args.loss}")
-        if out.exists() and not args.overwrite:  # before hours of training
-            raise output_exists(out)
-        from afpq_jax import assets
-        if model is None:
-            model = str(assets.smollm2_hf_dir())
-        options = dict(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
-                       search_samples=min(16, args.calib_samples))
-        eval_text = None
-        if args.calib_random:
-            calibration = aq.Calibration(random=True, **options)
-        elif args.calib_text is not None:
-            calibration = aq.Calibration(text=read_text(args.calib_text, "--calib-text"), **options)
-        else:
-            text, eval_text = assets.wiki_text()
-            calibration = aq.Calibration(text=text, **options)
-        eval_ids = None
-        if args.eval_every and eval_text is not None:
-            eval_ids = aq.tokenize(aq.load_tokenizer(model), eval_text)
-        print(f"training {model}\n  -> " + ", ".join(f"{r.pattern} -> {r.scheme or 'float'}" for r in rules)
-              + f"; loss={args.loss}, {args.steps} steps x {args.batch_size * args.grad_accum} sequences",
-              file=sys.stderr)
-        result = aq.train_qat(model, rules, config=config, data=data, calibration=calibration,
-                              clip=None if args.no_clip else aq.ClipSearch(), eval_ids=eval_ids,
-                              checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                              progress=not args.no_progress)
-        aq.save(result.model, out, overwrite=args.overwrite)
-        if args.history:
-            Path(args.history).write_text("".join(json.dumps(h) + "\n" for h in result.history))
-        print("\n".join(summarize(result.model, out, time.perf_counter() - t0).lines()))
-        print(f"training         : {result.steps} steps, {result.tokens:,} tokens, gamma {result.gamma:.3f}, "
-              f"{loss_summary([h['loss'] for h in result.history])}, {result.seconds:.0f} s")
-        return 0
+        # before hours of training: --out is checked, locked against other runs and held until the end
+        with outputs.claim(out, inputs=[model], overwrite=args.overwrite, what="--out", hint="--overwrite") as claim:
+            from afpq_jax import assets
+            if model is None:
+                model = str(assets.smollm2_hf_dir())
+                claim.check_inputs([model])
+            for flag, path in (("--checkpoint-dir", args.checkpoint_dir), ("--data-cache", args.data_cache)):
+                if path is not None:
+                    outputs.check_separate(path, [model], flag)
+                    outputs.check_scratch(path, [model, out], flag)
+            if args.history is not None:
+                outputs.check_scratch(args.history, [model], "--history")
+            return _train(args, model, out, rules, config, data, t0)
 
     interrupted = cli.INTERRUPTED
     if args.checkpoint_dir is not None and args.checkpoint_every:
         interrupted += (f"; training checkpoints written so far stay in {args.checkpoint_dir}: the same command "
                         f"with --resume continues from the last one")
     return cli.run(run, args.debug, interrupted)
+
+
+def _train(args, model: str, out: Path, rules, config: aq.QATConfig, data: aq.SelfGeneratedData, t0: float) -> int:
+    """The training run itself, inside the claim on ``out``."""
+    from afpq_jax import assets
+    options = dict(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
+                   search_samples=min(16, args.calib_samples))
+    eval_text = None
+    if args.calib_random:
+        calibration = aq.Calibration(random=True, **options)
+    elif args.calib_text is not None:
+        calibration = aq.Calibration(text=read_text(args.calib_text, "--calib-text"), **options)
+    else:
+        text, eval_text = assets.wiki_text()
+        calibration = aq.Calibration(text=text, **options)
+    eval_ids = None
+    if args.eval_every and eval_text is not None:
+        eval_ids = aq.tokenize(aq.load_tokenizer(model), eval_text)
+    print(f"training {model}\n  -> " + ", ".join(f"{r.pattern} -> {r.scheme or 'float'}" for r in rules)
+          + f"; loss={args.loss}, {args.steps} steps x {args.batch_size * args.grad_accum} sequences",
+          file=sys.stderr)
+    result = aq.train_qat(model, rules, config=config, data=data, calibration=calibration,
+                          clip=None if args.no_clip else aq.ClipSearch(), eval_ids=eval_ids,
+                          checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                          progress=not args.no_progress)
+    aq.save(result.model, out, overwrite=args.overwrite)
+    if args.history:
+        outputs.atomic_write_text(args.history, "".join(json.dumps(h) + "\n" for h in result.history))
+    print("\n".join(summarize(result.model, out, time.perf_counter() - t0).lines()))
+    print(f"training         : {result.steps} steps, {result.tokens:,} tokens, gamma {result.gamma:.3f}, "
+          f"{loss_summary([h['loss'] for h in result.history])}, {result.seconds:.0f} s")
+    return 0
 
 
 def loss_summary(losses: list[float]) -> str:

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -151,17 +152,6 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
                                                          *out])
     assert "tied" in _cli_error(capsys, ["--model", str(FIXTURES / "bloom"), "--quantize-lm-head", *out])
     assert not (tmp_path / "o").exists()
-
-
-def test_existing_output_is_refused_without_overwrite(tmp_path, capsys):
-    out = tmp_path / "o"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
-    assert "already exists" in _cli_error(capsys, ["--model", str(FIXTURES / "llama_gqa"), "--out", str(out)])
-    assert (out / "keep.txt").read_text() == "precious"
-    assert convert_cli.main(["--model", str(FIXTURES / "llama_gqa"), "--out", str(out), "--overwrite",
-                             "--no-progress"]) == 0
-    assert not (out / "keep.txt").exists() and checkpoint.is_converted_checkpoint(out)
 
 
 @pytest.mark.parametrize("exc,rc", [(KeyboardInterrupt, 130), (OSError, 2)])
@@ -385,6 +375,26 @@ def test_coordinator_auto_outside_a_cluster_is_one_line(tmp_path):
         "--num-processes N --process-id I")
 
 
+def test_a_missing_peer_is_one_line_after_the_coordinator_timeout(tmp_path):
+    """Was: 308 s of silence, then SIGABRT with a C++ stack trace. Now: what it waits for, then one line and exit
+    status 2 after --coordinator-timeout."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.time()
+    r = subprocess.run([sys.executable, "-m", "afpq_jax.convert", "--model", str(FIXTURES / "llama_gqa"),
+                        "--out", str(tmp_path / "o"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                        "--process-id", "0", "--coordinator-timeout", "3"], capture_output=True, text=True,
+                       timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and time.time() - t < 60, r.stderr
+    assert lines[0] == (f"waiting for all 2 processes at 127.0.0.1:{port} (this is process 0), up to 3 s "
+                        f"(--coordinator-timeout)"), r.stderr
+    assert len(lines) == 2 and lines[1].startswith("error: not every process joined within 3 s"), r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_calibration_batch_not_split_over_the_data_axis_is_warned(capsys):
     import jax
     data = jax.device_count() + 2  # no such mesh here: the run stops at the mesh, after the warning
@@ -399,14 +409,6 @@ def test_calibration_batch_not_split_over_the_data_axis_is_warned(capsys):
                         f"multiple)"]
     convert_cli.main([*base, "--calib-batch-size", str(2 * data)])
     assert "warning:" not in capsys.readouterr().err
-
-
-def test_overwriting_a_plain_file_leaves_nothing_hidden_behind(tmp_path):
-    out = tmp_path / "afile"
-    out.write_text("not a checkpoint")
-    assert convert_cli.main(["--model", str(FIXTURES / "llama_gqa"), "--out", str(out), "--overwrite",
-                             "--no-progress"]) == 0
-    assert checkpoint.is_converted_checkpoint(out) and [p.name for p in tmp_path.iterdir()] == ["afile"]
 
 
 def test_train_resume_of_a_missing_directory_creates_nothing(tmp_path, capsys):
@@ -442,9 +444,16 @@ def test_help_shows_each_default_once_and_true_output_names():
     assert "-qat-<loss>" in out_help
 
 
-@pytest.mark.parametrize("extra,kept", [([], False), (["--save-progress"], True)])
-def test_interrupted_conversion_says_whether_progress_was_kept(tmp_path, capsys, monkeypatch, extra, kept):
-    def interrupted(*a, **kw):
+@pytest.mark.parametrize("extra,saved,kept", [([], False, False), (["--save-progress"], False, False),
+                                              (["--save-progress"], True, True)])
+def test_interrupted_conversion_says_whether_progress_was_kept(tmp_path, capsys, monkeypatch, extra, saved, kept):
+    """Only a run that saved a block says --resume continues it; one stopped before its first block leaves no
+    progress directory (it said "--resume continues it" and left nothing to resume)."""
+    def interrupted(*a, progress_dir=None, **kw):
+        if progress_dir is not None:
+            progress_dir.mkdir()
+            if saved:
+                (progress_dir / "progress.json").write_text("{}")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(aq, "quantize_pretrained", interrupted)
@@ -453,3 +462,4 @@ def test_interrupted_conversion_says_whether_progress_was_kept(tmp_path, capsys,
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("interrupted; nothing was written to the output path")
     assert ("--resume continues it" in line) == kept, line
+    assert (tmp_path / ".o.progress").exists() == kept

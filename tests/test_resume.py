@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +148,48 @@ def test_memory_budget_spills_activations_to_disk_with_the_same_result(tmp_path)
     assert capped["digest"] == full["digest"]
     assert capped["peak_mb"] < full["peak_mb"] - 100, runs  # run-to-run noise measured: ~35 MB
     assert list(spill.iterdir()) == []
+
+
+def _with_changed_tensor(src: Path, dst: Path, name: str) -> Path:
+    """A copy of the model ``src`` with one value of tensor ``name`` changed: the same architecture, other weights."""
+    from safetensors.numpy import load_file, save_file
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] += 0.01
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_resume_refuses_the_progress_of_another_models_weights(tmp_path, capsys):
+    """Was: progress saved from model A, --resume with model B of the same architecture -> exit 0, the first
+    blocks from A and the rest from B (the fingerprint covered config, layout and options, not the weights)."""
+    a = FIXTURES / "llama_gqa"
+    progress = tmp_path / ".q.progress"
+    scheme = aq.QuantScheme.create("nf3", group_size=16)
+    aq.quantize_pretrained(a, scheme, progress=False, progress_dir=progress)  # every block saved, kept
+    saved = {p.name: p.read_bytes() for p in progress.iterdir()}
+    cli = ["--format", "nf3", "--group-size", "16", "--out", str(tmp_path / "q"), "--resume", "--no-progress"]
+    for tensor, what in [("model.layers.0.mlp.up_proj.weight", "weights of block 0"),
+                         ("model.embed_tokens.weight", "embeddings / output layers"),
+                         ("lm_head.weight", "embeddings / output layers")]:
+        b = _with_changed_tensor(a, tmp_path / tensor, tensor)
+        with pytest.raises(aq.CheckpointError, match=f"model's {what} differ from those of the interrupted"):
+            aq.quantize_pretrained(b, scheme, progress=False, progress_dir=progress, resume=True)
+        assert convert_cli.main(["--model", str(b), *cli]) == 2
+        assert f"the model's {what} differ" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in progress.iterdir()} == saved and not (tmp_path / "q").exists()
+    same = tmp_path / "copy"
+    shutil.copytree(a, same)  # the same weights elsewhere: resumes
+    assert convert_cli.main(["--model", str(same), *cli]) == 0 and not progress.exists()
+
+
+def test_starting_over_never_deletes_what_progress_did_not_write(tmp_path):
+    from afpq_jax._src.calibration.progress import BlockProgress
+    d = tmp_path / ".q.progress"
+    d.mkdir()
+    (d / "block_0000.npz").write_bytes(b"old")
+    (d / "thesis.tex").write_text("mine")
+    with pytest.raises(aq.OutputError, match="holds thesis.tex, which a conversion's progress never does"):
+        BlockProgress(d, "fingerprint").start_over()
+    assert sorted(p.name for p in d.iterdir()) == ["block_0000.npz", "thesis.tex"]

@@ -33,8 +33,8 @@ from afpq_jax._src.calibration.progress import BlockProgress
 from afpq_jax._src.calibration.progress import fingerprint as progress_fingerprint
 from afpq_jax._src.calibration.timer import PhaseTimer
 from afpq_jax._src.checkpoint import CheckpointInfo
-from afpq_jax._src.errors import ArgumentTypeError, CheckpointError, InputError, OutputExistsError
-from afpq_jax._src.io import sources
+from afpq_jax._src.errors import ArgumentTypeError, CheckpointError, InputError
+from afpq_jax._src.io import files, sources
 from afpq_jax._src.loading import CheckpointWeights, ModelWeights, load_float
 from afpq_jax._src.models import CausalLM, ModelConfig, config_from_hf, linear_paths
 from afpq_jax._src.scheme import QuantRule, QuantScheme, as_rules, resolve_rules, rules_to_json, unused_rules
@@ -107,7 +107,15 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise CheckpointError(f"{p} has no tokenizer files (tokenizer.json / tokenizer.model); copy them from the "
                               f"original model")
-    return AutoTokenizer.from_pretrained(str(p))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (p / name).exists():  # a damaged file is named here, not in a tokenizers / transformers traceback
+            files.read_json_object(p / name)
+    try:
+        return AutoTokenizer.from_pretrained(str(p))
+    except Exception as e:  # the library's own checks of a user's files: their message, one line
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read the tokenizer in {p} ({type(e).__name__}: {first}); restore its "
+                              f"tokenizer files from the original model") from None
 
 
 def tokenize(tokenizer, text: str, chunk_chars: int = 100_000) -> np.ndarray:
@@ -127,7 +135,7 @@ def tokenize(tokenizer, text: str, chunk_chars: int = 100_000) -> np.ndarray:
 def model_config(path: str | os.PathLike) -> ModelConfig:
     """The architecture of a model path (reads only its config and tensor index)."""
     if checkpoint.is_converted_checkpoint(path):
-        return config_from_hf(json.loads((Path(path) / "config.json").read_text()))
+        return config_from_hf(files.read_json_object(Path(path) / "config.json"))
     return config_from_hf(sources.open_source(path).config)
 
 
@@ -415,14 +423,15 @@ def save(model: CausalLM, out_dir: str | os.PathLike, *, overwrite: bool = False
     temporary sibling directory and renamed into place: nothing appears at ``out_dir`` if anything fails.
 
     ``hf_config`` is needed only for a model that did not come from `load` / `quantize_pretrained`.
+    ``out_dir`` must not be, or contain, the model the weights came from or the working directory; with
+    ``overwrite`` it may replace only an afpq-jax checkpoint (`afpq_jax._src.io.outputs.claim`).
     """
     if not isinstance(model, CausalLM):
         raise InputError(f"save expects an afpq_jax CausalLM, got {type(model).__name__}")
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output directory {out} already exists; choose another path or pass "
-                                f"overwrite=True")
     info = model.checkpoint_info
+    inputs = [] if info is None else [info.source if info.source_kind != "model" else None, info.tokenizer_dir,
+                                      info.gguf_path]
     hf = hf_config if hf_config is not None else (json.loads(info.hf_config) if info and info.hf_config else None)
     if hf is None:
         raise InputError("this model carries no Hugging Face config.json (it was not made by load / "
@@ -440,7 +449,7 @@ def save(model: CausalLM, out_dir: str | os.PathLike, *, overwrite: bool = False
         "packing": "bit planes along the input axis, LSB first (afpq_jax/_src/packing.py)",
         "bits_per_weight": round(8 * q_bytes / max(1, q_params), 4),
     }
-    with checkpoint.staging_dir(out, overwrite) as tmp:
+    with checkpoint.staging_dir(out, overwrite, inputs=inputs) as tmp:
         if info is not None and info.gguf_path and jax.process_index() == 0:
             from afpq_jax._src.io import gguf as gguf_io
             gguf_io.write_hf_tokenizer(Path(info.gguf_path), tmp)

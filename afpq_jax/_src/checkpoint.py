@@ -1,18 +1,21 @@
 """Packed checkpoints: an orbax tree of the model state plus config.json, tokenizer files and
-quantization_config.json. Written into a temporary sibling directory and renamed into place, so an
-interrupted or failed conversion never leaves a half checkpoint at the destination.
+quantization_config.json. Written into a temporary sibling directory and renamed into place (`outputs`), so an
+interrupted or failed conversion never leaves a half checkpoint at the destination; read back only after the
+arrays' recorded schemes, shapes and dtypes match the JSON (`load`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
+import logging
 import os
 import shutil
-import signal
+import sys
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import jax
@@ -20,12 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from afpq_jax._src.errors import CheckpointError, InputError, OutputExistsError
+from afpq_jax._src import interrupts
+from afpq_jax._src.errors import CheckpointError, InputError, NoSpaceError
+from afpq_jax._src.io import files, outputs
 from afpq_jax._src.loading import ModelAssembler
 from afpq_jax._src.models import CausalLM, config_from_hf
 from afpq_jax._src.scheme import QuantScheme
 
-QUANT_CONFIG = "quantization_config.json"
+logger = logging.getLogger("afpq_jax")
+
+QUANT_CONFIG = outputs.MANIFEST
 PARAMS_DIR = "params"
 CHECKPOINT_FORMAT = "afpq-jax/1"  # bump when the packed layout or the state tree changes
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -55,10 +62,6 @@ RECORD_KEYS = ("method", "method_options", "clip", "activations", "calibration",
                "source_kind")
 
 
-def output_exists(out: Path) -> OutputExistsError:
-    return OutputExistsError(f"output directory {out} already exists; choose another --out or pass --overwrite")
-
-
 def is_converted_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / QUANT_CONFIG).is_file()
 
@@ -81,50 +84,42 @@ def _leaf(nested: dict, path: tuple):
 
 
 @contextlib.contextmanager
-def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yields a fresh temporary directory next to ``out``; on success it replaces ``out``, on any failure
-    (including Ctrl-C / SIGTERM) it is deleted and ``out`` is left as it was.
+def staging_dir(out: Path, overwrite: bool, *, inputs: Iterable[str | os.PathLike | None] = (),
+                hint: str = "overwrite=True") -> Iterator[Path]:
+    """Yields a fresh temporary directory next to ``out``; on success it is published as ``out``
+    (`outputs.publish`: an existing ``out`` is replaced only with ``overwrite`` and only if afpq-jax wrote it), on
+    any failure (Ctrl-C and SIGTERM included) it is deleted and ``out`` is left as it was. The whole time ``out``
+    is claimed (`outputs.claim`: separate from ``inputs``, locked against other runs).
 
     Multi-process (``jax.process_count() > 1``, a shared file system): every process gets the same directory
-    (process 0's name, broadcast); process 0 creates, renames and deletes it, the others wait at barriers.
+    (process 0's name, broadcast); process 0 claims, creates, renames and deletes it, the others wait at barriers.
     """
     out = out.absolute()
-    if out.exists() and not overwrite:
-        raise output_exists(out)
     multi, lead = jax.process_count() > 1, jax.process_index() == 0
-    token = uuid.uuid4().int & 0xFFFFFFFF
-    if multi:
-        from jax.experimental import multihost_utils
-        token = int(multihost_utils.broadcast_one_to_all(np.uint32(token)))
-    tmp = out.parent / f".{out.name}.partial-{token:08x}"
-    if lead:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    _barrier("afpq_jax staging directory created")
-
-    def on_term(signum, frame):  # turn SIGTERM into an exception so the cleanup below runs
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, on_term) if _in_main_thread() else None
-    try:
-        yield tmp
-        _barrier("afpq_jax checkpoint written")
-        if lead and out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:  # --overwrite of a plain file (or a link): rmtree would fail silently and leave it behind
-                old.unlink(missing_ok=True)
-        elif lead:
-            tmp.rename(out)
-        _barrier("afpq_jax checkpoint renamed")
-    finally:
-        if lead and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    with outputs.claim(out, inputs=inputs, overwrite=overwrite, hint=hint, lead=lead) as claim, \
+            interrupts.stop_on_signals():
+        token = uuid.uuid4().int & 0xFFFFFFFF
+        if multi:
+            from jax.experimental import multihost_utils
+            token = int(multihost_utils.broadcast_one_to_all(np.uint32(token)))
+        tmp = out.parent / f".{out.name}.partial-{token:08x}"
+        if lead:
+            tmp.mkdir()
+        _barrier("afpq_jax staging directory created")
+        try:
+            try:
+                yield tmp
+            except NoSpaceError as e:  # named by the output the user gave, not by the staging directory
+                raise outputs.no_space(out, getattr(e, "needed", None)) from None
+            _barrier("afpq_jax checkpoint written")
+            if lead:
+                with interrupts.deferred():
+                    outputs.publish(tmp, out, overwrite=claim.overwrite, what=claim.what, hint=claim.hint)
+            _barrier("afpq_jax checkpoint renamed")
+        finally:
+            if lead:
+                with interrupts.deferred():
+                    outputs.remove_tree(tmp)
 
 
 def _barrier(name: str) -> None:
@@ -134,31 +129,111 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _in_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
 def save(model: CausalLM, directory: Path, *, hf_config: dict, quant_config: dict,
          tokenizer_dir: Path | None = None) -> None:
     """Writes a checkpoint into ``directory`` (which must exist and be empty: use `staging_dir`). Multi-process:
-    every process calls it; orbax writes each process's shards, process 0 the JSON and tokenizer files."""
-    import orbax.checkpoint as ocp
+    every process calls it; orbax writes each process's shards, process 0 the JSON and tokenizer files.
 
+    Each layer's scheme and the checkpoint's dtype also go into orbax's own metadata, beside the arrays, so `load`
+    can tell an edited quantization_config.json from the one the arrays were written for. A full disk (checked
+    before writing, and if orbax fails with it) is a `NoSpaceError`; a signal waits until orbax's writer is done
+    (`interrupts.deferred`), so the caller's cleanup removes everything it wrote."""
     _, state = nnx.split(model)
     tree = _nested({p: v.get_value() for p, v in nnx.to_flat_state(state)})
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(directory / PARAMS_DIR, tree)  # every process writes its own shards (orbax multi-host save)
-    ckpt.wait_until_finished()
+    # every process writes its own shards (orbax multi-host save)
+    write_arrays(directory / PARAMS_DIR, tree,
+                 custom_metadata={"layers": quant_config["layers"], "dtype": quant_config["dtype"]})
     if jax.process_index() != 0:
         return
-    (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-    (directory / QUANT_CONFIG).write_text(json.dumps(quant_config, indent=2, sort_keys=True))
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / name
-            if src.is_file() and not (directory / name).exists():
-                shutil.copy2(src, directory / name)
+    try:
+        (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+        (directory / QUANT_CONFIG).write_text(json.dumps(quant_config, indent=2, sort_keys=True))
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / name
+                if src.is_file() and not (directory / name).exists():
+                    shutil.copy2(src, directory / name)
+    except OSError as e:
+        full = outputs.as_no_space(e, directory)
+        if full is not None:
+            raise full from None
+        raise
+
+
+def write_arrays(directory: Path, tree, custom_metadata: dict | None = None) -> None:
+    """Writes a tree of arrays with orbax into ``directory`` (inside a staging directory). A full disk, checked
+    before writing and recognised in orbax's errors, is a `NoSpaceError`; a signal waits until orbax's writer
+    has finished (`interrupts.deferred`): cut short, its background threads recreate the directory the cleanup
+    deletes and print pages of tracebacks."""
+    import orbax.checkpoint as ocp
+
+    nbytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+    if jax.process_index() == 0:
+        outputs.require_space(directory.parent, nbytes + 2**20)
+    ckpt = ocp.StandardCheckpointer()
+    with _stderr_kept() as kept:
+        try:
+            with interrupts.deferred():
+                ckpt.save(directory, tree, custom_metadata=custom_metadata)
+                ckpt.wait_until_finished()
+        except Exception as e:
+            full = outputs.as_no_space(e, directory.parent, nbytes)
+            if full is None:
+                raise
+            del e, ckpt
+            # orbax's background threads said "disk full" in 300 lines of tracebacks: the one line says it. Its
+            # failed futures report themselves when collected, now or at exit: those reports are dropped too.
+            logging.getLogger("asyncio").addFilter(_AboutDirectory(directory))
+            gc.collect()
+            kept.clear()
+            raise full from None
+
+
+class _AboutDirectory(logging.Filter):
+    """Drops log records that concern ``directory`` (asyncio's "exception was never retrieved" reports of a
+    failed write there, already reported as one line)."""
+
+    def __init__(self, directory: Path):
+        super().__init__()
+        self.directory = str(directory)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return self.directory not in record.getMessage() and self.directory not in str(exc)
+
+
+class _KeptStderr:
+    def __init__(self, file):
+        self.file, self.dropped = file, False
+
+    def clear(self) -> None:
+        self.dropped = True
+
+
+@contextlib.contextmanager
+def _stderr_kept() -> Iterator[_KeptStderr]:
+    """Holds what is written to file descriptor 2 (Python, absl, asyncio and C++ alike) while the block runs,
+    and writes it out afterwards unless the block `clear`-ed it; used around orbax's writer, whose background
+    threads print pages of tracebacks for one failed write."""
+    import tempfile
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        kept = _KeptStderr(f)
+        try:
+            yield kept
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not kept.dropped:
+                f.seek(0)
+                data = f.read()
+                if data:
+                    sys.stderr.buffer.write(data) if hasattr(sys.stderr, "buffer") else sys.stderr.write(
+                        data.decode(errors="replace"))
+                    sys.stderr.flush()
 
 
 def quant_layout(quant_config: dict, where: Path | None = None) -> dict[str, QuantScheme]:
@@ -167,49 +242,126 @@ def quant_layout(quant_config: dict, where: Path | None = None) -> dict[str, Qua
     for path, scheme in quant_config["layers"].items():
         try:
             layout[path] = QuantScheme.from_json(scheme)
-        except InputError as e:
+        except (InputError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{where or 'checkpoint'}: layer {path}: {e} (upgrade afpq-jax or convert "
                                   f"again)") from None
     return layout
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def read_quant_config(path: Path) -> dict:
-    try:
-        qc = json.loads((path / QUANT_CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / QUANT_CONFIG} is not valid JSON ({e.msg}); the checkpoint is damaged") from None
+    """quantization_config.json of a converted checkpoint, checked by type: the fields `load` reads."""
+    where = path / QUANT_CONFIG
+    qc = files.read_json_object(where)
     if qc.get("checkpoint_format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} has checkpoint_format {qc.get('checkpoint_format')!r}; this afpq-jax reads "
                               f"{CHECKPOINT_FORMAT!r} — convert the model again")
+    layers = qc.get("layers")
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        raise CheckpointError(f"{where}: 'layers' must be an object of layer path -> scheme, got "
+                              f"{files.json_kind(layers) if 'layers' in qc else 'nothing'}; restore the file or "
+                              f"convert again")
+    if qc.get("dtype", "float32") not in DTYPES:
+        raise CheckpointError(f"{where}: 'dtype' must be one of {', '.join(DTYPES)}, got {qc.get('dtype')!r}; "
+                              f"restore the file or convert again")
+    if not isinstance(qc.get("mlp_act_scale", False), bool):
+        raise CheckpointError(f"{where}: 'mlp_act_scale' must be true or false, got {qc['mlp_act_scale']!r}")
     return qc
+
+
+def _scheme_difference(written: dict, found: dict) -> str:
+    keys = sorted(set(written) | set(found), key=str)
+    return ", ".join(f"{k} {written.get(k)!r} -> {found.get(k)!r}" for k in keys if written.get(k) != found.get(k))
+
+
+def _verify(path: Path, qc: dict, metadata, expected: Mapping[tuple, jax.ShapeDtypeStruct]) -> None:
+    """The arrays on disk are the ones quantization_config.json describes: each layer's scheme and the dtype
+    equal what was recorded beside the arrays when they were written, and every leaf has exactly the shape and
+    dtype the layout implies (orbax would cast a dtype silently). A difference is a `CheckpointError` naming the
+    layer."""
+    where = path / QUANT_CONFIG
+    custom = metadata.custom_metadata or {}
+    written = custom.get("layers")
+    if written is None:
+        logger.warning("%s was written before afpq-jax recorded each layer's scheme beside its arrays: its "
+                       "quantization_config.json cannot be verified (convert again to get a checked checkpoint)",
+                       path)
+    else:
+        for layer in sorted(set(written) | set(qc["layers"])):
+            a, b = written.get(layer), qc["layers"].get(layer)
+            if a != b:
+                what = ("is missing from the file" if b is None else "is not in the arrays" if a is None
+                        else f"differs from the scheme its arrays were written with ({_scheme_difference(a, b)})")
+                raise CheckpointError(f"{where}: layer {layer} {what}; the file was edited or comes from another "
+                                      f"checkpoint — restore it or convert again")
+        if custom.get("dtype") != qc.get("dtype", "float32"):
+            raise CheckpointError(f"{where}: dtype {qc.get('dtype')!r} differs from the {custom.get('dtype')!r} the "
+                                  f"arrays were written in; restore the file or convert again")
+    item = metadata.item_metadata
+    stored = {tuple(k): v for k, v in _flatten(getattr(item, "tree", item))}
+    for p, want in expected.items():
+        key = tuple(map(str, p))
+        got = stored.pop(key, None)
+        name = ".".join(key)
+        if got is None:
+            raise CheckpointError(f"{path / PARAMS_DIR} has no array {name}; the checkpoint is incomplete or its "
+                                  f"quantization_config.json comes from another model — convert again")
+        shape, dtype = tuple(got.shape), np.dtype(got.dtype)
+        if shape != tuple(want.shape) or dtype != np.dtype(want.dtype):
+            raise CheckpointError(f"{where}: {name} is stored as {dtype.name}{list(shape)} but the file describes "
+                                  f"{np.dtype(want.dtype).name}{list(want.shape)}; the file was edited or comes from "
+                                  f"another checkpoint — restore it or convert again")
+    if stored:
+        raise CheckpointError(f"{path / PARAMS_DIR} holds arrays the file does not describe (e.g. "
+                              f"{'.'.join(next(iter(stored)))}); restore quantization_config.json or convert again")
+
+
+def _flatten(tree, prefix=()):
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from _flatten(v, prefix + (str(k),))
+    else:
+        yield prefix, tree
 
 
 def load(path: str | os.PathLike, mesh=None) -> CausalLM:
     """Restores a converted checkpoint into a ready model (packed weights stay packed); with a ``mesh``, every
-    leaf is restored straight into its shard (`afpq_jax._src.sharding`): no host holds the whole model."""
+    leaf is restored straight into its shard (`afpq_jax._src.sharding`): no host holds the whole model.
+    Nothing is trusted unchecked: the JSON files by type, the arrays against the recorded schemes (`_verify`)."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     qc = read_quant_config(path)
-    hf = json.loads((path / "config.json").read_text())
+    hf = files.read_json_object(path / "config.json")
     cfg = config_from_hf(hf)
     if qc.get("mlp_act_scale"):
         cfg = dataclasses.replace(cfg, mlp_act_scale=True)
     layout = quant_layout(qc, path)
     asm = ModelAssembler(cfg, layout, jnp.dtype(qc.get("dtype", "float32")), mesh)
-    # an explicit target sharding everywhere: a checkpoint saved by several processes restores into one
-    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = _nested({p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=asm.shardings.get(p, one_device))
-                      for p, v in asm.abstract_state().items()})
     params = path / PARAMS_DIR
     if not params.is_dir():
         raise CheckpointError(f"{path} has no {PARAMS_DIR}/ directory; the checkpoint is incomplete")
+    checkpointer = ocp.StandardCheckpointer()
     try:
-        restored = ocp.StandardCheckpointer().restore(params, target)
+        metadata = checkpointer.metadata(params)
+    except Exception as e:
+        raise CheckpointError(f"cannot read the metadata of {params} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); the checkpoint is damaged — "
+                              f"convert again") from None
+    abstract = asm.abstract_state()
+    _verify(path, qc, metadata, abstract)
+    # an explicit target sharding everywhere: a checkpoint saved by several processes restores into one
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = _nested({p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=asm.shardings.get(p, one_device))
+                      for p, v in abstract.items()})
+    try:
+        restored = checkpointer.restore(params, target)
     except Exception as e:
         raise CheckpointError(f"cannot restore {params} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                               f"the checkpoint is damaged or from another model — convert again") from None
-    for p in asm.abstract_state():
+    for p in abstract:
         asm.place(p, _leaf(restored, p))
     model = asm.finish()
     record = {k: v for k, v in qc.items() if k in RECORD_KEYS}

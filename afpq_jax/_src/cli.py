@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from afpq_jax._src import interrupts
 from afpq_jax._src.errors import AfpqError, InputError
 from afpq_jax._src.memory import limit_malloc_arenas
 from afpq_jax._src.scheme import QuantScheme, default_rules, load_rules
@@ -20,20 +24,32 @@ USER_ERRORS = (AfpqError, OSError)
 INTERRUPTED = "interrupted; nothing was written to the output path"
 
 
-def run(main: Callable[[], int], debug: bool, interrupted: str = INTERRUPTED) -> int:
-    """``main()``'s exit status; ``interrupted`` is the line printed on Ctrl-C (what was kept, how to go on)."""
+def run(main: Callable[[], int], debug: bool, interrupted: str | Callable[[], str] = INTERRUPTED) -> int:
+    """``main()``'s exit status. Ctrl-C and SIGTERM stop the run the same way anywhere in it
+    (`interrupts.stop_on_signals`): every cleanup runs, then ``interrupted`` (a line, or a function giving it:
+    what was kept, how to go on) is printed and the status is 128 + the signal's number."""
     limit_malloc_arenas()
     try:
-        return main()
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        return 130
-    except USER_ERRORS as e:
-        if debug:
+        with interrupts.stop_on_signals():
+            return main()
+    except BaseException as e:
+        stop = interrupts.stopped_by(e)
+        if stop is not None:
+            print(interrupted() if callable(interrupted) else interrupted, file=sys.stderr)
+            return 128 + getattr(stop, "signum", 2)
+        if debug or not isinstance(e, USER_ERRORS):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
+
+
+def error_line(e: BaseException) -> str:
+    """The one line a user error prints as: its message's first line (the operating system's errors with the
+    path they concern; a full disk with what to do)."""
+    if isinstance(e, OSError) and not isinstance(e, AfpqError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device of {e.filename or 'an output'}; free some space or write elsewhere"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
@@ -138,29 +154,59 @@ def add_distributed_flags(p: argparse.ArgumentParser) -> None:
                         "Open MPI)")
     g.add_argument("--num-processes", type=positive_int, default=None)
     g.add_argument("--process-id", type=int, default=None)
+    g.add_argument("--coordinator-timeout", type=positive_int, default=300,
+                   help="seconds to wait for every process to join before giving up")
 
 
 def init_distributed(args) -> None:
-    """``jax.distributed.initialize`` from the flags (before anything touches a device)."""
+    """``jax.distributed.initialize`` from the flags (before anything touches a device). It says what it waits for
+    and gives up after ``--coordinator-timeout`` seconds with one line and status 2: left to itself, a missing
+    peer means minutes of silence and then a C++ abort with a stack trace."""
     if args.coordinator is None:
         if args.num_processes is not None or args.process_id is not None:
             raise InputError("--num-processes / --process-id need --coordinator HOST:PORT (or --coordinator auto)")
         return
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices across processes
+    timeout = args.coordinator_timeout
     if args.coordinator == "auto":
-        try:
-            jax.distributed.initialize()
-        except ValueError as e:  # jax found no cluster environment to read the coordinator from
-            raise InputError("--coordinator auto found no cluster (SLURM, TPU pod, Open MPI); pass --coordinator "
-                             "HOST:PORT --num-processes N --process-id I") from e
-        return
-    if args.num_processes is None or args.process_id is None:
-        raise InputError("--coordinator HOST:PORT needs --num-processes and --process-id")
-    if not 0 <= args.process_id < args.num_processes:
-        raise InputError(f"--process-id {args.process_id} is not in [0, {args.num_processes})")
-    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                               process_id=args.process_id)
+        options: dict = {}
+        waiting = "the processes of this cluster job"
+    else:
+        if args.num_processes is None or args.process_id is None:
+            raise InputError("--coordinator HOST:PORT needs --num-processes and --process-id")
+        if not 0 <= args.process_id < args.num_processes:
+            raise InputError(f"--process-id {args.process_id} is not in [0, {args.num_processes})")
+        options = dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                       process_id=args.process_id)
+        waiting = (f"all {args.num_processes} processes at {args.coordinator} (this is process {args.process_id})")
+    print(f"waiting for {waiting}, up to {timeout} s (--coordinator-timeout)", file=sys.stderr, flush=True)
+    joined = threading.Event()
+
+    def give_up() -> None:
+        if not joined.wait(timeout):
+            print(f"error: not every process joined within {timeout} s; start the missing ones (the same command "
+                  f"with each --process-id), check that {args.coordinator} is reachable from every host, or raise "
+                  f"--coordinator-timeout", file=sys.stderr, flush=True)
+            os._exit(2)  # jax's own timeout aborts the process from C++; nothing has been written yet
+
+    threading.Thread(target=give_up, name="afpq-coordinator-timeout", daemon=True).start()
+    try:
+        jax.distributed.initialize(initialization_timeout=timeout + 60, **options)
+    except ValueError as e:  # jax found no cluster environment to read the coordinator from
+        if args.coordinator != "auto":
+            raise
+        raise InputError("--coordinator auto found no cluster (SLURM, TPU pod, Open MPI); pass --coordinator "
+                         "HOST:PORT --num-processes N --process-id I") from e
+    finally:
+        joined.set()
+
+
+def is_lead() -> bool:
+    """Whether this is the process that writes shared outputs (process 0; the only one outside multi-process
+    runs)."""
+    import jax
+    return jax.process_index() == 0
 
 
 def make_mesh(sizes: dict[str, int]):

@@ -41,3 +41,16 @@ class QuantizationError(AfpqError, ArithmeticError):
 
 class AssetError(AfpqError, RuntimeError):
     """The built-in model or text could not be fetched from PyPI or does not match its pinned checksum."""
+
+
+class OutputError(AfpqError, OSError):
+    """An output cannot be written as asked: it would hold or replace a user's files, its directory is not
+    writable, or the disk is full; the message names the path and what to do."""
+
+
+class OutputBusyError(OutputError):
+    """Another afpq-jax run is writing the same output path right now."""
+
+
+class NoSpaceError(OutputError):
+    """The device of an output ran out of space; the message names the path and the bytes needed."""

@@ -37,7 +37,9 @@ def perplexity(model: CausalLM, token_ids, *, seq_len: int | None = None, batch_
                max_windows: int | None = None, progress: bool = True) -> dict:
     """exp(mean NLL) over ``len(ids) // seq_len`` non-overlapping windows (the remainder is dropped); each
     window predicts its tokens 1..L-1 from the preceding ones, as in GPTQ's and AFPQ's WikiText-2 protocol."""
-    ids = np.asarray(token_ids, np.int32).reshape(-1)
+    ids = np.asarray(token_ids).reshape(-1)
+    if ids.size:  # float ids would be truncated (an empty list is float64: "fewer than one window" below)
+        ids = validation.token_ids(ids, "token_ids")
     seq_len = default_seq_len(model) if seq_len is None else seq_len  # 0 is an error, not "the default"
     validation.integer(seq_len, "seq_len", minimum=2)
     if seq_len > model.cfg.max_seq_len:  # beyond the positions the model was trained for (and memory runs out)
@@ -53,6 +55,8 @@ def perplexity(model: CausalLM, token_ids, *, seq_len: int | None = None, batch_
         raise InputError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}; use a longer text or "
                          f"a smaller --seq-len")
     windows = ids[: n * seq_len].reshape(n, seq_len)
+    model.check_input_ids(windows)  # as the forward pass does: an id past the vocabulary gave NaN
+    windows = windows.astype(np.int32)  # after the check: int32 would wrap an id of 2**32 to 0
     fn = _nll_fn(model)
     total = 0.0
     for i in tqdm(range(0, n, batch_size), desc="perplexity", unit="batch", disable=not progress, leave=False):

@@ -11,6 +11,7 @@ method with ``calibrated=False`` (plain RTN) skips the activations: blocks strea
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 
@@ -22,16 +23,66 @@ from tqdm.auto import tqdm
 from afpq_jax._src.calibration import taps
 from afpq_jax._src.calibration.data import Calibration
 from afpq_jax._src.calibration.method import BlockContext, Method
-from afpq_jax._src.calibration.progress import BlockProgress
+from afpq_jax._src.calibration.progress import BlockProgress, block_digest, weights_digest
 from afpq_jax._src.calibration.spill import activation_buffer, load_activations
 from afpq_jax._src.calibration.timer import PhaseTimer
-from afpq_jax._src.loading import FloatWeights, ModelAssembler
+from afpq_jax._src.errors import CheckpointError, InputError
+from afpq_jax._src.loading import FloatWeights, ModelAssembler, dotted
 from afpq_jax._src.memory import release_freed_memory
 from afpq_jax._src.models import CausalLM, ModelConfig
 from afpq_jax._src.models.transformer import Block, block_linears
 from afpq_jax._src.scheme import QuantScheme
 
 _EMBEDDING = ("embed", "embed_norm")
+logger = logging.getLogger("afpq_jax")
+
+
+def _check_finite(block: Block, schemes: Mapping[str, QuantScheme], index: int) -> None:
+    """A NaN / inf weight in a layer about to be quantized is an error naming the layer (the quantizer's own
+    check cannot know the layer's place in the model)."""
+    linears = block_linears(block)
+    for name in schemes:
+        bad = int(jnp.sum(~jnp.isfinite(linears[name].kernel.get_value())))
+        if bad:
+            raise InputError(f"layers.{index}.{name} has {bad} NaN/inf weights; quantization needs finite weights "
+                             f"— fix the checkpoint (or keep the layer float with a rule)")
+
+
+def _warn_saturated_scales(block: Block, schemes: Mapping[str, QuantScheme], index: int) -> None:
+    """One warning per layer whose group scales hit the largest value of their storage dtype (a float16 scale
+    saturates at 65504: weights beyond 65504 x the format's largest level come out clipped)."""
+    linears = block_linears(block)
+    for name in schemes:
+        qt = linears[name].quantized_tensor()
+        for leaf in (qt.scale, qt.scale_neg, qt.channel_scale):
+            if leaf is None or not jnp.issubdtype(leaf.dtype, jnp.floating):
+                continue
+            top = float(jnp.finfo(leaf.dtype).max)
+            hit = int(jnp.sum(leaf.astype(jnp.float32) >= top))
+            if hit:
+                logger.warning("layers.%d.%s: %d group scale(s) saturate at %s's largest value %g, so its largest "
+                               "weights are clipped; convert with --scale-dtype float32 (scale_dtype='float32')",
+                               index, name, hit, jnp.dtype(leaf.dtype).name, top)
+                break
+
+
+def _outer_digest(weights: FloatWeights) -> str:
+    return weights_digest((dotted(p), weights.read_outer(p)) for p in sorted(weights.outer_paths()))
+
+
+def _check_same_source(weights: FloatWeights, store: BlockProgress, done: int, cfg: ModelConfig, dtype) -> None:
+    """The model being resumed is the one whose blocks were saved: the embeddings / head and every finished
+    block's float weights have the digests saved with them."""
+    def differ(what: str) -> CheckpointError:
+        return CheckpointError(f"the model's {what} differ from those of the interrupted conversion saved in "
+                               f"{store.directory}: it was made from another model; run without --resume to start "
+                               f"over")
+
+    if _outer_digest(weights) != store.source_outer:
+        raise differ("embeddings / output layers")
+    for i in range(done + 1):
+        if block_digest(weights.block(i, cfg, dtype)) != store.source_blocks.get(str(i)):
+            raise differ(f"weights of block {i}")
 
 
 def _block_layout(layout: Mapping[str, QuantScheme], index: int) -> dict[str, QuantScheme]:
@@ -79,32 +130,53 @@ def run(weights: FloatWeights, cfg: ModelConfig, layout: Mapping[str, QuantSchem
         n, seqlen = windows.shape
         rows = max(calibration.batch_size, calibration.search_batch_size)
         positions = jnp.broadcast_to(jnp.arange(seqlen, dtype=jnp.int32), (rows, seqlen))
-    point = store.resume() if store is not None else None
-    start = 0
-    if point is not None:
-        with timer("resume"):
-            for i in range(point.done + 1):
-                asm.place_block(i, store.block(i, cfg, dtype))
-            report, start = point.report, point.done + 1
-            if point.activations is not None:
-                x_all = load_activations(point.activations, max_memory, spill_dir)
-            rng.bit_generator.state = point.rng_state
-    elif method.calibrated:
-        embedding = [p for p in weights.outer_paths() if p[0] in _EMBEDDING]
-        asm.place_outer(weights, embedding)
-        with timer("embed"):
-            x_all = activation_buffer((n, seqlen, cfg.hidden_size), max_memory, spill_dir)
-            embedder = asm.partial_model()  # only its embedding layers are filled
-            for sl in taps.minibatches(n, calibration.batch_size):
-                x_all[sl] = np.asarray(embedder.embed_inputs(jnp.asarray(windows[sl])), np.float32)
-            del embedder
-            asm.release(embedding)  # placed again at the end: not resident next to the activations
-    bar = tqdm(range(start, cfg.num_layers), desc=f"{method.name} blocks", unit="block", disable=not progress,
-               initial=start, total=cfg.num_layers)
+    try:
+        point = store.resume() if store is not None else None
+        start = 0
+        if point is not None:
+            with timer("resume"):
+                _check_same_source(weights, store, point.done, cfg, dtype)
+                for i in range(point.done + 1):
+                    asm.place_block(i, store.block(i, cfg, dtype))
+                report, start = point.report, point.done + 1
+                if point.activations is not None:
+                    x_all = load_activations(point.activations, max_memory, spill_dir)
+                rng.bit_generator.state = point.rng_state
+        elif store is not None:
+            store.source_outer = _outer_digest(weights)
+        if point is None and method.calibrated:
+            embedding = [p for p in weights.outer_paths() if p[0] in _EMBEDDING]
+            asm.place_outer(weights, embedding)
+            with timer("embed"):
+                x_all = activation_buffer((n, seqlen, cfg.hidden_size), max_memory, spill_dir)
+                embedder = asm.partial_model()  # only its embedding layers are filled
+                for sl in taps.minibatches(n, calibration.batch_size):
+                    x_all[sl] = np.asarray(embedder.embed_inputs(jnp.asarray(windows[sl])), np.float32)
+                del embedder
+                asm.release(embedding)  # placed again at the end: not resident next to the activations
+        bar = tqdm(range(start, cfg.num_layers), desc=f"{method.name} blocks", unit="block", disable=not progress,
+                   initial=start, total=cfg.num_layers)
+        model = _blocks(bar, weights, cfg, layout, method, calibration, dtype, timer, store, x_all, positions,
+                        rng, report, asm)
+    finally:
+        if hasattr(x_all, "close"):  # a spill file: removed now, also when the run stops (Ctrl-C, SIGTERM, error)
+            x_all.close()
+    del x_all
+    seconds = timer.rounded()
+    seconds["total"] = round(time.perf_counter() - t_start, 1)
+    return model, report, seconds
+
+
+def _blocks(bar, weights: FloatWeights, cfg: ModelConfig, layout: Mapping[str, QuantScheme], method: Method,
+            calibration: Calibration | None, dtype, timer: PhaseTimer, store: BlockProgress | None, x_all,
+            positions, rng: np.random.Generator, report: dict, asm: ModelAssembler) -> CausalLM:
+    """The block loop of `run` (see the module doc); returns the assembled model."""
     for i in bar:
         with timer("load block"):
             block = weights.block(i, cfg, dtype)
         schemes = _block_layout(layout, i)
+        _check_finite(block, schemes, i)
+        source_digest = block_digest(block) if store is not None else None
         stats, tokens = {}, 0
         if method.calibrated and method.statistics():
             with timer("statistics"):
@@ -117,6 +189,7 @@ def run(weights: FloatWeights, cfg: ModelConfig, layout: Mapping[str, QuantSchem
         left = [name for name in schemes if not linears[name].is_quantized]
         if left:
             raise RuntimeError(f"method {method.name!r} left layers.{i}.{left[0]} float; its layout quantizes it")
+        _warn_saturated_scales(block, schemes, i)
         observe, observed = method.observe(ctx) if method.calibrated else ((), ())
         if method.calibrated and (i + 1 < cfg.num_layers or observe):
             with timer("forward (quantized)"):  # the next block's inputs, and what the method observes
@@ -131,13 +204,11 @@ def run(weights: FloatWeights, cfg: ModelConfig, layout: Mapping[str, QuantSchem
         asm.place_block(i, block)
         if store is not None:
             with timer("save progress"):
-                store.save(i, block, report, rng, x_all if method.calibrated and i + 1 < cfg.num_layers else None)
+                store.save(i, block, report, rng, x_all if method.calibrated and i + 1 < cfg.num_layers else None,
+                           source_digest)
         del block, linears
         release_freed_memory()
         timer.block_done(i)
-    del x_all
     with timer("load outer"):
         asm.place_outer(weights)
-    seconds = timer.rounded()
-    seconds["total"] = round(time.perf_counter() - t_start, 1)
-    return asm.finish(), report, seconds
+    return asm.finish()

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from afpq_jax._src.io import outputs
+
 
 class SpilledArray:
     """A float32 array (S, ...) in an ``.npy`` file, sliced along axis 0 only (see the module doc)."""
@@ -75,7 +77,9 @@ def _in_ram(shape: tuple[int, ...], max_memory: int | None) -> bool:
 
 
 def _spilled(shape: tuple[int, ...], spill_dir: str | None) -> SpilledArray:
-    return SpilledArray(Path(tempfile.mkdtemp(prefix="afpq-activations-", dir=spill_dir)) / "x.npy", shape)
+    directory = spill_dir or tempfile.gettempdir()
+    outputs.require_space(directory, 4 * int(np.prod(shape)) + 2**20)  # a full disk now, not hours later
+    return SpilledArray(Path(tempfile.mkdtemp(prefix="afpq-activations-", dir=directory)) / "x.npy", shape)
 
 
 def activation_buffer(shape: tuple[int, ...], max_memory: int | None,

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from afpq_jax._src.checkpoint import staging_dir
+from afpq_jax._src.checkpoint import staging_dir, write_arrays
 from afpq_jax._src.errors import CheckpointError
 from afpq_jax._src.interop.qwix_providers import packed_weights
 
@@ -48,16 +48,12 @@ def _packed_summary(tree: Any) -> dict[str, Any]:
 
 def save_state(model: Any, path: str | os.PathLike, *, overwrite: bool = False) -> dict[str, Any]:
     """Writes a quantized NNX model's state (or a Linen params tree) to ``path``; returns the manifest."""
-    import orbax.checkpoint as ocp
-
     keys, values, _ = _leaves(model)
     manifest = {"format": FORMAT, "leaves": [{"path": k, "shape": list(np.shape(v)), "dtype": str(v.dtype)}
                                              for k, v in zip(keys, values)],
                 "packed": _packed_summary(model)}
     with staging_dir(Path(path), overwrite) as tmp:
-        ckpt = ocp.StandardCheckpointer()
-        ckpt.save(tmp / STATE_DIR, {f"leaf_{i:05d}": v for i, v in enumerate(values)})
-        ckpt.wait_until_finished()
+        write_arrays(tmp / STATE_DIR, {f"leaf_{i:05d}": v for i, v in enumerate(values)})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 

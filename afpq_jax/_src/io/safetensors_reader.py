@@ -9,6 +9,7 @@ tensor by tensor into fresh buffers keeps peak memory near one copy of the weigh
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -30,7 +31,9 @@ class SafetensorsError(ValueError):
 
 
 class SafetensorsFile:
-    """Header of one .safetensors file, validated against the file size on open."""
+    """Header of one .safetensors file, validated on open as the official reader does: every entry's dtype, shape
+    and offsets, and the tensors' byte ranges, sorted, tile the data exactly (no overlap, no gap, no trailing
+    bytes), so no tensor can silently read another's bytes."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -46,26 +49,64 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise SafetensorsError(f"{self.path} has a corrupted header; re-download it") from None
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{self.path}: the header is not a JSON object; the file is corrupted or not "
+                                   f"safetensors (re-download it)")
         self.metadata = header.pop("__metadata__", None)
+        if self.metadata is not None and not (isinstance(self.metadata, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items())):
+            raise SafetensorsError(f"{self.path}: __metadata__ must map strings to strings, got "
+                                   f"{_short(self.metadata)}; the file is corrupted (re-download it)")
         self.data_start = 8 + n
-        self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        end_max = 0
-        for name, info in header.items():
-            try:
-                dtype = np.dtype(_DTYPES[info["dtype"]])
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise SafetensorsError(f"{self.path}: header entry {name!r} is malformed or has an unsupported "
-                                       f"dtype {info.get('dtype') if isinstance(info, dict) else info!r}") from None
-            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
-                raise SafetensorsError(f"{self.path}: tensor {name!r} byte range does not match its shape; "
-                                       f"the file is corrupted")
-            self.entries[name] = (dtype, shape, begin, end)
-            end_max = max(end_max, end)
-        if self.data_start + end_max > size:
-            raise SafetensorsError(f"{self.path} is truncated ({size} bytes, header needs "
-                                   f"{self.data_start + end_max}); re-download it")
+        self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {
+            name: self._entry(name, info) for name, info in header.items()}
+        self._check_layout(size - self.data_start)
+
+    def _entry(self, name: str, info) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        """(dtype, shape, begin, end) of one header entry, each checked by type and range."""
+        bad = f"{self.path}: tensor {name!r} has"
+        if not isinstance(info, dict):
+            raise SafetensorsError(f"{self.path}: header entry {name!r} is not an object; the file is corrupted")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise SafetensorsError(f"{bad} dtype {_short(dtype)}; it must be a string such as 'F32' (the file is "
+                                   f"corrupted)")
+        if dtype not in _DTYPES:
+            raise SafetensorsError(f"{bad} unsupported dtype {dtype!r}; supported: {', '.join(_DTYPES)} (convert "
+                                   f"the weights to one of them)")
+        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+            raise SafetensorsError(f"{bad} shape {_short(shape)}; it must be a list of integers >= 0 (the file "
+                                   f"is corrupted)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(x) for x in offsets)
+                and offsets[0] <= offsets[1]):
+            raise SafetensorsError(f"{bad} data_offsets {_short(offsets)}; they must be two integers "
+                                   f"0 <= begin <= end (the file is corrupted)")
+        dt, (begin, end) = np.dtype(_DTYPES[dtype]), offsets
+        if end - begin != math.prod(shape) * dt.itemsize:
+            raise SafetensorsError(f"{self.path}: tensor {name!r} byte range does not match its shape; "
+                                   f"the file is corrupted")
+        return dt, tuple(shape), begin, end
+
+    def _check_layout(self, data_size: int) -> None:
+        """The byte ranges, sorted, tile [0, data_size) exactly (the official reader's rule): an overlap would give
+        a tensor another's bytes, a gap or trailing bytes mean the header and the data disagree."""
+        spans = sorted((b, e, k) for k, (_, _, b, e) in self.entries.items())
+        for (_, prev_end, prev), (begin, end, name) in zip(spans, spans[1:]):  # overlaps first: they say the most
+            if begin < prev_end:
+                raise SafetensorsError(f"{self.path}: tensor {name!r} overlaps tensor {prev!r} (bytes {begin} to "
+                                       f"{min(end, prev_end)}); the file is corrupted (re-download it)")
+        pos = 0
+        for begin, end, name in spans:
+            if begin > pos:
+                raise SafetensorsError(f"{self.path}: {begin - pos} bytes before tensor {name!r} belong to no "
+                                       f"tensor; the header and the data disagree (re-download the file)")
+            pos = end
+        if pos > data_size:
+            raise SafetensorsError(f"{self.path} is truncated ({self.data_start + data_size} bytes, header needs "
+                                   f"{self.data_start + pos}); re-download it")
+        if pos < data_size:
+            raise SafetensorsError(f"{self.path} has {data_size - pos} bytes after its last tensor; the header and "
+                                   f"the data disagree (re-download the file)")
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -102,3 +143,14 @@ class SafetensorsFile:
         with open(self.path, "rb") as f:
             for name in order:
                 yield name, self.read(name, f)
+
+
+def _is_count(x) -> bool:
+    """An integer >= 0 from JSON (not a bool, not 2.0 or "2")."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _short(value) -> str:
+    """``repr(value)``, cut to one short line for an error message."""
+    r = repr(value)
+    return r if len(r) <= 60 else f"{r[:57]}..."

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ import numpy as np
 
 from afpq_jax._src.errors import CheckpointError
 from afpq_jax._src.io import gguf as gguf_io
+from afpq_jax._src.io.files import read_json_object
 from afpq_jax._src.io.safetensors_reader import SafetensorsError, SafetensorsFile
 
 TensorIter = Iterator[tuple[str, np.ndarray]]
@@ -76,19 +76,17 @@ class Source:
         return set(self.tensor_names)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); restore the file") from None
-
-
 def _safetensors_files(d: Path) -> list[Path]:
     index = d / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no 'weight_map'; re-download the checkpoint")
+        # shards are plain file names next to the index: "../x" or "/x" would read another model's weights
+        bad = [f for f in weight_map.values() if not (isinstance(f, str) and Path(f).name == f and f != "..")]
+        if bad:
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names in the model's "
+                                  f"directory, got {bad[0]!r}; re-download the checkpoint")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (d / f).exists()]
         if missing:
@@ -110,6 +108,13 @@ def _open_safetensors(f: Path) -> SafetensorsFile:
 
 def _safetensors_source(d: Path, config: dict) -> Source:
     handles = [_open_safetensors(f) for f in _safetensors_files(d)]  # validates every header up front
+    seen: dict[str, Path] = {}
+    for h in handles:  # a tensor in two files: which copy is right? (the last one silently won)
+        for k in h.keys():
+            if k in seen:
+                raise CheckpointError(f"tensor {k!r} is in both {seen[k]} and {h.path}; remove the file that does "
+                                      f"not belong to the model")
+            seen[k] = h.path
 
     def tensors() -> TensorIter:
         for h in handles:
@@ -221,7 +226,7 @@ def open_source(path: str | os.PathLike) -> Source:
     if not cfg_path.exists():
         raise CheckpointError(f"{p} has no config.json; pass a Hugging Face model directory "
                               f"(config.json + model.safetensors)")
-    config = _read_json(cfg_path)
+    config = read_json_object(cfg_path)
     if _safetensors_files(p):
         return _safetensors_source(p, config)
     if (p / "flax_model.msgpack").exists():

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from afpq_jax._src.errors import InputError
-from afpq_jax._src.models.config import ModelConfig
+from afpq_jax._src.errors import CheckpointError, InputError
+from afpq_jax._src.models.config import ModelConfig, hf_field
 from afpq_jax._src.models.params import KeyRule
 
 MODEL_TYPES = ("bloom",)
@@ -29,15 +29,23 @@ KEY_RULES = (
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    if hf.get("apply_residual_connection_post_layernorm", False):
+    """`ModelConfig` of a BLOOM config.json; every field it reads is checked first (`hf_field`)."""
+    if hf_field(hf, "apply_residual_connection_post_layernorm", "bool", False):
         raise InputError("BLOOM with apply_residual_connection_post_layernorm=true is not supported")
-    hidden = hf.get("hidden_size") or hf["n_embed"]
-    heads = hf["n_head"]
+    # BloomConfig's aliases: hub configs spell them either way
+    hidden = hf_field(hf, ("hidden_size", "n_embed"), "int")
+    heads = hf_field(hf, ("n_head", "num_attention_heads"), "int")
+    if hidden % heads:
+        raise CheckpointError(f"config.json: hidden_size ({hidden}) must be divisible by n_head ({heads}); "
+                              f"fix config.json")
+    layers = hf_field(hf, ("n_layer", "num_hidden_layers"), "int")
+    max_pos = hf_field(hf, ("seq_length", "max_position_embeddings"), "int", 2048)
     return ModelConfig(
-        model_type="bloom", vocab_size=hf["vocab_size"], hidden_size=hidden, intermediate_size=4 * hidden,
-        num_layers=hf["n_layer"], num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, norm="layer",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5), position="alibi", mlp="gelu", fused_qkv=True,
-        attn_bias=True, attn_out_bias=True, mlp_bias=True, embed_norm=True,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        max_position_embeddings=hf.get("seq_length") or hf.get("max_position_embeddings") or 2048,
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
+        model_type="bloom", vocab_size=hf_field(hf, "vocab_size", "int"), hidden_size=hidden,
+        intermediate_size=4 * hidden, num_layers=layers, num_heads=heads, num_kv_heads=heads,
+        head_dim=hidden // heads, norm="layer",
+        norm_eps=hf_field(hf, "layer_norm_epsilon", "positive", 1e-5), position="alibi", mlp="gelu",
+        fused_qkv=True, attn_bias=True, attn_out_bias=True, mlp_bias=True, embed_norm=True,
+        tie_embeddings=hf_field(hf, "tie_word_embeddings", "bool", True), max_position_embeddings=max_pos,
+        bos_token_id=hf_field(hf, "bos_token_id", "token_id", None),
+        eos_token_id=hf_field(hf, "eos_token_id", "token_ids", None))
