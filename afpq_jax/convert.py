@@ -7,7 +7,6 @@ With no arguments it converts the built-in default, SmolLM2-135M-Instruct (fetch
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import afpq_jax as aq
 from afpq_jax._src import cli
 from afpq_jax._src.api import model_config, resolve_method, summarize
-from afpq_jax._src.calibration.progress import discard_empty_progress
+from afpq_jax._src.calibration.progress import discard_empty_progress, discard_progress
 from afpq_jax._src.io import outputs
 from afpq_jax._src.io.files import read_text
 from afpq_jax._src.errors import InputError, InputNotFoundError
@@ -191,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         name = cli.model_name(model) if model else DEFAULT_MODEL_NAME
         out = Path(args.out or f"out/{name}-{suffix}")
         # before reading gigabytes: --out is checked, locked against other runs and held until the end
-        with outputs.claim(out, inputs=[model], overwrite=args.overwrite, what="--out", hint="--overwrite",
-                           lead=cli.is_lead()) as claim:
+        with cli.claim_output(out, inputs=[model], overwrite=args.overwrite) as claim:
+            claims.append(claim)
             if model is None:
                 from afpq_jax import assets
                 model = str(assets.smollm2_hf_dir())
@@ -202,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             return _convert(args, model, out, rules, method, activations, progress_dirs, t0)
 
     def interrupted() -> str:
+        if claims and claims[0].published:  # the signal came as the checkpoint was renamed into place
+            return f"interrupted after the checkpoint was written: {claims[0].out} is complete"
         line = cli.INTERRUPTED
         if (args.save_progress or args.resume) and progress_dirs and (progress_dirs[0] / "progress.json").exists():
             line += ("; the progress so far is kept next to it: the same command with --resume continues it")
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         return line
 
     progress_dirs: list[Path] = []  # filled once known, for the message on Ctrl-C
+    claims: list[outputs.Claim] = []
     return cli.run(run, args.debug, interrupted)
 
 
@@ -237,6 +239,9 @@ def _convert(args, model: str, out: Path, rules, method, activations, progress_d
     if args.resume and not (progress_dir / "progress.json").exists():
         raise InputError(f"nothing to resume: {progress_dir} holds no saved progress (a conversion run with "
                          f"--save-progress and the same --out leaves it when interrupted)")
+    if args.save_progress and not args.resume and (progress_dir / "progress.json").exists():
+        raise InputError(f"{progress_dir} holds the progress of an interrupted conversion; pass --resume to "
+                         f"continue it, or delete that directory to start over")
     keep = args.save_progress or args.resume
     try:
         qmodel = aq.quantize_pretrained(model, rules, method=method, calibration=calibration, dtype=args.dtype,
@@ -250,7 +255,7 @@ def _convert(args, model: str, out: Path, rules, method, activations, progress_d
         raise
     aq.save(qmodel, out, overwrite=args.overwrite)
     if keep:
-        shutil.rmtree(progress_dir, ignore_errors=True)
+        discard_progress(progress_dir)
     print("\n".join(summarize(qmodel, out, time.perf_counter() - t0).lines()))
     return 0
 

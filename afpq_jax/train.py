@@ -118,17 +118,18 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model
         out = Path(args.out or f"out/{cli.model_name(model) if model else DEFAULT_MODEL_NAME}-{suffix}-qat-{args.loss}")
         # before hours of training: --out is checked, locked against other runs and held until the end
-        with outputs.claim(out, inputs=[model], overwrite=args.overwrite, what="--out", hint="--overwrite") as claim:
+        with cli.claim_output(out, inputs=[model], overwrite=args.overwrite) as claim:
             from afpq_jax import assets
             if model is None:
                 model = str(assets.smollm2_hf_dir())
                 claim.check_inputs([model])
-            for flag, path in (("--checkpoint-dir", args.checkpoint_dir), ("--data-cache", args.data_cache)):
-                if path is not None:
-                    outputs.check_separate(path, [model], flag)
-                    outputs.check_scratch(path, [model, out], flag)
+            if args.checkpoint_dir is not None:  # a directory orbax manages as its own
+                outputs.check_separate(args.checkpoint_dir, [model], "--checkpoint-dir")
+                outputs.check_scratch(args.checkpoint_dir, [model, out], "--checkpoint-dir", may_contain=False)
+            if args.data_cache is not None:
+                outputs.check_scratch(args.data_cache, [model, out], "--data-cache")
             if args.history is not None:
-                outputs.check_scratch(args.history, [model], "--history")
+                outputs.check_scratch(args.history, [model], "--history", kind="file")
             return _train(args, model, out, rules, config, data, t0)
 
     interrupted = cli.INTERRUPTED

@@ -79,3 +79,86 @@ def test_a_signal_at_any_moment_leaves_inputs_and_outputs_as_they_were(tmp_path,
         after = {k: v for k, v in after.items() if k not in kept}
     assert after == before
     assert list(spill.iterdir()) == []
+
+
+# ---- the handler itself, in this process -------------------------------------------------------------------
+
+def test_a_signal_inside_a_gc_callback_is_delivered_again_outside():
+    """Python swallows exceptions raised in garbage-collector callbacks (JAX registers one): the Ctrl-C that
+    landed there was lost and the conversion ran on to the end (one Ctrl-C in six, found by a review)."""
+    import gc
+    from afpq_jax._src import interrupts
+    fired = []
+
+    def callback(phase, info):
+        if phase == "start" and not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(10_000))  # the handler runs here, inside the callback
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # xdist workers ignore SIGINT
+    gc.callbacks.append(callback)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.stop_on_signals():
+                gc.collect()
+                time.sleep(5)  # the re-delivery lands here
+    finally:
+        gc.callbacks.remove(callback)
+        signal.signal(signal.SIGINT, previous)
+    assert fired
+
+
+def test_an_interrupt_that_surfaces_as_another_error_is_still_an_interrupt(capsys):
+    """A Ctrl-C inside a C extension's first import comes out as ``ImportError: initialization failed`` (seen
+    with orbax's tensorstore): a traceback and exit 1 before."""
+    from afpq_jax._src import cli, interrupts
+
+    def main() -> int:
+        try:
+            raise interrupts.Interrupted(signal.SIGINT)
+        except KeyboardInterrupt as e:
+            raise ImportError("initialization failed") from e
+
+    assert cli.run(main, debug=False) == 130
+    assert capsys.readouterr().err.strip() == cli.INTERRUPTED
+
+
+def test_ignored_and_custom_handlers_are_left_alone():
+    """``cmd &`` in a script ignores SIGINT, and an application may have its own SIGTERM handler: neither is
+    taken over."""
+    from afpq_jax._src import interrupts
+
+    def mine(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, mine)
+    try:
+        with interrupts.stop_on_signals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+    with interrupts.stop_on_signals():
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+
+
+def test_a_signal_while_the_result_is_renamed_into_place_says_it_was_written(tmp_path, capsys, monkeypatch):
+    """The signal is held during the rename and delivered after it: the checkpoint is complete, and the line
+    must not say "nothing was written"."""
+    from afpq_jax import convert as convert_cli
+    from afpq_jax._src import checkpoint
+    from afpq_jax._src.io import outputs
+    real = outputs.rename_no_replace
+
+    def rename_and_signal(src, dst, what="output"):
+        os.kill(os.getpid(), signal.SIGINT)
+        real(src, dst, what)
+
+    monkeypatch.setattr(outputs, "rename_no_replace", rename_and_signal)
+    out = tmp_path / "o"
+    assert convert_cli.main(["--model", str(Path(__file__).parent / "fixtures" / "llama_gqa"), "--out", str(out),
+                             "--no-progress"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted after the checkpoint was written: {out} is complete")
+    assert checkpoint.is_converted_checkpoint(out)

@@ -116,11 +116,26 @@ def test_scratch_directories_must_not_overlap_the_model_or_the_output(tmp_path, 
     assert convert_cli.main([*base, "--out", str(tmp_path / "o"), "--max-memory", "1G", "--spill-dir",
                              str(model)]) == 2
     assert "--spill-dir" in _one_error_line(capsys)
-    for flag in ("--checkpoint-dir", "--data-cache"):
-        for place in (model, tmp_path / "o" / "ckpt", tmp_path):
+    # --checkpoint-dir is orbax's own directory: not the model, not in --out, not around them; a cache only
+    # must not lie inside them
+    for flag, places in (("--checkpoint-dir", (model, tmp_path / "o" / "ckpt", tmp_path)),
+                         ("--data-cache", (model / "cache", tmp_path / "o" / "cache"))):
+        for place in places:
             assert train_cli.main([*base, "--calib-random", "--out", str(tmp_path / "o"), flag, str(place)]) == 2
             assert flag in _one_error_line(capsys)
+    assert train_cli.main([*base, "--calib-random", "--out", str(tmp_path / "o"), "--history",
+                           str(model / "h.jsonl")]) == 2
+    assert "pass a file outside the model" in _one_error_line(capsys)
     assert not (tmp_path / "o").exists()
+
+
+def test_links_are_followed_before_dot_dot(tmp_path):
+    """``link/../ck`` is ``models/ck`` when ``link -> models/deep``: checked as the kernel resolves it."""
+    (tmp_path / "models" / "deep").mkdir(parents=True)
+    (tmp_path / "models" / "ck").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "models" / "deep")
+    with pytest.raises(OutputError, match="is the input"):
+        outputs.check_separate(tmp_path / "link" / ".." / "ck", [tmp_path / "models" / "ck"], "--out")
 
 
 # ---- --overwrite replaces only afpq-jax outputs ----------------------------------------------------------------
@@ -212,36 +227,81 @@ def test_two_concurrent_conversions_to_one_output_lose_nothing(tmp_path):
     assert aq.load(out) is not None and sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
-def test_publishing_never_replaces_a_directory_that_appeared_meanwhile(tmp_path):
-    """A program that ignores the lock creates --out while we write: the rename refuses, its files stay."""
-    out = tmp_path / "o"
-    q = aq.quantize_pretrained(FIXTURES / "llama_gqa", aq.QuantScheme.create("int4", group_size=16), progress=False)
-    with outputs.claim(out):
-        out.mkdir()
-        (out / "theirs.txt").write_text("theirs")
-        with pytest.raises(OutputExistsError, match="already exists"):
-            with checkpoint.staging_dir(out, overwrite=False) as tmp:
-                tmp.joinpath("x").write_text("ours")
-    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+def test_the_final_rename_never_replaces_a_directory_that_appeared_meanwhile(tmp_path):
+    """A program that ignores the lock creates --out between publish's check and its rename: the no-replace
+    rename refuses (renameat2's RENAME_NOREPLACE on Linux), and both directories stay as they were."""
+    staging, out = tmp_path / ".o.partial-0000beef", tmp_path / "o"
+    staging.mkdir()
+    (staging / "ours.txt").write_text("ours")
+    out.mkdir()
+    (out / "theirs.txt").write_text("theirs")
+    with pytest.raises(OutputExistsError, match="appeared while this run was writing"):
+        outputs.rename_no_replace(staging, out)
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"] and [p.name for p in staging.iterdir()] == ["ours.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()  # plain rename(2) would replace an empty directory without a word
     with pytest.raises(OutputExistsError):
-        aq.save(q, out)
+        outputs.rename_no_replace(staging, empty)
+    q = aq.quantize_pretrained(FIXTURES / "llama_gqa", aq.QuantScheme.create("int4", group_size=16), progress=False)
+    with outputs.claim(tmp_path / "late"):
+        (tmp_path / "late").mkdir()  # appears after the claim's checks
+        (tmp_path / "late" / "theirs.txt").write_text("theirs")
+        with pytest.raises(OutputExistsError, match="already exists"):
+            aq.save(q, tmp_path / "late")
+    assert [p.name for p in (tmp_path / "late").iterdir()] == ["theirs.txt"]
 
 
 # ---- leftovers of killed runs ---------------------------------------------------------------------------------
 
+def _afpq_dir(path: Path, *, complete: bool = True) -> Path:
+    (path / "params").mkdir(parents=True)
+    if complete:
+        (path / checkpoint.QUANT_CONFIG).write_text(json.dumps({"checkpoint_format": "afpq-jax/1"}))
+    return path
+
+
 def test_leftovers_of_killed_runs_are_swept_with_a_line(tmp_path, caplog):
     out = tmp_path / "o"
     (tmp_path / ".o.partial-0badf00d" / "params").mkdir(parents=True)
-    (tmp_path / ".o.old-12345678").mkdir()
-    (tmp_path / ".other.partial-1").mkdir()  # another output's: not ours to touch
+    _afpq_dir(tmp_path / ".o.old-12345678")
+    (tmp_path / ".other.partial-00000001").mkdir()  # another output's: not ours to touch
     with caplog.at_level(logging.WARNING, logger="afpq_jax"):
         with outputs.claim(out, overwrite=True):
             pass
     # an interrupted --overwrite had moved the old checkpoint aside and not yet put the new one in place
     assert out.is_dir() and "put back" in caplog.text
     assert "removed 1 leftover(s)" in caplog.text and ".o.partial-0badf00d" in caplog.text
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-1", "o"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-00000001", "o"]
+
+
+def test_the_sweep_never_takes_another_outputs_files(tmp_path):
+    """``.a.old-1.partial-*``, ``.a.old-1.lock`` and ``.a.old-1.progress`` belong to an output named ``a.old-1``;
+    a prefix match for ``a``'s leftovers took them (a live run's staging directory and lock among them)."""
+    theirs = [".a.old-1.partial-deadbeef", ".a.old-1.progress", ".a.partial-1.old-deadbeef"]
+    for name in theirs:
+        _afpq_dir(tmp_path / name)
+    (tmp_path / ".a.old-1.lock").write_text("123")
+    before = snapshot(tmp_path)
+    with outputs.claim(tmp_path / "a"):
+        pass
+    assert snapshot(tmp_path) == before
+
+
+def test_a_half_deleted_or_foreign_state_is_never_put_back_or_lost(tmp_path, caplog):
+    """An ``.old-*`` whose deletion was cut short (SIGKILL) is no checkpoint: swept, never put back. An ``.old-*``
+    beside an --out that is not afpq-jax's is the user's previous checkpoint: kept, with a line."""
+    out = tmp_path / "o"
+    _afpq_dir(tmp_path / ".o.old-0000aaaa", complete=False)
+    with outputs.claim(out):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    out.mkdir()
+    (out / "theirs.txt").write_text("theirs")
+    _afpq_dir(tmp_path / ".o.old-0000bbbb")
+    with caplog.at_level(logging.WARNING, logger="afpq_jax"), pytest.raises(OutputExistsError):
+        with outputs.claim(out):
+            pass
+    assert "kept .o.old-0000bbbb" in caplog.text and (tmp_path / ".o.old-0000bbbb").is_dir()
 
 
 # ---- writability and full disks -------------------------------------------------------------------------------

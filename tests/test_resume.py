@@ -193,3 +193,21 @@ def test_starting_over_never_deletes_what_progress_did_not_write(tmp_path):
     with pytest.raises(aq.OutputError, match="holds thesis.tex, which a conversion's progress never does"):
         BlockProgress(d, "fingerprint").start_over()
     assert sorted(p.name for p in d.iterdir()) == ["block_0000.npz", "thesis.tex"]
+
+
+def test_saving_progress_again_never_deletes_an_interrupted_conversions_progress(tmp_path, capsys):
+    """The same --save-progress command without --resume silently deleted the saved blocks."""
+    progress = tmp_path / ".q.progress"
+    aq.quantize_pretrained(FIXTURES / "llama_gqa", aq.QuantScheme.create("nf3", group_size=16), progress=False,
+                           progress_dir=progress)
+    saved = {p.name: p.read_bytes() for p in progress.iterdir()}
+    assert convert_cli.main(["--model", str(FIXTURES / "llama_gqa"), "--format", "nf3", "--group-size", "16",
+                             "--out", str(tmp_path / "q"), "--save-progress", "--no-progress"]) == 2
+    assert "pass --resume to continue it, or delete that directory" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in progress.iterdir()} == saved
+    state = json.loads((progress / "progress.json").read_text())
+    del state["source_outer"]  # as an afpq-jax before the weight digests wrote it
+    (progress / "progress.json").write_text(json.dumps(state))
+    with pytest.raises(aq.CheckpointError, match="saved by an older afpq-jax, without digests"):
+        aq.quantize_pretrained(FIXTURES / "llama_gqa", aq.QuantScheme.create("nf3", group_size=16), progress=False,
+                               progress_dir=progress, resume=True)

@@ -270,3 +270,29 @@ def test_two_process_conversion_equals_one_process(tmp_path):
             else:
                 a, b = one[k].astype(np.float32), two[k].astype(np.float32)
                 assert np.mean(np.isclose(a, b, rtol=2e-3, atol=1e-4)) > 0.95, k
+
+
+def test_every_process_fails_alike_when_the_output_cannot_be_claimed(tmp_path):
+    """Only process 0 locks --out (and sweeps); the others learn its verdict, so all exit 2 with its one line
+    instead of quantizing on and dying in a collective (a 34-line traceback after 30 s, found by a review)."""
+    from tests.test_outputs import HOLD
+    out = tmp_path / "o"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out), "120"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        port = _free_port()
+        procs = [subprocess.Popen([sys.executable, "-m", "afpq_jax.convert", "--model", str(FIXTURES / "llama_gqa"),
+                                   "--out", str(out), "--no-progress", "--coordinator", f"127.0.0.1:{port}",
+                                   "--num-processes", "2", "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+        errors = []
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            lines = [line for line in err.splitlines() if line.startswith("error:")]
+            assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+            errors.append(lines[0])
+        assert errors[0] == errors[1] and f"(pid {holder.pid}) is writing --out {out}" in errors[0]
+    finally:
+        holder.kill()
+        holder.wait()

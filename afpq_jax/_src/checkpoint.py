@@ -103,10 +103,10 @@ def staging_dir(out: Path, overwrite: bool, *, inputs: Iterable[str | os.PathLik
             from jax.experimental import multihost_utils
             token = int(multihost_utils.broadcast_one_to_all(np.uint32(token)))
         tmp = out.parent / f".{out.name}.partial-{token:08x}"
-        if lead:
-            tmp.mkdir()
-        _barrier("afpq_jax staging directory created")
-        try:
+        try:  # from before the directory exists: a signal may land between any two lines
+            if lead:
+                tmp.mkdir()
+            _barrier("afpq_jax staging directory created")
             try:
                 yield tmp
             except NoSpaceError as e:  # named by the output the user gave, not by the staging directory
@@ -115,7 +115,9 @@ def staging_dir(out: Path, overwrite: bool, *, inputs: Iterable[str | os.PathLik
             if lead:
                 with interrupts.deferred():
                     outputs.publish(tmp, out, overwrite=claim.overwrite, what=claim.what, hint=claim.hint)
+                    claim.published = True
             _barrier("afpq_jax checkpoint renamed")
+            claim.published = True
         finally:
             if lead:
                 with interrupts.deferred():

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
+
 from afpq_jax._src import interrupts
-from afpq_jax._src.errors import AfpqError, InputError
+from afpq_jax._src.errors import AfpqError, InputError, OutputError
+from afpq_jax._src.io import outputs
 from afpq_jax._src.memory import limit_malloc_arenas
 from afpq_jax._src.scheme import QuantScheme, default_rules, load_rules
 
@@ -182,17 +186,22 @@ def init_distributed(args) -> None:
         waiting = (f"all {args.num_processes} processes at {args.coordinator} (this is process {args.process_id})")
     print(f"waiting for {waiting}, up to {timeout} s (--coordinator-timeout)", file=sys.stderr, flush=True)
     joined = threading.Event()
+    if args.coordinator == "auto":
+        fix = "check that every task of the job started"
+    else:
+        fix = (f"start the missing ones (the same command with each --process-id), check that {args.coordinator} "
+               f"is reachable from every host")
 
     def give_up() -> None:
         if not joined.wait(timeout):
-            print(f"error: not every process joined within {timeout} s; start the missing ones (the same command "
-                  f"with each --process-id), check that {args.coordinator} is reachable from every host, or raise "
-                  f"--coordinator-timeout", file=sys.stderr, flush=True)
+            print(f"error: not every process joined within {timeout} s; {fix}, or raise --coordinator-timeout",
+                  file=sys.stderr, flush=True)
             os._exit(2)  # jax's own timeout aborts the process from C++; nothing has been written yet
 
     threading.Thread(target=give_up, name="afpq-coordinator-timeout", daemon=True).start()
     try:
-        jax.distributed.initialize(initialization_timeout=timeout + 60, **options)
+        with interrupts.killable():  # Ctrl-C / SIGTERM end the wait at once (our handlers are back afterwards)
+            jax.distributed.initialize(initialization_timeout=timeout + 60, **options)
     except ValueError as e:  # jax found no cluster environment to read the coordinator from
         if args.coordinator != "auto":
             raise
@@ -200,6 +209,35 @@ def init_distributed(args) -> None:
                          "HOST:PORT --num-processes N --process-id I") from e
     finally:
         joined.set()
+
+
+@contextlib.contextmanager
+def claim_output(out: Path, inputs, overwrite: bool) -> Iterator[outputs.Claim]:
+    """`outputs.claim` of ``--out`` for a command: on every process of a multi-process run, which all fail alike
+    when the lead process (the only one that locks and sweeps) cannot claim it."""
+    import jax
+    if jax.process_count() == 1:
+        with outputs.claim(out, inputs=inputs, overwrite=overwrite, what="--out", hint="--overwrite") as c:
+            yield c
+        return
+    from jax.experimental import multihost_utils
+    with contextlib.ExitStack() as stack:
+        failure: AfpqError | None = None
+        try:
+            c = stack.enter_context(outputs.claim(out, inputs=inputs, overwrite=overwrite, what="--out",
+                                                  hint="--overwrite", lead=is_lead()))
+        except AfpqError as e:
+            failure = e
+        text = np.zeros(1024, np.uint8)
+        if failure is not None:
+            raw = str(failure).encode()[:1024]
+            text[:len(raw)] = np.frombuffer(raw, np.uint8)
+        lead = bytes(np.asarray(multihost_utils.broadcast_one_to_all(text))).rstrip(b"\0").decode(errors="replace")
+        if failure is not None:
+            raise failure
+        if lead:
+            raise OutputError(lead)
+        yield c
 
 
 def is_lead() -> bool:

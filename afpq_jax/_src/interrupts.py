@@ -34,6 +34,8 @@ class Interrupted(KeyboardInterrupt):
 
 _held: list[int] = []
 _depth = 0
+_redeliveries: list[threading.Timer] = []
+_scopes = 0  # nested `stop_on_signals` blocks
 
 
 def _main_thread() -> bool:
@@ -54,9 +56,15 @@ def _swallowing(frame) -> bool:
 
 def _raise(signum, frame) -> None:
     if _swallowing(frame):  # deliver it again a moment later, outside the callback
-        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+        _redeliveries.append(timer)
+        timer.start()
         return
     raise Interrupted(signum)
+
+
+def _is_default(signum: int, handler) -> bool:
+    return handler is signal.SIG_DFL or (signum == signal.SIGINT and handler is signal.default_int_handler)
 
 
 def _hold(signum, frame) -> None:
@@ -65,12 +73,43 @@ def _hold(signum, frame) -> None:
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM raise `Interrupted` while the block runs (restored afterwards). Not inside a
-    `deferred` section (it would replace the section's holding handler)."""
+    """SIGINT and SIGTERM raise `Interrupted` while the block runs (restored afterwards). Only signals left at
+    their default action are taken over: an ignored one (``cmd &`` in a script ignores SIGINT) stays ignored and
+    an application's own handler stays in charge. Not inside a `deferred` section."""
+    global _scopes
     if not _main_thread() or _depth:
         yield
         return
-    previous = {s: signal.signal(s, _raise) for s in SIGNALS}
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    for s, handler in previous.items():
+        if _is_default(s, handler):
+            signal.signal(s, _raise)
+    _scopes += 1
+    try:
+        yield
+    finally:
+        _scopes -= 1
+        if not _scopes:  # a re-delivery still pending belongs to the run, which is over
+            for timer in _redeliveries:
+                timer.cancel()
+            _redeliveries.clear()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def killable() -> Iterator[None]:
+    """For a block that waits inside C++ (``jax.distributed.initialize``), where no Python handler can run until it
+    returns: SIGINT and SIGTERM get their default action (the process ends at once; nothing is written yet).
+    Afterwards the handlers in force before are put back, also over any the block installed (jax installs a
+    SIGTERM handler of its own, a preemption notifier, which would make SIGTERM do nothing)."""
+    if not _main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, signal.SIG_DFL)
     try:
         yield
     finally:

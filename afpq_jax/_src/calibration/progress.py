@@ -57,7 +57,7 @@ def weights_digest(arrays: Iterable[tuple[str, Any]]) -> str:
     for name, value in arrays:
         a = np.ascontiguousarray(np.asarray(value))
         h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
-        h.update(a.tobytes())
+        h.update(memoryview(a.reshape(-1).view(np.uint8)))  # no copy of the bytes (embeddings can be GBs)
     return h.hexdigest()[:32]
 
 
@@ -90,13 +90,19 @@ def _owned_entries(directory: Path) -> list[Path]:
     return entries
 
 
-def discard_empty_progress(directory: str | os.PathLike) -> None:
-    """Removes a progress directory in which no block was saved yet (a run stopped before its first block)."""
+def discard_progress(directory: str | os.PathLike) -> None:
+    """Removes a progress directory (its conversion's checkpoint is written): only the files progress writes."""
     d = Path(directory)
-    if d.is_dir() and not (d / STATE).exists():
+    if d.is_dir():
         for p in _owned_entries(d):
             p.unlink()
         d.rmdir()
+
+
+def discard_empty_progress(directory: str | os.PathLike) -> None:
+    """Removes a progress directory in which no block was saved yet (a run stopped before its first block)."""
+    if not (Path(directory) / STATE).exists():
+        discard_progress(directory)
 
 
 class BlockProgress:
@@ -123,6 +129,10 @@ class BlockProgress:
         if state.get("fingerprint") != self.fingerprint:
             raise CheckpointError(f"{self.directory} holds the progress of a different conversion (other model, "
                                   f"rules, method, calibration or dtype); run without --resume to start over")
+        if "source_outer" not in state:
+            raise CheckpointError(f"{self.directory} was saved by an older afpq-jax, without digests of the source "
+                                  f"weights, so it cannot be checked against this model; run without --resume to "
+                                  f"start over")
         acts = self.directory / ACTIVATIONS
         self.source_blocks = dict(state.get("source_blocks") or {})
         self.source_outer = state.get("source_outer")

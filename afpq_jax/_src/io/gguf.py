@@ -196,7 +196,8 @@ def _config_from_reader(reader: Any, path: Path) -> dict[str, Any]:
     hidden = int(need("embedding_length"))
     n_head = int(need("attention.head_count"))
     n_kv = int(get("attention.head_count_kv", n_head))
-    head_dim = int(get("attention.key_length", get("rope.dimension_count", hidden // n_head)))
+    # head_count 0 would divide by zero here: the config's own check names the field instead
+    head_dim = int(get("attention.key_length", get("rope.dimension_count", hidden // n_head if n_head > 0 else 0)))
     names = {t.name for t in reader.tensors}
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
 

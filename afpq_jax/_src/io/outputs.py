@@ -27,6 +27,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -34,6 +35,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from afpq_jax._src import interrupts
 from afpq_jax._src.errors import NoSpaceError, OutputBusyError, OutputError, OutputExistsError
 
 logger = logging.getLogger("afpq_jax")
@@ -48,8 +50,9 @@ FORMAT_PREFIX = "afpq-jax"
 # ---- paths ------------------------------------------------------------------------------------------------------
 
 def real(path: str | os.PathLike) -> Path:
-    """``path`` absolute with every symbolic link resolved (whether or not it exists yet)."""
-    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+    """``path`` absolute with every symbolic link resolved (whether or not it exists yet). ``realpath`` alone:
+    ``abspath`` would drop ``link/..`` as text, where the kernel follows the link first."""
+    return Path(os.path.realpath(os.fspath(path)))
 
 
 def within(path: str | os.PathLike, directory: str | os.PathLike) -> bool:
@@ -108,15 +111,18 @@ def check_separate(path: str | os.PathLike, inputs: Iterable[str | os.PathLike |
         raise OutputError(f"{what} {path} is a file-system root; pass a new directory, e.g. {what} out/result")
 
 
-def check_scratch(path: str | os.PathLike, others: Iterable[str | os.PathLike | None], what: str) -> None:
-    """Refuses a scratch directory (spilled activations, training checkpoints, caches) that is, contains or lies
-    inside one of ``others`` (the model, the output): a run killed with SIGKILL would leave gigabytes inside the
-    user's model, and files inside ``--out`` would make it exist before it is published."""
+def check_scratch(path: str | os.PathLike, others: Iterable[str | os.PathLike | None], what: str, *,
+                  may_contain: bool = True, kind: str = "directory") -> None:
+    """Refuses a scratch path (spilled activations, training checkpoints, caches, a history file) that is or lies
+    inside one of ``others`` (the model, the output) — a run killed with SIGKILL would leave gigabytes inside the
+    user's model, and files inside ``--out`` would make it exist before it is published — and, unless
+    ``may_contain``, one that contains them (a directory the tool manages as its own)."""
     for other in others:
         if other is None:
             continue
-        if within(path, other) or within(other, path):
-            raise OutputError(f"{what} {path} overlaps {other}; pass a directory outside the model and the output")
+        if within(path, other) or (not may_contain and within(other, path)):
+            raise OutputError(f"{what} {path} {'is inside' if within(path, other) else 'contains'} {other}; pass a "
+                              f"{kind} outside the model and the output")
 
 
 def check_writable(path: str | os.PathLike, what: str) -> None:
@@ -127,9 +133,10 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
     if not base.is_dir():
         raise OutputError(f"{what} {path}: {base} is a file, not a directory; choose another {what}")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".afpq-write-probe-", dir=base)
-        os.close(fd)
-        os.unlink(probe)
+        with interrupts.deferred():  # never leave the probe behind
+            fd, probe = tempfile.mkstemp(prefix=".afpq-write-probe-", dir=base)
+            os.close(fd)
+            os.unlink(probe)
     except OSError as e:
         raise OutputError(f"{what} {path}: cannot create files in {base} ({e.strerror or e}); choose another "
                           f"{what} or fix the permissions") from None
@@ -162,27 +169,28 @@ def require_space(path: str | os.PathLike, needed: int) -> None:
         raise no_space(path, needed)
 
 
-def _mentions_no_space(exc: BaseException) -> bool:
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(exc)
-        if "No space left on device" in text or "RESOURCE_EXHAUSTED" in text or "Disk quota exceeded" in text:
-            return True
+        yield exc
         exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def as_no_space(exc: BaseException, path: str | os.PathLike, needed: int | None = None) -> NoSpaceError | None:
-    """A `NoSpaceError` if ``exc`` (or what caused it) is a full disk: ENOSPC / EDQUOT, a library's message
-    saying so (orbax / tensorstore: RESOURCE_EXHAUSTED), or a short write (numpy: "N requested and M written")
-    on a device with less than ``needed`` bytes (or 1 MiB) free; else None."""
-    if _mentions_no_space(exc):
-        return no_space(path, needed)
-    if isinstance(exc, OSError) and free_bytes(path) < max(needed or 0, 2**20):
-        return no_space(path, needed)
+    """A `NoSpaceError` if ``exc`` (or what caused it) is a full disk: ENOSPC / EDQUOT, or a library's message
+    saying so (tensorstore under orbax: "No space left on device"), or numpy's short write ("N requested and M
+    written") on a device with less than ``needed`` bytes (or 1 MiB) free; else None. (RESOURCE_EXHAUSTED alone
+    is not enough: XLA says it for device memory too.)"""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return no_space(path, needed)
+        text = str(e)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return no_space(path, needed)
+        if (isinstance(e, OSError) and "requested and" in text and "written" in text
+                and free_bytes(path) < max(needed or 0, 2**20)):
+            return no_space(path, needed)
     return None
 
 
@@ -282,7 +290,10 @@ def publish(staging: Path, out: Path, *, overwrite: bool, what: str = "output di
             with contextlib.suppress(OSError):
                 rename_no_replace(old, out, what)
             raise
-        remove_tree(old)
+        # renamed before deleting: a half-deleted copy (SIGKILL mid-way) must never look like one to put back
+        trash = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+        os.rename(old, trash)
+        remove_tree(trash)
     else:
         rename_no_replace(staging, out, what)
 
@@ -310,6 +321,7 @@ class Claim:
     hint: str
     lead: bool
     depth: int = 1
+    published: bool = False  # set once the result is at ``out`` (a later Ctrl-C must not say "nothing written")
     _fd: int | None = None
     _lock: Path | None = None
     _made: list[Path] = dataclasses.field(default_factory=list)  # parent directories this claim created
@@ -360,31 +372,37 @@ def _lock(path: Path, out: Path, what: str) -> int | None:
         os.close(fd)
 
 
+def _leftovers(out: Path, kind: str) -> list[Path]:
+    """``.<name>.<kind>-<8 hex digits>`` beside ``out``: exactly the names `publish` and `staging` give (a
+    prefix match would take another output's files, e.g. ``.a.old-1.partial-*`` of an output ``a.old-1``)."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.{kind}-[0-9a-f]{{8}}")
+    return sorted(p for p in out.parent.iterdir() if pattern.fullmatch(p.name))
+
+
 def sweep(out: Path) -> list[str]:
-    """Removes what interrupted runs left beside ``out`` (staging ``.partial-*`` directories, replaced
-    ``.old-*`` outputs, temporary files) and puts back an output an interrupted replacement had moved aside.
-    Call only while holding ``out``'s lock. Returns a description of each action."""
-    parent, name = out.parent, out.name
-    done = []
-    if not parent.is_dir():
+    """Removes what interrupted runs left beside ``out`` (staging ``.partial-*`` directories, replaced ``.old-*``
+    outputs) and puts back an output that an interrupted replacement had moved aside, if it is complete. A
+    replaced output is kept while ``out`` is something afpq-jax did not write. Call only while holding ``out``'s
+    lock. Returns a description of each action."""
+    done: list[str] = []
+    if not out.parent.is_dir():
         return done
-    olds = sorted(parent.glob(f".{_glob_escape(name)}.old-*"), key=lambda p: p.lstat().st_mtime)
-    if olds and not os.path.lexists(out):
+    olds = sorted(_leftovers(out, "old"), key=lambda p: p.lstat().st_mtime)
+    if olds and not os.path.lexists(out) and is_afpq_output(olds[-1]):
         back = olds.pop()
         os.rename(back, out)
         done.append(f"put back {out} from {back.name} (a replacement was interrupted before it finished)")
-    leftovers = olds + sorted(parent.glob(f".{_glob_escape(name)}.partial-*"))
+    if olds and os.path.lexists(out) and not is_afpq_output(out):
+        done.append(f"kept {', '.join(p.name for p in olds)} beside {out} (a replaced checkpoint; {out} is not "
+                    f"afpq-jax's): move it back or delete it yourself")
+        olds = []
+    leftovers = olds + _leftovers(out, "partial")
     for p in leftovers:
         remove_tree(p)
     if leftovers:
         done.append(f"removed {len(leftovers)} leftover(s) of interrupted runs beside {out}: "
                     + ", ".join(p.name for p in leftovers))
     return done
-
-
-def _glob_escape(name: str) -> str:
-    import glob
-    return glob.escape(name)
 
 
 @contextlib.contextmanager
@@ -421,7 +439,10 @@ def claim(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] 
                 missing.append(p)
                 p = p.parent
             for p in reversed(missing):
-                p.mkdir()
+                try:
+                    p.mkdir()
+                except FileExistsError:  # another run made it first: not ours to remove
+                    continue
                 c._made.append(p)
             c._lock = out.parent / f".{out.name}.lock"
             c._fd = _lock(c._lock, out, what)
