@@ -28,7 +28,10 @@ from afpq_jax._src.calibration.taps import ABS_MAX, ABS_SUM, XTX, Statistic
 from afpq_jax._src.algorithms import AWQ, GPTQ, RTN, ClipSearch
 from afpq_jax._src.algorithms.activations import ActivationQuant
 from afpq_jax._src.models import CausalLM
-from afpq_jax._src.api import QATResult, load, load_tokenizer, quantize_pretrained, save, tokenize, train_qat
+from afpq_jax._src.checkpoint import load, save
+from afpq_jax._src.conversion import quantize_pretrained
+from afpq_jax._src.io.tokenizers import load_tokenizer, tokenize
+from afpq_jax._src.training.qat import QATResult, train_qat
 from afpq_jax._src.training.data import SelfGeneratedData
 from afpq_jax._src.training.trainer import QATConfig
 from afpq_jax._src.generation import generate

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import afpq_jax as aq
 from afpq_jax._src import cli
-from afpq_jax._src.api import model_config, resolve_method, summarize
+from afpq_jax._src.checkpoint import model_config
+from afpq_jax._src.conversion import resolve_method
 from afpq_jax._src.calibration.progress import discard_empty_progress, discard_progress
 from afpq_jax._src.io import outputs
 from afpq_jax._src.io.files import read_text
@@ -256,7 +257,7 @@ def _convert(args, model: str, out: Path, rules, method, activations, progress_d
     aq.save(qmodel, out, overwrite=args.overwrite)
     if keep:
         discard_progress(progress_dir)
-    print("\n".join(summarize(qmodel, out, time.perf_counter() - t0).lines()))
+    print("\n".join(cli.summarize(qmodel, out, time.perf_counter() - t0).lines()))
     return 0
 
 

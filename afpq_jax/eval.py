@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.seq_len == 1:
             raise InputError("--seq-len must be at least 2 (a window predicts its tokens 2..L from the first)")
         cli.init_distributed(args)
-        from afpq_jax._src.api import load, load_tokenizer, model_config, tokenize
+        from afpq_jax._src.checkpoint import load, model_config
+        from afpq_jax._src.io.tokenizers import load_tokenizer, tokenize
         from afpq_jax._src.io.files import read_text
         from afpq_jax._src.io.sources import local_path
 

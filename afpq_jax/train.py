@@ -19,7 +19,6 @@ import numpy as np
 
 import afpq_jax as aq
 from afpq_jax._src import cli
-from afpq_jax._src.api import summarize
 from afpq_jax._src.io import outputs
 from afpq_jax._src.io.files import read_text, require_file
 from afpq_jax._src.errors import InputError, InputNotFoundError
@@ -165,7 +164,7 @@ def _train(args, model: str, out: Path, rules, config: aq.QATConfig, data: aq.Se
     aq.save(result.model, out, overwrite=args.overwrite)
     if args.history:
         outputs.atomic_write_text(args.history, "".join(json.dumps(h) + "\n" for h in result.history))
-    print("\n".join(summarize(result.model, out, time.perf_counter() - t0).lines()))
+    print("\n".join(cli.summarize(result.model, out, time.perf_counter() - t0).lines()))
     print(f"training         : {result.steps} steps, {result.tokens:,} tokens, gamma {result.gamma:.3f}, "
           f"{loss_summary([h['loss'] for h in result.history])}, {result.seconds:.0f} s")
     return 0

@@ -267,7 +267,7 @@ def test_save_refuses_an_existing_output_and_leaves_nothing_on_failure(tmp_path,
     def die(*a, **kw):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save", die)
+    monkeypatch.setattr(checkpoint, "write", die)
     with pytest.raises(OSError, match="disk full"):
         aq.save(model, tmp_path / "q2")
     assert [p.name for p in tmp_path.iterdir()] == ["q"]

@@ -157,21 +157,21 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
 @pytest.mark.parametrize("exc,rc", [(KeyboardInterrupt, 130), (OSError, 2)])
 def test_interrupted_conversion_leaves_nothing(tmp_path, capsys, monkeypatch, exc, rc):
     out = tmp_path / "o"
-    real_save = checkpoint.save
+    real_save = checkpoint.write
 
     def save_then_die(model, directory, **kw):
         real_save(model, directory, **kw)  # the staging dir is fully written, then we die before the rename
         raise exc("disk full" if exc is OSError else "")
 
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    monkeypatch.setattr(checkpoint, "write", save_then_die)
     assert convert_cli.main(["--model", str(FIXTURES / "llama_gqa"), "--out", str(out), "--no-progress"]) == rc
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no .partial staging directory left behind
     # an existing checkpoint survives a failed --overwrite
-    monkeypatch.setattr(checkpoint, "save", real_save)
+    monkeypatch.setattr(checkpoint, "write", real_save)
     assert convert_cli.main(["--model", str(FIXTURES / "llama_gqa"), "--out", str(out), "--no-progress"]) == 0
     before = sorted(p.name for p in out.rglob("*"))
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    monkeypatch.setattr(checkpoint, "write", save_then_die)
     convert_cli.main(["--model", str(FIXTURES / "llama_gqa"), "--out", str(out), "--overwrite", "--no-progress"])
     assert sorted(p.name for p in out.rglob("*")) == before and aq.load(out) is not None
     assert [p.name for p in tmp_path.iterdir()] == ["o"]

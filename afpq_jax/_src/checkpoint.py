@@ -1,4 +1,7 @@
-"""Packed checkpoints: an orbax tree of the model state plus config.json, tokenizer files and
+"""Models in and out: `load` (a converted checkpoint, or a float HF / GGUF model), `save` (the packed checkpoint),
+and the provenance a model carries between them (`CheckpointInfo`).
+
+Packed checkpoints: an orbax tree of the model state plus config.json, tokenizer files and
 quantization_config.json. Written into a temporary sibling directory and renamed into place (`outputs`), so an
 interrupted or failed conversion never leaves a half checkpoint at the destination; read back only after the
 arrays' recorded schemes, shapes and dtypes match the JSON (`load`).
@@ -17,17 +20,18 @@ import sys
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from afpq_jax._src import interrupts
-from afpq_jax._src.errors import CheckpointError, InputError, NoSpaceError
-from afpq_jax._src.io import files, outputs
-from afpq_jax._src.loading import ModelAssembler
-from afpq_jax._src.models import CausalLM, config_from_hf
+from afpq_jax._src import interrupts, validation
+from afpq_jax._src.errors import ArgumentTypeError, CheckpointError, InputError, NoSpaceError
+from afpq_jax._src.io import files, outputs, sources
+from afpq_jax._src.loading import CheckpointWeights, ModelAssembler, load_float
+from afpq_jax._src.models import CausalLM, ModelConfig, config_from_hf
 from afpq_jax._src.scheme import QuantScheme
 
 logger = logging.getLogger("afpq_jax")
@@ -55,6 +59,33 @@ class CheckpointInfo:
     source_kind: str | None = None
     quantization: str | None = None
     phase_seconds: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def from_source(cls, source: sources.Source) -> CheckpointInfo:
+        """The provenance of a float model read from ``source`` (nothing quantized yet)."""
+        return cls(hf_config=json.dumps(source.config, sort_keys=True),
+                   tokenizer_dir=None if source.tokenizer_dir is None else str(source.tokenizer_dir),
+                   gguf_path=str(source.path) if source.kind == "gguf" else None,
+                   source=str(source.path), source_kind=source.kind)
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        """Where the model's tokenizer is: its GGUF file, or the directory with its tokenizer files."""
+        return self.gguf_path or self.tokenizer_dir
+
+    def quantized(self, record: Mapping[str, Any], *, source: str | None = None, source_kind: str | None = None,
+                  phase_seconds: Iterable[tuple[str, float]] = ()) -> CheckpointInfo:
+        """This model's provenance after quantizing it: ``record`` (method, rules, calibration, report: the
+        `RECORD_KEYS` a conversion or QAT run knows) plus where it came from (``source`` overrides the path,
+        e.g. with the Hub id the user gave)."""
+        source = self.source if source is None else source
+        source_kind = self.source_kind if source_kind is None else source_kind
+        full = {**record, "source": source, "source_kind": source_kind}
+        return dataclasses.replace(self, source=source, source_kind=source_kind,
+                                   quantization=json.dumps(full, sort_keys=True), phase_seconds=tuple(phase_seconds))
+
+
+IN_MEMORY = CheckpointInfo(source="<in-memory model>", source_kind="model")  # a model built in code
 
 
 # The keys of quantization_config.json that `CheckpointInfo.quantization` carries (the rest is derived at save).
@@ -131,8 +162,8 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def save(model: CausalLM, directory: Path, *, hf_config: dict, quant_config: dict,
-         tokenizer_dir: Path | None = None) -> None:
+def write(model: CausalLM, directory: Path, *, hf_config: dict, quant_config: dict,
+          tokenizer_dir: Path | None = None) -> None:
     """Writes a checkpoint into ``directory`` (which must exist and be empty: use `staging_dir`). Multi-process:
     every process calls it; orbax writes each process's shards, process 0 the JSON and tokenizer files.
 
@@ -250,7 +281,7 @@ def quant_layout(quant_config: dict, where: Path | None = None) -> dict[str, Qua
     return layout
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = validation.FLOAT_DTYPES
 
 
 def read_quant_config(path: Path) -> dict:
@@ -328,7 +359,7 @@ def _flatten(tree, prefix=()):
         yield prefix, tree
 
 
-def load(path: str | os.PathLike, mesh=None) -> CausalLM:
+def load_converted(path: str | os.PathLike, mesh=None) -> CausalLM:
     """Restores a converted checkpoint into a ready model (packed weights stay packed); with a ``mesh``, every
     leaf is restored straight into its shard (`afpq_jax._src.sharding`): no host holds the whole model.
     Nothing is trusted unchecked: the JSON files by type, the arrays against the recorded schemes (`_verify`)."""
@@ -371,3 +402,76 @@ def load(path: str | os.PathLike, mesh=None) -> CausalLM:
                                            source=qc.get("source"), source_kind=qc.get("source_kind"),
                                            quantization=json.dumps(record, sort_keys=True))
     return model
+
+
+# ---- the public entry points -----------------------------------------------------------------------------------
+
+def load(path: str | os.PathLike, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None) -> CausalLM:
+    """A ready NNX model from a converted afpq-jax checkpoint, a float Hugging Face directory (safetensors or
+    Flax msgpack), a GGUF file, or a Hub id (needs network). ``model(input_ids)`` gives float32 logits.
+    ``dtype`` applies to float checkpoints (a converted checkpoint keeps the dtype it was converted with).
+
+    ``mesh``: a `jax.sharding.Mesh` with axes ``'model'`` (tensor parallel) and/or ``'data'`` (FSDP); every
+    parameter, float or packed, becomes a sharded array on it (see `afpq_jax._src.sharding` for the split).
+    A converted checkpoint is restored straight into the shards; a float checkpoint is read one tensor at a
+    time on the host and each tensor placed on its shards at once."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentTypeError(f"load takes a path or Hub id, got {type(path).__name__}")
+    dt = validation.float_dtype(dtype)  # checked for converted checkpoints too, though they keep their own dtype
+    if is_converted_checkpoint(path):
+        return load_converted(path, mesh=mesh)
+    source = sources.open_source(path)
+    cfg = config_from_hf(source.config)
+    # with a mesh each array goes to its shards as it is read: no device holds the whole model
+    model = load_float(CheckpointWeights(source, cfg), cfg, dtype=dt, mesh=mesh)
+    model.checkpoint_info = CheckpointInfo.from_source(source)
+    return model
+
+
+def model_config(path: str | os.PathLike) -> ModelConfig:
+    """The architecture of a model path (reads only its config and tensor index)."""
+    if is_converted_checkpoint(path):
+        return config_from_hf(files.read_json_object(Path(path) / "config.json"))
+    return config_from_hf(sources.open_source(path).config)
+
+
+def save(model: CausalLM, out_dir: str | os.PathLike, *, overwrite: bool = False,
+         hf_config: dict[str, Any] | None = None) -> Path:
+    """Writes ``model`` as a packed afpq-jax checkpoint (what ``python -m afpq_jax.convert`` writes): an orbax tree
+    of the state, config.json, quantization_config.json and the tokenizer files. Everything is written into a
+    temporary sibling directory and renamed into place: nothing appears at ``out_dir`` if anything fails.
+
+    ``hf_config`` is needed only for a model that did not come from `load` / `quantize_pretrained`.
+    ``out_dir`` must not be, or contain, the model the weights came from or the working directory; with
+    ``overwrite`` it may replace only an afpq-jax checkpoint (`afpq_jax._src.io.outputs.claim`).
+    """
+    if not isinstance(model, CausalLM):
+        raise InputError(f"save expects an afpq_jax CausalLM, got {type(model).__name__}")
+    out = Path(out_dir)
+    info = model.checkpoint_info
+    inputs = [] if info is None else [info.source if info.source_kind != "model" else None, info.tokenizer_dir,
+                                      info.gguf_path]
+    hf = hf_config if hf_config is not None else (json.loads(info.hf_config) if info and info.hf_config else None)
+    if hf is None:
+        raise InputError("this model carries no Hugging Face config.json (it was not made by load / "
+                         "quantize_pretrained); pass save(..., hf_config=...)")
+    record = json.loads(info.quantization) if info and info.quantization else {
+        "method": None, "source": info.source if info else None, "source_kind": info.source_kind if info else None}
+    linears = model.linear_layers()
+    layout = {p: m.scheme for p, m in linears.items() if m.is_quantized}
+    q_params = sum(linears[p].in_features * linears[p].out_features for p in layout)
+    q_bytes = sum(linears[p].quantized_tensor().nbytes for p in layout)
+    quant_config = {
+        **record, "checkpoint_format": CHECKPOINT_FORMAT, "quant_method": "afpq-jax",
+        "mlp_act_scale": model.cfg.mlp_act_scale, "dtype": jnp.dtype(model.dtype).name,
+        "lm_head_quantized": "lm_head" in layout, "layers": {p: s.to_json() for p, s in layout.items()},
+        "packing": "bit planes along the input axis, LSB first (afpq_jax/_src/packing.py)",
+        "bits_per_weight": round(8 * q_bytes / max(1, q_params), 4),
+    }
+    with staging_dir(out, overwrite, inputs=inputs) as tmp:
+        if info is not None and info.gguf_path and jax.process_index() == 0:
+            from afpq_jax._src.io import gguf as gguf_io
+            gguf_io.write_hf_tokenizer(Path(info.gguf_path), tmp)
+        write(model, tmp, hf_config=hf, quant_config=quant_config,
+              tokenizer_dir=None if info is None or info.tokenizer_dir is None else Path(info.tokenizer_dir))
+    return out.absolute()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
+import json
 import os
 import sys
 import threading
@@ -277,3 +279,75 @@ def rules_from_args(args) -> tuple[list, str]:
               f"{'gchannel' if args.group_size is None else f'g{args.group_size}'}"
               f"{'-intscales' if integer_scales else ''}")
     return default_rules(scheme, quantize_lm_head=lm_head), suffix
+
+
+# ---- the conversion summary ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ConvertSummary:
+    """What a conversion produced (printed by the CLI)."""
+
+    out: Path
+    layers: int
+    quantized_params: int
+    quantized_bytes: int
+    float_params: int
+    disk_bytes: int
+    seconds: float
+    phase_seconds: dict = dataclasses.field(default_factory=dict)
+    activation_modes: dict = dataclasses.field(default_factory=dict)  # {"int8 static": n layers, ...}
+    folds: dict = dataclasses.field(default_factory=dict)  # {"lae": n layers, ...}
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.quantized_bytes / max(1, self.quantized_params)
+
+    def lines(self) -> list[str]:
+        return [f"quantized layers : {self.layers}",
+                f"quantized params : {self.quantized_params:,} at {self.bits_per_weight:.3f} bits/weight "
+                f"({self.quantized_bytes / 2**20:.1f} MiB)",
+                f"float params     : {self.float_params:,} (embeddings, norms, biases, unquantized heads)",
+                f"size on disk     : {self.disk_bytes / 2**20:.1f} MiB  ->  {self.out}",
+                f"time             : {self.seconds:.1f} s"] + (
+                    ["activations      : " + ", ".join(f"{k} {v}" for k, v in self.activation_modes.items())
+                     + ("" if not self.folds else " (folded: " + ", ".join(f"{k} {v}" for k, v in
+                                                                           self.folds.items()) + ")")]
+                    if self.activation_modes else []) + (
+                    ["  " + ", ".join(f"{k} {v:.1f}s" for k, v in self.phase_seconds.items())]
+                    if self.phase_seconds else [])
+
+
+def summarize(model, out: str | os.PathLike, seconds: float) -> ConvertSummary:
+    """What a conversion or QAT run wrote to ``out`` (``model`` is the quantized `CausalLM`)."""
+    import jax
+    from flax import nnx
+
+    linears = model.linear_layers()
+    q = [m for m in linears.values() if m.is_quantized]
+    out = Path(out)
+    info = model.checkpoint_info
+    return ConvertSummary(
+        out=out.absolute(), layers=len(q), quantized_params=sum(m.in_features * m.out_features for m in q),
+        quantized_bytes=sum(m.quantized_tensor().nbytes for m in q),
+        float_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))),
+        disk_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()), seconds=seconds,
+        phase_seconds=dict(info.phase_seconds) if info else {},
+        activation_modes=_count(f"int{m.scheme.act_bits} {m.scheme.act_mode}" for m in q
+                                if m.scheme.quantizes_activations),
+        folds=_count(d["fold"] for facts in _report(info).values() for d in facts.get("activations", {}).values()
+                     if d.get("fold")))
+
+
+def _count(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _report(info) -> dict:
+    if info is None or not info.quantization:
+        return {}
+    return json.loads(info.quantization).get("report") or {}
+
+

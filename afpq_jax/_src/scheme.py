@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import numbers
 import os
 import re
@@ -24,6 +25,8 @@ from afpq_jax._src import quantizer
 from afpq_jax._src.errors import InputError
 from afpq_jax._src.io.files import read_text
 from afpq_jax._src.qtensor import QuantizedTensor
+
+logger = logging.getLogger("afpq_jax")
 
 
 ACT_BITS = (8,)
@@ -251,3 +254,18 @@ def load_rules(path: str | os.PathLike) -> list[QuantRule]:
 
 def rules_to_json(rules: Sequence[QuantRule]) -> list[dict[str, Any]]:
     return [r.to_json() for r in rules]
+
+
+def resolve_layout(rules: Sequence[QuantRule], paths: Sequence[str]) -> dict[str, QuantScheme]:
+    """{layer path: scheme} of ``rules`` over a model's linear-layer ``paths``: `resolve_rules`, plus a warning for
+    each rule that decides no layer and an `InputError` if no layer is quantized."""
+    layout = resolve_rules(rules, paths)
+    for rule in unused_rules(rules, paths):
+        if rule.scheme is None:
+            continue  # keeping absent layers float is harmless (e.g. the lm_head rule on a tied model)
+        logger.warning("quantization rule %r decides no layer of this model (layer paths look like %s)",
+                       rule.pattern, paths[0])
+    if not layout:
+        raise InputError("the rules quantize no layer of this model; layer paths look like "
+                         f"{paths[0]!r} (patterns must match the whole path)")
+    return layout

@@ -40,3 +40,18 @@ def token_ids(ids: Any, what: str) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.integer):
         raise ArgumentTypeError(f"{what} must be integer token ids, got dtype {arr.dtype}")
     return arr
+
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def float_dtype(value: Any, what: str = "dtype"):
+    """``value`` as a jax dtype if it names one of `FLOAT_DTYPES` (the dtypes of parameters and compute)."""
+    import jax.numpy as jnp
+    try:
+        dt = jnp.dtype(value)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in FLOAT_DTYPES:
+        raise InputError(f"{what} must be one of {FLOAT_DTYPES}, got {value!r}")
+    return dt

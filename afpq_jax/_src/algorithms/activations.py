@@ -257,3 +257,24 @@ class WithActivations(Method):
                 scale = np.float32(m / INT8_MAX) if m > 0 else np.float32(1.0)
             ctx.linears[n].set_activation_quant(bits, d["mode"], scale)
         return {"activations": decisions} if decisions else None
+
+
+def with_activations(method: Method, activations: ActivationQuant | None,
+                     layout: dict[str, QuantScheme]) -> Method:
+    """``method`` that also quantizes activations, if the policy or any layer's scheme asks for it (else
+    ``method`` itself). Every quantized layer's format must have an integer path (NF has none)."""
+    if activations is not None and not isinstance(activations, ActivationQuant):
+        raise InputError(f"activations must be an afpq_jax.ActivationQuant, got {type(activations).__name__}")
+    explicit = [s for s in layout.values() if s.quantizes_activations]
+    if activations is None and not explicit:
+        return method
+    if activations is not None:
+        activations.validate()
+        for path, scheme in layout.items():
+            if not scheme.quantizes_activations:
+                try:
+                    scheme.with_activations(activations.bits, "dynamic")
+                except InputError as e:
+                    raise InputError(f"layer {path}: {e}") from None
+    return WithActivations(weights=method, activations=activations,
+                           explicit_static=any(s.act_mode == "static" for s in explicit))

@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from afpq_jax._src.errors import InputError, InputNotFoundError, OutputExistsError
+from afpq_jax._src.io import outputs
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -479,18 +478,6 @@ def build_tokenizer(tok_meta: dict[str, Any]) -> Any:
     return tok
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory + os.replace, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_hf_tokenizer(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> list[Path]:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` (plus
     ``chat_template.jinja`` when the GGUF has one) so ``AutoTokenizer.from_pretrained(out_dir)``
@@ -540,7 +527,7 @@ def write_hf_tokenizer(gguf_path: str | os.PathLike[str], out_dir: str | os.Path
     if chat_template:
         files["chat_template.jinja"] = chat_template
     for name, text in files.items():
-        _atomic_write_text(out / name, text)
+        outputs.atomic_write_text(out / name, text)
         written.append(out / name)
     return written
 
@@ -566,8 +553,7 @@ def _write_safetensors_stream(
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
@@ -579,10 +565,8 @@ def _write_safetensors_stream(
                 f.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
             if next(expected, None) is not None:
                 raise RuntimeError("fewer tensors were produced than planned; this is a bug")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    outputs.atomic_write(path, write, size=8 + len(raw) + offset)
 
 
 def convert_gguf_to_hf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
@@ -598,18 +582,18 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike[str], out_dir: str | os.Path
     config = read_gguf_config(src)
     plan = gguf_tensor_plan(src)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = outputs.tmp_sibling(out)
     tmp.mkdir()
     try:
-        _atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        outputs.atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
         gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
-        _atomic_write_text(tmp / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+        outputs.atomic_write_text(tmp / "generation_config.json", json.dumps(gen, indent=2) + "\n")
         write_hf_tokenizer(src, tmp)
         _write_safetensors_stream(
             tmp / "model.safetensors", plan, iter_gguf_tensors(src), {"format": "pt", "source": src.name}
         )
-        os.rename(tmp, out)
+        outputs.rename_no_replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        outputs.remove_tree(tmp)
         raise
     return out

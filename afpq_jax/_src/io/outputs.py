@@ -225,6 +225,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda p: p.write_bytes(data), size=len(data))
 
 
+def cache_dir(cache: str | os.PathLike | None = None) -> Path:
+    """afpq-jax's cache (the built-in model and texts, the CPU kernel, self-generated QAT data): ``cache`` if
+    given, else ``$AFPQ_CACHE``, else ``~/.cache/afpq_jax``."""
+    if cache is not None:
+        return Path(cache).expanduser()
+    env = os.environ.get("AFPQ_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "afpq_jax"
+
+
 # ---- directories published by one rename ---------------------------------------------------------------------
 
 _RENAME_NOREPLACE = 1
@@ -262,6 +271,17 @@ def rename_no_replace(src: Path, dst: Path, what: str = "output") -> None:
         raise OutputExistsError(f"{what} {dst} appeared while this run was writing; the result was not published "
                                 f"— choose another {what}")
     os.rename(src, dst)
+
+
+def publish_shared(staging: Path, final: Path) -> None:
+    """Renames a finished cache directory into place; if another process published the same content first,
+    theirs is kept and ``staging`` removed (caches are written by whoever needs them first)."""
+    try:
+        rename_no_replace(staging, final)
+    except (OutputExistsError, OSError):
+        if not final.is_dir():
+            raise
+        remove_tree(staging)
 
 
 def remove_tree(path: Path) -> None:

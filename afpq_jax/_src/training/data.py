@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from afpq_jax._src import validation
 from afpq_jax._src.calibration.data import sample_windows
 from afpq_jax._src.errors import InputError
+from afpq_jax._src.io import outputs
 from afpq_jax._src.io.files import read_text
 from afpq_jax._src.generation import generate
 from afpq_jax._src.models import CausalLM
@@ -105,9 +106,12 @@ def self_generated(teacher: CausalLM, prompts: np.ndarray | list[np.ndarray], *,
     data = np.concatenate(out).astype(np.int32)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}.npy")
-        np.save(tmp, data)
-        os.replace(tmp, cache)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save(path) would append ".npy" to the name
+                np.save(f, data)
+
+        outputs.atomic_write(cache, write, size=data.nbytes)
     return data
 
 

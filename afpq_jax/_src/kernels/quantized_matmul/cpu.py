@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from afpq_jax._src.assets import cache_dir, tmp_sibling
+from afpq_jax._src.io.outputs import cache_dir, tmp_sibling
 from afpq_jax._src.kernels.quantized_matmul.base import Problem
 from afpq_jax._src.qtensor import QuantizedTensor
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 
 from afpq_jax._src.errors import InputError
+from afpq_jax._src.io.outputs import atomic_write_text
 from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem
 
 PACKAGED_TABLE = Path(__file__).with_name("tuned_configs.json")
@@ -77,13 +78,9 @@ def tuned(impl: str, prob: Problem, device_kind: str | None = None) -> BlockConf
 def record(entries: dict[str, BlockConfig], path: Path | None = None) -> Path:
     """Merges ``entries`` (key -> config; unset fields are left out) into the table at ``path`` (default
     `table_path`), written under a temporary name and renamed."""
-    from afpq_jax._src.assets import tmp_sibling  # here: importing the library must not load the asset fetcher
-
     path = Path(path or table_path())
     table = dict(load(path))
     for key, cfg in entries.items():
         table[key] = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
-    tmp = tmp_sibling(path)
-    tmp.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(dict(sorted(table.items())), indent=1) + "\n")
     return path
