@@ -15,9 +15,7 @@ from afpq_jax._src.kernels.quantized_matmul import roofline, tuning
 from afpq_jax._src.kernels.quantized_matmul_a8 import (activation_scale, integer_weight, quantize_activations,
                                                        quantized_matmul_a8)
 
-resolve_config = resolve
-
 __all__ = ["DISPATCH_ORDER", "IMPLEMENTATIONS", "BlockConfig", "Implementation", "Problem", "activation_scale",
            "current_backend", "default_config", "integer_weight", "quantize_activations", "quantized_matmul",
-           "quantized_matmul_a8", "register_implementation", "resolve_config", "roofline",
+           "quantized_matmul_a8", "register_implementation", "resolve", "roofline",
            "select_implementation", "tuning", "why_not"]

@@ -6,8 +6,9 @@ working. It imports nothing but afpq_jax's public API.
 """
 
 from afpq_jax.kernels import (DISPATCH_ORDER, IMPLEMENTATIONS, BlockConfig, Implementation, Problem, current_backend,
-                              default_config, quantized_matmul, register_implementation, resolve_config, roofline,
+                              default_config, quantized_matmul, register_implementation, roofline,
                               select_implementation, why_not)
+from afpq_jax.kernels import resolve as resolve_config  # the historical name
 
 __all__ = ["DISPATCH_ORDER", "IMPLEMENTATIONS", "BlockConfig", "Implementation", "Problem", "current_backend",
            "default_config", "quantized_matmul", "register_implementation", "resolve_config", "roofline",

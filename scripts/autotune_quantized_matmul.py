@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import afpq_jax
-from afpq_jax.kernels import IMPLEMENTATIONS, BlockConfig, Problem, quantized_matmul, resolve_config, tuning
+from afpq_jax.kernels import IMPLEMENTATIONS, BlockConfig, Problem, quantized_matmul, resolve, tuning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quantized_matmul import looped, timed  # noqa: E402  (the benchmark's timing, shared)
@@ -64,7 +64,7 @@ def search(impl: str, x, qt, *, reps: int, loops: int) -> tuple[BlockConfig, flo
             return None
 
     def resolved(cfg: BlockConfig | None) -> BlockConfig:
-        return resolve_config(impl, prob, cfg)  # defaults only: an earlier table entry is not the baseline
+        return resolve(impl, prob, cfg)  # defaults only: an earlier table entry is not the baseline
 
     best = resolved(None)
     default_t = best_t = measure(best)

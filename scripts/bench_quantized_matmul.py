@@ -24,7 +24,7 @@ import numpy as np
 
 import afpq_jax
 from afpq_jax.kernels import (IMPLEMENTATIONS, BlockConfig, Problem, current_backend, quantized_matmul,
-                              resolve_config, roofline, select_implementation)
+                              resolve, roofline, select_implementation)
 
 
 def timed(fn, xs, ws, *, reps: int, loops: int, r: int) -> float:
@@ -224,7 +224,7 @@ def main():
             ref = None
             for name, config in variants:
                 impl = name.removesuffix("-tree")
-                cfg = resolve_config(impl, prob, config)
+                cfg = resolve(impl, prob, config)
                 why = IMPLEMENTATIONS[impl].supports(prob, cfg)
                 if why is not None:
                     emit([f"{fmt}", m, name, f"declined: {why}"] + [""] * (len(header) - 4))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 import afpq_jax
-from afpq_jax.kernels import IMPLEMENTATIONS, BlockConfig, Problem, quantized_matmul, resolve_config, roofline
+from afpq_jax.kernels import IMPLEMENTATIONS, BlockConfig, Problem, quantized_matmul, resolve, roofline
 
 FORMATS = ("int2", "int3", "int4", "fp3_e2m0", "fp4_e2m1", "nf3", "nf4")
 GROUPS = (32, 64, 128, 256, None)
@@ -86,7 +86,7 @@ def main():
                 times.append(f"{dense / bw * 1e6:.2f} / {ideal / bw * 1e6:.2f}")
             ratios = []
             for impl in ("mosaic_tpu", "triton", "mosaic_gpu"):
-                cfg = resolve_config(impl, prob, None)
+                cfg = resolve(impl, prob, None)
                 if IMPLEMENTATIONS[impl].supports(prob, cfg) is not None:
                     ratios.append("declined")
                     continue
@@ -113,7 +113,7 @@ def main():
             qt = _abstract_weight(fmt, g, asym, a.k, a.n)
             cells = []
             for impl, config in kernels:
-                if IMPLEMENTATIONS[impl].supports(prob, resolve_config(impl, prob, config)) is not None:
+                if IMPLEMENTATIONS[impl].supports(prob, resolve(impl, prob, config)) is not None:
                     cells.append("declined")
                     continue
                 ops = roofline.kernel_ops(jax.make_jaxpr(

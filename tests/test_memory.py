@@ -32,10 +32,39 @@ def test_release_freed_memory_collects_reference_cycles():
             gc.enable()
 
 
-def test_limit_malloc_arenas_is_safe_to_call_repeatedly():
-    memory.limit_malloc_arenas(2)
-    memory.limit_malloc_arenas(8)
-    memory.release_freed_memory()
+# In a fresh process: 8 threads malloc and free at once (each contending thread gets an arena of its own unless
+# the cap holds), then glibc's malloc_stats() lists the arenas on stderr.
+_ARENAS = textwrap.dedent("""
+    import ctypes, sys, threading
+    from afpq_jax._src import memory
+    if sys.argv[1] == "cap":
+        memory.limit_malloc_arenas(1)
+        memory.limit_malloc_arenas(1)  # calling it again is harmless
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    barrier = threading.Barrier(8)
+    def work():
+        barrier.wait()
+        for _ in range(20):
+            for p in [libc.malloc(4096) for _ in range(500)]:
+                libc.free(p)
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    libc.malloc_stats()
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc arenas")
+def test_limit_malloc_arenas_caps_the_arenas_of_contending_threads():
+    def arenas(mode: str) -> int:
+        r = subprocess.run([sys.executable, "-c", _ARENAS, mode], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return sum(line.startswith("Arena ") for line in r.stderr.splitlines())
+
+    assert arenas("cap") == 1
+    assert arenas("free") > 1  # the control: without the cap the threads get arenas of their own
 
 
 # In a fresh process: free a 16 MiB mapped buffer (glibc then raises its mmap threshold, so the next 8 MiB buffer
