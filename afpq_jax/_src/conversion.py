@@ -20,7 +20,7 @@ from afpq_jax._src import algorithms  # noqa: F401  (registers the built-in meth
 from afpq_jax._src import validation
 from afpq_jax._src.algorithms.activations import ActivationQuant, with_activations
 from afpq_jax._src.algorithms.clip import ClipSearch
-from afpq_jax._src.calibration import driver, taps
+from afpq_jax._src.calibration import driver
 from afpq_jax._src.calibration.data import Calibration
 from afpq_jax._src.calibration.method import Method, get_method
 from afpq_jax._src.calibration.progress import BlockProgress
@@ -33,7 +33,7 @@ from afpq_jax._src.io.tokenizers import text_tokenizer
 from afpq_jax._src.loading import CheckpointWeights, ModelWeights
 from afpq_jax._src.models import CausalLM, config_from_hf, linear_paths
 from afpq_jax._src.scheme import QuantRule, QuantScheme, as_rules, resolve_layout, rules_to_json
-from afpq_jax._src.sharding import check_mesh, shard_model
+from afpq_jax._src.sharding import check_mesh, data_parallel, shard_model
 
 
 def resolve_method(method: str | Method, clip: bool | None) -> Method:
@@ -123,7 +123,7 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
     if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int)
                                    or max_memory <= 0):
         raise InputError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
-    with taps.data_parallel(mesh) if mesh is not None else contextlib.nullcontext():
+    with data_parallel(mesh) if mesh is not None else contextlib.nullcontext():
         qmodel, report, seconds = driver.run(weights, qcfg, layout, m, windows,
                                              calibration if m.calibrated else None, dtype=dt, progress=progress,
                                              timer=timer, store=store, max_memory=max_memory,

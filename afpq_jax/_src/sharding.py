@@ -1,5 +1,10 @@
-"""Where each parameter of a built-in model lives on a device mesh: tensor parallel over ``'model'``, FSDP over
-``'data'`` (both optional axes of the mesh).
+"""Where arrays live on a device mesh: the one sharding policy of loading, calibration and training.
+
+`check_mesh` accepts a mesh for all three. Loading (`partition_spec`, `model_shardings`, `shard_model`): every
+parameter of a built-in model, tensor parallel over ``'model'``, FSDP over ``'data'`` (both optional axes).
+Calibration (`data_parallel`, `device_batch`, `device_minibatches`, `column_sharded`, `to_host`): minibatches
+split over ``'data'``, column-independent solves over every device. Training (`fsdp_sharding`, `place_fsdp`,
+`place_batch`): parameters and optimizer state FSDP over ``'data'``, each batch split over it.
 
 Megatron's split of a decoder block: column-parallel layers (q/k/v/qkv, gate/up, lm_head) are split along
 their output features N, row-parallel layers (o_proj, down_proj) along their input features K, so a block
@@ -13,9 +18,14 @@ is split only when its size divides evenly; everything else is replicated.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -28,9 +38,10 @@ ROW_PARALLEL = ("o_proj", "down_proj")
 _N_LEAVES = ("kernel", "codes", "scale", "scale_neg", "zero")  # 2-D leaves whose last axis is N
 
 
-def check_mesh(mesh: Mesh) -> Mesh:
+def check_mesh(mesh: Mesh, *, need: str | None = None) -> Mesh:
     """The mesh with every axis in Auto mode (XLA propagates the shardings through the model's ops; Explicit
-    axes would need every op annotated); a one-line error for axis names this module does not know."""
+    axes would need every op annotated); a one-line error for axis names this module does not know, or when the
+    axis ``need`` (training's ``'data'``) is missing."""
     if not isinstance(mesh, Mesh):
         raise InputError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}; e.g. "
                          f"jax.make_mesh((1, 4), ('data', 'model'))")
@@ -38,6 +49,8 @@ def check_mesh(mesh: Mesh) -> Mesh:
     if unknown:
         raise InputError(f"mesh axes {unknown} are not known; name them 'model' (tensor parallel) and/or 'data' "
                          f"(FSDP), e.g. jax.make_mesh((1, 4), ('data', 'model'))")
+    if need is not None and need not in mesh.axis_names:
+        raise InputError(f"this mesh needs a {need!r} axis, got axes {mesh.axis_names}")
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
@@ -96,3 +109,88 @@ def shard_model(model: Any, mesh: Mesh) -> Any:
         var.set_value(jax.device_put(var.get_value(), shardings[tuple(path)]))
     nnx.update(model, state)
     return model
+
+
+# ---- calibration: minibatches data parallel, column-independent solves over every device --------------------
+
+_DATA_MESH: contextvars.ContextVar = contextvars.ContextVar("afpq_data_mesh", default=None)
+
+
+@contextlib.contextmanager
+def data_parallel(mesh: Mesh) -> Iterator[None]:
+    """Within it, calibration minibatches are split over the mesh's ``'data'`` axis (when their size divides):
+    the jitted passes then run data parallel and XLA sums statistics such as XTX across devices."""
+    token = _DATA_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _DATA_MESH.reset(token)
+
+
+def column_sharded(w: jax.Array) -> jax.Array:
+    """A kernel (K, N) split by output columns over every device of the `data_parallel` mesh (when N divides):
+    column-independent solves such as GPTQ's then run SPMD, each device on its columns."""
+    mesh = _DATA_MESH.get()
+    if mesh is None or mesh.devices.size == 1 or w.shape[-1] % mesh.devices.size:
+        return w
+    spec = PartitionSpec(*([None] * (w.ndim - 1)), tuple(mesh.axis_names))
+    return jax.device_put(w, NamedSharding(mesh, spec))
+
+
+def to_host(a: jax.Array) -> np.ndarray:
+    """``a``'s whole value on this host; an array split across processes is gathered from all of them (every
+    process must call this for the same array)."""
+    if getattr(a, "is_fully_addressable", True):
+        return np.asarray(a)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+
+def _split_over_data(x: np.ndarray, axis: int) -> jax.Array:
+    """``x`` on the devices, its ``axis`` split over ``'data'`` inside `data_parallel` (when the size divides)."""
+    mesh = _DATA_MESH.get()
+    if mesh is None or DATA not in mesh.axis_names or np.shape(x)[axis] % mesh.shape[DATA]:
+        return jnp.asarray(x)
+    spec = [None] * np.ndim(x)
+    spec[axis] = DATA
+    return jax.device_put(np.asarray(x), NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def device_batch(x: np.ndarray) -> jax.Array:
+    """A minibatch (B, ...) on the devices: split over ``'data'`` inside `data_parallel`, else as is."""
+    return _split_over_data(x, 0)
+
+
+def device_minibatches(xs: np.ndarray) -> jax.Array:
+    """Minibatches (M, B, ...) on the devices, each minibatch's B sequences split over ``'data'`` inside
+    `data_parallel` (AWQ's scale search: every candidate's loss then sums over all devices' tokens)."""
+    return _split_over_data(xs, 1)
+
+
+# ---- training: FSDP over 'data' -------------------------------------------------------------------------------
+
+def fsdp_sharding(mesh: Mesh, x) -> NamedSharding:
+    """The first axis of ``x`` that the mesh's ``data`` axis divides is sharded over it; else replicated."""
+    n = mesh.shape[DATA]
+    shape = getattr(x, "shape", ())
+    for axis, size in enumerate(shape):
+        if size % n == 0 and size >= n:
+            return NamedSharding(mesh, PartitionSpec(*([None] * axis), DATA))
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def place_fsdp(tree, mesh: Mesh | None):
+    """Every leaf of ``tree`` placed by `fsdp_sharding` (as is without a mesh)."""
+    if mesh is None:
+        return tree
+    return jax.tree.map(lambda x: jax.device_put(x, fsdp_sharding(mesh, x)), tree)
+
+
+def place_batch(ids: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """Token ids (accum, batch, L) on the devices, the batch axis split over ``'data'``."""
+    if mesh is None:
+        return jnp.asarray(ids)
+    if ids.shape[1] % mesh.shape[DATA]:
+        raise InputError(f"batch_size {ids.shape[1]} must be a multiple of the mesh's data axis "
+                         f"({mesh.shape[DATA]} devices)")
+    return jax.device_put(ids, NamedSharding(mesh, PartitionSpec(None, DATA)))

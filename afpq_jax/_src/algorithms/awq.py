@@ -24,7 +24,8 @@ from afpq_jax._src import validation
 from afpq_jax._src.algorithms.clip import ClipSearch
 from afpq_jax._src.algorithms.folds import ScalingGroup, fold_scale, get_path, scaling_groups
 from afpq_jax._src.calibration.method import BlockContext, Method, register_method
-from afpq_jax._src.calibration.taps import ABS_SUM, device_minibatches, minibatch_size
+from afpq_jax._src.calibration.taps import ABS_SUM, minibatch_size
+from afpq_jax._src.sharding import device_minibatches
 from afpq_jax._src.memory import trim_heap
 from afpq_jax._src.models.config import ModelConfig
 from afpq_jax._src.quantizer import fake_quant

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 import numpy as np
 
-from afpq_jax._src.calibration.taps import column_sharded
+from afpq_jax._src.sharding import column_sharded
 from afpq_jax._src.formats import Format, get_format
 from afpq_jax._src import validation
 from afpq_jax._src.errors import InputError

@@ -23,7 +23,8 @@ import numpy as np
 
 from afpq_jax._src import validation
 from afpq_jax._src.calibration.method import BlockContext, Method, register_method
-from afpq_jax._src.calibration.taps import XTX, column_sharded
+from afpq_jax._src.calibration.taps import XTX
+from afpq_jax._src.sharding import column_sharded
 from afpq_jax._src.errors import ArgumentTypeError, InputError, QuantizationError
 from afpq_jax._src.formats import Format, get_format
 from afpq_jax._src.qtensor import QuantizedTensor

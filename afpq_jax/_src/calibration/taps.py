@@ -7,8 +7,6 @@ share an input.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping
@@ -20,62 +18,9 @@ from flax import nnx
 
 from afpq_jax._src.layers import record_inputs
 from afpq_jax._src.models.transformer import block_linears
+from afpq_jax._src.sharding import device_batch, to_host
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-_DATA_MESH: contextvars.ContextVar = contextvars.ContextVar("afpq_data_mesh", default=None)
-
-
-@contextlib.contextmanager
-def data_parallel(mesh) -> Iterator[None]:
-    """Within it, calibration minibatches are split over the mesh's ``'data'`` axis (when their size divides):
-    the jitted passes then run data parallel and XLA sums statistics such as XTX across devices."""
-    token = _DATA_MESH.set(mesh)
-    try:
-        yield
-    finally:
-        _DATA_MESH.reset(token)
-
-
-def column_sharded(w: jax.Array) -> jax.Array:
-    """A kernel (K, N) split by output columns over every device of the `data_parallel` mesh (when N divides):
-    column-independent solves such as GPTQ's then run SPMD, each device on its columns."""
-    mesh = _DATA_MESH.get()
-    if mesh is None or mesh.devices.size == 1 or w.shape[-1] % mesh.devices.size:
-        return w
-    spec = jax.sharding.PartitionSpec(*([None] * (w.ndim - 1)), tuple(mesh.axis_names))
-    return jax.device_put(w, jax.sharding.NamedSharding(mesh, spec))
-
-
-def to_host(a: jax.Array) -> np.ndarray:
-    """``a``'s whole value on this host; an array split across processes is gathered from all of them (every
-    process must call this for the same array)."""
-    if getattr(a, "is_fully_addressable", True):
-        return np.asarray(a)
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
-
-
-def _split_over_data(x: np.ndarray, axis: int) -> jax.Array:
-    """``x`` on the devices, its ``axis`` split over ``'data'`` inside `data_parallel` (when the size divides)."""
-    mesh = _DATA_MESH.get()
-    if mesh is None or "data" not in mesh.axis_names or np.shape(x)[axis] % mesh.shape["data"]:
-        return jnp.asarray(x)
-    spec = [None] * np.ndim(x)
-    spec[axis] = "data"
-    return jax.device_put(np.asarray(x), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
-
-
-def device_batch(x: np.ndarray) -> jax.Array:
-    """A minibatch (B, ...) on the devices: split over ``'data'`` inside `data_parallel`, else as is."""
-    return _split_over_data(x, 0)
-
-
-def device_minibatches(xs: np.ndarray) -> jax.Array:
-    """Minibatches (M, B, ...) on the devices, each minibatch's B sequences split over ``'data'`` inside
-    `data_parallel` (AWQ's scale search: every candidate's loss then sums over all devices' tokens)."""
-    return _split_over_data(xs, 1)
-
-
 @dataclasses.dataclass(frozen=True)
 class Statistic:
     """A reduction over a linear layer's inputs, accumulated over every calibration token.

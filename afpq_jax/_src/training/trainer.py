@@ -31,13 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from afpq_jax._src import validation
 from afpq_jax._src.errors import InputError, QuantizationError
 from afpq_jax._src.evaluation import perplexity
 from afpq_jax._src.models import CausalLM
+from afpq_jax._src.sharding import check_mesh, place_batch, place_fsdp
 from afpq_jax._src.training import data as data_lib
 from afpq_jax._src.training import losses
 from afpq_jax._src.training.student import trainable_filter
@@ -118,43 +119,6 @@ def learning_rate_schedule(cfg: QATConfig) -> optax.Schedule:
 def optimizer(cfg: QATConfig) -> optax.GradientTransformation:
     """AdamW with HF Trainer's defaults (β 0.9 / 0.999, ε 1e-8), as BitDistiller trains."""
     return optax.adamw(learning_rate_schedule(cfg), b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
-
-
-# ---- sharding ----------------------------------------------------------------------------------------------
-
-def fsdp_sharding(mesh: Mesh, x) -> NamedSharding:
-    """The first axis of ``x`` that the mesh's ``data`` axis divides is sharded over it; else replicated."""
-    n = mesh.shape["data"]
-    shape = getattr(x, "shape", ())
-    for axis, size in enumerate(shape):
-        if size % n == 0 and size >= n:
-            return NamedSharding(mesh, P(*([None] * axis), "data"))
-    return NamedSharding(mesh, P())
-
-
-def check_mesh(mesh: Mesh | None) -> None:
-    if mesh is None:
-        return
-    if "data" not in mesh.axis_names:
-        raise InputError(f"the training mesh needs a 'data' axis, got axes {mesh.axis_names}")
-    if any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
-        raise InputError("the training mesh's axes must be AxisType.Auto (sharding propagated by XLA): "
-                         "jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))")
-
-
-def _place(tree, mesh: Mesh | None):
-    if mesh is None:
-        return tree
-    return jax.tree.map(lambda x: jax.device_put(x, fsdp_sharding(mesh, x)), tree)
-
-
-def _place_batch(ids: np.ndarray, mesh: Mesh | None) -> jax.Array:
-    if mesh is None:
-        return jnp.asarray(ids)
-    if ids.shape[1] % mesh.shape["data"]:
-        raise InputError(f"batch_size {ids.shape[1]} must be a multiple of the mesh's data axis "
-                         f"({mesh.shape['data']} devices)")
-    return jax.device_put(ids, NamedSharding(mesh, P(None, "data")))
 
 
 # ---- the step ----------------------------------------------------------------------------------------------
@@ -290,16 +254,17 @@ def train(student: CausalLM, teacher: CausalLM, data: np.ndarray, cfg: QATConfig
         raise InputError(f"training data token ids must lie in [0, {student.cfg.vocab_size})")
     if resume and checkpoint_dir is None:
         raise InputError("resume needs the checkpoint directory of the run to continue")
-    check_mesh(mesh)
+    if mesh is not None:
+        mesh = check_mesh(mesh, need="data")
     graphdef, params, frozen = nnx.split(student, trainable_filter, ...)
     t_graphdef, t_state = nnx.split(teacher)
     if cfg.compute_dtype == "bfloat16":
         t_state = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                t_state)
     tx = optimizer(cfg)
-    params = _place(params, mesh)
-    frozen, t_state = _place(frozen, mesh), _place(t_state, mesh)
-    opt_state = _place(tx.init(params), mesh)
+    params = place_fsdp(params, mesh)
+    frozen, t_state = place_fsdp(frozen, mesh), place_fsdp(t_state, mesh)
+    opt_state = place_fsdp(tx.init(params), mesh)
     fingerprint = run_fingerprint(student, cfg, data)
     if resume and (checkpoint_dir is None or not Path(checkpoint_dir).is_dir()):  # before orbax creates it
         raise InputError(f"nothing to resume: {checkpoint_dir} is not a directory of training checkpoints")
@@ -329,7 +294,7 @@ def train(student: CausalLM, teacher: CausalLM, data: np.ndarray, cfg: QATConfig
     t_step = time.perf_counter()
     for step in bar:
         position, ids = next(stream)
-        new_params, new_opt, loss = step_fn(params, frozen, t_state, opt_state, _place_batch(ids, mesh),
+        new_params, new_opt, loss = step_fn(params, frozen, t_state, opt_state, place_batch(ids, mesh),
                                             jnp.float32(gamma))
         loss = float(loss)
         if not math.isfinite(loss):
