@@ -211,13 +211,14 @@ def test_shapes_match_reference(impl, fmt, group, asym, x_shape, n, dtype, confi
 
 
 def test_mosaic_gpu_double_buffers_the_weight_tile():
+    from afpq_jax._src.kernels.quantized_matmul import mosaic_gpu
     # Two weight buffers (and x released a step late) from 3 pipeline stages; the 4-bit defaults get them within
     # Hopper's shared memory, 3-bit (512-row K steps) keeps one buffer and 2 stages.
     def cfg(fmt, g, m, k, n):
         prob = _prob(fmt, g, True, m=m, k=k, n=n)
-        c = base.resolve("mosaic_gpu", prob, None)
-        assert base.mosaic_gpu_smem_bytes(prob, 64, c.block_n, c.block_k, c.num_stages) <= 227 * 1024
-        return c, base.mosaic_gpu_weight_buffers(prob, c.block_k, c.num_stages)
+        c = api.resolve("mosaic_gpu", prob, None)
+        assert mosaic_gpu.smem_bytes(prob, 64, c.block_n, c.block_k, c.num_stages) <= 227 * 1024
+        return c, mosaic_gpu.weight_buffers(prob, c.block_k, c.num_stages)
 
     for fmt, g in (("int4", 128), ("nf4", 256), ("fp4_e2m1", None), ("int2", 256)):
         for m in (1, 128):
@@ -228,17 +229,17 @@ def test_mosaic_gpu_double_buffers_the_weight_tile():
     # A caller's wider tile gets the stage count that fits it (the default's 3 would not), and so still runs.
     for fmt, g in (("nf4", 256), ("int4", None), ("int2", 256)):
         prob = _prob(fmt, g, True, m=128, k=4096, n=4096)
-        c = base.resolve("mosaic_gpu", prob, BlockConfig(block_n=128))
+        c = api.resolve("mosaic_gpu", prob, BlockConfig(block_n=128))
         assert c.block_n == 128 and c.num_stages == 2 and why_not("mosaic_gpu", _x((128, 4096), jnp.bfloat16),
                                                                    _abstract_weight(fmt, g, True, 4096, 4096),
                                                                    BlockConfig(block_n=128)) is None
     # Fewer K steps than 3: one buffer (the pipeline cannot keep 3 steps in flight).
     prob = _prob("int4", 128, True, m=1, k=256, n=128)
-    assert base.mosaic_gpu_weight_buffers(prob, 128, 3) == 1
+    assert mosaic_gpu.weight_buffers(prob, 128, 3) == 1
     # The kernel's tile loop runs several steps on both paths (buffer reuse is exercised by the numerics tests).
     for xs, k, config in ((SHAPES["mosaic_gpu"][0][3], 512, None), ((3, 1024), 1024, BlockConfig(num_stages=2))):
         prob = _prob("int4", 128, True, m=xs[0], k=k, n=128)
-        assert k // base.resolve("mosaic_gpu", prob, config).block_k >= 4
+        assert k // api.resolve("mosaic_gpu", prob, config).block_k >= 4
 
 
 def test_tpu_multi_step_configs_are_really_multi_step():
@@ -246,7 +247,7 @@ def test_tpu_multi_step_configs_are_really_multi_step():
     from afpq_jax._src.kernels.quantized_matmul import mosaic_tpu
     for fmt, g, asym, xs, n, dt, cfg in SHAPES["mosaic_tpu"][:6]:
         prob = Problem.create(xs, dt, _abstract_weight(fmt, g, asym, xs[-1], n))
-        plan = mosaic_tpu.plan(prob, base.resolve("mosaic_tpu", prob, cfg))
+        plan = mosaic_tpu.plan(prob, api.resolve("mosaic_tpu", prob, cfg))
         assert plan.tiles > 1 or -(-n // plan.bn) > 1 or plan.slot_rows % plan.cr, (fmt, g, xs, n, plan)
 
 
@@ -518,25 +519,26 @@ def test_dispatch_order_per_backend():
     assert select_implementation(_prob(), backend="something-else")[0] == "xla"
 
 
-def test_gpu_dispatch_by_size():
+def test_gpu_dispatch_by_size(caplog):
     # Prefill (M >= 128 rows after flattening): dequantize once and the library GEMM, measured faster on an H200;
     # no fallback warning (a preference, not a decline). A named kernel still runs any M.
-    api._LOGGED.clear()
-    for m, x_shape in ((1, (1, 1024)), (127, (127, 1024)), (128, (128, 1024)), (2048, (4, 512, 1024))):
-        prob = Problem.create(x_shape, jnp.bfloat16, _abstract_weight("nf4", 128, True, 1024, 256))
-        assert prob.m == m
-        assert select_implementation(prob, backend="gpu")[0] == ("triton" if m < 128 else "xla"), m
+    api.REGISTRY.log_declines_again()
+    with caplog.at_level(logging.WARNING, logger="afpq_jax.kernels"):
+        for m, x_shape in ((1, (1, 1024)), (127, (127, 1024)), (128, (128, 1024)), (2048, (4, 512, 1024))):
+            prob = Problem.create(x_shape, jnp.bfloat16, _abstract_weight("nf4", 128, True, 1024, 256))
+            assert prob.m == m
+            assert select_implementation(prob, backend="gpu")[0] == ("triton" if m < 128 else "xla"), m
     # Mosaic GPU (next in line, and it takes NF4 g128 bf16) has the same rule, or it would win at M = 128 above.
     assert IMPLEMENTATIONS["mosaic_gpu"].preferred(_prob(m=127)) is None
     assert "M=128" in IMPLEMENTATIONS["mosaic_gpu"].preferred(_prob(m=128))
-    assert not api._LOGGED
+    assert "declined" not in caplog.text
     qt = _weight("int4", 128, True, 256, 64)
     x = _x((130, 256), jnp.float32)
     _check(_run("triton", x, qt), x, qt)
 
 
 def test_fallback_logs_once(caplog):
-    api._LOGGED.clear()
+    api.REGISTRY.log_declines_again()
     prob = _prob("nf3", 32, True)  # 3-bit groups of 32: declined by Mosaic TPU
     with caplog.at_level(logging.INFO, logger="afpq_jax.kernels"):
         assert select_implementation(prob, backend="tpu")[0] == "xla"
@@ -546,7 +548,7 @@ def test_fallback_logs_once(caplog):
 
 
 def test_gpu_fallback_chain(caplog):
-    api._LOGGED.clear()
+    api.REGISTRY.log_declines_again()
     # Group of 96 rows: not a power of two (Triton) and not a WGMMA-sized group (Mosaic GPU) -> xla.
     prob = _prob("int4", 96, True, k=960)
     with caplog.at_level(logging.INFO, logger="afpq_jax.kernels"):
@@ -557,7 +559,7 @@ def test_gpu_fallback_chain(caplog):
     # f32 x: Triton takes it; Mosaic GPU would decline (no exact f32 WGMMA).
     assert select_implementation(_prob(dtype=jnp.float32), backend="gpu")[0] == "triton"
     assert "float32" in IMPLEMENTATIONS["mosaic_gpu"].supports(_prob(dtype=jnp.float32),
-                                                               base.resolve("mosaic_gpu", _prob(dtype=jnp.float32),
+                                                               api.resolve("mosaic_gpu", _prob(dtype=jnp.float32),
                                                                             None))
 
 
@@ -705,9 +707,9 @@ def test_registry_accepts_custom_implementation():
 
 def test_config_resolve_keeps_overrides():
     prob = _prob()
-    d = base.resolve("mosaic_tpu", prob, None)
-    assert d == base.default_config("mosaic_tpu", prob) and None not in (d.block_m, d.block_n, d.block_k)
-    c = base.resolve("mosaic_tpu", prob, BlockConfig(block_n=128))
+    d = api.resolve("mosaic_tpu", prob, None)
+    assert d == api.default_config("mosaic_tpu", prob) and None not in (d.block_m, d.block_n, d.block_k)
+    c = api.resolve("mosaic_tpu", prob, BlockConfig(block_n=128))
     assert c.block_n == 128 and c.block_k == d.block_k
     with pytest.raises(dataclasses_FrozenInstanceError()):
         d.block_n = 1  # type: ignore[misc]
@@ -721,7 +723,7 @@ def test_config_resolve_keeps_overrides():
                     if impl == "mosaic_gpu" and (dt == jnp.float32 or fmt == "int3"):
                         continue  # f32 x and INT3-asym are documented declines
                     p = _prob(fmt, g, True, m=m, k=4096, n=4096, dtype=dt)
-                    assert IMPLEMENTATIONS[impl].supports(p, base.resolve(impl, p, None)) is None, (impl, fmt, g, m)
+                    assert IMPLEMENTATIONS[impl].supports(p, api.resolve(impl, p, None)) is None, (impl, fmt, g, m)
 
 
 def dataclasses_FrozenInstanceError():
@@ -743,14 +745,14 @@ def test_roofline_numbers():
     for fmt, g in (("int4", 128), ("nf3", 128), ("int2", None), ("fp4_e2m1", 32)):
         for m in (1, 16):
             prob = _prob(fmt, g, True, m=m, k=4096, n=4096)
-            got = roofline.kernel_hbm_bytes("mosaic_tpu", prob, base.resolve("mosaic_tpu", prob, None))
+            got = roofline.kernel_hbm_bytes("mosaic_tpu", prob, api.resolve("mosaic_tpu", prob, None))
             assert got["total"] - got["x_prep"] <= 1.01 * roofline.ideal_bytes(prob), (fmt, g, m, got)
             assert got["x_prep"] <= 2 * m * 4096 * 2 * 1.01  # the XLA permutation pass: read x, write a copy
     # Triton decode: split-K for parallelism, partial sums bounded; weights and scales once, no M padding.
-    cfg = base.resolve("triton", _prob("nf4", 128, True, m=1, k=4096, n=4096), None)
-    assert cfg.split_k > 1 and base.resolve("triton", _prob(m=512, k=4096, n=4096), None).split_k == 1
+    cfg = api.resolve("triton", _prob("nf4", 128, True, m=1, k=4096, n=4096), None)
+    assert cfg.split_k > 1 and api.resolve("triton", _prob(m=512, k=4096, n=4096), None).split_k == 1
     prob = _prob("nf4", 128, True, m=1, k=4096, n=4096)
-    got = roofline.kernel_hbm_bytes("triton", prob, base.resolve("triton", prob, None))
+    got = roofline.kernel_hbm_bytes("triton", prob, api.resolve("triton", prob, None))
     assert got["codes"] + got["scales"] == pytest.approx(roofline.ideal_bytes(prob) - 2 * (4096 + 4096))
     assert got["x_prep"] == 0 and got["x"] == 2 * 4096  # x read as it is, once from HBM
 
@@ -1034,7 +1036,7 @@ def test_tuned_tiling_is_used_under_the_callers_fields_and_dropped_when_declined
     _check(quantized_matmul(x, qt, implementation="xla_scan"), x, qt)
     # An entry the kernel declines (Triton needs power-of-two tiles) is dropped: the defaults apply.
     tuning.record({tuning.shape_key("triton", prob, kind): BlockConfig(block_n=24)})
-    assert api.resolve_tuned("triton", prob, None) == base.resolve("triton", prob, None)
+    assert api.resolve_tuned("triton", prob, None) == api.resolve("triton", prob, None)
     (tmp_path / "table.json").write_text("{not json")
     with pytest.raises(afpq_jax.InputError, match="not valid JSON"):
         tuning.load()

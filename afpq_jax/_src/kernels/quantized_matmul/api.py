@@ -23,26 +23,24 @@ Pallas kernel in interpret mode (any backend, e.g. CPU tests).
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import logging
 from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 
-from afpq_jax._src.errors import ArgumentTypeError, InputError
-from afpq_jax._src.qtensor import QuantizedTensor
+from afpq_jax._src.errors import ArgumentTypeError
 from afpq_jax._src.kernels.quantized_matmul import base, tuning
 from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem
-
-logger = logging.getLogger("afpq_jax.kernels")
+from afpq_jax._src.kernels.quantized_matmul.xla import quantized_matmul_xla
+from afpq_jax._src.kernels.registry import Deferred, Reference, Registry, current_backend
+from afpq_jax._src.qtensor import QuantizedTensor
 
 X_DTYPES = ("bfloat16", "float16", "float32")
 
 
 class Implementation(Protocol):
     name: str
-    backend: str  # "tpu" | "gpu" | "any"
+    backend: str  # "tpu" | "gpu" | "cpu" | "any"
 
     def supports(self, prob: Problem, config: BlockConfig) -> str | None:
         """None if this implementation handles ``prob`` with ``config``, else a one-line reason."""
@@ -51,21 +49,8 @@ class Implementation(Protocol):
                  interpret: bool) -> jax.Array:
         """(M, K) -> (M, N) in x's dtype."""
 
-    # Optional: ``preferred(prob) -> str | None``, a size rule dispatch applies before `supports` (None: take
-    # it). A supported but slower shape is skipped without a warning; an explicit call still runs it.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Xla:
-    name: str = "xla"
-    backend: str = "any"
-
-    def supports(self, prob, config):
-        return None
-
-    def __call__(self, x2d, qt, prob, config, *, interpret=False):
-        from afpq_jax._src.kernels.quantized_matmul.xla import quantized_matmul_xla
-        return quantized_matmul_xla(x2d, qt)
+    # Optional (see `registry`): ``default_config(prob, config) -> BlockConfig``, the implementation's tiling
+    # rules; ``preferred(prob) -> str | None``, a size rule dispatch applies before `supports` (None: take it).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +63,10 @@ class _XlaScan:
     def supports(self, prob, config):
         from afpq_jax._src.kernels.quantized_matmul import xla_scan
         return xla_scan.why_unsupported(prob, config.block_k)
+
+    def default_config(self, prob, config=None):
+        from afpq_jax._src.kernels.quantized_matmul import xla_scan
+        return xla_scan.default_config(prob, config)
 
     def __call__(self, x2d, qt, prob, config, *, interpret=False):
         from afpq_jax._src.kernels.quantized_matmul import xla_scan
@@ -104,72 +93,43 @@ class _Cpu:
         return cpu.quantized_matmul_cpu(x2d, qt, prob)
 
 
-IMPLEMENTATIONS: dict[str, Implementation] = {}
-
-DISPATCH_ORDER: dict[str, tuple[str, ...]] = {
+REGISTRY = Registry("quantized_matmul", {
     "tpu": ("mosaic_tpu", "xla"),
     "gpu": ("triton", "mosaic_gpu", "xla"),
     "cpu": ("cpu", "xla"),
-}
+})
+IMPLEMENTATIONS: dict[str, Implementation] = REGISTRY.implementations
+DISPATCH_ORDER: dict[str, tuple[str, ...]] = REGISTRY.dispatch_order
 
 
 def register_implementation(impl: Implementation, *, replace: bool = False) -> Implementation:
-    if impl.name in IMPLEMENTATIONS and not replace:
-        raise ValueError(f"quantized_matmul implementation {impl.name!r} is already registered")
-    IMPLEMENTATIONS[impl.name] = impl
-    return impl
-
-
-@dataclasses.dataclass(frozen=True)
-class _Deferred:
-    """A built-in Pallas implementation whose module is imported on first use. Importing the Pallas backends
-    (Mosaic TPU, Triton, Mosaic GPU) costs ~0.5 s and ~35 MB resident, which CPU runs (dispatch: xla only)
-    never need."""
-
-    name: str
-    backend: str
-    module: str
-    cls: str
-
-    def _impl(self) -> Implementation:
-        return getattr(importlib.import_module(f"{__package__}.{self.module}"), self.cls)()
-
-    def supports(self, prob, config):
-        return self._impl().supports(prob, config)
-
-    def preferred(self, prob):
-        rule = getattr(self._impl(), "preferred", None)
-        return None if rule is None else rule(prob)
-
-    def __call__(self, x2d, qt, prob, config, *, interpret=False):
-        return self._impl()(x2d, qt, prob, config, interpret=interpret)
+    """Adds an implementation of `quantized_matmul` (named calls, and dispatch where `DISPATCH_ORDER` lists it)."""
+    return REGISTRY.register(impl, replace=replace)
 
 
 def _register_builtins() -> None:
-    register_implementation(_Xla())
+    register_implementation(Reference(quantized_matmul_xla))
     register_implementation(_XlaScan())
     register_implementation(_Cpu())
-    register_implementation(_Deferred("mosaic_tpu", "tpu", "mosaic_tpu", "MosaicTpu"))
-    register_implementation(_Deferred("triton", "gpu", "triton", "Triton"))
-    register_implementation(_Deferred("mosaic_gpu", "gpu", "mosaic_gpu", "MosaicGpu"))
+    for name, backend, cls in (("mosaic_tpu", "tpu", "MosaicTpu"), ("triton", "gpu", "Triton"),
+                               ("mosaic_gpu", "gpu", "MosaicGpu")):
+        register_implementation(Deferred(name, backend, f"{__package__}.{name}", cls))
 
 
-def current_backend() -> str:
-    b = jax.default_backend()
-    return "gpu" if b in ("gpu", "cuda", "rocm") else b
+def default_config(impl: str, prob: Problem) -> BlockConfig:
+    """``impl``'s default tiling for ``prob`` (its own rules, in its backend's file)."""
+    return REGISTRY.default_config(impl, prob) or BlockConfig()
 
 
-_LOGGED: set[tuple[str, str]] = set()
+def resolve(impl: str, prob: Problem, config: BlockConfig | None) -> BlockConfig:
+    """Fills the unset fields of ``config`` with ``impl``'s defaults for ``prob`` (which may depend on the fields
+    the caller set, e.g. Mosaic GPU's pipeline depth on the caller's block_n)."""
+    return base.merge(config, REGISTRY.default_config(impl, prob, config) or BlockConfig())
 
 
-def _log_once(name: str, reason: str, prob: Problem, nxt: str) -> None:
-    key = (name, reason)
-    if key in _LOGGED:
-        return
-    _LOGGED.add(key)
-    logger.warning("quantized_matmul: %s declined %s-%s g=%s M=%d K=%d N=%d x=%s (%s); using %s", name,
-                   prob.format_name, "asym" if prob.asym else "sym", "channel" if prob.per_channel else prob.group,
-                   prob.m, prob.k, prob.n, prob.x_dtype, reason, nxt)
+def _describe(prob: Problem) -> str:
+    return (f"{prob.format_name}-{'asym' if prob.asym else 'sym'} g={'channel' if prob.per_channel else prob.group} "
+            f"M={prob.m} K={prob.k} N={prob.n} x={prob.x_dtype}")
 
 
 def resolve_tuned(name: str, prob: Problem, config: BlockConfig | None) -> BlockConfig:
@@ -177,17 +137,17 @@ def resolve_tuned(name: str, prob: Problem, config: BlockConfig | None) -> Block
     measured tiling is dropped if the implementation declines it."""
     measured = tuning.tuned(name, prob)
     if measured is not None:
-        cfg = base.resolve(name, prob, base.merge(config, measured))
+        cfg = resolve(name, prob, base.merge(config, measured))
         if IMPLEMENTATIONS[name].supports(prob, cfg) is None:
             return cfg
-    return base.resolve(name, prob, config)
+    return resolve(name, prob, config)
 
 
 def select_implementation(prob: Problem, config: BlockConfig | None = None, backend: str | None = None,
                           *, log: bool = True) -> tuple[str, BlockConfig]:
     """The implementation (and resolved config) that ``implementation=None`` would run."""
     backend = backend or current_backend()
-    order = DISPATCH_ORDER.get(backend, ("xla",))
+    order = REGISTRY.candidates(backend)
     for i, name in enumerate(order):
         impl = IMPLEMENTATIONS[name]
         preferred = getattr(impl, "preferred", None)
@@ -198,7 +158,7 @@ def select_implementation(prob: Problem, config: BlockConfig | None = None, back
         if reason is None:
             return name, cfg
         if log:
-            _log_once(name, reason, prob, order[i + 1] if i + 1 < len(order) else "nothing")
+            REGISTRY.declined(name, reason, lambda: _describe(prob), order[i + 1] if i + 1 < len(order) else "nothing")
     raise AssertionError("xla must support every case")  # pragma: no cover
 
 
@@ -206,10 +166,9 @@ def why_not(implementation: str, x, qt: QuantizedTensor, config: BlockConfig | N
     """None if ``implementation`` supports ``x @ qt`` (x may be a ShapeDtypeStruct), else the reason: shapes,
     dtypes and tiling. A Pallas kernel also compiles only for its own platform (TPU or GPU; also from another host,
     for ahead-of-time lowering) or with ``interpret=True``; that is not checked here."""
-    if implementation not in IMPLEMENTATIONS:
-        raise InputError(f"unknown implementation {implementation!r}; registered: {sorted(IMPLEMENTATIONS)}")
+    impl = REGISTRY.get(implementation)
     prob = Problem.create(x.shape, x.dtype, qt.with_float_scales())
-    return IMPLEMENTATIONS[implementation].supports(prob, resolve_tuned(implementation, prob, config))
+    return impl.supports(prob, resolve_tuned(implementation, prob, config))
 
 
 def quantized_matmul(x: jax.Array, qt: QuantizedTensor, *, implementation: str | None = None,
@@ -237,19 +196,16 @@ def quantized_matmul(x: jax.Array, qt: QuantizedTensor, *, implementation: str |
     if implementation is None:
         name, cfg = select_implementation(prob, config)
     else:
-        if implementation not in IMPLEMENTATIONS:
-            raise InputError(f"unknown implementation {implementation!r}; registered: {sorted(IMPLEMENTATIONS)}")
+        REGISTRY.get(implementation)  # unknown names: one line listing the registered ones
         name = implementation
         cfg = resolve_tuned(name, prob, config)
         reason = IMPLEMENTATIONS[name].supports(prob, cfg)
         if reason is not None:
             raise NotImplementedError(f"quantized_matmul[{name}] does not support this call: {reason}")
     if name == "xla":
-        return _Xla()(x, qt, prob, cfg)
+        return quantized_matmul_xla(x, qt)
     if prob.m == 0:
         return jnp.zeros((*x.shape[:-1], prob.n), x.dtype)
-    from afpq_jax._src.kernels.quantized_matmul.xla import quantized_matmul_xla
-
     def kernel(x2d, q):
         return IMPLEMENTATIONS[name](x2d, q, prob, cfg, interpret=interpret)
 
@@ -259,6 +215,6 @@ def quantized_matmul(x: jax.Array, qt: QuantizedTensor, *, implementation: str |
 
 _register_builtins()
 
-__all__ = ["DISPATCH_ORDER", "IMPLEMENTATIONS", "Implementation", "quantized_matmul", "register_implementation",
-           "select_implementation", "why_not"]
+__all__ = ["DISPATCH_ORDER", "IMPLEMENTATIONS", "Implementation", "current_backend", "default_config",
+           "quantized_matmul", "register_implementation", "resolve", "select_implementation", "why_not"]
 

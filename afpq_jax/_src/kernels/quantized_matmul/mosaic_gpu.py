@@ -44,6 +44,49 @@ from afpq_jax._src.kernels.quantized_matmul.xla import dot_precision
 WGMMA_ROWS = 64
 
 
+def smem_bytes(prob: Problem, bm: int, bn: int, bk: int, stages: int) -> int:
+    """Shared memory of the kernel: pipelined x / code / scale tiles, the weight tile (double-buffered from 3
+    stages) and the output tile (Hopper allows 227 KiB per CTA)."""
+    it = jnp.dtype(prob.x_dtype).itemsize
+    per_step = bm * bk * it + bk * prob.bits // 8 * bn + prob.n_scale_arrays * bn * 4
+    steps = min(stages, max(1, prob.kp // bk))  # the pipeline never buffers more steps than there are
+    return steps * per_step + weight_buffers(prob, bk, stages) * bk * bn * it + bm * bn * it
+
+
+def weight_buffers(prob: Problem, bk: int, stages: int) -> int:
+    """Weight tiles in shared memory: 2 (the next step's dequantization overlaps this step's WGMMA) when the
+    pipeline keeps 3 or more steps in flight (x's buffer is then released a step late; the pipeline runs at most
+    as many steps concurrently as there are K steps), else 1 (each step waits for its WGMMA)."""
+    return 2 if min(stages, max(1, prob.kp // bk)) >= 3 else 1
+
+
+def stages_for(prob: Problem, bn: int, bk: int) -> int:
+    """Pipeline depth for a tiling: 3 (two weight buffers) when that fits `base.GPU_SMEM_BUDGET`, else 2."""
+    return 3 if smem_bytes(prob, 64, bn, bk, 3) <= base.GPU_SMEM_BUDGET else 2
+
+
+def default_config(prob: Problem, config: BlockConfig | None = None) -> BlockConfig:
+    """Mosaic GPU's tiling (Hopper WGMMA): M tile = one warpgroup MMA (64 rows); every slot matrix a multiple of
+    64 rows (WGMMA register layout); one scale row per K step (block_k divides the group); block_k divides Kp.
+    The pipeline depth, when ``config`` (the caller's partial tiling) leaves it unset, is chosen for the merged
+    tiles (a caller's wider block_n may not fit 3 stages)."""
+    p = prob.slots
+    bn = 128 if prob.n % 128 == 0 else 64
+    bk = 64 * p
+    limit = prob.kp if prob.per_channel else min(prob.group, prob.kp)
+    while bk * 2 <= min(limit, 256) and prob.kp % (bk * 2) == 0 and (prob.per_channel or prob.group % (bk * 2) == 0):
+        bk *= 2
+    # 3 stages buy a second weight buffer (x's buffer is then released a step late, see `weight_buffers`):
+    # block_n is halved for them where 128 columns do not fit with 3 stages.
+    while bn > 64 and stages_for(prob, bn, bk) < 3:
+        bn //= 2
+    default = BlockConfig(block_m=64, block_n=bn, block_k=bk, num_stages=stages_for(prob, bn, bk))
+    if config is not None and config.num_stages is None:
+        merged = base.merge(config, default)
+        default = default.replace(num_stages=stages_for(prob, merged.block_n, merged.block_k))
+    return default
+
+
 def device_refusal(devices=None) -> str | None:
     """Why the visible GPU cannot run this kernel, or None. WGMMA (sm_90a) exists on compute capability 9.x only
     (Hopper: not Ampere / Ada, not Blackwell's tcgen05, not ROCm), and without this check such a device failed at
@@ -85,7 +128,7 @@ def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
         return "3-bit with zero points (INT3 asym): misaligned shared-memory access on Hopper; use triton"
     if prob.bits == 3 and prob.kp % 16:
         return f"3-bit needs K padded to a multiple of 16 (the 2-bit plane is read as row pairs), got {prob.kp}"
-    smem = base.mosaic_gpu_smem_bytes(prob, cfg.block_m, bn, bk, cfg.num_stages or 2)
+    smem = smem_bytes(prob, cfg.block_m, bn, bk, cfg.num_stages or 2)
     if smem > 227 * 1024:
         return f"tiles need {smem} bytes of shared memory (> 227 KiB)"
     if not prob.per_channel and prob.group % bk and (bk % prob.group or prob.group % p):
@@ -226,7 +269,7 @@ def quantized_matmul_mosaic_gpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, int
     xdt = jnp.dtype(prob.x_dtype)
     out_dt = jnp.dtype(jnp.float32) if tail else xdt
     stages = cfg.num_stages or 2
-    buffers = base.mosaic_gpu_weight_buffers(prob, bk, stages)
+    buffers = weight_buffers(prob, bk, stages)
     xp = base.permute_x(x2d[:, :k_main] if tail else x2d, mp=mp, tiles=tiles, block_k=bk, slots=p,
                         segment=bk // p)
     extra = [a for a in (qt.scale_neg, qt.zero) if a is not None]
@@ -265,6 +308,9 @@ class MosaicGpu:
 
     def preferred(self, prob: Problem) -> str | None:
         return base.gpu_why_not_preferred(prob)
+
+    def default_config(self, prob: Problem, config: BlockConfig | None = None) -> BlockConfig:
+        return default_config(prob, config)
 
     def __call__(self, x2d, qt, prob, config, *, interpret=False):
         return quantized_matmul_mosaic_gpu(x2d, qt, prob, config, interpret=interpret)

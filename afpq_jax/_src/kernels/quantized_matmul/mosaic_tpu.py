@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,42 @@ from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, cd
 from afpq_jax._src.kernels.quantized_matmul.xla import dot_precision
 
 LANES = 128
+X_RESIDENT_MAX_BYTES = 4 << 20  # per buffer; x blocks are double-buffered.
+
+
+def sublane_rows(x_dtype: str) -> int:
+    """x rows per native tile: f32 (8, 128), 16-bit (16, 128)."""
+    return 8 if jnp.dtype(x_dtype).itemsize == 4 else 16
+
+
+def scale_block_rows(prob: Problem) -> int:
+    """Scale/zero rows per K step — the native tile height of the narrowest per-group array (uint8 zero points or
+    integer scales: 32, 16-bit scales: 16, f32: 8), so every scale block DMA is tile-aligned."""
+    if prob.has_zero or jnp.dtype(prob.scale_dtype).itemsize == 1:
+        return 32
+    return 8 if jnp.dtype(prob.scale_dtype).itemsize == 4 else 16
+
+
+def default_config(prob: Problem, config: BlockConfig | None = None) -> BlockConfig:
+    """Mosaic TPU's tiling for ``prob`` (``config``, the caller's partial one, does not change it)."""
+    p = prob.slots
+    # One M tile covering all of x (a full-dim block: no padding rows in HBM) up to 256 rows, else 256-row tiles.
+    bm = max(prob.m, 1) if prob.m <= 256 else 256
+    bn = 512 if prob.n >= 512 else round_up(prob.n, 128)
+    if bn > prob.n:
+        bn = prob.n  # one full-width block (always a legal block shape)
+    chunk = 128 * p  # every slot matrix chunk is 128 rows: lane-aligned x segments, one MXU pass deep.
+    if prob.per_channel:
+        bk = 2048 if p <= 4 else 4096
+    else:
+        bk = math.lcm(scale_block_rows(prob) * prob.group, chunk)
+    if bk >= prob.kp or (prob.bits == 3 and (2 * prob.kp) % bk):
+        # Single K step: every block spans the whole K extent (always a legal block shape). Also used for 3-bit
+        # when the 1-bit plane's first row is not a multiple of its per-step block (2*Kp % block_k != 0).
+        bk = prob.kp
+        while bn > 128 and bn % 256 == 0 and prob.packed_rows * bn > (2 << 20):
+            bn //= 2  # keep the whole-K code block <= 2 MiB per buffer
+    return BlockConfig(block_m=bm, block_n=bn, block_k=bk, chunk_k=chunk, x_resident=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +108,7 @@ def plan(prob: Problem, cfg: BlockConfig) -> _Plan:
         scale_rows = 1 if prob.per_channel else bk // prob.group
     mp = round_up(max(prob.m, 1), cfg.block_m)
     x_bytes = tiles * cfg.block_m * p * seg * jnp.dtype(prob.x_dtype).itemsize
-    resident = cfg.x_resident if cfg.x_resident is not None else x_bytes <= base.x_resident_max_bytes
+    resident = cfg.x_resident if cfg.x_resident is not None else x_bytes <= X_RESIDENT_MAX_BYTES
     return _Plan(bm=cfg.block_m, bn=cfg.block_n, bk=bk, mp=mp, tiles=tiles, slots=p, seg=seg,
                  slot_rows=slot_rows, cr=min(cfg.chunk_k // p, slot_rows), x_resident=resident,
                  scale_rows=scale_rows)
@@ -81,7 +118,7 @@ def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
     if prob.batched:
         return "stacked (batched) weights; vmap the op over the stack instead"
     p = prob.slots
-    sub = base._sublane_rows(prob.x_dtype)
+    sub = sublane_rows(prob.x_dtype)
     if cfg.block_m % sub and cfg.block_m != prob.m:
         return f"block_m={cfg.block_m} must be a multiple of {sub} for {prob.x_dtype} (or M={prob.m})"
     if cfg.block_n != prob.n and cfg.block_n % 128:
@@ -107,7 +144,7 @@ def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
         if not prob.per_channel:
             if cfg.block_k % prob.group:
                 return f"block_k={cfg.block_k} must be a whole number of groups of {prob.group}"
-            srows = base.scale_block_rows(prob)
+            srows = scale_block_rows(prob)
             if (cfg.block_k // prob.group) % srows:
                 return (f"block_k={cfg.block_k} covers {cfg.block_k // prob.group} groups; scale blocks need a "
                         f"multiple of {srows} rows (native tile height)")
@@ -304,6 +341,9 @@ class MosaicTpu:
 
     def supports(self, prob: Problem, config: BlockConfig) -> str | None:
         return why_unsupported(prob, config)
+
+    def default_config(self, prob: Problem, config: BlockConfig | None = None) -> BlockConfig:
+        return default_config(prob, config)
 
     def __call__(self, x2d, qt, prob, config, *, interpret=False):
         return quantized_matmul_tpu(x2d, qt, prob, config, interpret=interpret)

@@ -20,7 +20,7 @@ K, N and M need not be multiples of the tiles (nothing is padded: a decode step 
 
 Decode (M <= 16) has only N / block_n output tiles; ``split_k`` programs then share each tile's K range and
 write float32 partial sums that XLA adds (deterministic; the default keeps that traffic under 3% of the
-weight's bytes, see `base.triton_split_k`).
+weight's bytes, see `split_k`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,58 @@ from afpq_jax._src.kernels.quantized_matmul.xla import dot_precision
 
 def _pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
+
+
+TARGET_PROGRAMS = 264  # ~2 waves of programs on a 132-SM H100
+
+
+def split_k(prob: Problem, bm: int, bn: int, bk: int) -> int:
+    """Power of two: enough programs to fill the GPU, while the partial sums' extra traffic (written and read
+    back as float32) stays under 3% of the packed weight's bytes."""
+    programs = cdiv(prob.n, bn) * cdiv(prob.m, bm)
+    tiles = cdiv(prob.kp, bk)
+    weight_bytes = prob.packed_rows * prob.n
+    split = 1
+    while (split * 2 <= tiles and programs * split < TARGET_PROGRAMS
+           and 2 * split * 2 * prob.m * prob.n * 4 <= 0.03 * weight_bytes):
+        split *= 2
+    return split
+
+
+def smem_bytes(prob: Problem, bm: int, bn: int, bk: int, stages: int) -> int:
+    """Upper estimate of the kernel's shared memory: ``stages`` buffers of the pipelined x, code and scale tiles,
+    plus the decoded weight tile that ``tl.dot`` takes from shared memory."""
+    it = jnp.dtype(prob.x_dtype).itemsize
+    scale_rows = 1 if prob.per_channel else cdiv(bk, prob.group)
+    per_step = bm * bk * it + bk * prob.bits // 8 * bn + prob.n_scale_arrays * scale_rows * bn * 4
+    return stages * per_step + bk * bn * it
+
+
+def default_config(prob: Problem, config: BlockConfig | None = None) -> BlockConfig:
+    """Triton's tiling for ``prob``: decode-sized M tiles, wide N tiles, deep K, within the shared-memory
+    budget; split-K by `split_k`."""
+    p = prob.slots
+    bm = 16 if prob.m <= 16 else (32 if prob.m <= 32 else (64 if prob.m <= 64 else 128))  # tensor-core min 16
+    bn = min(128 if prob.m > 16 else 64, base.pow2_ge(prob.n))
+    bn = max(bn, 16)
+    bk = 16 * p  # minimum: every slot matrix is >= 16 rows (tl.dot)
+    target = 256 if prob.m > 64 else 512
+    bk = max(bk, min(target, base.pow2_ge(prob.kp)))
+    if not prob.per_channel and prob.group < bk and bk % prob.group:
+        bk = prob.group
+    warps = 4 if prob.m <= 64 else 8
+    stages = 3
+    # Prefill tiles (128 x 256 at 3 stages) ask for 256 KiB of shared memory: Hopper has 227 KiB per CTA
+    # (measured: RESOURCE_EXHAUSTED on an H200). Halve K first (groups stay whole: both are powers of two).
+    while smem_bytes(prob, bm, bn, bk, stages) > base.GPU_SMEM_BUDGET:
+        if bk // 2 >= 16 * p and bk % 2 == 0:
+            bk //= 2
+        elif stages > 2:
+            stages -= 1
+        else:
+            break
+    return BlockConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                       split_k=split_k(prob, bm, bn, bk), lookup=True)
 
 
 def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
@@ -199,6 +251,9 @@ class Triton:
 
     def preferred(self, prob: Problem) -> str | None:
         return base.gpu_why_not_preferred(prob)
+
+    def default_config(self, prob: Problem, config: BlockConfig | None = None) -> BlockConfig:
+        return default_config(prob, config)
 
     def __call__(self, x2d, qt, prob, config, *, interpret=False):
         return quantized_matmul_triton(x2d, qt, prob, config, interpret=interpret)

@@ -23,10 +23,21 @@ import jax.numpy as jnp
 
 from afpq_jax._src import packing, quantizer
 from afpq_jax._src.kernels.quantized_matmul import decode
-from afpq_jax._src.kernels.quantized_matmul.base import Problem, cdiv, permute_x
+from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, cdiv, permute_x
 from afpq_jax._src.kernels.quantized_matmul.xla import dot_precision
 from afpq_jax._src.qtensor import QuantizedTensor
 from afpq_jax._src.quantizer import GroupParams
+
+TILE_BYTES = 2 << 20  # target size of one dequantized float32 tile (L2 + part of L3)
+
+
+def default_config(prob: Problem, config: BlockConfig | None = None) -> BlockConfig:
+    """Rows per chunk = whole groups (per-channel: 256-row units), about `TILE_BYTES` of float32 tile, at least
+    one unit."""
+    unit = 256 if prob.per_channel else prob.group
+    rows = max(1, TILE_BYTES // (4 * prob.n) // unit) * unit
+    return BlockConfig(block_k=min(rows, cdiv(prob.k, unit) * unit))
+
 
 def why_unsupported(prob: Problem, block_k: int) -> str | None:
     if prob.batched:

@@ -1,7 +1,8 @@
 """`quantized_matmul_a8`: ``x @ W`` with x quantized to int8 (static per-tensor or dynamic per-token scale) and W
 a packed `QuantizedTensor` with integer levels, computed on integers (int8 x int8 -> int32) with a float epilogue.
 
-Implementations (same registry habits as `quantized_matmul`): "xla" (the reference and the CPU path),
+Implementations (registered in the shared `kernels.registry`, like `quantized_matmul`'s): "xla" (the reference
+and the CPU path),
 "mosaic_tpu" (TPU int8 MXU) and "triton" (GPU int8 tensor cores). Dispatch (``implementation=None``): tpu ->
 mosaic_tpu, gpu -> triton, if the kernel supports the call, else xla (logged once); other backends -> xla. A named implementation never falls back (``NotImplementedError`` with the reason). The kernels take the "xla" path's
 derivatives (`base.with_reference_derivatives`), so every implementation differentiates alike.
@@ -9,41 +10,60 @@ derivatives (`base.with_reference_derivatives`), so every implementation differe
 
 from __future__ import annotations
 
-import importlib
-import logging
-
 import jax
 import jax.numpy as jnp
 
 from afpq_jax._src.errors import ArgumentTypeError, InputError
-from afpq_jax._src.kernels.quantized_matmul.api import current_backend
-from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, with_reference_derivatives
+from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, merge, with_reference_derivatives
 from afpq_jax._src.kernels.quantized_matmul_a8.xla import quantized_matmul_a8_xla
+from afpq_jax._src.kernels.registry import Deferred, Reference, Registry, current_backend
 from afpq_jax._src.qtensor import QuantizedTensor
 
-logger = logging.getLogger("afpq_jax.kernels")
-
-IMPLEMENTATIONS = ("xla", "mosaic_tpu", "triton")
-DISPATCH_ORDER = {"tpu": ("mosaic_tpu", "xla"), "gpu": ("triton", "xla")}
-_PALLAS = {"mosaic_tpu": ("mosaic_tpu", "MosaicTpu"), "triton": ("triton", "Triton")}  # imported on first use (Pallas imports cost ~0.5 s)
-_LOGGED: set[tuple[str, str]] = set()
+REGISTRY = Registry("quantized_matmul_a8", {"tpu": ("mosaic_tpu", "xla"), "gpu": ("triton", "xla")})
+IMPLEMENTATIONS = REGISTRY.implementations
+DISPATCH_ORDER = REGISTRY.dispatch_order
 
 
-def _pallas(name: str):
-    module, cls = _PALLAS[name]
-    return getattr(importlib.import_module(f"{__package__}.{module}"), cls)()
+def register_implementation(impl, *, replace: bool = False):
+    """Adds an implementation of `quantized_matmul_a8` (its call: ``(x2d, qt, input_scale, prob, config, *,
+    interpret)``)."""
+    return REGISTRY.register(impl, replace=replace)
+
+
+register_implementation(Reference(quantized_matmul_a8_xla))
+for _name, _backend, _cls in (("mosaic_tpu", "tpu", "MosaicTpu"), ("triton", "gpu", "Triton")):
+    register_implementation(Deferred(_name, _backend, f"{__package__}.{_name}", _cls))
+
+
+def resolve(impl: str, prob: Problem, config: BlockConfig | None) -> BlockConfig:
+    """``config``'s unset fields from ``impl``'s W·A8 defaults for ``prob``."""
+    return merge(config, REGISTRY.default_config(impl, prob, config) or BlockConfig())
+
+
+def _describe(prob: Problem) -> str:
+    return f"{prob.format_name} M={prob.m} K={prob.k} N={prob.n}"
+
+
+def select_implementation(prob: Problem, config: BlockConfig | None = None, backend: str | None = None, *,
+                          log: bool = True) -> tuple[str, BlockConfig]:
+    """The implementation (and resolved config) that ``implementation=None`` would run."""
+    order = REGISTRY.candidates(backend or current_backend())
+    for i, name in enumerate(order):
+        cfg = resolve(name, prob, config)
+        reason = REGISTRY.get(name).supports(prob, cfg)
+        if reason is None:
+            return name, cfg
+        if log:
+            REGISTRY.declined(name, reason, lambda: _describe(prob), order[i + 1] if i + 1 < len(order) else "nothing")
+    raise AssertionError("xla must support every case")  # pragma: no cover
 
 
 def why_not(implementation: str, x, qt: QuantizedTensor, config: BlockConfig | None = None) -> str | None:
     """None if ``implementation`` supports ``quantized_matmul_a8(x, qt)`` (shapes, formats, tiling; a Pallas kernel
     also needs its own platform or ``interpret=True``), else the reason."""
-    if implementation not in IMPLEMENTATIONS:
-        raise InputError(f"unknown implementation {implementation!r}; registered: {list(IMPLEMENTATIONS)}")
-    if implementation == "xla":
-        return None
-    impl = _pallas(implementation)
+    impl = REGISTRY.get(implementation)
     prob = Problem.create(x.shape, x.dtype, qt)
-    return impl.supports(prob, impl.config(prob, config))
+    return impl.supports(prob, resolve(implementation, prob, config))
 
 
 def quantized_matmul_a8(x: jax.Array, qt: QuantizedTensor, input_scale: jax.Array | None = None, *,
@@ -70,32 +90,18 @@ def quantized_matmul_a8(x: jax.Array, qt: QuantizedTensor, input_scale: jax.Arra
                          f"{jnp.shape(input_scale)}")
     if input_scale is not None and not isinstance(input_scale, jax.core.Tracer) and not float(input_scale) > 0:
         raise InputError(f"input_scale must be positive (max|x| / 127 from calibration), got {float(input_scale)}")
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise InputError(f"unknown implementation {implementation!r}; registered: {list(IMPLEMENTATIONS)}")
-    name = implementation
-    prob = None
-    if name != "xla":
-        prob = Problem.create(x.shape, x.dtype, qt)
-        for candidate in ([name] if name else DISPATCH_ORDER.get(current_backend(), ())):
-            if candidate == "xla":
-                name = "xla"
-                break
-            impl = _pallas(candidate)
-            cfg = impl.config(prob, config)
-            reason = impl.supports(prob, cfg)
-            if reason is None:
-                name = candidate
-                break
-            if implementation is not None:
-                raise NotImplementedError(f"quantized_matmul_a8[{candidate}] does not support this call: {reason}")
-            if (candidate, reason) not in _LOGGED:
-                _LOGGED.add((candidate, reason))
-                logger.warning("quantized_matmul_a8: %s declined %s (%s); using xla", candidate, prob.format_name,
-                               reason)
-        else:
-            name = "xla"
+    prob = Problem.create(x.shape, x.dtype, qt)
+    if implementation is None:
+        name, cfg = select_implementation(prob, config)
+    else:
+        name, cfg = implementation, resolve(implementation, prob, config)  # unknown names: one line
+        reason = REGISTRY.get(name).supports(prob, cfg)
+        if reason is not None:
+            raise NotImplementedError(f"quantized_matmul_a8[{name}] does not support this call: {reason}")
     if name == "xla" or prob.m == 0:
         return quantized_matmul_a8_xla(x, qt, input_scale).astype(x.dtype)
+    impl = REGISTRY.get(name)
+
     def kernel(x2d, q, scale):
         return impl(x2d, q, scale, prob, cfg, interpret=interpret).astype(x.dtype)
 

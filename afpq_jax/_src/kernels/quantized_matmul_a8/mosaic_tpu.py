@@ -36,9 +36,9 @@ from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, cd
 INT8_MAX = 127.0
 
 
-def resolve(prob: Problem, config: BlockConfig | None) -> BlockConfig:
-    cfg = base.resolve("mosaic_tpu", prob, config)
-    return cfg if cfg.x_resident is not None else cfg.replace(x_resident=True)
+def default_config(prob: Problem, config: BlockConfig | None = None) -> BlockConfig:
+    """The W4A16 kernel's TPU tiling with x resident in VMEM (per-token scales need the whole row)."""
+    return w4a16_tpu.default_config(prob, config).replace(x_resident=True)
 
 
 def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
@@ -195,8 +195,8 @@ class MosaicTpu:
     name: str = "mosaic_tpu"
     backend: str = "tpu"
 
-    def config(self, prob: Problem, config: BlockConfig | None) -> BlockConfig:
-        return resolve(prob, config)
+    def default_config(self, prob: Problem, config: BlockConfig | None = None) -> BlockConfig:
+        return default_config(prob, config)
 
     def supports(self, prob: Problem, config: BlockConfig) -> str | None:
         return why_unsupported(prob, config)

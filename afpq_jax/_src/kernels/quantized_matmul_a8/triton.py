@@ -34,15 +34,12 @@ from afpq_jax._src.kernels.quantized_matmul.base import BlockConfig, Problem, cd
 INT8_MAX = 127.0
 
 
-def default_config(prob: Problem) -> BlockConfig:
-    cfg = base.resolve("triton", prob, None).replace(split_k=1)
+def default_config(prob: Problem, config: BlockConfig | None = None) -> BlockConfig:
+    """The W4A16 kernel's Triton tiling without split-K, K steps within one group (per-group integer sums)."""
+    cfg = w4a16_triton.default_config(prob).replace(split_k=1)
     if not prob.per_channel and cfg.block_k > prob.group:
         cfg = cfg.replace(block_k=prob.group)
     return cfg
-
-
-def resolve(prob: Problem, config: BlockConfig | None) -> BlockConfig:
-    return base.merge(config, default_config(prob))
 
 
 def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
@@ -196,8 +193,8 @@ class Triton:
     name: str = "triton"
     backend: str = "gpu"
 
-    def config(self, prob: Problem, config: BlockConfig | None) -> BlockConfig:
-        return resolve(prob, config)
+    def default_config(self, prob: Problem, config: BlockConfig | None = None) -> BlockConfig:
+        return default_config(prob, config)
 
     def supports(self, prob: Problem, config: BlockConfig) -> str | None:
         return why_unsupported(prob, config)
