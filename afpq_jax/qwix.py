@@ -23,9 +23,9 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("afpq_jax.qwix needs qwix: pip install 'afpq-jax[qwix]'") from e
 
 from afpq_jax._src.interop.layout import WeightLayout
-from afpq_jax._src.interop.qwix_providers import (TESTED_QWIX_VERSIONS, AfpqRule, GptqCalibration, PackedWeight,
-                                                  PtqProvider, QatProvider, check_qwix_version, packed_weights,
-                                                  quantize_params)
+from afpq_jax._src.interop.qwix_compat import TESTED_QWIX_VERSIONS, check_qwix_version
+from afpq_jax._src.interop.qwix_providers import (AfpqRule, GptqCalibration, PackedWeight, PtqProvider, QatProvider,
+                                                  packed_weights, quantize_params)
 from afpq_jax._src.interop.qwix_state import restore_state, save_state
 
 check_qwix_version()

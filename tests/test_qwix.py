@@ -342,7 +342,7 @@ def test_bad_rules_and_versions_are_clear():
         PtqProvider([AfpqRule(scheme=aq.QuantScheme.create("int4").with_activations(8, "static"))])
     with pytest.raises(aq.InputError, match="trains weights only"):
         QatProvider([AfpqRule(scheme=aq.QuantScheme.create("int4").with_activations(8, "dynamic"))])
-    from afpq_jax._src.interop.qwix_providers import check_qwix_version
+    from afpq_jax._src.interop.qwix_compat import check_qwix_version
     with pytest.warns(UserWarning, match="tested with qwix"):
         check_qwix_version("0.0.1")
     with warnings.catch_warnings():

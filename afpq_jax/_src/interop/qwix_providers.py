@@ -13,8 +13,7 @@ matches. These providers carry afpq-jax schemes on qwix rules (`AfpqRule`):
 - `GptqCalibration`: float forwards that accumulate ``H = 2/n sum x x^T`` per matching weight (one pass over
   the whole model, not block by block).
 
-What qwix does not expose publicly and these use, pinned by `TESTED_QWIX_VERSIONS`: ``flax_util`` (which
-module is running, which of its parameters an array is) and the provider's rule lookup.
+What qwix does not expose publicly and these use is reached through `qwix_compat` only.
 """
 
 from __future__ import annotations
@@ -32,26 +31,16 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 from flax import nnx
-from qwix._src.utils import flax_util
 
 from afpq_jax._src.algorithms.gptq import accumulate_hessian, gptq_quantize
 from afpq_jax._src.errors import InputError
+from afpq_jax._src.interop import qwix_compat as compat
 from afpq_jax._src.interop.layout import DotPlan, EinsumPlan, WeightLayout, dot_general_plan, einsum_plan
 from afpq_jax._src.kernels.quantized_matmul import quantized_matmul
 from afpq_jax._src.kernels.quantized_matmul_a8 import quantized_matmul_a8
 from afpq_jax._src.qtensor import QuantizedTensor
 from afpq_jax._src.quantizer import dequantize
 from afpq_jax._src.scheme import QuantScheme
-
-TESTED_QWIX_VERSIONS = ("0.1.8",)
-
-
-def check_qwix_version(version: str = qwix.__version__) -> None:
-    """Warns when the installed qwix is not one these providers were tested with (they use qwix internals)."""
-    if version not in TESTED_QWIX_VERSIONS:
-        warnings.warn(f"afpq_jax.qwix was tested with qwix {', '.join(TESTED_QWIX_VERSIONS)}, found {version}; "
-                      f"if it fails, install a tested one: pip install 'afpq-jax[qwix]'", stacklevel=3)
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AfpqRule(qwix.QuantizationRule):
@@ -101,7 +90,7 @@ class PackedWeight:
     layout: WeightLayout = flax.struct.field(pytree_node=False)
     scheme: QuantScheme = flax.struct.field(pytree_node=False)
 
-    value = property(lambda self: flax_util.unbox(self))
+    value = property(lambda self: compat.unbox(self))
     shape = property(lambda self: self.layout.shape)
     ndim = property(lambda self: len(self.layout.shape))
     dtype = property(lambda self: jnp.dtype(self.qt.dtype))
@@ -135,7 +124,7 @@ nnx.register_data_type(PackedWeight)
 
 
 def _layer_name() -> str:
-    return "/".join(map(str, flax_util.get_current_module_path())) or type(flax_util.get_current_module()).__name__
+    return "/".join(map(str, compat.current_module_path())) or type(compat.current_module()).__name__
 
 
 def _stored_param(module: nnx.Module, name: str, w) -> jax.Array:
@@ -163,7 +152,7 @@ def _stored_param(module: nnx.Module, name: str, w) -> jax.Array:
 def _has_matrix_params(module) -> bool:
     if isinstance(module, nn.Module):
         params = module.variables.get("params", {}) if module.scope is not None else {}
-        return any(jnp.ndim(flax_util.unbox(v)) >= 2 for v in params.values() if not isinstance(v, Mapping))
+        return any(jnp.ndim(compat.unbox(v)) >= 2 for v in params.values() if not isinstance(v, Mapping))
     return any(isinstance(v, nnx.Param) and v.ndim >= 2 for v in vars(module).values())
 
 
@@ -204,16 +193,16 @@ class _AfpqProvider(qwix.QuantizationProvider):
 
     # ---- interception ----
     def _scheme(self, op_name: str) -> QuantScheme | None:
-        rule, _ = self._get_current_rule_and_op_id(op_name, only_rule=True)
+        rule = compat.current_rule(self, op_name)
         return rule.scheme if isinstance(rule, AfpqRule) else None
 
     def _weight(self, w) -> bool:
         """Whether ``w`` is a weight (packed, or a parameter of the running module); notes the misses."""
-        found = isinstance(w, PackedWeight) or (hasattr(w, "shape") and flax_util.find_param(w) is not None)
+        found = isinstance(w, PackedWeight) or (hasattr(w, "shape") and compat.find_param(w) is not None)
         layer = _layer_name()
         if found:
             self._quantized.add(layer)
-        elif _has_matrix_params(flax_util.get_current_module()):
+        elif _has_matrix_params(compat.current_module()):
             self._missed.add(layer)
         return found
 
@@ -319,7 +308,7 @@ class PtqProvider(_AfpqProvider):
                  disable_jit: bool = False):
         super().__init__(rules, disable_jit=disable_jit)
         self.implementation = implementation
-        for r in self._rules:
+        for r in compat.provider_rules(self):
             s = r.scheme
             if s is not None and s.act_bits is not None and s.act_mode != "dynamic":
                 raise InputError(f"AfpqRule(module_path={r.module_path!r}): int8 activations through qwix are "
@@ -340,8 +329,8 @@ class PtqProvider(_AfpqProvider):
 
     def _pack_param(self, w, layout: WeightLayout, scheme: QuantScheme) -> PackedWeight:
         """Packs the module parameter that ``w`` is and puts the packed weight in its place."""
-        name = flax_util.find_param(w)
-        module = flax_util.get_current_module()
+        name = compat.find_param(w)
+        module = compat.current_module()
         if isinstance(module, nn.Module):
             if not module.is_initializing():
                 raise InputError(f"{_layer_name()}: a float weight reached a quantized linen model's apply; pass "
@@ -362,7 +351,7 @@ class QatProvider(_AfpqProvider):
 
     def __init__(self, rules: Sequence[AfpqRule], *, disable_jit: bool = False):
         super().__init__(rules, disable_jit=disable_jit)
-        for r in self._rules:
+        for r in compat.provider_rules(self):
             if r.scheme is not None and r.scheme.act_bits is not None:
                 raise InputError(f"AfpqRule(module_path={r.module_path!r}): QAT through qwix trains weights "
                                  f"only; drop act_bits here and add it to the PTQ rules")
@@ -370,9 +359,9 @@ class QatProvider(_AfpqProvider):
     def _run(self, plan, x, w, scheme, original):
         if isinstance(w, PackedWeight):
             raise InputError(f"{_layer_name()}: QAT needs the float weights; this model is already quantized")
-        module = flax_util.get_current_module()
+        module = compat.current_module()
         if isinstance(module, nnx.Module):
-            _stored_param(module, flax_util.find_param(w), w)
+            _stored_param(module, compat.find_param(w), w)
         layout = _dot(plan).layout
         return original(x, layout.from_2d(scheme.fake_quant(layout.to_2d(w))))
 
@@ -393,16 +382,16 @@ class GptqCalibration(_AfpqProvider):
     def _run(self, plan, x, w, scheme, original):
         if isinstance(w, PackedWeight):
             raise InputError(f"{_layer_name()}: GPTQ calibration needs the float model")
-        name = flax_util.find_param(w)
-        module = flax_util.get_current_module()
+        name = compat.find_param(w)
+        module = compat.current_module()
         if isinstance(module, nnx.Module):
             _stored_param(module, name, w)
-        if flax_util.should_update_quant_stats():  # qwix's own first (initializing) call is not a batch
+        if not compat.initializing():  # qwix's own first (initializing) call is not a batch
             x2 = _dot(plan).lhs_2d(jnp.asarray(x))
             if isinstance(x2, jax.core.Tracer):
                 raise InputError("GPTQ calibration forwards must run eagerly: call the model outside jax.jit / "
                                  "nnx.jit")
-            key = (*flax_util.get_current_module_path(), name)
+            key = (*compat.current_module_path(), name)
             h, n = self._sums.get(key, (None, 0))
             self._sums[key] = accumulate_hessian(h, x2, n)
         return original(x, w)
@@ -442,11 +431,11 @@ def quantize_params(params: Mapping, abstract_quantized_model: Any, *,
         from tqdm.auto import tqdm
         items = tqdm(items, desc="quantize", unit="tensor")
     for path, w in items:
-        target = flax_util.get_value_from_path(abstract_quantized_model, path)
+        target = compat.value_at(abstract_quantized_model, path)
         if target is None:
             raise InputError(f"params path {'/'.join(map(str, path))} is not in the quantized model; pass the "
                              f"params of the same model class and configuration")
-        target = flax_util.unbox(target)
+        target = compat.unbox(target)
         if isinstance(target, PackedWeight):
             if tuple(np.shape(w)) != target.layout.shape:
                 raise InputError(f"{'/'.join(map(str, path))}: float weight shape {tuple(np.shape(w))} is not the "
@@ -469,7 +458,7 @@ def packed_weights(tree: Any) -> dict[str, PackedWeight]:
     if isinstance(tree, nnx.Module):
         return {"/".join(map(str, (*path, name))): v for path, module in nnx.iter_modules(tree)
                 for name, v in vars(module).items() if isinstance(v, PackedWeight)}
-    leaves = jax.tree_util.tree_flatten_with_path(flax_util.unbox(tree),
+    leaves = jax.tree_util.tree_flatten_with_path(compat.unbox(tree),
                                                   is_leaf=lambda x: isinstance(x, PackedWeight))[0]
     return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): v
             for path, v in leaves if isinstance(v, PackedWeight)}
