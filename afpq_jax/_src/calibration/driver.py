@@ -113,14 +113,15 @@ def run(weights: FloatWeights, cfg: ModelConfig, layout: Mapping[str, QuantSchem
         max_memory: int | None = None, spill_dir: str | None = None) -> tuple[CausalLM, dict, dict[str, float]]:
     """Quantizes the model block by block with ``method``. ``cfg`` is the architecture to build (already
     `Method.prepare_config`-ed). Returns (model, report, seconds per phase); the report holds the method's
-    per-block facts (deterministic), the seconds do not belong in a checkpoint. ``store``: each finished block
+    per-block facts (deterministic), the seconds do not belong in a checkpoint. A method with ``packs=False``
+    transforms float weights only: the model returned is float. ``store``: each finished block
     is saved there, and a run finds the blocks an interrupted one saved and continues after them.
     ``max_memory`` (bytes): calibration activations larger than half of it live in a file in ``spill_dir``
     (default: the system's temporary directory) instead of RAM (`spill`)."""
     timer = timer if timer is not None else PhaseTimer()
     t_start = time.perf_counter()
     dtype = jnp.dtype(dtype)
-    asm = ModelAssembler(cfg, layout, dtype)
+    asm = ModelAssembler(cfg, layout if method.packs else {}, dtype)
     x_all = positions = None
     rng = np.random.default_rng(calibration.seed if calibration is not None else 0)
     report: dict = {}
@@ -186,10 +187,11 @@ def _blocks(bar, weights: FloatWeights, cfg: ModelConfig, layout: Mapping[str, Q
                            calibration=calibration, timer=timer, rng=rng, inputs=x_all, positions=positions)
         facts = method.quantize_block(ctx) or {}
         linears = block_linears(block)
-        left = [name for name in schemes if not linears[name].is_quantized]
-        if left:
-            raise RuntimeError(f"method {method.name!r} left layers.{i}.{left[0]} float; its layout quantizes it")
-        _warn_saturated_scales(block, schemes, i)
+        if method.packs:
+            left = [name for name in schemes if not linears[name].is_quantized]
+            if left:
+                raise RuntimeError(f"method {method.name!r} left layers.{i}.{left[0]} float; its layout quantizes it")
+            _warn_saturated_scales(block, schemes, i)
         observe, observed = method.observe(ctx) if method.calibrated else ((), ())
         if method.calibrated and (i + 1 < cfg.num_layers or observe):
             with timer("forward (quantized)"):  # the next block's inputs, and what the method observes

@@ -82,9 +82,12 @@ class Method:
 
     name: the registry key (``--method`` on the command line).
     calibrated: whether the method needs calibration data (False: blocks stream straight from the checkpoint).
+    packs: whether `quantize_block` leaves the scheme's layers packed (False: a method that only transforms
+        float weights, e.g. QAT's clipping init; the driver then assembles a float model).
     """
 
     name: ClassVar[str]
+    packs: ClassVar[bool] = True
 
     @property
     def calibrated(self) -> bool:

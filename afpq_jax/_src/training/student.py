@@ -3,29 +3,31 @@ initialised with BitDistiller's asymmetric clipping, and exported to the packed 
 
 Clipping init (BitDistiller, from AWQ's auto_clip): block by block on calibration inputs that went through the
 blocks before it (float, already clipped), the two-sided clip search (`algorithms.clip`, q/k skipped) picks
-per-group shrink ratios, and the latent float kernel is *clamped* to them once. Fake quantization then takes the
+per-group shrink ratios, and the latent float kernel is *clamped* to them once. It runs in the calibration
+driver like every calibrated method (`ClipInit`, a method that packs nothing), so it gets the driver's memory
+budget and progress bar. Fake quantization then takes the
 min/max of the clamped kernel, so before training the student's weights equal the clipped RTN weights exactly,
 and afterwards the clip range moves with the trained latent weights (as in BitDistiller).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from afpq_jax._src.algorithms.clip import ClipSearch
-from afpq_jax._src.calibration import taps
+from afpq_jax._src.calibration import driver
 from afpq_jax._src.calibration.data import Calibration
-from afpq_jax._src.calibration.method import BlockContext
-from afpq_jax._src.calibration.timer import PhaseTimer
+from afpq_jax._src.calibration.method import BlockContext, Method
 from afpq_jax._src.errors import InputError
+from afpq_jax._src.loading import ModelWeights
 from afpq_jax._src.models import CausalLM
-from afpq_jax._src.models.transformer import block_linears
 from afpq_jax._src.quantizer import to_groups, from_groups
 from afpq_jax._src.scheme import QuantScheme
 
@@ -43,6 +45,25 @@ def clamp_to_ratios(kernel: jax.Array, group_size: int | None, ratios: tuple[jax
     return from_groups(jnp.clip(wg, lo, hi), k).astype(kernel.dtype)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClipInit(Method):
+    """BitDistiller's clipping init as a driver method: per block, the two-sided search's ratios clamp each
+    layer's latent float kernel (`clamp_to_ratios`); nothing is packed."""
+
+    name: ClassVar[str] = "clip-init"
+    packs: ClassVar[bool] = False
+    clip: ClipSearch = dataclasses.field(default_factory=ClipSearch)
+
+    def quantize_block(self, ctx: BlockContext) -> dict[str, Any]:
+        ratios = self.clip.block_ratios(ctx)
+        linears = ctx.linears
+        for name, pair in ratios.items():
+            layer = linears[name]
+            layer.kernel.set_value(clamp_to_ratios(layer.kernel.get_value(), ctx.schemes[name].group_size, pair))
+        return {"clipped": sorted(ratios),
+                "mean_ratio": {name: round(float(jnp.mean(jnp.stack(pair))), 4) for name, pair in sorted(ratios.items())}}
+
+
 def make_student(model: CausalLM, layout: Mapping[str, QuantScheme], *, windows: np.ndarray | None = None,
                  calibration: Calibration | None = None, clip: ClipSearch | None = ClipSearch(),
                  progress: bool = True) -> tuple[CausalLM, dict]:
@@ -54,45 +75,19 @@ def make_student(model: CausalLM, layout: Mapping[str, QuantScheme], *, windows:
         raise InputError(f"the layout names layers this model does not have: {unknown[:3]}")
     if any(linears[p].is_quantized for p in layout):
         raise InputError("quantization-aware training starts from a float model; this one is already packed")
-    student = nnx.clone(model)
-    student.checkpoint_info = model.checkpoint_info
     report: dict = {}
     if clip is not None:
         if windows is None or calibration is None:
             raise InputError("the clipping init needs calibration windows (or pass clip=None)")
-        report = _clip_init(student, layout, windows, calibration, clip, progress)
+        student, report, _ = driver.run(ModelWeights(model), model.cfg, layout, ClipInit(clip=clip), windows,
+                                        calibration, dtype=model.dtype, progress=progress)
+    else:
+        student = nnx.clone(model)
+    student.checkpoint_info = model.checkpoint_info
     for path, layer in student.linear_layers().items():
         if path in layout:
             layer.enable_fake_quant(layout[path].with_activations(None, None))
     return student, report
-
-
-def _clip_init(student: CausalLM, layout, windows, calibration: Calibration, clip: ClipSearch, progress) -> dict:
-    cfg = student.cfg
-    n, seqlen = windows.shape
-    rows = max(calibration.batch_size, calibration.search_batch_size)
-    positions = jnp.broadcast_to(jnp.arange(seqlen, dtype=jnp.int32), (rows, seqlen))
-    x_all = np.empty((n, seqlen, cfg.hidden_size), np.float32)
-    for sl in taps.minibatches(n, calibration.batch_size):
-        x_all[sl] = np.asarray(student.embed_inputs(jnp.asarray(windows[sl])), np.float32)
-    rng = np.random.default_rng(calibration.seed)
-    report = {}
-    for i, block in enumerate(tqdm(student.layers, desc="clip init", unit="block", disable=not progress)):
-        prefix = f"layers.{i}."
-        schemes = {p[len(prefix):]: s for p, s in layout.items() if p.startswith(prefix)}
-        ctx = BlockContext(index=i, block=block, cfg=cfg, schemes=schemes, stats={}, tokens=0,
-                           calibration=calibration, timer=PhaseTimer(), rng=rng, inputs=x_all, positions=positions)
-        ratios = clip.block_ratios(ctx)
-        linears = block_linears(block)
-        for name, pair in ratios.items():
-            layer = linears[name]
-            layer.kernel.set_value(clamp_to_ratios(layer.kernel.get_value(), schemes[name].group_size, pair))
-        report[str(i)] = {"clipped": sorted(ratios),
-                          "mean_ratio": {name: round(float(jnp.mean(jnp.stack(pair))), 4)
-                                         for name, pair in sorted(ratios.items())}}
-        if i + 1 < cfg.num_layers:
-            taps.forward(block, x_all, positions, calibration.batch_size)
-    return report
 
 
 def trainable_filter(path, value) -> bool:
