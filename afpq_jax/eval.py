@@ -16,7 +16,7 @@ from afpq_jax._src.errors import InputError
 from afpq_jax._src.evaluation import default_seq_len, perplexity
 from afpq_jax._src.generation import generate
 
-__all__ = ["generate", "main", "perplexity"]
+__all__ = ["main", "perplexity"]  # generate: afpq_jax.generate
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,15 +1,22 @@
-"""Pallas kernels for afpq-jax (TPU: Mosaic; GPU: Triton and Mosaic GPU), under their historical name.
+"""The historical name of `afpq_jax.kernels` (the fused dequantize-matmul ops and their Pallas kernels).
 
-The op lives in `afpq_jax.kernels` (``afpq_jax/_src/kernels/quantized_matmul/``: API, registry, XLA reference, one
-file per backend); this package re-exports its public API so ``pallas_kernels.quantized_matmul(x, qt)`` keeps
-working. It imports nothing but afpq_jax's public API.
+Every attribute is looked up in `afpq_jax.kernels`, with a DeprecationWarning: import from there instead. The
+package exports nothing of its own, so each name has one home.
 """
 
-from afpq_jax.kernels import (DISPATCH_ORDER, IMPLEMENTATIONS, BlockConfig, Implementation, Problem, current_backend,
-                              default_config, quantized_matmul, register_implementation, roofline,
-                              select_implementation, why_not)
-from afpq_jax.kernels import resolve as resolve_config  # the historical name
+import warnings as _warnings
 
-__all__ = ["DISPATCH_ORDER", "IMPLEMENTATIONS", "BlockConfig", "Implementation", "Problem", "current_backend",
-           "default_config", "quantized_matmul", "register_implementation", "resolve_config", "roofline",
-           "select_implementation", "why_not"]
+import afpq_jax.kernels as _kernels
+
+__all__: list[str] = []
+
+
+def __getattr__(name: str):
+    if name == "resolve_config":  # the old alias
+        name = "resolve"
+    if name.startswith("__"):
+        raise AttributeError(name)
+    value = getattr(_kernels, name)  # AttributeError for names afpq_jax.kernels does not have either
+    _warnings.warn(f"pallas_kernels.{name} is afpq_jax.kernels.{name}; import it from there",
+                   DeprecationWarning, stacklevel=2)
+    return value

@@ -53,7 +53,7 @@ def main() -> None:
           f"group {args.group_size}, median of {args.repeats}")
     print(f"{'format':<10} {'scheme':<5} {'seconds':>8} {'x INT4 RTN':>11}")
     print(f"{'baseline':<10} {'asym':<5} {base:8.4f} {1.0:11.2f}")
-    for name in aq.available_formats():
+    for name in aq.formats.available_formats():
         for asym in (True, False):
             t = timed(lambda: quant(w, name, group_size=args.group_size, asym=asym), args.repeats)
             print(f"{name:<10} {'asym' if asym else 'sym':<5} {t:8.4f} {t / base:11.2f}")

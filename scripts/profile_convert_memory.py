@@ -77,7 +77,7 @@ def _group_size(text: str) -> int | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--method", default="rtn", choices=aq.available_methods(), help="as the CLI's --method")
+    ap.add_argument("--method", default="rtn", choices=aq.calibration.available_methods(), help="as the CLI's --method")
     ap.add_argument("--format", default="nf3", help="code book, as the CLI's --format")
     ap.add_argument("--group-size", type=_group_size, default=128, help="'none' = one group per output channel")
     ap.add_argument("--sym", action="store_true", help="symmetric instead of asymmetric (AFPQ) scales")

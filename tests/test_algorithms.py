@@ -212,9 +212,9 @@ def _calibration(vocab, n=6, seqlen=24, **kw):
 def test_blockwise_methods_produce_loadable_models(method, clip):
     cfg = config_from_hf(open_source(FIXTURES / "llama_gqa").config)
     scheme = QuantScheme.create("nf3", group_size=32)
-    m = aq.get_method(method)
+    m = aq.calibration.get_method(method)
     if clip:
-        m = aq.get_method(m, clip=aq.ClipSearch(tokens=64))
+        m = aq.calibration.get_method(m, clip=aq.ClipSearch(tokens=64))
     model = aq.quantize_pretrained(FIXTURES / "llama_gqa", scheme, method=m, clip=clip,
                                    calibration=_calibration(cfg.vocab_size), progress=False)
     assert all(model.linear_layers()[p].is_quantized for p in linear_paths(cfg) if p != "lm_head")

@@ -306,15 +306,15 @@ def test_calibrated_methods_need_calibration_data():
 # ---- the method registry ---------------------------------------------------------------------------------
 
 def test_a_method_registered_from_outside_runs_through_the_driver_unchanged():
-    @aq.register_method
+    @aq.calibration.register_method
     @dataclasses.dataclass(frozen=True, kw_only=True)
-    class HalfRange(aq.Method):
+    class HalfRange(aq.calibration.Method):
         """Test method: RTN with every group's range halved; reports the max |x| statistic it was given."""
         name: ClassVar[str] = "test-half-range"
         ratio: float = 0.5
 
         def statistics(self):
-            return (aq.ABS_MAX,)
+            return (aq.calibration.ABS_MAX,)
 
         def quantize_block(self, ctx):
             facts = {}
@@ -327,7 +327,7 @@ def test_a_method_registered_from_outside_runs_through_the_driver_unchanged():
             return facts
 
     try:
-        assert "test-half-range" in aq.available_methods()
+        assert "test-half-range" in aq.calibration.available_methods()
         calibration = _calibration(n=4, seqlen=12)
         model = aq.quantize_pretrained(FIXTURES / "llama_gqa", NF3, method="test-half-range",
                                        calibration=calibration, progress=False)
@@ -350,14 +350,14 @@ def test_a_method_registered_from_outside_runs_through_the_driver_unchanged():
 
 def test_method_registry_errors():
     with pytest.raises(aq.InputError, match="unknown method 'nope'"):
-        aq.get_method("nope")
+        aq.calibration.get_method("nope")
     with pytest.raises(aq.InputError, match="does not take these options"):
-        aq.get_method("gptq", grid=3)
+        aq.calibration.get_method("gptq", grid=3)
     with pytest.raises(aq.InputError, match="damp must be in"):
-        aq.get_method("gptq", damp=2.0)
+        aq.calibration.get_method("gptq", damp=2.0)
     with pytest.raises(ValueError, match="already registered"):
-        @aq.register_method
-        class Other(aq.Method):
+        @aq.calibration.register_method
+        class Other(aq.calibration.Method):
             name = "gptq"
 
 
@@ -451,7 +451,7 @@ def test_calibration_math_asks_for_full_float32_precision():
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((64, 24)), jnp.float32)
     h = jnp.asarray(_indefinite_hessian(64, 1.0), jnp.float32)
-    fmt = aq.get_format("nf3")
+    fmt = aq.formats.get_format("nf3")
     perm, hinv, _ = gptq._factor(w, h, jnp.float32(0.01), bs=32, act_order=False)
     _all_highest(lambda w, h: gptq._gptq(w, h, perm, hinv, fmt=fmt, asym=True, g=16, sdt=jnp.float16,
                                          static=False, bs=32), w, h)
@@ -459,7 +459,7 @@ def test_calibration_math_asks_for_full_float32_precision():
     grid = jnp.asarray(clip.shrink_grid(3), jnp.float32)
     _all_highest(lambda w, x: clip._search_separable(w, x, grid, fmt=fmt, g=16, sdt=jnp.float16, cols=8), w, x)
     pairs = jnp.stack([grid, grid], -1)
-    _all_highest(lambda w, x: clip._search(w, x, pairs, fmt=aq.get_format("int3"), asym=True, g=16,
+    _all_highest(lambda w, x: clip._search(w, x, pairs, fmt=aq.formats.get_format("int3"), asym=True, g=16,
                                            sdt=jnp.float16), w, x)
     from flax import nnx
     model = aq.load(FIXTURES / "llama_gqa")
@@ -536,3 +536,28 @@ def test_readme_python_api_example_runs(tmp_path, real_hf_dir, real_text):
     qc = json.loads((tmp_path / "out" / "smollm2-gptq-mixed" / "quantization_config.json").read_text())
     assert qc["method"] == "gptq" and qc["layers"]["layers.5.attn.q_proj"]["format"] == "nf3"
     assert "lm_head" not in qc["layers"] and qc["calibration"]["samples"] == 8
+
+
+def test_each_public_name_has_one_home():
+    """The root holds the main job's nouns and verbs; every other public name lives in exactly one submodule
+    (`__all__` of each public module); names that moved stay reachable from the root with a warning."""
+    import importlib
+    import inspect
+    import warnings
+    homes: dict[str, list[str]] = {}
+    for name in ("afpq_jax", "afpq_jax.formats", "afpq_jax.calibration", "afpq_jax.algorithms", "afpq_jax.training",
+                 "afpq_jax.kernels", "afpq_jax.eval", "afpq_jax.assets", "afpq_jax.memory", "afpq_jax.qwix",
+                 "pallas_kernels"):
+        module = importlib.import_module(name)
+        for public in module.__all__:
+            if not inspect.ismodule(getattr(module, public)):
+                homes.setdefault(public, []).append(name)
+    assert {n: m for n, m in homes.items() if len(m) > 1} == {}
+    assert len(aq.__all__) <= 36 and importlib.import_module("pallas_kernels").__all__ == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert aq.get_format is aq.formats.get_format and aq.Method is aq.calibration.Method
+    assert [str(w.message) for w in caught] == ["afpq_jax.get_format moved to afpq_jax.formats.get_format",
+                                                "afpq_jax.Method moved to afpq_jax.calibration.Method"]
+    with pytest.raises(AttributeError):
+        aq.no_such_name

@@ -52,9 +52,9 @@ def test_e4m3_like_format_is_one_line():
 
 def test_unknown_format_lists_known_ones():
     with pytest.raises(ValueError, match=r"unknown format 'fp5'.*fp4_e2m1.*int4.*nf3"):
-        afpq_jax.get_format("fp5")
+        afpq_jax.formats.get_format("fp5")
     with pytest.raises(TypeError):
-        afpq_jax.get_format(4)
+        afpq_jax.formats.get_format(4)
 
 
 def test_aliases_and_case():

@@ -99,7 +99,7 @@ FULL_PRODUCT = NATIVE or os.environ.get("AFPQ_KERNEL_TESTS_FULL") == "1"
 def _format_cases(impl, full=FULL_PRODUCT):
     cases = []
     for i, fmt in enumerate(FORMATS):
-        bits = afpq_jax.get_format(fmt).bits
+        bits = afpq_jax.formats.get_format(fmt).bits
         if impl == "mosaic_gpu":
             # WGMMA-layout scope: groups >= 64 * rows-per-byte (see mosaic_gpu.why_unsupported); one group per
             # scheme already.
@@ -716,7 +716,7 @@ def test_config_resolve_keeps_overrides():
     # Defaults are valid: every format at decode and prefill shapes (Mosaic GPU: its documented group scope).
     for impl in KERNELS:
         for fmt in FORMATS:
-            bits = afpq_jax.get_format(fmt).bits
+            bits = afpq_jax.formats.get_format(fmt).bits
             groups = (None, 64 * {4: 2, 3: 8, 2: 4}[bits]) if impl == "mosaic_gpu" else (None, 64, 128)
             for g in groups:
                 for m, dt in ((1, jnp.bfloat16), (512, jnp.bfloat16), (16, jnp.float32)):

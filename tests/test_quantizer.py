@@ -89,7 +89,7 @@ def test_requantizing_is_a_fixed_point(fmt, asym, group_size, k, kind, scale_dty
        scale_dtype=st.sampled_from(["float16", "bfloat16", "float32"]), seed=st.integers(0, 2**31 - 1))
 def test_error_bound(fmt, asym, group_size, kind, scale_dtype, seed):
     w = _weights(kind, 130, 4, seed)
-    f = aq.get_format(fmt)
+    f = aq.formats.get_format(fmt)
     _, got, side_scale = _check_against_reference(w, fmt, group_size, asym, scale_dtype)
     # Half the largest level gap times the scale; the scale's rounding toward zero can push the group's
     # extreme past the top level by up to (number of steps) x (one unit of the stored scale: relative for
@@ -128,7 +128,7 @@ def test_one_signed_and_zero_groups_give_no_nan(fmt):
 
 
 def test_zero_encodes_as_the_positive_zero_code():
-    fmt = aq.get_format("fp4")
+    fmt = aq.formats.get_format("fp4")
     w = np.array([[0.0], [-0.01], [0.01], [6.0], [-6.0]], np.float32)
     qt = aq.quantize(w, fmt, group_size=None)
     codes = np.asarray(packing.unpack(qt.codes, 4, 5))[:, 0]
@@ -187,7 +187,7 @@ def test_pytree_roundtrip_device_put_and_jit_argument():
 def test_storage_is_honest(fmt, asym, scale_bytes):
     k, n = 576, 64
     qt = aq.quantize(_weights("normal", k, n, 5), fmt, group_size=128, asym=asym)
-    bits = aq.get_format(fmt).bits
+    bits = aq.formats.get_format(fmt).bits
     groups = -(-k // 128)
     assert qt.codes.size == k * n * bits // 8
     assert qt.nbytes == k * n * bits // 8 + groups * n * scale_bytes

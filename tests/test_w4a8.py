@@ -95,7 +95,7 @@ def test_activation_codes_match_numpy(values, scale):
 
 
 def test_nf_weights_have_no_integer_path():
-    assert aq.get_format("nf4").int8_multiplier() is None
+    assert aq.formats.get_format("nf4").int8_multiplier() is None
     with pytest.raises(aq.InputError, match="no exact int8 representation"):
         aq.QuantScheme.create("nf4", act_bits=8, act_mode="dynamic")
 

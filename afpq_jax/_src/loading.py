@@ -11,6 +11,7 @@ float copy of the whole model never exists.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -22,8 +23,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from afpq_jax._src.errors import CheckpointError
-from afpq_jax._src.io.sources import Source
-from afpq_jax._src.models import CausalLM, ModelConfig, family_for
+from afpq_jax._src.io.sources import Source, open_source
+from afpq_jax._src.models import CausalLM, ModelConfig, config_from_hf, family_for
 from afpq_jax._src.models.params import map_key, to_model_layout
 from afpq_jax._src.models.transformer import Block, block_linears
 from afpq_jax._src.qtensor import LEAF_NAMES, QuantizedTensor
@@ -177,6 +178,12 @@ class CheckpointWeights:
 
     def tensor_name(self, path: ModelPath) -> str:
         return self._outer[path][0]
+
+
+def checkpoint_weights(path: str | os.PathLike) -> CheckpointWeights:
+    """Float weights of a model path (HF directory, GGUF, Hub id), read block by block; ``.cfg`` is its config."""
+    source = open_source(path)
+    return CheckpointWeights(source, config_from_hf(source.config))
 
 
 class ModelWeights:
