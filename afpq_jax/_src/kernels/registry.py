@@ -103,6 +103,25 @@ class Registry:
         rule = getattr(self.get(name), "default_config", None)
         return None if rule is None else rule(prob, config)
 
+    def select(self, prob, backend: str, resolve: Callable[[str], Any], describe: Callable[[], str], *,
+               log: bool = True) -> tuple[str, Any]:
+        """(name, config) of the first candidate for ``backend`` whose size rule (``preferred``) does not skip it
+        and whose ``supports`` accepts ``prob`` with ``resolve(name)`` (its resolved config); each decline is
+        logged once (`declined`)."""
+        order = self.candidates(backend)
+        for i, name in enumerate(order):
+            impl = self.implementations[name]
+            rule = getattr(impl, "preferred", None)
+            if rule is not None and rule(prob) is not None:
+                continue  # supported but slower at this size: skipped without a warning
+            cfg = resolve(name)
+            reason = impl.supports(prob, cfg)
+            if reason is None:
+                return name, cfg
+            if log:
+                self.declined(name, reason, describe, order[i + 1] if i + 1 < len(order) else "nothing")
+        raise AssertionError(f"{self.op}: the last candidate of {order} must support every call")  # pragma: no cover
+
     def log_declines_again(self) -> None:
         """Forgets which declines were logged (tests and benchmarks that check the log)."""
         self._logged.clear()

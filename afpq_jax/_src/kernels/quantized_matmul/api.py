@@ -146,20 +146,8 @@ def resolve_tuned(name: str, prob: Problem, config: BlockConfig | None) -> Block
 def select_implementation(prob: Problem, config: BlockConfig | None = None, backend: str | None = None,
                           *, log: bool = True) -> tuple[str, BlockConfig]:
     """The implementation (and resolved config) that ``implementation=None`` would run."""
-    backend = backend or current_backend()
-    order = REGISTRY.candidates(backend)
-    for i, name in enumerate(order):
-        impl = IMPLEMENTATIONS[name]
-        preferred = getattr(impl, "preferred", None)
-        if preferred is not None and preferred(prob) is not None:
-            continue
-        cfg = resolve_tuned(name, prob, config)
-        reason = impl.supports(prob, cfg)
-        if reason is None:
-            return name, cfg
-        if log:
-            REGISTRY.declined(name, reason, lambda: _describe(prob), order[i + 1] if i + 1 < len(order) else "nothing")
-    raise AssertionError("xla must support every case")  # pragma: no cover
+    return REGISTRY.select(prob, backend or current_backend(), lambda name: resolve_tuned(name, prob, config),
+                           lambda: _describe(prob), log=log)
 
 
 def why_not(implementation: str, x, qt: QuantizedTensor, config: BlockConfig | None = None) -> str | None:

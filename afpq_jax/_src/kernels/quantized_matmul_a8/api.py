@@ -47,15 +47,8 @@ def _describe(prob: Problem) -> str:
 def select_implementation(prob: Problem, config: BlockConfig | None = None, backend: str | None = None, *,
                           log: bool = True) -> tuple[str, BlockConfig]:
     """The implementation (and resolved config) that ``implementation=None`` would run."""
-    order = REGISTRY.candidates(backend or current_backend())
-    for i, name in enumerate(order):
-        cfg = resolve(name, prob, config)
-        reason = REGISTRY.get(name).supports(prob, cfg)
-        if reason is None:
-            return name, cfg
-        if log:
-            REGISTRY.declined(name, reason, lambda: _describe(prob), order[i + 1] if i + 1 < len(order) else "nothing")
-    raise AssertionError("xla must support every case")  # pragma: no cover
+    return REGISTRY.select(prob, backend or current_backend(), lambda name: resolve(name, prob, config),
+                           lambda: _describe(prob), log=log)
 
 
 def why_not(implementation: str, x, qt: QuantizedTensor, config: BlockConfig | None = None) -> str | None:
