@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -525,12 +526,54 @@ def test_library_import_does_not_pull_in_the_asset_fetcher():
     assert r.returncode == 0, r.stderr
 
 
+def _small_smollm2_cache(cache: Path, real_hf_dir: Path, real_text_dir: Path) -> None:
+    """An asset cache whose "SmolLM2" is a random 6-block model with SmolLM2's tokenizer and vocabulary (and the
+    real Wikipedia split): code written for the built-in model runs as is, in seconds instead of minutes."""
+    from safetensors.numpy import save_file
+    hf = cache / real_hf_dir.parent.name / real_hf_dir.name  # the same place in the cache as the real one
+    hf.mkdir(parents=True)
+    for f in real_hf_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "generation_config.json"):
+            (hf / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((real_hf_dir / "config.json").read_text())
+    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16)
+    (hf / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(0)
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
+
+    v, h, i = cfg["vocab_size"], 64, 128
+    t = {"model.embed_tokens.weight": w(v, h), "model.norm.weight": np.ones(h, np.float32)}
+    for b in range(6):
+        p = f"model.layers.{b}."
+        t.update({p + "input_layernorm.weight": np.ones(h, np.float32),
+                  p + "post_attention_layernorm.weight": np.ones(h, np.float32),
+                  p + "self_attn.q_proj.weight": w(64, h), p + "self_attn.k_proj.weight": w(32, h),
+                  p + "self_attn.v_proj.weight": w(32, h), p + "self_attn.o_proj.weight": w(h, 64),
+                  p + "mlp.gate_proj.weight": w(i, h), p + "mlp.up_proj.weight": w(i, h),
+                  p + "mlp.down_proj.weight": w(h, i)})
+    if not cfg.get("tie_word_embeddings", False):
+        t["lm_head.weight"] = w(v, h)
+    save_file(t, str(hf / "model.safetensors"))
+    text = cache / real_text_dir.parent.name / real_text_dir.name
+    text.mkdir(parents=True)
+    for name in ("calibration.txt", "evaluation.txt"):
+        (text / name).write_bytes((real_text_dir / name).read_bytes())
+
+
 @pytest.mark.slow
 def test_readme_python_api_example_runs(tmp_path, real_hf_dir, real_text):
-    """The README's Python API example, verbatim, on the real model (it fetches nothing new: the fixtures did)."""
+    """The README's Python API example, verbatim (the built-in model: a 6-block SmolLM2-shaped model with its real
+    tokenizer and text, so the API runs end to end in seconds; the real model's conversions are test_smollm2's)."""
+    from afpq_jax import assets
+    cache = tmp_path / "cache"
+    _small_smollm2_cache(cache, real_hf_dir, assets.wiki_text_paths()[0].parent)
     readme = (ROOT / "README.md").read_text()
     block = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "AFPQ_CACHE": str(cache)})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "nf4-asym-g128"
     qc = json.loads((tmp_path / "out" / "smollm2-gptq-mixed" / "quantization_config.json").read_text())
