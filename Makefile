@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=30 $(ARGS)
 
 bench: $(STAMP)
-	$(PY) scripts/bench_quantize.py
+	$(PY) -m benchmarks.quantize
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

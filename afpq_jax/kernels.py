@@ -3,7 +3,7 @@
 Dispatch picks the fused Pallas kernel for the default backend (Mosaic TPU; Triton, then Mosaic GPU) and falls
 back to the XLA reference (dequantize, then one dot); `IMPLEMENTATIONS` is the registry, `why_not` says why a
 kernel declines a call, `roofline` holds the byte and op counts the benchmarks compare against, `tuning` the
-measured tilings (`scripts/autotune_quantized_matmul.py` records them).
+measured tilings (`benchmarks/autotune.py` records them).
 `quantized_matmul_a8(x, qt, input_scale)`: the W·A8 integer path (int8 activations, int32 sums).
 """
 

@@ -511,7 +511,8 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_scripts_examples_and_pallas_kernels_use_only_the_public_api():
-    files = (sorted((ROOT / "scripts").glob("*.py")) + sorted((ROOT / "examples").glob("*.py"))
+    files = (sorted((ROOT / "scripts").glob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py"))
+             + sorted((ROOT / "examples").glob("*.py"))
              + sorted((ROOT / "pallas_kernels").rglob("*.py")))
     offenders = {str(f.relative_to(ROOT)): sorted(m for m in _imports(f) if m.startswith("afpq_jax._src"))
                  for f in files}

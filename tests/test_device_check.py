@@ -1,4 +1,4 @@
-"""`scripts/device_check.sh --dry-run`: the one-shot accelerator check runs its every step on CPU (interpret-mode
+"""`benchmarks/device_check.sh --dry-run`: the one-shot accelerator check runs its every step on CPU (interpret-mode
 kernel tests, tiny benchmark shapes), so it cannot rot between the sessions that have a device."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_device_check_dry_run(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
     env.pop("AFPQ_KERNELS_NATIVE", None)
-    r = subprocess.run(["bash", "scripts/device_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+    r = subprocess.run(["bash", "benchmarks/device_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     report = (tmp_path / "report.md").read_text()
     assert r.returncode == 0, report[-3000:]
@@ -36,7 +36,7 @@ def test_device_check_dry_run(tmp_path):
 def test_device_check_reports_a_failing_step(tmp_path):
     """A step that fails (here: a Python without jax) makes the whole check fail, and the report says so."""
     env = dict(os.environ, OUT=str(tmp_path), PYTHON="/bin/false", STEPS="sweep")
-    r = subprocess.run(["bash", "scripts/device_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+    r = subprocess.run(["bash", "benchmarks/device_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode != 0
     assert "SOME STEPS FAILED" in (tmp_path / "report.md").read_text()
@@ -44,7 +44,7 @@ def test_device_check_reports_a_failing_step(tmp_path):
 
 def test_benchmark_splits_kernel_time_from_xla_time():
     """The CPU kernel is a custom call: the profiler split counts its time as kernel time, x's casts as XLA's."""
-    r = subprocess.run([sys.executable, "scripts/bench_quantized_matmul.py", "--k", "256", "--n", "512", "--m", "2",
+    r = subprocess.run([sys.executable, "-m", "benchmarks.quantized_matmul", "--k", "256", "--n", "512", "--m", "2",
                         "--formats", "int4", "--x-dtype", "bfloat16", "--reps", "1", "--loops", "1", "--impls", "cpu",
                         "--markdown"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -54,10 +54,7 @@ def test_benchmark_splits_kernel_time_from_xla_time():
 
 
 def test_benchmark_times_both_triton_decodes_when_asked():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_qmm", ROOT / "scripts" / "bench_quantized_matmul.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from benchmarks import quantized_matmul as bench
     both = bench.implementation_variants(["triton", "xla"], "both")
     assert [label for label, _ in both] == ["triton", "triton-tree", "xla"]
     assert both[0][1] is None and both[1][1].lookup is False and both[2][1] is None
@@ -69,7 +66,7 @@ def test_device_check_tune_step_writes_a_table(tmp_path):
     """The optional "tune" step (not in the default steps) records measured tilings next to the report."""
     env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, STEPS="tune")
     env.pop("AFPQ_KERNELS_NATIVE", None)
-    r = subprocess.run(["bash", "scripts/device_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+    r = subprocess.run(["bash", "benchmarks/device_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     report = (tmp_path / "report.md").read_text()
     assert r.returncode == 0, report[-3000:]

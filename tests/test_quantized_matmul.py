@@ -1,7 +1,7 @@
 """`afpq_jax.kernels.quantized_matmul` (`pallas_kernels.quantized_matmul` re-exports it): every Pallas implementation (interpret mode) against the "xla" reference,
 lowering of each kernel for its real backend (from CPU), dispatch and fallback, config and roofline helpers.
 
-``AFPQ_KERNELS_NATIVE=1`` (set by `scripts/device_check.sh` on a GPU/TPU machine, with ``JAX_PLATFORMS`` left to
+``AFPQ_KERNELS_NATIVE=1`` (set by `benchmarks/device_check.sh` on a GPU/TPU machine, with ``JAX_PLATFORMS`` left to
 JAX): the numerics tests compile the kernels of the machine's backend for real (``interpret=False``) and every
 other test is skipped.
 
@@ -1044,7 +1044,7 @@ def test_tuned_tiling_is_used_under_the_callers_fields_and_dropped_when_declined
 
 def test_autotune_script_records_the_fastest_tiling(tmp_path):
     out = tmp_path / "table.json"
-    r = subprocess.run([sys.executable, "scripts/autotune_quantized_matmul.py", "--impl", "xla_scan", "--m", "2",
+    r = subprocess.run([sys.executable, "-m", "benchmarks.autotune", "--impl", "xla_scan", "--m", "2",
                         "--k", "512", "--n", "256", "--formats", "int4", "--x-dtype", "float32", "--reps", "1",
                         "--out", str(out)], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        capture_output=True, text=True, timeout=300)

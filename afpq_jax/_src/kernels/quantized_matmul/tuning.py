@@ -1,6 +1,6 @@
 """Measured tilings: a table of `BlockConfig` fields per (device kind, implementation, shape).
 
-`scripts/autotune_quantized_matmul.py` times candidate tilings on a device and records the fastest one here;
+`benchmarks/autotune.py` times candidate tilings on a device and records the fastest one here;
 dispatch (`api`) lays a matching entry over the implementation's defaults, under any field the caller set, and
 drops it if the kernel declines it. With no entry, the hand-set defaults of `base` apply.
 

@@ -8,8 +8,8 @@ replaces the best when it is at least 3% faster. The winners go into the tuning 
 uses for these shapes on this device kind. It prints one markdown row per shape: default and tuned time, and
 the tuned fields.
 
-    python scripts/autotune_quantized_matmul.py --impl triton --formats nf4 int4 --m 1 16 128   # on a GPU
-    python scripts/autotune_quantized_matmul.py --impl xla_scan --m 1 --k 1024 --n 512 --out /tmp/t.json  # CPU
+    python -m benchmarks.autotune --impl triton --formats nf4 int4 --m 1 16 128   # on a GPU
+    python -m benchmarks.autotune --impl xla_scan --m 1 --k 1024 --n 512 --out /tmp/t.json  # CPU
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ import numpy as np
 import afpq_jax
 from afpq_jax.kernels import IMPLEMENTATIONS, BlockConfig, Problem, quantized_matmul, resolve, tuning
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quantized_matmul import looped, timed  # noqa: E402  (the benchmark's timing, shared)
+from benchmarks.quantized_matmul import looped, timed  # the benchmark's timing, shared
 
 # The fields worth searching per implementation, in search order, with the values tried.
 CANDIDATES: dict[str, dict[str, tuple]] = {

@@ -1,7 +1,7 @@
 """Time greedy generation from a checkpoint (public API only): one warm-up call (compilation included), then one
 timed call of the same length. Prints one JSON line.
 
-    python scripts/bench_generate.py out/smollm2-135m-instruct-nf3-asym-g128 --new-tokens 64
+    python -m benchmarks.generate out/smollm2-135m-instruct-nf3-asym-g128 --new-tokens 64
 
 Used for the CPU-path figures in BUILD_NOTES ("CPU path": before / after the C++ kernel).
 """

@@ -3,7 +3,7 @@
 The baseline is the textbook `jnp.round` INT4 asym min/max RTN of the same matrix with the same nibble packing,
 jit-compiled. Each figure is the median of --repeats runs after one warm-up (compile) run.
 
-    python scripts/bench_quantize.py [--size 4096] [--group-size 128] [--repeats 7]
+    python -m benchmarks.quantize [--size 4096] [--group-size 128] [--repeats 7]
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Each row runs the real CLI (`python -m afpq_jax.train`, under ``/usr/bin/time -v
 and scores the packed checkpoint it wrote with the protocol of the other tables (held-out Wikipedia, seq 2048,
 first 8 windows). The loss history of every row is kept next to the results.
 
-    python scripts/qat_smollm2.py --rows nf3:cakld:100,int2:cakld:100,int2:ce:100 [--lr 5e-5]
-    python scripts/qat_smollm2.py --report
+    python -m benchmarks.qat_smollm2 --rows nf3:cakld:100,int2:cakld:100,int2:ce:100 [--lr 5e-5]
+    python -m benchmarks.qat_smollm2 --report
 
 A row is format:loss:steps (format nf3 = NF3-asym g128, int2 = INT2-asym g128, as BitDistiller). Self-generated
 data: --samples prompts of 16 tokens from the calibration split, each continued by --new-tokens teacher tokens at
@@ -25,16 +25,9 @@ from pathlib import Path
 import afpq_jax as aq
 from afpq_jax import assets
 from afpq_jax.eval import perplexity
+from benchmarks.experiment import Results, commit, heldout_ids
 
 FORMATS = {"nf3": "nf3", "int2": "int2"}
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -50,17 +43,15 @@ def main() -> None:
     ap.add_argument("--out", default="results/qat_smollm2.jsonl")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {json.loads(line)["row"]: json.loads(line) for line in out.read_text().splitlines()} if out.exists() \
-        else {}
+    results = Results(args.out, key=lambda r: r["row"])
+    done = results.done
     if not args.report:
-        commit = _commit()  # the code the rows run (taken now: later commits must not relabel them)
+        code = commit()  # the code the rows run (taken now: later commits must not relabel them)
         model_path = assets.smollm2_hf_dir()
-        eval_ids = aq.tokenize(aq.load_tokenizer(model_path), assets.wiki_text()[1])
+        eval_ids = heldout_ids(model_path)
         for row in args.rows.split(","):
             key = f"{row}:lr{args.lr:g}"
-            if key in done:
+            if key in results:
                 continue
             fmt, loss, steps = row.split(":")
             with tempfile.TemporaryDirectory() as tmp:
@@ -84,11 +75,8 @@ def main() -> None:
                        "history": [json.loads(line) for line in history.read_text().splitlines()],
                        "wall": wall.group(1) if wall else None,
                        "peak_rss_mb": round(int(peak.group(1)) / 1024) if peak else None,
-                       "summary": proc.stdout.strip().splitlines()[-1], "commit": commit}
-            done[key] = rec
-            with out.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(json.dumps({k: v for k, v in rec.items() if k != "history"}), flush=True)
+                       "summary": proc.stdout.strip().splitlines()[-1], "commit": code}
+            results.add(rec, quiet=("history",))
     for key, r in done.items():
         losses = [h["loss"] for h in r["history"]]
         print(f"{key:28s} ppl {r['perplexity']:8.2f}  loss {losses[0]:.3f} -> {losses[-1]:.3f}  "

@@ -6,7 +6,7 @@ and static per-tensor activation scales) for int4-asym and fp4_e2m1-asym weights
 scales (`integer_scales=True`: one int8 GEMM, per-column epilogue). Each figure is the median of --repeats calls of
 one jitted function after a warm-up call.
 
-    python scripts/bench_w4a8_cpu.py [--size 4096] [--repeats 7] [--out results/bench_w4a8_cpu.jsonl]
+    python -m benchmarks.w4a8_cpu [--size 4096] [--repeats 7] [--out results/bench_w4a8_cpu.jsonl]
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One-shot accelerator check, 7-8 minutes on one GPU (H100/H200) or TPU: versions and devices, the kernel
 # numerics tests compiled for the real backend (AFPQ_KERNELS_NATIVE=1: interpret=False, other backends' kernels
-# skipped), then scripts/bench_quantized_matmul.py (every applicable kernel checked against "xla", then timed).
+# skipped), then benchmarks/quantized_matmul.py (every applicable kernel checked against "xla", then timed).
 # Everything goes to one markdown report, $OUT/report.md (default OUT=results/device).
 #
-#   bash scripts/device_check.sh            # on the accelerator machine, from the repository root
-#   bash scripts/device_check.sh --dry-run  # CPU: the same steps on tiny shapes, interpret mode (CI runs this)
-#   STEPS="tests sweep lookup" B_SWEEP=150 bash scripts/device_check.sh   # a subset; B_SWEEP: the sweep's budget (s)
+#   bash benchmarks/device_check.sh            # on the accelerator machine, from the repository root
+#   bash benchmarks/device_check.sh --dry-run  # CPU: the same steps on tiny shapes, interpret mode (CI runs this)
+#   STEPS="tests sweep lookup" B_SWEEP=150 bash benchmarks/device_check.sh   # a subset; B_SWEEP: the sweep's budget (s)
 set -u
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
@@ -69,14 +69,14 @@ want() { [[ "$STEPS" == *" $1 "* ]]; }
   want tests && step "kernel tests (native on the accelerator; interpret mode in the dry run)" $T_TESTS \
     bash -c 'isolated_tests "$@"' isolated_tests "${TESTS[@]}"
   want sweep && step "decode/prefill sweep, g128, asym and sym" $T_SWEEP \
-    $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" "${SWEEP[@]}" --schemes asym sym --budget-s $B_SWEEP
-  want lookup && step "Triton codebook decode: table lookup vs select tree" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" "${LOOKUP[@]}" --m 1 16 --formats nf4 --budget-s $B_SMALL
-  want g64 && step "group 64" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" --m 1 16 --formats nf4 int4 --group-size 64 --no-profile --budget-s $B_SMALL
-  want channel && step "per-channel" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" --m 1 16 --formats nf4 --group-size 0 --no-profile --budget-s $B_SMALL
-  want smollm2 && step "SmolLM2-135M MLP shape (K=576, N=1536)" $T_SMALL $PY scripts/bench_quantized_matmul.py --markdown "${BENCH[@]}" --m 1 16 --k 576 --n 1536 --formats nf3 nf4 --no-profile --budget-s $B_SMALL
+    $PY -m benchmarks.quantized_matmul --markdown "${BENCH[@]}" "${SWEEP[@]}" --schemes asym sym --budget-s $B_SWEEP
+  want lookup && step "Triton codebook decode: table lookup vs select tree" $T_SMALL $PY -m benchmarks.quantized_matmul --markdown "${BENCH[@]}" "${LOOKUP[@]}" --m 1 16 --formats nf4 --budget-s $B_SMALL
+  want g64 && step "group 64" $T_SMALL $PY -m benchmarks.quantized_matmul --markdown "${BENCH[@]}" --m 1 16 --formats nf4 int4 --group-size 64 --no-profile --budget-s $B_SMALL
+  want channel && step "per-channel" $T_SMALL $PY -m benchmarks.quantized_matmul --markdown "${BENCH[@]}" --m 1 16 --formats nf4 --group-size 0 --no-profile --budget-s $B_SMALL
+  want smollm2 && step "SmolLM2-135M MLP shape (K=576, N=1536)" $T_SMALL $PY -m benchmarks.quantized_matmul --markdown "${BENCH[@]}" --m 1 16 --k 576 --n 1536 --formats nf3 nf4 --no-profile --budget-s $B_SMALL
   # Not in the default steps (minutes per kernel): STEPS="tune" records measured tilings in $OUT/tuned_configs.json
   # (copy it to afpq_jax/_src/kernels/quantized_matmul/tuned_configs.json to ship it).
-  want tune && for impl in $TUNE_IMPLS; do step "autotune $impl" $T_TUNE $PY scripts/autotune_quantized_matmul.py --impl $impl "${TUNE[@]}" --out "$OUT/tuned_configs.json" --budget-s $B_TUNE; done
+  want tune && for impl in $TUNE_IMPLS; do step "autotune $impl" $T_TUNE $PY -m benchmarks.autotune --impl $impl "${TUNE[@]}" --out "$OUT/tuned_configs.json" --budget-s $B_TUNE; done
   echo; echo "device check: $([ $status -eq 0 ] && echo 'all steps passed' || echo 'SOME STEPS FAILED (see above)')"
   exit $status
 } 2>&1 | tee "$REPORT"

@@ -9,7 +9,7 @@ Prints (markdown with --markdown):
   3. vector ops per weight of each kernel's decode path (`roofline.kernel_ops`, a static count of the traced
      kernel body): the ALU side of the roofline.
 
-    python scripts/roofline.py [--markdown] [--k 4096] [--n 4096]
+    python -m benchmarks.roofline [--markdown] [--k 4096] [--n 4096]
 """
 
 from __future__ import annotations

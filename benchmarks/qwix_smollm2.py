@@ -4,8 +4,8 @@ The model is examples/nnx_llama.py (bonsai-style NNX: nnx.Einsum attention proje
 SmolLM2's weights; every *_proj goes through `afpq_jax.qwix` (lm_head tied to the embedding, float). Scored like
 the other tables (held-out Wikipedia, seq 2048, first 8 windows).
 
-    python scripts/qwix_smollm2.py --rows float,rtn:nf3,rtn:int4,gptq:nf3,gptq:int4 [--calib-samples 128]
-    python scripts/qwix_smollm2.py --timing      # compiled forward (1 x 2048): qwix PTQ vs built-in packed model
+    python -m benchmarks.qwix_smollm2 --rows float,rtn:nf3,rtn:int4,gptq:nf3,gptq:int4 [--calib-samples 128]
+    python -m benchmarks.qwix_smollm2 --timing      # compiled forward (1 x 2048): qwix PTQ vs built-in packed model
 
 Rows: RTN = `quantize_params` of the float params into the abstract PTQ model; GPTQ = `GptqCalibration`
 (one pass over the float model, Hessians of every weight's float inputs; the built-in GPTQ is block-sequential)
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from flax import nnx
 import afpq_jax as aq
 from afpq_jax import assets
 from afpq_jax.eval import perplexity
+from benchmarks.experiment import Results, commit
 from afpq_jax.qwix import AfpqRule, GptqCalibration, PtqProvider, quantize_params
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
@@ -38,14 +38,6 @@ from nnx_llama import Llama, LlamaConfig, hf_params  # noqa: E402
 
 SCHEMES = {"nf3": aq.QuantScheme.create("nf3", group_size=128),
            "int4": aq.QuantScheme.create("int4", group_size=128)}
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _rules(scheme: aq.QuantScheme) -> list[AfpqRule]:
@@ -85,15 +77,13 @@ def main() -> None:
     ap.add_argument("--timing", action="store_true", help="compiled forward time instead of perplexity rows")
     ap.add_argument("--out", default="results/qwix_smollm2.jsonl")
     args = ap.parse_args()
-    commit = _commit()
+    code = commit()
     hf = assets.smollm2_hf_dir()
     cfg = LlamaConfig.from_hf(json.loads((hf / "config.json").read_text()))
     params = hf_params(hf, cfg)
     tokenizer = aq.load_tokenizer(hf)
     calib_text, eval_text = assets.wiki_text()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {json.loads(line)["row"] for line in out.read_text().splitlines()} if out.exists() else set()
+    results = Results(args.out, key=lambda r: r["row"])
 
     if args.timing:
         tokens = jnp.asarray(aq.tokenize(tokenizer, eval_text)[:2048][None], jnp.int32)
@@ -105,15 +95,13 @@ def main() -> None:
                "seconds": {"qwix_ptq": _median_forward_seconds(qmodel, tokens),
                            "built_in_packed": _median_forward_seconds(built_in, tokens),
                            "example_float": _median_forward_seconds(_float_model(cfg, params), tokens)},
-               "commit": commit}
-        with out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(json.dumps(rec), flush=True)
+               "commit": code}
+        results.add(rec)
         return
 
     eval_ids = aq.tokenize(tokenizer, eval_text)
     for row in args.rows.split(","):
-        if row in done:
+        if row in results:
             continue
         t0 = time.perf_counter()
         info: dict = {}
@@ -139,11 +127,8 @@ def main() -> None:
             nnx.update(model, quantize_params(params, model, hessians=hessians))
         info["quantize_seconds"] = round(time.perf_counter() - t0, 1)
         r = perplexity(model, eval_ids, seq_len=2048, max_windows=8, progress=False)
-        rec = {"row": row, "perplexity": r["perplexity"], "windows": r["windows"], "seq_len": r["seq_len"],
-               **info, "commit": commit}
-        with out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(json.dumps(rec), flush=True)
+        results.add({"row": row, "perplexity": r["perplexity"], "windows": r["windows"], "seq_len": r["seq_len"],
+                     **info, "commit": code})
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """SmolLM2-135M perplexity with int8 activations (W4A8, FPTQ) next to the same weights with float activations.
 
-Same protocol as scripts/ppl_methods.py: held-out Wikipedia split, seq 2048, first 8 windows; calibration on 128
+Same protocol as benchmarks/ppl_methods.py: held-out Wikipedia split, seq 2048, first 8 windows; calibration on 128
 random windows of 512 tokens of the disjoint calibration split (weights: GPTQ; activations: max|x| statistics).
 
-    python scripts/ppl_w4a8.py                       # every row (reruns skip rows --out already has)
-    python scripts/ppl_w4a8.py --rows int4:rtn:a16,int4:rtn:fptq
-    python scripts/ppl_w4a8.py --report              # only print the tables from --out
+    python -m benchmarks.ppl_w4a8                       # every row (reruns skip rows --out already has)
+    python -m benchmarks.ppl_w4a8 --rows int4:rtn:a16,int4:rtn:fptq
+    python -m benchmarks.ppl_w4a8 --report              # only print the tables from --out
 
 A row is weights:method:activations with weights int4 (asym g128), fp4 (fp4_e2m1 asym g128), int4-is / fp4-is
 (the same with integer group scales: uint8 multiples of a per-channel scale, one int8 GEMM per layer) or int8
@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import afpq_jax as aq
 from afpq_jax import assets
 from afpq_jax.eval import perplexity
+from benchmarks.experiment import Results, commit, heldout_ids
 
 WEIGHTS = {"int4": ("int4", 128, True, False), "fp4": ("fp4_e2m1", 128, True, False),
            "int4-is": ("int4", 128, True, True), "fp4-is": ("fp4_e2m1", 128, True, True),
@@ -46,14 +45,6 @@ ACTS = {
     "smoothquant": aq.ActivationQuant(scheme="smoothquant"),
 }
 DEFAULT_ROWS = [f"{w}:rtn:{a}" for w in ("int4", "fp4") for a in ACTS] + ["int8:rtn:a16", "int8:rtn:smoothquant"]
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def activation_profile(model: aq.CausalLM) -> dict:
@@ -88,21 +79,16 @@ def main() -> None:
     ap.add_argument("--out", default="results/ppl_w4a8.jsonl")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if out.exists():
-        for line in out.read_text().splitlines():
-            r = json.loads(line)
-            done[r["row"]] = r
+    results = Results(args.out, key=lambda r: r["row"])
+    done = results.done
     if not args.report:
-        commit = _commit()
+        code = commit()
         model_path = assets.smollm2_hf_dir()
-        calib_text, eval_text = assets.wiki_text()
-        eval_ids = aq.tokenize(aq.load_tokenizer(model_path), eval_text)
-        calibration = aq.Calibration(text=calib_text, samples=args.calib_samples, seqlen=args.calib_seqlen, seed=0)
+        eval_ids = heldout_ids(model_path)
+        calibration = aq.Calibration(text=assets.wiki_text()[0], samples=args.calib_samples,
+                                     seqlen=args.calib_seqlen, seed=0)
         for row in args.rows.split(","):
-            if row in done:
+            if row in results:
                 continue
             weights, method, acts = row.split(":")
             fmt, group, asym, integer_scales = WEIGHTS[weights]
@@ -116,13 +102,9 @@ def main() -> None:
                     if layer.is_quantized:
                         layer.set_activation_quant(None, None)
             r = perplexity(model, eval_ids, seq_len=args.seq_len, max_windows=args.max_windows, progress=False)
-            rec = {"row": row, "weights": str(scheme), "method": method, "activations": acts, **r,
-                   **activation_profile(model), "calib": f"{args.calib_samples}x{args.calib_seqlen}",
-                   "convert_seconds": round(convert_s, 1), "commit": commit}
-            done[row] = rec
-            with out.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(json.dumps(rec), flush=True)
+            results.add({"row": row, "weights": str(scheme), "method": method, "activations": acts, **r,
+                         **activation_profile(model), "calib": f"{args.calib_samples}x{args.calib_seqlen}",
+                         "convert_seconds": round(convert_s, 1), "commit": code})
     print("\n| weights | method | " + " | ".join(ACTS) + " |\n|---|---|" + "---|" * len(ACTS))
     for weights in WEIGHTS:
         for method in ("rtn", "gptq"):

@@ -7,8 +7,8 @@ TPU/GPU the achieved bandwidth (ideal bytes: packed weight + x + output, see `ro
 fraction of the device's HBM roofline (bandwidth table keyed by device_kind in `roofline.HBM_BANDWIDTH`).
 Every kernel's output is checked against "xla" first.
 
-    python scripts/bench_quantized_matmul.py --x-dtype float32 --loops 4   # CPU: C++ kernel, scan, xla; M=1, 16
-    python scripts/bench_quantized_matmul.py --m 1 16 128 --formats nf4 nf3 int4 --markdown   # on a device
+    python -m benchmarks.quantized_matmul --x-dtype float32 --loops 4   # CPU: C++ kernel, scan, xla; M=1, 16
+    python -m benchmarks.quantized_matmul --m 1 16 128 --formats nf4 nf3 int4 --markdown   # on a device
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ min/max, AutoGPTQ's baseline); columns: per-channel, g128, g64. Every linear lay
 quantized (embeddings / tied lm_head stay float), fp16 scales; the quantized kernels are `fake_quant` values,
 bit-identical to what a converted checkpoint dequantizes to (tests/test_convert.py checks that equality).
 
-    python scripts/ppl_table.py [--seq-len 2048] [--max-windows 8] [--out results/ppl_rtn.jsonl]
+    python -m benchmarks.ppl_table [--seq-len 2048] [--max-windows 8] [--out results/ppl_rtn.jsonl]
 
 Results are appended one JSON line per configuration (a rerun skips configurations already in the file), then
 printed as a markdown table.
@@ -14,24 +14,19 @@ printed as a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import jax
 
 import afpq_jax as aq
 from afpq_jax import assets
 from afpq_jax.eval import perplexity
+from benchmarks.experiment import Results, commit, heldout_ids
+from benchmarks.experiment import format_label as label
 
 ROWS = [("int4", True), ("nf4", False), ("nf4", True), ("fp4_e2m1", False), ("fp4_e2m1", True),
         ("int3", True), ("nf3", False), ("nf3", True), ("fp3_e2m0", False), ("fp3_e2m0", True)]
 COLS = [None, 128, 64]
-
-
-def label(fmt: str, asym: bool) -> str:
-    base = {"fp4_e2m1": "FP4", "fp3_e2m0": "FP3"}.get(fmt, fmt.upper())
-    return base if fmt.startswith("int") else f"{base}-{'asym' if asym else 'sym'}"
 
 
 def col_label(g) -> str:
@@ -47,30 +42,21 @@ def main() -> None:
     args = ap.parse_args()
     model_path = args.model or str(assets.smollm2_hf_dir())
     model = aq.load(model_path)
-    tok = aq.load_tokenizer(model_path)
-    ids = tok(assets.wiki_text()[1], add_special_tokens=False)["input_ids"]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if out.exists():
-        for line in out.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["format"], r["asym"], r["group_size"])] = r
+    ids = heldout_ids(model_path)
+    results = Results(args.out, key=lambda r: (r["format"], r["asym"], r["group_size"]))
+    done = results.done
+    code = commit()
     kernels = {p: layer.kernel.get_value() for p, layer in model.linear_layers().items() if p != "lm_head"}
 
     def run(key, quant):
-        if key in done:
+        if key in results:
             return
         for p, w in kernels.items():
             model.linear_layers()[p].kernel.set_value(quant(w) if quant else w)
         t0 = time.perf_counter()
         r = perplexity(model, ids, seq_len=args.seq_len, max_windows=args.max_windows, progress=False)
-        rec = {"format": key[0], "asym": key[1], "group_size": key[2], **r,
-               "seconds": round(time.perf_counter() - t0, 1)}
-        done[key] = rec
-        with out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(json.dumps(rec), flush=True)
+        results.add({"format": key[0], "asym": key[1], "group_size": key[2], **r,
+                     "seconds": round(time.perf_counter() - t0, 1), "commit": code})
 
     run(("float", None, None), None)
     for fmt, asym in ROWS:

@@ -1,9 +1,9 @@
 """SmolLM2-135M perplexity for RTN / GPTQ / AWQ x {INT3, NF3-sym, NF3-asym, FP3-sym, FP3-asym, INT4, NF4-asym, INT2}
-at group size 128, on the held-out Wikipedia split (same protocol as scripts/ppl_table.py: seq 2048, first 8
+at group size 128, on the held-out Wikipedia split (same protocol as benchmarks/ppl_table.py: seq 2048, first 8
 windows), calibrated on random windows of the disjoint calibration split.
 
-    python scripts/ppl_methods.py [--calib-samples 128] [--calib-seqlen 512] [--out results/ppl_methods.jsonl]
-    python scripts/ppl_methods.py --methods awq --via-cli   # each conversion = the real CLI, timed, peak RSS
+    python -m benchmarks.ppl_methods [--calib-samples 128] [--calib-seqlen 512] [--out results/ppl_methods.jsonl]
+    python -m benchmarks.ppl_methods --methods awq --via-cli   # each conversion = the real CLI, timed, peak RSS
 
 Each configuration is `afpq_jax.quantize_pretrained` in memory (what `python -m afpq_jax.convert --method ...`
 writes) or, with ``--via-cli``, that command under ``/usr/bin/time -v`` (wall time and peak RSS of the
@@ -15,7 +15,6 @@ of the code that ran. RTN rows are read from results/ppl_rtn.jsonl when present.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import subprocess
@@ -27,18 +26,12 @@ from pathlib import Path
 import afpq_jax as aq
 from afpq_jax import assets
 from afpq_jax.eval import perplexity
+from benchmarks.experiment import Results, commit, heldout_ids
+from benchmarks.experiment import format_label as label
 
 ROWS = [("int3", True), ("nf3", False), ("nf3", True), ("fp3_e2m0", False), ("fp3_e2m0", True), ("int4", True),
         ("nf4", True), ("int2", True)]
 METHODS = ["rtn", "gptq", "awq"]
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def convert_via_cli(model_path, fmt: str, asym: bool, method: str, args) -> tuple[object, dict]:
@@ -49,7 +42,7 @@ def convert_via_cli(model_path, fmt: str, asym: bool, method: str, args) -> tupl
            str(args.calib_seqlen), "--out", str(out), "--no-progress", *([] if asym else ["--sym"])]
     timed = Path("/usr/bin/time").exists()
     t0 = time.perf_counter()
-    commit = _commit()  # the code the subprocess imports
+    code = commit()  # the code the subprocess imports
     proc = subprocess.run((["/usr/bin/time", "-v"] if timed else []) + cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -58,15 +51,10 @@ def convert_via_cli(model_path, fmt: str, asym: bool, method: str, args) -> tupl
     phase_line = proc.stdout.strip().splitlines()[-1]  # the summary's last line: "  embed 1.2s, gptq 3.4s, ..."
     phases = {k.strip(): float(v) for k, v in re.findall(r"([^,]+?) ([\d.]+)s(?:,|$)", phase_line)}
     measured = {"cli_wall_seconds": round(wall, 1), "phases": phases,
-                "peak_rss_mb": round(int(peak.group(1)) / 1024) if peak else None, "commit": commit}
+                "peak_rss_mb": round(int(peak.group(1)) / 1024) if peak else None, "commit": code}
     model = aq.load(out)  # fully in memory
     shutil.rmtree(out.parent, ignore_errors=True)
     return model, measured
-
-
-def label(fmt: str, asym: bool) -> str:
-    base = {"fp4_e2m1": "FP4", "fp3_e2m0": "FP3"}.get(fmt, fmt.upper())
-    return base if fmt.startswith("int") else f"{base}-{'asym' if asym else 'sym'}"
 
 
 def main() -> None:
@@ -82,31 +70,24 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="only print the table of what --out already has")
     ap.add_argument("--rows", default=None, help="only these rows, e.g. nf3:asym,int3:asym (default: all)")
     args = ap.parse_args()
-    code_commit = _commit()  # in-process rows run the code imported now
+    code_commit = commit()  # in-process rows run the code imported now
     model_path = assets.smollm2_hf_dir()
-    tok = aq.load_tokenizer(model_path)
-    calib_text, eval_text = assets.wiki_text()
-    eval_ids = aq.tokenize(tok, eval_text)
-    calibration = aq.Calibration(text=calib_text, samples=args.calib_samples, seqlen=args.calib_seqlen, seed=0)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    for path in (Path(args.rtn_results), out):
-        if path.exists():
-            for line in path.read_text().splitlines():
-                r = json.loads(line)
-                if r.get("group_size") in (128, None) and r["format"] != "float":
-                    key = (r.get("method", "rtn"), r["format"], r["asym"])
-                    if r.get("group_size") == 128:
-                        done[key] = r
-                elif r["format"] == "float":
-                    done[("float", None, None)] = r
+    eval_ids = heldout_ids(model_path)
+    calibration = aq.Calibration(text=assets.wiki_text()[0], samples=args.calib_samples, seqlen=args.calib_seqlen,
+                                 seed=0)
+
+    def key(r: dict):  # RTN rows come from ppl_table's file too (its rows have no "method")
+        if r["format"] == "float":
+            return ("float", None, None)
+        return (r.get("method", "rtn"), r["format"], r["asym"]) if r.get("group_size") == 128 else None
+
+    results = Results(args.out, key, also=(args.rtn_results,))
+    done = results.done
     for method in [] if args.report else args.methods.split(","):
         for fmt, asym in ROWS:
             if args.rows and f"{fmt}:{'asym' if asym else 'sym'}" not in args.rows.split(","):
                 continue
-            key = (method, fmt, asym)
-            if key in done:
+            if (method, fmt, asym) in results:
                 continue
             scheme = aq.QuantScheme.create(fmt, group_size=128, asym=asym)
             t0 = time.perf_counter()
@@ -119,13 +100,9 @@ def main() -> None:
                 measured = {"phases": dict(model.checkpoint_info.phase_seconds)}
             convert_s = time.perf_counter() - t0
             r = perplexity(model, eval_ids, seq_len=args.seq_len, max_windows=args.max_windows, progress=False)
-            rec = {"method": method, "format": fmt, "asym": asym, "group_size": 128, **r,
-                   "calib": f"{args.calib_samples}x{args.calib_seqlen}", "convert_seconds": round(convert_s, 1),
-                   "commit": code_commit, **measured}
-            done[key] = rec
-            with out.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(json.dumps(rec), flush=True)
+            results.add({"method": method, "format": fmt, "asym": asym, "group_size": 128, **r,
+                         "calib": f"{args.calib_samples}x{args.calib_seqlen}", "convert_seconds": round(convert_s, 1),
+                         "commit": code_commit, **measured})
     print("\n| g128 | " + " | ".join(m.upper() for m in METHODS) + " |\n|---|" + "---|" * len(METHODS))
     for fmt, asym in ROWS:
         cells = [f"{done[(m, fmt, asym)]['perplexity']:.2f}" if (m, fmt, asym) in done else "—" for m in METHODS]
