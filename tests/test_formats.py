@@ -1,3 +1,5 @@
+"""Number formats (`afpq_jax.formats`): code books against the papers, the ExMy builder, validation and the registry."""
+
 import numpy as np
 import pytest
 from hypothesis import given

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import afpq_jax as aq
-from afpq_jax import eval as eval_cli
 from afpq_jax._src import generation
 from afpq_jax._src.errors import InputError
-
-FIXTURES = Path(__file__).parent / "fixtures"
+from tests.support import FIXTURES
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +92,3 @@ def test_ragged_or_out_of_vocabulary_prompts_are_refused(model):
         aq.generate(model, [[1, 2, 3], [4, 5]])
     with pytest.raises(InputError, match=r"lie in \[0, 256\)"):
         aq.generate(model, [[1, 2, 256]])
-
-
-def test_eval_cli_rejects_bad_sampling_options_before_loading(capsys):
-    rc = eval_cli.main(["--model", str(FIXTURES / "llama_gqa"), "--no-ppl", "--prompt", "hi", "--top-p", "2"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "top_p" in err and "Traceback" not in err

@@ -1,12 +1,10 @@
-"""Ctrl-C and SIGTERM at any moment of a conversion (`afpq_jax._src.interrupts`): real processes, real signals.
-Whatever the moment, the run exits 128 + the signal's number with one line saying what was kept, the input
-and output directories are byte-for-byte as before (only a saved progress directory stays, on purpose), and no
-staging, lock or spill file is left. Was: 91-4,202 lines of asyncio / orbax tracebacks and a 122 MB
-``.out.partial-*`` that orbax's background writer recreated after the cleanup; SIGTERM left the spill file."""
+"""Ctrl-C and SIGTERM at any moment of a conversion (`afpq_jax._src.interrupts`): real processes, real signals;
+nothing is left behind."""
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -14,10 +12,38 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.test_outputs import snapshot
-from tests.test_resume import _synthetic_llama
+from tests.support import snapshot
+
+
+def _synthetic_llama(directory: Path, hidden: int = 512, layers: int = 2, vocab: int = 512) -> Path:
+    """A random Hugging Face LLaMA directory (safetensors) of the given size."""
+    from safetensors.numpy import save_file
+    directory.mkdir()
+    inter, heads = 2 * hidden, hidden // 64
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+           "num_key_value_heads": heads, "head_dim": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+           "max_position_embeddings": 512, "vocab_size": vocab, "tie_word_embeddings": False}
+    (directory / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(0)
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": w(vocab, hidden), "lm_head.weight": w(vocab, hidden),
+         "model.norm.weight": np.ones(hidden, np.float32)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t.update({p + "input_layernorm.weight": np.ones(hidden, np.float32),
+                  p + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
+                  **{p + f"self_attn.{n}_proj.weight": w(hidden, hidden) for n in "qkvo"},
+                  p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
+                  p + "mlp.down_proj.weight": w(hidden, inter)})
+    save_file(t, str(directory / "model.safetensors"))
+    return directory
 
 
 @pytest.fixture(scope="module")

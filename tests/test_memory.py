@@ -1,4 +1,4 @@
-"""Host-memory helpers used by the block-by-block driver and the CLIs."""
+"""Host-memory helpers used by the block-by-block driver and the CLIs (`afpq_jax._src.memory`)."""
 
 import gc
 import subprocess

@@ -1,3 +1,5 @@
+"""Bit packing of codes along the contraction axis (`afpq_jax._src.packing`)."""
+
 import numpy as np
 import pytest
 from hypothesis import given

@@ -1,3 +1,6 @@
+"""The quantizer and `QuantizedTensor` against the numpy reference (tests/reference.py): rounding, error bounds,
+pytree behaviour, storage and input checks."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

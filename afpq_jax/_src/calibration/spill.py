@@ -48,6 +48,8 @@ class SpilledArray:
     def __getitem__(self, key) -> np.ndarray:
         start, stop = self._rows(key)
         out = np.empty((stop - start, *self.shape[1:]), np.float32)
+        if stop == start:  # memoryview cannot cast an empty buffer
+            return out
         self._file.seek(self.offset + start * self._row)
         self._file.readinto(memoryview(out).cast("B"))
         return out
@@ -55,6 +57,8 @@ class SpilledArray:
     def __setitem__(self, key, value) -> None:
         start, stop = self._rows(key)
         value = np.ascontiguousarray(np.broadcast_to(np.asarray(value, np.float32), (stop - start, *self.shape[1:])))
+        if stop == start:
+            return
         self._file.seek(self.offset + start * self._row)
         self._file.write(memoryview(value).cast("B"))
 

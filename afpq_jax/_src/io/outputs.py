@@ -1,7 +1,7 @@
 """Where afpq-jax writes: output paths checked before any work, files written whole, directories published by
 one rename that never replaces another run's result.
 
-Invariants (each has a test in tests/test_outputs.py):
+Invariants (each has a test in tests/io/test_outputs.py):
   * An output never holds a user's input: `claim` refuses an output path that is, or contains, a model path,
     the working directory, the home directory or a file-system root.
   * Replacing (``overwrite``) touches only an afpq-jax output: a directory whose ``quantization_config.json``

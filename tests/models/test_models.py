@@ -1,0 +1,63 @@
+"""Our Flax NNX LLaMA/BLOOM against PyTorch transformers' logits, the KV cache and token id checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import afpq_jax as aq
+from tests.support import FIXTURES
+
+TORCH_FIXTURES = ["llama_gqa", "llama_tied_theta", "llama3_rope", "llama_sharded", "bloom"]
+
+
+@pytest.mark.parametrize("name", TORCH_FIXTURES)
+def test_logits_match_pytorch_transformers(name):
+    ref = np.load(FIXTURES / name / "reference.npz")
+    model = aq.load(FIXTURES / name)
+    logits = model(jnp.asarray(ref["input_ids"]))
+    assert logits.dtype == jnp.float32 and logits.shape == ref["logits"].shape
+    np.testing.assert_allclose(np.asarray(logits), ref["logits"], rtol=0, atol=1e-4)
+
+
+def test_hf_flax_msgpack_weights_match():
+    ref = np.load(FIXTURES / "llama_gqa" / "reference.npz")  # same weights, transformers-4 Flax format
+    model = aq.load(FIXTURES / "llama_flax")
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ref["input_ids"]))), ref["logits"], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "bloom"])
+def test_kv_cache_matches_full_forward(name):
+    ref = np.load(FIXTURES / name / "reference.npz")
+    model = aq.load(FIXTURES / name)
+    ids = jnp.asarray(ref["input_ids"])
+    cache = model.init_cache(ids.shape[0], ids.shape[1] + 4)
+    chunks = []
+    for start, stop in [(0, 7), (7, 8), (8, ids.shape[1])]:  # prefill, one token, the rest
+        logits, cache = model.forward_with_cache(ids[:, start:stop], cache, start)
+        chunks.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(chunks, axis=1), ref["logits"], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "bloom"])
+def test_chunked_causal_attention_equals_one_whole_window(name):
+    # 300 tokens: cache-free attention runs 2 query chunks (256, 44), each against only the keys up to its
+    # last query; the cached path attends one whole masked window. Both must give the same logits.
+    from afpq_jax._src.models.transformer import query_chunk
+    model = aq.load(FIXTURES / name)
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, model.cfg.vocab_size, (2, 300)), jnp.int32)
+    assert query_chunk(300) < 300 and 300 % query_chunk(300)
+    whole, _ = model.forward_with_cache(ids, model.init_cache(2, 300), 0)
+    np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(whole), rtol=0, atol=2e-5)
+
+
+def test_causal_lm_checks_its_token_ids():
+    model = aq.load(FIXTURES / "llama_gqa")
+    vocab = model.cfg.vocab_size
+    for ids, exc, msg in [(np.asarray([[1, vocab]]), aq.InputError, "must lie in"),  # gave NaN logits
+                          (np.asarray([[-1, 2]]), aq.InputError, "must lie in"),  # wrapped around
+                          (np.asarray([1, 2, 3]), aq.InputError, "batch, seq"),
+                          (np.asarray([[1.0, 2.0]]), TypeError, "integer token ids")]:
+        with pytest.raises(exc, match=msg):
+            model(ids)
+    jax.jit(lambda m, ids: m(ids))(model, jnp.asarray([[1, 2]]))  # traced ids: shape and dtype checks only

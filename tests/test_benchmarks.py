@@ -1,0 +1,236 @@
+"""The benchmarks package: the device check's dry run on CPU, the benchmark and autotune scripts, the perplexity
+tables' driver."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import afpq_jax as aq
+from afpq_jax.eval import perplexity
+from benchmarks import experiment
+from benchmarks import perplexity as ppl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_device_check_dry_run(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    env.pop("AFPQ_KERNELS_NATIVE", None)
+    r = subprocess.run(["bash", "benchmarks/device_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    report = (tmp_path / "report.md").read_text()
+    assert r.returncode == 0, report[-3000:]
+    for section in ("## versions and devices", "## kernel tests", "## decode/prefill sweep", "## Triton codebook",
+                    "## group 64", "## per-channel", "## SmolLM2-135M MLP shape"):
+        assert section in report
+    assert "passed  tests/kernels/test_quantized_matmul.py::test_formats_match_reference[triton-int4-a-g128]" in report
+    assert "FAILED" not in report and "WRONG" not in report
+    assert "| int4-asym-g128 | 1 | xla |" in report and "asym over sym" in report
+    # what dispatch picks, against the fastest implementation of the same case (the size rules' check)
+    assert "dispatch (implementation=None) against the fastest" in report and "| int4-asym | 1 | cpu |" in report
+    # The profiler split of each op's device time (CPU: the client's thunk timeline): XLA ops only for "xla".
+    row = next(line for line in report.splitlines() if line.startswith("| int4-asym-g128 | 1 | xla |"))
+    kernel, xla_side = (float(v) for v in row.split("|")[5].split("/"))
+    assert kernel == 0.0 and xla_side > 0.0
+    assert report.rstrip().endswith("device check: all steps passed")
+
+
+def test_device_check_reports_a_failing_step(tmp_path):
+    """A step that fails (here: a Python without jax) makes the whole check fail, and the report says so."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON="/bin/false", STEPS="sweep")
+    r = subprocess.run(["bash", "benchmarks/device_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0
+    assert "SOME STEPS FAILED" in (tmp_path / "report.md").read_text()
+
+
+def test_benchmark_splits_kernel_time_from_xla_time():
+    """The CPU kernel is a custom call: the profiler split counts its time as kernel time, x's casts as XLA's."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks.quantized_matmul", "--k", "256", "--n", "512", "--m", "2",
+                        "--formats", "int4", "--x-dtype", "bfloat16", "--reps", "1", "--loops", "1", "--impls", "cpu",
+                        "--markdown"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| int4-asym-g128 | 2 | cpu |"))
+    kernel, xla_side = (float(v) for v in row.split("|")[5].split("/"))
+    assert kernel > 0.0 and xla_side > 0.0
+
+
+def test_benchmark_times_both_triton_decodes_when_asked():
+    from benchmarks import quantized_matmul as bench
+    both = bench.implementation_variants(["triton", "xla"], "both")
+    assert [label for label, _ in both] == ["triton", "triton-tree", "xla"]
+    assert both[0][1] is None and both[1][1].lookup is False and both[2][1] is None
+    assert [label for label, _ in bench.implementation_variants(["triton"], "off")] == ["triton-tree"]
+    assert bench.implementation_variants(["cpu", "xla"], "both") == [("cpu", None), ("xla", None)]
+
+
+def test_device_check_tune_step_writes_a_table(tmp_path):
+    """The optional "tune" step (not in the default steps) records measured tilings next to the report."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, STEPS="tune")
+    env.pop("AFPQ_KERNELS_NATIVE", None)
+    r = subprocess.run(["bash", "benchmarks/device_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    report = (tmp_path / "report.md").read_text()
+    assert r.returncode == 0, report[-3000:]
+    assert "## autotune xla_scan" in report and "recorded 1 tiling(s)" in report
+    assert "|xla_scan|int4-asym-g128|" in (tmp_path / "tuned_configs.json").read_text()
+
+
+def test_autotune_script_records_the_fastest_tiling(tmp_path):
+    out = tmp_path / "table.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.autotune", "--impl", "xla_scan", "--m", "2",
+                        "--k", "512", "--n", "256", "--formats", "int4", "--x-dtype", "float32", "--reps", "1",
+                        "--out", str(out)], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = __import__("json").loads(out.read_text())
+    (key, fields), = table.items()
+    assert key.endswith("|xla_scan|int4-asym-g128|float32|m2|k512|n256") and set(fields) == {"block_k"}
+    assert "| int4-asym-g128 | 2 |" in r.stdout
+
+
+MODEL = Path(__file__).parent / "fixtures" / "llama_gqa"  # HF LLaMA dir, vocab 256, context 128, no tokenizer
+
+
+def _cells(text: str, label: str) -> list[str]:
+    """The cells after the label of the markdown row that starts with ``| label |``."""
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+def test_rtn_row_records_skips_reruns_and_equals_an_independent_conversion(tmp_path, monkeypatch):
+    ids = np.random.default_rng(0).integers(0, 256, 200).astype(np.int32)
+    calibration = aq.Calibration(random=True, samples=4, seqlen=16)
+    out = tmp_path / "ppl.jsonl"
+    kw = dict(rows="nf3:asym:per-channel", out=out, seq_len=32, max_windows=2)
+    done = ppl.run_table(ppl.RTN, MODEL, ids, calibration, **kw)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["table"] == "rtn" and record["row"] == "nf3:asym:per-channel"
+    assert record["commit"] == experiment.commit() and record["calib"] == "4x16"
+    assert record["method"] == "rtn" and record["weights"] == "nf3-asym-gchannel"
+    assert record["convert_seconds"] >= 0 and record["phases"] and record["windows"] == 2
+    assert done == {"nf3:asym:per-channel": record}
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a row the results file already has ran again")
+
+    monkeypatch.setattr(ppl, "run_row", must_not_run)
+    assert ppl.run_table(ppl.RTN, MODEL, ids, calibration, **kw) == done
+    assert out.read_text().splitlines() == lines
+
+    scheme = aq.QuantScheme.create("nf3", group_size=None, asym=True)
+    expected = perplexity(aq.quantize_pretrained(MODEL, scheme, method="rtn", progress=False), ids, seq_len=32,
+                          max_windows=2, progress=False)["perplexity"]
+    assert record["perplexity"] == expected
+    table = ppl.render(ppl.RTN, ppl.load_results(ppl.RTN, out).done)
+    assert _cells(table, "NF3-asym") == [f"{expected:.2f}", "—", "—"]
+    assert _cells(table, "NF3-sym") == ["—", "—", "—"]
+
+
+def _write(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_report_puts_each_rows_perplexity_in_its_cell(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the methods table also reads results/ppl_rtn.jsonl: this one
+    values = {}
+    for t in ppl.TABLES.values():
+        records = []
+        for i, row in enumerate(t.rows):
+            values[t.name, row.key] = 10.0 + i + 0.01 * len(t.name)  # distinct per row
+            records.append({"table": t.name, "row": row.key, "perplexity": values[t.name, row.key],
+                            "seq_len": 32, "windows": 2, "tokens": 62})
+        _write(Path(t.out), records)
+
+    ppl.main(["rtn", "--report"])
+    text = capsys.readouterr().out
+    assert f"Float: {values['rtn', 'float']:.2f}" in text
+    for fmt, asym in ppl.RTN_FORMATS:
+        assert _cells(text, experiment.format_label(fmt, asym)) == [
+            f"{values['rtn', ppl._rtn_key(fmt, asym, g)]:.2f}" for g in ppl.RTN_GROUPS]
+
+    ppl.main(["methods", "--report"])
+    text = capsys.readouterr().out
+    for fmt, asym in ppl.METHOD_FORMATS:
+        assert _cells(text, experiment.format_label(fmt, asym)) == [
+            f"{values['methods', ppl._method_key(m, fmt, asym)]:.2f}" for m in ppl.METHODS]
+    three_bit = {k: v for (t, k), v in values.items() if t == "methods" and k.split(":")[1] in ("int3", "nf3",
+                                                                                                 "fp3_e2m0")}
+    best = min(three_bit, key=three_bit.get)
+    assert best == "rtn:int3:asym" and text.rstrip().endswith(f"best 3-bit: RTN INT3 ({three_bit[best]:.2f})")
+
+    ppl.main(["w4a8", "--report"])
+    text = capsys.readouterr().out
+    for weights in ppl.W4A8_WEIGHTS:
+        for method in ppl.W4A8_METHODS:
+            base = values["w4a8", f"{weights}:{method}:a16"]
+            line = next(ln for ln in text.splitlines() if ln.startswith(f"| {weights} | {method} |"))
+            cells = [c.strip() for c in line.strip("|").split("|")][2:]
+            assert cells == [f"{base:.2f}"] + [
+                f"{values['w4a8', f'{weights}:{method}:{a}']:.2f} "
+                f"({100 * (values['w4a8', f'{weights}:{method}:{a}'] / base - 1):+.1f}%)"
+                for a in list(ppl.ACTIVATIONS)[1:]]
+
+
+def test_old_drivers_records_are_keyed_to_their_rows(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = {"perplexity": 20.0, "nll": 3.0, "windows": 8, "seq_len": 2048, "tokens": 16376}
+    rtn_file = [  # ppl_table: format / asym / group_size, no method
+        {"format": "float", "asym": None, "group_size": None, **common, "seconds": 1.0},
+        {"format": "nf3", "asym": True, "group_size": None, **common, "seconds": 1.0},
+        {"format": "int4", "asym": True, "group_size": 128, **common, "seconds": 1.0},
+        {"format": "fp4_e2m1", "asym": False, "group_size": 64, **common, "seconds": 1.0},
+    ]
+    methods_file = [  # ppl_methods: + method
+        {"method": "gptq", "format": "nf3", "asym": True, "group_size": 128, **common, "calib": "128x512"},
+        {"method": "awq", "format": "int2", "asym": True, "group_size": 128, **common, "calib": "128x512"},
+        {"method": "gptq", "format": "nf3", "asym": True, "group_size": 64, **common, "calib": "128x512"},
+    ]
+    w4a8_file = [  # ppl_w4a8: row / weights / method / activations
+        {"row": "fp4:rtn:fptq-rel-a16", "weights": "fp4_e2m1-asym-g128", "method": "rtn",
+         "activations": "fptq-rel-a16", **common},
+        {"row": "int4-is:rtn:dynamic", "weights": "int4-asym-g128-intscales", "method": "rtn",
+         "activations": "dynamic", **common},
+        {"row": "int8:rtn:smoothquant", "weights": "int8-sym-gchannel", "method": "rtn",
+         "activations": "smoothquant", **common},
+    ]
+    keys = {t: [ppl.TABLES[t].key(r) for r in rtn_file + methods_file + w4a8_file] for t in ppl.TABLES}
+    assert keys["rtn"] == ["float", "nf3:asym:per-channel", "int4:asym:g128", "fp4_e2m1:sym:g64",
+                           None, None, None, None, None, None]
+    assert keys["methods"] == [None, None, "rtn:int4:asym", None,
+                               "gptq:nf3:asym", "awq:int2:asym", None, None, None, None]
+    # the W4A8 table's int4:rtn:a16 row measures what the RTN table's INT4 g128 cell does
+    assert keys["w4a8"] == [None, None, "int4:rtn:a16", None, None, None, None,
+                            "fp4:rtn:fptq-rel-a16", "int4-is:rtn:dynamic", "int8:rtn:smoothquant"]
+
+    _write(Path("results/ppl_rtn.jsonl"), rtn_file)
+    _write(Path("results/ppl_methods.jsonl"), methods_file)
+    _write(Path("results/ppl_w4a8.jsonl"), w4a8_file)
+    assert list(ppl.load_results(ppl.RTN).done) == keys["rtn"][:4]
+    assert list(ppl.load_results(ppl.METHODS_TABLE).done) == ["rtn:int4:asym", "gptq:nf3:asym", "awq:int2:asym"]
+    assert list(ppl.load_results(ppl.W4A8).done) == [k for k in keys["w4a8"][7:]]
+    # a new record of one table is keyed by its table / row, and by what it measured in the others
+    new = {"table": "rtn", "row": "nf3:asym:g128", "method": "rtn", "format": "nf3", "asym": True,
+           "group_size": 128, "integer_scales": False, "weights": "nf3-asym-g128", "activations": "a16", **common}
+    assert [ppl.TABLES[t].key(new) for t in ppl.TABLES] == ["nf3:asym:g128", "rtn:nf3:asym", None]
+
+
+def test_rows_select_keys_and_patterns():
+    assert [r.key for r in ppl.METHODS_TABLE.select("gptq:nf3:asym,awq:int2:asym")] == ["gptq:nf3:asym",
+                                                                                         "awq:int2:asym"]
+    assert [r.key for r in ppl.METHODS_TABLE.select("*:nf3:asym")] == [f"{m}:nf3:asym" for m in ppl.METHODS]
+    assert len(ppl.METHODS_TABLE.select(None)) == 24 and len(ppl.RTN.select(None)) == 31
+    assert [r.key for r in ppl.W4A8.select(None)][-2:] == ["int8:rtn:a16", "int8:rtn:smoothquant"]
+    assert len(ppl.W4A8.select(None)) == 18 and ppl.W4A8.row("int4:rtn:fptq-rel-a16").float_activations_after
+    with pytest.raises(ValueError, match="no row nf3:asym"):
+        ppl.METHODS_TABLE.select("nf3:asym")  # the old ppl_methods --rows spelling: now method:format:sym|asym
