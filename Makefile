@@ -22,7 +22,7 @@ demo: $(STAMP)
 # Real-model tests need SmolLM2 and the Wikipedia text in the cache: fetch them first (cached after once).
 test: $(STAMP)
 	$(PY) scripts/fetch_assets.py --no-token-counts
-	$(PY) -m pytest -q -n 2 --durations=30 $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=30 $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.quantize

@@ -63,6 +63,21 @@ def emulated_int8_matmul(x: np.ndarray, qt, input_scale) -> tuple[np.ndarray, np
     return xf @ w, np.abs(xf) @ np.abs(w)
 
 
+def foldable_float_model(fixture: str):
+    """A fixture's float model and config, with the GELU MLP's input scale (`mlp_act_scale`) switched on where
+    the MLP is GELU (BLOOM), so every equalization fold has somewhere to go; and its stored reference logits."""
+    import dataclasses
+
+    from afpq_jax._src.io.sources import open_source
+    from afpq_jax._src.loading import CheckpointWeights, load_float
+    from afpq_jax._src.models import config_from_hf
+    src = open_source(FIXTURES / fixture)
+    cfg = config_from_hf(src.config)
+    if cfg.mlp == "gelu":
+        cfg = dataclasses.replace(cfg, mlp_act_scale=True)
+    return load_float(CheckpointWeights(src, cfg), cfg), cfg, np.load(FIXTURES / fixture / "reference.npz")
+
+
 def fixture_config(name: str = "llama_gqa", **change) -> dict:
     """A fixture's config.json as a dict, with ``change`` applied (a value of ``...`` deletes the key)."""
     hf = json.loads((FIXTURES / name / "config.json").read_text())

@@ -16,6 +16,10 @@ from afpq_jax._src.layers import record_inputs
 from afpq_jax._src.models.transformer import block_linears
 from tests.support import numpy_llama_nll
 
+# One xdist worker runs this file (`make test` uses --dist loadgroup): its module fixtures (the float model, the
+# real layer's calibration inputs: 16 s) are then built once instead of once per worker.
+pytestmark = pytest.mark.xdist_group("smollm2")
+
 TEXT = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
         "It is named after the engineer Gustave Eiffel, whose company designed and built the tower.")
 

@@ -326,6 +326,18 @@ def check_scale_dtype(scale_dtype) -> jnp.dtype:
     return dt
 
 
+def _checked(w, fmt, group_size, asym, scale_dtype, integer_scales) -> tuple[jax.Array, Format, bool, jnp.dtype, int]:
+    """`quantize`'s and `fake_quant`'s arguments checked: (weight, format, asym, scale dtype, group size)."""
+    fmt = formats_lib.get_format(fmt)
+    check_group_size(group_size)
+    asym = check_asym(asym)
+    dt = check_scale_dtype(scale_dtype)
+    if integer_scales:
+        integer_scale_limit(fmt, asym)
+    w = check_weight(w)
+    return w, fmt, asym, dt, _group_size(w.shape[-2], group_size)
+
+
 def quantize(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128, asym: bool = True,
              scale_dtype: DTypeLike = jnp.float16, clip_ratios: tuple[jax.Array, jax.Array] | None = None,
              integer_scales: bool = False) -> QuantizedTensor:
@@ -338,14 +350,7 @@ def quantize(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128, a
     ``integer_scales``: group scales are small integers times a per-column ``scale_dtype`` scale
     (`snap_to_integer_scales`; see `QuantizedTensor.channel_scale`).
     """
-    fmt = formats_lib.get_format(fmt)
-    check_group_size(group_size)
-    asym = check_asym(asym)
-    dt = check_scale_dtype(scale_dtype)
-    if integer_scales:
-        integer_scale_limit(fmt, asym)
-    w = check_weight(w)
-    g = _group_size(w.shape[-2], group_size)
+    w, fmt, asym, dt, g = _checked(w, fmt, group_size, asym, scale_dtype, integer_scales)
     check_clip_ratios(clip_ratios, w.shape, g)
     codes, params, channel = _quantize_codes(w, fmt, asym, g, dt, clip_ratios, bool(integer_scales))
     return packed_tensor(codes, params, channel, fmt=fmt, group_size=group_size, asym=asym,
@@ -393,14 +398,7 @@ def dequantize(qt: QuantizedTensor, dtype: DTypeLike | None = None) -> jax.Array
 def fake_quant(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128, asym: bool = True,
                scale_dtype: DTypeLike = jnp.float16, integer_scales: bool = False) -> jax.Array:
     """``dequantize(quantize(w))`` without packing, with a straight-through (identity) gradient."""
-    fmt = formats_lib.get_format(fmt)
-    check_group_size(group_size)
-    asym = check_asym(asym)
-    dt = check_scale_dtype(scale_dtype)
-    if integer_scales:
-        integer_scale_limit(fmt, asym)
-    w = check_weight(w)
-    g = _group_size(w.shape[-2], group_size)
+    w, fmt, asym, dt, g = _checked(w, fmt, group_size, asym, scale_dtype, integer_scales)
     codes, params, _ = _quantize_codes(jax.lax.stop_gradient(w), fmt, asym, g, dt, None, bool(integer_scales))
     dq = _decode_codes(codes, params, fmt, asym, g, w.dtype)
     # dq + (w - sg(w)) is exactly dq in value and has d/dw = identity (w + sg(dq - w) can be off by an ulp).

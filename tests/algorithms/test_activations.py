@@ -3,7 +3,6 @@ checkpoints."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -16,19 +15,14 @@ from afpq_jax._src.io.sources import open_source
 from afpq_jax._src.loading import CheckpointWeights, load_float
 from afpq_jax._src.models import config_from_hf
 from afpq_jax.algorithms import fold_scale, scaling_groups, tie_heads
-from tests.support import FIXTURES, random_calibration
+from tests.support import FIXTURES, random_calibration, foldable_float_model
 
 
 # ---- folds ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fixture", ["llama_tied_theta", "llama_gqa", "bloom"])
 @pytest.mark.parametrize("kind", ["lae", "smoothquant"])
 def test_equalization_folds_keep_float_logits(fixture, kind):
-    src = open_source(FIXTURES / fixture)
-    cfg = config_from_hf(src.config)
-    if cfg.mlp == "gelu":
-        cfg = dataclasses.replace(cfg, mlp_act_scale=True)
-    model = load_float(CheckpointWeights(src, cfg), cfg)
-    ref_npz = np.load(FIXTURES / fixture / "reference.npz")
+    model, cfg, ref_npz = foldable_float_model(fixture)
     rng = np.random.default_rng(0)
     groups = scaling_groups(cfg, gqa=True)
     # every attention variant gets v_proj -> o_proj unless fused (BLOOM)

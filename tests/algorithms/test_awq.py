@@ -9,21 +9,12 @@ import pytest
 import afpq_jax as aq
 from afpq_jax import QuantScheme
 from afpq_jax._src.algorithms import awq
-from afpq_jax._src.io.sources import open_source
-from afpq_jax._src.loading import CheckpointWeights, load_float
-from afpq_jax._src.models import config_from_hf
-from tests.support import FIXTURES
+from tests.support import FIXTURES, foldable_float_model
 
 
 @pytest.mark.parametrize("fixture", ["llama_tied_theta", "llama_gqa", "bloom"])
 def test_awq_scale_folding_keeps_float_logits(fixture):
-    src = open_source(FIXTURES / fixture)
-    cfg = config_from_hf(src.config)
-    if cfg.mlp == "gelu":
-        import dataclasses
-        cfg = dataclasses.replace(cfg, mlp_act_scale=True)
-    model = load_float(CheckpointWeights(src, cfg), cfg)
-    ref_npz = np.load(FIXTURES / fixture / "reference.npz")
+    model, cfg, ref_npz = foldable_float_model(fixture)
     rng = np.random.default_rng(0)
     groups = awq.scaling_groups(cfg)
     assert len(groups) == (4 if cfg.num_kv_heads == cfg.num_heads and not cfg.fused_qkv else 3)
