@@ -115,7 +115,7 @@ def record_config(record: dict) -> tuple | None:
             weights = str(aq.QuantScheme.create(record["format"], group_size=record.get("group_size"),
                                                 asym=bool(record.get("asym")),
                                                 integer_scales=bool(record.get("integer_scales"))))
-        except Exception:  # a format this version does not know: not a row of any table
+        except ValueError:  # a format this version does not know (InputError): not a row of any table
             return None
     if weights == "float":
         return ("float",)

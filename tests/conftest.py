@@ -59,3 +59,24 @@ def real_text() -> tuple[str, str]:
     return _or_skip(assets.wiki_text)
 
 
+
+
+# ---- process-wide state a test must leave as it found it ------------------------------------------------
+import signal  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_are_restored():
+    """A test that leaves SIGINT / SIGTERM ignored, blocked or handled by its own function breaks every later
+    test in the same xdist worker that sends those signals (subprocesses inherit ignored and blocked signals)."""
+    def state():
+        return ({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)},
+                signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    before = state()
+    yield
+    after = state()
+    if after != before:
+        for s, handler in before[0].items():
+            signal.signal(s, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, before[1])
+        pytest.fail(f"the test changed the signal handlers / mask: {before} -> {after}")

@@ -52,6 +52,20 @@ def model(tmp_path_factory) -> Path:
     return _synthetic_llama(tmp_path_factory.mktemp("m") / "model", hidden=256, layers=4, vocab=16384)
 
 
+@pytest.fixture
+def sigint_at_its_default():
+    """Ctrl-C at its default action for the test and the processes it starts. A run started in the background
+    (``make test &``, a CI step) inherits SIGINT ignored, the xdist workers and their children too, and the
+    library rightly leaves an ignored SIGINT alone (test_ignored_and_custom_handlers_are_left_alone); a test that
+    sends SIGINT must not depend on how the suite was launched. (A Python handler becomes the default action in a
+    child at exec: children start with Python's own KeyboardInterrupt handler.)"""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _wait_for(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
     t = time.time()
     while not ready():
@@ -66,7 +80,8 @@ def _wait_for(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
 @pytest.mark.parametrize("moment,sig", [("blocks", signal.SIGINT), ("staging", signal.SIGTERM),
                                         ("writing", signal.SIGINT), ("writing", signal.SIGTERM),
                                         ("progress", signal.SIGTERM)])
-def test_a_signal_at_any_moment_leaves_inputs_and_outputs_as_they_were(tmp_path, model, moment, sig):
+def test_a_signal_at_any_moment_leaves_inputs_and_outputs_as_they_were(tmp_path, model, moment, sig,
+                                                                     sigint_at_its_default):
     work, spill = tmp_path / "work", tmp_path / "spill"
     work.mkdir()
     spill.mkdir()
@@ -109,7 +124,7 @@ def test_a_signal_at_any_moment_leaves_inputs_and_outputs_as_they_were(tmp_path,
 
 # ---- the handler itself, in this process -------------------------------------------------------------------
 
-def test_a_signal_inside_a_gc_callback_is_delivered_again_outside():
+def test_a_signal_inside_a_gc_callback_is_delivered_again_outside(sigint_at_its_default):
     """Python swallows exceptions raised in garbage-collector callbacks (JAX registers one): the Ctrl-C that
     landed there was lost and the conversion ran on to the end (one Ctrl-C in six, found by a review)."""
     import gc
@@ -122,7 +137,6 @@ def test_a_signal_inside_a_gc_callback_is_delivered_again_outside():
             os.kill(os.getpid(), signal.SIGINT)
             sum(range(10_000))  # the handler runs here, inside the callback
 
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # xdist workers ignore SIGINT
     gc.callbacks.append(callback)
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -131,7 +145,6 @@ def test_a_signal_inside_a_gc_callback_is_delivered_again_outside():
                 time.sleep(5)  # the re-delivery lands here
     finally:
         gc.callbacks.remove(callback)
-        signal.signal(signal.SIGINT, previous)
     assert fired
 
 
@@ -169,7 +182,8 @@ def test_ignored_and_custom_handlers_are_left_alone():
         assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
 
 
-def test_a_signal_while_the_result_is_renamed_into_place_says_it_was_written(tmp_path, capsys, monkeypatch):
+def test_a_signal_while_the_result_is_renamed_into_place_says_it_was_written(tmp_path, capsys, monkeypatch,
+                                                                              sigint_at_its_default):
     """The signal is held during the rename and delivered after it: the checkpoint is complete, and the line
     must not say "nothing was written"."""
     from afpq_jax import convert as convert_cli

@@ -21,7 +21,7 @@ from afpq_jax._src.calibration import driver
 from afpq_jax._src.io.sources import Source, open_source
 from afpq_jax._src.loading import CheckpointWeights
 from afpq_jax._src.models import config_from_hf, linear_paths
-from tests.support import FIXTURES
+from tests.support import FIXTURES, random_calibration
 
 TENSOR = "model.layers.1.mlp.down_proj.weight"
 
@@ -59,12 +59,8 @@ def test_saturated_float16_scales_are_warned_per_layer(tmp_path, caplog):
     assert "saturate" not in caplog.text
 
 
-def _calib(vocab, n=6, seqlen=24, seed=0):
+def _calib(vocab, n=4, seqlen=16, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, (n, seqlen)).astype(np.int32)
-
-
-def _calibration(vocab, n=6, seqlen=24, **kw):
-    return aq.Calibration(token_ids=_calib(vocab, n, seqlen), batch_size=4, search_samples=4, **kw)
 
 
 @pytest.mark.parametrize("method,clip", [("gptq", False), ("awq", True), ("awq", False), ("rtn", True)])
@@ -75,7 +71,7 @@ def test_blockwise_methods_produce_loadable_models(method, clip):
     if clip:
         m = aq.calibration.get_method(m, clip=aq.ClipSearch(tokens=64))
     model = aq.quantize_pretrained(FIXTURES / "llama_gqa", scheme, method=m, clip=clip,
-                                   calibration=_calibration(cfg.vocab_size), progress=False)
+                                   calibration=random_calibration(cfg.vocab_size), progress=False)
     assert all(model.linear_layers()[p].is_quantized for p in linear_paths(cfg) if p != "lm_head")
     ids = jnp.asarray(np.load(FIXTURES / "llama_gqa" / "reference.npz")["input_ids"])
     logits = np.asarray(model(ids))
@@ -141,7 +137,7 @@ def test_calibrated_rtn_equals_streaming_rtn_and_per_kernel_quantize():
     scheme = QuantScheme.create("fp3", group_size=16)
     rules = [aq.QuantRule(".*", scheme)]
     calibrated = aq.quantize_pretrained(FIXTURES / "bloom", rules, method=aq.RTN(clip=aq.ClipSearch(steps=1)),
-                                        calibration=_calibration(cfg.vocab_size, 4, 16), progress=False)
+                                        calibration=random_calibration(cfg.vocab_size), progress=False)
     streamed = aq.quantize_pretrained(FIXTURES / "bloom", rules, progress=False)
     float_model = aq.load(FIXTURES / "bloom")
     for p, layer in float_model.linear_layers().items():
