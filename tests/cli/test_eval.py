@@ -14,7 +14,7 @@ import afpq_jax as aq
 from afpq_jax import eval as eval_cli
 from afpq_jax import convert as convert_cli
 from afpq_jax._src.evaluation import perplexity
-from tests.support import FIXTURES, tiny_hf_weights, write_tiny_llama
+from tests.support import FIXTURES, tiny_hf_weights, write_tiny_llama, tool_error
 
 
 def test_gguf_model_converts_with_its_tokenizer_and_evaluates(tmp_path, capsys):
@@ -60,3 +60,8 @@ def test_distributed_flags_are_checked(capsys):
     rc = eval_cli.main(["--model", str(FIXTURES / "llama_gqa"), "--no-ppl", "--coordinator", "127.0.0.1:1",
                         "--num-processes", "2", "--process-id", "2"])
     assert rc == 2 and "not in [0, 2)" in capsys.readouterr().err
+
+
+def test_a_mesh_that_does_not_fit_the_devices_is_one_line(capsys):
+    line = tool_error(capsys, "eval", ["--model", str(FIXTURES / "llama_gqa"), "--mesh", "model=3", "--no-ppl"])
+    assert "--mesh model=3 needs 3 devices, 1 are visible; make the sizes multiply to 1" in line
