@@ -5,7 +5,8 @@ Run from the repository root as ``python -m benchmarks.<name> [flags]`` (``--hel
     (SmolLM2-135M, held-out Wikipedia); each result is one JSON line in results/ with the commit that produced it.
   quantized_matmul, autotune, roofline, device_check.sh — the fused matmul kernels: timings against the XLA path,
     measured tilings, byte / op counts, and the one-shot accelerator check.
-  quantize, generate, w4a8_cpu — quantizer throughput, generation speed, the W·A8 CPU path.
+  quantize, generate, w4a8_cpu, spill_memory — quantizer throughput, generation speed, the W·A8 CPU path, peak RSS
+    with and without a memory budget.
 Shared protocol (the commit, the results file, the evaluation text) lives in `experiment`. Everything here uses
 afpq-jax's public API only (a test checks the imports); tests import these modules, not their paths.
 """

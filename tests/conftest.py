@@ -1,9 +1,9 @@
 import os
 
 # Tests run on CPU; keep XLA from grabbing every core's worth of threads per xdist worker. The suite's programs
-# are tiny and compiled once each, so LLVM's optimisation costs more than it saves: at level 0 a cold run of
-# 63 compile-bound tests took 122 s instead of 159 s (a real-model conversion 34 s instead of 29 s). The exact
-# comparisons run both sides under the same flags, and the whole suite passes at either level.
+# are tiny and compiled once each, so LLVM's optimisation costs more than it saves: five compile-bound tests and
+# the real-model conversion took 178 s at level 0 against 289 s at the default, cold (BUILD_NOTES, "Test suite
+# time"). The exact comparisons run both sides under the same flags, and the suite passes at either level.
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the xdist workers and every subprocess a test starts (they inherit the
@@ -57,8 +57,6 @@ def real_hf_dir() -> Path:
 @pytest.fixture(scope="session")
 def real_text() -> tuple[str, str]:
     return _or_skip(assets.wiki_text)
-
-
 
 
 # ---- process-wide state a test must leave as it found it ------------------------------------------------
