@@ -93,6 +93,11 @@ class Row:
     float_activations_after: bool = False
 
     @property
+    def converts_via_cli(self) -> bool:
+        """Whether ``--via-cli`` can convert this row: the CLI flags of activation schemes are not mapped."""
+        return ACTIVATIONS[self.activations] is None
+
+    @property
     def weights(self) -> str:
         return "float" if self.scheme is None else str(self.scheme)
 
@@ -284,7 +289,7 @@ def _w4a8_row(weights: str, method: str, acts: str) -> Row:
     fmt, group, asym, integer_scales = W4A8_WEIGHTS[weights]
     return Row(f"{weights}:{method}:{acts}",
                aq.QuantScheme.create(fmt, group_size=group, asym=asym, integer_scales=integer_scales),
-               method=method, activations=acts, float_activations_after=acts != "a16" and acts.endswith("-a16"))
+               method=method, activations=acts, float_activations_after=acts.endswith("-a16"))
 
 
 W4A8 = Table(
@@ -301,7 +306,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (RTN, METHODS_TABLE, W4A8)}
 def convert_via_cli(model_path: str | Path, row: Row, calibration: aq.Calibration) -> tuple[aq.CausalLM, dict]:
     """Runs `python -m afpq_jax.convert` for ``row`` (under /usr/bin/time -v when present); returns (model,
     measurements: CLI wall time, phases, peak RSS, the commit the subprocess ran)."""
-    if ACTIVATIONS[row.activations] is not None:
+    if not row.converts_via_cli:
         raise ValueError(f"--via-cli converts weight-only rows; {row.key} quantizes activations")
     s = row.scheme
     out = Path(tempfile.mkdtemp(prefix="afpq_ppl_")) / "ckpt"
@@ -374,8 +379,7 @@ def run_table(table: Table, model_path: str | Path, eval_ids: Any, calibration: 
     returns every result by row key."""
     selected = table.select(rows)
     if via_cli:
-        bad = [r.key for r in selected
-               if r.scheme is not None and r.method != "rtn" and ACTIVATIONS[r.activations] is not None]
+        bad = [r.key for r in selected if r.scheme is not None and r.method != "rtn" and not r.converts_via_cli]
         if bad:
             raise ValueError(f"--via-cli converts weight-only rows; {', '.join(bad)} quantize activations")
     results = load_results(table, out)

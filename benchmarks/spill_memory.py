@@ -38,14 +38,14 @@ print(json.dumps({"peak_mb": peak_kb / 1024, "digest": digest}))
 """
 
 
-def write_model(directory: Path, hidden: int = 64, vocab: int = 512) -> Path:
-    """A random one-layer Hugging Face LLaMA directory (safetensors)."""
+def write_model(directory: Path, hidden: int = 64, layers: int = 1, vocab: int = 512) -> Path:
+    """A random Hugging Face LLaMA directory (safetensors) of the given size (head_dim 64, MLP 2 x hidden)."""
     from safetensors.numpy import save_file
     directory.mkdir(parents=True)
-    inter = 2 * hidden
+    inter, heads = 2 * hidden, hidden // 64
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-           "intermediate_size": inter, "num_hidden_layers": 1, "num_attention_heads": hidden // 64,
-           "num_key_value_heads": hidden // 64, "head_dim": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+           "num_key_value_heads": heads, "head_dim": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
            "max_position_embeddings": 512, "vocab_size": vocab, "tie_word_embeddings": False}
     (directory / "config.json").write_text(json.dumps(cfg))
     rng = np.random.default_rng(0)
@@ -53,14 +53,16 @@ def write_model(directory: Path, hidden: int = 64, vocab: int = 512) -> Path:
     def w(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.05).astype(np.float32)
 
-    p = "model.layers.0."
-    save_file({"model.embed_tokens.weight": w(vocab, hidden), "lm_head.weight": w(vocab, hidden),
-               "model.norm.weight": np.ones(hidden, np.float32),
-               p + "input_layernorm.weight": np.ones(hidden, np.float32),
-               p + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
-               **{p + f"self_attn.{n}_proj.weight": w(hidden, hidden) for n in "qkvo"},
-               p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
-               p + "mlp.down_proj.weight": w(hidden, inter)}, str(directory / "model.safetensors"))
+    tensors = {"model.embed_tokens.weight": w(vocab, hidden), "lm_head.weight": w(vocab, hidden),
+               "model.norm.weight": np.ones(hidden, np.float32)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors.update({p + "input_layernorm.weight": np.ones(hidden, np.float32),
+                        p + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
+                        **{p + f"self_attn.{n}_proj.weight": w(hidden, hidden) for n in "qkvo"},
+                        p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
+                        p + "mlp.down_proj.weight": w(hidden, inter)})
+    save_file(tensors, str(directory / "model.safetensors"))
     return directory
 
 

@@ -4,7 +4,6 @@ nothing is left behind."""
 from __future__ import annotations
 
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -12,44 +11,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from benchmarks.spill_memory import write_model
 from tests.support import snapshot
-
-
-def _synthetic_llama(directory: Path, hidden: int = 512, layers: int = 2, vocab: int = 512) -> Path:
-    """A random Hugging Face LLaMA directory (safetensors) of the given size."""
-    from safetensors.numpy import save_file
-    directory.mkdir()
-    inter, heads = 2 * hidden, hidden // 64
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-           "num_key_value_heads": heads, "head_dim": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-           "max_position_embeddings": 512, "vocab_size": vocab, "tie_word_embeddings": False}
-    (directory / "config.json").write_text(json.dumps(cfg))
-    rng = np.random.default_rng(0)
-
-    def w(*shape):
-        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
-
-    t = {"model.embed_tokens.weight": w(vocab, hidden), "lm_head.weight": w(vocab, hidden),
-         "model.norm.weight": np.ones(hidden, np.float32)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        t.update({p + "input_layernorm.weight": np.ones(hidden, np.float32),
-                  p + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
-                  **{p + f"self_attn.{n}_proj.weight": w(hidden, hidden) for n in "qkvo"},
-                  p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
-                  p + "mlp.down_proj.weight": w(hidden, inter)})
-    save_file(t, str(directory / "model.safetensors"))
-    return directory
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """Big enough (a 16k vocabulary: 33 MB of float embeddings and head) that orbax's write takes a while."""
-    return _synthetic_llama(tmp_path_factory.mktemp("m") / "model", hidden=256, layers=4, vocab=16384)
+    return write_model(tmp_path_factory.mktemp("m") / "model", hidden=256, layers=4, vocab=16384)
 
 
 @pytest.fixture
