@@ -32,6 +32,37 @@ def test_release_freed_memory_collects_reference_cycles():
             gc.enable()
 
 
+def test_frozen_old_objects_stay_alive_new_cycles_are_collected_and_all_return_on_exit():
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        old_a, old_b = _Node(), _Node()
+        old_a.other, old_b.other = old_b, old_a
+        old = weakref.ref(old_a)
+        garbage = _Node()
+        garbage.other = garbage
+        dead = weakref.ref(garbage)
+        del garbage
+        with pytest.raises(RuntimeError, match="inside"):
+            with memory.old_objects_frozen():
+                assert dead() is None  # garbage is collected before freezing, never frozen
+                assert gc.get_freeze_count() > 0
+                del old_a, old_b  # unreachable now, but frozen: not collected inside
+                new_a, new_b = _Node(), _Node()
+                new_a.other, new_b.other = new_b, new_a
+                new = weakref.ref(new_a)
+                del new_a, new_b
+                memory.release_freed_memory()
+                assert new() is None and old() is not None
+                raise RuntimeError("inside")
+        assert gc.get_freeze_count() == 0  # returned to the collector, also after an error
+        memory.release_freed_memory()
+        assert old() is None
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 # In a fresh process: 8 threads malloc and free at once (each contending thread gets an arena of its own unless
 # the cap holds), then glibc's malloc_stats() lists the arenas on stderr.
 _ARENAS = textwrap.dedent("""

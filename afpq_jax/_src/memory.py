@@ -7,9 +7,11 @@ block holds 100-150 MB more resident memory than it uses (measured on SmolLM2 GP
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import gc
+from collections.abc import Iterator
 
 _M_ARENA_MAX = -8  # mallopt parameter number from glibc's malloc.h
 
@@ -40,6 +42,21 @@ def trim_heap() -> None:
 
 def release_freed_memory() -> None:
     """Collects reference cycles (NNX modules form them, and they hold device arrays: measured 140 MB after three
-    SmolLM2 blocks), then `trim_heap`."""
+    SmolLM2 blocks), then `trim_heap`. Inside `old_objects_frozen` only the objects made since are scanned."""
     gc.collect()
     trim_heap()
+
+
+@contextlib.contextmanager
+def old_objects_frozen() -> Iterator[None]:
+    """For a loop that calls `release_freed_memory` once per step: the objects alive on entry (the imported
+    libraries, the caller's data) are moved out of the collector's reach until exit, so each collection scans
+    only what the loop made (SmolLM2's 30 blocks: 157 ms -> a few ms per collection, 4.7 s of a 19 s
+    conversion). Garbage is collected first, so nothing collectable is frozen; exit returns the frozen objects
+    to the collector (also when the loop fails)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

@@ -28,7 +28,7 @@ from afpq_jax._src.calibration.spill import activation_buffer, load_activations
 from afpq_jax._src.calibration.timer import PhaseTimer
 from afpq_jax._src.errors import CheckpointError, InputError
 from afpq_jax._src.loading import FloatWeights, ModelAssembler, dotted
-from afpq_jax._src.memory import release_freed_memory
+from afpq_jax._src.memory import old_objects_frozen, release_freed_memory
 from afpq_jax._src.models import CausalLM, ModelConfig
 from afpq_jax._src.models.transformer import Block, block_linears
 from afpq_jax._src.scheme import QuantScheme
@@ -157,8 +157,9 @@ def run(weights: FloatWeights, cfg: ModelConfig, layout: Mapping[str, QuantSchem
                 asm.release(embedding)  # placed again at the end: not resident next to the activations
         bar = tqdm(range(start, cfg.num_layers), desc=f"{method.name} blocks", unit="block", disable=not progress,
                    initial=start, total=cfg.num_layers)
-        model = _blocks(bar, weights, cfg, layout, method, calibration, dtype, timer, store, x_all, positions,
-                        rng, report, asm)
+        with old_objects_frozen():
+            model = _blocks(bar, weights, cfg, layout, method, calibration, dtype, timer, store, x_all, positions,
+                            rng, report, asm)
     finally:
         if hasattr(x_all, "close"):  # a spill file: removed now, also when the run stops (Ctrl-C, SIGTERM, error)
             x_all.close()

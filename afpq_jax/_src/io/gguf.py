@@ -8,7 +8,7 @@ that the rest of afpq_jax consumes. Nothing here needs torch.
 Two llama.cpp conventions are undone here:
 
 * ggml lists a tensor's dims fastest-first (``ne[0]`` is the input dimension), the reverse
-  of numpy; ``GGUFReader`` already hands out row-major data, so a 2-D weight arrives as
+  of numpy; `read_gguf` already hands out row-major data, so a 2-D weight arrives as
   ``[out, in]`` -- the same as torch.
 * ``convert_hf_to_gguf.py`` permutes the rows of ``q_proj``/``k_proj`` so that each head's
   rotary pairs are interleaved (GPT-J style) instead of split in halves (HF/NeoX style).
@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from afpq_jax._src.errors import InputError, InputNotFoundError, OutputExistsError
+from afpq_jax._src.errors import InputError, OutputExistsError
 from afpq_jax._src.io import outputs
+from afpq_jax._src.io.gguf_container import GGUFFile, read_gguf
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -107,68 +108,16 @@ def _check_qk_rows(w: np.ndarray, n_head: int) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _open_reader(path: str | os.PathLike[str]) -> Any:
-    """Open a GGUF file with a clear error for missing / non-GGUF inputs."""
-    from gguf import GGUFReader
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputNotFoundError(f"GGUF file not found: {p}; pass the path of an existing .gguf model file")
-    try:
-        return GGUFReader(p)
-    except (ValueError, IndexError, OSError, KeyError) as e:  # bad magic, truncated header, ...
-        raise InputError(f"{p} is not a readable GGUF file ({e}); pass a llama.cpp .gguf model file") from e
+def _metadata(gguf: GGUFFile, skip_arrays: bool = True) -> dict[str, Any]:
+    """The metadata; big arrays (token lists) are replaced by their length unless ``skip_arrays`` is false."""
+    return {k: (f"<array of {len(v)}>" if skip_arrays and isinstance(v, list) else v)
+            for k, v in gguf.metadata.items()}
 
 
-def _field_value(field: Any) -> Any:
-    """Decode one GGUF metadata field to Python (str / int / float / bool / list)."""
-    from gguf import GGUFValueType
-
-    types = field.types
-    if not types:
-        return None
-    if types[0] == GGUFValueType.ARRAY:
-        sub = types[-1]
-        if sub == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-        if sub == GGUFValueType.ARRAY:
-            raise InputError(f"nested GGUF arrays are not supported (key {field.name})")
-        if not field.data:
-            return []
-        return np.concatenate([field.parts[i] for i in field.data]).tolist()
-    if types[0] == GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8")
-    value = field.parts[field.data[0]][0]
-    if types[0] == GGUFValueType.BOOL:
-        return bool(value)
-    if types[0] in (GGUFValueType.FLOAT32,):
-        # Shortest decimal that round-trips the float32 (1e-05, not 9.999999747378752e-06).
-        return float(str(np.float32(value)))
-    if types[0] == GGUFValueType.FLOAT64:
-        return float(value)
-    return int(value)
-
-
-def _metadata(reader: Any, skip_arrays: bool = True) -> dict[str, Any]:
-    """Scalar (and, unless skipped, array) metadata; big token arrays are skipped by default."""
-    from gguf import GGUFValueType
-
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        if skip_arrays and field.types and field.types[0] == GGUFValueType.ARRAY:
-            out[key] = f"<array of {len(field.data)}>"
-            continue
-        out[key] = _field_value(field)
-    return out
-
-
-def _architecture(reader: Any, path: Path) -> str:
-    field = reader.fields.get("general.architecture")
-    if field is None:
+def _architecture(gguf: GGUFFile, path: Path) -> str:
+    arch = gguf.metadata.get("general.architecture")
+    if arch is None:
         raise InputError(f"{path} has no general.architecture metadata; only llama-family GGUF files are supported")
-    arch = _field_value(field)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise InputError(
             f"GGUF architecture {arch!r} in {path} is not supported; only llama-family GGUF "
@@ -177,9 +126,9 @@ def _architecture(reader: Any, path: Path) -> str:
     return arch
 
 
-def _config_from_reader(reader: Any, path: Path) -> dict[str, Any]:
-    arch = _architecture(reader, path)
-    meta = _metadata(reader)
+def _config_from_file(gguf: GGUFFile, path: Path) -> dict[str, Any]:
+    arch = _architecture(gguf, path)
+    meta = _metadata(gguf)
 
     def need(key: str) -> Any:
         full = f"{arch}.{key}"
@@ -197,14 +146,14 @@ def _config_from_reader(reader: Any, path: Path) -> dict[str, Any]:
     n_kv = int(get("attention.head_count_kv", n_head))
     # head_count 0 would divide by zero here: the config's own check names the field instead
     head_dim = int(get("attention.key_length", get("rope.dimension_count", hidden // n_head if n_head > 0 else 0)))
-    names = {t.name for t in reader.tensors}
-    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    names = {t.name for t in gguf.tensors}
+    embd = next((t for t in gguf.tensors if t.name == "token_embd.weight"), None)
 
     vocab = get("vocab_size")
     if vocab is None:
-        tok_field = reader.fields.get("tokenizer.ggml.tokens")
-        if tok_field is not None:
-            vocab = len(tok_field.data)
+        tokens = gguf.metadata.get("tokenizer.ggml.tokens")
+        if tokens is not None:
+            vocab = len(tokens)
         elif embd is not None:
             vocab = int(embd.shape[1])  # ggml shape is [hidden, vocab]
         else:
@@ -260,7 +209,7 @@ def read_gguf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     drops the duplicate head). Raises ValueError for other architectures.
     """
     p = Path(path)
-    return _config_from_reader(_open_reader(p), p)
+    return _config_from_file(read_gguf(p), p)
 
 
 # --------------------------------------------------------------------------------------
@@ -292,29 +241,29 @@ def gguf_tensor_plan(path: str | os.PathLike[str]) -> list[tuple[str, tuple[int,
     Lets a writer lay out a file (e.g. a safetensors header) before any data is dequantized.
     """
     p = Path(path)
-    reader = _open_reader(p)
-    _architecture(reader, p)
+    gguf = read_gguf(p)
+    _architecture(gguf, p)
     plan = []
-    for t in reader.tensors:
+    for t in gguf.tensors:
         name = _hf_name(t.name)
         if name is not None:
-            plan.append((name, tuple(int(d) for d in reversed(t.shape.tolist()))))
+            plan.append((name, tuple(reversed(t.shape))))
     return plan
 
 
 class GGUFTensors:
     """Random access to a GGUF file's tensors by HF name (float32, HF/torch layout, q/k un-permuted).
 
-    The reader memory-maps the file once; each `read` dequantizes one tensor into fresh memory.
+    The file is memory-mapped once; each `read` dequantizes one tensor into fresh memory.
     """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        self._reader = _open_reader(self.path)
-        config = _config_from_reader(self._reader, self.path)
+        self._file = read_gguf(self.path)
+        config = _config_from_file(self._file, self.path)
         self._heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
         self._tensors = {}
-        for t in self._reader.tensors:
+        for t in self._file.tensors:
             name = _hf_name(t.name)
             if name is not None:
                 self._tensors[name] = t
@@ -324,7 +273,7 @@ class GGUFTensors:
 
     def describe(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
         """(float32, HF shape) of a tensor, without reading it."""
-        return np.dtype(np.float32), tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
+        return np.dtype(np.float32), tuple(reversed(self._tensors[name].shape))
 
     def _n_head(self, name: str) -> int | None:
         return next((n for proj, n in self._heads.items() if f".self_attn.{proj}." in name), None)
@@ -402,8 +351,7 @@ _TOKEN_TYPE_USER_DEFINED = 4
 
 def read_gguf_tokenizer_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """All ``tokenizer.*`` metadata (tokens, merges, token types, special ids, chat template)."""
-    reader = _open_reader(path)
-    return {k: _field_value(f) for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    return {k: v for k, v in read_gguf(path).metadata.items() if k.startswith("tokenizer.")}
 
 
 def _byte_level_pre_tokenizer(pre: str | None) -> Any:
@@ -484,9 +432,9 @@ def write_hf_tokenizer(gguf_path: str | os.PathLike[str], out_dir: str | os.Path
     works without torch. Returns the written paths.
     """
     p = Path(gguf_path)
-    reader = _open_reader(p)
-    _architecture(reader, p)
-    meta = {k: _field_value(f) for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    gguf = read_gguf(p)
+    _architecture(gguf, p)
+    meta = {k: v for k, v in gguf.metadata.items() if k.startswith("tokenizer.")}
     tok = build_tokenizer(meta)
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
 
@@ -501,7 +449,7 @@ def write_hf_tokenizer(gguf_path: str | os.PathLike[str], out_dir: str | os.Path
         "pad_token": token_for("padding_token_id"),
     }
     specials = {k: v for k, v in specials.items() if v is not None}
-    ctx = next((v for k, v in _metadata(reader).items() if k.endswith(".context_length")), None)
+    ctx = next((v for k, v in gguf.metadata.items() if k.endswith(".context_length")), None)
     tok_config: dict[str, Any] = {
         # The generic fast class: it loads tokenizer.json as-is (GPT2Tokenizer would replace
         # our pre-tokenizer with GPT-2's and drop SmolLM's per-digit split).
