@@ -361,6 +361,17 @@ def packed_tensor(codes: jax.Array, params: GroupParams, channel: jax.Array | No
                   group_size: int | None, asym: bool, scale_dtype, dtype) -> QuantizedTensor:
     """The `QuantizedTensor` of unpacked codes ``(..., K, N)`` and group params ``(..., G, 1, N)`` (with
     ``channel`` ``(..., 1, 1, N)``: integer group scales)."""
+    leaves = _storage_leaves(codes, params, channel, fmt.bits, jnp.dtype(scale_dtype))
+    return QuantizedTensor(
+        **dict(zip(("codes", "scale", "scale_neg", "zero", "channel_scale"), leaves)), format_name=fmt.name,
+        group_size=None if group_size is None else int(group_size), asym=bool(asym),
+        shape=tuple(int(d) for d in codes.shape), dtype=jnp.dtype(dtype).name)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "scale_dtype"))
+def _storage_leaves(codes, params: GroupParams, channel, bits: int, scale_dtype):
+    """(packed codes, scale, scale_neg, zero, channel_scale) of `packed_tensor`, as one compiled program (op by
+    op, each new weight shape compiled five small programs)."""
     zero = None if params.zero is None else params.zero[..., 0, :].astype(jnp.uint8)
     if channel is None:
         scale = params.scale[..., 0, :].astype(scale_dtype)
@@ -369,11 +380,7 @@ def packed_tensor(codes: jax.Array, params: GroupParams, channel: jax.Array | No
     else:
         scale, scale_neg, channel_scale = integer_leaves(params, channel)
         channel_scale = channel_scale.astype(scale_dtype)
-    return QuantizedTensor(
-        codes=packing.pack(codes, fmt.bits), scale=scale, scale_neg=scale_neg, zero=zero,
-        channel_scale=channel_scale, format_name=fmt.name,
-        group_size=None if group_size is None else int(group_size), asym=bool(asym),
-        shape=tuple(int(d) for d in codes.shape), dtype=jnp.dtype(dtype).name)
+    return packing.pack(codes, bits), scale, scale_neg, zero, channel_scale
 
 
 def dequantize(qt: QuantizedTensor, dtype: DTypeLike | None = None) -> jax.Array:
