@@ -43,10 +43,15 @@ def make_x(shape, dtype, seed=1):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32).astype(jnp.dtype(dtype)))
 
 
+@jax.jit
+def _xla_reference(x, qt):  # one program per case (op by op, the reference compiled each of its ops)
+    return quantized_matmul(x, qt, implementation="xla")
+
+
 def check_against_reference(y, x, qt, ref=None):
     x32 = np.asarray(x, np.float32).reshape(-1, qt.in_features)
     w32 = np.asarray(quantizer.dequantize(qt, x.dtype), np.float32)
-    ref = quantized_matmul(x, qt, implementation="xla") if ref is None else ref
+    ref = _xla_reference(x, qt) if ref is None else ref
     assert y.shape == ref.shape and y.dtype == ref.dtype == x.dtype
     y32 = np.asarray(y, np.float32).reshape(-1, qt.out_features)
     r32 = np.asarray(ref, np.float32).reshape(-1, qt.out_features)
