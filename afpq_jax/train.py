@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="float model: HF directory, .gguf file or Hub id (default: "
                                                  "SmolLM2-135M-Instruct from PyPI)")
     p.add_argument("--format", default=None, help="code book (default nf3; BitDistiller's 2-bit: int2)")
-    p.add_argument("--group-size", type=cli.group_size, default=128, help="'none' = per output channel")
+    p.add_argument("--group-size", type=cli.group_size, default=cli.DEFAULT_GROUP_SIZE,
+                   help="'none' = per output channel")
     p.add_argument("--sym", action="store_true", help="symmetric instead of asymmetric (AFPQ / min-max) scales")
     p.add_argument("--rules", default=None, help="JSON rules file (as for convert); replaces --format/--group-size/"
                                                  "--sym")

@@ -39,15 +39,75 @@ def to_scale_dtype(s: np.ndarray, dtype: str) -> np.ndarray:
     return h.astype(np.float32)
 
 
+def micro_scale(r: np.ndarray, d: float, dtype: str, global_scale: np.float32 | None = None) -> np.ndarray:
+    """The micro-scaled formats' scale of range ``r`` over divisor ``d``, as float32 (written from the specs).
+
+    float8_e4m3fn (NVFP4): ``r / d`` (as the float32 product with recip_up(d)) times the tensor's global scale,
+    clamped to 448 and rounded to the nearest E4M3 value (ml_dtypes' cast: nearest, ties to even), then times
+    the global scale's float32 reciprocal. float8_e8m0fnu (OCP MX): ``2^(floor(log2 r) - floor(log2 d))`` with the exponent in
+    [-126, 127]; a zero range gets 2^-126."""
+    import ml_dtypes
+
+    r = np.asarray(r, np.float32)
+    if dtype == "float8_e4m3fn":
+        s = (r * recip_up(d)).astype(np.float32) * np.float32(global_scale)
+        q = np.minimum(s, np.float32(448)).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+        return (q * (np.float32(1) / np.float32(global_scale))).astype(np.float32)
+    assert dtype == "float8_e8m0fnu", dtype
+    with np.errstate(divide="ignore"):
+        e = np.floor(np.log2(r.astype(np.float64))) - np.floor(np.log2(d))
+    e = np.clip(np.where(r > 0, e, -126), -126, 127)
+    return np.exp2(e).astype(np.float32)
+
+
+def ref_global_scale(w: np.ndarray, fmt: str, asym: bool, group_size: int | None) -> np.float32:
+    """NVFP4's per-tensor scale generalised: 448 · D / R, R the largest range (side magnitude; max - min for INT
+    asym) over the groups; 1 for an all-zero weight."""
+    w = np.asarray(w, np.float32)
+    g = w.shape[0] if group_size is None else min(group_size, w.shape[0])
+    rmax = np.float32(0)
+    for start in range(0, w.shape[0], g):
+        x = w[start:start + g]
+        lo, hi = np.minimum(x.min(axis=0), 0), np.maximum(x.max(axis=0), 0)
+        r = (hi - lo) if (fmt in INT_BITS and asym) else np.maximum(hi, -lo)
+        rmax = max(rmax, np.float32(r.max()))
+    return np.float32(1) if rmax == 0 else np.float32(448 * _divisor(fmt, asym)) / np.float32(rmax)
+
+
+def _divisor(fmt: str, asym: bool) -> float:
+    if fmt in INT_BITS:
+        b = INT_BITS[fmt]
+        return 2**b - 1 if asym else 2 ** (b - 1) - 1
+    return CODEBOOKS[fmt][1]
+
+
 def _nearest(t: np.ndarray, levels: np.ndarray) -> np.ndarray:
     d = np.abs(t[..., None] - levels)
     return levels[np.argmin(d, axis=-1)]  # argmin: ties go to the lower level
 
 
-def ref_params(xmin, xmax, fmt: str, asym: bool, scale_dtype: str = "float16") -> dict:
+def ref_params(xmin, xmax, fmt: str, asym: bool, scale_dtype: str = "float16",
+               global_scale: np.float32 | None = None) -> dict:
     """Per-group parameters from the group's min/max (arrays over columns)."""
     xmin = np.minimum(np.asarray(xmin, np.float32), 0).astype(np.float32)
     xmax = np.maximum(np.asarray(xmax, np.float32), 0).astype(np.float32)
+    if scale_dtype.startswith("float8"):
+        d = _divisor(fmt, asym)
+
+        def scale(r):
+            return micro_scale(r, d, scale_dtype, global_scale)
+        if fmt in INT_BITS:
+            b = INT_BITS[fmt]
+            if asym:
+                s = scale(xmax - xmin)
+                safe = np.where(s > 0, s, np.float32(1))
+                return {"s": s, "z": np.clip(np.round(-xmin / safe), 0, 2**b - 1), "lo": 0, "hi": 2**b - 1}
+            s = scale(np.maximum(xmax, -xmin))
+            return {"s": s, "z": np.zeros_like(s), "lo": -(2 ** (b - 1) - 1), "hi": 2 ** (b - 1) - 1}
+        if asym:
+            return {"sp": scale(xmax), "sn": scale(-xmin)}
+        sp = scale(np.maximum(xmax, -xmin))
+        return {"sp": sp, "sn": sp}
     if fmt in INT_BITS:
         b = INT_BITS[fmt]
         if asym:
@@ -93,9 +153,10 @@ def ref_quantize(w: np.ndarray, fmt: str, group_size: int | None, asym: bool, sc
     dq = np.zeros((k, n), np.float64)
     side_scale = np.zeros((k, n), np.float32)
     near_tie = np.zeros((k, n), bool)
+    gs = ref_global_scale(w, fmt, asym, group_size) if scale_dtype == "float8_e4m3fn" else None
     for start in range(0, k, g):
         x = w[start:start + g]
-        p = ref_params(x.min(axis=0), x.max(axis=0), fmt, asym, scale_dtype)
+        p = ref_params(x.min(axis=0), x.max(axis=0), fmt, asym, scale_dtype, gs)
         dq[start:start + g], side_scale[start:start + g], near_tie[start:start + g] = ref_round(x, p, fmt)
     return dq, side_scale, near_tie
 

@@ -19,7 +19,7 @@ from afpq_jax._src import interrupts
 from afpq_jax._src.errors import AfpqError, InputError, OutputError
 from afpq_jax._src.io import outputs
 from afpq_jax._src.memory import limit_malloc_arenas
-from afpq_jax._src.scheme import QuantScheme, default_rules, load_rules
+from afpq_jax._src.scheme import PRESETS, QuantScheme, default_rules, load_rules
 
 # Errors afpq-jax raises on purpose, and the operating system's (a full disk, a directory without write
 # permission): the message is the whole story. Anything else (KeyError, TypeError, RuntimeError, ...) is a bug
@@ -111,6 +111,13 @@ def coordinator(text: str) -> str:
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (a port 1..65535, e.g. 10.0.0.1:1234) or 'auto'")
     return text
+
+
+class _DefaultGroupSize(int):
+    """--group-size's default (128), told apart from an explicit ``--group-size 128`` (a preset fixes its own)."""
+
+
+DEFAULT_GROUP_SIZE = _DefaultGroupSize(128)
 
 
 def group_size(text: str) -> int | None:
@@ -267,15 +274,29 @@ def rules_from_args(args) -> tuple[list, str]:
     lm_head = getattr(args, "quantize_lm_head", False)
     integer_scales = getattr(args, "integer_scales", False)
     if args.rules is not None:
-        explicit = [f for f, on in (("--format", args.format is not None), ("--group-size", args.group_size != 128),
+        explicit = [f for f, on in (("--format", args.format is not None),
+                                    ("--group-size", not isinstance(args.group_size, _DefaultGroupSize)),
                                     ("--sym", args.sym), ("--quantize-lm-head", lm_head),
                                     ("--integer-scales", integer_scales)) if on]
         if explicit:
             raise InputError(f"--rules replaces {', '.join(explicit)}; put the scheme(s) in the rules file")
         return load_rules(args.rules), Path(args.rules).stem
-    scheme = QuantScheme.create(args.format or "nf3", group_size=args.group_size, asym=not args.sym,
-                                scale_dtype=getattr(args, "scale_dtype", "float16"), integer_scales=integer_scales)
-    suffix = (f"{scheme.format}-{'sym' if args.sym else 'asym'}-"
+    fmt = args.format or "nf3"
+    scale_dtype = getattr(args, "scale_dtype", None)
+    side = "sym" if args.sym else "asym"
+    if fmt in PRESETS:
+        clash = [f for f, on in (("--group-size", not isinstance(args.group_size, _DefaultGroupSize)),
+                                 ("--scale-dtype", scale_dtype is not None), ("--integer-scales", integer_scales))
+                 if on]
+        if clash:
+            p = PRESETS[fmt]
+            raise InputError(f"--format {fmt} fixes groups of {p['group_size']} and {p['scale_dtype']} scales; drop "
+                             f"{', '.join(clash)}, or spell the layout out (--format {p['format']} --group-size N "
+                             f"--scale-dtype D)")
+        return default_rules(QuantScheme.preset(fmt, asym=not args.sym), quantize_lm_head=lm_head), f"{fmt}-{side}"
+    scheme = QuantScheme.create(fmt, group_size=args.group_size, asym=not args.sym,
+                                scale_dtype=scale_dtype or "float16", integer_scales=integer_scales)
+    suffix = (f"{scheme.format}-{side}-"
               f"{'gchannel' if args.group_size is None else f'g{args.group_size}'}"
               f"{'-intscales' if integer_scales else ''}")
     return default_rules(scheme, quantize_lm_head=lm_head), suffix

@@ -15,7 +15,7 @@ from afpq_jax._src import packing
 from afpq_jax._src import quantizer
 from afpq_jax._src.kernels.quantized_matmul import quantized_matmul
 from afpq_jax._src.kernels.quantized_matmul_a8 import quantized_matmul_a8
-from afpq_jax._src.qtensor import LEAF_NAMES, QuantizedTensor
+from afpq_jax._src.qtensor import GLOBAL_SCALED, LEAF_NAMES, QuantizedTensor
 from afpq_jax._src.scheme import QuantScheme
 
 
@@ -57,6 +57,7 @@ def abstract_quantized(shape: tuple[int, ...], scheme: QuantScheme, dtype) -> Qu
         scale_neg=jnp.zeros((*lead, groups, n), gdt) if scheme.asym and not fmt.is_int else None,
         zero=jnp.zeros((*lead, groups, n), jnp.uint8) if scheme.asym and fmt.is_int else None,
         channel_scale=jnp.zeros((*lead, n), sdt) if scheme.integer_scales else None,
+        global_scale=jnp.ones((*lead, 1), jnp.float32) if sdt.name in GLOBAL_SCALED else None,
         format_name=fmt.name, group_size=scheme.group_size, asym=scheme.asym, shape=tuple(shape),
         dtype=jnp.dtype(dtype).name)
 
@@ -146,9 +147,8 @@ class QuantDense(nnx.Module):
         if hasattr(self, "kernel"):
             del self.kernel
         self.train_scheme = None
-        scales = qt.channel_scale if qt.integer_scales else qt.scale
         self.scheme = QuantScheme.create(qt.format_name, group_size=qt.group_size, asym=qt.asym,
-                                         scale_dtype=jnp.dtype(scales.dtype).name,
+                                         scale_dtype=qt.scale_dtype,
                                          integer_scales=qt.integer_scales)  # activations: float
         self._set_quantized(qt)
 

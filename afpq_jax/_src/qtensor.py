@@ -13,14 +13,23 @@ from afpq_jax._src.errors import InputError
 from afpq_jax._src import formats as formats_lib
 from afpq_jax._src import packing
 
-SCALE_DTYPES = ("float16", "bfloat16", "float32")
-LEAF_NAMES = ("codes", "scale", "scale_neg", "zero", "channel_scale")  # the array fields, in pytree order
+FLOAT_SCALE_DTYPES = ("float16", "bfloat16", "float32")
+# Micro-scaled formats' scales: float8_e4m3fn under one float32 global scale per tensor (NVFP4's), float8_e8m0fnu
+# (powers of two: OCP MX's shared exponent).
+SCALE_DTYPES = (*FLOAT_SCALE_DTYPES, "float8_e4m3fn", "float8_e8m0fnu")
+GLOBAL_SCALED = ("float8_e4m3fn",)  # scale dtypes stored under a per-tensor global scale
+LEAF_NAMES = ("codes", "scale", "scale_neg", "zero", "channel_scale", "global_scale")  # array fields, pytree order
 
 
 def _finite_non_negative(s):
     xp = np if isinstance(s, np.ndarray) else jnp
     s = s.astype(xp.float32)
     return xp.all(xp.isfinite(s) & (s >= 0))
+
+
+def _finite_positive(s):
+    xp = np if isinstance(s, np.ndarray) else jnp
+    return xp.all(xp.isfinite(s) & (s > 0))
 
 
 def _reduced(a, on_host, on_devices):
@@ -48,6 +57,9 @@ class QuantizedTensor:
                   column's ``channel_scale`` (a group's float scale is ``channel_scale[n] * scale[g, n]``), small
                   enough that every level times its integer scale fits int8 (`quantizer.integer_scale_max`), so
                   an int8 matmul needs no per-group float work.
+      global_scale: float32 ``(..., 1)`` when the group scales are float8_e4m3fn (NVFP4's two-level scaling),
+                  else None: a group's float scale is ``scale[g, n] · (1 / global_scale)`` (the stored E4M3 scales span
+                  the tensor's range up to 448; `quantizer.global_scale_of`).
     Static metadata (not leaves, so it survives jit/tree round trips as part of the treedef): ``format_name``,
     ``group_size`` (None = one group per output column), ``asym``, ``shape`` (the original full shape) and
     ``dtype`` (the original dtype's name). ``G = ceil(K / group_size)``; the last group may be shorter.
@@ -61,6 +73,7 @@ class QuantizedTensor:
     scale_neg: jax.Array | None = None
     zero: jax.Array | None = None
     channel_scale: jax.Array | None = None
+    global_scale: jax.Array | None = None
     format_name: str
     group_size: int | None
     asym: bool
@@ -92,22 +105,35 @@ class QuantizedTensor:
     def integer_scales(self) -> bool:
         return self.channel_scale is not None
 
+    @property
+    def scale_dtype(self) -> str:
+        """The storage dtype of the float scales (the channel scale's for integer group scales)."""
+        return jnp.dtype((self.scale if self.channel_scale is None else self.channel_scale).dtype).name
+
     def float_scales(self) -> tuple[jax.Array, jax.Array | None]:
         """The group scales ``(s_pos or scale, s_neg or None)`` as float32 ``(..., G, N)``, whatever the storage
-        (integer scales: times the column's channel scale; the products are exact in float32)."""
+        (integer scales: times the column's channel scale, exact in float32; E4M3 scales: over the global
+        scale, as NVFP4's dequantization; E8M0: the power of two)."""
         pos = self.scale.astype(jnp.float32)
         neg = None if self.scale_neg is None else self.scale_neg.astype(jnp.float32)
         if self.channel_scale is not None:
             ch = self.channel_scale.astype(jnp.float32)[..., None, :]
             pos, neg = pos * ch, None if neg is None else neg * ch
+        if self.global_scale is not None:
+            # times the reciprocal, rounded once (XLA rewrites a division by a broadcast scalar into this product
+            # anyway, so spelling it out keeps every path and the numpy reference alike; within an ulp of the
+            # quotient compressed-tensors computes)
+            inv = 1.0 / self.global_scale.astype(jnp.float32)[..., None]
+            pos, neg = pos * inv, None if neg is None else neg * inv
         return pos, neg
 
     def with_float_scales(self) -> QuantizedTensor:
-        """The same weight with float32 group scales and no channel scale (exact; self if already float)."""
-        if self.channel_scale is None:
+        """The same weight with float32 group scales and no channel or global scale (exact: the values
+        `float_scales` gives; self if the scales are already float16/bfloat16/float32 group scales)."""
+        if self.channel_scale is None and self.global_scale is None and self.scale_dtype in FLOAT_SCALE_DTYPES:
             return self
         pos, neg = self.float_scales()
-        return dataclasses.replace(self, scale=pos, scale_neg=neg, channel_scale=None)
+        return dataclasses.replace(self, scale=pos, scale_neg=neg, channel_scale=None, global_scale=None)
 
     @property
     def nbytes(self) -> int:
@@ -148,12 +174,19 @@ class QuantizedTensor:
                 raise InputError(f"{name}: integer group scales must be uint8 {want_scale}, got {self.scale.dtype} "
                                  f"{self.scale.shape}")
             if (self.channel_scale.shape != (*lead, n)
-                    or jnp.dtype(self.channel_scale.dtype).name not in SCALE_DTYPES):
-                raise InputError(f"{name}: channel_scale must be {(*lead, n)} in one of {SCALE_DTYPES}, got "
-                                 f"{self.channel_scale.dtype} {self.channel_scale.shape}")
+                    or jnp.dtype(self.channel_scale.dtype).name not in FLOAT_SCALE_DTYPES):
+                raise InputError(f"{name}: channel_scale must be {(*lead, n)} in one of {FLOAT_SCALE_DTYPES}, "
+                                 f"got {self.channel_scale.dtype} {self.channel_scale.shape}")
         elif self.scale.shape != want_scale or jnp.dtype(self.scale.dtype).name not in SCALE_DTYPES:
             raise InputError(f"{name}: scale must be {want_scale} in one of {SCALE_DTYPES}, got "
                              f"{self.scale.dtype} {self.scale.shape}")
+        needs_global = self.channel_scale is None and self.scale_dtype in GLOBAL_SCALED
+        if (self.global_scale is not None) != needs_global:
+            raise InputError(f"{name}: global_scale must be {'present' if needs_global else 'None'} for "
+                             f"{self.scale_dtype} scales")
+        if needs_global and (self.global_scale.shape != (*lead, 1) or self.global_scale.dtype != jnp.float32):
+            raise InputError(f"{name}: global_scale must be float32 {(*lead, 1)}, got {self.global_scale.dtype} "
+                             f"{self.global_scale.shape}")
         needs_neg = self.asym and not fmt.is_int
         needs_zero = self.asym and fmt.is_int
         if (self.scale_neg is not None) != needs_neg:
@@ -180,6 +213,9 @@ class QuantizedTensor:
                                                                               self.channel_scale)):
             if s is not None and not bool(_reduced(s, _finite_non_negative, _finite_non_negative)):
                 raise InputError(f"{name}: {label} has negative or non-finite entries")
+        if self.global_scale is not None and not bool(_reduced(self.global_scale, _finite_positive,
+                                                               _finite_positive)):
+            raise InputError(f"{name}: global_scale has zero, negative or non-finite entries")
         if needs_zero and self.zero.size and int(_reduced(self.zero, np.max, jnp.max)) >= 2**fmt.bits:
             raise InputError(f"{name}: zero points exceed the {fmt.bits}-bit range")
         if fmt.num_codes < 2**fmt.bits and self.codes.size and int(_reduced(
@@ -188,10 +224,9 @@ class QuantizedTensor:
 
     def __repr__(self) -> str:
         scheme = "asym" if self.asym else "sym"
-        scales = self.scale if self.channel_scale is None else self.channel_scale
         ints = ", integer group scales" if self.integer_scales else ""
         return (f"QuantizedTensor({self.format_name}-{scheme}, group_size={self.group_size}, shape={self.shape}, "
-                f"dtype={self.dtype}, scale_dtype={jnp.dtype(scales.dtype).name}{ints}, "
+                f"dtype={self.dtype}, scale_dtype={self.scale_dtype}{ints}, "
                 f"{self.bits_per_weight:.3f} bits/weight)")
 
 

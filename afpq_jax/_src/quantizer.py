@@ -26,7 +26,10 @@ from afpq_jax._src.errors import ArgumentTypeError, InputError
 from afpq_jax._src import formats as formats_lib
 from afpq_jax._src import packing
 from afpq_jax._src.formats import Format
-from afpq_jax._src.qtensor import SCALE_DTYPES, QuantizedTensor
+from afpq_jax._src.qtensor import FLOAT_SCALE_DTYPES, GLOBAL_SCALED, LEAF_NAMES, SCALE_DTYPES, QuantizedTensor
+
+E4M3_MAX = 448.0  # float8_e4m3fn's largest finite value
+E8M0_MIN_EXPONENT = -126  # smallest stored E8M0 scale 2^-126: float32's smallest normal (E8M0 has no zero)
 
 
 class GroupParams(NamedTuple):
@@ -59,35 +62,80 @@ def _sym_int_max(fmt: Format) -> int:
     return 2 ** (fmt.bits - 1) - 1
 
 
-def group_params(fmt: Format, asym: bool, xmin: jax.Array, xmax: jax.Array, scale_dtype=jnp.float16
-                 ) -> GroupParams:
+def _divisor(fmt: Format, asym: bool) -> int | float:
+    """A group's range over its scale: the largest level magnitude (FP / NF), the largest symmetric integer
+    (INT sym) or the number of steps (INT asym, whose range is max - min)."""
+    if fmt.is_int:
+        return 2**fmt.bits - 1 if asym else _sym_int_max(fmt)
+    return fmt.divisor
+
+
+def _ranges(fmt: Format, asym: bool, xmin: jax.Array, xmax: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """(range of the scale or s_pos, range of s_neg or None), from a range with ``xmin <= 0 <= xmax``."""
+    if fmt.is_int:
+        return (xmax - xmin if asym else jnp.maximum(xmax, -xmin)), None
+    return (xmax, -xmin) if asym else (jnp.maximum(xmax, -xmin), None)
+
+
+def global_scale_of(fmt: Format, asym: bool, xmin: jax.Array, xmax: jax.Array) -> jax.Array:
+    """The per-tensor float32 scale of E4M3 group scales: ``448 · D / R``, ``R`` the largest range over the
+    tensor's groups (both sides), ``D`` the format's divisor (`_divisor`), so the largest group scale is E4M3's
+    largest value. For FP4 E2M1 this is NVFP4's ``448 · 6 / amax``. Reduces the last three axes of grouped
+    ranges ``(..., G, 1, N)``; an all-zero tensor gets 1."""
+    xmin = jnp.minimum(xmin.astype(jnp.float32), 0.0)
+    xmax = jnp.maximum(xmax.astype(jnp.float32), 0.0)
+    pos, neg = _ranges(fmt, asym, xmin, xmax)
+    r = pos if neg is None else jnp.maximum(pos, neg)
+    r = jnp.max(r, axis=(-3, -2, -1), keepdims=True)
+    return jnp.where(r > 0, (E4M3_MAX * _divisor(fmt, asym)) / jnp.where(r > 0, r, 1.0), 1.0)
+
+
+def _rounded_scale(r: jax.Array, d: int | float, scale_dtype, global_scale: jax.Array | None) -> jax.Array:
+    """The float32 scale of range ``r`` over divisor ``d`` as ``scale_dtype`` stores it.
+
+    float16 / bfloat16 / float32: ``r / d`` rounded toward zero (see `group_params`). float8_e4m3fn: ``r / d``
+    times ``global_scale``, rounded to the nearest E4M3 value (saturating at 448), times the global scale's
+    reciprocal (NVFP4's rule). float8_e8m0fnu: OCP MX's shared exponent, ``2^(floor(log2 r) - floor(log2 d))``
+    (the block's largest power of two over the element format's; values beyond the top level then saturate),
+    at least 2^-126 (a side with no values gets that smallest scale: E8M0 has no zero)."""
+    name = jnp.dtype(scale_dtype).name
+    if name == "float8_e8m0fnu":
+        _, e = jnp.frexp(r)  # r = m * 2^e with m in [0.5, 1): floor(log2 r) = e - 1
+        exponent = jnp.clip(e - 1 - int(math.floor(math.log2(d))), E8M0_MIN_EXPONENT, 127)
+        return jnp.where(r > 0, jnp.ldexp(jnp.ones_like(r), exponent), 2.0**E8M0_MIN_EXPONENT)
+    s = r * recip_up(d)
+    if name in GLOBAL_SCALED:
+        if global_scale is None:
+            raise ValueError(f"{name} group scales need the tensor's global scale (global_scale_of); a bug")
+        stored = jnp.minimum(s * global_scale, E4M3_MAX).astype(scale_dtype).astype(jnp.float32)
+        return stored * (1.0 / global_scale)  # `QuantizedTensor.float_scales`' spelling
+    q = s.astype(scale_dtype)
+    q = jnp.where(q.astype(jnp.float32) > s, jnp.nextafter(q, jnp.zeros_like(q)), q)
+    return q.astype(jnp.float32)
+
+
+def group_params(fmt: Format, asym: bool, xmin: jax.Array, xmax: jax.Array, scale_dtype=jnp.float16,
+                 global_scale: jax.Array | None = None) -> GroupParams:
     """Scales from a group's range. ``xmin <= 0 <= xmax`` is enforced here (zero is always in range).
 
-    Scales are rounded toward zero into ``scale_dtype`` *before* any code is chosen: the stored scales are the
-    ones the codes were chosen for, a group's extreme value always lands on the outermost code (rounding up
-    could leave it one code short, e.g. for int8 with float16 scales), and so ``quantize(dequantize(q))`` is
-    a fixed point. Scales past the dtype's range saturate at its largest finite value.
+    Float scales (float16 / bfloat16 / float32) are rounded toward zero into ``scale_dtype`` *before* any code
+    is chosen: the stored scales are the ones the codes were chosen for, a group's extreme value always lands
+    on the outermost code (rounding up could leave it one code short, e.g. for int8 with float16 scales), and
+    so ``quantize(dequantize(q))`` is a fixed point. Scales past the dtype's range saturate at its largest
+    finite value. The micro-scaled formats follow their own rules (`_rounded_scale`): E4M3 scales (under
+    ``global_scale``, `global_scale_of`, broadcastable against the ranges) round to nearest as NVFP4's do,
+    E8M0 scales are OCP MX's powers of two; either may leave a group's extreme past the top level, where it
+    saturates.
     """
     xmin = jnp.minimum(xmin.astype(jnp.float32), 0.0)
     xmax = jnp.maximum(xmax.astype(jnp.float32), 0.0)
-
-    def rounded(s):
-        r = s.astype(scale_dtype)
-        r = jnp.where(r.astype(jnp.float32) > s, jnp.nextafter(r, jnp.zeros_like(r)), r)
-        return r.astype(jnp.float32)
-
-    # Scales are float32 products with the divisor's reciprocal (rounded up): XLA rewrites division by a
-    # constant into such a product anyway, so spelling it out keeps the result reproducible (e.g. by numpy).
-    if fmt.is_int:
-        if asym:
-            scale = rounded((xmax - xmin) * recip_up(2**fmt.bits - 1))
-            zero = jnp.clip(jnp.round(-xmin / _safe(scale)), 0, 2**fmt.bits - 1)
-            return GroupParams(scale, None, zero)
-        return GroupParams(rounded(jnp.maximum(xmax, -xmin) * recip_up(_sym_int_max(fmt))))
-    inv_d = recip_up(fmt.divisor)
-    if asym:
-        return GroupParams(rounded(xmax * inv_d), rounded(-xmin * inv_d))
-    return GroupParams(rounded(jnp.maximum(xmax, -xmin) * inv_d))
+    d = _divisor(fmt, asym)
+    pos, neg = _ranges(fmt, asym, xmin, xmax)
+    scale = _rounded_scale(pos, d, scale_dtype, global_scale)
+    if fmt.is_int and asym:
+        zero = jnp.clip(jnp.round(-xmin / _safe(scale)), 0, 2**fmt.bits - 1)
+        return GroupParams(scale, None, zero)
+    return GroupParams(scale, None if neg is None else _rounded_scale(neg, d, scale_dtype, global_scale))
 
 
 def encode(fmt: Format, asym: bool, x: jax.Array, params: GroupParams) -> jax.Array:
@@ -232,23 +280,26 @@ def from_groups(wg: jax.Array, k: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "scale_dtype", "integer_scales"))
 def _quantize_codes(w, fmt: Format, asym: bool, g: int, scale_dtype, clip_ratios=None, integer_scales=False):
-    """Unpacked codes ``(..., K, N)``, group params ``(..., G, 1, N)`` and, with ``integer_scales``, the channel
-    scale ``(..., 1, 1, N)`` (else None) of one weight.
+    """Unpacked codes ``(..., K, N)``, group params ``(..., G, 1, N)``, with ``integer_scales`` the channel
+    scale ``(..., 1, 1, N)`` (else None) and with E4M3 scales the global scale ``(..., 1, 1, 1)`` (else None) of
+    one weight.
 
     ``clip_ratios`` (optional pair of ``(..., G, 1, N)`` arrays in (0, 1]) shrink each group's negative and
-    positive extremes before the scales are computed (the clipping search's result).
+    positive extremes before the scales are computed (the clipping search's result); the global scale comes
+    from the unclipped weight.
     """
     wg = to_groups(w.astype(jnp.float32), g)
     lo, hi = jnp.min(wg, axis=-2, keepdims=True), jnp.max(wg, axis=-2, keepdims=True)
+    gs = global_scale_of(fmt, asym, lo, hi) if jnp.dtype(scale_dtype).name in GLOBAL_SCALED else None
     if clip_ratios is not None:
         lo, hi = lo * clip_ratios[0], hi * clip_ratios[1]
-    params = group_params(fmt, asym, lo, hi, scale_dtype)
+    params = group_params(fmt, asym, lo, hi, scale_dtype, gs)
     channel = None
     if integer_scales:
         top = fmt.integer_scale_max(asym)
         channel = channel_scale_of(params, top, scale_dtype)
         params = snap_to_integer_scales(fmt, asym, wg, params, channel, top, lo)
-    return from_groups(encode(fmt, asym, wg, params), w.shape[-2]), params, channel
+    return from_groups(encode(fmt, asym, wg, params), w.shape[-2]), params, channel, gs
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "dtype"))
@@ -326,6 +377,13 @@ def check_scale_dtype(scale_dtype) -> jnp.dtype:
     return dt
 
 
+def check_integer_scale_dtype(scale_dtype) -> None:
+    """Integer group scales sit under a float channel scale: float16, bfloat16 or float32."""
+    if jnp.dtype(scale_dtype).name not in FLOAT_SCALE_DTYPES:
+        raise InputError(f"integer group scales need a float16/bfloat16/float32 channel scale, not "
+                         f"{jnp.dtype(scale_dtype).name}; drop integer_scales or choose a float scale dtype")
+
+
 def _checked(w, fmt, group_size, asym, scale_dtype, integer_scales) -> tuple[jax.Array, Format, bool, jnp.dtype, int]:
     """`quantize`'s and `fake_quant`'s arguments checked: (weight, format, asym, scale dtype, group size)."""
     fmt = formats_lib.get_format(fmt)
@@ -334,6 +392,7 @@ def _checked(w, fmt, group_size, asym, scale_dtype, integer_scales) -> tuple[jax
     dt = check_scale_dtype(scale_dtype)
     if integer_scales:
         integer_scale_limit(fmt, asym)
+        check_integer_scale_dtype(dt)
     w = check_weight(w)
     return w, fmt, asym, dt, _group_size(w.shape[-2], group_size)
 
@@ -352,35 +411,42 @@ def quantize(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128, a
     """
     w, fmt, asym, dt, g = _checked(w, fmt, group_size, asym, scale_dtype, integer_scales)
     check_clip_ratios(clip_ratios, w.shape, g)
-    codes, params, channel = _quantize_codes(w, fmt, asym, g, dt, clip_ratios, bool(integer_scales))
+    codes, params, channel, gs = _quantize_codes(w, fmt, asym, g, dt, clip_ratios, bool(integer_scales))
     return packed_tensor(codes, params, channel, fmt=fmt, group_size=group_size, asym=asym,
-                         scale_dtype=dt, dtype=w.dtype)
+                         scale_dtype=dt, dtype=w.dtype, global_scale=gs)
 
 
 def packed_tensor(codes: jax.Array, params: GroupParams, channel: jax.Array | None, *, fmt: Format,
-                  group_size: int | None, asym: bool, scale_dtype, dtype) -> QuantizedTensor:
+                  group_size: int | None, asym: bool, scale_dtype, dtype,
+                  global_scale: jax.Array | None = None) -> QuantizedTensor:
     """The `QuantizedTensor` of unpacked codes ``(..., K, N)`` and group params ``(..., G, 1, N)`` (with
-    ``channel`` ``(..., 1, 1, N)``: integer group scales)."""
-    leaves = _storage_leaves(codes, params, channel, fmt.bits, jnp.dtype(scale_dtype))
+    ``channel`` ``(..., 1, 1, N)``: integer group scales; with ``global_scale`` broadcastable as
+    ``(..., 1, 1, 1)``: E4M3 group scales under it)."""
+    leaves = _storage_leaves(codes, params, channel, global_scale, fmt.bits, jnp.dtype(scale_dtype))
     return QuantizedTensor(
-        **dict(zip(("codes", "scale", "scale_neg", "zero", "channel_scale"), leaves)), format_name=fmt.name,
+        **dict(zip(LEAF_NAMES, leaves)), format_name=fmt.name,
         group_size=None if group_size is None else int(group_size), asym=bool(asym),
         shape=tuple(int(d) for d in codes.shape), dtype=jnp.dtype(dtype).name)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "scale_dtype"))
-def _storage_leaves(codes, params: GroupParams, channel, bits: int, scale_dtype):
-    """(packed codes, scale, scale_neg, zero, channel_scale) of `packed_tensor`, as one compiled program (op by
-    op, each new weight shape compiled five small programs)."""
+def _storage_leaves(codes, params: GroupParams, channel, global_scale, bits: int, scale_dtype):
+    """`QuantizedTensor`'s leaves (`LEAF_NAMES` order) for `packed_tensor`, as one compiled program (op by op,
+    each new weight shape compiled five small programs)."""
     zero = None if params.zero is None else params.zero[..., 0, :].astype(jnp.uint8)
+    stored_global = None
     if channel is None:
-        scale = params.scale[..., 0, :].astype(scale_dtype)
-        scale_neg = None if params.scale_neg is None else params.scale_neg[..., 0, :].astype(scale_dtype)
+        def stored(s):  # E4M3: times the global scale again (within an ulp of the E4M3 value: rounds back to it)
+            return (s if global_scale is None else s * global_scale)[..., 0, :].astype(scale_dtype)
+        scale = stored(params.scale)
+        scale_neg = None if params.scale_neg is None else stored(params.scale_neg)
         channel_scale = None
+        if global_scale is not None:
+            stored_global = global_scale.reshape(*codes.shape[:-2], 1).astype(jnp.float32)
     else:
         scale, scale_neg, channel_scale = integer_leaves(params, channel)
         channel_scale = channel_scale.astype(scale_dtype)
-    return packing.pack(codes, bits), scale, scale_neg, zero, channel_scale
+    return packing.pack(codes, bits), scale, scale_neg, zero, channel_scale, stored_global
 
 
 def dequantize(qt: QuantizedTensor, dtype: DTypeLike | None = None) -> jax.Array:
@@ -406,7 +472,7 @@ def fake_quant(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128,
                scale_dtype: DTypeLike = jnp.float16, integer_scales: bool = False) -> jax.Array:
     """``dequantize(quantize(w))`` without packing, with a straight-through (identity) gradient."""
     w, fmt, asym, dt, g = _checked(w, fmt, group_size, asym, scale_dtype, integer_scales)
-    codes, params, _ = _quantize_codes(jax.lax.stop_gradient(w), fmt, asym, g, dt, None, bool(integer_scales))
+    codes, params, _, _ = _quantize_codes(jax.lax.stop_gradient(w), fmt, asym, g, dt, None, bool(integer_scales))
     dq = _decode_codes(codes, params, fmt, asym, g, w.dtype)
     # dq + (w - sg(w)) is exactly dq in value and has d/dw = identity (w + sg(dq - w) can be off by an ulp).
     return dq + (w - jax.lax.stop_gradient(w))

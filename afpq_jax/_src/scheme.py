@@ -29,6 +29,12 @@ from afpq_jax._src.qtensor import QuantizedTensor
 logger = logging.getLogger("afpq_jax")
 
 
+# Micro-scaled FP4 (the formats serving stacks run): `QuantScheme.preset`.
+PRESETS = {
+    "nvfp4": {"format": "fp4_e2m1", "group_size": 16, "scale_dtype": "float8_e4m3fn"},
+    "mxfp4": {"format": "fp4_e2m1", "group_size": 32, "scale_dtype": "float8_e8m0fnu"},
+}
+
 ACT_BITS = (8,)
 ACT_MODES = ("static", "dynamic")
 
@@ -39,7 +45,9 @@ class QuantScheme:
 
     format: canonical format name (`afpq_jax.formats.available_formats`); group_size: input rows per scale group,
     None = one group per output column; asym: AFPQ two-scale (FP/NF) or min/max affine (INT) instead of absmax;
-    scale_dtype: storage dtype of the scales. `create` canonicalises aliases ("fp4" -> "fp4_e2m1").
+    scale_dtype: storage dtype of the scales: float16 / bfloat16 / float32, or the micro-scaled formats'
+    float8_e4m3fn (under one float32 global scale per tensor, NVFP4's) and float8_e8m0fnu (powers of two, OCP
+    MX's); `preset` names the two FP4 ones. `create` canonicalises aliases ("fp4" -> "fp4_e2m1").
     integer_scales: group scales as small integers times one ``scale_dtype`` scale per output column (QServe's
     progressive group quantization; `QuantizedTensor.channel_scale`): with int8 activations the whole matmul is
     one int8 GEMM with a per-column epilogue. Needs a format with integer levels (`Format.integer_scale_max`).
@@ -81,6 +89,7 @@ class QuantScheme:
             raise InputError(f"QuantScheme.integer_scales must be true or false, got {self.integer_scales!r}")
         if self.integer_scales:
             quantizer.integer_scale_limit(fmt, self.asym)
+            quantizer.check_integer_scale_dtype(self.scale_dtype)
         if self.act_bits is None and self.act_mode is None:
             return
         if isinstance(self.act_bits, bool) or not isinstance(self.act_bits, numbers.Integral) or \
@@ -101,6 +110,16 @@ class QuantScheme:
     def with_activations(self, act_bits: int | None, act_mode: str | None) -> QuantScheme:
         """This weight scheme with another activation scheme ((None, None): float activations)."""
         return dataclasses.replace(self, act_bits=act_bits, act_mode=act_mode)
+
+    @classmethod
+    def preset(cls, name: str, *, asym: bool = False) -> QuantScheme:
+        """A micro-scaled FP4 preset (`PRESETS`): ``nvfp4`` (FP4 E2M1, groups of 16, E4M3 scales under a float32
+        global scale; 4.5 bits per weight, 5.0 with AFPQ's second scale) or ``mxfp4`` (groups of 32, E8M0
+        power-of-two scales; 4.25 / 4.5). ``asym=True``: AFPQ's s_pos / s_neg, both in the preset's scale
+        format (under the same global scale)."""
+        if name not in PRESETS:
+            raise InputError(f"unknown scheme preset {name!r}; presets: {sorted(PRESETS)}")
+        return cls(**PRESETS[name], asym=asym)
 
     @classmethod
     def create(cls, format: str, *, group_size: int | None = 128, asym: bool = True,

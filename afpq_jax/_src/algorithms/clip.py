@@ -29,7 +29,8 @@ from afpq_jax._src.sharding import column_sharded
 from afpq_jax._src.formats import Format, get_format
 from afpq_jax._src import validation
 from afpq_jax._src.errors import InputError
-from afpq_jax._src.quantizer import check_group_size, decode, encode, group_params, to_groups
+from afpq_jax._src.qtensor import GLOBAL_SCALED
+from afpq_jax._src.quantizer import check_group_size, decode, encode, global_scale_of, group_params, to_groups
 
 if TYPE_CHECKING:
     from afpq_jax._src.calibration.method import BlockContext
@@ -37,6 +38,11 @@ if TYPE_CHECKING:
 
 def shrink_grid(steps: int = 10, step: float = 0.05) -> np.ndarray:
     return np.asarray([1.0 - i * step for i in range(steps)], np.float32)
+
+
+def _global_scale(fmt: Format, asym: bool, sdt, lo, hi):
+    """E4M3 scales' global scale, from the whole unclipped weight (as `quantize` takes it); else None."""
+    return global_scale_of(fmt, asym, lo, hi) if jnp.dtype(sdt).name in GLOBAL_SCALED else None
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "sdt"))
@@ -50,9 +56,10 @@ def _search_impl(w, x, ratio_pairs, *, fmt: Format, asym: bool, g: int, sdt):
     t = x.shape[0]
     xg = to_groups(x.astype(jnp.float32).T, g).reshape(-1, g, t)  # (G, g, T): zero rows pad a short group
     lo0, hi0 = jnp.min(wg, axis=1, keepdims=True), jnp.max(wg, axis=1, keepdims=True)
+    gs = _global_scale(fmt, asym, sdt, lo0, hi0)
 
     def error(pair):
-        params = group_params(fmt, asym, lo0 * pair[0], hi0 * pair[1], sdt)
+        params = group_params(fmt, asym, lo0 * pair[0], hi0 * pair[1], sdt, gs)
         d = wg - decode(fmt, asym, encode(fmt, asym, wg, params), params)
         e = jnp.einsum("Gkt,GkN->GtN", xg, d, preferred_element_type=jnp.float32)
         return jnp.mean(e * e, axis=1)  # (G, N)
@@ -83,12 +90,13 @@ def _search_separable_impl(w, x, grid, *, fmt: Format, g: int, sdt, cols: int):
     t = x.shape[0]
     xg = to_groups(x.astype(jnp.float32).T, g).reshape(-1, g, t)  # (G, g, T)
     steps = grid.shape[0]
+    gs = _global_scale(fmt, True, sdt, jnp.min(wg, axis=1, keepdims=True), jnp.max(wg, axis=1, keepdims=True))
 
     def chunk(wc):  # (G, g, C)
         lo0, hi0 = jnp.min(wc, axis=1, keepdims=True), jnp.max(wc, axis=1, keepdims=True)
 
         def side_error(r, negative: bool):
-            params = group_params(fmt, True, lo0 * r if negative else lo0, hi0 if negative else hi0 * r, sdt)
+            params = group_params(fmt, True, lo0 * r if negative else lo0, hi0 if negative else hi0 * r, sdt, gs)
             d = wc - decode(fmt, True, encode(fmt, True, wc, params), params)
             d = jnp.where((wc < 0) if negative else (wc >= 0), d, 0.0)
             return jnp.einsum("Gkt,GkC->GtC", xg, d, preferred_element_type=jnp.float32)

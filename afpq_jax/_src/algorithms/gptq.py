@@ -28,8 +28,10 @@ from afpq_jax._src.sharding import column_sharded
 from afpq_jax._src.errors import ArgumentTypeError, InputError, QuantizationError
 from afpq_jax._src.formats import Format, get_format
 from afpq_jax._src.qtensor import QuantizedTensor
-from afpq_jax._src.quantizer import (GroupParams, channel_scale_of, check_group_size, check_scale_dtype, decode, encode,
-                                     group_params, integer_scale_limit, packed_tensor, snap_to_integer_scales)
+from afpq_jax._src.qtensor import GLOBAL_SCALED
+from afpq_jax._src.quantizer import (GroupParams, channel_scale_of, check_group_size, check_integer_scale_dtype,
+                                     check_scale_dtype, decode, encode, global_scale_of, group_params,
+                                     integer_scale_limit, packed_tensor, snap_to_integer_scales)
 
 
 def hessian_inverse_factor(h: jax.Array, damp: float) -> jax.Array:
@@ -48,11 +50,12 @@ def hessian_inverse_factor(h: jax.Array, damp: float) -> jax.Array:
     return inverse[::-1, ::-1]
 
 
-def _params_of(fmt, asym, rows, sdt, channel=None) -> GroupParams:
-    """Group parameters from a group's rows (g, N) of the working kernel, shaped (N,) each; with ``channel``
-    ((1, N)) snapped to integer multiples of it (`snap_to_integer_scales`)."""
+def _params_of(fmt, asym, rows, sdt, channel=None, global_scale=None) -> GroupParams:
+    """Group parameters from a group's rows (g, N) of the working kernel, shaped (N,) each, rounded into the
+    scale format as the group is fixed (E4M3 scales under the tensor's ``global_scale``, a scalar: MR-GPTQ's
+    order); with ``channel`` ((1, N)) snapped to integer multiples of it (`snap_to_integer_scales`)."""
     if channel is None:
-        return group_params(fmt, asym, jnp.min(rows, axis=0), jnp.max(rows, axis=0), sdt)
+        return group_params(fmt, asym, jnp.min(rows, axis=0), jnp.max(rows, axis=0), sdt, global_scale)
     params = group_params(fmt, asym, jnp.min(rows, axis=0, keepdims=True), jnp.max(rows, axis=0, keepdims=True), sdt)
     params = snap_to_integer_scales(fmt, asym, rows, params, channel, fmt.integer_scale_max(asym))
     return GroupParams(*(None if p is None else p[0] for p in params))
@@ -72,8 +75,8 @@ def _sub_block(rows: int, g: int | None) -> int:
     return best if best >= 8 else span
 
 
-def _quantize_block(w1, hinv1, static_params, row_groups, channel, *, fmt: Format, asym: bool, g: int, sdt,
-                    static: bool):
+def _quantize_block(w1, hinv1, static_params, row_groups, channel, global_scale, *, fmt: Format, asym: bool,
+                    g: int, sdt, static: bool):
     """GPTQ over one block of input rows. w1: (B, N) kernel rows; hinv1: (B, B) upper; B holds whole groups
     unless ``static``. Rows are contiguous, so each step reads and writes whole rows.
 
@@ -107,7 +110,7 @@ def _quantize_block(w1, hinv1, static_params, row_groups, channel, *, fmt: Forma
                 return _take(static_params, groups[c])
         else:
             if s0 % g == 0:
-                params = _params_of(fmt, asym, w1[s0:s0 + g], sdt, channel)
+                params = _params_of(fmt, asym, w1[s0:s0 + g], sdt, channel, global_scale)
                 block_params.append(params)
 
             def params_at(c, params=params):
@@ -173,7 +176,10 @@ def _gptq(w, h, perm, hinv, *, fmt: Format, asym: bool, g: int, sdt, static: boo
         # groups in natural order, params from the (dead-zeroed) original weights
         grouped = jnp.pad(w, ((0, n_groups * g - kp if n_groups * g > kp else 0), (0, 0)))[: n_groups * g]
         grouped = grouped.reshape(n_groups, g, n)
-        original = group_params(fmt, asym, grouped.min(1, keepdims=True), grouped.max(1, keepdims=True), sdt)
+        lo, hi = grouped.min(1, keepdims=True), grouped.max(1, keepdims=True)
+        # E4M3 scales: one global scale from the original weights (as the tensor's amax in NVFP4), a scalar here
+        gs = global_scale_of(fmt, asym, lo, hi)[0, 0, 0] if sdt.name in GLOBAL_SCALED else None
+        original = group_params(fmt, asym, lo, hi, sdt, gs)
         channel = None
         if integer_scales:
             top = fmt.integer_scale_max(asym)
@@ -186,7 +192,7 @@ def _gptq(w, h, perm, hinv, *, fmt: Format, asym: bool, g: int, sdt, static: boo
             static_params, row_groups = None, jnp.zeros((kp,), jnp.int32)
         w = w[perm]
         codes = jnp.zeros((kp, n), jnp.uint8)
-        ref = group_params(fmt, asym, jnp.zeros((n,)), jnp.zeros((n,)), sdt)
+        ref = group_params(fmt, asym, jnp.zeros((n,)), jnp.zeros((n,)), sdt, gs)
         params = GroupParams(*(None if p is None else jnp.zeros((kp // g if not static else 1, n), p.dtype)
                                for p in ref))
 
@@ -198,7 +204,7 @@ def _gptq(w, h, perm, hinv, *, fmt: Format, asym: bool, g: int, sdt, static: boo
             hinv1 = jax.lax.dynamic_slice_in_dim(hrows, i1, bs, 1)
             groups = jax.lax.dynamic_slice_in_dim(row_groups, i1, bs, 0)
             c, bp, err = _quantize_block(w1, hinv1, static_params, groups, None if channel is None else channel[0],
-                                         fmt=fmt, asym=asym, g=g, sdt=sdt, static=static)
+                                         gs, fmt=fmt, asym=asym, g=g, sdt=sdt, static=static)
             later = (jnp.arange(kp) >= i1 + bs)[:, None]  # lazy update of the rows after this block
             w = jnp.where(later, w - hrows.T @ err, w)
             codes = jax.lax.dynamic_update_slice_in_dim(codes, c, i1, 0)
@@ -210,7 +216,7 @@ def _gptq(w, h, perm, hinv, *, fmt: Format, asym: bool, g: int, sdt, static: boo
         _, codes, params = jax.lax.fori_loop(0, kp // bs, block_step, (w, codes, params))
         codes = codes[jnp.argsort(perm)][:k]  # natural order
         params = static_params if static else GroupParams(*(None if p is None else p[:n_groups] for p in params))
-        return codes, params, channel
+        return codes, params, channel, gs
 
 
 def damping_schedule(damp: float, step: float, max_damp: float) -> list[float]:
@@ -244,6 +250,7 @@ def gptq_quantize(kernel: jax.Array, hessian: jax.Array, fmt: str | Format, *, g
     check_group_size(group_size)
     if integer_scales:
         integer_scale_limit(fmt, asym)
+        check_integer_scale_dtype(sdt)
     if np.ndim(kernel) != 2 or 0 in np.shape(kernel):
         raise InputError(f"gptq_quantize takes one 2-D kernel (in_features, out_features), got shape "
                          f"{tuple(np.shape(kernel))} for {name}; quantize stacked kernels one at a time")
@@ -270,14 +277,14 @@ def gptq_quantize(kernel: jax.Array, hessian: jax.Array, fmt: str | Format, *, g
         raise QuantizationError(f"GPTQ: the Hessian of {name} is not positive definite even with damp {max_damp} "
                                 f"(non-finite inputs, or too few calibration tokens); use more calibration samples "
                                 f"or quantize this layer with RTN through a rule")
-    codes, params, channel = _gptq(w, h, perm, hinv, fmt=fmt, asym=asym, g=g, sdt=sdt, static=static, bs=bs,
-                                   integer_scales=bool(integer_scales))
+    codes, params, channel, gs = _gptq(w, h, perm, hinv, fmt=fmt, asym=asym, g=g, sdt=sdt, static=static, bs=bs,
+                                       integer_scales=bool(integer_scales))
     if not all(bool(jnp.all(jnp.isfinite(p))) for p in params if p is not None):
         raise QuantizationError(f"GPTQ produced non-finite scales for {name} (damp {d}); check the calibration "
                                 f"inputs of this layer for NaN/inf")
     params = GroupParams(*(None if p is None else p[:, None] for p in params))  # (G, 1, N), as packed_tensor takes
     return packed_tensor(codes, params, channel, fmt=fmt, group_size=group_size, asym=asym, scale_dtype=sdt,
-                         dtype=kernel.dtype)
+                         dtype=kernel.dtype, global_scale=gs)
 
 
 def accumulate_hessian(h: jax.Array | None, x: jax.Array, count: int) -> tuple[jax.Array, int]:

@@ -83,6 +83,8 @@ def quantized_matmul_a8(x: jax.Array, qt: QuantizedTensor, input_scale: jax.Arra
                          f"{jnp.shape(input_scale)}")
     if input_scale is not None and not isinstance(input_scale, jax.core.Tracer) and not float(input_scale) > 0:
         raise InputError(f"input_scale must be positive (max|x| / 127 from calibration), got {float(input_scale)}")
+    if not qt.integer_scales:  # micro-scaled (float8) group scales reach the kernels as float32 scales
+        qt = qt.with_float_scales()
     prob = Problem.create(x.shape, x.dtype, qt)
     if implementation is None:
         name, cfg = select_implementation(prob, config)
