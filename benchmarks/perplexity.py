@@ -21,9 +21,14 @@ Tables (each is data: its rows, its results file, how its results are laid out a
            smoothquant (alpha 0.5, per-token dynamic). Without --rows: int4 / fp4 RTN with every activation
            scheme, int8:rtn:a16 and int8:rtn:smoothquant. Each record adds the share of layers per activation
            mode and the max|x| profile per layer type. Results: results/ppl_w4a8.jsonl.
+  micro    micro-scaled FP4: NVFP4 (g16, float8_e4m3fn scales under a per-tensor float32 scale) and MXFP4 (g32,
+           float8_e8m0fnu scales), sym and AFPQ-asym, beside FP4 E2M1 g128 with fp16 scales, under RTN / GPTQ /
+           AWQ, with the measured bits per weight. Row keys ``METHOD:nvfp4|mxfp4|fp4-g128:sym|asym``; without
+           --rows the RTN rows. Results: results/ppl_micro.jsonl.
 
 ``--rows`` takes keys or shell patterns (``'gptq:*'``, ``'*:nf3:asym'``); without it a table runs its default
-rows. Every quantized layer is a decoder-block linear (embeddings / tied lm_head stay float), fp16 scales.
+rows. Every quantized layer is a decoder-block linear (embeddings / tied lm_head stay float), fp16 scales
+(but for the micro table's float8 scales).
 
 Protocol (all tables): the held-out Wikipedia split (disjoint from calibration), seq 2048, the first 8 windows
 (`afpq_jax.eval.perplexity`); calibration `afpq_jax.Calibration(text=<Wikipedia calibration split>, samples=128,
@@ -298,7 +303,43 @@ W4A8 = Table(
     default_rows=tuple([f"{w}:rtn:{a}" for w in ("int4", "fp4") for a in ACTIVATIONS]
                        + ["int8:rtn:a16", "int8:rtn:smoothquant"]))
 
-TABLES: dict[str, Table] = {t.name: t for t in (RTN, METHODS_TABLE, W4A8)}
+# micro: micro-scaled FP4 (NVFP4 / MXFP4), symmetric and with AFPQ's second scale, beside FP4 g128 fp16 scales
+MICRO_WEIGHTS = {"nvfp4": lambda asym: aq.QuantScheme.preset("nvfp4", asym=asym),
+                 "mxfp4": lambda asym: aq.QuantScheme.preset("mxfp4", asym=asym),
+                 "fp4-g128": lambda asym: aq.QuantScheme.create("fp4_e2m1", group_size=128, asym=asym)}
+
+
+def _micro_key(method: str, weights: str, asym: bool) -> str:
+    return f"{method}:{weights}:{_sym(asym)}"
+
+
+def _render_micro(table: Table, done: dict[str, dict]) -> list[str]:
+    lines = ["", "| weights | bits/weight | " + " | ".join(m.upper() for m in METHODS) + " |",
+             "|---|---|" + "---|" * len(METHODS)]
+    for weights, make in MICRO_WEIGHTS.items():
+        for asym in (False, True):
+            cells = [_ppl(done.get(_micro_key(m, weights, asym))) for m in METHODS]
+            bits = next((r["bits_per_weight"] for m in METHODS if (r := done.get(_micro_key(m, weights, asym)))
+                         and "bits_per_weight" in r), None)
+            lines.append(f"| {weights}-{_sym(asym)} | {'—' if bits is None else f'{bits:.3f}'} | "
+                         + " | ".join(cells) + " |")
+    return lines
+
+
+def _bits_per_weight(model: aq.CausalLM) -> dict:
+    layers = [layer.quantized_tensor() for layer in model.linear_layers().values() if layer.is_quantized]
+    bits = sum(q.bits_per_weight * q.in_features * q.out_features for q in layers)
+    return {"bits_per_weight": round(bits / sum(q.in_features * q.out_features for q in layers), 4)}
+
+
+MICRO = Table(
+    name="micro", out="results/ppl_micro.jsonl", render=_render_micro, extra=_bits_per_weight,
+    also=("results/ppl_rtn.jsonl", "results/ppl_methods.jsonl"),
+    rows=tuple(Row(_micro_key(m, w, asym), make(asym), method=m)
+               for w, make in MICRO_WEIGHTS.items() for asym in (False, True) for m in METHODS),
+    default_rows=tuple(_micro_key("rtn", w, asym) for w in MICRO_WEIGHTS for asym in (False, True)))
+
+TABLES: dict[str, Table] = {t.name: t for t in (RTN, METHODS_TABLE, W4A8, MICRO)}
 
 # ---- running ----------------------------------------------------------------------------------------------------
 
@@ -315,6 +356,7 @@ def convert_via_cli(model_path: str | Path, row: Row, calibration: aq.Calibratio
            "--calib-samples", str(calibration.samples), "--calib-seqlen", str(calibration.seqlen),
            "--seed", str(calibration.seed), "--out", str(out), "--no-progress",
            *([] if s.asym else ["--sym"]), *(["--integer-scales"] if s.integer_scales else []),
+           *(["--scale-dtype", s.scale_dtype] if s.scale_dtype != "float16" else []),
            *(["--calib-random"] if calibration.random else [])]
     timed = Path("/usr/bin/time").exists()
     t0 = time.perf_counter()

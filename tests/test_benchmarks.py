@@ -222,7 +222,15 @@ def test_old_drivers_records_are_keyed_to_their_rows(tmp_path, monkeypatch):
     # a new record of one table is keyed by its table / row, and by what it measured in the others
     new = {"table": "rtn", "row": "nf3:asym:g128", "method": "rtn", "format": "nf3", "asym": True,
            "group_size": 128, "integer_scales": False, "weights": "nf3-asym-g128", "activations": "a16", **common}
-    assert [ppl.TABLES[t].key(new) for t in ppl.TABLES] == ["nf3:asym:g128", "rtn:nf3:asym", None]
+    assert [ppl.TABLES[t].key(new) for t in ppl.TABLES] == ["nf3:asym:g128", "rtn:nf3:asym", None, None]
+    # the micro-scaled table's FP4 g128 rows are the RTN / methods tables' FP4 cells; no older record is NVFP4
+    assert keys["micro"] == [None] * 10
+    fp4 = {"table": "rtn", "row": "fp4_e2m1:asym:g128", "method": "rtn", "weights": "fp4_e2m1-asym-g128",
+           "activations": "a16", **common}
+    assert ppl.MICRO.key(fp4) == "rtn:fp4-g128:asym"
+    nvfp4 = {"table": "micro", "row": "gptq:nvfp4:asym", "method": "gptq",
+             "weights": "fp4_e2m1-asym-g16-float8_e4m3fn", "activations": "a16", **common}
+    assert [ppl.TABLES[t].key(nvfp4) for t in ppl.TABLES] == [None, None, None, "gptq:nvfp4:asym"]
 
 
 def test_rows_select_keys_and_patterns():

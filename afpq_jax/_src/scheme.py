@@ -156,7 +156,9 @@ class QuantScheme:
         group = "channel" if self.group_size is None else str(self.group_size)
         act = "" if self.act_bits is None else f"-a{self.act_bits}{self.act_mode}"
         ints = "-intscales" if self.integer_scales else ""
-        return f"{self.format}-{'asym' if self.asym else 'sym'}-g{group}{ints}{act}"
+        # micro-scaled scale formats are named; 16/32-bit float scales are not (the names of earlier versions)
+        scales = f"-{self.scale_dtype}" if self.scale_dtype.startswith("float8") else ""
+        return f"{self.format}-{'asym' if self.asym else 'sym'}-g{group}{scales}{ints}{act}"
 
     def fake_quant(self, w: jax.Array) -> jax.Array:
         """``dequantize(self.quantize(w))`` without packing, with a straight-through (identity) gradient."""

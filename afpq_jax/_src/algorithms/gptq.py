@@ -178,7 +178,7 @@ def _gptq(w, h, perm, hinv, *, fmt: Format, asym: bool, g: int, sdt, static: boo
         grouped = grouped.reshape(n_groups, g, n)
         lo, hi = grouped.min(1, keepdims=True), grouped.max(1, keepdims=True)
         # E4M3 scales: one global scale from the original weights (as the tensor's amax in NVFP4), a scalar here
-        gs = global_scale_of(fmt, asym, lo, hi)[0, 0, 0] if sdt.name in GLOBAL_SCALED else None
+        gs = global_scale_of(fmt, asym, lo, hi)[0, 0, 0] if jnp.dtype(sdt).name in GLOBAL_SCALED else None
         original = group_params(fmt, asym, lo, hi, sdt, gs)
         channel = None
         if integer_scales:

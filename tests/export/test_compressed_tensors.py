@@ -1,0 +1,107 @@
+"""compressed-tensors' layer layouts, against a numpy decoder written from the format's description
+(`shared/interop.md`), independent of the encoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import afpq_jax as aq
+from afpq_jax import QuantScheme
+from afpq_jax._src.export import compressed_tensors as ct
+
+E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)
+
+
+def _unpack_rows(words: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """int32 rows -> ``count`` unsigned values per row: value i at bits i*bits.. of the row (LSB first)."""
+    out = np.zeros((words.shape[0], count), np.int64)
+    for r in range(words.shape[0]):
+        stream = int.from_bytes(words[r].astype("<i4").tobytes(), "little")
+        for i in range(count):
+            out[r, i] = (stream >> (i * bits)) & ((1 << bits) - 1)
+    return out
+
+
+def _decode(tensors: dict, scheme: dict) -> np.ndarray:
+    """The float [out, in] weight compressed-tensors' decompressor would produce (float64)."""
+    out_f, in_f = (int(v) for v in tensors["weight_shape"])
+    b = scheme["num_bits"]
+    if scheme["type"] == "int":
+        q = _unpack_rows(tensors["weight_packed"], b, in_f) - 2 ** (b - 1)  # signed values
+        scale = tensors["weight_scale"].astype(np.float64)
+        zp = 0
+        if not scheme["symmetric"]:
+            zp = _unpack_rows(np.ascontiguousarray(tensors["weight_zero_point"].T), b, out_f).T - 2 ** (b - 1)
+        g = in_f if scheme["strategy"] == "channel" else scheme["group_size"]
+        idx = np.arange(in_f) // g
+        zp = zp[:, idx] if np.ndim(zp) else 0
+        return ((q - zp).astype(np.float32) * scale[:, idx].astype(np.float32)).astype(np.float64)  # float32 math
+    packed = tensors["weight_packed"]
+    nib = np.stack([packed & 15, packed >> 4], axis=-1).reshape(out_f, -1)[:, :in_f]
+    value = np.where(nib >= 8, -1.0, 1.0) * E2M1[nib & 7]
+    g = scheme["group_size"]
+    if "weight_global_scale" in tensors:
+        scale = tensors["weight_scale"].astype(np.float64) / float(tensors["weight_global_scale"][0])
+    else:
+        scale = np.exp2(tensors["weight_scale"].astype(np.float64) - 127)
+    return value * scale[:, np.arange(in_f) // g]
+
+
+def test_dense_packing_matches_a_bit_by_bit_reference():
+    rng = np.random.default_rng(0)
+    for bits in (2, 3, 4, 8):
+        for cols in (1, 10, 11, 32, 33):
+            v = rng.integers(0, 2**bits, (3, cols))
+            words = ct.pack_rows_int32(v, bits)
+            assert words.dtype == np.int32 and words.shape == (3, -(-cols * bits // 32))
+            np.testing.assert_array_equal(_unpack_rows(words, bits, cols), v)
+    # 4-bit: word j holds elements 8j..8j+7, element 8j+k at bits 4k..4k+3
+    assert ct.pack_rows_int32(np.arange(8)[None], 4)[0, 0] == 0x76543210
+
+
+CASES = [("int4", 128, True, "float16"), ("int4", 32, False, "bfloat16"), ("int8", None, False, "float32"),
+         ("int2", 64, True, "float16"), ("int3", 128, True, "float16"), ("int4", None, True, "float16")]
+
+
+@pytest.mark.parametrize("fmt,group,asym,scale_dtype", CASES)
+def test_pack_quantized_layers_decode_to_our_weights(fmt, group, asym, scale_dtype):
+    w = np.random.default_rng(1).standard_normal((200, 48)).astype(np.float32)
+    qt = aq.quantize(w, fmt, group_size=group, asym=asym, scale_dtype=scale_dtype)
+    tensors = ct.encode_layer(qt)
+    scheme = ct.weights_scheme(qt)
+    assert ct.layer_format(qt) == "pack-quantized" and scheme["symmetric"] == (not asym)
+    assert tensors["weight_packed"].shape == (48, -(-200 * qt.format.bits // 32))
+    if asym:
+        assert tensors["weight_zero_point"].shape == (-(-48 * qt.format.bits // 32), qt.num_groups)
+    np.testing.assert_array_equal(_decode(tensors, scheme), np.asarray(aq.dequantize(qt), np.float64).T)
+
+
+@pytest.mark.parametrize("preset,fmt_name", [("nvfp4", "nvfp4-pack-quantized"), ("mxfp4", "mxfp4-pack-quantized")])
+def test_micro_scaled_fp4_layers_decode_to_our_weights(preset, fmt_name):
+    w = np.random.default_rng(2).standard_normal((96, 40)).astype(np.float32)
+    w[:, 3] = 0.0
+    qt = QuantScheme.preset(preset).quantize(w)
+    tensors = ct.encode_layer(qt)
+    assert ct.layer_format(qt) == fmt_name
+    assert tensors["weight_packed"].dtype == np.uint8 and tensors["weight_packed"].shape == (40, 48)
+    got = _decode(tensors, ct.weights_scheme(qt))
+    want = np.asarray(aq.dequantize(qt), np.float64).T
+    # NVFP4 divides by the global scale; we multiply by its float32 reciprocal: within an ulp of float32
+    np.testing.assert_allclose(got, want, rtol=2**-22, atol=0)
+    if preset == "mxfp4":
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("scheme,reason", [
+    (QuantScheme.preset("nvfp4", asym=True), "two scales"),
+    (QuantScheme.create("nf4"), "nf4 code book"),
+    (QuantScheme.create("fp3_e2m0", asym=False), "fp3_e2m0 code book"),
+    (QuantScheme.create("fp4_e2m1", asym=False), "float16 scales in groups of 128"),
+    (QuantScheme.create("int4", group_size=16, scale_dtype="float8_e4m3fn"), "float8_e4m3fn scales on integer"),
+])
+def test_layers_without_an_exact_form_are_refused_with_the_reason(scheme, reason):
+    qt = scheme.quantize(np.random.default_rng(3).standard_normal((64, 16)).astype(np.float32))
+    assert reason in ct.why_not_exportable(qt)
+    with pytest.raises(ct.NotExportable, match=reason):
+        ct.encode_layer(qt)
