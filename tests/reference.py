@@ -44,8 +44,8 @@ def micro_scale(r: np.ndarray, d: float, dtype: str, global_scale: np.float32 | 
 
     float8_e4m3fn (NVFP4): ``r / d`` (as the float32 product with recip_up(d)) times the tensor's global scale,
     clamped to 448 and rounded to the nearest E4M3 value (ml_dtypes' cast: nearest, ties to even), then times
-    the global scale's float32 reciprocal. float8_e8m0fnu (OCP MX): ``2^(floor(log2 r) - floor(log2 d))`` with the exponent in
-    [-126, 127]; a zero range gets 2^-126."""
+    the global scale's float32 reciprocal. float8_e8m0fnu (OCP MX): ``2^(floor(log2 r) - floor(log2 d))`` with
+    the exponent in [-126, 127]; a zero range gets 2^-126."""
     import ml_dtypes
 
     r = np.asarray(r, np.float32)

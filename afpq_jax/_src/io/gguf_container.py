@@ -86,7 +86,8 @@ class _Cursor:
         try:
             (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
         except struct.error:
-            raise _HeaderEndsEarly(f"{self.path}: the GGUF header ends early (truncated file?); fetch it again") from None
+            raise _HeaderEndsEarly(f"{self.path}: the GGUF header ends early (truncated file?); fetch it "
+                                   "again") from None
         self.pos += struct.calcsize(fmt)
         return value
 
