@@ -327,9 +327,8 @@ def _render_micro(table: Table, done: dict[str, dict]) -> list[str]:
 
 
 def _bits_per_weight(model: aq.CausalLM) -> dict:
-    layers = [layer.quantized_tensor() for layer in model.linear_layers().values() if layer.is_quantized]
-    bits = sum(q.bits_per_weight * q.in_features * q.out_features for q in layers)
-    return {"bits_per_weight": round(bits / sum(q.in_features * q.out_features for q in layers), 4)}
+    weights, nbytes = model.quantized_size()
+    return {"bits_per_weight": round(8 * nbytes / weights, 4)}
 
 
 MICRO = Table(

@@ -459,8 +459,7 @@ def save(model: CausalLM, out_dir: str | os.PathLike, *, overwrite: bool = False
         "method": None, "source": info.source if info else None, "source_kind": info.source_kind if info else None}
     linears = model.linear_layers()
     layout = {p: m.scheme for p, m in linears.items() if m.is_quantized}
-    q_params = sum(linears[p].in_features * linears[p].out_features for p in layout)
-    q_bytes = sum(linears[p].quantized_tensor().nbytes for p in layout)
+    q_params, q_bytes = model.quantized_size()
     quant_config = {
         **record, "checkpoint_format": CHECKPOINT_FORMAT, "quant_method": "afpq-jax",
         "mlp_act_scale": model.cfg.mlp_act_scale, "dtype": jnp.dtype(model.dtype).name,

@@ -343,13 +343,12 @@ def summarize(model, out: str | os.PathLike, seconds: float) -> ConvertSummary:
     import jax
     from flax import nnx
 
-    linears = model.linear_layers()
-    q = [m for m in linears.values() if m.is_quantized]
+    q = [m for m in model.linear_layers().values() if m.is_quantized]
     out = Path(out)
     info = model.checkpoint_info
+    q_params, q_bytes = model.quantized_size()
     return ConvertSummary(
-        out=out.absolute(), layers=len(q), quantized_params=sum(m.in_features * m.out_features for m in q),
-        quantized_bytes=sum(m.quantized_tensor().nbytes for m in q),
+        out=out.absolute(), layers=len(q), quantized_params=q_params, quantized_bytes=q_bytes,
         float_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))),
         disk_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()), seconds=seconds,
         phase_seconds=dict(info.phase_seconds) if info else {},

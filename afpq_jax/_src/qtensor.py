@@ -130,7 +130,7 @@ class QuantizedTensor:
     def with_float_scales(self) -> QuantizedTensor:
         """The same weight with float32 group scales and no channel or global scale (exact: the values
         `float_scales` gives; self if the scales are already float16/bfloat16/float32 group scales)."""
-        if self.channel_scale is None and self.global_scale is None and self.scale_dtype in FLOAT_SCALE_DTYPES:
+        if self.channel_scale is None and self.scale_dtype in FLOAT_SCALE_DTYPES:  # (so no global scale either)
             return self
         pos, neg = self.float_scales()
         return dataclasses.replace(self, scale=pos, scale_neg=neg, channel_scale=None, global_scale=None)

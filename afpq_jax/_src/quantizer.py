@@ -77,11 +77,14 @@ def _ranges(fmt: Format, asym: bool, xmin: jax.Array, xmax: jax.Array) -> tuple[
     return (xmax, -xmin) if asym else (jnp.maximum(xmax, -xmin), None)
 
 
-def global_scale_of(fmt: Format, asym: bool, xmin: jax.Array, xmax: jax.Array) -> jax.Array:
-    """The per-tensor float32 scale of E4M3 group scales: ``448 · D / R``, ``R`` the largest range over the
-    tensor's groups (both sides), ``D`` the format's divisor (`_divisor`), so the largest group scale is E4M3's
-    largest value. For FP4 E2M1 this is NVFP4's ``448 · 6 / amax``. Reduces the last three axes of grouped
-    ranges ``(..., G, 1, N)``; an all-zero tensor gets 1."""
+def global_scale_of(fmt: Format, asym: bool, xmin: jax.Array, xmax: jax.Array, scale_dtype) -> jax.Array | None:
+    """The per-tensor float32 scale of E4M3 group scales (None for scale dtypes without one, `GLOBAL_SCALED`):
+    ``448 · D / R``, ``R`` the largest range over the tensor's groups (both sides), ``D`` the format's divisor
+    (`_divisor`), so the largest group scale is E4M3's largest value. For FP4 E2M1 this is NVFP4's
+    ``448 · 6 / amax``. Reduces the last three axes of grouped ranges ``(..., G, 1, N)``; an all-zero tensor
+    gets 1."""
+    if jnp.dtype(scale_dtype).name not in GLOBAL_SCALED:
+        return None
     xmin = jnp.minimum(xmin.astype(jnp.float32), 0.0)
     xmax = jnp.maximum(xmax.astype(jnp.float32), 0.0)
     pos, neg = _ranges(fmt, asym, xmin, xmax)
@@ -290,7 +293,7 @@ def _quantize_codes(w, fmt: Format, asym: bool, g: int, scale_dtype, clip_ratios
     """
     wg = to_groups(w.astype(jnp.float32), g)
     lo, hi = jnp.min(wg, axis=-2, keepdims=True), jnp.max(wg, axis=-2, keepdims=True)
-    gs = global_scale_of(fmt, asym, lo, hi) if jnp.dtype(scale_dtype).name in GLOBAL_SCALED else None
+    gs = global_scale_of(fmt, asym, lo, hi, scale_dtype)
     if clip_ratios is not None:
         lo, hi = lo * clip_ratios[0], hi * clip_ratios[1]
     params = group_params(fmt, asym, lo, hi, scale_dtype, gs)

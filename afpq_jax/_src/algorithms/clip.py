@@ -29,7 +29,6 @@ from afpq_jax._src.sharding import column_sharded
 from afpq_jax._src.formats import Format, get_format
 from afpq_jax._src import validation
 from afpq_jax._src.errors import InputError
-from afpq_jax._src.qtensor import GLOBAL_SCALED
 from afpq_jax._src.quantizer import check_group_size, decode, encode, global_scale_of, group_params, to_groups
 
 if TYPE_CHECKING:
@@ -38,11 +37,6 @@ if TYPE_CHECKING:
 
 def shrink_grid(steps: int = 10, step: float = 0.05) -> np.ndarray:
     return np.asarray([1.0 - i * step for i in range(steps)], np.float32)
-
-
-def _global_scale(fmt: Format, asym: bool, sdt, lo, hi):
-    """E4M3 scales' global scale, from the whole unclipped weight (as `quantize` takes it); else None."""
-    return global_scale_of(fmt, asym, lo, hi) if jnp.dtype(sdt).name in GLOBAL_SCALED else None
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "sdt"))
@@ -56,7 +50,7 @@ def _search_impl(w, x, ratio_pairs, *, fmt: Format, asym: bool, g: int, sdt):
     t = x.shape[0]
     xg = to_groups(x.astype(jnp.float32).T, g).reshape(-1, g, t)  # (G, g, T): zero rows pad a short group
     lo0, hi0 = jnp.min(wg, axis=1, keepdims=True), jnp.max(wg, axis=1, keepdims=True)
-    gs = _global_scale(fmt, asym, sdt, lo0, hi0)
+    gs = global_scale_of(fmt, asym, lo0, hi0, sdt)  # from the whole unclipped weight, as `quantize` takes it
 
     def error(pair):
         params = group_params(fmt, asym, lo0 * pair[0], hi0 * pair[1], sdt, gs)
@@ -90,7 +84,7 @@ def _search_separable_impl(w, x, grid, *, fmt: Format, g: int, sdt, cols: int):
     t = x.shape[0]
     xg = to_groups(x.astype(jnp.float32).T, g).reshape(-1, g, t)  # (G, g, T)
     steps = grid.shape[0]
-    gs = _global_scale(fmt, True, sdt, jnp.min(wg, axis=1, keepdims=True), jnp.max(wg, axis=1, keepdims=True))
+    gs = global_scale_of(fmt, True, jnp.min(wg, axis=1, keepdims=True), jnp.max(wg, axis=1, keepdims=True), sdt)
 
     def chunk(wc):  # (G, g, C)
         lo0, hi0 = jnp.min(wc, axis=1, keepdims=True), jnp.max(wc, axis=1, keepdims=True)

@@ -28,7 +28,6 @@ from afpq_jax._src.sharding import column_sharded
 from afpq_jax._src.errors import ArgumentTypeError, InputError, QuantizationError
 from afpq_jax._src.formats import Format, get_format
 from afpq_jax._src.qtensor import QuantizedTensor
-from afpq_jax._src.qtensor import GLOBAL_SCALED
 from afpq_jax._src.quantizer import (GroupParams, channel_scale_of, check_group_size, check_integer_scale_dtype,
                                      check_scale_dtype, decode, encode, global_scale_of, group_params,
                                      integer_scale_limit, packed_tensor, snap_to_integer_scales)
@@ -178,7 +177,8 @@ def _gptq(w, h, perm, hinv, *, fmt: Format, asym: bool, g: int, sdt, static: boo
         grouped = grouped.reshape(n_groups, g, n)
         lo, hi = grouped.min(1, keepdims=True), grouped.max(1, keepdims=True)
         # E4M3 scales: one global scale from the original weights (as the tensor's amax in NVFP4), a scalar here
-        gs = global_scale_of(fmt, asym, lo, hi)[0, 0, 0] if jnp.dtype(sdt).name in GLOBAL_SCALED else None
+        gs = global_scale_of(fmt, asym, lo, hi, sdt)
+        gs = None if gs is None else gs[0, 0, 0]
         original = group_params(fmt, asym, lo, hi, sdt, gs)
         channel = None
         if integer_scales:

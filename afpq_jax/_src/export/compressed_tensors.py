@@ -17,14 +17,13 @@ Layouts (`shared/interop.md`; matched against compressed-tensors 0.17's compress
   biased exponent ``e`` of ``2^(e-127)``.
 
 A layer none of them holds exactly (AFPQ's two scales, NF / FP3 code books, other scale formats) raises
-`NotExportable` with the reason; the exporter refuses it or, when asked, writes it dequantized.
+`NotExportable` with the reason.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from afpq_jax._src import packing
@@ -63,7 +62,10 @@ def pack_nibbles(nibbles: np.ndarray) -> np.ndarray:
     return (n[:, 0::2] | (n[:, 1::2] << 4)).astype(np.uint8)
 
 
-def _why_not(qt: QuantizedTensor) -> str | None:
+def why_not_exportable(qt: QuantizedTensor) -> str | None:
+    """None if compressed-tensors holds ``qt`` exactly, else the reason (one phrase)."""
+    if qt.codes.ndim != 2:
+        return "stacked weights (export one 2-D weight per layer)"
     fmt, sd = qt.format, qt.scale_dtype
     if fmt.is_int:
         if fmt.bits not in INT_BITS:
@@ -81,13 +83,6 @@ def _why_not(qt: QuantizedTensor) -> str | None:
         return None
     return (f"FP4 E2M1 with {sd} scales in groups of {qt.group_size} (NVFP4: float8_e4m3fn in groups of 16; "
             "MXFP4: float8_e8m0fnu in groups of 32)")
-
-
-def why_not_exportable(qt: QuantizedTensor) -> str | None:
-    """None if compressed-tensors holds ``qt`` exactly, else the reason (one phrase)."""
-    if qt.codes.ndim != 2:
-        return "stacked weights (export one 2-D weight per layer)"
-    return _why_not(qt)
 
 
 def layer_format(qt: QuantizedTensor) -> str:
@@ -143,8 +138,3 @@ def _padded_even(codes: np.ndarray) -> np.ndarray:
         return codes
     return np.concatenate([codes, np.full((codes.shape[0], 1), 8, codes.dtype)], axis=1)
 
-
-def dequantized_weight(qt: QuantizedTensor, dtype=jnp.bfloat16) -> np.ndarray:
-    """The layer as a float ``[out, in]`` weight (for layers written dequantized)."""
-    from afpq_jax._src.quantizer import dequantize
-    return np.ascontiguousarray(np.asarray(dequantize(qt, dtype)).T)

@@ -108,12 +108,6 @@ def _check_qk_rows(w: np.ndarray, n_head: int) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _metadata(gguf: GGUFFile, skip_arrays: bool = True) -> dict[str, Any]:
-    """The metadata; big arrays (token lists) are replaced by their length unless ``skip_arrays`` is false."""
-    return {k: (f"<array of {len(v)}>" if skip_arrays and isinstance(v, list) else v)
-            for k, v in gguf.metadata.items()}
-
-
 def _architecture(gguf: GGUFFile, path: Path) -> str:
     arch = gguf.metadata.get("general.architecture")
     if arch is None:
@@ -128,7 +122,7 @@ def _architecture(gguf: GGUFFile, path: Path) -> str:
 
 def _config_from_file(gguf: GGUFFile, path: Path) -> dict[str, Any]:
     arch = _architecture(gguf, path)
-    meta = _metadata(gguf)
+    meta = gguf.metadata
 
     def need(key: str) -> Any:
         full = f"{arch}.{key}"

@@ -289,6 +289,11 @@ class CausalLM(nnx.Module):
             out["lm_head"] = self.lm_head
         return out
 
+    def quantized_size(self) -> tuple[int, int]:
+        """(weights, bytes) of the packed layers: codes, scales, zero points as stored."""
+        q = [m for m in self.linear_layers().values() if m.is_quantized]
+        return sum(m.in_features * m.out_features for m in q), sum(m.quantized_tensor().nbytes for m in q)
+
 
 def _block_output(block: Block, x: jax.Array, positions: jax.Array) -> jax.Array:
     return block(x, positions)[0]
