@@ -29,6 +29,7 @@ from flax import nnx
 
 from afpq_jax._src import interrupts, validation
 from afpq_jax._src.errors import ArgumentTypeError, CheckpointError, InputError, NoSpaceError
+from afpq_jax._src.interop import hf_import
 from afpq_jax._src.io import files, outputs, sources
 from afpq_jax._src.loading import CheckpointWeights, ModelAssembler, load_float
 from afpq_jax._src.models import CausalLM, ModelConfig, config_from_hf
@@ -89,7 +90,7 @@ IN_MEMORY = CheckpointInfo(source="<in-memory model>", source_kind="model")  # a
 
 
 # The keys of quantization_config.json that `CheckpointInfo.quantization` carries (the rest is derived at save).
-RECORD_KEYS = ("method", "method_options", "clip", "activations", "calibration", "rules", "report", "source",
+RECORD_KEYS = ("method", "imported_from", "method_options", "clip", "activations", "calibration", "rules", "report", "source",
                "source_kind")
 
 
@@ -162,8 +163,7 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def write(model: CausalLM, directory: Path, *, hf_config: dict, quant_config: dict,
-          tokenizer_dir: Path | None = None) -> None:
+def write(model: CausalLM, directory: Path, *, hf_config: dict, quant_config: dict) -> None:
     """Writes a checkpoint into ``directory`` (which must exist and be empty: use `staging_dir`). Multi-process:
     every process calls it; orbax writes each process's shards, process 0 the JSON and tokenizer files.
 
@@ -181,16 +181,27 @@ def write(model: CausalLM, directory: Path, *, hf_config: dict, quant_config: di
     try:
         (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
         (directory / QUANT_CONFIG).write_text(json.dumps(quant_config, indent=2, sort_keys=True))
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                src = Path(tokenizer_dir) / name
-                if src.is_file() and not (directory / name).exists():
-                    shutil.copy2(src, directory / name)
+        write_tokenizer(model.checkpoint_info, directory)
     except OSError as e:
         full = outputs.as_no_space(e, directory)
         if full is not None:
             raise full from None
         raise
+
+
+def write_tokenizer(info: CheckpointInfo | None, directory: Path) -> None:
+    """The model's tokenizer and generation files into ``directory`` (process 0 only): exported from its GGUF
+    file, or copied (`TOKENIZER_FILES`) from the directory it was loaded from."""
+    if info is None or jax.process_index() != 0:
+        return
+    if info.gguf_path:
+        from afpq_jax._src.io import gguf as gguf_io
+        gguf_io.write_hf_tokenizer(Path(info.gguf_path), directory)
+    if info.tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(info.tokenizer_dir) / name
+            if src.is_file() and not (directory / name).exists():
+                shutil.copy2(src, directory / name)
 
 
 def write_arrays(directory: Path, tree, custom_metadata: dict | None = None) -> None:
@@ -422,6 +433,14 @@ def load(path: str | os.PathLike, *, dtype: str = "float32", mesh: jax.sharding.
         return load_converted(path, mesh=mesh)
     source = sources.open_source(path)
     cfg = config_from_hf(source.config)
+    method = hf_import.quant_method(source)
+    if method is not None:  # GPTQ / AWQ / compressed-tensors / afpq layout: packed layers stay packed
+        model = hf_import.load_quantized(source, cfg, dtype=dt, mesh=mesh)
+        record = {"method": None, "imported_from": method}
+        model.checkpoint_info = dataclasses.replace(CheckpointInfo.from_source(source),
+                                                    hf_config=hf_import.float_config(source.config)
+                                                    ).quantized(record)
+        return model
     # with a mesh each array goes to its shards as it is read: no device holds the whole model
     model = load_float(CheckpointWeights(source, cfg), cfg, dtype=dt, mesh=mesh)
     model.checkpoint_info = CheckpointInfo.from_source(source)
@@ -468,9 +487,5 @@ def save(model: CausalLM, out_dir: str | os.PathLike, *, overwrite: bool = False
         "bits_per_weight": round(8 * q_bytes / max(1, q_params), 4),
     }
     with staging_dir(out, overwrite, inputs=inputs) as tmp:
-        if info is not None and info.gguf_path and jax.process_index() == 0:
-            from afpq_jax._src.io import gguf as gguf_io
-            gguf_io.write_hf_tokenizer(Path(info.gguf_path), tmp)
-        write(model, tmp, hf_config=hf, quant_config=quant_config,
-              tokenizer_dir=None if info is None or info.tokenizer_dir is None else Path(info.tokenizer_dir))
+        write(model, tmp, hf_config=hf, quant_config=quant_config)
     return out.absolute()

@@ -18,7 +18,7 @@ import numpy as np
 from afpq_jax._src.errors import CheckpointError
 from afpq_jax._src.io import gguf as gguf_io
 from afpq_jax._src.io.files import read_json_object
-from afpq_jax._src.io.safetensors_reader import SafetensorsError, SafetensorsFile
+from afpq_jax._src.io.safetensors_io import SafetensorsError, SafetensorsFile
 
 TensorIter = Iterator[tuple[str, np.ndarray]]
 

@@ -55,3 +55,36 @@ def rope_settings(hf: dict) -> tuple[float, tuple | None]:
     if scaling.get("rope_type", "default") == "default":
         return theta, None
     return theta, tuple(sorted(scaling.items()))
+
+
+def _template(pattern: str) -> str | None:
+    """A key pattern as a format string (``model\\.layers\\.(\\d+)\\.x`` -> ``model.layers.{}.x``): an optional
+    ``(?:prefix)?`` is written (the canonical name: BLOOM's ``transformer.``), each capturing group becomes a
+    field; None for patterns that are not such plain templates (``.*rotary_emb...``)."""
+    t = re.sub(r"\(\?:([^()]*)\)\?", r"\1", pattern)
+    t = re.sub(r"\((?!\?)[^()]*\)", "{}", t)
+    if re.search(r"[\\][^.]|[*+?\[\]()|^$]", t.replace(r"\.", "")):
+        return None
+    return t.replace(r"\.", ".")
+
+
+def hf_key(rules, path: tuple[Any, ...], tied: bool) -> tuple[str, bool]:
+    """The checkpoint key of model path ``path`` and whether its layout is transposed: the inverse of `map_key`
+    (verified by mapping the key back). Raises KeyError for a path no rule produces."""
+    dotted = ".".join(map(str, path))
+    for rule in rules:
+        if rule.target is None or (rule.unless_tied and tied):
+            continue
+        target = re.escape(rule.target).replace(r"\{", "{").replace(r"\}", "}")
+        m = re.fullmatch(re.sub(r"\{\d+\}", r"(.+?)", target), dotted)
+        template = _template(rule.pattern)
+        if m is None or template is None:
+            continue
+        order = [int(i) for i in re.findall(r"\{(\d+)\}", rule.target)]
+        groups: list[str] = [""] * (max(order) + 1 if order else 0)
+        for i, value in zip(order, m.groups()):
+            groups[i] = value
+        key = template.format(*groups)
+        if map_key(rules, key, tied) == (tuple(path), rule.transpose):
+            return key, rule.transpose
+    raise KeyError(dotted)

@@ -5,7 +5,7 @@ import pytest
 from safetensors.numpy import load_file as official_load_file
 
 from afpq_jax._src.errors import CheckpointError
-from afpq_jax._src.io.safetensors_reader import SafetensorsError, SafetensorsFile
+from afpq_jax._src.io.safetensors_io import SafetensorsError, SafetensorsFile
 from afpq_jax._src.io.sources import open_source
 from tests.support import read_safetensors_header, write_safetensors
 from tests.support import copy_fixture

@@ -1,4 +1,5 @@
-"""A minimal safetensors reader that reads each tensor with plain file reads (no mmap).
+"""safetensors files: a minimal reader that reads each tensor with plain file reads (no mmap), and the writer of
+sharded checkpoints (`ShardedWriter`: Hugging Face's shard names and ``model.safetensors.index.json``).
 
 Why not `safetensors.safe_open`: it memory-maps the file, and every page touched while streaming stays in the
 process's resident set until the file is closed, so streaming a model cost ~1 extra copy of it in RSS. Reading
@@ -12,7 +13,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import ml_dtypes
@@ -24,6 +25,8 @@ _DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 _MAX_HEADER = 100 * 2**20
+DTYPE_CODES = {np.dtype(v): k for k, v in _DTYPES.items()}  # numpy dtype -> the header's dtype string
+INDEX = "model.safetensors.index.json"
 
 
 class SafetensorsError(ValueError):
@@ -154,3 +157,75 @@ def _short(value) -> str:
     """``repr(value)``, cut to one short line for an error message."""
     r = repr(value)
     return r if len(r) <= 60 else f"{r[:57]}..."
+
+
+def write_file(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+               metadata: Mapping[str, str] | None = None) -> None:
+    """Writes ``tensors`` (name -> C-order array of a dtype in `DTYPE_CODES`) as one safetensors file, in the
+    given order; the header is padded with spaces to a multiple of 8 bytes, as the reference writer does."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    arrays = []
+    for name, arr in tensors.items():
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype not in DTYPE_CODES:
+            raise ValueError(f"tensor {name!r}: dtype {arr.dtype} has no safetensors code")
+        header[name] = {"dtype": DTYPE_CODES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for arr in arrays:
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+
+
+class ShardedWriter:
+    """Writes a checkpoint's tensors into ``directory`` as shards of at most ``max_shard_bytes`` (a larger tensor
+    gets a shard of its own), tensor by tensor so only one shard is held: ``model.safetensors`` when one shard
+    suffices, else ``model-0000i-of-0000n.safetensors`` and `INDEX` (``metadata.total_size``, ``weight_map``).
+    `finish` names the shards (the count is known only then) and writes the index."""
+
+    def __init__(self, directory: str | os.PathLike, max_shard_bytes: int = 5 * 10**9,
+                 metadata: Mapping[str, str] | None = None):
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self.directory, self.max_shard_bytes, self.metadata = Path(directory), max_shard_bytes, metadata
+        self._pending: dict[str, np.ndarray] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_size = 0
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        if name in self._pending or any(name in names for _, names in self._shards):
+            raise ValueError(f"tensor {name!r} written twice")
+        array = np.ascontiguousarray(array)
+        if self._pending and self._pending_bytes + array.nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = array
+        self._pending_bytes += array.nbytes
+        self.total_size += array.nbytes
+
+    def _flush(self) -> None:
+        path = self.directory / f".shard-{len(self._shards):05d}.safetensors"
+        write_file(path, self._pending, self.metadata)
+        self._shards.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        """Names the shards and writes the index; returns the shard file names."""
+        if self._pending or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for (path, tensors), name in zip(self._shards, names):
+            path.rename(self.directory / name)
+            weight_map.update({t: name for t in tensors})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return names

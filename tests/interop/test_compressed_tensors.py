@@ -8,7 +8,7 @@ import pytest
 
 import afpq_jax as aq
 from afpq_jax import QuantScheme
-from afpq_jax._src.export import compressed_tensors as ct
+from afpq_jax._src.interop import compressed_tensors as ct
 
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)
 

@@ -1,1 +1,0 @@
-"""Export of packed models to the formats serving stacks read (issue #31)."""

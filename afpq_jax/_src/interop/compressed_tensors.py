@@ -1,0 +1,262 @@
+"""One packed layer in compressed-tensors' on-disk form (vllm-project/compressed-tensors, read by vLLM and
+transformers): the tensors of a ``Linear`` and the ``weights`` scheme of its config group.
+
+Layouts (`shared/interop.md`; matched against compressed-tensors 0.17's compressors):
+
+* ``pack-quantized`` (INT, sym or asym, 2/3/4/8-bit, group or channel): ``weight_packed`` int32
+  ``[out, ceil(in·b/32)]``, element ``i`` of a row at bits ``i·b`` of the row's bit string, LSB first (dense: since
+  0.17 3-bit codes straddle words); ``weight_scale`` ``[out, groups]`` in the scales' dtype; ``weight_shape`` int64
+  ``[out, in]``; asym: ``weight_zero_point`` ``[ceil(out·b/32), groups]``, packed the same way along the output
+  axis. Codes and zero points are stored offset by ``2^(b-1)`` from compressed-tensors' signed values, which makes
+  them exactly our unsigned codes and zero points (sym: our implicit zero point ``2^(b-1)``).
+* ``nvfp4-pack-quantized`` (FP4 E2M1, sym, groups of 16, float8_e4m3fn scales, a float32 global scale):
+  ``weight_packed`` uint8 ``[out, in/2]``, element ``2j`` in the low nibble, nibble = sign·8 + the index of its
+  magnitude in {0, .5, 1, 1.5, 2, 3, 4, 6}; ``weight_scale`` float8_e4m3fn ``[out, in/16]``;
+  ``weight_global_scale`` float32 ``[1]``; dequantization ``fp4 · (scale / global_scale)``.
+* ``mxfp4-pack-quantized`` (FP4 E2M1, sym, groups of 32, E8M0 scales): the same codes; ``weight_scale`` uint8, the
+  biased exponent ``e`` of ``2^(e-127)``.
+
+A layer none of them holds exactly (AFPQ's two scales, NF / FP3 code books, other scale formats) raises
+`NotExportable` with the reason. `decode_layer` reads each layout back into a packed `QuantizedTensor` (also
+``strategy: tensor`` INT scales, and ``actorder`` g_idx when it is the identity grouping).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from afpq_jax._src import packing
+from afpq_jax._src.errors import CheckpointError, InputError
+from afpq_jax._src.formats import get_format
+from afpq_jax._src.qtensor import QuantizedTensor
+
+INT_BITS = (2, 3, 4, 8)
+FLOAT_SCALES = ("float16", "bfloat16", "float32")
+FORMATS = ("pack-quantized", "nvfp4-pack-quantized", "mxfp4-pack-quantized")
+
+
+class NotExportable(InputError):
+    """This layer's scheme has no exact form in the target format (the message says why)."""
+
+
+def pack_rows_int32(values: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned ``bits``-bit values ``(R, C)`` -> int32 ``(R, ceil(C·bits/32))``: value ``i`` of a row at bit
+    ``i·bits`` of the row's little-endian bit string (compressed-tensors' dense packing)."""
+    v = np.asarray(values, np.uint32)
+    r, c = v.shape
+    bit_rows = ((v[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8).reshape(r, c * bits)
+    words = -(-c * bits // 32)
+    bit_rows = np.pad(bit_rows, ((0, 0), (0, words * 32 - c * bits)))
+    return np.ascontiguousarray(np.packbits(bit_rows, axis=1, bitorder="little")).view("<i4").reshape(r, words)
+
+
+def unpack_rows_int32(words: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of `pack_rows_int32`: int32 ``(R, W)`` -> uint8 ``(R, count)`` values."""
+    w = np.ascontiguousarray(words, "<i4")
+    bit_rows = np.unpackbits(w.view(np.uint8).reshape(w.shape[0], -1), axis=1, bitorder="little")
+    bit_rows = bit_rows[:, :count * bits].reshape(w.shape[0], count, bits).astype(np.uint8)
+    return (bit_rows << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint32).astype(np.uint8)
+
+
+def fp4_nibbles(codes: np.ndarray) -> np.ndarray:
+    """Our FP4 E2M1 codes (indices into -6 .. -0, +0 .. 6) -> compressed-tensors' nibbles (sign·8 + magnitude
+    index): +0..6 are codes 8..15 (index code - 8), -0..-6 are codes 7..0 (8 + 7 - code)."""
+    c = np.asarray(codes, np.uint8)
+    return np.where(c >= 8, c - 8, 15 - c).astype(np.uint8)
+
+
+def fp4_codes(nibbles: np.ndarray) -> np.ndarray:
+    """Inverse of `fp4_nibbles`: nibble m < 8 (+magnitude m) is code 8 + m, nibble 8 + m (-magnitude m) is
+    code 7 - m."""
+    n = np.asarray(nibbles, np.uint8)
+    return np.where(n < 8, n + 8, 15 - n).astype(np.uint8)
+
+
+def pack_nibbles(nibbles: np.ndarray) -> np.ndarray:
+    """``(R, C)`` nibbles, C even -> uint8 ``(R, C/2)``: element 2j in the low nibble, 2j+1 in the high one."""
+    n = np.asarray(nibbles, np.uint8)
+    return (n[:, 0::2] | (n[:, 1::2] << 4)).astype(np.uint8)
+
+
+def why_not_exportable(qt: QuantizedTensor) -> str | None:
+    """None if compressed-tensors holds ``qt`` exactly, else the reason (one phrase)."""
+    if qt.codes.ndim != 2:
+        return "stacked weights (export one 2-D weight per layer)"
+    fmt, sd = qt.format, qt.scale_dtype
+    if fmt.is_int:
+        if fmt.bits not in INT_BITS:
+            return f"{fmt.bits}-bit integers (pack-quantized holds {', '.join(map(str, INT_BITS))})"
+        if sd not in FLOAT_SCALES:
+            return f"{sd} scales on integer weights (pack-quantized takes float16/bfloat16/float32 scales)"
+        return None
+    if fmt.name != "fp4_e2m1":
+        return f"the {fmt.name} code book (compressed-tensors holds INT and FP4 E2M1 only)"
+    if qt.asym:
+        return "AFPQ's two scales per group (compressed-tensors' FP4 is symmetric)"
+    if sd == "float8_e4m3fn" and qt.group_size == 16:
+        return None
+    if sd == "float8_e8m0fnu" and qt.group_size == 32:
+        return None
+    return (f"FP4 E2M1 with {sd} scales in groups of {qt.group_size} (NVFP4: float8_e4m3fn in groups of 16; "
+            "MXFP4: float8_e8m0fnu in groups of 32)")
+
+
+def layer_format(qt: QuantizedTensor) -> str:
+    """The compressed-tensors format name of an exportable layer."""
+    if qt.format.is_int:
+        return "pack-quantized"
+    return "nvfp4-pack-quantized" if qt.scale_dtype == "float8_e4m3fn" else "mxfp4-pack-quantized"
+
+
+def weights_scheme(qt: QuantizedTensor) -> dict[str, Any]:
+    """The ``weights`` object of the layer's config group (`QuantizationArgs`)."""
+    fmt = qt.format
+    channel = qt.group_size is None or qt.group_size >= qt.in_features  # one group per output column
+    args: dict[str, Any] = {"num_bits": fmt.bits, "type": "int" if fmt.is_int else "float",
+                            "symmetric": not qt.asym, "dynamic": False, "actorder": None,
+                            "strategy": "channel" if channel and fmt.is_int else "group",
+                            "group_size": None if channel and fmt.is_int else qt.group_size}
+    if layer_format(qt) == "nvfp4-pack-quantized":
+        args["strategy"] = "tensor_group"
+    return args
+
+
+def encode_layer(qt: QuantizedTensor) -> dict[str, np.ndarray]:
+    """The layer's tensors by suffix (``weight_packed``, ``weight_scale``, ...), torch layout ``[out, in]``.
+    Raises `NotExportable` if compressed-tensors cannot hold it exactly."""
+    reason = why_not_exportable(qt)
+    if reason is not None:
+        raise NotExportable(reason)
+    fmt = qt.format
+    qt = qt.with_float_scales() if qt.integer_scales else qt  # integer group scales: their exact float32 products
+    codes = np.asarray(packing.unpack(qt.codes, fmt.bits, qt.in_features)).T  # (out, in)
+    scale = np.asarray(qt.scale).T  # (out, groups)
+    out = {"weight_shape": np.asarray([qt.out_features, qt.in_features], np.int64)}
+    if fmt.is_int:
+        out["weight_packed"] = pack_rows_int32(codes, fmt.bits)
+        out["weight_scale"] = np.ascontiguousarray(scale)
+        if qt.asym:
+            zero = np.asarray(qt.zero).T  # (out, groups), packed along the output axis
+            out["weight_zero_point"] = np.ascontiguousarray(pack_rows_int32(zero.T, fmt.bits).T)
+        return out
+    out["weight_packed"] = pack_nibbles(fp4_nibbles(_padded_even(codes)))
+    if qt.scale_dtype == "float8_e4m3fn":
+        out["weight_scale"] = np.ascontiguousarray(scale)  # float8_e4m3fn
+        out["weight_global_scale"] = np.asarray(qt.global_scale, np.float32).reshape(1)
+    else:
+        out["weight_scale"] = np.ascontiguousarray(scale.view(np.uint8))  # E8M0: the exponent byte
+    return out
+
+
+def _padded_even(codes: np.ndarray) -> np.ndarray:
+    """An odd ``in`` gets one zero code (+0: code 8) so nibbles pair up; weight_shape keeps the true width."""
+    if codes.shape[1] % 2 == 0:
+        return codes
+    return np.concatenate([codes, np.full((codes.shape[0], 1), 8, codes.dtype)], axis=1)
+
+
+
+def input_activations(act_bits: int | None, act_mode: str | None) -> dict[str, Any] | None:
+    """The ``input_activations`` args of a layer's activation scheme: static per-tensor int8 (``input_scale``)
+    or dynamic per-token int8."""
+    if act_bits is None:
+        return None
+    return {"num_bits": act_bits, "type": "int", "symmetric": True, "dynamic": act_mode == "dynamic",
+            "strategy": "token" if act_mode == "dynamic" else "tensor", "group_size": None, "actorder": None}
+
+
+def quantization_config(groups: list[tuple[dict, dict | None, str, list[str]]], ignore: list[str],
+                        version: str) -> dict[str, Any]:
+    """config.json's ``quantization_config``: one config group per (weights, input_activations, format,
+    targets); ``mixed-precision`` at the top when the groups' formats differ."""
+    formats = sorted({fmt for _, _, fmt, _ in groups})
+    config_groups = {f"group_{i}": {"targets": targets, "weights": weights, "input_activations": acts,
+                                    "output_activations": None, "format": fmt}
+                     for i, (weights, acts, fmt, targets) in enumerate(groups)}
+    return {"quant_method": "compressed-tensors", "format": formats[0] if len(formats) == 1 else "mixed-precision",
+            "quantization_status": "compressed", "version": version, "config_groups": config_groups,
+            "ignore": ignore, "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
+            "global_compression_ratio": None}
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+
+def _tensor(tensors, name: str, where: str, dtypes: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
+    if name not in tensors:
+        raise CheckpointError(f"{where}: missing tensor {name}; the checkpoint is incomplete")
+    a = tensors[name]
+    if a.dtype.name not in dtypes or tuple(a.shape) != tuple(shape):
+        raise CheckpointError(f"{where}.{name} is {a.dtype.name}{list(a.shape)}, expected "
+                              f"{'/'.join(dtypes)}{list(shape)} for its quantization args")
+    return a
+
+
+def _group_size(args: dict, k: int, tensors, where: str) -> int | None:
+    strategy = args.get("strategy")
+    if strategy in ("channel", "tensor"):
+        return None
+    g = args.get("group_size")
+    if strategy not in ("group", "tensor_group") or not isinstance(g, int) or g <= 0:
+        raise CheckpointError(f"{where}: weights strategy {strategy!r} with group_size {g!r} is not readable "
+                              f"(afpq-jax reads channel, tensor, group and tensor_group)")
+    g_idx = tensors.get("weight_g_idx")
+    if g_idx is not None and not np.array_equal(np.asarray(g_idx), np.arange(k) // g):
+        raise CheckpointError(f"{where}.weight_g_idx is not contiguous groups of {g} (activation-order groups); "
+                              f"afpq-jax's packed weights keep a group's rows together — requantize the model "
+                              f"with afpq-jax's GPTQ (act_order keeps static groups)")
+    return g
+
+
+def decode_layer(tensors, args: dict, layer_format: str, *, dtype: str, where: str) -> QuantizedTensor:
+    """The packed weight of one compressed ``Linear`` (``tensors`` by suffix; ``args`` its ``weights``
+    quantization args; ``layer_format`` its format); ``dtype`` is the model's float dtype."""
+    if layer_format not in FORMATS:
+        raise CheckpointError(f"{where}: compressed-tensors format {layer_format!r} is not readable; afpq-jax reads "
+                              f"{', '.join(FORMATS)}")
+    shape = _tensor(tensors, "weight_shape", where, ("int64", "int32"), (2,))
+    n, k = (int(v) for v in shape)
+    bits = args.get("num_bits")
+    g = _group_size(args, k, tensors, where)
+    groups = 1 if g is None else -(-k // g)
+    if layer_format == "pack-quantized":
+        if args.get("type", "int") != "int" or bits not in INT_BITS:
+            raise CheckpointError(f"{where}: pack-quantized with {args.get('type')} {bits}-bit weights; afpq-jax "
+                                  f"reads {', '.join(map(str, INT_BITS))}-bit int")
+        fmt = f"int{bits}"
+        words = _tensor(tensors, "weight_packed", where, ("int32",), (n, -(-k * bits // 32)))
+        codes = unpack_rows_int32(words, bits, k)
+        scale = _tensor(tensors, "weight_scale", where, FLOAT_SCALES, (n, groups if args.get("strategy") != "tensor"
+                                                                         else 1))
+        if args.get("strategy") == "tensor":  # one scale for the whole tensor: per-channel, the same per column
+            scale = np.broadcast_to(scale, (n, 1))
+        zero = None
+        if not args.get("symmetric", True):
+            zp = _tensor(tensors, "weight_zero_point", where, ("int32",), (-(-n * bits // 32), scale.shape[1]))
+            zero = np.ascontiguousarray(unpack_rows_int32(np.ascontiguousarray(zp.T), bits, n))  # (G, out)
+        leaves = {"scale": np.ascontiguousarray(scale.T), "zero": zero}
+        asym = zero is not None
+    else:
+        nv = layer_format == "nvfp4-pack-quantized"
+        if args.get("type") != "float" or bits != 4 or not args.get("symmetric", True) or g != (16 if nv else 32):
+            raise CheckpointError(f"{where}: {layer_format} needs symmetric 4-bit float weights in groups of "
+                                  f"{16 if nv else 32}, the config says {args}")
+        fmt, asym = "fp4_e2m1", False
+        packed = _tensor(tensors, "weight_packed", where, ("uint8",), (n, -(-k // 2)))
+        nibbles = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, -1)[:, :k]
+        codes = fp4_codes(nibbles)
+        if nv:
+            scale = _tensor(tensors, "weight_scale", where, ("float8_e4m3fn",), (n, groups))
+            gs = _tensor(tensors, "weight_global_scale", where, ("float32",), (1,))
+            leaves = {"scale": np.ascontiguousarray(scale.T), "global_scale": np.asarray(gs)}
+        else:
+            scale = _tensor(tensors, "weight_scale", where, ("uint8",), (n, groups))
+            leaves = {"scale": np.ascontiguousarray(scale.T).view(np.dtype("float8_e8m0fnu"))}
+    qt = QuantizedTensor(codes=packing.pack(np.ascontiguousarray(codes.T), get_format(fmt).bits), **leaves,
+                         format_name=fmt, group_size=g, asym=asym, shape=(k, n), dtype=dtype)
+    try:
+        qt.validate()
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return qt
