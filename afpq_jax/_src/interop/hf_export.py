@@ -228,6 +228,8 @@ def export(model: CausalLM, out_dir: str | os.PathLike, *, target: str = "compre
 
     qconfig, extra_files = codec.config(kept, float_linears, hf)
     hf_out = {**hf, "quantization_config": qconfig, "torch_dtype": out_dtype.name}
+    if "dtype" in hf:  # transformers 5's name for it
+        hf_out["dtype"] = out_dtype.name
     out = Path(out_dir)
     inputs = [info.source if info.source_kind != "model" else None, info.tokenizer_dir, info.gguf_path]
     by_layer = {layer.path: layer for layer in layers}

@@ -1,0 +1,213 @@
+"""Whole models out to compressed-tensors / GPTQ / the afpq layout and back in (`afpq_jax.export`, `aq.load`):
+exported then imported gives the same logits bit for bit; the files follow each format's layout, checked by
+numpy decoders written from the specs (tests/interop/test_compressed_tensors.py, test_gptq.py); refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import afpq_jax as aq
+from afpq_jax import export as export_cli
+from afpq_jax._src.errors import CheckpointError
+from afpq_jax._src.interop.compressed_tensors import NotExportable
+from afpq_jax._src.io.safetensors_io import SafetensorsFile
+from tests.interop.test_compressed_tensors import _decode as ct_reference
+from tests.interop.test_gptq import _ref_gptq as gptq_reference
+from tests.support import FIXTURES
+
+IDS = jnp.asarray(np.arange(40).reshape(2, 20) * 7 % 256)
+INT4 = aq.QuantScheme.create("int4", group_size=16, asym=True)
+
+
+def _quantized(rules, fixture="llama_gqa"):
+    return aq.quantize_pretrained(FIXTURES / fixture, rules, progress=False)
+
+
+def _same_logits(model, path):
+    back = aq.load(path)
+    np.testing.assert_array_equal(np.asarray(back(IDS)), np.asarray(model(IDS)))
+    return back
+
+
+CASES = [("compressed-tensors", INT4), ("compressed-tensors", aq.QuantScheme.create("int8", group_size=None,
+                                                                                     asym=False)),
+         ("compressed-tensors", aq.QuantScheme.preset("nvfp4")), ("compressed-tensors", aq.QuantScheme.preset("mxfp4")),
+         ("gptq", aq.QuantScheme.create("int4", group_size=32, asym=False)),
+         ("gptq", aq.QuantScheme.create("int3", group_size=32, asym=True)),
+         ("afpq", aq.QuantScheme.create("nf3", group_size=16, asym=True)),
+         ("afpq", aq.QuantScheme.preset("nvfp4", asym=True)),
+         ("afpq", aq.QuantScheme.create("int4", group_size=32, integer_scales=True))]
+
+
+@pytest.mark.parametrize("target,scheme", CASES, ids=[f"{t}-{s}" for t, s in CASES])
+def test_exported_then_imported_gives_identical_logits(tmp_path, target, scheme):
+    model = _quantized(scheme)
+    result = export_cli.export(model, tmp_path / "out", format=target)
+    assert result.shards == ("model.safetensors",) and not result.dequantized
+    back = _same_logits(model, tmp_path / "out")
+    layer = back.layers[1].mlp.down_proj
+    assert layer.is_quantized and layer.scheme.format == scheme.format
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == {"compressed-tensors": "compressed-tensors", "gptq": "gptq",
+                                                          "afpq": "afpq"}[target]
+
+
+def test_compressed_tensors_files_decode_with_the_reference(tmp_path):
+    model = _quantized(INT4)
+    export_cli.export(model, tmp_path / "ct")
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized" and cfg["ignore"] == ["lm_head"]
+    (group,) = cfg["config_groups"].values()
+    assert group["targets"] == ["Linear"] and group["weights"] == {
+        "num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 16, "dynamic": False,
+        "actorder": None}
+    tensors = load_file(tmp_path / "ct" / "model.safetensors")  # the safetensors package reads the file
+    assert "lm_head.weight" in tensors and "model.layers.0.self_attn.q_proj.weight" not in tensors
+    for path, layer in model.linear_layers().items():
+        if not layer.is_quantized:
+            continue
+        name = {"attn": "self_attn"}.get(path.split(".")[2], "mlp")
+        prefix = f"model.layers.{path.split('.')[1]}.{name}.{path.split('.')[3]}"
+        got = {k.removeprefix(prefix + "."): v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        assert set(got) == {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape"}
+        np.testing.assert_array_equal(ct_reference(got, group["weights"]),
+                                      np.asarray(layer.weight(), np.float64).T, err_msg=path)
+
+
+def test_gptq_files_decode_with_the_reference(tmp_path):
+    model = _quantized(aq.QuantScheme.create("int4", group_size=32, asym=False))
+    export_cli.export(model, tmp_path / "g", format="gptq", dtype="float16")
+    qc = json.loads((tmp_path / "g" / "quantize_config.json").read_text())
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["checkpoint_format"]) == (4, 32, True, "gptq")
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"] == qc
+    tensors = load_file(tmp_path / "g" / "model.safetensors")
+    assert tensors["model.norm.weight"].dtype == np.float16
+    layer = model.layers[0].mlp.up_proj
+    got = {s: tensors[f"model.layers.0.mlp.up_proj.{s}"] for s in ("qweight", "qzeros", "scales", "g_idx")}
+    np.testing.assert_array_equal(gptq_reference(got, 4, 32, "gptq"), np.asarray(layer.weight()).T)
+
+
+def test_mixed_schemes_write_mixed_precision_and_gptq_dynamic(tmp_path):
+    rules = [aq.QuantRule(pattern=r".*\.attn\..*", scheme=aq.QuantScheme.preset("nvfp4")),
+             aq.QuantRule(pattern=r"layers\.1\.mlp\.down_proj", scheme=None),
+             aq.QuantRule(pattern=r".*", scheme=INT4)]
+    model = _quantized(rules)
+    export_cli.export(model, tmp_path / "ct")
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "mixed-precision"
+    formats = {g["format"]: g["targets"] for g in cfg["config_groups"].values()}
+    assert set(formats) == {"nvfp4-pack-quantized", "pack-quantized"}
+    assert "model.layers.0.self_attn.q_proj" in formats["nvfp4-pack-quantized"]
+    assert "model.layers.1.mlp.down_proj" in cfg["ignore"]
+    _same_logits(model, tmp_path / "ct")
+
+    rules = [aq.QuantRule(pattern=r".*\.attn\.q_proj", scheme=aq.QuantScheme.create("int8", group_size=32, asym=False)),
+             aq.QuantRule(pattern=r"layers\.1\.mlp\.down_proj", scheme=None),
+             aq.QuantRule(pattern=r".*", scheme=aq.QuantScheme.create("int4", group_size=32, asym=False))]
+    model = _quantized(rules)
+    export_cli.export(model, tmp_path / "g", format="gptq")
+    qc = json.loads((tmp_path / "g" / "quantize_config.json").read_text())
+    assert qc["bits"] == 4 and qc["dynamic"][r"+:^model\.layers\.0\.self_attn\.q_proj$"]["bits"] == 8
+    assert r"-:^model\.layers\.1\.mlp\.down_proj$" in qc["dynamic"]
+    _same_logits(model, tmp_path / "g")
+
+
+def test_layers_a_format_cannot_hold_are_refused_or_dequantized(tmp_path):
+    rules = [aq.QuantRule(pattern=r"layers\.0\..*", scheme=aq.QuantScheme.create("nf3", group_size=16)),
+             aq.QuantRule(pattern=r".*", scheme=INT4)]
+    model = _quantized(rules)
+    with pytest.raises(NotExportable, match=r"compressed-tensors cannot hold 7 layer\(s\) exactly .*nf3.*"
+                                            r"layers\.0\.attn\.q_proj"):
+        export_cli.export(model, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+    result = export_cli.export(model, tmp_path / "ct", dequantize_unsupported=True)
+    assert len(result.dequantized) == 7 and result.dequantized[0] == "layers.0.attn.q_proj"
+    header = SafetensorsFile(tmp_path / "ct" / "model.safetensors").entries
+    assert header["model.layers.0.self_attn.q_proj.weight"][0].name == "bfloat16"
+    assert "model.layers.0.self_attn.q_proj.weight_packed" not in header
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.self_attn.q_proj" in cfg["ignore"]
+    back = aq.load(tmp_path / "ct")
+    assert not back.layers[0].attn.q_proj.is_quantized and back.layers[1].attn.q_proj.is_quantized
+    np.testing.assert_array_equal(np.asarray(back.layers[0].attn.q_proj.weight()),
+                                  np.asarray(model.layers[0].attn.q_proj.weight().astype(jnp.bfloat16), np.float32))
+    with pytest.raises(NotExportable, match="GPTQ checkpoints are weight-only|gptq cannot hold"):
+        export_cli.export(_quantized(aq.QuantScheme.create("fp4_e2m1", group_size=16)), tmp_path / "g",
+                          format="gptq")
+    with pytest.raises(aq.InputError, match="no layer"):
+        export_cli.export(aq.load(FIXTURES / "llama_gqa"), tmp_path / "f")
+
+
+def test_shards_index_and_bloom_names(tmp_path):
+    model = _quantized(INT4, "bloom")
+    result = export_cli.export(model, tmp_path / "b", max_shard_bytes=40_000)
+    assert len(result.shards) > 2 and result.shards[0] == f"model-00001-of-{len(result.shards):05d}.safetensors"
+    index = json.loads((tmp_path / "b" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(result.shards)
+    assert "transformer.h.0.self_attention.query_key_value.weight_packed" in index["weight_map"]
+    assert "lm_head.weight" not in index["weight_map"]  # tied to the embeddings
+    assert index["metadata"]["total_size"] == sum(
+        (tmp_path / "b" / s).stat().st_size for s in result.shards) - sum(
+        8 + int.from_bytes((tmp_path / "b" / s).read_bytes()[:8], "little") for s in result.shards)
+    _same_logits(model, tmp_path / "b")
+
+
+def test_static_int8_activations_travel_with_their_input_scale(tmp_path):
+    model = _quantized(aq.QuantScheme.create("int4", group_size=32, asym=False))
+    model.layers[0].mlp.up_proj.set_activation_quant(8, "static", input_scale=0.05)
+    model.layers[1].mlp.up_proj.set_activation_quant(8, "dynamic")
+    for target in ("compressed-tensors", "afpq"):
+        export_cli.export(model, tmp_path / target, format=target)
+        back = _same_logits(model, tmp_path / target)
+        assert back.layers[0].mlp.up_proj.scheme.act_mode == "static"
+        assert float(back.layers[0].mlp.up_proj.input_scale.get_value()) == np.float32(0.05)
+        assert back.layers[1].mlp.up_proj.scheme.act_mode == "dynamic"
+    with pytest.raises(NotExportable, match="weight-only"):
+        export_cli.export(model, tmp_path / "g", format="gptq")
+
+
+def test_export_cli(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    aq.save(_quantized(INT4), ckpt)
+    out = tmp_path / "out"
+    assert export_cli.main(["--model", str(ckpt), "--out", str(out), "--json", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["format"] == "compressed-tensors" and summary["shards"] == ["model.safetensors"]
+    assert export_cli.main(["--model", str(ckpt), "--out", str(out), "--no-progress"]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert export_cli.main(["--model", str(ckpt), "--out", str(out), "--format", "afpq", "--overwrite",
+                            "--no-progress"]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "afpq"
+    # between outside formats: the imported afpq directory to GPTQ (asymmetric INT4: gptq_v2)
+    assert export_cli.main(["--model", str(out), "--out", str(tmp_path / "g"), "--format", "gptq",
+                            "--no-progress"]) == 0
+    assert json.loads((tmp_path / "g" / "quantize_config.json").read_text())["checkpoint_format"] == "gptq_v2"
+    _same_logits(aq.load(ckpt), tmp_path / "g")
+    nf3 = tmp_path / "nf3"
+    aq.save(_quantized(aq.QuantScheme.create("nf3", group_size=16)), nf3)
+    assert export_cli.main(["--model", str(nf3), "--out", str(tmp_path / "x"), "--format", "gptq",
+                            "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: gptq cannot hold 14 layer(s) exactly") and "--dequantize-unsupported" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_unreadable_quantization_configs_are_one_line_errors(tmp_path):
+    export_cli.export(_quantized(INT4), tmp_path / "ct")
+    cfg_path = tmp_path / "ct" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["quant_method"] = "fp8"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="quant_method 'fp8' is not readable"):
+        aq.load(tmp_path / "ct")
+    cfg["quantization_config"] = {**cfg["quantization_config"], "quant_method": "compressed-tensors",
+                                  "config_groups": {}}
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="no config group targets it"):
+        aq.load(tmp_path / "ct")
