@@ -70,6 +70,8 @@ class QuantDense(nnx.Module):
     its static description (scheme, shape, dtype) as plain attributes, so `nnx.split` puts only arrays in the
     state and the graphdef carries the rest. A scheme with int8 activations (``act_bits=8``) runs the integer
     path (`quantized_matmul_a8`); ``act_mode="static"`` adds ``input_scale``, the calibrated per-tensor scale.
+    A scheme with ``act_order_groups`` (an imported GPTQ ``desc_act`` layer) adds ``input_perm``, int32 ``(in,)``:
+    stored weight row ``j`` is input row ``input_perm[j]``, so the layer computes ``x[..., input_perm] @ W``.
 
     Quantization-aware training: `enable_fake_quant` keeps the float ``kernel`` as the latent (trainable) weight
     and runs the forward through ``fake_quant`` with ``train_scheme`` (straight-through gradient); `quantize`
@@ -104,8 +106,13 @@ class QuantDense(nnx.Module):
             shape=(self.in_features, self.out_features), dtype=self.dtype)
 
     def weight(self) -> jax.Array:
-        """The effective float kernel (dequantized if quantized)."""
-        return quantizer.dequantize(self.quantized_tensor()) if self.is_quantized else self.kernel.get_value()
+        """The effective float kernel (dequantized if quantized; rows in the input's order)."""
+        if not self.is_quantized:
+            return self.kernel.get_value()
+        w = quantizer.dequantize(self.quantized_tensor())
+        if self.input_perm is not None:  # stored row j is input row perm[j]
+            w = w[jnp.argsort(self.input_perm.get_value())]
+        return w
 
     def _set_quantized(self, qt: QuantizedTensor) -> None:
         for name in LEAF_NAMES:
@@ -113,6 +120,8 @@ class QuantDense(nnx.Module):
             setattr(self, name, None if leaf is None else QuantWeight(leaf))
         static = self.scheme is not None and self.scheme.act_mode == "static"
         self.input_scale = QuantWeight(jnp.ones((), jnp.float32)) if static else None
+        ordered = self.scheme is not None and self.scheme.act_order_groups
+        self.input_perm = QuantWeight(jnp.arange(self.in_features, dtype=jnp.int32)) if ordered else None
 
     def set_activation_quant(self, act_bits: int | None, act_mode: str | None,
                              input_scale: float | jax.Array | None = None) -> None:
@@ -144,6 +153,8 @@ class QuantDense(nnx.Module):
             raise InputError(f"quantized weight shape {qt.shape} does not match layer "
                              f"({self.in_features}, {self.out_features})")
         qt.validate()
+        if getattr(self, "input_perm", None) is not None:
+            raise InputError("this layer's input is permuted (act-order groups); it cannot take another weight")
         if hasattr(self, "kernel"):
             del self.kernel
         self.train_scheme = None
@@ -174,6 +185,8 @@ class QuantDense(nnx.Module):
         taps = _RECORDER.get()
         if taps is not None:
             taps.append((self, x))
+        if self.is_quantized and self.input_perm is not None:  # act-order groups: rows stored permuted
+            x = jnp.take(x, self.input_perm.get_value(), axis=-1)
         if self.is_quantized and self.scheme.quantizes_activations:
             scale = None if self.input_scale is None else self.input_scale.get_value()
             y = quantized_matmul_a8(x, self.quantized_tensor(), scale)

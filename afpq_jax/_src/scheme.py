@@ -57,6 +57,11 @@ class QuantScheme:
     ``input_scale``), 8 / "dynamic" symmetric int8 with a scale per token computed at run time. With int8
     activations the matmul runs on integers (`afpq_jax.kernels.quantized_matmul_a8`), which needs a weight format
     whose levels are small integers up to one factor (`Format.int8_multiplier`: INT, FP4 E2M1, FP3 E2M0; not NF).
+
+    act_order_groups: the groups were formed in activation order (a GPTQ ``desc_act`` checkpoint's ``g_idx``): the
+    weight's input rows are stored permuted so each group is contiguous, and the layer gathers its input by its
+    ``input_perm`` first (`QuantDense`). Only imported checkpoints have it; afpq-jax's own GPTQ keeps static
+    groups (its ``act_order`` orders the solve, not the storage).
     """
 
     format: str
@@ -66,6 +71,7 @@ class QuantScheme:
     integer_scales: bool = False
     act_bits: int | None = None
     act_mode: str | None = None
+    act_order_groups: bool = False
 
     def __post_init__(self) -> None:
         # Aliases ("fp4") and dtype spellings become canonical names, so equal schemes compare, hash and print
@@ -85,6 +91,8 @@ class QuantScheme:
         quantizer.check_scale_dtype(self.scale_dtype)
         if not isinstance(self.asym, bool):
             raise InputError(f"QuantScheme.asym must be true or false, got {self.asym!r}")
+        if not isinstance(self.act_order_groups, bool):
+            raise InputError(f"QuantScheme.act_order_groups must be true or false, got {self.act_order_groups!r}")
         if not isinstance(self.integer_scales, bool):
             raise InputError(f"QuantScheme.integer_scales must be true or false, got {self.integer_scales!r}")
         if self.integer_scales:
@@ -124,10 +132,11 @@ class QuantScheme:
     @classmethod
     def create(cls, format: str, *, group_size: int | None = 128, asym: bool = True,
                scale_dtype: str = "float16", integer_scales: bool = False, act_bits: int | None = None,
-               act_mode: str | None = None) -> QuantScheme:
+               act_mode: str | None = None, act_order_groups: bool = False) -> QuantScheme:
         """The scheme, keyword for keyword (the constructor does the same; kept as the documented spelling)."""
         return cls(format=format, group_size=group_size, asym=asym, scale_dtype=scale_dtype,
-                   integer_scales=integer_scales, act_bits=act_bits, act_mode=act_mode)
+                   integer_scales=integer_scales, act_bits=act_bits, act_mode=act_mode,
+                   act_order_groups=act_order_groups)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object recorded per layer in quantization_config.json (`from_json` reads it back)."""
@@ -136,6 +145,8 @@ class QuantScheme:
             del out["act_bits"], out["act_mode"]
         if not self.integer_scales:
             del out["integer_scales"]
+        if not self.act_order_groups:
+            del out["act_order_groups"]
         return out
 
     @classmethod
@@ -158,7 +169,8 @@ class QuantScheme:
         ints = "-intscales" if self.integer_scales else ""
         # micro-scaled scale formats are named; 16/32-bit float scales are not (the names of earlier versions)
         scales = f"-{self.scale_dtype}" if self.scale_dtype.startswith("float8") else ""
-        return f"{self.format}-{'asym' if self.asym else 'sym'}-g{group}{scales}{ints}{act}"
+        order = "-actorder" if self.act_order_groups else ""
+        return f"{self.format}-{'asym' if self.asym else 'sym'}-g{group}{scales}{ints}{order}{act}"
 
     def fake_quant(self, w: jax.Array) -> jax.Array:
         """``dequantize(self.quantize(w))`` without packing, with a straight-through (identity) gradient."""

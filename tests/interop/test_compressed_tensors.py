@@ -34,7 +34,7 @@ def _decode(tensors: dict, scheme: dict) -> np.ndarray:
         if not scheme["symmetric"]:
             zp = _unpack_rows(np.ascontiguousarray(tensors["weight_zero_point"].T), b, out_f).T - 2 ** (b - 1)
         g = in_f if scheme["strategy"] == "channel" else scheme["group_size"]
-        idx = np.arange(in_f) // g
+        idx = tensors["weight_g_idx"].astype(np.int64) if "weight_g_idx" in tensors else np.arange(in_f) // g
         zp = zp[:, idx] if np.ndim(zp) else 0
         return ((q - zp).astype(np.float32) * scale[:, idx].astype(np.float32)).astype(np.float64)  # float32 math
     packed = tensors["weight_packed"]
@@ -105,3 +105,32 @@ def test_layers_without_an_exact_form_are_refused_with_the_reason(scheme, reason
     assert reason in ct.why_not_exportable(qt)
     with pytest.raises(ct.NotExportable, match=reason):
         ct.encode_layer(qt)
+
+
+@pytest.mark.parametrize("fmt,group,asym,scale_dtype", CASES)
+def test_layers_read_back_into_the_same_packed_weight(fmt, group, asym, scale_dtype):
+    qt = aq.quantize(np.random.default_rng(4).standard_normal((200, 48)).astype(np.float32), fmt,
+                     group_size=group, asym=asym, scale_dtype=scale_dtype)
+    back, perm = ct.decode_layer(ct.encode_layer(qt), ct.weights_scheme(qt), ct.layer_format(qt), dtype="float32",
+                                 where="layer")
+    assert perm is None and back.asym == asym and back.group_size == (None if group is None else group)
+    for name in ("codes", "scale", "zero"):
+        a, b = getattr(qt, name), getattr(back, name)
+        assert (a is None) == (b is None) and (a is None or np.array_equal(np.asarray(a), np.asarray(b))), name
+    for preset in ("nvfp4", "mxfp4"):
+        qt = QuantScheme.preset(preset).quantize(np.random.default_rng(5).standard_normal((96, 40)).astype(np.float32))
+        back, _ = ct.decode_layer(ct.encode_layer(qt), ct.weights_scheme(qt), ct.layer_format(qt), dtype="float32",
+                                  where="layer")
+        np.testing.assert_array_equal(np.asarray(aq.dequantize(back)), np.asarray(aq.dequantize(qt)))
+
+
+def test_activation_order_groups_are_written_with_g_idx_and_read_back():
+    qt = aq.quantize(np.random.default_rng(6).standard_normal((128, 16)).astype(np.float32), "int4", group_size=32)
+    perm = np.random.default_rng(7).permutation(128).astype(np.int32)  # stored row j is input row perm[j]
+    tensors = ct.encode_layer(qt, perm)
+    scheme = ct.weights_scheme(qt, True)
+    assert scheme["actorder"] == "group" and tensors["weight_g_idx"][perm[40]] == 1
+    in_order = np.asarray(aq.dequantize(qt), np.float64)[np.argsort(perm)]
+    np.testing.assert_array_equal(_decode(tensors, scheme), in_order.T)
+    back, got_perm = ct.decode_layer(tensors, scheme, "pack-quantized", dtype="float32", where="layer")
+    np.testing.assert_array_equal(np.asarray(aq.dequantize(back))[np.argsort(got_perm)], in_order)

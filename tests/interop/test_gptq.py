@@ -60,9 +60,9 @@ def _ref_unpack_awq(words: np.ndarray) -> np.ndarray:
     return out
 
 
-def _ref_gptq(t: dict, bits: int, group_size: int, fmt: str) -> np.ndarray:
+def _ref_gptq(t: dict, bits: int, group_size: int, fmt: str, static: bool = True) -> np.ndarray:
     """The float32 weight ``[out, in]`` a GPTQ loader computes: ``scales[g_idx[i]] · (q − z)``, z = stored + 1
-    (v1, wrapping within the field) or stored (v2)."""
+    (v1, wrapping within the field) or stored (v2). ``static``: also checks g_idx is ``i // group_size``."""
     out = t["scales"].shape[1]
     k = t["g_idx"].shape[0]
     q = _ref_unpack_gptq(t["qweight"], bits, k)  # [in, out]
@@ -71,7 +71,8 @@ def _ref_gptq(t: dict, bits: int, group_size: int, fmt: str) -> np.ndarray:
         z = (z + 1) % (1 << bits)
     g = t["g_idx"].astype(np.int64)
     g_size = k if group_size == -1 else group_size
-    np.testing.assert_array_equal(g, np.arange(k) // g_size)
+    if static:
+        np.testing.assert_array_equal(g, np.arange(k) // g_size)
     w = (q - z[g]).astype(np.float32) * t["scales"][g].astype(np.float32)
     return w.T
 
@@ -191,7 +192,7 @@ def test_gptq_round_trip(bits, asym, group):
     gs = -1 if group is None else group
     want = np.asarray(aq.dequantize(qt))
     np.testing.assert_array_equal(_ref_gptq(t, bits, gs, fmt), want.T)
-    back = gptq.decode_layer(t, bits=bits, group_size=gs, sym=not asym, checkpoint_format=fmt, in_features=IN)
+    back = _decode_plain(t, bits=bits, group_size=gs, sym=not asym, checkpoint_format=fmt, in_features=IN)
     back.validate()
     assert back.group_size == group
     _assert_same_leaves(back, qt)
@@ -231,7 +232,7 @@ def test_bfloat16_and_exact_float32_scales_export_as_float16():
         assert t["scales"].dtype == np.float16
         want = np.asarray(aq.dequantize(qt))
         np.testing.assert_array_equal(_ref_gptq(t, 4, 64, "gptq_v2"), want.T)
-        back = gptq.decode_layer(t, bits=4, group_size=64, sym=False, checkpoint_format="gptq_v2", in_features=IN)
+        back = _decode_plain(t, bits=4, group_size=64, sym=False, checkpoint_format="gptq_v2", in_features=IN)
         _assert_same_leaves(back, qt, scale_values_only=True)
         np.testing.assert_array_equal(np.asarray(aq.dequantize(back)), want)
 
@@ -263,7 +264,7 @@ def test_asym_zero_point_zero_needs_v2():
     v1 = gptq.pack_gptq_rows((zero.T - 1) % 16, 4)[0, 0]
     assert _u32(v1) == 0xEDC7210F
     assert (_u32(v1) + 0x11111111) & 0xFF == 0x20  # fields 0, 1 read as z = 0, 2 instead of 0, 1
-    back = gptq.decode_layer(t, bits=4, group_size=-1, sym=False, checkpoint_format="gptq_v2", in_features=8)
+    back = _decode_plain(t, bits=4, group_size=-1, sym=False, checkpoint_format="gptq_v2", in_features=8)
     _assert_same_leaves(back, qt)
 
 
@@ -279,7 +280,7 @@ def test_decode_hand_built_v1_checkpoint():
     # sym: every stored field 7 (z − 1)
     t = {"qweight": qweight.view(np.int32), "qzeros": np.full((2, 1), 0x77777777, np.int32), "scales": scales,
          "g_idx": (np.arange(k) // g).astype(np.int32)}
-    qt = gptq.decode_layer(t, bits=bits, group_size=g, sym=True, checkpoint_format="gptq", in_features=k)
+    qt = _decode_plain(t, bits=bits, group_size=g, sym=True, checkpoint_format="gptq", in_features=k)
     assert not qt.asym and qt.zero is None and qt.group_size == g and qt.shape == (k, n)
     assert qt.scale.dtype == jnp.float16
     want = (codes - 8) * np.repeat(scales.astype(np.float32), g, axis=0)
@@ -287,7 +288,7 @@ def test_decode_hand_built_v1_checkpoint():
     # asym v1: stored z − 1 per field, a field of 0xF wraps to z = 0
     zf = np.array([[15, 0, 1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13, 14]])
     qzeros = np.array([[sum(int(v) << (4 * j) for j, v in enumerate(row))] for row in zf], np.uint32).view(np.int32)
-    qt = gptq.decode_layer({**t, "qzeros": qzeros}, bits=bits, group_size=g, sym=False, checkpoint_format="gptq",
+    qt = _decode_plain({**t, "qzeros": qzeros}, bits=bits, group_size=g, sym=False, checkpoint_format="gptq",
                            in_features=k, dtype="bfloat16")
     z = (zf + 1) % 16
     assert qt.asym and qt.dtype == "bfloat16"
@@ -302,13 +303,13 @@ def test_sym_checkpoint_with_other_zero_points_decodes_as_asym():
     # the same zero points written the v1 way, under a config that claims sym
     zeros = np.asarray(qt0.zero).astype(np.int64)
     t1 = {**t, "qzeros": gptq.pack_gptq_rows(((zeros - 1) % 16).T, 4).T.copy()}
-    back = gptq.decode_layer(t1, bits=4, group_size=64, sym=True, checkpoint_format="gptq", in_features=IN)
+    back = _decode_plain(t1, bits=4, group_size=64, sym=True, checkpoint_format="gptq", in_features=IN)
     assert back.asym and back.zero is not None
     _assert_same_leaves(back, qt0)
     np.testing.assert_array_equal(_ref_gptq(t1, 4, 64, "gptq").T, np.asarray(aq.dequantize(back)))
     # a sym=False checkpoint keeps its zero leaf even when every zero point is the centre
     sym = aq.quantize(_weight(seed=3), "int4", group_size=64, asym=False, scale_dtype="float16")
-    back = gptq.decode_layer(gptq.encode_layer(sym), bits=4, group_size=64, sym=False, checkpoint_format="gptq",
+    back = _decode_plain(gptq.encode_layer(sym), bits=4, group_size=64, sym=False, checkpoint_format="gptq",
                              in_features=IN)
     assert back.asym and np.all(np.asarray(back.zero) == 8)
     np.testing.assert_array_equal(np.asarray(aq.dequantize(back)), np.asarray(aq.dequantize(sym)))
@@ -359,15 +360,32 @@ def int4_layer():
     return gptq.encode_layer(qt)
 
 
+def _decode_plain(*args, **kw):
+    """`gptq.decode_layer` of static groups: the tensor (no permutation)."""
+    qt, perm = gptq.decode_layer(*args, **kw)
+    assert perm is None
+    return qt
+
+
 def _decode(t, **kw):
     args = dict(bits=4, group_size=64, sym=True, checkpoint_format="gptq", in_features=IN) | kw
-    return gptq.decode_layer(t, **args)
+    return _decode_plain(t, **args)
 
 
-def test_act_order_g_idx_is_refused(int4_layer):
-    g_idx = np.random.default_rng(0).permutation(IN).astype(np.int32) // 64
-    with pytest.raises(CheckpointError, match=r"g_idx.*act-order"):
-        _decode({**int4_layer, "g_idx": g_idx})
+def test_act_order_g_idx_round_trips_through_a_row_permutation(int4_layer):
+    """desc_act: rows of a group are scattered over the input; decoded, the rows are stored in group order plus
+    the permutation, and the weight in the input's order is what the reference GPTQ loader computes."""
+    g_idx = (np.random.default_rng(0).permutation(IN) // 64).astype(np.int32)
+    t = {**int4_layer, "g_idx": g_idx}
+    qt, perm = gptq.decode_layer(t, bits=4, group_size=64, sym=True, checkpoint_format="gptq", in_features=IN)
+    assert perm is not None and np.array_equal(g_idx[perm], np.arange(IN) // 64)
+    in_order = np.asarray(aq.dequantize(qt))[np.argsort(perm)]
+    np.testing.assert_array_equal(_ref_gptq(t, 4, 64, "gptq", static=False), in_order.T)
+    back = gptq.encode_layer(qt, input_perm=perm)
+    for name in ("qweight", "qzeros", "scales", "g_idx"):
+        np.testing.assert_array_equal(back[name], t[name], err_msg=name)
+    with pytest.raises(CheckpointError, match="does not put 64 input rows in each group"):
+        _decode({**int4_layer, "g_idx": np.minimum(g_idx, 2).astype(np.int32)})
     # no g_idx at all: the static grouping
     t = {k: v for k, v in int4_layer.items() if k != "g_idx"}
     assert _decode(t).num_groups == IN // 64
@@ -421,7 +439,7 @@ def test_a_v2_file_writes_its_symmetric_layers_as_v2_and_v1_refuses_zero_points(
     qt = aq.quantize(_weight(seed=7), "int4", group_size=32, asym=False, scale_dtype="float16")
     v1, v2 = gptq.encode_layer(qt), gptq.encode_layer(qt, checkpoint_format="gptq_v2")
     assert np.all(v1["qzeros"] == 0x77777777) and np.all(v2["qzeros"] == np.int32(-2004318072))  # 0x88888888
-    back = gptq.decode_layer(v2, bits=4, group_size=32, sym=True, checkpoint_format="gptq_v2", in_features=IN)
+    back = _decode_plain(v2, bits=4, group_size=32, sym=True, checkpoint_format="gptq_v2", in_features=IN)
     _assert_same_leaves(back, qt)
     with pytest.raises(aq.InputError, match="gptq_v2"):
         gptq.encode_layer(aq.quantize(_weight(seed=7), "int4", group_size=32, asym=True), checkpoint_format="gptq")

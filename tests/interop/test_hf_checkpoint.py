@@ -5,12 +5,11 @@ numpy decoders written from the specs (tests/interop/test_compressed_tensors.py,
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 import afpq_jax as aq
 from afpq_jax import export as export_cli
@@ -211,3 +210,43 @@ def test_unreadable_quantization_configs_are_one_line_errors(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="no config group targets it"):
         aq.load(tmp_path / "ct")
+
+
+def test_act_order_gptq_checkpoints_load_packed_and_travel_on(tmp_path):
+    """A desc_act GPTQ layer (g_idx scattering each group over the input) loads as rows stored in group order plus
+    the permutation the layer gathers its input by; exported again it gives back the same tensors (GPTQ) or a
+    weight_g_idx (compressed-tensors), and the model the same logits."""
+    model = _quantized(aq.QuantScheme.create("int4", group_size=32, asym=False))
+    export_cli.export(model, tmp_path / "static", format="gptq")
+    tensors = load_file(tmp_path / "static" / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj"  # in = 160: five groups of 32
+    # one scale and zero point for every group, so any assignment of rows to groups is the same weight
+    tensors[f"{name}.scales"] = np.repeat(tensors[f"{name}.scales"][:1], 5, axis=0)
+    save_file(tensors, tmp_path / "static" / "model.safetensors", metadata={"format": "pt"})
+    ordered = tmp_path / "ordered"
+    ordered.mkdir()
+    for f in ("config.json", "quantize_config.json"):
+        (ordered / f).write_text((tmp_path / "static" / f).read_text())
+    g_idx = (np.random.default_rng(0).permutation(160) // 32).astype(np.int32)
+    save_file({**tensors, f"{name}.g_idx": g_idx}, ordered / "model.safetensors", metadata={"format": "pt"})
+
+    plain, act = aq.load(tmp_path / "static"), aq.load(ordered)
+    layer = act.layers[0].mlp.down_proj
+    assert layer.scheme.act_order_groups and not plain.layers[0].mlp.down_proj.scheme.act_order_groups
+    perm = np.asarray(layer.input_perm.get_value())
+    assert np.array_equal(g_idx[perm], np.arange(160) // 32)
+    np.testing.assert_array_equal(np.asarray(layer.weight()), np.asarray(plain.layers[0].mlp.down_proj.weight()))
+    np.testing.assert_allclose(np.asarray(act(IDS)), np.asarray(plain(IDS)), rtol=1e-5, atol=1e-5)
+
+    export_cli.export(act, tmp_path / "again", format="gptq")
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    for suffix in ("qweight", "qzeros", "scales", "g_idx"):
+        np.testing.assert_array_equal(again[f"{name}.{suffix}"], tensors.get(f"{name}.{suffix}", g_idx)
+                                      if suffix != "g_idx" else g_idx, err_msg=suffix)
+    assert json.loads((tmp_path / "again" / "quantize_config.json").read_text())["desc_act"] is True
+    for target in ("compressed-tensors", "afpq"):
+        export_cli.export(act, tmp_path / target, format=target)
+        back = _same_logits(act, tmp_path / target)
+        assert back.layers[0].mlp.down_proj.scheme.act_order_groups
+    ct = load_file(tmp_path / "compressed-tensors" / "model.safetensors")
+    np.testing.assert_array_equal(ct[f"{name}.weight_g_idx"], g_idx)

@@ -15,6 +15,8 @@ Tensors of one quantized ``Linear`` (torch layout: ``out`` = output features, ``
 * ``weight_global_scale`` F32 ``[1]``: the per-tensor scale of E4M3 group scales (NVFP4's).
 * ``weight_shape`` I64 ``[2]``: ``[out, in]``.
 * ``input_scale`` F32 ``[1]``: the calibrated int8 activation scale of a static W·A8 layer.
+* ``input_perm`` I32 ``[in]``: activation-order groups (``act_order_groups``): stored input row ``j`` (of
+  ``weight_packed`` and the groups) is the layer's input row ``input_perm[j]``.
 
 Dequantization of code ``q`` in group ``g`` of column ``n``: ``level[q] · s`` with ``s = weight_scale`` for
 ``level ≥ 0`` and ``weight_scale_neg`` below (asymmetric code books); ``(q − zero) · s`` for INT; where
@@ -35,7 +37,7 @@ from afpq_jax._src.scheme import QuantScheme
 
 LAYOUT_VERSION = 1
 SUFFIXES = ("weight_packed", "weight_scale", "weight_scale_neg", "weight_zero_point", "weight_channel_scale",
-            "weight_global_scale", "weight_shape", "input_scale")
+            "weight_global_scale", "weight_shape", "input_scale", "input_perm")
 
 
 def why_not_exportable(qt: QuantizedTensor) -> str | None:
@@ -52,7 +54,8 @@ def _torch(a) -> np.ndarray:
     return np.ascontiguousarray(a.T)
 
 
-def encode_layer(qt: QuantizedTensor, input_scale: float | None = None) -> dict[str, np.ndarray]:
+def encode_layer(qt: QuantizedTensor, input_scale: float | None = None,
+                 input_perm: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The layer's tensors by suffix (module docstring)."""
     fmt = qt.format
     codes = np.asarray(packing.unpack(qt.codes, fmt.bits, qt.in_features)).T  # (out, in)
@@ -68,6 +71,8 @@ def encode_layer(qt: QuantizedTensor, input_scale: float | None = None) -> dict[
         out["weight_global_scale"] = np.asarray(qt.global_scale, np.float32).reshape(1)
     if input_scale is not None:
         out["input_scale"] = np.asarray(input_scale, np.float32).reshape(1)
+    if input_perm is not None:
+        out["input_perm"] = np.asarray(input_perm, np.int32)
     return out
 
 
@@ -88,9 +93,10 @@ def _leaf(a: np.ndarray, dtype: str, shape: tuple[int, ...], name: str, where: s
     return np.ascontiguousarray(a.T)
 
 
-def decode_layer(tensors, scheme: QuantScheme, dtype: str, where: str) -> tuple[QuantizedTensor, float | None]:
-    """(packed weight, static input scale or None) of one layer stored by `encode_layer` under ``scheme``;
-    ``dtype`` is the model's float dtype, ``where`` the layer's name for errors."""
+def decode_layer(tensors, scheme: QuantScheme, dtype: str, where: str
+                 ) -> tuple[QuantizedTensor, float | None, np.ndarray | None]:
+    """(packed weight, static input scale or None, input permutation or None) of one layer stored by
+    `encode_layer` under ``scheme``; ``dtype`` is the model's float dtype, ``where`` the layer's name for errors."""
     fmt = scheme.format
     f = get_format(fmt)
     shape = _need(tensors, "weight_shape", where)
@@ -132,8 +138,12 @@ def decode_layer(tensors, scheme: QuantScheme, dtype: str, where: str) -> tuple[
         qt.validate()
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: {e}") from None
-    input_scale = None
+    input_scale = perm = None
     if scheme.act_mode == "static":
         s = _need(tensors, "input_scale", where)
         input_scale = float(np.asarray(s, np.float32).reshape(-1)[0])
-    return qt, input_scale
+    if scheme.act_order_groups:
+        perm = _need(tensors, "input_perm", where)
+        if perm.dtype != np.int32 or not np.array_equal(np.sort(perm), np.arange(k)):
+            raise CheckpointError(f"{where}.input_perm must be an int32 permutation of 0..{k - 1}; the file is damaged")
+    return qt, input_scale, perm

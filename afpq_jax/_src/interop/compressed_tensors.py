@@ -18,7 +18,7 @@ Layouts (`shared/interop.md`; matched against compressed-tensors 0.17's compress
 
 A layer none of them holds exactly (AFPQ's two scales, NF / FP3 code books, other scale formats) raises
 `NotExportable` with the reason. `decode_layer` reads each layout back into a packed `QuantizedTensor` (also
-``strategy: tensor`` INT scales, and ``actorder`` g_idx when it is the identity grouping).
+``strategy: tensor`` INT scales, and ``weight_g_idx`` of activation-order groups, `act_order`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import numpy as np
 from afpq_jax._src import packing
 from afpq_jax._src.errors import CheckpointError, InputError
 from afpq_jax._src.formats import get_format
+from afpq_jax._src.interop import act_order
 from afpq_jax._src.qtensor import QuantizedTensor
 
 INT_BITS = (2, 3, 4, 8)
@@ -110,12 +111,14 @@ def layer_format(qt: QuantizedTensor) -> str:
     return "nvfp4-pack-quantized" if qt.scale_dtype == "float8_e4m3fn" else "mxfp4-pack-quantized"
 
 
-def weights_scheme(qt: QuantizedTensor) -> dict[str, Any]:
-    """The ``weights`` object of the layer's config group (`QuantizationArgs`)."""
+def weights_scheme(qt: QuantizedTensor, act_order_groups: bool = False) -> dict[str, Any]:
+    """The ``weights`` object of the layer's config group (`QuantizationArgs`); ``act_order_groups``: the layer
+    carries a ``weight_g_idx`` (``actorder: "group"``)."""
     fmt = qt.format
     channel = qt.group_size is None or qt.group_size >= qt.in_features  # one group per output column
     args: dict[str, Any] = {"num_bits": fmt.bits, "type": "int" if fmt.is_int else "float",
-                            "symmetric": not qt.asym, "dynamic": False, "actorder": None,
+                            "symmetric": not qt.asym, "dynamic": False,
+                            "actorder": "group" if act_order_groups else None,
                             "strategy": "channel" if channel and fmt.is_int else "group",
                             "group_size": None if channel and fmt.is_int else qt.group_size}
     if layer_format(qt) == "nvfp4-pack-quantized":
@@ -123,17 +126,20 @@ def weights_scheme(qt: QuantizedTensor) -> dict[str, Any]:
     return args
 
 
-def encode_layer(qt: QuantizedTensor) -> dict[str, np.ndarray]:
-    """The layer's tensors by suffix (``weight_packed``, ``weight_scale``, ...), torch layout ``[out, in]``.
-    Raises `NotExportable` if compressed-tensors cannot hold it exactly."""
+def encode_layer(qt: QuantizedTensor, input_perm: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The layer's tensors by suffix (``weight_packed``, ``weight_scale``, ...), torch layout ``[out, in]``;
+    ``input_perm``: rows stored in activation order (`act_order`), written back in the input's order with
+    ``weight_g_idx`` (``actorder: "group"``). Raises `NotExportable` if compressed-tensors cannot hold it exactly."""
     reason = why_not_exportable(qt)
     if reason is not None:
         raise NotExportable(reason)
     fmt = qt.format
     qt = qt.with_float_scales() if qt.integer_scales else qt  # integer group scales: their exact float32 products
-    codes = np.asarray(packing.unpack(qt.codes, fmt.bits, qt.in_features)).T  # (out, in)
+    codes = act_order.input_order_codes(qt, input_perm).T  # (out, in)
     scale = np.asarray(qt.scale).T  # (out, groups)
     out = {"weight_shape": np.asarray([qt.out_features, qt.in_features], np.int64)}
+    if input_perm is not None:
+        out["weight_g_idx"] = act_order.g_idx(input_perm, qt.effective_group_size)
     if fmt.is_int:
         out["weight_packed"] = pack_rows_int32(codes, fmt.bits)
         out["weight_scale"] = np.ascontiguousarray(scale)
@@ -201,17 +207,14 @@ def _group_size(args: dict, k: int, tensors, where: str) -> int | None:
     if strategy not in ("group", "tensor_group") or not isinstance(g, int) or g <= 0:
         raise CheckpointError(f"{where}: weights strategy {strategy!r} with group_size {g!r} is not readable "
                               f"(afpq-jax reads channel, tensor, group and tensor_group)")
-    g_idx = tensors.get("weight_g_idx")
-    if g_idx is not None and not np.array_equal(np.asarray(g_idx), np.arange(k) // g):
-        raise CheckpointError(f"{where}.weight_g_idx is not contiguous groups of {g} (activation-order groups); "
-                              f"afpq-jax's packed weights keep a group's rows together — requantize the model "
-                              f"with afpq-jax's GPTQ (act_order keeps static groups)")
     return g
 
 
-def decode_layer(tensors, args: dict, layer_format: str, *, dtype: str, where: str) -> QuantizedTensor:
+def decode_layer(tensors, args: dict, layer_format: str, *, dtype: str, where: str
+                 ) -> tuple[QuantizedTensor, np.ndarray | None]:
     """The packed weight of one compressed ``Linear`` (``tensors`` by suffix; ``args`` its ``weights``
-    quantization args; ``layer_format`` its format); ``dtype`` is the model's float dtype."""
+    quantization args; ``layer_format`` its format); ``dtype`` is the model's float dtype. Returns ``(qt, perm)``:
+    ``perm`` None, or for an activation-order ``weight_g_idx`` the order its rows are stored in (`act_order`)."""
     if layer_format not in FORMATS:
         raise CheckpointError(f"{where}: compressed-tensors format {layer_format!r} is not readable; afpq-jax reads "
                               f"{', '.join(FORMATS)}")
@@ -253,10 +256,16 @@ def decode_layer(tensors, args: dict, layer_format: str, *, dtype: str, where: s
         else:
             scale = _tensor(tensors, "weight_scale", where, ("uint8",), (n, groups))
             leaves = {"scale": np.ascontiguousarray(scale.T).view(np.dtype("float8_e8m0fnu"))}
-    qt = QuantizedTensor(codes=packing.pack(np.ascontiguousarray(codes.T), get_format(fmt).bits), **leaves,
+    codes = np.ascontiguousarray(codes.T)  # (in, out)
+    perm = None
+    if "weight_g_idx" in tensors and g is not None:
+        g_idx = _tensor(tensors, "weight_g_idx", where, ("int32", "int64"), (k,))
+        perm = act_order.permutation(g_idx, g, f"{where}.weight_g_idx")
+        codes = codes if perm is None else codes[perm]
+    qt = QuantizedTensor(codes=packing.pack(codes, get_format(fmt).bits), **leaves,
                          format_name=fmt, group_size=g, asym=asym, shape=(k, n), dtype=dtype)
     try:
         qt.validate()
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: {e}") from None
-    return qt
+    return qt, perm

@@ -19,8 +19,9 @@ GPTQ (ModelCloud/GPTQModel and AutoGPTQ; read by vLLM and transformers), ``quant
   survive a loader's add-one for ``z = 0``: GPTQModel's word-wide ``+0x11111111`` carries into the next field and
   vLLM's per-field ``+1`` reads ``2^b``). On import a v1 field is read back as ``(field + 1) mod 2^b``, the inverse
   of the writing rule.
-* Groups are contiguous: a ``g_idx`` that is not ``i // group_size`` (act-order / ``desc_act`` without static
-  groups) has no form here and is refused on import.
+* A ``g_idx`` that is not ``i // group_size`` (act-order / ``desc_act`` without static groups) is read into rows
+  stored in group order plus the permutation the layer gathers its input by (`act_order`), and written back
+  from it.
 
 AWQ GEMM (AutoAWQ / llm-awq "gemm" version, ``quant_method`` "awq", ``zero_point`` true; read by vLLM), 4-bit only:
 
@@ -46,6 +47,7 @@ import numpy as np
 
 from afpq_jax._src import packing
 from afpq_jax._src.errors import CheckpointError, InputError
+from afpq_jax._src.interop import act_order
 from afpq_jax._src.interop.compressed_tensors import NotExportable
 from afpq_jax._src.qtensor import FLOAT_SCALE_DTYPES, QuantizedTensor
 
@@ -273,11 +275,13 @@ def default_format(qt: QuantizedTensor) -> str:
     return "gptq_v2" if qt.asym else "gptq"
 
 
-def encode_layer(qt: QuantizedTensor, *, checkpoint_format: str | None = None) -> dict[str, np.ndarray]:
+def encode_layer(qt: QuantizedTensor, *, checkpoint_format: str | None = None,
+                 input_perm: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The layer's GPTQ tensors ``{"qweight", "qzeros", "scales", "g_idx"}`` (numpy; layout in the module
-    docstring), zero points as ``checkpoint_format`` says (default: the layer's own, `checkpoint_format`; a file
-    with asymmetric layers writes its symmetric ones as v2 too). Raises `NotExportable` if GPTQ cannot hold it
-    exactly, or if v1 is asked for asymmetric weights."""
+    docstring), zero points as ``checkpoint_format`` says (default: the layer's own, `default_format`; a file
+    with asymmetric layers writes its symmetric ones as v2 too). ``input_perm``: the layer's rows are stored in
+    activation order (`act_order`): qweight goes back to the input's order and g_idx says each row's group.
+    Raises `NotExportable` if GPTQ cannot hold it exactly, or if v1 is asked for asymmetric weights."""
     reason = why_not_exportable(qt)
     if reason is not None:
         raise NotExportable(reason)
@@ -289,16 +293,19 @@ def encode_layer(qt: QuantizedTensor, *, checkpoint_format: str | None = None) -
     zeros = _zeros(qt).astype(np.int64)
     if fmt == "gptq":
         zeros = (zeros - 1) % (1 << bits)  # v1: z − 1 within each field
+    g = qt.effective_group_size
     return {
-        "qweight": pack_gptq_rows(_codes(qt), bits),
+        "qweight": pack_gptq_rows(act_order.input_order_codes(qt, input_perm), bits),
         "qzeros": np.ascontiguousarray(pack_gptq_rows(zeros.T, bits).T),
         "scales": np.ascontiguousarray(scales),
-        "g_idx": (np.arange(qt.in_features) // qt.effective_group_size).astype(np.int32),
+        "g_idx": ((np.arange(qt.in_features) // g).astype(np.int32) if input_perm is None
+                  else act_order.g_idx(input_perm, g)),
     }
 
 
 def decode_layer(tensors: Mapping[str, np.ndarray], *, bits: int, group_size: int, sym: bool,
-                 checkpoint_format: str, in_features: int, dtype: str = "float32") -> QuantizedTensor:
+                 checkpoint_format: str, in_features: int, dtype: str = "float32"
+                 ) -> tuple[QuantizedTensor, np.ndarray | None]:
     """A GPTQ layer's tensors (``qweight``, ``qzeros``, ``scales``, optionally ``g_idx``) -> the `QuantizedTensor`
     of format ``int{bits}``, shape ``(in_features, out)``, dequantizing to exactly what GPTQ's loaders compute.
 
@@ -306,8 +313,9 @@ def decode_layer(tensors: Mapping[str, np.ndarray], *, bits: int, group_size: in
     stored minus one, read back as ``(field + 1) mod 2^b``) or "gptq_v2". Scales keep their stored dtype
     (float16). ``sym`` True gives a symmetric tensor (no ``zero`` leaf) only if every zero point is the implicit
     ``2^(b−1)``; a "sym" checkpoint with other zero points is decoded as asymmetric (the data wins over the flag).
-    ``sym`` False always gives an asymmetric tensor. A missing ``g_idx`` is taken as the static ``i // group_size``;
-    any other ``g_idx`` (act-order) is refused, as are tensors of the wrong dtype or shape (`CheckpointError`).
+    ``sym`` False always gives an asymmetric tensor. A missing ``g_idx`` is taken as the static ``i // group_size``.
+    Returns ``(qt, perm)``: ``perm`` is None for static groups; for an act-order ``g_idx`` the rows of ``qt`` are
+    stored in ``perm`` order (`act_order`). Tensors of the wrong dtype or shape raise `CheckpointError`.
     """
     where = "GPTQ"
     if isinstance(bits, bool) or bits not in GPTQ_BITS:
@@ -336,23 +344,23 @@ def decode_layer(tensors: Mapping[str, np.ndarray], *, bits: int, group_size: in
     _check(qzeros, "qzeros", ("int32",), (groups, out * bits // 32),
            f"expected int32 [groups, out·bits/32] for {groups} groups of {g}: check group_size and bits")
     scales = _scale_leaf(_get(tensors, "scales", where), "scales", (groups, out))
+    perm = None
     if "g_idx" in tensors:
         g_idx = np.asarray(tensors["g_idx"])
         if not np.issubdtype(g_idx.dtype, np.integer) or g_idx.shape != (k,):
             raise _error("g_idx", f"{g_idx.dtype} {g_idx.shape}, expected int32 ({k},)",
                          "check in_features against the checkpoint")
-        if not np.array_equal(g_idx, np.arange(k) // g):
-            raise _error("g_idx", f"is not i // {g} (act-order / desc_act without static groups: inputs are "
-                         "grouped out of order)", "contiguous groups cannot hold it; re-quantize with desc_act false "
-                         "or static_groups true")
+        perm = act_order.permutation(g_idx, g, "g_idx")
     codes = unpack_gptq_rows(qweight, bits, k)
+    if perm is not None:  # act-order groups: rows stored in group order, the layer gathers its input by perm
+        codes = codes[perm]
     zeros = unpack_gptq_rows(np.ascontiguousarray(qzeros.T), bits, out).T
     if checkpoint_format == "gptq":
         zeros = ((zeros.astype(np.int64) + 1) % (1 << bits)).astype(np.uint8)
     asym = not (sym and np.all(zeros == 2 ** (bits - 1)))
     leaves = {"codes": packing.pack(jnp.asarray(codes), bits), "scale": jnp.asarray(scales),
               "zero": jnp.asarray(np.ascontiguousarray(zeros, np.uint8)) if asym else None}
-    return _built(leaves, bits=bits, group_size=ours, asym=asym, shape=(k, out), dtype=dtype, where=where)
+    return _built(leaves, bits=bits, group_size=ours, asym=asym, shape=(k, out), dtype=dtype, where=where), perm
 
 
 # ---------------------------------------------------------------------------------------------------------

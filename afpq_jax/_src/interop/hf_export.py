@@ -61,6 +61,7 @@ class _Layer:
     qt: QuantizedTensor
     scheme: QuantScheme
     input_scale: float | None
+    input_perm: np.ndarray | None  # activation-order groups: stored row j is input row input_perm[j]
 
 
 class _Target(Protocol):
@@ -75,7 +76,7 @@ class _CompressedTensors:
         return compressed_tensors.why_not_exportable(layer.qt)
 
     def encode(self, layer: _Layer) -> dict[str, np.ndarray]:
-        out = compressed_tensors.encode_layer(layer.qt)
+        out = compressed_tensors.encode_layer(layer.qt, layer.input_perm)
         if layer.input_scale is not None:
             out["input_scale"] = np.asarray([layer.input_scale], np.float32)
         return out
@@ -83,7 +84,7 @@ class _CompressedTensors:
     def config(self, layers, float_linears, hf):
         groups: dict[str, tuple[dict, dict | None, str, list[str]]] = {}
         for layer in layers:
-            weights = compressed_tensors.weights_scheme(layer.qt)
+            weights = compressed_tensors.weights_scheme(layer.qt, layer.input_perm is not None)
             acts = compressed_tensors.input_activations(layer.scheme.act_bits, layer.scheme.act_mode)
             fmt = compressed_tensors.layer_format(layer.qt)
             key = json.dumps([weights, acts, fmt], sort_keys=True)
@@ -107,7 +108,8 @@ class _Gptq:
         return reason
 
     def encode(self, layer: _Layer) -> dict[str, np.ndarray]:
-        return gptq.encode_layer(layer.qt, checkpoint_format="gptq_v2" if self.v2 else "gptq")
+        return gptq.encode_layer(layer.qt, checkpoint_format="gptq_v2" if self.v2 else "gptq",
+                                 input_perm=layer.input_perm)
 
     @staticmethod
     def _args(layer: _Layer) -> dict[str, Any]:
@@ -127,7 +129,8 @@ class _Gptq:
             if name != "lm_head":
                 dynamic[f"-:^{re.escape(name)}$"] = {}
         fmt = "gptq_v2" if self.v2 else "gptq"
-        qc: dict[str, Any] = {**base_args, "desc_act": False, "lm_head": any(l.path == "lm_head" for l in layers),
+        desc_act = any(layer.input_perm is not None for layer in layers)
+        qc: dict[str, Any] = {**base_args, "desc_act": desc_act, "lm_head": any(l.path == "lm_head" for l in layers),
                               "quant_method": "gptq", "checkpoint_format": fmt, "format": fmt, "pack_dtype": "int32",
                               "true_sequential": True, "static_groups": False, "damp_percent": None,
                               "meta": {"quantizer": ["afpq-jax"]}}
@@ -141,7 +144,7 @@ class _Afpq:
         return afpq_safetensors.why_not_exportable(layer.qt)
 
     def encode(self, layer: _Layer) -> dict[str, np.ndarray]:
-        return afpq_safetensors.encode_layer(layer.qt, layer.input_scale)
+        return afpq_safetensors.encode_layer(layer.qt, layer.input_scale, layer.input_perm)
 
     def config(self, layers, float_linears, hf):
         from afpq_jax._src.formats import get_format
@@ -196,9 +199,10 @@ def export(model: CausalLM, out_dir: str | os.PathLike, *, target: str = "compre
         if not module.is_quantized:
             float_linears.append(name)
             continue
-        scale = None if getattr(module, "input_scale", None) is None else float(_host(module.input_scale.get_value()))
+        scale = None if module.input_scale is None else float(_host(module.input_scale.get_value()))
+        perm = None if module.input_perm is None else _host(module.input_perm.get_value())
         qt = jax.tree.map(_host, module.quantized_tensor())
-        layers.append(_Layer(path, name, qt, module.scheme, scale))
+        layers.append(_Layer(path, name, qt, module.scheme, scale, perm))
     codec: _Target = {"compressed-tensors": _CompressedTensors, "afpq": _Afpq}.get(target, None)() \
         if target != "gptq" else _Gptq(layers)
     refused = [(layer, codec.why_not(layer)) for layer in layers]
@@ -219,8 +223,7 @@ def export(model: CausalLM, out_dir: str | os.PathLike, *, target: str = "compre
     quantized_paths = {layer.path for layer in layers}
     state = nnx.to_flat_state(nnx.state(model))
     extra = [".".join(map(str, p)) for p, _ in state
-             if ".".join(map(str, p[:-1])) not in quantized_paths and p[-1] not in ("kernel", "bias", "weight",
-                                                                                  "input_scale")]
+             if ".".join(map(str, p[:-1])) not in quantized_paths and p[-1] not in ("kernel", "bias", "weight")]
     if extra:
         raise NotExportable(f"the model has parameters Hugging Face's {model.cfg.model_type} has no place for "
                             f"({', '.join(extra[:3])}: AWQ's act scale after BLOOM's GELU); export with --format afpq "
@@ -238,11 +241,12 @@ def export(model: CausalLM, out_dir: str | os.PathLike, *, target: str = "compre
         for p, var in tqdm(state, desc=f"exporting ({target})", unit="tensor", disable=not progress, leave=False):
             layer_path, leaf = ".".join(map(str, p[:-1])), p[-1]
             layer = by_layer.get(layer_path)
-            if layer is not None and (leaf in LEAF_NAMES or leaf == "input_scale"):
+            if layer is not None and (leaf in LEAF_NAMES or leaf in ("input_scale", "input_perm")):
                 if leaf != "codes":
                     continue  # one layer's tensors are written once, at its codes
                 if layer.path in dequantized:
-                    w = np.asarray(quantizer.dequantize(layer.qt, "bfloat16")).T
+                    w = np.asarray(quantizer.dequantize(layer.qt, "bfloat16"))
+                    w = (w if layer.input_perm is None else w[np.argsort(layer.input_perm)]).T
                     writer.add(f"{layer.name}.weight", w)
                 else:
                     for suffix, arr in codec.encode(layer).items():

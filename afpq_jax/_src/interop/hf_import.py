@@ -18,7 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from afpq_jax._src.errors import CheckpointError
+from afpq_jax._src.errors import CheckpointError, InputError
 from afpq_jax._src.interop import afpq_safetensors, compressed_tensors, gptq
 from afpq_jax._src.io import files
 from afpq_jax._src.io.sources import Source
@@ -107,11 +107,12 @@ def _gptq_args(name: str, qc: dict) -> dict | None:
 
 
 def _decode(method: str, qc: dict, name: str, tensors: Mapping[str, np.ndarray], dtype: str
-            ) -> tuple[QuantizedTensor, QuantScheme, float | None]:
-    act_bits = act_mode = input_scale = None
+            ) -> tuple[QuantizedTensor, QuantScheme, float | None, np.ndarray | None]:
+    """(packed weight, its scheme, static input scale or None, input permutation or None) of one layer."""
+    act_bits = act_mode = input_scale = perm = None
     if method == "compressed-tensors":
         weights, acts, fmt = _ct_group(name, qc)
-        qt = compressed_tensors.decode_layer(tensors, weights, fmt, dtype=dtype, where=name)
+        qt, perm = compressed_tensors.decode_layer(tensors, weights, fmt, dtype=dtype, where=name)
         act_bits, act_mode = _act_scheme(acts, name)
         if act_mode == "static":
             if "input_scale" not in tensors:
@@ -121,9 +122,12 @@ def _decode(method: str, qc: dict, name: str, tensors: Mapping[str, np.ndarray],
         layers = qc.get("layers")
         if not isinstance(layers, dict) or name not in layers:
             raise CheckpointError(f"{name} has afpq tensors but quantization_config.layers has no scheme for it")
-        scheme = QuantScheme.from_json(layers[name])
-        qt, input_scale = afpq_safetensors.decode_layer(tensors, scheme, dtype, name)
-        return qt, scheme, input_scale
+        try:
+            scheme = QuantScheme.from_json(layers[name])
+        except (InputError, TypeError) as e:
+            raise CheckpointError(f"{name}: {e}") from None
+        qt, input_scale, perm = afpq_safetensors.decode_layer(tensors, scheme, dtype, name)
+        return qt, scheme, input_scale, perm
     elif method == "gptq":
         args = _gptq_args(name, qc)
         if args is None:
@@ -132,8 +136,8 @@ def _decode(method: str, qc: dict, name: str, tensors: Mapping[str, np.ndarray],
             raise CheckpointError(f"{name}: desc_act checkpoint without g_idx")
         fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
         k = _in_features(tensors["qweight"], args["bits"], name)
-        qt = gptq.decode_layer(tensors, bits=args["bits"], group_size=args["group_size"], sym=args["sym"],
-                               checkpoint_format=fmt, in_features=k, dtype=dtype)
+        qt, perm = gptq.decode_layer(tensors, bits=args["bits"], group_size=args["group_size"], sym=args["sym"],
+                                     checkpoint_format=fmt, in_features=k, dtype=dtype)
     else:  # awq
         if qc.get("version", "gemm").lower() != "gemm" or qc.get("bits", qc.get("w_bit", 4)) != 4:
             raise CheckpointError(f"AWQ checkpoint version {qc.get('version')!r} with {qc.get('bits')} bits: "
@@ -143,8 +147,8 @@ def _decode(method: str, qc: dict, name: str, tensors: Mapping[str, np.ndarray],
                                    dtype=dtype)
     scale_dtype = jnp.dtype((qt.scale if qt.channel_scale is None else qt.channel_scale).dtype).name
     scheme = QuantScheme(format=qt.format_name, group_size=qt.group_size, asym=qt.asym, scale_dtype=scale_dtype,
-                         act_bits=act_bits, act_mode=act_mode)
-    return qt, scheme, input_scale
+                         act_bits=act_bits, act_mode=act_mode, act_order_groups=perm is not None)
+    return qt, scheme, input_scale, perm
 
 
 def _in_features(qweight: np.ndarray, bits, name: str) -> int:
@@ -180,21 +184,23 @@ def load_quantized(source: Source, cfg: ModelConfig, *, dtype=jnp.float32, mesh=
         if path is None or path[-1] != "kernel":
             raise CheckpointError(f"{prefix} is quantized but is not a linear layer of this model")
         tensors = {suffix: source.read(n) for suffix, n in by_suffix.items()}
-        qt, scheme, input_scale = _decode(method, qc, prefix, tensors, dt)
+        qt, scheme, input_scale, perm = _decode(method, qc, prefix, tensors, dt)
         layer = dotted(path[:-1])
         layout[layer] = scheme
-        decoded[layer] = (path[:-1], qt, input_scale)
+        decoded[layer] = (path[:-1], qt, input_scale, perm)
     if not layout:
         raise CheckpointError(f"{source.path} says quant_method {method!r} but holds no quantized layer "
                               f"(no *.{marker} tensor)")
     asm = ModelAssembler(cfg, layout, jnp.dtype(dtype), mesh)
-    for layer_path, qt, input_scale in decoded.values():
+    for layer_path, qt, input_scale, perm in decoded.values():
         for leaf in LEAF_NAMES:
             value = getattr(qt, leaf)
             if value is not None:
                 asm.place((*layer_path, leaf), jnp.asarray(value))
         if input_scale is not None:
             asm.place((*layer_path, "input_scale"), jnp.asarray(input_scale, jnp.float32))
+        if perm is not None:
+            asm.place((*layer_path, "input_perm"), jnp.asarray(perm, jnp.int32))
     for n in plain:
         try:
             path, transpose = map_key(rules, n, cfg.tie_embeddings)
