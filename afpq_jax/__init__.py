@@ -1,7 +1,9 @@
 """afpq-jax: asymmetric floating-point (AFPQ) low-bit quantization of LLMs for JAX.
 
 The root holds the nouns and verbs of the main job; every other public name has one home in a submodule.
-  load, save, load_tokenizer, tokenize, CausalLM — models in and out (HF, GGUF, converted checkpoints).
+  load, save, load_tokenizer, tokenize, CausalLM — models in and out (HF, GGUF, converted checkpoints; GPTQ,
+    AWQ and compressed-tensors checkpoints load packed as they are).
+  export — a quantized model as a Hugging Face directory serving stacks read (compressed-tensors, GPTQ, afpq).
   quantize, dequantize, fake_quant, QuantizedTensor — pure-functional quantizers and the packed tensor.
   QuantScheme, QuantRule, default_rules, load_rules, resolve_rules, rules_from_json — what to quantize, how,
     by layer path.
@@ -38,13 +40,14 @@ from afpq_jax._src.training.data import SelfGeneratedData
 from afpq_jax._src.training.trainer import QATConfig
 from afpq_jax._src.generation import generate
 from afpq_jax import calibration
+from afpq_jax import export  # the module is callable: afpq_jax.export(model, out, format=...)
 
 __version__ = "0.1.0"
 
 __all__ = ["AWQ", "ActivationQuant", "AfpqError", "CausalLM", "Calibration", "CheckpointError", "ClipSearch", "GPTQ",
            "InputError", "OutputError", "QATConfig", "QATResult", "QuantDense", "QuantRule", "QuantScheme",
            "QuantizationError", "QuantizedTensor", "RTN", "SelfGeneratedData", "calibration", "default_rules",
-           "dequantize", "fake_quant", "formats", "generate", "load", "load_rules", "load_tokenizer", "quantize",
+           "dequantize", "export", "fake_quant", "formats", "generate", "load", "load_rules", "load_tokenizer", "quantize",
            "quantize_pretrained", "resolve_rules", "rules_from_json", "save", "tokenize", "train_qat"]
 
 # Names the root exported before each got one home (still reachable, with a warning saying where they live).

@@ -4,8 +4,8 @@ compressed-tensors (vLLM, transformers), GPTQ (GPTQModel, vLLM) or the afpq safe
   python -m afpq_jax.export --model CKPT --format compressed-tensors --out DIR
 
 ``--model`` is anything `afpq_jax.load` reads: a converted afpq-jax checkpoint, or a GPTQ / AWQ /
-compressed-tensors / afpq directory (to convert between them). Also the library function `export`
-(``afpq_jax.export.export(model, out, format=...)``).
+compressed-tensors / afpq directory (to convert between them). Also the library function `export`, which this
+module is itself callable as: ``afpq_jax.export(model, out, format=...)``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 from afpq_jax._src import cli
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                         progress=not args.no_progress)
         summary = {"out": str(result.path), "format": result.target, "shards": list(result.shards),
                    "bytes": result.total_bytes, "dequantized": list(result.dequantized),
+                   "warnings": list(result.warnings),
                    "load_seconds": round(load_s, 2), "export_seconds": round(time.perf_counter() - t0, 2)}
         if args.json:
             print(json.dumps(summary))
@@ -88,6 +90,16 @@ def main(argv: list[str] | None = None) -> int:
 
     return cli.run(run, args.debug)
 
+
+class _CallableModule(types.ModuleType):
+    """``afpq_jax.export(...)`` is `export`: the verb and the command share one name (a root function of that
+    name would be replaced by this module as soon as anything imported it)."""
+
+    def __call__(self, *args, **kwargs) -> ExportResult:
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,8 +25,11 @@ def _unpack_rows(words: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 def _decode(tensors: dict, scheme: dict) -> np.ndarray:
     """The float [out, in] weight compressed-tensors' decompressor would produce (float64)."""
-    out_f, in_f = (int(v) for v in tensors["weight_shape"])
     b = scheme["num_bits"]
+    if scheme["type"] == "int":
+        out_f, in_f = (int(v) for v in tensors["weight_shape"])
+    else:  # FP4: no weight_shape; two codes a byte
+        out_f, in_f = tensors["weight_packed"].shape[0], 2 * tensors["weight_packed"].shape[1]
     if scheme["type"] == "int":
         q = _unpack_rows(tensors["weight_packed"], b, in_f) - 2 ** (b - 1)  # signed values
         scale = tensors["weight_scale"].astype(np.float64)
@@ -83,7 +86,7 @@ def test_micro_scaled_fp4_layers_decode_to_our_weights(preset, fmt_name):
     w[:, 3] = 0.0
     qt = QuantScheme.preset(preset).quantize(w)
     tensors = ct.encode_layer(qt)
-    assert ct.layer_format(qt) == fmt_name
+    assert ct.layer_format(qt) == fmt_name and "weight_shape" not in tensors
     assert tensors["weight_packed"].dtype == np.uint8 and tensors["weight_packed"].shape == (40, 48)
     got = _decode(tensors, ct.weights_scheme(qt))
     want = np.asarray(aq.dequantize(qt), np.float64).T
@@ -105,6 +108,17 @@ def test_layers_without_an_exact_form_are_refused_with_the_reason(scheme, reason
     assert reason in ct.why_not_exportable(qt)
     with pytest.raises(ct.NotExportable, match=reason):
         ct.encode_layer(qt)
+
+
+def test_checkpoint_dtype_must_hold_the_int_scales_and_fp4_groups_must_be_whole():
+    w = np.random.default_rng(3).standard_normal((64, 16)).astype(np.float32)
+    qt = aq.quantize(w, "int4", group_size=32, scale_dtype="float16")
+    assert ct.why_not_exportable(qt, "float16") is None and ct.why_not_exportable(qt, "float32") is None
+    assert "not exact in bfloat16" in ct.why_not_exportable(qt, "bfloat16")
+    assert ct.encode_layer(qt, dtype="float16")["weight_scale"].dtype == np.float16
+    assert ct.encode_layer(qt)["weight_scale"].dtype == np.float32
+    short = QuantScheme.preset("nvfp4").quantize(np.random.default_rng(3).standard_normal((40, 8)).astype(np.float32))
+    assert "not a multiple of the group size 16" in ct.why_not_exportable(short)
 
 
 @pytest.mark.parametrize("fmt,group,asym,scale_dtype", CASES)

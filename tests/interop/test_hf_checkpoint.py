@@ -115,6 +115,16 @@ def test_mixed_schemes_write_mixed_precision_and_gptq_dynamic(tmp_path):
     assert qc["bits"] == 4 and qc["dynamic"][r"+:^model\.layers\.0\.self_attn\.q_proj$"]["bits"] == 8
     assert r"-:^model\.layers\.1\.mlp\.down_proj$" in qc["dynamic"]
     _same_logits(model, tmp_path / "g")
+    # q/k/v alike: one rule that also names vLLM's fused qkv_proj
+    model = _quantized([aq.QuantRule(pattern=r".*\.attn\.[qkv]_proj", scheme=aq.QuantScheme.create(
+        "int8", group_size=32, asym=False)), aq.QuantRule(pattern=r".*", scheme=aq.QuantScheme.create(
+            "int4", group_size=32, asym=False))])
+    result = export_cli.export(model, tmp_path / "g2", format="gptq")
+    qc = json.loads((tmp_path / "g2" / "quantize_config.json").read_text())
+    assert qc["dynamic"] == {rf"+:^model\.layers\.{i}\.self_attn\.(k_proj|q_proj|qkv_proj|v_proj)$":
+                             {"bits": 8, "group_size": 32, "sym": True} for i in (0, 1)}
+    assert result.warnings == ()
+    _same_logits(model, tmp_path / "g2")
 
 
 def test_layers_a_format_cannot_hold_are_refused_or_dequantized(tmp_path):
@@ -161,14 +171,42 @@ def test_static_int8_activations_travel_with_their_input_scale(tmp_path):
     model = _quantized(aq.QuantScheme.create("int4", group_size=32, asym=False))
     model.layers[0].mlp.up_proj.set_activation_quant(8, "static", input_scale=0.05)
     model.layers[1].mlp.up_proj.set_activation_quant(8, "dynamic")
-    for target in ("compressed-tensors", "afpq"):
-        export_cli.export(model, tmp_path / target, format=target)
-        back = _same_logits(model, tmp_path / target)
-        assert back.layers[0].mlp.up_proj.scheme.act_mode == "static"
-        assert float(back.layers[0].mlp.up_proj.input_scale.get_value()) == np.float32(0.05)
-        assert back.layers[1].mlp.up_proj.scheme.act_mode == "dynamic"
+    export_cli.export(model, tmp_path / "afpq", format="afpq")
+    back = _same_logits(model, tmp_path / "afpq")
+    assert back.layers[0].mlp.up_proj.scheme.act_mode == "static"
+    assert float(back.layers[0].mlp.up_proj.input_scale.get_value()) == np.float32(0.05)
+    assert back.layers[1].mlp.up_proj.scheme.act_mode == "dynamic"
     with pytest.raises(NotExportable, match="weight-only"):
         export_cli.export(model, tmp_path / "g", format="gptq")
+    # vLLM serves W·A8 compressed-tensors with dynamic per-token activations only: static ones are refused
+    with pytest.raises(NotExportable, match=r"static int8 activations on int4 weights.*layers\.0\.mlp\.up_proj"):
+        export_cli.export(model, tmp_path / "ct")
+    model.layers[0].mlp.up_proj.set_activation_quant(8, "dynamic")
+    result = export_cli.export(model, tmp_path / "ct")
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    acts = [g["input_activations"] for g in cfg["config_groups"].values() if g["input_activations"]]
+    assert acts == [{"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token",
+                     "group_size": None, "actorder": None}]
+    assert any("gate_up_proj: its layers have different schemes" in w for w in result.warnings)
+    back = _same_logits(model, tmp_path / "ct")
+    assert back.layers[0].mlp.up_proj.scheme.act_mode == "dynamic"
+
+
+def test_config_rules_follow_the_readers_precedence():
+    """compressed-tensors: a module's own name beats a pattern, which beats "Linear", whatever the groups' order;
+    GPTQ's dynamic rules: the first match decides (GPTQModel, vLLM)."""
+    from afpq_jax._src.interop import hf_import
+    qc = {"config_groups": {"a": {"targets": ["Linear"], "weights": {"n": 1}},
+                            "b": {"targets": ["re:.*q_proj$"], "weights": {"n": 2}},
+                            "c": {"targets": ["model.layers.0.self_attn.q_proj"], "weights": {"n": 3}}},
+          "format": "pack-quantized"}
+    assert hf_import._ct_group("model.layers.0.self_attn.q_proj", qc)[0] == {"n": 3}
+    assert hf_import._ct_group("model.layers.1.self_attn.q_proj", qc)[0] == {"n": 2}
+    assert hf_import._ct_group("model.layers.1.mlp.up_proj", qc)[0] == {"n": 1}
+    qc = {"bits": 4, "group_size": 128, "sym": True,
+          "dynamic": {r"-:.*\.0\.mlp\..*": {}, r"+:.*mlp.*": {"bits": 8}, r"+:.*up_proj": {"group_size": 32}}}
+    assert hf_import._gptq_args("model.layers.0.mlp.up_proj", qc) is None
+    assert hf_import._gptq_args("model.layers.1.mlp.up_proj", qc) == {"bits": 8, "group_size": 128, "sym": True}
 
 
 def test_export_cli(tmp_path, capsys):

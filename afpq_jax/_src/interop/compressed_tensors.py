@@ -1,18 +1,20 @@
 """One packed layer in compressed-tensors' on-disk form (vllm-project/compressed-tensors, read by vLLM and
 transformers): the tensors of a ``Linear`` and the ``weights`` scheme of its config group.
 
-Layouts (`shared/interop.md`; matched against compressed-tensors 0.17's compressors):
+Layouts (`shared/interop.md`; checked against compressed-tensors 0.20.1's compressors and vLLM 0.34's loader):
 
 * ``pack-quantized`` (INT, sym or asym, 2/3/4/8-bit, group or channel): ``weight_packed`` int32
-  ``[out, ceil(in·b/32)]``, element ``i`` of a row at bits ``i·b`` of the row's bit string, LSB first (dense: since
-  0.17 3-bit codes straddle words); ``weight_scale`` ``[out, groups]`` in the scales' dtype; ``weight_shape`` int64
-  ``[out, in]``; asym: ``weight_zero_point`` ``[ceil(out·b/32), groups]``, packed the same way along the output
-  axis. Codes and zero points are stored offset by ``2^(b-1)`` from compressed-tensors' signed values, which makes
-  them exactly our unsigned codes and zero points (sym: our implicit zero point ``2^(b-1)``).
+  ``[out, ceil(in·b/32)]``, element ``i`` of a row at bits ``i·b`` of the row's bit string, LSB first (dense:
+  since 0.18 3-bit codes straddle words; 0.17 and earlier put 10 a word); ``weight_scale`` ``[out, groups]`` in
+  the checkpoint's float dtype (loaders read it in that dtype, so the scales must be exact in it);
+  ``weight_shape`` int64 ``[out, in]``; asym: ``weight_zero_point`` ``[ceil(out·b/32), groups]``, packed the same
+  way along the output axis. Codes and zero points are stored offset by ``2^(b-1)`` from compressed-tensors'
+  signed values, which makes them exactly our unsigned codes and zero points (sym: our implicit ``2^(b-1)``).
 * ``nvfp4-pack-quantized`` (FP4 E2M1, sym, groups of 16, float8_e4m3fn scales, a float32 global scale):
   ``weight_packed`` uint8 ``[out, in/2]``, element ``2j`` in the low nibble, nibble = sign·8 + the index of its
   magnitude in {0, .5, 1, 1.5, 2, 3, 4, 6}; ``weight_scale`` float8_e4m3fn ``[out, in/16]``;
-  ``weight_global_scale`` float32 ``[1]``; dequantization ``fp4 · (scale / global_scale)``.
+  ``weight_global_scale`` float32 ``[1]``; dequantization ``fp4 · (scale / global_scale)``. No ``weight_shape``
+  (vLLM has no parameter for it), so ``in`` must be whole groups.
 * ``mxfp4-pack-quantized`` (FP4 E2M1, sym, groups of 32, E8M0 scales): the same codes; ``weight_scale`` uint8, the
   biased exponent ``e`` of ``2^(e-127)``.
 
@@ -81,27 +83,39 @@ def pack_nibbles(nibbles: np.ndarray) -> np.ndarray:
     return (n[:, 0::2] | (n[:, 1::2] << 4)).astype(np.uint8)
 
 
-def why_not_exportable(qt: QuantizedTensor) -> str | None:
-    """None if compressed-tensors holds ``qt`` exactly, else the reason (one phrase)."""
+def why_not_exportable(qt: QuantizedTensor, dtype: str = "float32") -> str | None:
+    """None if compressed-tensors holds ``qt`` exactly in a checkpoint of float ``dtype``, else the reason (one
+    phrase). INT scales are read in the checkpoint's dtype (vLLM and compressed-tensors allocate them so): they
+    must be exact in it."""
     if qt.codes.ndim != 2:
         return "stacked weights (export one 2-D weight per layer)"
     fmt, sd = qt.format, qt.scale_dtype
     if fmt.is_int:
         if fmt.bits not in INT_BITS:
             return f"{fmt.bits}-bit integers (pack-quantized holds {', '.join(map(str, INT_BITS))})"
-        if sd not in FLOAT_SCALES:
+        if sd not in FLOAT_SCALES and not qt.integer_scales:
             return f"{sd} scales on integer weights (pack-quantized takes float16/bfloat16/float32 scales)"
+        if _scales_in(qt, dtype) is None:
+            return (f"scales not exact in {dtype}, the dtype loaders read pack-quantized scales in (export with "
+                    f"--dtype float32)")
         return None
     if fmt.name != "fp4_e2m1":
         return f"the {fmt.name} code book (compressed-tensors holds INT and FP4 E2M1 only)"
     if qt.asym:
         return "AFPQ's two scales per group (compressed-tensors' FP4 is symmetric)"
-    if sd == "float8_e4m3fn" and qt.group_size == 16:
-        return None
-    if sd == "float8_e8m0fnu" and qt.group_size == 32:
+    if sd in ("float8_e4m3fn", "float8_e8m0fnu") and qt.group_size == (16 if sd == "float8_e4m3fn" else 32):
+        if qt.in_features % qt.group_size:
+            return f"in_features {qt.in_features} not a multiple of the group size {qt.group_size}"
         return None
     return (f"FP4 E2M1 with {sd} scales in groups of {qt.group_size} (NVFP4: float8_e4m3fn in groups of 16; "
             "MXFP4: float8_e8m0fnu in groups of 32)")
+
+
+def _scales_in(qt: QuantizedTensor, dtype: str) -> np.ndarray | None:
+    """The INT layer's group scales ``(G, N)`` in ``dtype`` if that holds their exact values, else None."""
+    scale = np.asarray((qt.with_float_scales() if qt.integer_scales else qt).scale)
+    cast = scale.astype(dtype)
+    return cast if np.array_equal(cast.astype(np.float64), scale.astype(np.float64)) else None
 
 
 def layer_format(qt: QuantizedTensor) -> str:
@@ -126,41 +140,36 @@ def weights_scheme(qt: QuantizedTensor, act_order_groups: bool = False) -> dict[
     return args
 
 
-def encode_layer(qt: QuantizedTensor, input_perm: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The layer's tensors by suffix (``weight_packed``, ``weight_scale``, ...), torch layout ``[out, in]``;
-    ``input_perm``: rows stored in activation order (`act_order`), written back in the input's order with
-    ``weight_g_idx`` (``actorder: "group"``). Raises `NotExportable` if compressed-tensors cannot hold it exactly."""
-    reason = why_not_exportable(qt)
+def encode_layer(qt: QuantizedTensor, input_perm: np.ndarray | None = None,
+                 dtype: str = "float32") -> dict[str, np.ndarray]:
+    """The layer's tensors by suffix (``weight_packed``, ``weight_scale``, ...), torch layout ``[out, in]``, for a
+    checkpoint of float ``dtype`` (INT scales are written in it); ``input_perm``: rows stored in activation order
+    (`act_order`), written back in the input's order with ``weight_g_idx`` (``actorder: "group"``). Raises
+    `NotExportable` if compressed-tensors cannot hold it exactly."""
+    reason = why_not_exportable(qt, dtype)
     if reason is not None:
         raise NotExportable(reason)
     fmt = qt.format
-    qt = qt.with_float_scales() if qt.integer_scales else qt  # integer group scales: their exact float32 products
     codes = act_order.input_order_codes(qt, input_perm).T  # (out, in)
     scale = np.asarray(qt.scale).T  # (out, groups)
-    out = {"weight_shape": np.asarray([qt.out_features, qt.in_features], np.int64)}
+    out = {}
     if input_perm is not None:
         out["weight_g_idx"] = act_order.g_idx(input_perm, qt.effective_group_size)
-    if fmt.is_int:
+    if fmt.is_int:  # (FP4 layers carry no weight_shape: vLLM's loader has no parameter for it)
+        out["weight_shape"] = np.asarray([qt.out_features, qt.in_features], np.int64)
         out["weight_packed"] = pack_rows_int32(codes, fmt.bits)
-        out["weight_scale"] = np.ascontiguousarray(scale)
+        out["weight_scale"] = np.ascontiguousarray(_scales_in(qt, dtype).T)
         if qt.asym:
             zero = np.asarray(qt.zero).T  # (out, groups), packed along the output axis
             out["weight_zero_point"] = np.ascontiguousarray(pack_rows_int32(zero.T, fmt.bits).T)
         return out
-    out["weight_packed"] = pack_nibbles(fp4_nibbles(_padded_even(codes)))
+    out["weight_packed"] = pack_nibbles(fp4_nibbles(codes))
     if qt.scale_dtype == "float8_e4m3fn":
         out["weight_scale"] = np.ascontiguousarray(scale)  # float8_e4m3fn
         out["weight_global_scale"] = np.asarray(qt.global_scale, np.float32).reshape(1)
     else:
         out["weight_scale"] = np.ascontiguousarray(scale.view(np.uint8))  # E8M0: the exponent byte
     return out
-
-
-def _padded_even(codes: np.ndarray) -> np.ndarray:
-    """An odd ``in`` gets one zero code (+0: code 8) so nibbles pair up; weight_shape keeps the true width."""
-    if codes.shape[1] % 2 == 0:
-        return codes
-    return np.concatenate([codes, np.full((codes.shape[0], 1), 8, codes.dtype)], axis=1)
 
 
 
@@ -218,8 +227,13 @@ def decode_layer(tensors, args: dict, layer_format: str, *, dtype: str, where: s
     if layer_format not in FORMATS:
         raise CheckpointError(f"{where}: compressed-tensors format {layer_format!r} is not readable; afpq-jax reads "
                               f"{', '.join(FORMATS)}")
-    shape = _tensor(tensors, "weight_shape", where, ("int64", "int32"), (2,))
-    n, k = (int(v) for v in shape)
+    if layer_format == "pack-quantized" or "weight_shape" in tensors:
+        n, k = (int(v) for v in _tensor(tensors, "weight_shape", where, ("int64", "int32"), (2,)))
+    else:  # FP4 layers: two codes a byte, whole groups
+        packed = tensors.get("weight_packed")
+        if packed is None or packed.ndim != 2:
+            raise CheckpointError(f"{where}: missing 2-D tensor weight_packed; the checkpoint is incomplete")
+        n, k = packed.shape[0], 2 * packed.shape[1]
     bits = args.get("num_bits")
     g = _group_size(args, k, tensors, where)
     groups = 1 if g is None else -(-k // g)
@@ -230,10 +244,10 @@ def decode_layer(tensors, args: dict, layer_format: str, *, dtype: str, where: s
         fmt = f"int{bits}"
         words = _tensor(tensors, "weight_packed", where, ("int32",), (n, -(-k * bits // 32)))
         codes = unpack_rows_int32(words, bits, k)
-        scale = _tensor(tensors, "weight_scale", where, FLOAT_SCALES, (n, groups if args.get("strategy") != "tensor"
-                                                                         else 1))
         if args.get("strategy") == "tensor":  # one scale for the whole tensor: per-channel, the same per column
-            scale = np.broadcast_to(scale, (n, 1))
+            scale = np.broadcast_to(_tensor(tensors, "weight_scale", where, FLOAT_SCALES, (1,)).reshape(1, 1), (n, 1))
+        else:
+            scale = _tensor(tensors, "weight_scale", where, FLOAT_SCALES, (n, groups))
         zero = None
         if not args.get("symmetric", True):
             zp = _tensor(tensors, "weight_zero_point", where, ("int32",), (-(-n * bits // 32), scale.shape[1]))

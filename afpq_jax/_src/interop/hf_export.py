@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,7 +40,8 @@ from afpq_jax._src.scheme import QuantScheme
 
 TARGETS = ("compressed-tensors", "gptq", "afpq")
 MANIFEST_FORMAT = "afpq-jax-export/1"  # `outputs.is_afpq_output` recognises it: overwrite may replace an export
-COMPRESSED_TENSORS_VERSION = "0.17.0"  # the release whose layouts (dense 3-bit packing) the files follow
+COMPRESSED_TENSORS_VERSION = "0.20.1"  # the release whose compressors the layouts were checked against
+logger = logging.getLogger("afpq_jax")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -52,6 +54,7 @@ class ExportResult:
     shards: tuple[str, ...]
     dequantized: tuple[str, ...]
     total_bytes: int
+    warnings: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,17 +72,39 @@ class _Target(Protocol):
     def encode(self, layer: _Layer) -> dict[str, np.ndarray]: ...
     def config(self, layers: list[_Layer], float_linears: list[str], hf: dict) -> tuple[dict, dict[str, dict]]:
         """(config.json's quantization_config, other JSON files to write by name)."""
+    def warnings(self, layers: list[_Layer], float_linears: list[str]) -> list[str]:
+        """What readers of the format (vLLM above all) will not serve as written: one line each."""
+
+
+# vLLM serves these projections fused, with one scheme (and, for NVFP4, one global scale) per fused module
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+         "up_proj": "gate_up_proj"}
+
+
+def _fused_groups(layers: list[_Layer]) -> dict[str, list[_Layer]]:
+    """{vLLM's fused module name: its member layers} for the layers vLLM fuses."""
+    groups: dict[str, list[_Layer]] = defaultdict(list)
+    for layer in layers:
+        head, _, last = layer.name.rpartition(".")
+        if last in FUSED:
+            groups[f"{head}.{FUSED[last]}"].append(layer)
+    return groups
 
 
 class _CompressedTensors:
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+
     def why_not(self, layer: _Layer) -> str | None:
-        return compressed_tensors.why_not_exportable(layer.qt)
+        reason = compressed_tensors.why_not_exportable(layer.qt, self.dtype)
+        if reason is None and layer.scheme.act_bits is not None and (
+                layer.scheme.act_mode != "dynamic" or not layer.qt.format.is_int):
+            return (f"{layer.scheme.act_mode} int8 activations on {layer.qt.format.name} weights (vLLM serves W·A8 "
+                    f"compressed-tensors as INT weights with dynamic per-token activations)")
+        return reason
 
     def encode(self, layer: _Layer) -> dict[str, np.ndarray]:
-        out = compressed_tensors.encode_layer(layer.qt, layer.input_perm)
-        if layer.input_scale is not None:
-            out["input_scale"] = np.asarray([layer.input_scale], np.float32)
-        return out
+        return compressed_tensors.encode_layer(layer.qt, layer.input_perm, self.dtype)
 
     def config(self, layers, float_linears, hf):
         groups: dict[str, tuple[dict, dict | None, str, list[str]]] = {}
@@ -93,6 +118,30 @@ class _CompressedTensors:
         if len(listed) == 1:  # one scheme: every Linear not ignored, as llm-compressor writes it
             listed = [(w, a, f, ["Linear"]) for w, a, f, _ in listed]
         return compressed_tensors.quantization_config(listed, float_linears, COMPRESSED_TENSORS_VERSION), {}
+
+    def warnings(self, layers: list[_Layer], float_linears: list[str]) -> list[str]:
+        out = _mixed_fused(layers, float_linears, lambda layer: json.dumps(
+            [compressed_tensors.weights_scheme(layer.qt), layer.scheme.act_mode]))
+        for fused, members in _fused_groups(layers).items():
+            scales = {float(np.asarray(m.qt.global_scale).reshape(-1)[0]) for m in members
+                      if m.qt.global_scale is not None}
+            if len(scales) > 1:
+                out.append(f"{fused}: NVFP4 global scales differ ({min(scales):.4g}..{max(scales):.4g}); vLLM "
+                           f"fuses these layers under the largest one, which changes their weights there "
+                           f"(compressed-tensors and transformers read them exactly)")
+        return out
+
+
+def _mixed_fused(layers: list[_Layer], float_linears: list[str], scheme_of) -> list[str]:
+    """Warnings for fused groups whose members differ in scheme (or are partly float)."""
+    out = []
+    floats = {name.rpartition(".")[0] + "." + FUSED[name.rpartition(".")[2]] for name in float_linears
+              if name.rpartition(".")[2] in FUSED}
+    for fused, members in _fused_groups(layers).items():
+        if len({scheme_of(m) for m in members}) > 1 or fused in floats:
+            out.append(f"{fused}: its layers have different schemes; vLLM serves them fused with one scheme and "
+                       f"will refuse or misread them (use one scheme for q/k/v and for gate/up)")
+    return out
 
 
 class _Gptq:
@@ -120,26 +169,57 @@ class _Gptq:
     def config(self, layers, float_linears, hf):
         base = Counter(json.dumps(self._args(layer), sort_keys=True) for layer in layers).most_common(1)[0][0]
         base_args = json.loads(base)
+        # GPTQModel and vLLM take the first rule that matches a module; vLLM matches its fused names
+        # (...self_attn.qkv_proj), so a rule also names the fused module when all its members agree
+        wanted = {layer.name: self._args(layer) for layer in layers if self._args(layer) != base_args}
+        wanted.update({name: None for name in float_linears if name != "lm_head"})
         dynamic: dict[str, dict] = {}
-        for layer in layers:
-            args = self._args(layer)
-            if args != base_args:
-                dynamic[f"+:^{re.escape(layer.name)}$"] = args
-        for name in float_linears:
-            if name != "lm_head":
-                dynamic[f"-:^{re.escape(name)}$"] = {}
+        covered: set[str] = set()
+        members = defaultdict(list)
+        for name in list(wanted) + [layer.name for layer in layers if layer.name not in wanted]:
+            head, _, last = name.rpartition(".")
+            if last in FUSED:
+                members[f"{head}.{FUSED[last]}"].append(name)
+        for fused, names in members.items():
+            args = {json.dumps(wanted.get(n, base_args), sort_keys=True) for n in names}
+            if len(args) == 1 and names[0] in wanted:
+                head, _, fused_last = fused.rpartition(".")
+                lasts = sorted({n.rpartition(".")[2] for n in names} | {fused_last})
+                key = f"^{re.escape(head)}\\.({'|'.join(lasts)})$"
+                dynamic[("-:" if wanted[names[0]] is None else "+:") + key] = wanted[names[0]] or {}
+                covered.update(names)
+        for name, args in wanted.items():
+            if name not in covered:
+                dynamic[("-:" if args is None else "+:") + f"^{re.escape(name)}$"] = args or {}
         fmt = "gptq_v2" if self.v2 else "gptq"
         desc_act = any(layer.input_perm is not None for layer in layers)
         qc: dict[str, Any] = {**base_args, "desc_act": desc_act, "lm_head": any(l.path == "lm_head" for l in layers),
                               "quant_method": "gptq", "checkpoint_format": fmt, "format": fmt, "pack_dtype": "int32",
                               "true_sequential": True, "static_groups": False, "damp_percent": None,
-                              "meta": {"quantizer": ["afpq-jax"]}}
+                              "meta": {"quantizer": [f"afpq-jax:{_version()}"]}}
         if dynamic:
             qc["dynamic"] = dynamic
         return qc, {"quantize_config.json": qc}
 
+    def warnings(self, layers: list[_Layer], float_linears: list[str]) -> list[str]:
+        out = _mixed_fused(layers, float_linears, lambda layer: json.dumps(self._args(layer)))
+        served = {(4, True), (8, True)}
+        unserved = sorted({(a["bits"], a["sym"]) for a in map(self._args, layers)} - served)
+        if unserved or any(layer.input_perm is not None for layer in layers):
+            out.append("vLLM (0.34) serves GPTQ checkpoints of symmetric 4- and 8-bit weights without desc_act "
+                       "only; this one loads in GPTQModel and transformers (for vLLM, export compressed-tensors)")
+        return out
+
+
+def _version() -> str:
+    from afpq_jax import __version__
+    return __version__
+
 
 class _Afpq:
+    def warnings(self, layers: list[_Layer], float_linears: list[str]) -> list[str]:
+        return []
+
     def why_not(self, layer: _Layer) -> str | None:
         return afpq_safetensors.why_not_exportable(layer.qt)
 
@@ -203,8 +283,8 @@ def export(model: CausalLM, out_dir: str | os.PathLike, *, target: str = "compre
         perm = None if module.input_perm is None else _host(module.input_perm.get_value())
         qt = jax.tree.map(_host, module.quantized_tensor())
         layers.append(_Layer(path, name, qt, module.scheme, scale, perm))
-    codec: _Target = {"compressed-tensors": _CompressedTensors, "afpq": _Afpq}.get(target, None)() \
-        if target != "gptq" else _Gptq(layers)
+    codec: _Target = (_CompressedTensors(out_dtype.name) if target == "compressed-tensors" else
+                      _Gptq(layers) if target == "gptq" else _Afpq())
     refused = [(layer, codec.why_not(layer)) for layer in layers]
     refused = [(layer, reason) for layer, reason in refused if reason is not None]
     if refused and not dequantize_unsupported:
@@ -230,6 +310,9 @@ def export(model: CausalLM, out_dir: str | os.PathLike, *, target: str = "compre
                             f"is not possible either — quantize with --method gptq or rtn")
 
     qconfig, extra_files = codec.config(kept, float_linears, hf)
+    warnings = codec.warnings(kept, float_linears)
+    for line in warnings:
+        logger.warning("%s", line)
     hf_out = {**hf, "quantization_config": qconfig, "torch_dtype": out_dtype.name}
     if "dtype" in hf:  # transformers 5's name for it
         hf_out["dtype"] = out_dtype.name
@@ -263,4 +346,5 @@ def export(model: CausalLM, out_dir: str | os.PathLike, *, target: str = "compre
         (tmp / "manifest.json").write_text(json.dumps(
             {"format": MANIFEST_FORMAT, "target": target, "dequantized": dequantized,
              "source": info.source}, indent=2) + "\n")
-    return ExportResult(out.absolute(), target, tuple(shards), tuple(dequantized), writer.total_size)
+    return ExportResult(out.absolute(), target, tuple(shards), tuple(dequantized), writer.total_size,
+                        tuple(warnings))

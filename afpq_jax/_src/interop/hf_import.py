@@ -64,20 +64,23 @@ def quant_method(source: Source) -> str | None:
     return method
 
 
-def _targets_match(name: str, targets) -> bool:
-    for t in targets or ():
-        if t == "Linear" or t == name or (t.startswith("re:") and re.match(t[3:], name)):
-            return True
-    return False
+def _match_rank(name: str, targets) -> int | None:
+    """How specifically ``targets`` name a Linear module: 0 by its name, 1 by a ``re:`` pattern, 2 as "Linear"
+    (compressed-tensors and vLLM prefer the most specific match, whatever the groups' order); None: no match."""
+    ranks = [0 if t == name else 1 if t.startswith("re:") and re.match(t[3:], name) else 2 if t == "Linear" else None
+             for t in targets or () if isinstance(t, str)]
+    ranks = [r for r in ranks if r is not None]
+    return min(ranks) if ranks else None
 
 
 def _ct_group(name: str, qc: dict) -> tuple[dict, dict | None, str]:
-    for group in (qc.get("config_groups") or {}).values():
-        if isinstance(group, dict) and _targets_match(name, group.get("targets")):
-            fmt = group.get("format") or qc.get("format")
-            return group.get("weights") or {}, group.get("input_activations"), fmt
-    raise CheckpointError(f"{name} has compressed weights but no config group targets it; the config and the "
-                          f"tensors disagree")
+    ranked = [(rank, group) for group in (qc.get("config_groups") or {}).values() if isinstance(group, dict)
+              and (rank := _match_rank(name, group.get("targets"))) is not None]
+    if not ranked:
+        raise CheckpointError(f"{name} has compressed weights but no config group targets it; the config and the "
+                              f"tensors disagree")
+    group = min(ranked, key=lambda r: r[0])[1]
+    return group.get("weights") or {}, group.get("input_activations"), group.get("format") or qc.get("format")
 
 
 def _act_scheme(acts: dict | None, name: str) -> tuple[int | None, str | None]:
@@ -96,13 +99,12 @@ def _gptq_args(name: str, qc: dict) -> dict | None:
     """bits / group_size / sym of one module (GPTQModel's ``dynamic``: ``+:regex`` overrides, ``-:regex`` skips;
     None: not quantized)."""
     args = {k: qc.get(k) for k in ("bits", "group_size", "sym")}
-    for pattern, override in (qc.get("dynamic") or {}).items():
-        negative = pattern.startswith("-:")
+    for pattern, override in (qc.get("dynamic") or {}).items():  # the first matching rule decides (as GPTQModel)
         regex = pattern[2:] if pattern[:2] in ("+:", "-:") else pattern
         if re.match(regex, name):
-            if negative:
+            if pattern.startswith("-:"):
                 return None
-            args.update({k: v for k, v in (override or {}).items() if k in args})
+            return {**args, **{k: v for k, v in (override or {}).items() if k in args}}
     return args
 
 
