@@ -145,7 +145,8 @@ def ref_round(x, p: dict, fmt: str):
     return _nearest(t, levels).astype(np.float32) * s, s, near
 
 
-def ref_quantize(w: np.ndarray, fmt: str, group_size: int | None, asym: bool, scale_dtype: str = "float16"):
+def ref_quantize(w: np.ndarray, fmt: str, group_size: int | None, asym: bool, scale_dtype: str = "float16",
+                 global_scale: np.float32 | None = None):
     """Returns (dequantized (K, N), per-element side scale float32 (K, N), near_tie bool (K, N))."""
     w = np.asarray(w, np.float32)
     k, n = w.shape
@@ -153,7 +154,8 @@ def ref_quantize(w: np.ndarray, fmt: str, group_size: int | None, asym: bool, sc
     dq = np.zeros((k, n), np.float64)
     side_scale = np.zeros((k, n), np.float32)
     near_tie = np.zeros((k, n), bool)
-    gs = ref_global_scale(w, fmt, asym, group_size) if scale_dtype == "float8_e4m3fn" else None
+    gs = None if scale_dtype != "float8_e4m3fn" else (
+        ref_global_scale(w, fmt, asym, group_size) if global_scale is None else np.float32(global_scale))
     for start in range(0, k, g):
         x = w[start:start + g]
         p = ref_params(x.min(axis=0), x.max(axis=0), fmt, asym, scale_dtype, gs)

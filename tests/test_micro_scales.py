@@ -57,6 +57,52 @@ def test_codes_and_scales_equal_the_numpy_reference(fmt, asym, scale_dtype):
         np.testing.assert_array_equal(np.exp2(e), np.asarray(qt.float_scales()[0]))
 
 
+def test_a_shared_global_scale_is_the_smallest_and_every_path_takes_it():
+    """Layers a server fuses (q/k/v, gate/up) share one E4M3 global scale: the column concatenation's, i.e. the
+    smallest of their own. `quantize`, GPTQ and the clip search take it in place of the weight's own."""
+    ws = [_weights(64, n, seed) * scale for n, seed, scale in ((24, 1, 1.0), (8, 2, 3.0), (8, 3, 0.5))]
+    scheme = QuantScheme.preset("nvfp4", asym=True)
+    shared = scheme.global_scale(ws)
+    assert float(shared) == min(ref.ref_global_scale(w, "fp4_e2m1", True, 16) for w in ws)
+    assert float(shared) == ref.ref_global_scale(np.concatenate(ws, axis=1), "fp4_e2m1", True, 16)
+    for w in ws:
+        qt = scheme.quantize(w, global_scale=shared)
+        assert qt.global_scale[0] == shared
+        want, _, near_tie = ref.ref_quantize(w, "fp4_e2m1", 16, True, "float8_e4m3fn", global_scale=shared)
+        mismatch = np.asarray(aq.dequantize(qt), np.float64) != want
+        assert np.all(near_tie[mismatch]) and mismatch.mean() < 0.01
+        h = jnp.asarray(np.diag(np.random.default_rng(0).uniform(0.5, 2, 64)), jnp.float32)
+        gq = gptq_quantize(jnp.asarray(w), h, "fp4_e2m1", group_size=16, scale_dtype="float8_e4m3fn", damp=0.0,
+                           global_scale=shared)  # diagonal Hessian: RTN, here under the shared scale
+        np.testing.assert_array_equal(np.asarray(gq.scale).view(np.uint8), np.asarray(qt.scale).view(np.uint8))
+        x = np.random.default_rng(1).standard_normal((32, 64)).astype(np.float32)
+        ratios, _ = clip_search(w, x, "fp4_e2m1", group_size=16, scale_dtype="float8_e4m3fn", global_scale=shared)
+        clipped = scheme.quantize(w, ratios, shared)
+        out = lambda q: float(np.mean((x @ (np.asarray(aq.dequantize(q)) - w)) ** 2))  # noqa: E731
+        assert out(clipped) <= out(qt) * (1 + 1e-6)
+    assert QuantScheme.preset("mxfp4").global_scale(ws) is None
+    with pytest.raises(aq.InputError, match="float8_e4m3fn group scales only"):
+        aq.quantize(ws[0], "fp4_e2m1", group_size=32, scale_dtype="float8_e8m0fnu", global_scale=1.0)
+    with pytest.raises(aq.InputError, match="positive and finite"):
+        scheme.quantize(ws[0], global_scale=-1.0)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_fused_projections_share_their_global_scale_under_every_method(method):
+    from tests.support import FIXTURES
+    cal = aq.Calibration(random=True, samples=4, seqlen=16, batch_size=4, search_batch_size=4)
+    model = aq.quantize_pretrained(FIXTURES / "llama_gqa", QuantScheme.preset("nvfp4", asym=True), method=method,
+                                   calibration=None if method == "rtn" else cal, progress=False)
+    for block in model.layers:
+        g = {name: float(np.asarray(layer.global_scale.get_value())[0]) for name, layer in
+             (("q", block.attn.q_proj), ("k", block.attn.k_proj), ("v", block.attn.v_proj),
+              ("gate", block.mlp.gate_proj), ("up", block.mlp.up_proj), ("o", block.attn.o_proj))}
+        assert g["q"] == g["k"] == g["v"] and g["gate"] == g["up"]
+        # the shared scale is set by the largest range, so it is not above the members' own
+        kernel = lambda layer: np.asarray(layer.weight())  # noqa: E731
+        assert g["q"] <= ref.ref_global_scale(kernel(block.attn.q_proj), "fp4_e2m1", True, 16) * 1.001
+
+
 def test_e8m0_is_the_ocp_shared_exponent_at_every_power_of_two_boundary():
     # ranges at, just under and just over powers of two, from the smallest exponent to the largest
     exps = np.arange(-120, 120, 7)

@@ -163,9 +163,10 @@ class QuantDense(nnx.Module):
                                          integer_scales=qt.integer_scales)  # activations: float
         self._set_quantized(qt)
 
-    def quantize(self, scheme: QuantScheme, clip_ratios=None) -> QuantizedTensor:
+    def quantize(self, scheme: QuantScheme, clip_ratios=None, global_scale=None) -> QuantizedTensor:
         """Round-to-nearest quantization of this layer's float kernel, in place (``clip_ratios`` from the
-        clipping search shrink each group's range first). A scheme with dynamic int8 activations sets them too.
+        clipping search shrink each group's range first; ``global_scale``: E4M3 scales under a given global
+        scale, `QuantScheme.global_scale`). A scheme with dynamic int8 activations sets them too.
         Static ones need the calibrated scale, which this call does not have: the weights are quantized and the
         input stays float until `set_activation_quant(8, "static", scale)` (the calibration driver's step)."""
         if self.is_quantized:
@@ -173,7 +174,7 @@ class QuantDense(nnx.Module):
         if not isinstance(scheme, QuantScheme):
             raise ArgumentTypeError(f"QuantDense.quantize takes a QuantScheme (aq.QuantScheme.create(...)), got "
                                     f"{type(scheme).__name__}")
-        qt = scheme.quantize(self.kernel.get_value(), clip_ratios)
+        qt = scheme.quantize(self.kernel.get_value(), clip_ratios, global_scale)
         self.set_quantized(qt)
         if scheme.act_mode == "dynamic":
             self.set_activation_quant(scheme.act_bits, scheme.act_mode)

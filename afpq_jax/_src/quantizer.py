@@ -93,6 +93,44 @@ def global_scale_of(fmt: Format, asym: bool, xmin: jax.Array, xmax: jax.Array, s
     return jnp.where(r > 0, (E4M3_MAX * _divisor(fmt, asym)) / jnp.where(r > 0, r, 1.0), 1.0)
 
 
+def tensor_global_scale(w: jax.Array, fmt: str | Format, *, group_size: int | None, asym: bool,
+                        scale_dtype: DTypeLike) -> jax.Array | None:
+    """The global scale `quantize` would give weight ``w`` ``(..., K, N)`` (``(...)`` float32), or None for scale
+    dtypes without one."""
+    if jnp.dtype(scale_dtype).name not in GLOBAL_SCALED:
+        return None
+    fmt = formats_lib.get_format(fmt)
+    wg = to_groups(jnp.asarray(w, jnp.float32), _group_size(w.shape[-2], group_size))
+    gs = global_scale_of(fmt, asym, jnp.min(wg, axis=-2, keepdims=True), jnp.max(wg, axis=-2, keepdims=True),
+                         scale_dtype)
+    return gs.reshape(gs.shape[:-3])
+
+
+def shared_global_scale(weights, fmt: str | Format, *, group_size: int | None, asym: bool,
+                        scale_dtype: DTypeLike) -> jax.Array | None:
+    """One global scale for several weights quantized alike (the q/k/v or gate/up projections a server runs as
+    one fused matmul with one global scale, as NVFP4 checkpoints for vLLM have them): the global scale of their
+    column concatenation, i.e. the smallest of their own (the largest range sets it). None without E4M3 scales."""
+    scales = [tensor_global_scale(w, fmt, group_size=group_size, asym=asym, scale_dtype=scale_dtype) for w in weights]
+    if not scales or scales[0] is None:
+        return None
+    return functools.reduce(jnp.minimum, scales)
+
+
+def check_global_scale(global_scale, scale_dtype, lead: tuple[int, ...]) -> jax.Array | None:
+    """A caller's global scale: only for E4M3 scales, positive and finite, one per weight (``lead`` axes)."""
+    if global_scale is None:
+        return None
+    if jnp.dtype(scale_dtype).name not in GLOBAL_SCALED:
+        raise InputError(f"global_scale applies to float8_e4m3fn group scales only, not {jnp.dtype(scale_dtype).name}")
+    gs = jnp.asarray(global_scale, jnp.float32)
+    if gs.size != max(1, int(np.prod(lead))):
+        raise InputError(f"global_scale has {gs.size} values; the weight needs one per tensor ({lead or 'a scalar'})")
+    if not isinstance(gs, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(gs) & (gs > 0))):
+        raise InputError(f"global_scale must be positive and finite, got {np.asarray(gs)}")
+    return gs
+
+
 def _rounded_scale(r: jax.Array, d: int | float, scale_dtype, global_scale: jax.Array | None) -> jax.Array:
     """The float32 scale of range ``r`` over divisor ``d`` as ``scale_dtype`` stores it.
 
@@ -282,18 +320,21 @@ def from_groups(wg: jax.Array, k: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "scale_dtype", "integer_scales"))
-def _quantize_codes(w, fmt: Format, asym: bool, g: int, scale_dtype, clip_ratios=None, integer_scales=False):
+def _quantize_codes(w, fmt: Format, asym: bool, g: int, scale_dtype, clip_ratios=None, integer_scales=False,
+                    global_scale=None):
     """Unpacked codes ``(..., K, N)``, group params ``(..., G, 1, N)``, with ``integer_scales`` the channel
     scale ``(..., 1, 1, N)`` (else None) and with E4M3 scales the global scale ``(..., 1, 1, 1)`` (else None) of
     one weight.
 
     ``clip_ratios`` (optional pair of ``(..., G, 1, N)`` arrays in (0, 1]) shrink each group's negative and
     positive extremes before the scales are computed (the clipping search's result); the global scale comes
-    from the unclipped weight.
+    from the unclipped weight, unless ``global_scale`` (``(...)`` float32, one per weight) gives it.
     """
     wg = to_groups(w.astype(jnp.float32), g)
     lo, hi = jnp.min(wg, axis=-2, keepdims=True), jnp.max(wg, axis=-2, keepdims=True)
     gs = global_scale_of(fmt, asym, lo, hi, scale_dtype)
+    if gs is not None and global_scale is not None:
+        gs = jnp.asarray(global_scale, jnp.float32).reshape(gs.shape)
     if clip_ratios is not None:
         lo, hi = lo * clip_ratios[0], hi * clip_ratios[1]
     params = group_params(fmt, asym, lo, hi, scale_dtype, gs)
@@ -402,7 +443,7 @@ def _checked(w, fmt, group_size, asym, scale_dtype, integer_scales) -> tuple[jax
 
 def quantize(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128, asym: bool = True,
              scale_dtype: DTypeLike = jnp.float16, clip_ratios: tuple[jax.Array, jax.Array] | None = None,
-             integer_scales: bool = False) -> QuantizedTensor:
+             integer_scales: bool = False, global_scale: jax.Array | float | None = None) -> QuantizedTensor:
     """Round-to-nearest quantization of a weight ``(..., in_features, out_features)`` into packed codes.
 
     Groups are ``group_size`` consecutive entries along the contraction axis (axis -2) of one output column;
@@ -410,11 +451,14 @@ def quantize(w: jax.Array, fmt: str | Format, *, group_size: int | None = 128, a
     and min/max affine for INT formats; ``asym=False`` is symmetric absmax. ``clip_ratios`` = (negative side,
     positive side) per-group shrink factors ``(..., G, 1, N)`` from `algorithms.clip` (default: no clipping).
     ``integer_scales``: group scales are small integers times a per-column ``scale_dtype`` scale
-    (`snap_to_integer_scales`; see `QuantizedTensor.channel_scale`).
+    (`snap_to_integer_scales`; see `QuantizedTensor.channel_scale`). ``global_scale``: E4M3 scales only, the
+    per-tensor scale to use instead of the weight's own (`shared_global_scale`: one for layers a server fuses).
     """
     w, fmt, asym, dt, g = _checked(w, fmt, group_size, asym, scale_dtype, integer_scales)
     check_clip_ratios(clip_ratios, w.shape, g)
-    codes, params, channel, gs = _quantize_codes(w, fmt, asym, g, dt, clip_ratios, bool(integer_scales))
+    global_scale = check_global_scale(global_scale, dt, w.shape[:-2])
+    codes, params, channel, gs = _quantize_codes(w, fmt, asym, g, dt, clip_ratios, bool(integer_scales),
+                                                 global_scale)
     return packed_tensor(codes, params, channel, fmt=fmt, group_size=group_size, asym=asym,
                          scale_dtype=dt, dtype=w.dtype, global_scale=gs)
 

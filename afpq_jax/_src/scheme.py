@@ -177,11 +177,18 @@ class QuantScheme:
         return quantizer.fake_quant(w, self.format, group_size=self.group_size, asym=self.asym,
                                     scale_dtype=self.scale_dtype, integer_scales=self.integer_scales)
 
-    def quantize(self, w: jax.Array, clip_ratios=None) -> QuantizedTensor:
-        """Round-to-nearest quantization of a kernel with this scheme (``clip_ratios``: `quantize`'s)."""
+    def quantize(self, w: jax.Array, clip_ratios=None, global_scale=None) -> QuantizedTensor:
+        """Round-to-nearest quantization of a kernel with this scheme (``clip_ratios``, ``global_scale``:
+        `quantize`'s)."""
         return quantizer.quantize(w, self.format, group_size=self.group_size, asym=self.asym,
                                   scale_dtype=self.scale_dtype, clip_ratios=clip_ratios,
-                                  integer_scales=self.integer_scales)
+                                  integer_scales=self.integer_scales, global_scale=global_scale)
+
+    def global_scale(self, weights) -> jax.Array | None:
+        """The one E4M3 global scale of ``weights`` quantized with this scheme together (`shared_global_scale`),
+        or None for scale dtypes without one."""
+        return quantizer.shared_global_scale(weights, self.format, group_size=self.group_size, asym=self.asym,
+                                             scale_dtype=self.scale_dtype)
 
 
 @dataclasses.dataclass(frozen=True)

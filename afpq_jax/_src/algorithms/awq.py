@@ -174,7 +174,9 @@ class AWQ(Method):
                 ratios = self.clip.block_ratios(ctx)
             trim_heap()
         with ctx.timer("quantize"):
+            global_scales = ctx.shared_global_scales()  # after the folds, as the clip search took them
             for name, s in ctx.schemes.items():
                 # weights only: the activation step (`activations.WithActivations`) sets each input's scheme
-                jax.block_until_ready(ctx.linears[name].quantize(s.with_activations(None, None), ratios.get(name)))
+                jax.block_until_ready(ctx.linears[name].quantize(s.with_activations(None, None), ratios.get(name),
+                                                                 global_scales.get(name)))
         return {"awq_alpha": alphas}

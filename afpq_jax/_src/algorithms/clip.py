@@ -29,7 +29,8 @@ from afpq_jax._src.sharding import column_sharded
 from afpq_jax._src.formats import Format, get_format
 from afpq_jax._src import validation
 from afpq_jax._src.errors import InputError
-from afpq_jax._src.quantizer import check_group_size, decode, encode, global_scale_of, group_params, to_groups
+from afpq_jax._src.quantizer import (check_global_scale, check_group_size, decode, encode, global_scale_of,
+                                     group_params, to_groups)
 
 if TYPE_CHECKING:
     from afpq_jax._src.calibration.method import BlockContext
@@ -40,17 +41,22 @@ def shrink_grid(steps: int = 10, step: float = 0.05) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "sdt"))
-def _search(w, x, ratio_pairs, *, fmt: Format, asym: bool, g: int, sdt):
+def _search(w, x, ratio_pairs, global_scale=None, *, fmt: Format, asym: bool, g: int, sdt):
     with jax.default_matmul_precision("highest"):  # TPU / GPU would otherwise use bf16 / TF32 passes
-        return _search_impl(w, x, ratio_pairs, fmt=fmt, asym=asym, g=g, sdt=sdt)
+        return _search_impl(w, x, ratio_pairs, global_scale, fmt=fmt, asym=asym, g=g, sdt=sdt)
 
 
-def _search_impl(w, x, ratio_pairs, *, fmt: Format, asym: bool, g: int, sdt):
+def _given(gs, global_scale):
+    """The tensor's own global scale ``gs``, or the caller's (shared) one in its shape."""
+    return gs if gs is None or global_scale is None else jnp.asarray(global_scale, jnp.float32).reshape(gs.shape)
+
+
+def _search_impl(w, x, ratio_pairs, global_scale=None, *, fmt: Format, asym: bool, g: int, sdt):
     wg = to_groups(w.astype(jnp.float32), g)  # (G, g, N)
     t = x.shape[0]
     xg = to_groups(x.astype(jnp.float32).T, g).reshape(-1, g, t)  # (G, g, T): zero rows pad a short group
     lo0, hi0 = jnp.min(wg, axis=1, keepdims=True), jnp.max(wg, axis=1, keepdims=True)
-    gs = global_scale_of(fmt, asym, lo0, hi0, sdt)  # from the whole unclipped weight, as `quantize` takes it
+    gs = _given(global_scale_of(fmt, asym, lo0, hi0, sdt), global_scale)  # the unclipped weight's, as `quantize`
 
     def error(pair):
         params = group_params(fmt, asym, lo0 * pair[0], hi0 * pair[1], sdt, gs)
@@ -71,20 +77,21 @@ def _search_impl(w, x, ratio_pairs, *, fmt: Format, asym: bool, g: int, sdt):
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "g", "sdt", "cols"))
-def _search_separable(w, x, grid, *, fmt: Format, g: int, sdt, cols: int):
+def _search_separable(w, x, grid, global_scale=None, *, fmt: Format, g: int, sdt, cols: int):
     """`_search` for asymmetric FP/NF (pairs = grid x grid, r_neg major), ``cols`` output columns at a time."""
     with jax.default_matmul_precision("highest"):
-        return _search_separable_impl(w, x, grid, fmt=fmt, g=g, sdt=sdt, cols=cols)
+        return _search_separable_impl(w, x, grid, global_scale, fmt=fmt, g=g, sdt=sdt, cols=cols)
 
 
-def _search_separable_impl(w, x, grid, *, fmt: Format, g: int, sdt, cols: int):
+def _search_separable_impl(w, x, grid, global_scale=None, *, fmt: Format, g: int, sdt, cols: int):
     n = w.shape[1]
     n_pad = -(-n // cols) * cols
     wg = to_groups(jnp.pad(w.astype(jnp.float32), ((0, 0), (0, n_pad - n))), g)  # (G, g, Np); zero columns
     t = x.shape[0]
     xg = to_groups(x.astype(jnp.float32).T, g).reshape(-1, g, t)  # (G, g, T)
     steps = grid.shape[0]
-    gs = global_scale_of(fmt, True, jnp.min(wg, axis=1, keepdims=True), jnp.max(wg, axis=1, keepdims=True), sdt)
+    gs = _given(global_scale_of(fmt, True, jnp.min(wg, axis=1, keepdims=True), jnp.max(wg, axis=1, keepdims=True),
+                                sdt), global_scale)
 
     def chunk(wc):  # (G, g, C)
         lo0, hi0 = jnp.min(wc, axis=1, keepdims=True), jnp.max(wc, axis=1, keepdims=True)
@@ -111,13 +118,14 @@ def _search_separable_impl(w, x, grid, *, fmt: Format, g: int, sdt, cols: int):
 
 
 def clip_search(kernel: jax.Array, x: jax.Array, fmt: str | Format, *, group_size: int | None = 128,
-                asym: bool = True, scale_dtype: DTypeLike = jnp.float16, steps: int = 10, step: float = 0.05
-                ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+                asym: bool = True, scale_dtype: DTypeLike = jnp.float16, steps: int = 10, step: float = 0.05,
+                global_scale: jax.Array | float | None = None) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
     """Best per-group shrink ratios ``(r_neg, r_pos)`` (each ``(G, 1, N)``, for `quantize(clip_ratios=...)`)
     and the minimised error ``(G, N)``. ``x`` holds calibration inputs ``(T, K)`` of this layer.
 
     The unclipped pair (1, 1) is in the grid and a pair only replaces the incumbent when strictly better, so
-    the result never has a larger error than no clipping.
+    the result never has a larger error than no clipping. ``global_scale``: E4M3 scales under this global
+    scale instead of the kernel's own (`quantize`'s; the quantization that follows must use the same).
     """
     fmt = get_format(fmt)
     check_group_size(group_size)
@@ -130,19 +138,20 @@ def clip_search(kernel: jax.Array, x: jax.Array, fmt: str | Format, *, group_siz
                          f"(x: (tokens, in_features))")
     g = k if group_size is None else min(group_size, k)
     grid = shrink_grid(steps, step)
+    global_scale = check_global_scale(global_scale, scale_dtype, ())
     if asym and not fmt.is_int:
         per_column = steps * (-(-k // g)) * int(np.prod(np.shape(x)[:-1]))  # floats of e_neg per column
         cols = int(max(1, min(kernel.shape[1], 4_000_000 // max(1, per_column))))
         r_neg, r_pos, err = _search_separable(jnp.asarray(kernel), jnp.asarray(x).reshape(-1, k),
-                                              jnp.asarray(grid), fmt=fmt, g=g, sdt=jnp.dtype(scale_dtype),
-                                              cols=cols)
+                                              jnp.asarray(grid), global_scale, fmt=fmt, g=g,
+                                              sdt=jnp.dtype(scale_dtype), cols=cols)
         return (r_neg, r_pos), err
     if asym:
         pairs = np.stack(np.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
     else:
         pairs = np.stack([grid, grid], -1)
     r_neg, r_pos, err = _search(jnp.asarray(kernel), jnp.asarray(x).reshape(-1, k), jnp.asarray(pairs),
-                                fmt=fmt, asym=asym, g=g, sdt=jnp.dtype(scale_dtype))
+                                global_scale, fmt=fmt, asym=asym, g=g, sdt=jnp.dtype(scale_dtype))
     return (r_neg, r_pos), err
 
 
@@ -211,11 +220,12 @@ class ClipSearch:
         rows = {name: ctx.rng.choice(n_tokens, size=min(self.tokens, n_tokens), replace=False)
                 for name in ctx.schemes if name not in self.skip}
         inputs = ctx.sampled_inputs(rows)
+        global_scales = ctx.shared_global_scales()  # as the quantization after this search takes them
         ratios = {}
         for name in rows:
             s = ctx.schemes[name]
             kernel = column_sharded(ctx.linears[name].kernel.get_value())  # columns are searched independently
             ratios[name], _ = clip_search(kernel, inputs.pop(name), s.format,
                                           group_size=s.group_size, asym=s.asym, scale_dtype=s.scale_dtype,
-                                          steps=self.steps, step=self.step)
+                                          steps=self.steps, step=self.step, global_scale=global_scales.get(name))
         return jax.block_until_ready(ratios)

@@ -29,7 +29,8 @@ from afpq_jax._src.errors import ArgumentTypeError, InputError, QuantizationErro
 from afpq_jax._src.formats import Format, get_format
 from afpq_jax._src.qtensor import QuantizedTensor
 from afpq_jax._src.quantizer import (GroupParams, channel_scale_of, check_group_size, check_integer_scale_dtype,
-                                     check_scale_dtype, decode, encode, global_scale_of, group_params,
+                                     check_global_scale, check_scale_dtype, decode, encode, global_scale_of,
+                                     group_params,
                                      integer_scale_limit, packed_tensor, snap_to_integer_scales)
 
 
@@ -153,7 +154,7 @@ def _factor(w, h, damp, *, bs: int, act_order: bool):
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "asym", "g", "sdt", "static", "bs", "integer_scales"))
-def _gptq(w, h, perm, hinv, *, fmt: Format, asym: bool, g: int, sdt, static: bool, bs: int,
+def _gptq(w, h, perm, hinv, global_scale=None, *, fmt: Format, asym: bool, g: int, sdt, static: bool, bs: int,
           integer_scales: bool = False):
     """The whole GPTQ of one kernel as one compiled program (one compilation per layer shape), given `_factor`'s
     column order and factor. Returns codes, group params and the channel scale ((1, 1, N); None unless
@@ -178,7 +179,7 @@ def _gptq(w, h, perm, hinv, *, fmt: Format, asym: bool, g: int, sdt, static: boo
         lo, hi = grouped.min(1, keepdims=True), grouped.max(1, keepdims=True)
         # E4M3 scales: one global scale from the original weights (as the tensor's amax in NVFP4), a scalar here
         gs = global_scale_of(fmt, asym, lo, hi, sdt)
-        gs = None if gs is None else gs[0, 0, 0]
+        gs = None if gs is None else gs[0, 0, 0] if global_scale is None else global_scale.reshape(())
         original = group_params(fmt, asym, lo, hi, sdt, gs)
         channel = None
         if integer_scales:
@@ -238,12 +239,14 @@ def check_options(damp: float, block_size: int) -> None:
 def gptq_quantize(kernel: jax.Array, hessian: jax.Array, fmt: str | Format, *, group_size: int | None = 128,
                   asym: bool = True, scale_dtype: DTypeLike = jnp.float16, damp: float = 0.01, block_size: int = 128,
                   act_order: bool = False, damp_step: float = 0.0025, max_damp: float = 1.0,
-                  integer_scales: bool = False, name: str = "kernel") -> QuantizedTensor:
+                  integer_scales: bool = False, name: str = "kernel",
+                  global_scale: jax.Array | float | None = None) -> QuantizedTensor:
     """GPTQ-quantizes a kernel (K, N) given the Hessian (K, K) of its inputs.
 
     If the damped Hessian is not positive definite (its Cholesky factor is not finite), damping grows by
     ``damp_step`` up to ``max_damp``; if none works, or the result is not finite, raises `QuantizationError`
-    naming ``name``. ``integer_scales``: see `_gptq` and `QuantizedTensor.channel_scale`.
+    naming ``name``. ``integer_scales``: see `_gptq` and `QuantizedTensor.channel_scale`. ``global_scale``: E4M3
+    scales under this global scale instead of the kernel's own (`quantize`'s).
     """
     fmt = get_format(fmt)
     sdt = check_scale_dtype(scale_dtype)
@@ -277,8 +280,9 @@ def gptq_quantize(kernel: jax.Array, hessian: jax.Array, fmt: str | Format, *, g
         raise QuantizationError(f"GPTQ: the Hessian of {name} is not positive definite even with damp {max_damp} "
                                 f"(non-finite inputs, or too few calibration tokens); use more calibration samples "
                                 f"or quantize this layer with RTN through a rule")
-    codes, params, channel, gs = _gptq(w, h, perm, hinv, fmt=fmt, asym=asym, g=g, sdt=sdt, static=static, bs=bs,
-                                       integer_scales=bool(integer_scales))
+    global_scale = check_global_scale(global_scale, sdt, ())
+    codes, params, channel, gs = _gptq(w, h, perm, hinv, global_scale, fmt=fmt, asym=asym, g=g, sdt=sdt,
+                                       static=static, bs=bs, integer_scales=bool(integer_scales))
     if not all(bool(jnp.all(jnp.isfinite(p))) for p in params if p is not None):
         raise QuantizationError(f"GPTQ produced non-finite scales for {name} (damp {d}); check the calibration "
                                 f"inputs of this layer for NaN/inf")
@@ -330,12 +334,14 @@ class GPTQ(Method):
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, Any] | None:
         with ctx.timer("gptq"):
+            global_scales = ctx.shared_global_scales()  # from the original weights, before any is quantized
             for name, s in ctx.schemes.items():
                 layer = ctx.linears[name]
                 kernel = column_sharded(layer.kernel.get_value())  # columns are independent given H
                 qt = gptq_quantize(kernel, ctx.stats[name]["xtx"] * (2.0 / ctx.tokens), s.format,
                                    group_size=s.group_size, asym=s.asym, scale_dtype=s.scale_dtype, damp=self.damp,
                                    block_size=self.block_size, act_order=self.act_order,
-                                   integer_scales=s.integer_scales, name=f"layers.{ctx.index}.{name}")
+                                   integer_scales=s.integer_scales, name=f"layers.{ctx.index}.{name}",
+                                   global_scale=global_scales.get(name))
                 layer.set_quantized(jax.block_until_ready(qt))  # time lands in this phase
         return None

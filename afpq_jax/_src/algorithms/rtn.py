@@ -39,7 +39,9 @@ class RTN(Method):
             with ctx.timer("clip search"):
                 ratios = self.clip.block_ratios(ctx)
         with ctx.timer("quantize"):
+            global_scales = ctx.shared_global_scales()
             for name, s in ctx.schemes.items():
                 # weights only: the activation step (`activations.WithActivations`) sets each input's scheme
-                jax.block_until_ready(ctx.linears[name].quantize(s.with_activations(None, None), ratios.get(name)))
+                jax.block_until_ready(ctx.linears[name].quantize(s.with_activations(None, None), ratios.get(name),
+                                                                 global_scales.get(name)))
         return None

@@ -25,7 +25,7 @@ from afpq_jax._src.calibration.timer import PhaseTimer
 from afpq_jax._src.errors import InputError
 from afpq_jax._src.layers import QuantDense
 from afpq_jax._src.models import ModelConfig
-from afpq_jax._src.models.transformer import Block, block_linears
+from afpq_jax._src.models.transformer import FUSED_SIBLINGS, Block, block_linears
 from afpq_jax._src.scheme import QuantScheme
 
 
@@ -70,6 +70,22 @@ class BlockContext:
         """Layer ``name``'s input on the search sequences, as equal minibatches (M, B, L, K) on the device."""
         return taps.layer_input(self.block, self.search_sequences, self.positions,
                                 self.calibration.search_batch_size, name)
+
+    def shared_global_scales(self) -> dict[str, jax.Array]:
+        """{layer: the global scale it shares} for the layers a server fuses into one matmul (`FUSED_SIBLINGS`:
+        q/k/v, gate/up) when all of them are quantized alike with E4M3 group scales: one global scale over the
+        group's current float kernels (`QuantScheme.global_scale`), as a fused NVFP4 layer has. Other layers
+        are absent (each keeps its own). Methods pass these to every step that sets scales."""
+        out = {}
+        for names in FUSED_SIBLINGS:
+            schemes = {self.schemes.get(n) for n in names}
+            layers = [self.linears.get(n) for n in names]
+            if len(schemes) != 1 or None in schemes or any(m is None or m.is_quantized for m in layers):
+                continue
+            gs = next(iter(schemes)).global_scale([m.kernel.get_value() for m in layers])
+            if gs is not None:
+                out.update({n: gs for n in names})
+        return out
 
     def sampled_inputs(self, rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Layer inputs at flat token indices of the search sequences: {name: (len(rows[name]), K)}."""

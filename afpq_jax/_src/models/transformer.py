@@ -299,6 +299,10 @@ def _block_output(block: Block, x: jax.Array, positions: jax.Array) -> jax.Array
     return block(x, positions)[0]
 
 
+# Layers that read the same input and that serving stacks run as one fused matmul (vLLM's qkv_proj, gate_up_proj),
+# block-relative: a fused NVFP4 layer has one global scale, so its members are quantized under one.
+FUSED_SIBLINGS = (("attn.q_proj", "attn.k_proj", "attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
 _LINEAR_NAMES = ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
