@@ -34,6 +34,11 @@ class OutputExistsError(InputError, FileExistsError):
     """The output path exists and overwriting was not asked for."""
 
 
+class NotExportable(InputError):
+    """A layer's scheme has no exact form in the export format asked for (the message says why and names the
+    layers)."""
+
+
 class QuantizationError(AfpqError, ArithmeticError):
     """A method could not produce a valid result for a layer (e.g. GPTQ's Hessian is not positive definite at any
     damping tried); the message names the layer and what to change."""

@@ -110,6 +110,11 @@ class CheckpointWeights:
 
     def __init__(self, source: Source, cfg: ModelConfig):
         self.source, self.cfg = source, cfg
+        if source.config.get("quantization_config") is not None:
+            method = source.config["quantization_config"]
+            method = method.get("quant_method") if isinstance(method, dict) else method
+            raise CheckpointError(f"{source.path} is already quantized ({method}); afpq_jax.load reads it with its "
+                                  f"packed layers as they are — to quantize again, start from the float model")
         rules = family_for(source.config).KEY_RULES
         self._blocks: dict[int, list[tuple[str, ModelPath, bool]]] = defaultdict(list)
         self._outer: dict[ModelPath, tuple[str, bool]] = {}
@@ -317,6 +322,9 @@ class ModelAssembler:
 
     def place(self, path: ModelPath, value) -> None:
         """Places one array as it is (a restored checkpoint leaf: float parameter or packed leaf)."""
+        if path not in self._flat:
+            raise CheckpointError(f"the checkpoint has {dotted(path)}, which this model does not have; check "
+                                  f"config.json (e.g. attention_bias, tie_word_embeddings)")
         want = self._flat[path].get_value()
         if tuple(value.shape) != tuple(want.shape) or value.dtype != want.dtype:
             raise CheckpointError(f"{dotted(path)} is {value.dtype}{tuple(value.shape)} in the checkpoint, the model "

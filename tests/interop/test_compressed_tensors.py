@@ -8,6 +8,7 @@ import pytest
 
 import afpq_jax as aq
 from afpq_jax import QuantScheme
+from afpq_jax._src.errors import CheckpointError, NotExportable
 from afpq_jax._src.interop import compressed_tensors as ct
 
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)
@@ -106,7 +107,7 @@ def test_micro_scaled_fp4_layers_decode_to_our_weights(preset, fmt_name):
 def test_layers_without_an_exact_form_are_refused_with_the_reason(scheme, reason):
     qt = scheme.quantize(np.random.default_rng(3).standard_normal((64, 16)).astype(np.float32))
     assert reason in ct.why_not_exportable(qt)
-    with pytest.raises(ct.NotExportable, match=reason):
+    with pytest.raises(NotExportable, match=reason):
         ct.encode_layer(qt)
 
 
@@ -138,13 +139,26 @@ def test_layers_read_back_into_the_same_packed_weight(fmt, group, asym, scale_dt
         np.testing.assert_array_equal(np.asarray(aq.dequantize(back)), np.asarray(aq.dequantize(qt)))
 
 
-def test_activation_order_groups_are_written_with_g_idx_and_read_back():
+def test_activation_order_files_are_read_as_rows_in_group_order():
+    """Older compressed-tensors files with ``actorder: "group"`` carry ``weight_g_idx``: read into rows stored in
+    group order plus the permutation (the weight in the input's order is what the reference decoder gives)."""
     qt = aq.quantize(np.random.default_rng(6).standard_normal((128, 16)).astype(np.float32), "int4", group_size=32)
-    perm = np.random.default_rng(7).permutation(128).astype(np.int32)  # stored row j is input row perm[j]
-    tensors = ct.encode_layer(qt, perm)
-    scheme = ct.weights_scheme(qt, True)
-    assert scheme["actorder"] == "group" and tensors["weight_g_idx"][perm[40]] == 1
+    perm = np.random.default_rng(7).permutation(128)  # input row perm[j] takes stored row j (its group: j // 32)
+    tensors = ct.encode_layer(qt)
+    codes = _unpack_rows(tensors["weight_packed"], 4, 128)[:, np.argsort(perm)]  # (out, in) in the input's order
+    g_idx = np.empty(128, np.int32)
+    g_idx[perm] = np.arange(128) // 32
+    tensors = {**tensors, "weight_packed": ct.pack_rows_int32(codes, 4), "weight_g_idx": g_idx}
+    scheme = {**ct.weights_scheme(qt), "actorder": "group"}
     in_order = np.asarray(aq.dequantize(qt), np.float64)[np.argsort(perm)]
     np.testing.assert_array_equal(_decode(tensors, scheme), in_order.T)
     back, got_perm = ct.decode_layer(tensors, scheme, "pack-quantized", dtype="float32", where="layer")
     np.testing.assert_array_equal(np.asarray(aq.dequantize(back))[np.argsort(got_perm)], in_order)
+    with pytest.raises(CheckpointError, match="actorder 'group' but no weight_g_idx"):
+        ct.decode_layer({k: v for k, v in tensors.items() if k != "weight_g_idx"}, scheme, "pack-quantized",
+                        dtype="float32", where="layer")
+    with pytest.raises(CheckpointError, match="weight_zero_point do not belong"):
+        ct.decode_layer({**ct.encode_layer(aq.quantize(np.ones((64, 8), np.float32) * np.arange(8), "int4",
+                                                       group_size=32, asym=True))},
+                        {**ct.weights_scheme(qt), "symmetric": True}, "pack-quantized", dtype="float32",
+                        where="layer")

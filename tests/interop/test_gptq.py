@@ -11,9 +11,8 @@ import pytest
 
 import afpq_jax as aq
 from afpq_jax._src import packing
-from afpq_jax._src.errors import CheckpointError, InputError
+from afpq_jax._src.errors import CheckpointError, InputError, NotExportable
 from afpq_jax._src.interop import gptq
-from afpq_jax._src.interop.compressed_tensors import NotExportable
 
 IN, OUT = 256, 64
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]

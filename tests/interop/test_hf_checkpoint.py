@@ -5,6 +5,7 @@ numpy decoders written from the specs (tests/interop/test_compressed_tensors.py,
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 import afpq_jax as aq
 from afpq_jax import export as export_cli
-from afpq_jax._src.errors import CheckpointError
-from afpq_jax._src.interop.compressed_tensors import NotExportable
+from afpq_jax._src.errors import CheckpointError, NotExportable
 from afpq_jax._src.io.safetensors_io import SafetensorsFile
 from tests.interop.test_compressed_tensors import _decode as ct_reference
 from tests.interop.test_gptq import _ref_gptq as gptq_reference
@@ -251,40 +251,108 @@ def test_unreadable_quantization_configs_are_one_line_errors(tmp_path):
 
 
 def test_act_order_gptq_checkpoints_load_packed_and_travel_on(tmp_path):
-    """A desc_act GPTQ layer (g_idx scattering each group over the input) loads as rows stored in group order plus
-    the permutation the layer gathers its input by; exported again it gives back the same tensors (GPTQ) or a
-    weight_g_idx (compressed-tensors), and the model the same logits."""
+    """A desc_act GPTQ layer (g_idx scattering each group over the input, every group its own scale) loads as rows
+    stored in group order plus the permutation the layer gathers its input by: its weight, in the input's order, is
+    what the reference GPTQ decoder computes, and so is its output. Exported again it gives back the same tensors
+    (GPTQ) or the same logits (afpq); compressed-tensors (whose current releases refuse actorder 'group') refuses."""
     model = _quantized(aq.QuantScheme.create("int4", group_size=32, asym=False))
     export_cli.export(model, tmp_path / "static", format="gptq")
     tensors = load_file(tmp_path / "static" / "model.safetensors")
-    name = "model.layers.0.mlp.down_proj"  # in = 160: five groups of 32
-    # one scale and zero point for every group, so any assignment of rows to groups is the same weight
-    tensors[f"{name}.scales"] = np.repeat(tensors[f"{name}.scales"][:1], 5, axis=0)
-    save_file(tensors, tmp_path / "static" / "model.safetensors", metadata={"format": "pt"})
+    name = "model.layers.0.mlp.down_proj"  # in = 160: five groups of 32, each with its own scales
+    g_idx = (np.random.default_rng(0).permutation(160) // 32).astype(np.int32)
+    layer_tensors = {s: tensors[f"{name}.{s}"] for s in ("qweight", "qzeros", "scales")} | {"g_idx": g_idx}
+    want = gptq_reference(layer_tensors, 4, 32, "gptq", static=False)  # (out, in), the GPTQ loaders' weight
     ordered = tmp_path / "ordered"
     ordered.mkdir()
     for f in ("config.json", "quantize_config.json"):
         (ordered / f).write_text((tmp_path / "static" / f).read_text())
-    g_idx = (np.random.default_rng(0).permutation(160) // 32).astype(np.int32)
     save_file({**tensors, f"{name}.g_idx": g_idx}, ordered / "model.safetensors", metadata={"format": "pt"})
 
-    plain, act = aq.load(tmp_path / "static"), aq.load(ordered)
+    act = aq.load(ordered)
     layer = act.layers[0].mlp.down_proj
-    assert layer.scheme.act_order_groups and not plain.layers[0].mlp.down_proj.scheme.act_order_groups
+    assert layer.scheme.act_order_groups and str(layer.scheme).endswith("-actorder")
     perm = np.asarray(layer.input_perm.get_value())
     assert np.array_equal(g_idx[perm], np.arange(160) // 32)
-    np.testing.assert_array_equal(np.asarray(layer.weight()), np.asarray(plain.layers[0].mlp.down_proj.weight()))
-    np.testing.assert_allclose(np.asarray(act(IDS)), np.asarray(plain(IDS)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(layer.weight()), want.T)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 160)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(x) @ want.T, rtol=1e-5, atol=1e-5)
 
     export_cli.export(act, tmp_path / "again", format="gptq")
     again = load_file(tmp_path / "again" / "model.safetensors")
-    for suffix in ("qweight", "qzeros", "scales", "g_idx"):
-        np.testing.assert_array_equal(again[f"{name}.{suffix}"], tensors.get(f"{name}.{suffix}", g_idx)
-                                      if suffix != "g_idx" else g_idx, err_msg=suffix)
+    for suffix, value in layer_tensors.items():
+        np.testing.assert_array_equal(again[f"{name}.{suffix}"], value, err_msg=suffix)
     assert json.loads((tmp_path / "again" / "quantize_config.json").read_text())["desc_act"] is True
-    for target in ("compressed-tensors", "afpq"):
-        export_cli.export(act, tmp_path / target, format=target)
-        back = _same_logits(act, tmp_path / target)
-        assert back.layers[0].mlp.down_proj.scheme.act_order_groups
-    ct = load_file(tmp_path / "compressed-tensors" / "model.safetensors")
-    np.testing.assert_array_equal(ct[f"{name}.weight_g_idx"], g_idx)
+    _same_logits(act, tmp_path / "again")
+    export_cli.export(act, tmp_path / "afpq", format="afpq")
+    assert _same_logits(act, tmp_path / "afpq").layers[0].mlp.down_proj.scheme.act_order_groups
+    with pytest.raises(NotExportable, match="activation-order groups"):
+        export_cli.export(act, tmp_path / "ct")
+
+def test_awq_gemm_checkpoints_load_packed(tmp_path):
+    """An AutoAWQ GEMM directory (qweight/qzeros in AWQ's interleaved order, fp16 scales) loads with its int4
+    layers as stored: the same logits as the model whose layers it holds."""
+    from afpq_jax._src.interop import gptq
+    model = _quantized(aq.QuantScheme.create("int4", group_size=32, asym=True))
+    export_cli.export(model, tmp_path / "ct")  # for the float tensors and config.json
+    tensors = {k: v for k, v in load_file(tmp_path / "ct" / "model.safetensors").items()
+               if not k.rpartition(".")[2].startswith("weight_") or k.endswith("norm.weight")}
+    for path, layer in model.linear_layers().items():
+        if layer.is_quantized:
+            i, kind, proj = path.split(".")[1:]
+            prefix = f"model.layers.{i}.{'self_attn' if kind == 'attn' else 'mlp'}.{proj}"
+            tensors.update({f"{prefix}.{k}": v for k, v in gptq.encode_awq_layer(layer.quantized_tensor()).items()})
+    awq = tmp_path / "awq"
+    awq.mkdir()
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                                  "version": "gemm"}
+    (awq / "config.json").write_text(json.dumps(cfg))
+    save_file(tensors, awq / "model.safetensors")
+    back = _same_logits(model, awq)
+    assert back.layers[0].mlp.up_proj.scheme == aq.QuantScheme.create("int4", group_size=32, asym=True)
+    cfg["quantization_config"]["version"] = "gemv"
+    (awq / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="reads 4-bit GEMM"):
+        aq.load(awq)
+
+
+def _edit_config(directory, edit):
+    path = directory / "config.json"
+    cfg = json.loads(path.read_text())
+    edit(cfg["quantization_config"])
+    path.write_text(json.dumps(cfg))
+
+
+def test_imports_refuse_what_the_config_does_not_describe(tmp_path):
+    """Tensors the config gives no place (a zero point under a symmetric scheme), quantized layers the config
+    ignores, and malformed config values are one-line `CheckpointError`s, never silently other weights."""
+    model = _quantized(INT4)
+    export_cli.export(model, tmp_path / "afpq", format="afpq")
+    _edit_config(tmp_path / "afpq", lambda qc: qc["layers"]["model.layers.0.mlp.up_proj"].update(asym=False))
+    with pytest.raises(CheckpointError, match=r"up_proj: tensor\(s\) weight_zero_point do not belong"):
+        aq.load(tmp_path / "afpq")
+    export_cli.export(model, tmp_path / "ct")
+    _edit_config(tmp_path / "ct", lambda qc: qc["ignore"].append("re:.*up_proj$"))
+    with pytest.raises(CheckpointError, match="up_proj is in quantization_config.ignore but has quantized tensors"):
+        aq.load(tmp_path / "ct")
+    _edit_config(tmp_path / "ct", lambda qc: qc.update(ignore=["lm_head"], config_groups=[]))
+    with pytest.raises(CheckpointError, match="config_groups must be an object, got an array"):
+        aq.load(tmp_path / "ct")
+    export_cli.export(_quantized(aq.QuantScheme.create("int4", group_size=32, asym=False)), tmp_path / "g",
+                      format="gptq")
+    for edit, match in ((lambda qc: qc.update(dynamic=[]), "dynamic must be an object, got an array"),
+                        (lambda qc: qc.update(dynamic={"+:(": {}}), "is not a regular expression"),
+                        (lambda qc: qc.update(bits="4"), "bits must be an integer, got a string")):
+        _edit_config(tmp_path / "g", edit)
+        with pytest.raises(CheckpointError, match=match):
+            aq.load(tmp_path / "g")
+    with pytest.raises(CheckpointError, match="already quantized"):
+        aq.quantize_pretrained(tmp_path / "ct", INT4, progress=False)
+
+
+def test_tied_lm_head_is_listed_as_ignored():
+    """A tied lm_head is a float Linear to the readers: compressed-tensors' `ignore` names it (llm-compressor does)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        export_cli.export(_quantized(INT4, "bloom"), Path(d) / "b")
+        assert json.loads((Path(d) / "b" / "config.json").read_text())["quantization_config"]["ignore"] == ["lm_head"]

@@ -41,6 +41,7 @@ SUFFIXES = ("weight_packed", "weight_scale", "weight_scale_neg", "weight_zero_po
 
 
 def why_not_exportable(qt: QuantizedTensor) -> str | None:
+    """None: the afpq layout holds every scheme of a 2-D weight; stacked weights are refused (the reason)."""
     if qt.codes.ndim != 2:
         return "stacked weights (export one 2-D weight per layer)"
     return None
@@ -129,9 +130,14 @@ def decode_layer(tensors, scheme: QuantScheme, dtype: str, where: str
     if scheme.scale_dtype == "float8_e4m3fn":
         gs = _need(tensors, "weight_global_scale", where)
         leaves["global_scale"] = _leaf(gs[None], "float32", (1, 1), "weight_global_scale", where)[0]
-    extra = sorted(set(tensors) - set(SUFFIXES))
+    expected = {"weight_packed", "weight_scale", "weight_shape"} | {name for name, present in (
+        ("weight_scale_neg", code_book_asym), ("weight_zero_point", scheme.asym and f.is_int),
+        ("weight_channel_scale", scheme.integer_scales), ("weight_global_scale", scheme.scale_dtype == "float8_e4m3fn"),
+        ("input_scale", scheme.act_mode == "static"), ("input_perm", scheme.act_order_groups)) if present}
+    extra = sorted(set(tensors) - expected)
     if extra:
-        raise CheckpointError(f"{where}: unexpected tensor(s) {extra}; the checkpoint is not in the afpq layout")
+        raise CheckpointError(f"{where}: tensor(s) {', '.join(extra)} do not belong to a layer of scheme {scheme}; "
+                              f"the config and the tensors disagree")
     qt = QuantizedTensor(**leaves, format_name=f.name, group_size=scheme.group_size, asym=scheme.asym,
                          shape=(k, n), dtype=dtype)
     try:

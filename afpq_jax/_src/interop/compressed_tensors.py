@@ -30,37 +30,28 @@ from typing import Any
 import numpy as np
 
 from afpq_jax._src import packing
-from afpq_jax._src.errors import CheckpointError, InputError
+from afpq_jax._src.errors import CheckpointError, NotExportable
 from afpq_jax._src.formats import get_format
-from afpq_jax._src.interop import act_order
-from afpq_jax._src.qtensor import QuantizedTensor
+from afpq_jax._src.interop import act_order, bitstream
+from afpq_jax._src.qtensor import FLOAT_SCALE_DTYPES, QuantizedTensor
 
 INT_BITS = (2, 3, 4, 8)
-FLOAT_SCALES = ("float16", "bfloat16", "float32")
 FORMATS = ("pack-quantized", "nvfp4-pack-quantized", "mxfp4-pack-quantized")
+SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_global_scale",
+            "weight_g_idx")  # a compressed Linear's weight tensors (read: every one; written: what its layout has)
 
 
-class NotExportable(InputError):
-    """This layer's scheme has no exact form in the target format (the message says why)."""
 
 
 def pack_rows_int32(values: np.ndarray, bits: int) -> np.ndarray:
-    """Unsigned ``bits``-bit values ``(R, C)`` -> int32 ``(R, ceil(C·bits/32))``: value ``i`` of a row at bit
-    ``i·bits`` of the row's little-endian bit string (compressed-tensors' dense packing)."""
-    v = np.asarray(values, np.uint32)
-    r, c = v.shape
-    bit_rows = ((v[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8).reshape(r, c * bits)
-    words = -(-c * bits // 32)
-    bit_rows = np.pad(bit_rows, ((0, 0), (0, words * 32 - c * bits)))
-    return np.ascontiguousarray(np.packbits(bit_rows, axis=1, bitorder="little")).view("<i4").reshape(r, words)
+    """Unsigned ``bits``-bit values ``(R, C)`` -> int32 ``(R, ceil(C·bits/32))``: each row one dense bit string
+    (`bitstream`), compressed-tensors' packing."""
+    return bitstream.pack_int32(values, bits, axis=1)
 
 
 def unpack_rows_int32(words: np.ndarray, bits: int, count: int) -> np.ndarray:
     """Inverse of `pack_rows_int32`: int32 ``(R, W)`` -> uint8 ``(R, count)`` values."""
-    w = np.ascontiguousarray(words, "<i4")
-    bit_rows = np.unpackbits(w.view(np.uint8).reshape(w.shape[0], -1), axis=1, bitorder="little")
-    bit_rows = bit_rows[:, :count * bits].reshape(w.shape[0], count, bits).astype(np.uint8)
-    return (bit_rows << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint32).astype(np.uint8)
+    return bitstream.unpack_int32(words, bits, count, axis=1)
 
 
 def fp4_nibbles(codes: np.ndarray) -> np.ndarray:
@@ -93,7 +84,7 @@ def why_not_exportable(qt: QuantizedTensor, dtype: str = "float32") -> str | Non
     if fmt.is_int:
         if fmt.bits not in INT_BITS:
             return f"{fmt.bits}-bit integers (pack-quantized holds {', '.join(map(str, INT_BITS))})"
-        if sd not in FLOAT_SCALES and not qt.integer_scales:
+        if sd not in FLOAT_SCALE_DTYPES and not qt.integer_scales:
             return f"{sd} scales on integer weights (pack-quantized takes float16/bfloat16/float32 scales)"
         if _scales_in(qt, dtype) is None:
             return (f"scales not exact in {dtype}, the dtype loaders read pack-quantized scales in (export with "
@@ -125,14 +116,13 @@ def layer_format(qt: QuantizedTensor) -> str:
     return "nvfp4-pack-quantized" if qt.scale_dtype == "float8_e4m3fn" else "mxfp4-pack-quantized"
 
 
-def weights_scheme(qt: QuantizedTensor, act_order_groups: bool = False) -> dict[str, Any]:
-    """The ``weights`` object of the layer's config group (`QuantizationArgs`); ``act_order_groups``: the layer
-    carries a ``weight_g_idx`` (``actorder: "group"``)."""
+def weights_scheme(qt: QuantizedTensor) -> dict[str, Any]:
+    """The ``weights`` object of the layer's config group (`QuantizationArgs`)."""
     fmt = qt.format
     channel = qt.group_size is None or qt.group_size >= qt.in_features  # one group per output column
     args: dict[str, Any] = {"num_bits": fmt.bits, "type": "int" if fmt.is_int else "float",
                             "symmetric": not qt.asym, "dynamic": False,
-                            "actorder": "group" if act_order_groups else None,
+                            "actorder": None,
                             "strategy": "channel" if channel and fmt.is_int else "group",
                             "group_size": None if channel and fmt.is_int else qt.group_size}
     if layer_format(qt) == "nvfp4-pack-quantized":
@@ -140,21 +130,18 @@ def weights_scheme(qt: QuantizedTensor, act_order_groups: bool = False) -> dict[
     return args
 
 
-def encode_layer(qt: QuantizedTensor, input_perm: np.ndarray | None = None,
-                 dtype: str = "float32") -> dict[str, np.ndarray]:
+def encode_layer(qt: QuantizedTensor, dtype: str = "float32") -> dict[str, np.ndarray]:
     """The layer's tensors by suffix (``weight_packed``, ``weight_scale``, ...), torch layout ``[out, in]``, for a
-    checkpoint of float ``dtype`` (INT scales are written in it); ``input_perm``: rows stored in activation order
-    (`act_order`), written back in the input's order with ``weight_g_idx`` (``actorder: "group"``). Raises
-    `NotExportable` if compressed-tensors cannot hold it exactly."""
+    checkpoint of float ``dtype`` (INT scales are written in it). Raises `NotExportable` if compressed-tensors
+    cannot hold it exactly. (Activation-order groups are not written: compressed-tensors 0.20 and vLLM 0.34
+    refuse ``actorder: "group"``; older files with ``weight_g_idx`` are read.)"""
     reason = why_not_exportable(qt, dtype)
     if reason is not None:
         raise NotExportable(reason)
     fmt = qt.format
-    codes = act_order.input_order_codes(qt, input_perm).T  # (out, in)
+    codes = np.asarray(packing.unpack(qt.codes, fmt.bits, qt.in_features)).T  # (out, in)
     scale = np.asarray(qt.scale).T  # (out, groups)
     out = {}
-    if input_perm is not None:
-        out["weight_g_idx"] = act_order.g_idx(input_perm, qt.effective_group_size)
     if fmt.is_int:  # (FP4 layers carry no weight_shape: vLLM's loader has no parameter for it)
         out["weight_shape"] = np.asarray([qt.out_features, qt.in_features], np.int64)
         out["weight_packed"] = pack_rows_int32(codes, fmt.bits)
@@ -245,9 +232,10 @@ def decode_layer(tensors, args: dict, layer_format: str, *, dtype: str, where: s
         words = _tensor(tensors, "weight_packed", where, ("int32",), (n, -(-k * bits // 32)))
         codes = unpack_rows_int32(words, bits, k)
         if args.get("strategy") == "tensor":  # one scale for the whole tensor: per-channel, the same per column
-            scale = np.broadcast_to(_tensor(tensors, "weight_scale", where, FLOAT_SCALES, (1,)).reshape(1, 1), (n, 1))
+            one = _tensor(tensors, "weight_scale", where, FLOAT_SCALE_DTYPES, (1,))
+            scale = np.broadcast_to(one.reshape(1, 1), (n, 1))
         else:
-            scale = _tensor(tensors, "weight_scale", where, FLOAT_SCALES, (n, groups))
+            scale = _tensor(tensors, "weight_scale", where, FLOAT_SCALE_DTYPES, (n, groups))
         zero = None
         if not args.get("symmetric", True):
             zp = _tensor(tensors, "weight_zero_point", where, ("int32",), (-(-n * bits // 32), scale.shape[1]))
@@ -272,6 +260,15 @@ def decode_layer(tensors, args: dict, layer_format: str, *, dtype: str, where: s
             leaves = {"scale": np.ascontiguousarray(scale.T).view(np.dtype("float8_e8m0fnu"))}
     codes = np.ascontiguousarray(codes.T)  # (in, out)
     perm = None
+    if args.get("actorder") == "group" and "weight_g_idx" not in tensors:
+        raise CheckpointError(f"{where}: actorder 'group' but no weight_g_idx tensor; the checkpoint is incomplete")
+    expected = {"weight_packed", "weight_scale", "weight_shape"} | ({"weight_g_idx"} if g is not None else set())
+    expected |= ({"weight_zero_point"} if layer_format == "pack-quantized" and not args.get("symmetric", True)
+                 else {"weight_global_scale"} if layer_format == "nvfp4-pack-quantized" else set())
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise CheckpointError(f"{where}: tensor(s) {', '.join(extra)} do not belong to a {layer_format} layer with "
+                              f"these quantization args; the config and the tensors disagree")
     if "weight_g_idx" in tensors and g is not None:
         g_idx = _tensor(tensors, "weight_g_idx", where, ("int32", "int64"), (k,))
         perm = act_order.permutation(g_idx, g, f"{where}.weight_g_idx")

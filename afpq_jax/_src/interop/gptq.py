@@ -46,13 +46,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from afpq_jax._src import packing
-from afpq_jax._src.errors import CheckpointError, InputError
-from afpq_jax._src.interop import act_order
-from afpq_jax._src.interop.compressed_tensors import NotExportable
+from afpq_jax._src.errors import CheckpointError, InputError, NotExportable
+from afpq_jax._src.interop import act_order, bitstream
 from afpq_jax._src.qtensor import FLOAT_SCALE_DTYPES, QuantizedTensor
 
 __all__ = [
-    "AWQ_ORDER", "GPTQ_BITS", "GPTQ_FORMATS", "NotExportable", "awq_why_not_exportable",
+    "AWQ_ORDER", "GPTQ_BITS", "GPTQ_FORMATS", "awq_why_not_exportable",
     "decode_awq_layer", "default_format", "decode_layer", "encode_awq_layer", "encode_layer", "gptq_pack_multiple",
     "pack_awq_cols",
     "pack_gptq_rows", "unpack_awq_cols", "unpack_gptq_rows", "why_not_exportable",
@@ -60,6 +59,8 @@ __all__ = [
 
 GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_FORMATS = ("gptq", "gptq_v2")
+GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")  # a GPTQ Linear's tensors (g_idx optional on import)
+AWQ_SUFFIXES = ("qweight", "qzeros", "scales")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of a word holds output 8·w + AWQ_ORDER[j]
 
 
@@ -82,16 +83,7 @@ def pack_gptq_rows(values: np.ndarray, bits: int) -> np.ndarray:
     if v.ndim != 2 or v.shape[0] % n:
         raise InputError(f"pack_gptq_rows needs a 2-D array whose row count is a multiple of {n} for {bits}-bit "
                          f"values, got shape {v.shape}")
-    v = v.astype(np.uint64) & np.uint64((1 << bits) - 1)
-    per_chunk = n * bits // 32  # words per chunk of n values
-    chunks = v.reshape(v.shape[0] // n, n, v.shape[1])
-    words = np.zeros((chunks.shape[0], per_chunk, v.shape[1]), np.uint64)
-    for i in range(n):
-        w, s = divmod(bits * i, 32)
-        words[:, w] |= (chunks[:, i] << np.uint64(s)) & np.uint64(0xFFFFFFFF)
-        if s + bits > 32:  # the high bits go to the next word
-            words[:, w + 1] |= chunks[:, i] >> np.uint64(32 - s)
-    return words.reshape(-1, v.shape[1]).astype(np.uint32).view(np.int32)
+    return bitstream.pack_int32(v, bits, axis=0)
 
 
 def unpack_gptq_rows(words: np.ndarray, bits: int, rows: int) -> np.ndarray:
@@ -101,17 +93,7 @@ def unpack_gptq_rows(words: np.ndarray, bits: int, rows: int) -> np.ndarray:
     if w32.ndim != 2 or rows % n or w32.shape[0] != rows * bits // 32:
         raise InputError(f"unpack_gptq_rows: {rows} {bits}-bit values per column need rows a multiple of {n} and "
                          f"[rows·{bits}/32, M] words, got rows={rows} and words of shape {w32.shape}")
-    per_chunk = n * bits // 32
-    w = w32.view(np.uint32).astype(np.uint64).reshape(rows // n, per_chunk, w32.shape[1])
-    mask = np.uint64((1 << bits) - 1)
-    out = np.empty((rows // n, n, w32.shape[1]), np.uint8)
-    for i in range(n):
-        k, s = divmod(bits * i, 32)
-        val = w[:, k] >> np.uint64(s)
-        if s + bits > 32:
-            val = val | (w[:, k + 1] << np.uint64(32 - s))
-        out[:, i] = (val & mask).astype(np.uint8)
-    return out.reshape(rows, w32.shape[1])
+    return bitstream.unpack_int32(w32, bits, rows, axis=0)
 
 
 def pack_awq_cols(values: np.ndarray) -> np.ndarray:

@@ -28,12 +28,12 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from afpq_jax._src import checkpoint, quantizer
-from afpq_jax._src.errors import InputError
+from afpq_jax._src import checkpoint, quantizer, validation
+from afpq_jax._src.errors import InputError, NotExportable
 from afpq_jax._src.interop import afpq_safetensors, compressed_tensors, gptq
-from afpq_jax._src.interop.compressed_tensors import NotExportable
 from afpq_jax._src.io.safetensors_io import ShardedWriter
 from afpq_jax._src.models import CausalLM, family_for
+from afpq_jax._src.models.transformer import FUSED_SIBLINGS
 from afpq_jax._src.models.params import hf_key
 from afpq_jax._src.qtensor import LEAF_NAMES, QuantizedTensor
 from afpq_jax._src.scheme import QuantScheme
@@ -42,7 +42,7 @@ TARGETS = ("compressed-tensors", "gptq", "afpq")
 MANIFEST_FORMAT = "afpq-jax-export/1"  # `outputs.is_afpq_output` recognises it: overwrite may replace an export
 COMPRESSED_TENSORS_VERSION = "0.20.1"  # the release whose compressors the layouts were checked against
 logger = logging.getLogger("afpq_jax")
-FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+FLOAT_DTYPES = validation.FLOAT_DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +76,10 @@ class _Target(Protocol):
         """What readers of the format (vLLM above all) will not serve as written: one line each."""
 
 
-# vLLM serves these projections fused, with one scheme (and, for NVFP4, one global scale) per fused module
-FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-         "up_proj": "gate_up_proj"}
+# vLLM's names of the modules it fuses (`FUSED_SIBLINGS`), with one scheme (and, for NVFP4, one global scale) each:
+# {a member's last name: the fused module's last name}
+VLLM_FUSED = {member.rpartition(".")[2]: fused
+              for members, fused in zip(FUSED_SIBLINGS, ("qkv_proj", "gate_up_proj")) for member in members}
 
 
 def _fused_groups(layers: list[_Layer]) -> dict[str, list[_Layer]]:
@@ -86,8 +87,8 @@ def _fused_groups(layers: list[_Layer]) -> dict[str, list[_Layer]]:
     groups: dict[str, list[_Layer]] = defaultdict(list)
     for layer in layers:
         head, _, last = layer.name.rpartition(".")
-        if last in FUSED:
-            groups[f"{head}.{FUSED[last]}"].append(layer)
+        if last in VLLM_FUSED:
+            groups[f"{head}.{VLLM_FUSED[last]}"].append(layer)
     return groups
 
 
@@ -97,6 +98,9 @@ class _CompressedTensors:
 
     def why_not(self, layer: _Layer) -> str | None:
         reason = compressed_tensors.why_not_exportable(layer.qt, self.dtype)
+        if reason is None and layer.input_perm is not None:
+            return ("activation-order groups (compressed-tensors 0.20 and vLLM 0.34 refuse actorder 'group'; export "
+                    "gptq or afpq)")
         if reason is None and layer.scheme.act_bits is not None and (
                 layer.scheme.act_mode != "dynamic" or not layer.qt.format.is_int):
             return (f"{layer.scheme.act_mode} int8 activations on {layer.qt.format.name} weights (vLLM serves W·A8 "
@@ -104,12 +108,12 @@ class _CompressedTensors:
         return reason
 
     def encode(self, layer: _Layer) -> dict[str, np.ndarray]:
-        return compressed_tensors.encode_layer(layer.qt, layer.input_perm, self.dtype)
+        return compressed_tensors.encode_layer(layer.qt, self.dtype)
 
     def config(self, layers, float_linears, hf):
         groups: dict[str, tuple[dict, dict | None, str, list[str]]] = {}
         for layer in layers:
-            weights = compressed_tensors.weights_scheme(layer.qt, layer.input_perm is not None)
+            weights = compressed_tensors.weights_scheme(layer.qt)
             acts = compressed_tensors.input_activations(layer.scheme.act_bits, layer.scheme.act_mode)
             fmt = compressed_tensors.layer_format(layer.qt)
             key = json.dumps([weights, acts, fmt], sort_keys=True)
@@ -135,8 +139,8 @@ class _CompressedTensors:
 def _mixed_fused(layers: list[_Layer], float_linears: list[str], scheme_of) -> list[str]:
     """Warnings for fused groups whose members differ in scheme (or are partly float)."""
     out = []
-    floats = {name.rpartition(".")[0] + "." + FUSED[name.rpartition(".")[2]] for name in float_linears
-              if name.rpartition(".")[2] in FUSED}
+    floats = {name.rpartition(".")[0] + "." + VLLM_FUSED[name.rpartition(".")[2]] for name in float_linears
+              if name.rpartition(".")[2] in VLLM_FUSED}
     for fused, members in _fused_groups(layers).items():
         if len({scheme_of(m) for m in members}) > 1 or fused in floats:
             out.append(f"{fused}: its layers have different schemes; vLLM serves them fused with one scheme and "
@@ -178,8 +182,8 @@ class _Gptq:
         members = defaultdict(list)
         for name in list(wanted) + [layer.name for layer in layers if layer.name not in wanted]:
             head, _, last = name.rpartition(".")
-            if last in FUSED:
-                members[f"{head}.{FUSED[last]}"].append(name)
+            if last in VLLM_FUSED:
+                members[f"{head}.{VLLM_FUSED[last]}"].append(name)
         for fused, names in members.items():
             args = {json.dumps(wanted.get(n, base_args), sort_keys=True) for n in names}
             if len(args) == 1 and names[0] in wanted:
@@ -254,23 +258,28 @@ def export(model: CausalLM, out_dir: str | os.PathLike, *, target: str = "compre
            dequantize_unsupported: bool = False, dtype: str | None = None, overwrite: bool = False,
            max_shard_bytes: int = 5 * 10**9, progress: bool = False) -> ExportResult:
     """Writes ``model`` (quantized by afpq-jax, or loaded from any checkpoint `afpq_jax.load` reads) as a Hugging
-    Face directory in ``target``'s format (module docstring). ``dtype``: the float tensors' dtype (default: the
-    model's). Refuses, naming them, layers the target cannot hold exactly unless ``dequantize_unsupported``."""
+    Face directory in ``target``'s format (module docstring). ``dtype``: the float tensors' dtype and config.json's
+    ``torch_dtype`` (default: the source model's ``torch_dtype``, else the model's own dtype); compressed-tensors'
+    INT scales are written in it and must be exact in it. Refuses, naming them, layers the target cannot hold
+    exactly unless ``dequantize_unsupported``."""
     if not isinstance(model, CausalLM):
         raise InputError(f"export expects an afpq_jax CausalLM, got {type(model).__name__}")
     if target not in TARGETS:
         raise InputError(f"unknown export format {target!r}; choose one of {', '.join(TARGETS)}")
     if jax.process_count() > 1:
         raise InputError("export runs in one process: load the checkpoint without --coordinator and export it there")
-    out_dtype = np.dtype(dtype or model.dtype)
-    if out_dtype.name not in FLOAT_DTYPES:
+    if dtype is not None and dtype not in FLOAT_DTYPES:
         raise InputError(f"export dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+        raise InputError(f"max_shard_bytes must be a positive number of bytes, got {max_shard_bytes!r}")
     info = model.checkpoint_info
     if info is None or not info.hf_config:
         raise InputError("this model carries no Hugging Face config.json (it was not made by load / "
                          "quantize_pretrained); load it from a checkpoint first")
     hf = json.loads(info.hf_config)
     hf.pop("quantization_config", None)
+    source_dtype = hf.get("torch_dtype", hf.get("dtype"))
+    out_dtype = np.dtype(dtype or (source_dtype if source_dtype in FLOAT_DTYPES else model.dtype))
     rules, tied = family_for(hf).KEY_RULES, model.cfg.tie_embeddings
 
     layers, float_linears = [], []
@@ -281,8 +290,8 @@ def export(model: CausalLM, out_dir: str | os.PathLike, *, target: str = "compre
             continue
         scale = None if module.input_scale is None else float(_host(module.input_scale.get_value()))
         perm = None if module.input_perm is None else _host(module.input_perm.get_value())
-        qt = jax.tree.map(_host, module.quantized_tensor())
-        layers.append(_Layer(path, name, qt, module.scheme, scale, perm))
+        # the packed leaves stay where they are; each codec reads one layer at a time onto the host
+        layers.append(_Layer(path, name, module.quantized_tensor(), module.scheme, scale, perm))
     codec: _Target = (_CompressedTensors(out_dtype.name) if target == "compressed-tensors" else
                       _Gptq(layers) if target == "gptq" else _Afpq())
     refused = [(layer, codec.why_not(layer)) for layer in layers]
@@ -299,6 +308,8 @@ def export(model: CausalLM, out_dir: str | os.PathLike, *, target: str = "compre
         raise InputError(f"the model has no layer {target} can hold as quantized; export a quantized model "
                          f"(or use --format afpq)")
     float_linears += [layer.name for layer, _ in refused]
+    if model.lm_head is None:  # tied to the embeddings: a float Linear all the same for the readers
+        float_linears.append("lm_head")
 
     quantized_paths = {layer.path for layer in layers}
     state = nnx.to_flat_state(nnx.state(model))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from afpq_jax._src.errors import CheckpointError, InputError
+from afpq_jax._src.formats import get_format
 from afpq_jax._src.interop import afpq_safetensors, compressed_tensors, gptq
 from afpq_jax._src.io import files
 from afpq_jax._src.io.sources import Source
@@ -29,13 +30,10 @@ from afpq_jax._src.qtensor import LEAF_NAMES, QuantizedTensor
 from afpq_jax._src.scheme import QuantScheme
 
 METHODS = ("compressed-tensors", "gptq", "awq", "afpq")
-# tensor suffixes of one quantized Linear, and the one that marks it
-_SUFFIXES = {"compressed-tensors": ("weight_packed", {"weight_packed", "weight_scale", "weight_zero_point",
-                                                      "weight_shape", "weight_global_scale", "weight_g_idx",
-                                                      "input_scale"}),
-             "gptq": ("qweight", {"qweight", "qzeros", "scales", "g_idx"}),
-             "awq": ("qweight", {"qweight", "qzeros", "scales"}),
-             "afpq": ("weight_packed", set(afpq_safetensors.SUFFIXES))}
+# the tensor that marks a quantized Linear, and all its tensors (the names after its module name)
+_MARKER = {"compressed-tensors": "weight_packed", "gptq": "qweight", "awq": "qweight", "afpq": "weight_packed"}
+_SUFFIXES = {"compressed-tensors": (*compressed_tensors.SUFFIXES, "input_scale"), "gptq": gptq.GPTQ_SUFFIXES,
+             "awq": gptq.AWQ_SUFFIXES, "afpq": afpq_safetensors.SUFFIXES}
 
 
 def quantization_config(source: Source) -> dict[str, Any] | None:
@@ -64,32 +62,73 @@ def quant_method(source: Source) -> str | None:
     return method
 
 
-def _match_rank(name: str, targets) -> int | None:
+_KINDS = {dict: "an object", list: "a list", str: "a string", int: "an integer", bool: "true or false"}
+
+
+def _field(obj: Mapping[str, Any], key: str, kind: type, where: str, default: Any = None) -> Any:
+    """``obj[key]`` checked to be of ``kind`` (``default`` when absent or null); a `CheckpointError` otherwise."""
+    value = obj.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise CheckpointError(f"quantization_config{where}.{key} must be {_KINDS[kind]}, got "
+                              f"{files.json_kind(value)}; the config is damaged")
+    return value
+
+
+def _matches(pattern: str, name: str, where: str) -> bool:
+    try:
+        return re.match(pattern, name) is not None
+    except re.error as e:
+        raise CheckpointError(f"quantization_config{where}: {pattern!r} is not a regular expression ({e})") from None
+
+
+def _match_rank(name: str, targets: list, where: str) -> int | None:
     """How specifically ``targets`` name a Linear module: 0 by its name, 1 by a ``re:`` pattern, 2 as "Linear"
     (compressed-tensors and vLLM prefer the most specific match, whatever the groups' order); None: no match."""
-    ranks = [0 if t == name else 1 if t.startswith("re:") and re.match(t[3:], name) else 2 if t == "Linear" else None
-             for t in targets or () if isinstance(t, str)]
-    ranks = [r for r in ranks if r is not None]
+    ranks = []
+    for t in targets:
+        if not isinstance(t, str):
+            raise CheckpointError(f"quantization_config{where}.targets must be strings, got {files.json_kind(t)}")
+        if t == name:
+            ranks.append(0)
+        elif t.startswith("re:") and _matches(t[3:], name, where):
+            ranks.append(1)
+        elif t == "Linear":
+            ranks.append(2)
     return min(ranks) if ranks else None
 
 
 def _ct_group(name: str, qc: dict) -> tuple[dict, dict | None, str]:
-    ranked = [(rank, group) for group in (qc.get("config_groups") or {}).values() if isinstance(group, dict)
-              and (rank := _match_rank(name, group.get("targets"))) is not None]
+    """(weights args, input_activations args, format) of the config group that targets module ``name``."""
+    ignore = _field(qc, "ignore", list, "", [])
+    if _match_rank(name, [t for t in ignore if t != "Linear"], ".ignore") is not None:
+        raise CheckpointError(f"{name} is in quantization_config.ignore but has quantized tensors; the config and "
+                              f"the tensors disagree")
+    ranked = []
+    for key, group in _field(qc, "config_groups", dict, "", {}).items():
+        where = f".config_groups.{key}"
+        if not isinstance(group, dict):
+            raise CheckpointError(f"quantization_config{where} must be an object, got {files.json_kind(group)}")
+        rank = _match_rank(name, _field(group, "targets", list, where, []), where)
+        if rank is not None:
+            ranked.append((rank, key, group))
     if not ranked:
         raise CheckpointError(f"{name} has compressed weights but no config group targets it; the config and the "
                               f"tensors disagree")
-    group = min(ranked, key=lambda r: r[0])[1]
-    return group.get("weights") or {}, group.get("input_activations"), group.get("format") or qc.get("format")
+    _, key, group = min(ranked, key=lambda r: r[0])
+    where = f".config_groups.{key}"
+    return (_field(group, "weights", dict, where, {}), _field(group, "input_activations", dict, where),
+            _field(group, "format", str, where) or _field(qc, "format", str, ""))
 
 
 def _act_scheme(acts: dict | None, name: str) -> tuple[int | None, str | None]:
     if acts is None:
         return None, None
     if acts.get("type", "int") == "int" and acts.get("num_bits") == 8 and acts.get("symmetric", True):
-        if acts.get("dynamic") and acts.get("strategy") == "token":
+        if acts.get("dynamic") is True and acts.get("strategy") == "token":
             return 8, "dynamic"
-        if not acts.get("dynamic") and acts.get("strategy") == "tensor":
+        if acts.get("dynamic") is False and acts.get("strategy") == "tensor":
             return 8, "static"
     raise CheckpointError(f"{name}: input activations {acts} are not an int8 scheme afpq-jax runs (per-token "
                           f"dynamic or per-tensor static symmetric int8)")
@@ -97,15 +136,45 @@ def _act_scheme(acts: dict | None, name: str) -> tuple[int | None, str | None]:
 
 def _gptq_args(name: str, qc: dict) -> dict | None:
     """bits / group_size / sym of one module (GPTQModel's ``dynamic``: ``+:regex`` overrides, ``-:regex`` skips;
-    None: not quantized)."""
-    args = {k: qc.get(k) for k in ("bits", "group_size", "sym")}
-    for pattern, override in (qc.get("dynamic") or {}).items():  # the first matching rule decides (as GPTQModel)
+    the first matching rule decides, as in GPTQModel and vLLM; None: not quantized)."""
+    args = {"bits": _field(qc, "bits", int, ""), "group_size": _field(qc, "group_size", int, "", -1),
+            "sym": _field(qc, "sym", bool, "", True)}
+    for pattern, override in _field(qc, "dynamic", dict, "", {}).items():
         regex = pattern[2:] if pattern[:2] in ("+:", "-:") else pattern
-        if re.match(regex, name):
+        if _matches(regex, name, ".dynamic"):
             if pattern.startswith("-:"):
                 return None
-            return {**args, **{k: v for k, v in (override or {}).items() if k in args}}
+            if not isinstance(override, dict):
+                raise CheckpointError(f"quantization_config.dynamic[{pattern!r}] must be an object, got "
+                                      f"{files.json_kind(override)}")
+            args = {**args, **{k: _field(override, k, type(args[k]) if args[k] is not None else int,
+                                         f".dynamic[{pattern!r}]") for k in args if k in override}}
+            break
+    if args["bits"] is None:
+        raise CheckpointError("quantization_config has no bits; a GPTQ config needs bits, group_size and sym")
     return args
+
+
+def _afpq_scheme(qc: dict, name: str) -> QuantScheme:
+    version = _field(qc, "layout_version", int, "")
+    if version != afpq_safetensors.LAYOUT_VERSION:
+        raise CheckpointError(f"afpq layout_version {version!r}; this afpq-jax reads version "
+                              f"{afpq_safetensors.LAYOUT_VERSION} — upgrade afpq-jax or export the model again")
+    for fmt, info in _field(qc, "formats", dict, "", {}).items():
+        try:
+            ours = get_format(fmt)
+        except InputError:
+            raise CheckpointError(f"afpq checkpoint uses format {fmt!r}, which this afpq-jax does not have") from None
+        if not isinstance(info, dict) or info.get("levels") != list(ours.levels):
+            raise CheckpointError(f"afpq checkpoint's {fmt} levels differ from this afpq-jax's; its codes would "
+                                  f"decode to other values — export the model again")
+    layers = _field(qc, "layers", dict, "", {})
+    if name not in layers:
+        raise CheckpointError(f"{name} has afpq tensors but quantization_config.layers has no scheme for it")
+    try:
+        return QuantScheme.from_json(layers[name])
+    except (InputError, TypeError) as e:
+        raise CheckpointError(f"{name}: {e}") from None
 
 
 def _decode(method: str, qc: dict, name: str, tensors: Mapping[str, np.ndarray], dtype: str
@@ -114,37 +183,41 @@ def _decode(method: str, qc: dict, name: str, tensors: Mapping[str, np.ndarray],
     act_bits = act_mode = input_scale = perm = None
     if method == "compressed-tensors":
         weights, acts, fmt = _ct_group(name, qc)
-        qt, perm = compressed_tensors.decode_layer(tensors, weights, fmt, dtype=dtype, where=name)
         act_bits, act_mode = _act_scheme(acts, name)
         if act_mode == "static":
             if "input_scale" not in tensors:
                 raise CheckpointError(f"{name}: static int8 activations but no input_scale tensor")
             input_scale = float(np.asarray(tensors["input_scale"], np.float32).reshape(-1)[0])
+        elif "input_scale" in tensors:
+            raise CheckpointError(f"{name}: an input_scale tensor but no static activation scheme in the config")
+        weight_tensors = {k: v for k, v in tensors.items() if k != "input_scale"}
+        qt, perm = compressed_tensors.decode_layer(weight_tensors, weights, fmt, dtype=dtype, where=name)
     elif method == "afpq":
-        layers = qc.get("layers")
-        if not isinstance(layers, dict) or name not in layers:
-            raise CheckpointError(f"{name} has afpq tensors but quantization_config.layers has no scheme for it")
-        try:
-            scheme = QuantScheme.from_json(layers[name])
-        except (InputError, TypeError) as e:
-            raise CheckpointError(f"{name}: {e}") from None
+        scheme = _afpq_scheme(qc, name)
         qt, input_scale, perm = afpq_safetensors.decode_layer(tensors, scheme, dtype, name)
         return qt, scheme, input_scale, perm
     elif method == "gptq":
         args = _gptq_args(name, qc)
         if args is None:
             raise CheckpointError(f"{name} has GPTQ tensors but quantize_config's dynamic rules skip it")
-        if qc.get("desc_act") and "g_idx" not in tensors:
+        if _field(qc, "desc_act", bool, "", False) and "g_idx" not in tensors:
             raise CheckpointError(f"{name}: desc_act checkpoint without g_idx")
-        fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
-        k = _in_features(tensors["qweight"], args["bits"], name)
+        fmt = _field(qc, "checkpoint_format", str, "") or _field(qc, "format", str, "", "gptq")
+        if args["bits"] not in gptq.GPTQ_BITS:
+            raise CheckpointError(f"{name}: {args['bits']}-bit GPTQ weights; afpq-jax reads "
+                                  f"{', '.join(map(str, gptq.GPTQ_BITS))} bits")
+        k = int(tensors["qweight"].shape[0]) * 32 // args["bits"]
         qt, perm = gptq.decode_layer(tensors, bits=args["bits"], group_size=args["group_size"], sym=args["sym"],
                                      checkpoint_format=fmt, in_features=k, dtype=dtype)
     else:  # awq
-        if qc.get("version", "gemm").lower() != "gemm" or qc.get("bits", qc.get("w_bit", 4)) != 4:
-            raise CheckpointError(f"AWQ checkpoint version {qc.get('version')!r} with {qc.get('bits')} bits: "
-                                  f"afpq-jax reads 4-bit GEMM checkpoints")
-        group = qc.get("group_size", qc.get("q_group_size"))
+        version = _field(qc, "version", str, "", "gemm")
+        bits = _field(qc, "bits", int, "", _field(qc, "w_bit", int, "", 4))
+        if version.lower() != "gemm" or bits != 4:
+            raise CheckpointError(f"AWQ checkpoint version {version!r} with {bits} bits: afpq-jax reads 4-bit GEMM "
+                                  f"checkpoints")
+        group = _field(qc, "group_size", int, "", _field(qc, "q_group_size", int, ""))
+        if group is None:
+            raise CheckpointError("AWQ quantization_config has no group_size (or q_group_size)")
         qt = gptq.decode_awq_layer(tensors, group_size=group, in_features=int(tensors["qweight"].shape[0]),
                                    dtype=dtype)
     scale_dtype = jnp.dtype((qt.scale if qt.channel_scale is None else qt.channel_scale).dtype).name
@@ -153,17 +226,11 @@ def _decode(method: str, qc: dict, name: str, tensors: Mapping[str, np.ndarray],
     return qt, scheme, input_scale, perm
 
 
-def _in_features(qweight: np.ndarray, bits, name: str) -> int:
-    if bits not in (2, 3, 4, 8):
-        raise CheckpointError(f"{name}: {bits}-bit GPTQ weights; afpq-jax reads 2, 3, 4 and 8 bits")
-    return int(qweight.shape[0]) * 32 // bits
-
-
 def load_quantized(source: Source, cfg: ModelConfig, *, dtype=jnp.float32, mesh=None) -> CausalLM:
     """The model of a quantized checkpoint (`quant_method` is not None), packed layers as stored."""
     method = quant_method(source)
     qc = quantization_config(source)
-    marker, suffixes = _SUFFIXES[method]
+    marker, suffixes = _MARKER[method], _SUFFIXES[method]
     rules = family_for(source.config).KEY_RULES
     names = set(source.tensor_names)
     quantized = {n.rsplit(".", 1)[0] for n in names if n.endswith("." + marker)}
@@ -173,6 +240,9 @@ def load_quantized(source: Source, cfg: ModelConfig, *, dtype=jnp.float32, mesh=
         prefix, _, suffix = n.rpartition(".")
         if prefix in quantized and suffix in suffixes:
             layer_tensors[prefix][suffix] = n
+        elif prefix in quantized and suffix != "bias":
+            raise CheckpointError(f"tensor {n!r} is not part of a {method} layer ({', '.join(suffixes)}); the "
+                                  f"checkpoint mixes layouts")
         else:
             plain.append(n)
     dt = jnp.dtype(dtype).name
@@ -186,7 +256,10 @@ def load_quantized(source: Source, cfg: ModelConfig, *, dtype=jnp.float32, mesh=
         if path is None or path[-1] != "kernel":
             raise CheckpointError(f"{prefix} is quantized but is not a linear layer of this model")
         tensors = {suffix: source.read(n) for suffix, n in by_suffix.items()}
-        qt, scheme, input_scale, perm = _decode(method, qc, prefix, tensors, dt)
+        try:
+            qt, scheme, input_scale, perm = _decode(method, qc, prefix, tensors, dt)
+        except CheckpointError as e:  # the codecs name tensors by suffix: say whose
+            raise (e if str(e).startswith(prefix) else CheckpointError(f"{prefix}: {e}")) from None
         layer = dotted(path[:-1])
         layout[layer] = scheme
         decoded[layer] = (path[:-1], qt, input_scale, perm)

@@ -5,7 +5,8 @@ Invariants (each has a test in tests/io/test_outputs.py):
   * An output never holds a user's input: `claim` refuses an output path that is, or contains, a model path,
     the working directory, the home directory or a file-system root.
   * Replacing (``overwrite``) touches only an afpq-jax output: a directory whose ``quantization_config.json``
-    names an ``afpq-jax/`` checkpoint format, or an empty directory. Anything else is refused.
+    (a checkpoint's) or ``manifest.json`` (an export's) names an ``afpq-jax`` format, or an empty directory.
+    Anything else is refused.
   * One writer per output path: `claim` holds an exclusive lock (``.<name>.lock`` beside it) from the checks to
     the end, so of two runs aimed at one path the second fails at once with one line; `publish` renames with
     "no replace" semantics, so even a writer that ignores the lock cannot be overwritten silently.
@@ -326,7 +327,8 @@ def not_ours_error(out: Path, what: str, hint: str) -> OutputError:
     kind = "a symbolic link" if out.is_symlink() else ("a file" if not out.is_dir() else
                                                        "a directory afpq-jax did not write")
     return OutputError(f"{what} {out} is {kind}; {hint} replaces only afpq-jax outputs (a directory with its "
-                       f"{MANIFEST}) or an empty directory — move it away yourself or choose another {what}")
+                       f"{MANIFEST} or an export's manifest.json) or an empty directory — move it away yourself or "
+                       f"choose another {what}")
 
 
 # ---- one writer per output: the lock, the checks, the sweep -------------------------------------------------------
