@@ -87,21 +87,30 @@ def _check_dims(shape: tuple[int, ...], want, name: str, path: ModelPath) -> Non
                               f"for {dotted(path)}; config.json does not match the weights")
 
 
-def _check_float(dtype, name: str) -> None:
+def model_path(rules, name: str, cfg: ModelConfig, source: Source) -> tuple[ModelPath | None, bool]:
+    """`map_key` for tensor ``name`` of ``source``; a tensor no rule covers is a one-line `CheckpointError`."""
+    try:
+        return map_key(rules, name, cfg.tie_embeddings)
+    except KeyError:
+        raise CheckpointError(f"unexpected tensor {name!r} in {source.path} for model_type {cfg.model_type!r}; "
+                              f"the checkpoint does not match its config.json") from None
+
+
+def check_float(dtype, name: str) -> None:
     if not np.issubdtype(dtype, np.floating) and np.dtype(dtype).name != "bfloat16":
         raise CheckpointError(f"tensor {name!r} has non-float dtype {np.dtype(dtype)}")
 
 
 def _set_float(var, arr, name: str, path: ModelPath) -> None:
     _check_shape(arr, var.get_value().shape, name, path)
-    _check_float(arr.dtype, name)
+    check_float(arr.dtype, name)
     var.set_value(jnp.asarray(arr, dtype=var.get_value().dtype))
 
 
 def _place_whole(arr, want: jax.ShapeDtypeStruct, sharding, name: str, path: ModelPath) -> jax.Array:
     """A whole float tensor, checked against ``want``, placed with ``sharding``."""
     _check_shape(arr, want.shape, name, path)
-    _check_float(arr.dtype, name)
+    check_float(arr.dtype, name)
     return jax.device_put(np.asarray(arr, want.dtype), sharding)
 
 
@@ -120,11 +129,7 @@ class CheckpointWeights:
         self._outer: dict[ModelPath, tuple[str, bool]] = {}
         seen: set[str] = set()
         for name in source.tensor_names:
-            try:
-                path, transpose = map_key(rules, name, cfg.tie_embeddings)
-            except KeyError:
-                raise CheckpointError(f"unexpected tensor {name!r} in {source.path} for model_type "
-                                      f"{cfg.model_type!r}; the checkpoint does not match its config.json") from None
+            path, transpose = model_path(rules, name, cfg, source)
             if path is None:
                 continue
             if name in seen:
@@ -162,7 +167,7 @@ class CheckpointWeights:
             return _place_whole(to_model_layout(self.source.read(name), transpose), want, sharding, name, path)
         dtype, shape = self.source.describe(name)
         _check_dims(shape[::-1] if transpose else shape, want.shape, name, path)
-        _check_float(dtype, name)
+        check_float(dtype, name)
 
         def shard(index: tuple[slice, ...]) -> np.ndarray:
             src = tuple(reversed(index)) if transpose else index
@@ -282,7 +287,7 @@ class ModelAssembler:
                 arr = weights.read_outer(path)
                 scheme = self.layout[layer]
                 _check_shape(arr, (self.cfg.hidden_size, self.cfg.vocab_size), layer, path)
-                _check_float(arr.dtype, layer)
+                check_float(arr.dtype, layer)
                 arr = np.asarray(arr, self.dtype)  # quantized from the model's dtype, as the blocks' kernels are
                 qt = (quantize or (lambda s, a: s.quantize(a)))(scheme, arr)
                 self._place_quantized(path[:-1], qt)

@@ -23,7 +23,7 @@ from afpq_jax._src.formats import get_format
 from afpq_jax._src.interop import afpq_safetensors, compressed_tensors, gptq
 from afpq_jax._src.io import files
 from afpq_jax._src.io.sources import Source
-from afpq_jax._src.loading import ModelAssembler, dotted
+from afpq_jax._src.loading import ModelAssembler, check_float, dotted, model_path
 from afpq_jax._src.models import CausalLM, ModelConfig, family_for
 from afpq_jax._src.models.params import map_key, to_model_layout
 from afpq_jax._src.qtensor import LEAF_NAMES, QuantizedTensor
@@ -277,17 +277,11 @@ def load_quantized(source: Source, cfg: ModelConfig, *, dtype=jnp.float32, mesh=
         if perm is not None:
             asm.place((*layer_path, "input_perm"), jnp.asarray(perm, jnp.int32))
     for n in plain:
-        try:
-            path, transpose = map_key(rules, n, cfg.tie_embeddings)
-        except KeyError:
-            raise CheckpointError(f"unexpected tensor {n!r} in {source.path} for a {method} {cfg.model_type} "
-                                  f"checkpoint") from None
-        if path is None:
-            continue
-        arr = source.read(n)
-        if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
-            raise CheckpointError(f"tensor {n!r} has non-float dtype {arr.dtype}")
-        asm.place(path, jnp.asarray(to_model_layout(arr, transpose), dtype))
+        path, transpose = model_path(rules, n, cfg, source)
+        if path is not None:
+            arr = source.read(n)
+            check_float(arr.dtype, n)
+            asm.place(path, jnp.asarray(to_model_layout(arr, transpose), dtype))
     return asm.finish()
 
 
