@@ -87,8 +87,8 @@ def why_not_exportable(qt: QuantizedTensor, dtype: str = "float32") -> str | Non
         if sd not in FLOAT_SCALE_DTYPES and not qt.integer_scales:
             return f"{sd} scales on integer weights (pack-quantized takes float16/bfloat16/float32 scales)"
         if _scales_in(qt, dtype) is None:
-            return (f"scales not exact in {dtype}, the dtype loaders read pack-quantized scales in (export with "
-                    f"--dtype float32)")
+            return (f"{sd} scales not exact in {dtype}, the dtype loaders read pack-quantized scales in (export "
+                    f"with --dtype {sd if sd != 'bfloat16' else 'float32'}, or quantize with --scale-dtype {dtype})")
         return None
     if fmt.name != "fp4_e2m1":
         return f"the {fmt.name} code book (compressed-tensors holds INT and FP4 E2M1 only)"
