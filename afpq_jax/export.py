@@ -19,13 +19,15 @@ import types
 from pathlib import Path
 
 from afpq_jax._src import cli
+from afpq_jax._src.models import CausalLM
 from afpq_jax._src.interop.hf_export import TARGETS, ExportResult
 from afpq_jax._src.interop.hf_export import export as _export
 
 __all__ = ["ExportResult", "TARGETS", "export", "main"]
 
 
-def export(model, out: str | os.PathLike, *, format: str = "compressed-tensors", dequantize_unsupported: bool = False,
+def export(model: CausalLM, out: str | os.PathLike, *, format: str = "compressed-tensors",
+           dequantize_unsupported: bool = False,
            dtype: str | None = None, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
            progress: bool = False) -> ExportResult:
     """Writes ``model`` (an afpq_jax `CausalLM` with packed layers) to ``out`` in ``format`` (`TARGETS`):

@@ -123,7 +123,8 @@ class CheckpointWeights:
             method = source.config["quantization_config"]
             method = method.get("quant_method") if isinstance(method, dict) else method
             raise CheckpointError(f"{source.path} is already quantized ({method}); afpq_jax.load reads it with its "
-                                  f"packed layers as they are — to quantize again, start from the float model")
+                                  f"packed layers as they are (aq.save(aq.load(PATH), OUT) stores it as an afpq-jax "
+                                  f"checkpoint) — to quantize again, start from the float model")
         rules = family_for(source.config).KEY_RULES
         self._blocks: dict[int, list[tuple[str, ModelPath, bool]]] = defaultdict(list)
         self._outer: dict[ModelPath, tuple[str, bool]] = {}

@@ -162,3 +162,21 @@ def test_activation_order_files_are_read_as_rows_in_group_order():
                                                        group_size=32, asym=True))},
                         {**ct.weights_scheme(qt), "symmetric": True}, "pack-quantized", dtype="float32",
                         where="layer")
+
+
+def test_three_bit_files_of_releases_before_0_18_are_read():
+    """compressed-tensors < 0.18 put 10 three-bit codes in a word (bits 3i, the top two unused); told apart from
+    the dense layout by shape, and by the config's version where the shapes agree."""
+    qt = aq.quantize(np.random.default_rng(8).standard_normal((64, 8)).astype(np.float32), "int3", group_size=32)
+    tensors = ct.encode_layer(qt)
+    codes = _unpack_rows(tensors["weight_packed"], 3, 64)  # (out, in)
+    padded = np.zeros((8, 7), np.int64)
+    for i in range(64):
+        padded[:, i // 10] |= codes[:, i] << (3 * (i % 10))
+    old = {**tensors, "weight_packed": padded.astype(np.uint32).view(np.int32)}
+    scheme = ct.weights_scheme(qt)
+    for version in (None, "0.17.1"):
+        back, _ = ct.decode_layer(old, scheme, "pack-quantized", dtype="float32", where="layer", version=version)
+        np.testing.assert_array_equal(np.asarray(back.codes), np.asarray(qt.codes))
+    back, _ = ct.decode_layer(tensors, scheme, "pack-quantized", dtype="float32", where="layer", version="0.20.1")
+    np.testing.assert_array_equal(np.asarray(back.codes), np.asarray(qt.codes))

@@ -206,10 +206,24 @@ def _group_size(args: dict, k: int, tensors, where: str) -> int | None:
     return g
 
 
-def decode_layer(tensors, args: dict, layer_format: str, *, dtype: str, where: str
-                 ) -> tuple[QuantizedTensor, np.ndarray | None]:
+def _int_codes(tensors, bits: int, n: int, k: int, version: str | None, where: str) -> np.ndarray:
+    """The ``(out, in)`` codes of ``weight_packed``: the dense layout, or for 3-bit files of compressed-tensors
+    before 0.18 its 10 codes a word (LSB first, the top 2 bits unused), told apart by shape and, where the shapes
+    agree, by the config's ``version``."""
+    words = tensors.get("weight_packed")
+    dense, padded = -(-k * bits // 32), -(-k // (32 // bits))
+    old = isinstance(version, str) and tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (0, 18)
+    if bits == 3 and words is not None and words.shape == (n, padded) and (padded != dense or old):
+        w = np.asarray(words, np.int32).view(np.uint32)[..., None] >> (3 * np.arange(10, dtype=np.uint32))
+        return (w & 7).astype(np.uint8).reshape(n, -1)[:, :k]
+    return unpack_rows_int32(_tensor(tensors, "weight_packed", where, ("int32",), (n, dense)), bits, k)
+
+
+def decode_layer(tensors, args: dict, layer_format: str, *, dtype: str, where: str,
+                 version: str | None = None) -> tuple[QuantizedTensor, np.ndarray | None]:
     """The packed weight of one compressed ``Linear`` (``tensors`` by suffix; ``args`` its ``weights``
-    quantization args; ``layer_format`` its format); ``dtype`` is the model's float dtype. Returns ``(qt, perm)``:
+    quantization args; ``layer_format`` its format; ``version`` the config's, which tells 3-bit layouts apart);
+    ``dtype`` is the model's float dtype. Returns ``(qt, perm)``:
     ``perm`` None, or for an activation-order ``weight_g_idx`` the order its rows are stored in (`act_order`)."""
     if layer_format not in FORMATS:
         raise CheckpointError(f"{where}: compressed-tensors format {layer_format!r} is not readable; afpq-jax reads "
@@ -229,8 +243,7 @@ def decode_layer(tensors, args: dict, layer_format: str, *, dtype: str, where: s
             raise CheckpointError(f"{where}: pack-quantized with {args.get('type')} {bits}-bit weights; afpq-jax "
                                   f"reads {', '.join(map(str, INT_BITS))}-bit int")
         fmt = f"int{bits}"
-        words = _tensor(tensors, "weight_packed", where, ("int32",), (n, -(-k * bits // 32)))
-        codes = unpack_rows_int32(words, bits, k)
+        codes = _int_codes(tensors, bits, n, k, version, where)
         if args.get("strategy") == "tensor":  # one scale for the whole tensor: per-channel, the same per column
             one = _tensor(tensors, "weight_scale", where, FLOAT_SCALE_DTYPES, (1,))
             scale = np.broadcast_to(one.reshape(1, 1), (n, 1))

@@ -191,7 +191,8 @@ def _decode(method: str, qc: dict, name: str, tensors: Mapping[str, np.ndarray],
         elif "input_scale" in tensors:
             raise CheckpointError(f"{name}: an input_scale tensor but no static activation scheme in the config")
         weight_tensors = {k: v for k, v in tensors.items() if k != "input_scale"}
-        qt, perm = compressed_tensors.decode_layer(weight_tensors, weights, fmt, dtype=dtype, where=name)
+        qt, perm = compressed_tensors.decode_layer(weight_tensors, weights, fmt, dtype=dtype, where=name,
+                                                   version=_field(qc, "version", str, ""))
     elif method == "afpq":
         scheme = _afpq_scheme(qc, name)
         qt, input_scale, perm = afpq_safetensors.decode_layer(tensors, scheme, dtype, name)

@@ -200,6 +200,7 @@ class ShardedWriter:
         self.total_size = 0
 
     def add(self, name: str, array: np.ndarray) -> None:
+        """Queues tensor ``name`` for the current shard (written out when the next one would overflow it)."""
         if name in self._pending or any(name in names for _, names in self._shards):
             raise ValueError(f"tensor {name!r} written twice")
         array = np.ascontiguousarray(array)
