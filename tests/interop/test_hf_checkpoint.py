@@ -287,6 +287,8 @@ def test_act_order_gptq_checkpoints_load_packed_and_travel_on(tmp_path):
     assert _same_logits(act, tmp_path / "afpq").layers[0].mlp.down_proj.scheme.act_order_groups
     with pytest.raises(NotExportable, match="activation-order groups"):
         export_cli.export(act, tmp_path / "ct")
+    aq.save(act, tmp_path / "ckpt")  # and as an afpq-jax checkpoint (orbax), permutation included
+    assert _same_logits(act, tmp_path / "ckpt").layers[0].mlp.down_proj.scheme.act_order_groups
 
 def test_awq_gemm_checkpoints_load_packed(tmp_path):
     """An AutoAWQ GEMM directory (qweight/qzeros in AWQ's interleaved order, fp16 scales) loads with its int4
