@@ -16,15 +16,16 @@ from afpq_jax._src.layers import record_inputs
 from afpq_jax._src.models.transformer import block_linears
 from tests.support import numpy_llama_nll
 
-# One xdist worker runs this file (`make test` uses --dist loadgroup): its module fixtures (the float model, the
-# real layer's calibration inputs: 16 s) are then built once instead of once per worker.
+# One xdist worker runs this file (`make test` uses --dist loadgroup), and its fixtures (the float model, the real
+# layer's calibration inputs: 8 s and 16 s) live for the session: the worker interleaves other files' tests with
+# these, and a module fixture is rebuilt each time the file comes back (measured: twice each, 57 s).
 pytestmark = pytest.mark.xdist_group("smollm2")
 
 TEXT = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
         "It is named after the engineer Gustave Eiffel, whose company designed and built the tower.")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def float_model(real_hf_dir):
     return aq.load(real_hf_dir)
 
@@ -59,7 +60,7 @@ def test_converted_smollm2_loads_runs_and_is_close_to_float(real_hf_dir, float_m
     assert ppl_f < ppl_q < 2 * ppl_f  # measured: 8.39 float -> 13.31 NF4-asym g128 RTN
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smollm2_block_inputs(real_hf_dir, real_text):
     model = aq.load(real_hf_dir)
     tok = aq.load_tokenizer(real_hf_dir)
