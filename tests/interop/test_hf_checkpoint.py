@@ -151,6 +151,10 @@ def test_layers_a_format_cannot_hold_are_refused_or_dequantized(tmp_path):
                           format="gptq")
     with pytest.raises(aq.InputError, match="no layer"):
         export_cli.export(aq.load(FIXTURES / "llama_gqa"), tmp_path / "f")
+    cal = aq.Calibration(random=True, samples=4, seqlen=16, batch_size=4, search_batch_size=4)
+    bloom_awq = aq.quantize_pretrained(FIXTURES / "bloom", INT4, method="awq", calibration=cal, progress=False)
+    with pytest.raises(NotExportable, match=r"no place for \(layers\.0\.mlp\.act_scale"):
+        export_cli.export(bloom_awq, tmp_path / "b", format="afpq")
 
 
 def test_shards_index_and_bloom_names(tmp_path):

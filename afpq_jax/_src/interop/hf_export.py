@@ -317,8 +317,8 @@ def export(model: CausalLM, out_dir: str | os.PathLike, *, target: str = "compre
              if ".".join(map(str, p[:-1])) not in quantized_paths and p[-1] not in ("kernel", "bias", "weight")]
     if extra:
         raise NotExportable(f"the model has parameters Hugging Face's {model.cfg.model_type} has no place for "
-                            f"({', '.join(extra[:3])}: AWQ's act scale after BLOOM's GELU); export with --format afpq "
-                            f"is not possible either — quantize with --method gptq or rtn")
+                            f"({', '.join(extra[:3])}; AWQ's scale after BLOOM's GELU is one), in any export format "
+                            f"— quantize with --method gptq or rtn to export")
 
     qconfig, extra_files = codec.config(kept, float_linears, hf)
     warnings = codec.warnings(kept, float_linears)
