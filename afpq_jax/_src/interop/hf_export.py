@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from afpq_jax._src import checkpoint, quantizer, validation
 from afpq_jax._src.errors import InputError, NotExportable
 from afpq_jax._src.interop import afpq_safetensors, compressed_tensors, gptq
+from afpq_jax._src.io import outputs
 from afpq_jax._src.io.safetensors_io import ShardedWriter
 from afpq_jax._src.models import CausalLM, family_for
 from afpq_jax._src.models.transformer import FUSED_SIBLINGS
@@ -331,6 +332,10 @@ def export(model: CausalLM, out_dir: str | os.PathLike, *, target: str = "compre
     inputs = [info.source if info.source_kind != "model" else None, info.tokenizer_dir, info.gguf_path]
     by_layer = {layer.path: layer for layer in layers}
     with checkpoint.staging_dir(out, overwrite, inputs=inputs, hint="--overwrite") as tmp:
+        # about the bytes to write (packed leaves as they are, float tensors in the export dtype): checked first
+        outputs.require_space(tmp, 2**20 + sum(
+            var.get_value().size * (np.dtype(var.get_value().dtype).itemsize if ".".join(map(str, p[:-1])) in by_layer
+                                    else out_dtype.itemsize) for p, var in state))
         writer = ShardedWriter(tmp, max_shard_bytes, metadata={"format": "pt"})
         for p, var in tqdm(state, desc=f"exporting ({target})", unit="tensor", disable=not progress, leave=False):
             layer_path, leaf = ".".join(map(str, p[:-1])), p[-1]
