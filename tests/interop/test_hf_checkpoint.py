@@ -362,3 +362,13 @@ def test_tied_lm_head_is_listed_as_ignored():
     with tempfile.TemporaryDirectory() as d:
         export_cli.export(_quantized(INT4, "bloom"), Path(d) / "b")
         assert json.loads((Path(d) / "b" / "config.json").read_text())["quantization_config"]["ignore"] == ["lm_head"]
+
+
+def test_the_readme_export_commands_parse():
+    import shlex
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    lines = [line.split("#")[0] for line in readme.splitlines() if line.startswith("python -m afpq_jax.export ")]
+    assert len(lines) >= 4
+    for line in lines:
+        args = export_cli.build_parser().parse_args(shlex.split(line)[3:])
+        assert args.format in export_cli.TARGETS
