@@ -31,7 +31,7 @@ import numpy as np
 from afpq_jax._src import packing
 from afpq_jax._src.errors import CheckpointError
 from afpq_jax._src.formats import get_format
-from afpq_jax._src.interop.compressed_tensors import pack_rows_int32, unpack_rows_int32
+from afpq_jax._src.interop import bitstream
 from afpq_jax._src.qtensor import QuantizedTensor
 from afpq_jax._src.scheme import QuantScheme
 
@@ -60,7 +60,7 @@ def encode_layer(qt: QuantizedTensor, input_scale: float | None = None,
     """The layer's tensors by suffix (module docstring)."""
     fmt = qt.format
     codes = np.asarray(packing.unpack(qt.codes, fmt.bits, qt.in_features)).T  # (out, in)
-    out = {"weight_packed": pack_rows_int32(codes, fmt.bits), "weight_scale": _torch(qt.scale),
+    out = {"weight_packed": bitstream.pack_int32(codes, fmt.bits, axis=1), "weight_scale": _torch(qt.scale),
            "weight_shape": np.asarray([qt.out_features, qt.in_features], np.int64)}
     if qt.scale_neg is not None:
         out["weight_scale_neg"] = _torch(qt.scale_neg)
@@ -110,7 +110,7 @@ def decode_layer(tensors, scheme: QuantScheme, dtype: str, where: str
     if words.dtype != np.int32 or words.shape != (n, -(-k * f.bits // 32)):
         raise CheckpointError(f"{where}.weight_packed is {words.dtype.name}{list(words.shape)}, expected "
                               f"int32{[n, -(-k * f.bits // 32)]} for {n}x{k} {f.bits}-bit codes")
-    codes = unpack_rows_int32(words, f.bits, k).T  # (in, out)
+    codes = bitstream.unpack_int32(words, f.bits, k, axis=1).T  # (in, out)
     if codes.max(initial=0) >= len(f.levels):
         raise CheckpointError(f"{where}.weight_packed holds code {int(codes.max())} but {fmt} has {len(f.levels)} "
                               f"levels; the file is damaged")
