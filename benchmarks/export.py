@@ -2,9 +2,9 @@
 
 For each (scheme, format) row: RTN-quantize SmolLM2 in memory, `afpq_jax.export` it (timed), measure the
 directory's size, `afpq_jax.load` it back (timed), and check the logits of one 64-token window equal the
-in-memory model's bit for bit. Rows: the demo's NF3-asym g128 (only the afpq layout holds it), INT4-sym g128
-(GPTQ v1, compressed-tensors), INT4-asym g128 (gptq_v2, compressed-tensors), NVFP4 (compressed-tensors) and
-NVFP4 + AFPQ (afpq layout).
+in-memory model's bit for bit. Rows: the demo's NF3-asym g128 (only the afpq layout holds it), INT4-sym g64
+(GPTQ v1, compressed-tensors; g64 because SmolLM2's 576 inputs are 4.5 groups of 128 and GPTQ's loaders need whole
+groups), INT4-asym g64 (gptq_v2, compressed-tensors), NVFP4 (compressed-tensors) and NVFP4 + AFPQ (afpq layout).
 
     python -m benchmarks.export [--out-dir /tmp/afpq-export-bench] [--markdown]
 """
@@ -27,9 +27,9 @@ from benchmarks.experiment import commit
 
 ROWS = [
     ("nf3-asym-g128 (demo)", lambda: aq.QuantScheme.create("nf3", group_size=128, asym=True), ("afpq",)),
-    ("int4-sym-g128", lambda: aq.QuantScheme.create("int4", group_size=128, asym=False),
+    ("int4-sym-g64", lambda: aq.QuantScheme.create("int4", group_size=64, asym=False),
      ("gptq", "compressed-tensors", "afpq")),
-    ("int4-asym-g128", lambda: aq.QuantScheme.create("int4", group_size=128, asym=True),
+    ("int4-asym-g64", lambda: aq.QuantScheme.create("int4", group_size=64, asym=True),
      ("gptq", "compressed-tensors")),
     ("nvfp4", lambda: aq.QuantScheme.preset("nvfp4"), ("compressed-tensors",)),
     ("nvfp4-afpq", lambda: aq.QuantScheme.preset("nvfp4", asym=True), ("afpq",)),
