@@ -20,7 +20,7 @@ from pathlib import Path
 
 from afpq_jax._src import cli
 from afpq_jax._src.models import CausalLM
-from afpq_jax._src.interop.hf_export import TARGETS, ExportResult
+from afpq_jax._src.interop.hf_export import FLOAT_DTYPES, TARGETS, ExportResult
 from afpq_jax._src.interop.hf_export import export as _export
 
 __all__ = ["ExportResult", "TARGETS", "export", "main"]
@@ -34,7 +34,7 @@ def export(model: CausalLM, out: str | os.PathLike, *, format: str = "compressed
     safetensors shards of at most ``max_shard_bytes``, config.json with its ``quantization_config``, the
     tokenizer. A layer the format cannot hold exactly is refused, the layers named, unless
     ``dequantize_unsupported`` (written as bfloat16, listed in the result). ``dtype``: of the float tensors
-    (default: the model's). Nothing appears at ``out`` unless everything was written."""
+    (default: the source model's ``torch_dtype``). Nothing appears at ``out`` unless everything was written."""
     return _export(model, out, target=format, dequantize_unsupported=dequantize_unsupported, dtype=dtype,
                    overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress)
 
@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must not exist, unless --overwrite)")
     p.add_argument("--dequantize-unsupported", action="store_true",
                    help="write layers the format cannot hold exactly as bfloat16 (listed) instead of refusing")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="dtype of the float tensors (embeddings, norms, biases; default: the model's)")
+    p.add_argument("--dtype", choices=FLOAT_DTYPES, default=None,
+                   help="dtype of the float tensors and config.json's torch_dtype (default: the source model's "
+                        "torch_dtype); compressed-tensors' INT scales are written in it")
     p.add_argument("--max-shard-size", type=cli.byte_size, default=5 * 10**9,
                    help="largest safetensors shard, e.g. 5G or 500M (default: 5 GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing afpq-jax output at --out")
