@@ -83,13 +83,20 @@ VLLM_FUSED = {member.rpartition(".")[2]: fused
               for members, fused in zip(FUSED_SIBLINGS, ("qkv_proj", "gate_up_proj")) for member in members}
 
 
+def _fused_name(module: str) -> str | None:
+    """vLLM's name of the fused module ``module`` is part of (``...self_attn.q_proj`` -> ``...self_attn.qkv_proj``),
+    or None for a module vLLM runs alone."""
+    head, _, last = module.rpartition(".")
+    return f"{head}.{VLLM_FUSED[last]}" if last in VLLM_FUSED else None
+
+
 def _fused_groups(layers: list[_Layer]) -> dict[str, list[_Layer]]:
     """{vLLM's fused module name: its member layers} for the layers vLLM fuses."""
     groups: dict[str, list[_Layer]] = defaultdict(list)
     for layer in layers:
-        head, _, last = layer.name.rpartition(".")
-        if last in VLLM_FUSED:
-            groups[f"{head}.{VLLM_FUSED[last]}"].append(layer)
+        fused = _fused_name(layer.name)
+        if fused is not None:
+            groups[fused].append(layer)
     return groups
 
 
@@ -140,8 +147,7 @@ class _CompressedTensors:
 def _mixed_fused(layers: list[_Layer], float_linears: list[str], scheme_of) -> list[str]:
     """Warnings for fused groups whose members differ in scheme (or are partly float)."""
     out = []
-    floats = {name.rpartition(".")[0] + "." + VLLM_FUSED[name.rpartition(".")[2]] for name in float_linears
-              if name.rpartition(".")[2] in VLLM_FUSED}
+    floats = {_fused_name(name) for name in float_linears} - {None}
     for fused, members in _fused_groups(layers).items():
         if len({scheme_of(m) for m in members}) > 1 or fused in floats:
             out.append(f"{fused}: its layers have different schemes; vLLM serves them fused with one scheme and "
@@ -182,9 +188,9 @@ class _Gptq:
         covered: set[str] = set()
         members = defaultdict(list)
         for name in list(wanted) + [layer.name for layer in layers if layer.name not in wanted]:
-            head, _, last = name.rpartition(".")
-            if last in VLLM_FUSED:
-                members[f"{head}.{VLLM_FUSED[last]}"].append(name)
+            fused = _fused_name(name)
+            if fused is not None:
+                members[fused].append(name)
         for fused, names in members.items():
             args = {json.dumps(wanted.get(n, base_args), sort_keys=True) for n in names}
             if len(args) == 1 and names[0] in wanted:
