@@ -2,7 +2,7 @@
 """Generate small PyTorch-transformers reference fixtures under tests/fixtures/.
 
 Each fixture is a tiny RANDOM model built with transformers' PyTorch classes
-(LlamaForCausalLM / BloomForCausalLM), float32, eval mode, fixed
+(LlamaForCausalLM, BloomForCausalLM, Gemma3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM), float32, eval mode, fixed
 torch.manual_seed.  For every fixture a directory ``tests/fixtures/<name>/`` is
 written with
 
@@ -59,7 +59,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (BloomConfig, BloomForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                          LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "tests" / "fixtures"
@@ -83,15 +84,16 @@ def save_npz_deterministic(path: Path, **arrays: np.ndarray) -> None:
             zf.writestr(info, buf.getvalue())
 
 
-def perturb_norms(model: torch.nn.Module, seed: int) -> None:
-    """Move norm weights away from 1 and all biases (HF inits them to 0) away from 0."""
+def perturb_norms(model: torch.nn.Module, seed: int, norm_center: float = 1.0) -> None:
+    """Move norm weights away from their init (``norm_center``: 1, Gemma's (1 + w) norms 0) and all biases (HF
+    inits them to 0) away from 0."""
     gen = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
             elif "norm" in name.lower() and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+                p.copy_(norm_center + 0.2 * torch.randn(p.shape, generator=gen))
 
 
 def llama_config(**overrides) -> LlamaConfig:
@@ -116,11 +118,11 @@ def llama_config(**overrides) -> LlamaConfig:
     return LlamaConfig(**kw)
 
 
-def build(model_cls, config, seed: int) -> torch.nn.Module:
+def build(model_cls, config, seed: int, norm_center: float = 1.0) -> torch.nn.Module:
     torch.manual_seed(seed)
     config._attn_implementation = "eager"
     model = model_cls(config).to(torch.float32)
-    perturb_norms(model, seed)
+    perturb_norms(model, seed, norm_center)
     model.eval()
     return model
 
@@ -150,23 +152,23 @@ def write_fixture(out: Path, name: str, model, seed: int, seq: int, **save_kw) -
     return d
 
 
-def make_generate_reference(d: Path, model, seed: int) -> None:
+def make_generate_reference(d: Path, model, seed: int, new_tokens: int = 8) -> None:
     prompt = random_ids(seed + 7, 1, 5, model.config.vocab_size)
     with torch.no_grad():
         out = model.generate(
             prompt,
             attention_mask=torch.ones_like(prompt),
             do_sample=False,
-            max_new_tokens=8,
-            min_new_tokens=8,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
             pad_token_id=0,
         )
     gen = out[:, prompt.shape[1]:]
-    assert gen.shape == (1, 8), gen.shape
+    assert gen.shape == (1, new_tokens), gen.shape
     # Cross-check greedy decoding with repeated full forward passes.
     seq = prompt.clone()
     with torch.no_grad():
-        for _ in range(8):
+        for _ in range(new_tokens):
             nxt = model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
     assert torch.equal(seq[:, 5:], gen), (seq, gen)
@@ -252,6 +254,47 @@ def main() -> None:
     )
     m = build(BloomForCausalLM, cfg, seed)
     write_fixture(out, "bloom", m, seed, seq=24)
+
+    # 6. gemma3_text: (1 + w) norms, four per block, q/k norms, GeGLU, scaled embeddings, GQA, head_dim 32 (not
+    #    hidden / heads), query_pre_attn_scalar 24, sliding window 6 on layers 0 and 2 with RoPE base 1e4, the
+    #    full layer's RoPE linear-scaled (factor 2, base 1e6), final logit soft-capping 4. seq 24 (four windows);
+    #    generate.npz runs 12 new tokens past a 5-token prompt, beyond the window. Untied (Gemma ties): a tiny
+    #    random model with tied, scaled embeddings only repeats its last input token, a useless generation check.
+    seed = 6
+    cfg = Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+        initializer_range=INIT_RANGE, rms_norm_eps=1e-6, query_pre_attn_scalar=24, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=4.0,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    m = build(Gemma3ForCausalLM, cfg, seed, norm_center=0.0)
+    d = write_fixture(out, "gemma3", m, seed, seq=24)
+    make_generate_reference(d, m, seed, new_tokens=12)
+
+    # 7. qwen2: q/k/v biases, o_proj without, GQA, untied.
+    seed = 7
+    cfg = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=INIT_RANGE,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
+    m = build(Qwen2ForCausalLM, cfg, seed)
+    write_fixture(out, "qwen2", m, seed, seq=24)
+
+    # 8. qwen3: per-head q/k RMSNorm, head_dim 32 (not hidden / heads), tied embeddings, the sliding window (8) on
+    #    layer 1 (use_sliding_window, max_window_layers 1).
+    seed = 8
+    cfg = Qwen3Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+        initializer_range=INIT_RANGE, rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=True,
+        sliding_window=8, max_window_layers=1, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
+    m = build(Qwen3ForCausalLM, cfg, seed)
+    assert m.config.layer_types == ["full_attention", "sliding_attention"], m.config.layer_types
+    write_fixture(out, "qwen3", m, seed, seq=24)
 
     print("files:")
     for d in sorted(p for p in out.iterdir() if p.is_dir()):

@@ -205,15 +205,28 @@ class QuantDense(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """LLaMA RMSNorm: statistics in float32, ``weight * normalized`` (HF order)."""
+    """RMSNorm over the last axis, statistics in float32, in either of HF's two orders:
 
-    def __init__(self, dim: int, *, eps: float, dtype=jnp.float32):
+    * ``plus_one=False`` (LLaMA, Qwen): ``weight * normalized.astype(x.dtype)``, weight initialised to 1;
+    * ``plus_one=True`` (Gemma): ``(normalized * (1 + weight)).astype(x.dtype)``, all in float32, weight
+      initialised to 0. `gain` is the multiplier either way (folds divide it, not the raw weight).
+    """
+
+    def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, plus_one: bool = False):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.plus_one = plus_one
+        self.weight = nnx.Param((jnp.zeros if plus_one else jnp.ones)((dim,), dtype))
+
+    @property
+    def offset(self) -> float:
+        """What the weight is stored minus: the gain is ``offset + weight``."""
+        return 1.0 if self.plus_one else 0.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (h * (1.0 + self.weight.get_value().astype(jnp.float32))).astype(x.dtype)
         return self.weight.get_value() * h.astype(x.dtype)
 
 

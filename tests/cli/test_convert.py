@@ -27,7 +27,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     d = copy_fixture(tmp_path)
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
-    assert "unsupported model_type 'gpt_neox'; supported: bloom, llama, mistral" in cli_error(
+    assert "unsupported model_type 'gpt_neox'; supported: bloom, gemma3, gemma3_text, llama, mistral, qwen2, qwen3" in cli_error(
         capsys, ["--model", str(d), *out])
     (d / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 150}))
     assert "config.json does not match the weights" in cli_error(capsys, ["--model", str(d), *out])

@@ -29,7 +29,7 @@ def test_transformers4_and_5_rope_configs_agree():
 
 
 @pytest.mark.parametrize("change,msg", [
-    ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'; supported: bloom, llama, mistral"),
+    ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'; supported: bloom, gemma3, gemma3_text, llama, mistral, qwen2, qwen3"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope_scaling type 'yarn'"),
     ({"hidden_act": "gelu"}, "only 'silu'"),
     ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
@@ -141,7 +141,8 @@ def test_hidden_size_not_divisible_by_heads():
 def test_mistral_sliding_window_must_be_an_integer():
     with pytest.raises(CheckpointError, match=r"sliding_window must be a positive integer, got '4096'"):
         config_from_hf(fixture_config(model_type="mistral", sliding_window="4096"))
-    assert config_from_hf(fixture_config(model_type="mistral", sliding_window=64)).max_position_embeddings == 64
+    cfg = config_from_hf(fixture_config(model_type="mistral", sliding_window=64))
+    assert cfg.window(0) == cfg.window(cfg.num_layers - 1) == 64 and cfg.max_position_embeddings == 128
 
 
 BLOOM_BAD_FIELDS = [

@@ -1,4 +1,5 @@
-"""Our Flax NNX LLaMA/BLOOM against PyTorch transformers' logits, the KV cache and token id checks."""
+"""Our Flax NNX model of every family (LLaMA, BLOOM, Gemma 3, Qwen 2 / 3) against PyTorch transformers' logits,
+the KV cache (sliding windows included) and token id checks."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,8 @@ import pytest
 import afpq_jax as aq
 from tests.support import FIXTURES
 
-TORCH_FIXTURES = ["llama_gqa", "llama_tied_theta", "llama3_rope", "llama_sharded", "bloom"]
+TORCH_FIXTURES = ["llama_gqa", "llama_tied_theta", "llama3_rope", "llama_sharded", "bloom", "gemma3", "qwen2",
+                  "qwen3"]
 
 
 @pytest.mark.parametrize("name", TORCH_FIXTURES)
@@ -26,7 +28,7 @@ def test_hf_flax_msgpack_weights_match():
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ref["input_ids"]))), ref["logits"], atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "bloom"])
+@pytest.mark.parametrize("name", ["llama_gqa", "bloom", "gemma3"])
 def test_kv_cache_matches_full_forward(name):
     ref = np.load(FIXTURES / name / "reference.npz")
     model = aq.load(FIXTURES / name)
@@ -39,7 +41,7 @@ def test_kv_cache_matches_full_forward(name):
     np.testing.assert_allclose(np.concatenate(chunks, axis=1), ref["logits"], atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "bloom"])
+@pytest.mark.parametrize("name", ["llama_gqa", "bloom", "gemma3"])
 def test_chunked_causal_attention_equals_one_whole_window(name):
     # 300 tokens: cache-free attention runs 2 query chunks (256, 44), each against only the keys up to its
     # last query; the cached path attends one whole masked window. Both must give the same logits.
@@ -49,6 +51,27 @@ def test_chunked_causal_attention_equals_one_whole_window(name):
     assert query_chunk(300) < 300 and 300 % query_chunk(300)
     whole, _ = model.forward_with_cache(ids, model.init_cache(2, 300), 0)
     np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(whole), rtol=0, atol=2e-5)
+
+
+def test_family_configs_read_what_transformers_built():
+    """The features each fixture switches on come from its config.json (a misread flag would still give
+    plausible logits on a model whose feature happens to be the identity)."""
+    g = aq.load(FIXTURES / "gemma3").cfg
+    assert (g.mlp, g.qk_norm, g.norm_plus_one, g.sandwich_norms, g.embed_scale) == ("geglu", True, True, True, True)
+    assert [g.window(i) for i in range(3)] == [6, None, 6] and g.rope_local_theta == 1e4
+    assert g.query_pre_attn_scalar == 24 and g.final_softcap == 4.0 and dict(g.rope_scaling)["factor"] == 2.0
+    q2, q3 = aq.load(FIXTURES / "qwen2").cfg, aq.load(FIXTURES / "qwen3").cfg
+    assert (q2.attn_bias, q2.attn_out_bias, q2.qk_norm, q2.layer_types) == (True, False, False, None)
+    assert (q3.attn_bias, q3.qk_norm, q3.head_dim, q3.tie_embeddings) == (False, True, 32, True)
+    assert [q3.window(i) for i in range(2)] == [None, 8]
+
+
+def test_sliding_window_generation_matches_pytorch():
+    """Gemma 3's greedy tokens from transformers' generate: 12 past a 5-token prompt through a window of 6, so
+    the sliding layers' cache must hide the keys that left the window."""
+    ref = np.load(FIXTURES / "gemma3" / "generate.npz")
+    tokens = aq.generate(aq.load(FIXTURES / "gemma3"), ref["prompt"], max_new_tokens=12, temperature=0.0)
+    np.testing.assert_array_equal(tokens, ref["generated"])
 
 
 def test_causal_lm_checks_its_token_ids():

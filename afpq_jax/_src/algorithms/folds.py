@@ -6,7 +6,7 @@ A `ScalingGroup` is a preceding op and the linears it feeds:
 * input_norm -> q/k/v (BLOOM: query_key_value); post_attn_norm -> gate/up (BLOOM: dense_h_to_4h),
 * v_proj -> o_proj: with one KV head per query head, or under GQA with ``s`` tied across the query heads that
   share a KV head (``kv_groups`` > 1: o_proj's input (kv, g, d) is v_proj's output (kv, d) repeated g times),
-* up_proj -> down_proj (LLaMA); BLOOM's GELU output -> dense_4h_to_h through ``MLP.act_scale``.
+* up_proj -> down_proj (SwiGLU, GeGLU: down(act(gate)·up)); BLOOM's GELU output -> dense_4h_to_h through ``MLP.act_scale``.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def scaling_groups(cfg: ModelConfig, *, gqa: bool = False) -> list[ScalingGroup]
     elif not cfg.fused_qkv and gqa:
         groups.append(ScalingGroup("attn.v_proj", ("attn.o_proj",), "attn.o_proj",
                                    kv_groups=cfg.num_heads // cfg.num_kv_heads, head_dim=cfg.head_dim))
-    mlp_in = ("mlp.gate_proj", "mlp.up_proj") if cfg.mlp == "swiglu" else ("mlp.up_proj",)
+    mlp_in = ("mlp.gate_proj", "mlp.up_proj") if cfg.gated_mlp else ("mlp.up_proj",)
     groups.append(ScalingGroup("post_attn_norm", mlp_in, "mlp"))
-    if cfg.mlp == "swiglu":
+    if cfg.gated_mlp:
         groups.append(ScalingGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"))
     elif cfg.mlp_act_scale:
         groups.append(ScalingGroup("mlp.act_scale", ("mlp.down_proj",), "mlp.down_proj"))
@@ -88,10 +88,11 @@ def fold_scale(block, group: ScalingGroup, s: jax.Array) -> jax.Array:
     for name in group.layers:
         update(get_path(block, name).kernel, lambda w: w * s[:, None])
     prev = get_path(block, group.prev)
-    if isinstance(prev, (RMSNorm, LayerNorm)):
+    if isinstance(prev, RMSNorm):  # the gain is offset + weight (Gemma's 1 + w)
+        update(prev.weight, lambda w: (w + prev.offset) / s_prev - prev.offset)
+    elif isinstance(prev, LayerNorm):
         update(prev.weight, lambda w: w / s_prev)
-        if isinstance(prev, LayerNorm):
-            update(prev.bias, lambda b: b / s_prev)
+        update(prev.bias, lambda b: b / s_prev)
     elif isinstance(prev, QuantDense):
         update(prev.kernel, lambda w: w / s_prev[None, :])
         if prev.bias is not None:

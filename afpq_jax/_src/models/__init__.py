@@ -5,11 +5,11 @@ from __future__ import annotations
 from types import ModuleType
 
 from afpq_jax._src.errors import CheckpointError, InputError
-from afpq_jax._src.models import bloom, llama
+from afpq_jax._src.models import bloom, gemma3, llama, qwen
 from afpq_jax._src.models.config import ModelConfig
 from afpq_jax._src.models.transformer import CausalLM, linear_paths
 
-FAMILIES: dict[str, ModuleType] = {t: fam for fam in (llama, bloom) for t in fam.MODEL_TYPES}
+FAMILIES: dict[str, ModuleType] = {t: fam for fam in (llama, bloom, gemma3, qwen) for t in fam.MODEL_TYPES}
 
 
 def family_for(hf_config: dict) -> ModuleType:

@@ -18,6 +18,7 @@ from afpq_jax._src.errors import CheckpointError, InputError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REQUIRED: Any = object()  # `hf_field`'s default: the key must be present
+LAYER_TYPES = ("full_attention", "sliding_attention")  # HF's names (config.json's layer_types)
 
 
 def positive_number(value: Any, what: str) -> float:
@@ -94,6 +95,19 @@ def hf_field(hf: Mapping[str, Any], key: str | tuple[str, ...], kind: str, defau
     return _checked(_KINDS[kind], hf[name], f"config.json: {where}{name}", CheckpointError)
 
 
+def hf_layer_types(hf: Mapping[str, Any], num_layers: int) -> tuple[str, ...] | None:
+    """config.json's ``layer_types`` (each 'full_attention' or 'sliding_attention', one per layer) as a tuple,
+    or None when absent; a wrong length or an unknown type is a `CheckpointError`."""
+    types = hf.get("layer_types")
+    if types is None:
+        return None
+    if not isinstance(types, list) or len(types) != num_layers or any(t not in LAYER_TYPES for t in types):
+        shown = repr(types) if len(repr(types)) <= 80 else f"{repr(types)[:77]}..."
+        raise CheckpointError(f"config.json: layer_types must be a list of {num_layers} entries (num_hidden_layers), "
+                              f"each one of {', '.join(map(repr, LAYER_TYPES))}; got {shown}")
+    return tuple(types)
+
+
 def check_rope_scaling(scaling: Mapping[str, Any], what: str, error: type[InputError] = InputError) -> None:
     """The entries `rope_inv_freq` reads for ``scaling``'s rope_type are present and in range (a missing one
     failed at the first forward pass; a zero factor or equal llama3 band factors gave inf/NaN frequencies)."""
@@ -116,17 +130,25 @@ def check_rope_scaling(scaling: Mapping[str, Any], what: str, error: type[InputE
 _INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                "head_dim", "max_position_embeddings")
 _BOOL_FIELDS = ("fused_qkv", "attn_bias", "attn_out_bias", "mlp_bias", "embed_norm", "tie_embeddings",
-                "mlp_act_scale")
-_CHOICES = {"norm": ("rms", "layer"), "position": ("rope", "alibi"), "mlp": ("swiglu", "gelu")}
+                "mlp_act_scale", "qk_norm", "norm_plus_one", "sandwich_norms", "embed_scale")
+_CHOICES = {"norm": ("rms", "layer"), "position": ("rope", "alibi"), "mlp": ("swiglu", "geglu", "gelu")}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Static architecture of a decoder-only LM (hashable; the NNX graphdef holds it).
 
-    Family choices are data: ``norm`` ('rms' | 'layer'), ``position`` ('rope' | 'alibi'), ``mlp`` ('swiglu' |
-    'gelu'), ``fused_qkv`` (BLOOM's per-head interleaved query_key_value), ``embed_norm`` (BLOOM's
-    word_embeddings_layernorm).
+    Family choices are data: ``norm`` ('rms' | 'layer'), ``position`` ('rope' | 'alibi'), ``mlp`` ('swiglu':
+    down(silu(gate)·up) | 'geglu': down(gelu_tanh(gate)·up) | 'gelu': down(gelu_tanh(up))), ``fused_qkv`` (BLOOM's
+    per-head interleaved query_key_value), ``embed_norm`` (BLOOM's word_embeddings_layernorm).
+
+    Gemma / Qwen3 switches: ``qk_norm`` (RMSNorm over head_dim on q and k before RoPE), ``norm_plus_one`` (every
+    RMSNorm is Gemma's ``(1 + w)`` in float32), ``sandwich_norms`` (Gemma's norms on the attention and MLP outputs
+    before each residual add), ``embed_scale`` (embeddings × sqrt(hidden), rounded to the weight dtype),
+    ``query_pre_attn_scalar`` (scores × its ^-1/2 instead of head_dim^-1/2), ``final_softcap`` (``c·tanh(x/c)``
+    on the logits). ``layer_types``: per layer 'full_attention' or 'sliding_attention'
+    (a query sees the ``sliding_window`` latest keys, itself included), None = all full; sliding layers use
+    ``rope_local_theta`` (default RoPE) when it is set, else the global RoPE settings.
     """
 
     model_type: str
@@ -140,7 +162,7 @@ class ModelConfig:
     norm: Literal["rms", "layer"]
     norm_eps: float
     position: Literal["rope", "alibi"]
-    mlp: Literal["swiglu", "gelu"]
+    mlp: Literal["swiglu", "geglu", "gelu"]
     fused_qkv: bool = False
     attn_bias: bool = False
     attn_out_bias: bool = False
@@ -153,6 +175,15 @@ class ModelConfig:
     mlp_act_scale: bool = False  # AWQ on GELU MLPs: h = gelu(up(x)) / act_scale (a foldable per-channel scale)
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
+    qk_norm: bool = False
+    norm_plus_one: bool = False
+    sandwich_norms: bool = False
+    embed_scale: bool = False
+    query_pre_attn_scalar: float | None = None
+    final_softcap: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -189,6 +220,31 @@ class ModelConfig:
             check_rope_scaling(self.rope_scaling_dict, "rope_scaling")
             if self.head_dim % 2:
                 raise InputError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        for f in ("query_pre_attn_scalar", "final_softcap", "rope_local_theta"):
+            if getattr(self, f) is not None:
+                _checked(positive_number, getattr(self, f), f"config.{f}")
+        if self.sliding_window is not None:
+            _checked(validation.integer, self.sliding_window, "config.sliding_window")
+        if self.layer_types is not None:
+            if not isinstance(self.layer_types, tuple) or len(self.layer_types) != self.num_layers or \
+                    any(t not in LAYER_TYPES for t in self.layer_types):
+                raise InputError(f"config.layer_types must be a tuple of {self.num_layers} entries, each one of "
+                                 f"{', '.join(map(repr, LAYER_TYPES))}; got {self.layer_types!r}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise InputError("config.layer_types has sliding_attention layers but sliding_window is not set")
+        if self.position == "alibi" and (self.qk_norm or self.layer_types is not None):
+            raise InputError("qk_norm and layer_types are RoPE-model features; ALiBi models have neither")
+
+    @property
+    def gated_mlp(self) -> bool:
+        """down(act(gate(x)) * up(x)) (SwiGLU, GeGLU): up_proj's output channels can carry a folded scale."""
+        return self.mlp in ("swiglu", "geglu")
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer`` (keys a query sees, itself included), None for full attention."""
+        if self.layer_types is None or self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:

@@ -32,10 +32,14 @@ def query_chunk(seq_len: int) -> int:
 
 # ---- positions ---------------------------------------------------------------------------------------------
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies (head_dim/2,) with HF's default / linear / llama3 rules, in float32."""
+def rope_inv_freq(cfg: ModelConfig, *, local: bool = False) -> np.ndarray:
+    """Inverse frequencies (head_dim/2,) with HF's default / linear / llama3 rules, in float32. ``local``: a
+    sliding-window layer's, which is default RoPE at ``rope_local_theta`` when the config sets one (Gemma 3)."""
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    theta = cfg.rope_local_theta if local and cfg.rope_local_theta is not None else cfg.rope_theta
+    inv = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    if local and cfg.rope_local_theta is not None:
+        return np.asarray(inv, np.float32)
     sc = cfg.rope_scaling_dict
     rtype = sc.get("rope_type", "default")
     if rtype == "linear":
@@ -76,21 +80,38 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
 # ---- modules -----------------------------------------------------------------------------------------------
 
 class Embedding(nnx.Module):
-    def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs):
+    """Token embeddings; ``scale``: multiplied by sqrt(dim) rounded to the weight dtype (Gemma: in bfloat16
+    sqrt(3072) is 55.5, as transformers computes it)."""
+
+    def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs, scale: bool = False):
         self.weight = nnx.Param(jax.random.normal(rngs.params(), (vocab, dim), dtype) * 0.02)
+        self.scale = scale
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.weight.get_value(), ids, axis=0)
+        w = self.weight.get_value()
+        x = jnp.take(w, ids, axis=0)
+        if self.scale:
+            x = x * jnp.asarray(np.float32(math.sqrt(w.shape[1]))).astype(w.dtype)
+        return x
 
 
-def _norm(cfg: ModelConfig, dtype):
-    cls = RMSNorm if cfg.norm == "rms" else LayerNorm
-    return cls(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
+def _norm(cfg: ModelConfig, dtype, dim: int | None = None):
+    if cfg.norm == "rms":
+        return RMSNorm(dim or cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype, plus_one=cfg.norm_plus_one)
+    return LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap · tanh(x / cap)`` (Gemma's logit soft-capping); ``x`` itself when ``cap`` is None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, prefix: str, quant: Mapping[str, QuantScheme], *, dtype, rngs):
+    def __init__(self, cfg: ModelConfig, prefix: str, quant: Mapping[str, QuantScheme], *, dtype, rngs,
+                 window: int | None = None):
+        """``window``: this layer's sliding window (keys a query sees, itself included), None = full causal."""
         self.cfg = cfg
+        self.window = window
         h, kv, d, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
 
         def dense(name, n_in, n_out, bias):
@@ -104,6 +125,8 @@ class Attention(nnx.Module):
             self.k_proj = dense("k_proj", e, kv * d, cfg.attn_bias)
             self.v_proj = dense("v_proj", e, kv * d, cfg.attn_bias)
         self.o_proj = dense("o_proj", h * d, e, cfg.attn_out_bias)
+        self.q_norm = _norm(cfg, dtype, d) if cfg.qk_norm else None
+        self.k_norm = _norm(cfg, dtype, d) if cfg.qk_norm else None
 
     def __call__(self, x, positions, cache: tuple[jax.Array, jax.Array] | None, start):
         cfg = self.cfg
@@ -116,8 +139,10 @@ class Attention(nnx.Module):
             q = self.q_proj(x).reshape(b, s, h, d)
             k = self.k_proj(x).reshape(b, s, kv, d)
             v = self.v_proj(x).reshape(b, s, kv, d)
+        if self.q_norm is not None:  # per head, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         if cfg.position == "rope":
-            inv_freq = rope_inv_freq(cfg)
+            inv_freq = rope_inv_freq(cfg, local=self.window is not None)
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if cache is not None:
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, start, 0, 0))
@@ -130,26 +155,35 @@ class Attention(nnx.Module):
             # Without a cache query i sees keys 0..i. Query chunks see only the keys up to their last query: the
             # masked upper triangle (up to 44% of the work) is skipped, and one chunk's scores stay
             # closer to cache-sized on CPU (see `query_chunk`). Plain unrolled chunks: differentiable, any backend.
+            # A sliding-window layer's chunk starts at the first key its first query sees.
             c = query_chunk(s)
             outs = []
             for q0 in range(0, s, c):
                 q1 = min(q0 + c, s)
-                outs.append(self._attend(qg[:, q0:q1], k[:, :q1], v[:, :q1], jnp.arange(q0, q1)[None]))
+                k0 = 0 if self.window is None else max(0, q0 - self.window + 1)
+                outs.append(self._attend(qg[:, q0:q1], k[:, k0:q1], v[:, k0:q1], jnp.arange(q0, q1)[None], k0))
             out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
         return self.o_proj(out.reshape(b, s, h * d)), cache
 
-    def _attend(self, qg, k, v, query_pos):
-        """softmax(q·k / √d [+ ALiBi], keys at positions past the query's hidden) · v. qg: (B, S, KV, G, D); k, v:
-        (B, T, KV, D), key t at position t; query_pos: (B or 1, S) -> (B, S, KV, G, D) in v's dtype. Scores,
-        exponentials and the sums are float32; the weighted values are divided by the row sums after the product
-        (one division per output element)."""
+    def _attend(self, qg, k, v, query_pos, key_start: int = 0):
+        """softmax(q·k / √d [+ ALiBi], keys past the query's position or out of its window hidden) · v. qg: (B, S,
+        KV, G, D); k, v: (B, T, KV, D), key t at position key_start + t; query_pos: (B or 1, S) -> (B, S, KV, G, D)
+        in v's dtype. Scores, exponentials and the sums are float32; the weighted values are divided by the row
+        sums after the product (one division per output element)."""
         d = qg.shape[-1]
-        key_pos = jnp.arange(k.shape[1])
-        scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-        if self.cfg.position == "alibi":
-            slopes = jnp.asarray(alibi_slopes(self.cfg.num_heads)).reshape(qg.shape[2], qg.shape[3])
+        cfg = self.cfg
+        key_pos = key_start + jnp.arange(k.shape[1])
+        scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32)
+        if cfg.query_pre_attn_scalar is None:
+            scores = scores / math.sqrt(d)
+        else:
+            scores = scores * np.float32(cfg.query_pre_attn_scalar ** -0.5)
+        if cfg.position == "alibi":
+            slopes = jnp.asarray(alibi_slopes(cfg.num_heads)).reshape(qg.shape[2], qg.shape[3])
             scores = scores + slopes[None, :, :, None, None] * key_pos.astype(jnp.float32)
         allowed = key_pos[None, None, :] <= query_pos[:, :, None]  # (B or 1, S, T)
+        if self.window is not None:
+            allowed &= key_pos[None, None, :] > query_pos[:, :, None] - self.window
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         shift = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))  # its gradient cancels
         e = jnp.exp(scores - shift)
@@ -167,7 +201,7 @@ class MLP(nnx.Module):
                               scheme=quant.get(f"{prefix}.{name}"), rngs=rngs)
 
         e, f = cfg.hidden_size, cfg.intermediate_size
-        if cfg.mlp == "swiglu":
+        if cfg.gated_mlp:
             self.gate_proj = dense("gate_proj", e, f)
         self.up_proj = dense("up_proj", e, f)
         self.down_proj = dense("down_proj", f, e)
@@ -176,6 +210,8 @@ class MLP(nnx.Module):
     def __call__(self, x):
         if self.cfg.mlp == "swiglu":
             h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        elif self.cfg.mlp == "geglu":
+            h = jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x)
         else:
             h = jax.nn.gelu(self.up_proj(x), approximate=True)
         if self.act_scale is not None:
@@ -184,17 +220,29 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
+    """``x + attn(input_norm(x))``, then ``+ mlp(post_attn_norm(x))``: ``post_attn_norm`` is the norm before
+    the MLP (HF LLaMA's post_attention_layernorm, Gemma's pre_feedforward_layernorm). With ``sandwich_norms``
+    the attention and MLP outputs pass through ``attn_out_norm`` / ``mlp_out_norm`` before their residual adds
+    (Gemma's post_attention_layernorm / post_feedforward_layernorm)."""
+
     def __init__(self, cfg: ModelConfig, index: int, quant: Mapping[str, QuantScheme], *, dtype, rngs):
         prefix = f"layers.{index}"
         self.input_norm = _norm(cfg, dtype)
-        self.attn = Attention(cfg, f"{prefix}.attn", quant, dtype=dtype, rngs=rngs)
+        self.attn = Attention(cfg, f"{prefix}.attn", quant, dtype=dtype, rngs=rngs, window=cfg.window(index))
+        self.attn_out_norm = _norm(cfg, dtype) if cfg.sandwich_norms else None
         self.post_attn_norm = _norm(cfg, dtype)
         self.mlp = MLP(cfg, f"{prefix}.mlp", quant, dtype=dtype, rngs=rngs)
+        self.mlp_out_norm = _norm(cfg, dtype) if cfg.sandwich_norms else None
 
     def __call__(self, x, positions, cache=None, start=0):
         a, cache = self.attn(self.input_norm(x), positions, cache, start)
+        if self.attn_out_norm is not None:
+            a = self.attn_out_norm(a)
         x = x + a
-        return x + self.mlp(self.post_attn_norm(x)), cache
+        m = self.mlp(self.post_attn_norm(x))
+        if self.mlp_out_norm is not None:
+            m = self.mlp_out_norm(m)
+        return x + m, cache
 
 
 class CausalLM(nnx.Module):
@@ -215,7 +263,7 @@ class CausalLM(nnx.Module):
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype).name
         self.checkpoint_info = None  # afpq_jax's CheckpointInfo: set by load / quantize_pretrained, used by save
-        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs, scale=cfg.embed_scale)
         self.embed_norm = _norm(cfg, dtype) if cfg.embed_norm else None
         self.layers = nnx.List([Block(cfg, i, quant, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
         self.final_norm = _norm(cfg, dtype)
@@ -232,7 +280,7 @@ class CausalLM(nnx.Module):
             logits = jnp.einsum("bse,ve->bsv", x, self.embed.weight.get_value(), preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(x)
-        return logits.astype(jnp.float32)
+        return softcap(logits.astype(jnp.float32), self.cfg.final_softcap)
 
     def __call__(self, input_ids: jax.Array, *, remat: bool = False) -> jax.Array:
         """``remat``: recompute each block's activations in the backward pass (training memory: one block's
@@ -320,7 +368,7 @@ def block_linears(block: Block) -> dict[str, QuantDense]:
 def linear_paths(cfg: ModelConfig) -> list[str]:
     """Paths of all linear layers of an architecture, in forward order."""
     attn = ["qkv_proj"] if cfg.fused_qkv else ["q_proj", "k_proj", "v_proj"]
-    mlp = (["gate_proj"] if cfg.mlp == "swiglu" else []) + ["up_proj", "down_proj"]
+    mlp = (["gate_proj"] if cfg.gated_mlp else []) + ["up_proj", "down_proj"]
     paths = []
     for i in range(cfg.num_layers):
         paths += [f"layers.{i}.attn.{n}" for n in attn + ["o_proj"]]
