@@ -285,6 +285,76 @@ def write_tiny_llama(
     return path
 
 
+# llama.cpp's names of the other architectures' block tensors (its convert_hf_to_gguf.py / tensor_mapping.py)
+TO_GGUF_FAMILY = {
+    "qwen2": TO_GGUF,
+    "qwen3": {**TO_GGUF, "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},
+    "gemma3": {**TO_GGUF, "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+               "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+               "post_feedforward_layernorm": "post_ffw_norm"},
+}
+
+
+def write_family_gguf(path: Path, hf_dir: Path, arch: str) -> Path:
+    """The HF checkpoint ``hf_dir`` (a qwen2 / qwen3 / gemma3_text fixture) written as llama.cpp's converter
+    writes it: its names, q/k rows as HF has them (NeoX rotary), Gemma's norm weights plus one, the metadata
+    keys it records (not Gemma's layer pattern, local RoPE base or attention scale: llama.cpp hard-codes them).
+    Embeddings as Q8_0, the first down_proj as F16 (dequantized on load); the rest float32."""
+    import json
+
+    from safetensors.numpy import load_file
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    weights = load_file(hf_dir / "model.safetensors")
+    table = TO_GGUF_FAMILY[arch]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    if arch == "gemma3":
+        w.add_sliding_window(cfg["sliding_window"])
+        w.add_rope_freq_base(cfg["rope_parameters"]["full_attention"]["rope_theta"])
+    else:
+        w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(TOKENS)
+    w.add_token_types([3] * len(SPECIALS) + [1] * (len(TOKENS) - len(SPECIALS)))
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    for hf, arr in weights.items():
+        if hf == "model.embed_tokens.weight":
+            name = "token_embd.weight"
+        elif hf == "model.norm.weight":
+            name = "output_norm.weight"
+        elif hf == "lm_head.weight":
+            name = "output.weight"
+        else:
+            _, _, layer, rest = hf.split(".", 3)
+            module, _, kind = rest.rpartition(".")
+            name = f"blk.{layer}.{table[module]}.{kind}"
+        if arch == "gemma3" and hf.endswith("norm.weight"):
+            arr = arr + np.float32(1.0)
+        qtype = Q.Q8_0 if name == "token_embd.weight" else Q.F16 if name == "blk.0.ffn_down.weight" else None
+        if qtype is None:
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def simulated_devices(n: int) -> str:
     """XLA_FLAGS for ``n`` CPU devices. XLA's in-process collectives abort when one device thread is 40 s late at
     a rendezvous, which a loaded 2-core machine can cause (seen: an all-reduce over 4 simulated devices while

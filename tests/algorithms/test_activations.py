@@ -19,7 +19,7 @@ from tests.support import FIXTURES, random_calibration, foldable_float_model
 
 
 # ---- folds ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fixture", ["llama_tied_theta", "llama_gqa", "bloom"])
+@pytest.mark.parametrize("fixture", ["llama_tied_theta", "llama_gqa", "bloom", "gemma3", "qwen3"])
 @pytest.mark.parametrize("kind", ["lae", "smoothquant"])
 def test_equalization_folds_keep_float_logits(fixture, kind):
     model, cfg, ref_npz = foldable_float_model(fixture)

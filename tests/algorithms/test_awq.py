@@ -12,7 +12,7 @@ from afpq_jax._src.algorithms import awq
 from tests.support import FIXTURES, foldable_float_model
 
 
-@pytest.mark.parametrize("fixture", ["llama_tied_theta", "llama_gqa", "bloom"])
+@pytest.mark.parametrize("fixture", ["llama_tied_theta", "llama_gqa", "bloom", "gemma3", "qwen3"])
 def test_awq_scale_folding_keeps_float_logits(fixture):
     model, cfg, ref_npz = foldable_float_model(fixture)
     rng = np.random.default_rng(0)

@@ -192,13 +192,14 @@ def test_truncated_gguf(tmp_path: Path, tiny: tuple[Path, dict[str, np.ndarray],
         read_gguf_config(cut)
 
 
-def test_non_llama_architecture(tmp_path: Path) -> None:
+def test_unsupported_architecture(tmp_path: Path) -> None:
     path = write_tiny_llama(tmp_path / "g.gguf", tiny_hf_weights(np.random.default_rng(4), True), arch="gpt2")
-    with pytest.raises(ValueError, match=r"'gpt2'.*only llama-family"):
+    supported = r"must be one of \['llama', 'qwen2', 'qwen3', 'gemma3'\]"
+    with pytest.raises(ValueError, match=r"'gpt2'.*" + supported):
         read_gguf_config(path)
-    with pytest.raises(ValueError, match="only llama-family"):
+    with pytest.raises(ValueError, match=supported):
         next(iter_gguf_tensors(path))
-    with pytest.raises(ValueError, match="only llama-family"):
+    with pytest.raises(ValueError, match=supported):
         write_hf_tokenizer(path, tmp_path / "tok")
 
 
@@ -238,3 +239,40 @@ def test_slices_equal_the_whole_tensor(tiny: tuple[Path, dict[str, np.ndarray], 
     tensors.read_slice("model.layers.0.mlp.down_proj.weight", (slice(4, 10), slice(None)))
     tensors.read_slice("model.layers.0.self_attn.q_proj.weight", (slice(9, 11), slice(None)))
     assert rows == [6, HEAD_DIM]
+
+
+@pytest.mark.parametrize("fixture,arch", [("gemma3", "gemma3"), ("qwen2", "qwen2"), ("qwen3", "qwen3")])
+def test_other_architectures_load_as_their_hf_checkpoint(tmp_path: Path, fixture: str, arch: str) -> None:
+    """A GGUF written as llama.cpp writes these architectures loads to the HF fixture's model: every parameter
+    (Gemma's norms less the converter's +1; Q8_0 embeddings and an F16 kernel as gguf dequantizes them) and the
+    config, but for what the GGUF cannot record (Gemma: llama.cpp's fixed layer pattern and attention scale;
+    Qwen's sliding window)."""
+    import dataclasses
+
+    import gguf as gguf_lib
+    from flax import nnx
+
+    import afpq_jax as aq
+    from tests.support import FIXTURES, write_family_gguf
+    path = write_family_gguf(tmp_path / f"{fixture}.gguf", FIXTURES / fixture, arch)
+    got, want = aq.load(path), aq.load(FIXTURES / fixture)
+    expected = want.cfg
+    if arch == "gemma3":
+        expected = dataclasses.replace(
+            expected, model_type="gemma3_text", layer_types=("sliding_attention",) * 3, query_pre_attn_scalar=32,
+            final_softcap=None, rope_scaling=None, max_position_embeddings=128)
+    elif arch == "qwen3":  # llama.cpp records no Qwen sliding window
+        expected = dataclasses.replace(expected, sliding_window=None, layer_types=None)
+    assert got.cfg == expected
+    reader = gguf_lib.GGUFReader(path)
+    stored = {t.name: t for t in reader.tensors}
+    flat_got = dict(nnx.to_flat_state(nnx.state(got)))
+    for key, var in nnx.to_flat_state(nnx.state(want)):
+        a, b = np.asarray(flat_got[key].get_value()), np.asarray(var.get_value())
+        dotted = ".".join(map(str, key))
+        if dotted == "embed.weight":  # Q8_0: gguf's own dequantization of what was written
+            b = gguf_lib.quants.dequantize(stored["token_embd.weight"].data, gguf_lib.GGMLQuantizationType.Q8_0)
+            b = b.reshape(a.shape)
+        atol = 1e-7 if "norm" in dotted else 0  # 1 + w - 1 in float32
+        tol = 2e-3 if dotted == "layers.0.mlp.down_proj.kernel" else atol  # F16
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol, err_msg=dotted)

