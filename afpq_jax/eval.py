@@ -1,7 +1,8 @@
 """`python -m afpq_jax.eval`: perplexity on held-out text and generation (greedy or sampled), for a float model
 (HF directory, GGUF) or a converted afpq-jax checkpoint.
 
-Also the library functions `perplexity` and `generate`.
+Also the library functions `perplexity` and `bos_prefix` (the BOS a model's texts start with; `generate`: the
+root's).
 """
 
 from __future__ import annotations
@@ -14,17 +15,18 @@ import time
 from afpq_jax._src import cli
 from afpq_jax._src.errors import InputError
 from afpq_jax._src.evaluation import default_seq_len, perplexity
+from afpq_jax._src.io.tokenizers import bos_prefix
 from afpq_jax._src.generation import generate
 
-__all__ = ["main", "perplexity"]  # generate: afpq_jax.generate
+__all__ = ["bos_prefix", "main", "perplexity"]  # generate: afpq_jax.generate
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m afpq_jax.eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=cli.HelpFormatter)
     p.add_argument("--model", default=None,
-                   help="converted checkpoint, HF directory, .gguf file or Hub id org/name (needs network; default: "
-                        "SmolLM2-135M-Instruct float)")
+                   help="converted checkpoint, HF directory, .gguf file, Hub id org/name (needs network), or a "
+                        "built-in float model: smollm2-135m-instruct (the default) or gemma3-270m")
     p.add_argument("--text", default=None,
                    help="UTF-8 text file to score (default: the held-out English Wikipedia split)")
     p.add_argument("--seq-len", type=cli.positive_int, default=None,
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         from afpq_jax._src.io.sources import local_path
 
         text = read_text(args.text, "--text") if args.text and not args.no_ppl else None  # before any loading
-        model_path = str(local_path(args.model)) if args.model else str(assets.smollm2_hf_dir())  # a Hub id too
+        # a Hub id too
+        model_path = cli.builtin_model_dir(args.model) if cli.builtin_model(args.model) else str(local_path(args.model))
         if args.seq_len is not None and not args.no_ppl:  # before loading the weights
             context = model_config(model_path).max_seq_len
             if args.seq_len > context:
@@ -87,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             result.update(perplexity(model, ids, seq_len=args.seq_len or default_seq_len(model),
                                      batch_size=args.batch_size, max_windows=args.max_windows,
-                                     progress=not args.no_progress))
+                                     progress=not args.no_progress, bos_token_id=bos_prefix(tok)))
             result["ppl_seconds"] = round(time.perf_counter() - t0, 2)
         if args.prompt:
-            ids = tok(args.prompt, add_special_tokens=False)["input_ids"]
+            ids = tok(args.prompt)["input_ids"]  # with the tokenizer's BOS, if it adds one (Gemma)
             new = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, key=args.seed, eos_token_id=tok.eos_token_id)
             result["prompt"] = args.prompt

@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = aq.SelfGeneratedData()
     p = argparse.ArgumentParser(prog="python -m afpq_jax.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=cli.HelpFormatter)
-    p.add_argument("--model", default=None, help="float model: HF directory, .gguf file or Hub id (default: "
-                                                 "SmolLM2-135M-Instruct from PyPI)")
+    p.add_argument("--model", default=None, help="float model: HF directory, .gguf file, Hub id, or a built-in "
+                                                 "model: smollm2-135m-instruct (the default) or gemma3-270m")
     p.add_argument("--format", default=None, help="code book (default nf3; BitDistiller's 2-bit: int2)")
     p.add_argument("--group-size", type=cli.group_size, default=cli.DEFAULT_GROUP_SIZE,
                    help="'none' = per output channel")
@@ -119,9 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out or f"out/{cli.model_name(model) if model else DEFAULT_MODEL_NAME}-{suffix}-qat-{args.loss}")
         # before hours of training: --out is checked, locked against other runs and held until the end
         with cli.claim_output(out, inputs=[model], overwrite=args.overwrite) as claim:
-            from afpq_jax import assets
-            if model is None:
-                model = str(assets.smollm2_hf_dir())
+            if cli.builtin_model(model):
+                model = cli.builtin_model_dir(model)
                 claim.check_inputs([model])
             if args.checkpoint_dir is not None:  # a directory orbax manages as its own
                 outputs.check_separate(args.checkpoint_dir, [model], "--checkpoint-dir")

@@ -29,6 +29,29 @@ def test_perplexity_matches_numpy():
         perplexity(model, ids[:5], seq_len=12, progress=False)
 
 
+def test_perplexity_with_bos_scores_every_text_token_after_it():
+    """Gemma's protocol: each window is BOS + 11 text tokens, and all 11 are predicted (50 tokens: 4 windows)."""
+    model = aq.load(FIXTURES / "gemma3")
+    ids = np.random.default_rng(1).integers(3, 256, 50).astype(np.int32)
+    got = perplexity(model, ids, seq_len=12, batch_size=3, progress=False, bos_token_id=1)
+    windows = np.concatenate([np.ones((4, 1), np.int32), ids[:44].reshape(4, 11)], axis=1)
+    logits = np.asarray(model(jnp.asarray(windows)), np.float64)[:, :-1]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, windows[:, 1:, None], -1).mean()
+    assert got["windows"] == 4 and got["tokens"] == 44
+    assert got["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
+
+
+def test_calibration_windows_start_with_bos_when_given():
+    from afpq_jax._src.calibration.data import sample_windows
+    ids = np.arange(10, 110, dtype=np.int32)
+    plain, with_bos = sample_windows(ids, 5, 8, seed=3), sample_windows(ids, 5, 8, seed=3, bos_token_id=2)
+    assert plain.shape == with_bos.shape == (5, 8) and np.all(with_bos[:, 0] == 2)
+    for row in (*plain, *with_bos[:, 1:]):  # consecutive text tokens
+        assert np.all(np.diff(row) == 1) and row[0] >= 10
+
+
 def test_library_perplexity_refuses_bad_windows_and_batches():
     model = aq.load(FIXTURES / "llama_gqa")  # context: 128 positions
     ids = np.random.default_rng(0).integers(0, 256, 300).astype(np.int32)

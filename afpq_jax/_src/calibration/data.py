@@ -60,9 +60,11 @@ class Calibration:
         return {"data": data, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                                  if f.name not in ("text", "token_ids", "random")}}
 
-    def windows(self, vocab_size: int, max_seq_len: int, tokenize=None) -> np.ndarray:
+    def windows(self, vocab_size: int, max_seq_len: int, tokenize=None, bos_token_id: int | None = None
+                ) -> np.ndarray:
         """The calibration windows ``(samples, min(seqlen, max_seq_len))`` int32. ``tokenize(text) -> ids`` is
-        needed for ``text``."""
+        needed for ``text``; windows drawn from a text or 1-D ids start with ``bos_token_id`` when it is given
+        (`sample_windows`)."""
         self.validate()
         seqlen = min(self.seqlen, max_seq_len)
         if self.random:
@@ -83,7 +85,7 @@ class Calibration:
                 return ids
         ids = np.asarray(ids).astype(np.int32).reshape(-1)
         _check_ids(ids, vocab_size)
-        return sample_windows(ids, self.samples, seqlen, self.seed)
+        return sample_windows(ids, self.samples, seqlen, self.seed, bos_token_id)
 
 
 def _check_ids(ids: np.ndarray, vocab_size: int) -> None:
@@ -91,11 +93,17 @@ def _check_ids(ids: np.ndarray, vocab_size: int) -> None:
         raise InputError(f"calibration token ids must lie in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
 
 
-def sample_windows(token_ids, samples: int, seqlen: int, seed: int = 0) -> np.ndarray:
-    """``samples`` random windows of ``seqlen`` tokens (as GPTQ/AWQ draw their calibration set)."""
+def sample_windows(token_ids, samples: int, seqlen: int, seed: int = 0, bos_token_id: int | None = None
+                   ) -> np.ndarray:
+    """``samples`` random windows of ``seqlen`` tokens (as GPTQ/AWQ draw their calibration set); with
+    ``bos_token_id``, each is that token and ``seqlen - 1`` tokens of the text."""
     ids = np.asarray(token_ids, np.int32).reshape(-1)
-    if len(ids) <= seqlen:
+    take = seqlen - (bos_token_id is not None)
+    if len(ids) <= take:
         raise InputError(f"calibration text has {len(ids)} tokens, not more than the sequence length {seqlen}; use "
                          f"a longer text or a shorter sequence length")
-    starts = np.random.default_rng(seed).integers(0, len(ids) - seqlen, samples)
-    return np.stack([ids[s:s + seqlen] for s in starts])
+    starts = np.random.default_rng(seed).integers(0, len(ids) - take, samples)
+    windows = np.stack([ids[s:s + take] for s in starts])
+    if bos_token_id is not None:
+        windows = np.concatenate([np.full((samples, 1), bos_token_id, np.int32), windows], axis=1)
+    return windows

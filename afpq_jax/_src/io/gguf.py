@@ -495,8 +495,18 @@ def build_tokenizer(tok_meta: dict[str, Any]) -> Any:
 
 
 def _with_added_tokens(tok: Any, tok_meta: dict[str, Any], tokens: list[str]) -> Any:
-    """``tok`` with the control tokens as special added tokens and the user-defined ones as added tokens."""
-    from tokenizers import AddedToken
+    """``tok`` with the control tokens as special added tokens and the user-defined ones as added tokens, and
+    BOS put in front of every encoded text when ``tokenizer.ggml.add_bos_token`` says so (as the model's own
+    tokenizer.json does: Gemma's, LLaMA 3's)."""
+    from tokenizers import AddedToken, processors
+
+    bos = tok_meta.get("tokenizer.ggml.bos_token_id")
+    if tok_meta.get("tokenizer.ggml.add_bos_token") and isinstance(bos, int) and 0 <= bos < len(tokens):
+        template = processors.TemplateProcessing(single=f"{tokens[bos]}:0 $A:0",
+                                                 pair=f"{tokens[bos]}:0 $A:0 {tokens[bos]}:1 $B:1",
+                                                 special_tokens=[(tokens[bos], bos)])
+        tok.post_processor = template if tok.post_processor is None else processors.Sequence(
+            [tok.post_processor, template])
 
     types = tok_meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     if len(types) != len(tokens):

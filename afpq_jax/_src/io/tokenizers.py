@@ -52,6 +52,19 @@ def tokenize(tokenizer, text: str, chunk_chars: int = 100_000) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
 
 
+def bos_prefix(tokenizer) -> int | None:
+    """The id the tokenizer puts before every text it encodes (its BOS: Gemma's, LLaMA 3's), else None (SmolLM2,
+    Qwen). Windows cut from a long text start with it, as the model saw its documents: Gemma scores its first
+    tokens very differently without it."""
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    return int(ids[0]) if len(ids) == 1 and ids[0] == tokenizer.bos_token_id else None
+
+
+def text_bos(path: str | os.PathLike | None) -> int | None:
+    """`bos_prefix` of the tokenizer at ``path`` (None when the model has none)."""
+    return None if path is None else bos_prefix(load_tokenizer(path))
+
+
 def text_tokenizer(path: str | os.PathLike | None) -> Callable[[str], np.ndarray]:
     """``text -> token ids`` with the tokenizer at ``path`` (loaded when first needed); a one-line error when
     the model has none (``path`` None)."""

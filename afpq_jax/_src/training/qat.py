@@ -24,7 +24,7 @@ from afpq_jax._src.calibration.data import Calibration
 from afpq_jax._src.checkpoint import IN_MEMORY, CheckpointInfo, load
 from afpq_jax._src.errors import InputError
 from afpq_jax._src.io import outputs
-from afpq_jax._src.io.tokenizers import load_tokenizer, text_tokenizer
+from afpq_jax._src.io.tokenizers import load_tokenizer, text_bos, text_tokenizer
 from afpq_jax._src.models import CausalLM, linear_paths
 from afpq_jax._src.scheme import QuantRule, QuantScheme, as_rules, resolve_layout, rules_to_json
 from afpq_jax._src.training import data as qat_data
@@ -74,14 +74,16 @@ def train_qat(model: str | os.PathLike | CausalLM, rules: QuantScheme | QuantRul
         raise InputError("QAT needs calibration data for the clipping init and the self-generated prompts: pass "
                          "calibration=afpq_jax.Calibration(text=...) (or clip=None with data=token ids)")
     calibration_record = None if calibration is None else calibration.options_json()
+    bos = None
     if calibration is not None and calibration.text is not None:  # tokenized once for the clip windows and prompts
         calibration.validate()
         calibration = dataclasses.replace(calibration, text=None,
                                           token_ids=text_tokenizer(tokenizer_path)(calibration.text))
+        bos = text_bos(tokenizer_path)
     windows = None
     if clip is not None:
         clip.validate()
-        windows = calibration.windows(teacher.cfg.vocab_size, teacher.cfg.max_seq_len)
+        windows = calibration.windows(teacher.cfg.vocab_size, teacher.cfg.max_seq_len, bos_token_id=bos)
     if data is None or isinstance(data, SelfGeneratedData):
         gen = data or SelfGeneratedData()
         gen.validate()
