@@ -13,6 +13,8 @@ The root holds the nouns and verbs of the main job; every other public name has 
     (BitDistiller: CAKLD, clipping init, self-generated data) exported to the packed checkpoint.
   QuantDense — the Flax NNX layer (float or packed weight).
   generate — batched greedy / sampled (temperature, top-k, top-p) decoding with a KV cache.
+  evaluate — lm-evaluation-harness tasks on a model (`afpq_jax.lm_eval`; loaded on first use, needs the eval
+    extra).
   AfpqError, InputError, CheckpointError, OutputError, QuantizationError — the errors raised on purpose.
 Submodules: `formats` (code books), `calibration` (the method protocol and registry, taps), `algorithms` (the
 methods' pure math), `training` (QAT building blocks), `kernels` (the fused matmul ops), `eval` (perplexity),
@@ -57,6 +59,9 @@ _MOVED = {name: "formats" for name in ("Format", "available_formats", "get_forma
 
 
 def __getattr__(name: str):
+    if name == "evaluate":  # lm-eval is an optional extra: imported when first asked for
+        from afpq_jax.lm_eval import evaluate
+        return evaluate
     if name in _MOVED:
         home = _MOVED[name]
         _warnings.warn(f"afpq_jax.{name} moved to afpq_jax.{home}.{name}", DeprecationWarning, stacklevel=2)

@@ -113,7 +113,7 @@ def test_each_public_name_has_one_home():
     homes: dict[str, list[str]] = {}
     for name in ("afpq_jax", "afpq_jax.formats", "afpq_jax.calibration", "afpq_jax.algorithms", "afpq_jax.training",
                  "afpq_jax.kernels", "afpq_jax.eval", "afpq_jax.export", "afpq_jax.assets", "afpq_jax.memory",
-                 "afpq_jax.qwix",
+                 "afpq_jax.qwix", "afpq_jax.lm_eval",
                  "pallas_kernels"):
         module = importlib.import_module(name)
         for public in module.__all__:
