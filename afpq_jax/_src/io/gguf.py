@@ -521,6 +521,19 @@ def _with_added_tokens(tok: Any, tok_meta: dict[str, Any], tokens: list[str]) ->
     return tok
 
 
+def special_tokens(tok_meta: dict[str, Any]) -> dict[str, str]:
+    """``bos_token`` / ``eos_token`` / ``unk_token`` / ``pad_token`` strings of GGUF ``tokenizer.*`` metadata (the
+    ones it names), as transformers' tokenizers take them."""
+    tokens: list[str] = tok_meta["tokenizer.ggml.tokens"]
+    out = {}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        idx = tok_meta.get(f"tokenizer.ggml.{key}")
+        if isinstance(idx, int) and 0 <= idx < len(tokens):
+            out[name] = tokens[idx]
+    return out
+
+
 def write_hf_tokenizer(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> list[Path]:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` (plus
     ``chat_template.jinja`` when the GGUF has one) so ``AutoTokenizer.from_pretrained(out_dir)``
@@ -531,19 +544,7 @@ def write_hf_tokenizer(gguf_path: str | os.PathLike[str], out_dir: str | os.Path
     _architecture(gguf, p)
     meta = {k: v for k, v in gguf.metadata.items() if k.startswith("tokenizer.")}
     tok = build_tokenizer(meta)
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-
-    def token_for(key: str) -> str | None:
-        idx = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[idx] if idx is not None and 0 <= idx < len(tokens) else None
-
-    specials = {
-        "bos_token": token_for("bos_token_id"),
-        "eos_token": token_for("eos_token_id"),
-        "unk_token": token_for("unknown_token_id"),
-        "pad_token": token_for("padding_token_id"),
-    }
-    specials = {k: v for k, v in specials.items() if v is not None}
+    specials = special_tokens(meta)
     ctx = next((v for k, v in gguf.metadata.items() if k.endswith(".context_length")), None)
     tok_config: dict[str, Any] = {
         # The generic fast class: it loads tokenizer.json as-is (GPT2Tokenizer would replace

@@ -22,8 +22,8 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     p = Path(path)
     if p.is_file():
         from afpq_jax._src.io import gguf as gguf_io
-        tok = gguf_io.build_tokenizer(gguf_io.read_gguf_tokenizer_metadata(p))
-        return PreTrainedTokenizerFast(tokenizer_object=tok)
+        meta = gguf_io.read_gguf_tokenizer_metadata(p)
+        return PreTrainedTokenizerFast(tokenizer_object=gguf_io.build_tokenizer(meta), **gguf_io.special_tokens(meta))
     if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise CheckpointError(f"{p} has no tokenizer files (tokenizer.json / tokenizer.model); copy them from the "
                               f"original model")
