@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -180,3 +184,26 @@ def test_three_bit_files_of_releases_before_0_18_are_read():
         np.testing.assert_array_equal(np.asarray(back.codes), np.asarray(qt.codes))
     back, _ = ct.decode_layer(tensors, scheme, "pack-quantized", dtype="float32", where="layer", version="0.20.1")
     np.testing.assert_array_equal(np.asarray(back.codes), np.asarray(qt.codes))
+
+
+LIBRARY = Path(__file__).resolve().parents[1] / "fixtures" / "compressed_tensors"
+LIBRARY_CASES = json.loads((LIBRARY / "cases.json").read_text())["cases"]
+
+
+@pytest.mark.parametrize("name", sorted(LIBRARY_CASES))
+def test_layers_compressed_by_the_library_itself_read_as_it_decompresses_them(name):
+    """compressed-tensors 0.20.1's own compressors wrote these layers and decompressed them again
+    (scripts/make_compressed_tensors_fixtures.py): our reader, from the compressed tensors alone, gives the
+    library's weights bit for bit. Its NVFP4 decompressor works in bfloat16 (the dtype it unpacks FP4 into), so
+    there ours is compared rounded to bfloat16; everywhere else in float32, as it computes."""
+    from afpq_jax._src.io.safetensors_io import SafetensorsFile
+    case = LIBRARY_CASES[name]
+    f = SafetensorsFile(LIBRARY / f"{name}.safetensors")
+    tensors = {k: f.read(k) for k in f.keys()}
+    reference = tensors.pop("reference")
+    qt, perm = ct.decode_layer(tensors, case["weights"], case["format"], dtype="float32", where=name)
+    assert perm is None
+    got = np.asarray(aq.dequantize(qt), np.float32).T  # ours is (in, out)
+    if case["format"] == "nvfp4-pack-quantized":
+        got = got.astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(got, reference)
