@@ -9,7 +9,9 @@ vLLM reads) and decompressed again by the same compressor. Written to
 (``weight_packed``, ``weight_scale``, ``weight_zero_point``, ``weight_shape``, ``weight_global_scale``) and
 ``reference`` (the library's decompressed weight, float32), plus ``cases.json`` (each case's ``weights``
 quantization args and format, as a config group holds them). afpq-jax's reader must give ``reference`` from the
-compressed tensors alone.
+compressed tensors alone. The other direction: the layers our encoder wrote into ``ours/``
+(scripts/export_compressed_tensors_layers.py, run first in the project's .venv) are decompressed by the library
+into ``ours/<case>.reference.safetensors``.
 
 How to run (torch must NOT go into the project's .venv; see tests/fixtures/README.md)::
 
@@ -32,7 +34,7 @@ from compressed_tensors.compressors.pack_quantized.base import PackedQuantizatio
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "compressed_tensors"
 N, K = 40, 128  # out, in: small, whole groups for every group size below
@@ -92,6 +94,24 @@ def main() -> None:
         cases[name] = _case(name, 100 + i, args, compressor, fmt)
     meta = {"torch": torch.__version__, "compressed_tensors": compressed_tensors.__version__, "cases": cases}
     (OUT / "cases.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    read_ours()
+
+
+def read_ours() -> None:
+    """Our encoder's layers (``ours/``, from scripts/export_compressed_tensors_layers.py) decompressed by the
+    library: ``ours/<case>.reference.safetensors`` holds its weight (float32)."""
+    ours = OUT / "ours"
+    if not (ours / "cases.json").exists():
+        print("no ours/cases.json: run scripts/export_compressed_tensors_layers.py in the project's .venv first")
+        return
+    compressors = {"pack-quantized": PackedQuantizationCompressor, "nvfp4-pack-quantized": NVFP4PackedCompressor,
+                   "mxfp4-pack-quantized": MXFP4PackedCompressor}
+    for name, case in json.loads((ours / "cases.json").read_text()).items():
+        tensors = load_file(str(ours / f"{name}.safetensors"))
+        scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**case["weights"]))
+        weight = compressors[case["format"]].decompress(dict(tensors), scheme)["weight"].to(torch.float32)
+        save_file({"reference": weight.contiguous()}, str(ours / f"{name}.reference.safetensors"))
+        print(f"ours/{name}: decompressed by the library {tuple(weight.shape)}")
 
 
 if __name__ == "__main__":

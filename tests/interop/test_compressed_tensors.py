@@ -207,3 +207,29 @@ def test_layers_compressed_by_the_library_itself_read_as_it_decompresses_them(na
     if case["format"] == "nvfp4-pack-quantized":
         got = got.astype(ml_dtypes.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(got, reference)
+
+
+OURS_CASES = json.loads((LIBRARY / "ours" / "cases.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(OURS_CASES))
+def test_layers_we_write_are_decompressed_by_the_library_to_our_weights(name):
+    """The other direction: layers our encoder wrote (scripts/export_compressed_tensors_layers.py), decompressed
+    by compressed-tensors 0.20.1 itself, give our weights (NVFP4: bfloat16, as the library computes it); and
+    today's encoder writes those bytes again from the layer they decode to."""
+    from afpq_jax._src.io.safetensors_io import SafetensorsFile
+    case = OURS_CASES[name]
+    f = SafetensorsFile(LIBRARY / "ours" / f"{name}.safetensors")
+    stored = {k: f.read(k) for k in f.keys()}
+    reference = SafetensorsFile(LIBRARY / "ours" / f"{name}.reference.safetensors").read("reference")
+    qt, _ = ct.decode_layer(stored, case["weights"], case["format"], dtype="float32", where=name)
+    assert ct.weights_scheme(qt) == case["weights"] and ct.layer_format(qt) == case["format"]
+    again = ct.encode_layer(qt)
+    assert again.keys() == stored.keys()
+    for key in stored:
+        assert again[key].dtype == stored[key].dtype and np.array_equal(again[key].view(np.uint8),
+                                                                        stored[key].view(np.uint8)), key
+    got = np.asarray(aq.dequantize(qt), np.float32).T
+    if case["format"] == "nvfp4-pack-quantized":
+        got = got.astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(got, reference)
