@@ -171,6 +171,22 @@ def test_shards_index_and_bloom_names(tmp_path):
     _same_logits(model, tmp_path / "b")
 
 
+@pytest.mark.parametrize("fixture,target", [("gemma3", "compressed-tensors"), ("qwen3", "gptq")])
+def test_other_families_travel_under_their_hf_names(tmp_path, fixture, target):
+    """Gemma 3's four norms and q/k norms and Qwen3's q/k norms go out under transformers' names and come back
+    to the same logits."""
+    model = _quantized(INT4, fixture)
+    export_cli.export(model, tmp_path / "out", format=target)
+    ids = jnp.asarray(np.load(FIXTURES / fixture / "reference.npz")["input_ids"])
+    back = aq.load(tmp_path / "out")
+    np.testing.assert_array_equal(np.asarray(back(ids)), np.asarray(model(ids)))
+    names = SafetensorsFile(tmp_path / "out" / "model.safetensors").keys()
+    assert "model.layers.0.self_attn.k_norm.weight" in names
+    if fixture == "gemma3":
+        assert {"model.layers.2.pre_feedforward_layernorm.weight", "model.layers.2.post_feedforward_layernorm.weight",
+                "model.layers.2.mlp.gate_proj.weight_packed"} <= set(names)
+
+
 def test_static_int8_activations_travel_with_their_input_scale(tmp_path):
     model = _quantized(aq.QuantScheme.create("int4", group_size=32, asym=False))
     model.layers[0].mlp.up_proj.set_activation_quant(8, "static", input_scale=0.05)
