@@ -71,7 +71,7 @@ def real_text() -> tuple[str, str]:
 # xdist hands tests out in collection order; a long test collected last keeps one worker busy while the other
 # idles (the cold run of 26605c2: 829 s wall for 1,610 s of tests over two workers, 24 s of tail).
 _LONG_FIRST = ("tests/test_smollm2.py", "tests/test_sharding.py", "tests/test_benchmarks.py",
-               "tests/test_interrupts.py", "tests/test_public_api.py")
+               "tests/test_interrupts.py", "tests/test_public_api.py", "tests/models/test_gemma3_real.py")
 
 
 def pytest_collection_modifyitems(items):
