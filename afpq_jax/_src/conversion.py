@@ -103,6 +103,7 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
         if calibration is None:
             raise InputError(f"method {m.name!r} needs calibration data: pass calibration=afpq_jax.Calibration("
                              f"text=...) (afpq_jax.assets.wiki_text() is the Wikipedia split the CLI uses)")
+        calibration.validate()  # its own errors before the tokenizer's
         bos = text_bos(info.tokenizer_path) if calibration.text is not None else None
         windows = calibration.windows(cfg.vocab_size, cfg.max_seq_len, text_tokenizer(info.tokenizer_path), bos)
     qcfg = m.prepare_config(cfg)
