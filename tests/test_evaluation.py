@@ -14,15 +14,19 @@ from afpq_jax._src.models import CausalLM, config_from_hf
 from tests.support import FIXTURES, fixture_config
 
 
+def _numpy_nll(model, windows: np.ndarray) -> float:
+    """Mean NLL of each window's tokens 1..L-1 given the ones before, in float64 numpy from the model's logits."""
+    logits = np.asarray(model(jnp.asarray(windows)), np.float64)[:, :-1]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    return float(-np.take_along_axis(logp, windows[:, 1:, None], -1).mean())
+
+
 def test_perplexity_matches_numpy():
     model = aq.load(FIXTURES / "llama_gqa")
     ids = np.random.default_rng(0).integers(0, 256, 50).astype(np.int32)
     got = perplexity(model, ids, seq_len=12, batch_size=2, progress=False)
-    windows = ids[:48].reshape(4, 12)
-    logits = np.asarray(model(jnp.asarray(windows)), np.float64)[:, :-1]
-    logp = logits - logits.max(-1, keepdims=True)
-    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(logp, windows[:, 1:, None], -1).mean()
+    nll = _numpy_nll(model, ids[:48].reshape(4, 12))
     assert got["windows"] == 4 and got["tokens"] == 44
     assert got["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
     with pytest.raises(ValueError, match="fewer than one window"):
@@ -34,11 +38,7 @@ def test_perplexity_with_bos_scores_every_text_token_after_it():
     model = aq.load(FIXTURES / "gemma3")
     ids = np.random.default_rng(1).integers(3, 256, 50).astype(np.int32)
     got = perplexity(model, ids, seq_len=12, batch_size=3, progress=False, bos_token_id=1)
-    windows = np.concatenate([np.ones((4, 1), np.int32), ids[:44].reshape(4, 11)], axis=1)
-    logits = np.asarray(model(jnp.asarray(windows)), np.float64)[:, :-1]
-    logp = logits - logits.max(-1, keepdims=True)
-    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(logp, windows[:, 1:, None], -1).mean()
+    nll = _numpy_nll(model, np.concatenate([np.ones((4, 1), np.int32), ids[:44].reshape(4, 11)], axis=1))
     assert got["windows"] == 4 and got["tokens"] == 44
     assert got["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
 
