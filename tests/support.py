@@ -14,6 +14,7 @@ from pathlib import Path
 import gguf
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import afpq_jax as aq
 from afpq_jax import QuantRule, QuantScheme
@@ -353,6 +354,17 @@ def write_family_gguf(path: Path, hf_dir: Path, arch: str) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def logits(model, ids) -> np.ndarray:
+    """``model(ids)`` compiled as one program (`_jit_forward`): an eager forward compiles every op separately,
+    seconds on a cold cache even for the tiny fixtures."""
+    return np.asarray(_jit_forward(model, jnp.asarray(ids)))
+
+
+@nnx.jit
+def _jit_forward(model, ids):
+    return model(ids)
 
 
 def simulated_devices(n: int) -> str:

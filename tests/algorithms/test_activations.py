@@ -15,7 +15,7 @@ from afpq_jax._src.io.sources import open_source
 from afpq_jax._src.loading import CheckpointWeights, load_float
 from afpq_jax._src.models import config_from_hf
 from afpq_jax.algorithms import fold_scale, scaling_groups, tie_heads
-from tests.support import FIXTURES, random_calibration, foldable_float_model
+from tests.support import FIXTURES, foldable_float_model, logits, random_calibration
 
 
 # ---- folds ------------------------------------------------------------------------------------------------
@@ -37,8 +37,7 @@ def test_equalization_folds_keep_float_logits(fixture, kind):
                 wmax = jnp.max(jnp.abs(fold_kernel(layer, group)), axis=1)
                 s = tie_heads(act_lib.smoothquant_scales(tie_heads(amax, group), wmax, 0.5), group)
             fold_scale(layer, group, s)
-    logits = np.asarray(model(jnp.asarray(ref_npz["input_ids"])))
-    np.testing.assert_allclose(logits, ref_npz["logits"], atol=1e-4)
+    np.testing.assert_allclose(logits(model, ref_npz["input_ids"]), ref_npz["logits"], atol=1e-4)
 
 
 def fold_kernel(block, group):

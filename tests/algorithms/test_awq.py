@@ -9,7 +9,7 @@ import pytest
 import afpq_jax as aq
 from afpq_jax import QuantScheme
 from afpq_jax._src.algorithms import awq
-from tests.support import FIXTURES, foldable_float_model
+from tests.support import FIXTURES, foldable_float_model, logits
 
 
 @pytest.mark.parametrize("fixture", ["llama_tied_theta", "llama_gqa", "bloom", "gemma3", "qwen3"])
@@ -22,8 +22,7 @@ def test_awq_scale_folding_keeps_float_logits(fixture):
         for group in groups:
             n_in = awq.get_path(layer, group.layers[0]).in_features
             awq.fold_scale(layer, group, jnp.asarray(rng.uniform(0.25, 4.0, n_in), jnp.float32))
-    logits = np.asarray(model(jnp.asarray(ref_npz["input_ids"])))
-    np.testing.assert_allclose(logits, ref_npz["logits"], atol=1e-4)
+    np.testing.assert_allclose(logits(model, ref_npz["input_ids"]), ref_npz["logits"], atol=1e-4)
 
 
 def test_awq_search_includes_rtn_and_prefers_it_only_if_nothing_is_better():

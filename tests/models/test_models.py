@@ -5,9 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import afpq_jax as aq
-from tests.support import FIXTURES
+from tests.support import FIXTURES, logits
 
 TORCH_FIXTURES = ["llama_gqa", "llama_tied_theta", "llama3_rope", "llama_sharded", "bloom", "gemma3", "qwen2",
                   "qwen3"]
@@ -17,15 +18,15 @@ TORCH_FIXTURES = ["llama_gqa", "llama_tied_theta", "llama3_rope", "llama_sharded
 def test_logits_match_pytorch_transformers(name):
     ref = np.load(FIXTURES / name / "reference.npz")
     model = aq.load(FIXTURES / name)
-    logits = model(jnp.asarray(ref["input_ids"]))
-    assert logits.dtype == jnp.float32 and logits.shape == ref["logits"].shape
-    np.testing.assert_allclose(np.asarray(logits), ref["logits"], rtol=0, atol=1e-4)
+    got = logits(model, ref["input_ids"])
+    assert got.dtype == np.float32 and got.shape == ref["logits"].shape
+    np.testing.assert_allclose(got, ref["logits"], rtol=0, atol=1e-4)
 
 
 def test_hf_flax_msgpack_weights_match():
     ref = np.load(FIXTURES / "llama_gqa" / "reference.npz")  # same weights, transformers-4 Flax format
     model = aq.load(FIXTURES / "llama_flax")
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ref["input_ids"]))), ref["logits"], atol=1e-4)
+    np.testing.assert_allclose(logits(model, ref["input_ids"]), ref["logits"], atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "bloom", "gemma3"])
@@ -34,10 +35,11 @@ def test_kv_cache_matches_full_forward(name):
     model = aq.load(FIXTURES / name)
     ids = jnp.asarray(ref["input_ids"])
     cache = model.init_cache(ids.shape[0], ids.shape[1] + 4)
+    step = nnx.jit(lambda m, x, c, start: m.forward_with_cache(x, c, start))  # one program a shape, not an op
     chunks = []
     for start, stop in [(0, 7), (7, 8), (8, ids.shape[1])]:  # prefill, one token, the rest
-        logits, cache = model.forward_with_cache(ids[:, start:stop], cache, start)
-        chunks.append(np.asarray(logits))
+        out, cache = step(model, ids[:, start:stop], cache, start)
+        chunks.append(np.asarray(out))
     np.testing.assert_allclose(np.concatenate(chunks, axis=1), ref["logits"], atol=1e-4)
 
 
@@ -49,8 +51,9 @@ def test_chunked_causal_attention_equals_one_whole_window(name):
     model = aq.load(FIXTURES / name)
     ids = jnp.asarray(np.random.default_rng(3).integers(0, model.cfg.vocab_size, (2, 300)), jnp.int32)
     assert query_chunk(300) < 300 and 300 % query_chunk(300)
-    whole, _ = model.forward_with_cache(ids, model.init_cache(2, 300), 0)
-    np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(whole), rtol=0, atol=2e-5)
+    whole, _ = nnx.jit(lambda m, x: m.forward_with_cache(x, m.init_cache(2, 300), 0))(model, ids)
+    chunked = nnx.jit(lambda m, x: m(x))(model, ids)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=0, atol=2e-5)
 
 
 def test_family_configs_read_what_transformers_built():
