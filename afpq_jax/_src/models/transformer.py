@@ -96,9 +96,10 @@ class Embedding(nnx.Module):
 
 
 def _norm(cfg: ModelConfig, dtype, dim: int | None = None):
+    """The family's norm over ``dim`` features (default: hidden_size; head_dim for q/k norms)."""
     if cfg.norm == "rms":
         return RMSNorm(dim or cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype, plus_one=cfg.norm_plus_one)
-    return LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
+    return LayerNorm(dim or cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
