@@ -13,14 +13,13 @@ from pathlib import Path
 
 import afpq_jax as aq
 from afpq_jax._src import cli
+from afpq_jax._src.assets import DEFAULT_MODEL
 from afpq_jax._src.checkpoint import model_config
 from afpq_jax._src.conversion import resolve_method
 from afpq_jax._src.calibration.progress import discard_empty_progress, discard_progress
 from afpq_jax._src.io import outputs
 from afpq_jax._src.io.files import read_text
 from afpq_jax._src.errors import InputError, InputNotFoundError
-
-DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         if activations is not None:
             suffix += f"-a{activations.bits}{activations.scheme}"
         model = args.model
-        name = cli.model_name(model) if model else DEFAULT_MODEL_NAME
+        name = cli.model_name(model) if model else DEFAULT_MODEL
         out = Path(args.out or f"out/{name}-{suffix}")
         # before reading gigabytes: --out is checked, locked against other runs and held until the end
         with cli.claim_output(out, inputs=[model], overwrite=args.overwrite) as claim:

@@ -19,13 +19,12 @@ import numpy as np
 
 import afpq_jax as aq
 from afpq_jax._src import cli
+from afpq_jax._src.assets import DEFAULT_MODEL
 from afpq_jax._src.io import outputs
 from afpq_jax._src.io.files import read_text, require_file
 from afpq_jax._src.errors import InputError, InputNotFoundError
 from afpq_jax._src.training import losses
 from afpq_jax._src.training.trainer import SCHEDULES
-
-DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputNotFoundError(f"nothing to resume: --checkpoint-dir {args.checkpoint_dir} does not exist; "
                                      f"pass the directory of the run to continue")
         model = args.model
-        out = Path(args.out or f"out/{cli.model_name(model) if model else DEFAULT_MODEL_NAME}-{suffix}-qat-{args.loss}")
+        out = Path(args.out or f"out/{cli.model_name(model) if model else DEFAULT_MODEL}-{suffix}-qat-{args.loss}")
         # before hours of training: --out is checked, locked against other runs and held until the end
         with cli.claim_output(out, inputs=[model], overwrite=args.overwrite) as claim:
             if cli.builtin_model(model):

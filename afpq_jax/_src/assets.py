@@ -237,6 +237,7 @@ def _hf_dir(gguf_path: Path, final: Path) -> Path:
 
 #: The models ``--model NAME`` names, each a function giving its cached Hugging Face directory.
 BUILTIN_MODELS = {"smollm2-135m-instruct": smollm2_hf_dir, "gemma3-270m": gemma3_hf_dir}
+DEFAULT_MODEL = "smollm2-135m-instruct"  # --model absent
 
 
 # ---- text: wiki markup ----------------------------------------------------------------------

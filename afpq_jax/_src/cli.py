@@ -100,8 +100,8 @@ def builtin_model(model: str | None) -> bool:
 def builtin_model_dir(model: str | None) -> str:
     """The Hugging Face directory of built-in model ``model`` (`builtin_model`), fetched and converted on first
     use."""
-    from afpq_jax._src.assets import BUILTIN_MODELS, smollm2_hf_dir
-    return str(smollm2_hf_dir() if model is None else BUILTIN_MODELS[model]())
+    from afpq_jax._src.assets import BUILTIN_MODELS, DEFAULT_MODEL
+    return str(BUILTIN_MODELS[model or DEFAULT_MODEL]())
 
 
 def model_name(model: str) -> str:

@@ -29,7 +29,7 @@ from afpq_jax._src.calibration.timer import PhaseTimer
 from afpq_jax._src.checkpoint import IN_MEMORY, CheckpointInfo
 from afpq_jax._src.errors import ArgumentTypeError, InputError
 from afpq_jax._src.io import sources
-from afpq_jax._src.io.tokenizers import text_bos, text_tokenizer
+from afpq_jax._src.io.tokenizers import TextTokenizer
 from afpq_jax._src.loading import CheckpointWeights, ModelWeights
 from afpq_jax._src.models import CausalLM, config_from_hf, linear_paths
 from afpq_jax._src.scheme import QuantRule, QuantScheme, as_rules, resolve_layout, rules_to_json
@@ -104,8 +104,9 @@ def quantize_pretrained(model: str | os.PathLike | CausalLM, rules: QuantScheme 
             raise InputError(f"method {m.name!r} needs calibration data: pass calibration=afpq_jax.Calibration("
                              f"text=...) (afpq_jax.assets.wiki_text() is the Wikipedia split the CLI uses)")
         calibration.validate()  # its own errors before the tokenizer's
-        bos = text_bos(info.tokenizer_path) if calibration.text is not None else None
-        windows = calibration.windows(cfg.vocab_size, cfg.max_seq_len, text_tokenizer(info.tokenizer_path), bos)
+        tokenizer = TextTokenizer(info.tokenizer_path)
+        bos = tokenizer.bos_token_id if calibration.text is not None else None
+        windows = calibration.windows(cfg.vocab_size, cfg.max_seq_len, tokenizer, bos)
     qcfg = m.prepare_config(cfg)
     store = None
     if progress_dir is not None and jax.process_count() > 1:

@@ -4,7 +4,6 @@ tokenization. Damaged tokenizer files are one-line `CheckpointError`s naming the
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,19 +59,26 @@ def bos_prefix(tokenizer) -> int | None:
     return int(ids[0]) if len(ids) == 1 and ids[0] == tokenizer.bos_token_id else None
 
 
-def text_bos(path: str | os.PathLike | None) -> int | None:
-    """`bos_prefix` of the tokenizer at ``path`` (None when the model has none)."""
-    return None if path is None else bos_prefix(load_tokenizer(path))
+class TextTokenizer:
+    """``text -> token ids`` (`tokenize`) with the tokenizer at ``path``, loaded once, when first needed; a
+    one-line error when the model has none (``path`` None). ``bos_token_id``: its `bos_prefix` (None without
+    a tokenizer)."""
 
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = path
+        self._tokenizer: Any = None
 
-def text_tokenizer(path: str | os.PathLike | None) -> Callable[[str], np.ndarray]:
-    """``text -> token ids`` with the tokenizer at ``path`` (loaded when first needed); a one-line error when
-    the model has none (``path`` None)."""
-
-    def tokenize_text(text: str) -> np.ndarray:
-        if path is None:
+    def _loaded(self) -> Any:
+        if self.path is None:
             raise InputError("calibration text needs the model's tokenizer, and this model has none; pass "
                              "Calibration(token_ids=...) or Calibration(random=True)")
-        return tokenize(load_tokenizer(path), text)
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.path)
+        return self._tokenizer
 
-    return tokenize_text
+    def __call__(self, text: str) -> np.ndarray:
+        return tokenize(self._loaded(), text)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return None if self.path is None else bos_prefix(self._loaded())

@@ -24,7 +24,7 @@ from afpq_jax._src.calibration.data import Calibration
 from afpq_jax._src.checkpoint import IN_MEMORY, CheckpointInfo, load
 from afpq_jax._src.errors import InputError
 from afpq_jax._src.io import outputs
-from afpq_jax._src.io.tokenizers import load_tokenizer, text_bos, text_tokenizer
+from afpq_jax._src.io.tokenizers import TextTokenizer, load_tokenizer
 from afpq_jax._src.models import CausalLM, linear_paths
 from afpq_jax._src.scheme import QuantRule, QuantScheme, as_rules, resolve_layout, rules_to_json
 from afpq_jax._src.training import data as qat_data
@@ -77,9 +77,9 @@ def train_qat(model: str | os.PathLike | CausalLM, rules: QuantScheme | QuantRul
     bos = None
     if calibration is not None and calibration.text is not None:  # tokenized once for the clip windows and prompts
         calibration.validate()
-        calibration = dataclasses.replace(calibration, text=None,
-                                          token_ids=text_tokenizer(tokenizer_path)(calibration.text))
-        bos = text_bos(tokenizer_path)
+        tokenizer = TextTokenizer(tokenizer_path)
+        calibration = dataclasses.replace(calibration, text=None, token_ids=tokenizer(calibration.text))
+        bos = tokenizer.bos_token_id
     windows = None
     if clip is not None:
         clip.validate()
