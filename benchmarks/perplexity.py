@@ -1,7 +1,7 @@
-"""SmolLM2-135M perplexity on the held-out Wikipedia split: every perplexity table of the README, one driver.
+"""Perplexity on the held-out Wikipedia split: every perplexity table of the README, one driver.
 
     python -m benchmarks.perplexity TABLE [--rows KEY,KEY] [--report] [--model DIR] [--seq-len 2048]
-        [--max-windows 8] [--calib-samples 128] [--calib-seqlen 512] [--out FILE] [--via-cli]
+        [--max-windows N] [--calib-samples N] [--calib-seqlen 512] [--out FILE] [--via-cli]
 
 Tables (each is data: its rows, its results file, how its results are laid out as markdown):
   rtn      float vs RTN in the layout of AFPQ's Table 1 (rows INT4, NF4-sym, NF4-asym, FP4-sym, FP4-asym, INT3,
@@ -25,14 +25,22 @@ Tables (each is data: its rows, its results file, how its results are laid out a
            float8_e8m0fnu scales), sym and AFPQ-asym, beside FP4 E2M1 g128 with fp16 scales, under RTN / GPTQ /
            AWQ, with the measured bits per weight. Row keys ``METHOD:nvfp4|mxfp4|fp4-g128:sym|asym``; without
            --rows the RTN rows. Results: results/ppl_micro.jsonl.
+  gemma3   Gemma 3 270M (the built-in gemma3-270m), the SmolLM2 tables in one: float; RTN INT4 / NF4 / FP4 / NF3
+           sym vs asym; GPTQ and AWQ + clip at 3 bits (NF3 sym / asym; INT3 and FP3 rows on request); W4A8
+           (INT4-asym and FP4-asym RTN weights with the paper's FPTQ thresholds and the relative rule), all at
+           g128. Row keys ``METHOD:FORMAT:sym|asym`` and ``METHOD:FORMAT:asym:ACTIVATIONS`` (``rtn:int4:asym:fptq``).
+           Windows start with Gemma's BOS (``seq_len - 1`` text tokens each); 4 windows and 64 calibration
+           samples by default (a Gemma forward over 2,048 tokens costs ~4x SmolLM2's here: its 262k vocabulary).
+           Results: results/ppl_gemma3.jsonl.
 
 ``--rows`` takes keys or shell patterns (``'gptq:*'``, ``'*:nf3:asym'``); without it a table runs its default
 rows. Every quantized layer is a decoder-block linear (embeddings / tied lm_head stay float), fp16 scales
 (but for the micro table's float8 scales).
 
 Protocol (all tables): the held-out Wikipedia split (disjoint from calibration), seq 2048, the first 8 windows
-(`afpq_jax.eval.perplexity`); calibration `afpq_jax.Calibration(text=<Wikipedia calibration split>, samples=128,
-seqlen=512, seed=0)` (GPTQ / AWQ, and the activation statistics of W4A8 rows). Each row is converted with
+(`afpq_jax.eval.perplexity`; the table's own count where it sets one), each led by the tokenizer's BOS where it
+puts one before every text (`afpq_jax.eval.bos_prefix`: Gemma; SmolLM2 has none); calibration
+`afpq_jax.Calibration(text=<Wikipedia calibration split>, samples=128, seqlen=512, seed=0)` (GPTQ / AWQ, and the activation statistics of W4A8 rows). Each row is converted with
 `afpq_jax.quantize_pretrained` in memory (what ``python -m afpq_jax.convert`` writes) — RTN rows too: the older
 RTN driver swapped `afpq_jax.fake_quant` values into one float model's kernels, which dequantize bit for bit to
 the same weights (the W4A8 int4:rtn:a16 row reproduced its INT4 g128 perplexity to the last digit), but a
@@ -68,7 +76,7 @@ from typing import Any
 
 import afpq_jax as aq
 from afpq_jax import assets
-from afpq_jax.eval import perplexity
+from afpq_jax.eval import bos_prefix, perplexity
 from benchmarks.experiment import Results, commit, format_label, heldout_ids
 
 # ---- rows and tables ------------------------------------------------------------------------------------------
@@ -145,12 +153,18 @@ class Table:
     default_rows: tuple[str, ...] | None = None
     also: tuple[str, ...] = ()
     extra: Callable[[aq.CausalLM], dict] | None = None
+    model: str = "smollm2-135m-instruct"  # a key of `assets.BUILTIN_MODELS`
+    max_windows: int = 8
+    calib_samples: int = 128
 
     def row(self, key: str) -> Row:
         return {r.key: r for r in self.rows}[key]
 
     def key(self, record: dict) -> str | None:
-        """The row a results record (new or old format) belongs to; None if it is not one of this table's."""
+        """The row a results record (new or old format) belongs to; None if it is not one of this table's (or
+        measured another model: records before the ``model`` field are SmolLM2's)."""
+        if record.get("model", "smollm2-135m-instruct") != self.model:
+            return None
         if record.get("table") == self.name and record.get("row") in {r.key for r in self.rows}:
             return record["row"]
         config = record_config(record)
@@ -338,7 +352,67 @@ MICRO = Table(
                for w, make in MICRO_WEIGHTS.items() for asym in (False, True) for m in METHODS),
     default_rows=tuple(_micro_key("rtn", w, asym) for w in MICRO_WEIGHTS for asym in (False, True)))
 
-TABLES: dict[str, Table] = {t.name: t for t in (RTN, METHODS_TABLE, W4A8, MICRO)}
+# gemma3: the SmolLM2 tables' headline rows on Gemma 3 270M
+GEMMA_RTN_FORMATS = ["int4", "nf4", "fp4_e2m1", "nf3"]
+GEMMA_3BIT_FORMATS = ["nf3", "int3", "fp3_e2m0"]
+GEMMA_W4A8 = {"fptq": "FPTQ rule, paper thresholds", "fptq-rel": "relative rule"}
+
+
+def _gemma_label(fmt: str, asym: bool) -> str:
+    return f"{fmt.split('_')[0].upper()}-{_sym(asym)}"
+
+
+def _render_gemma3(table: Table, done: dict[str, dict]) -> list[str]:
+    f = done.get("float")
+    head = ("float: not measured yet" if f is None else
+            f"Gemma 3 270M (GGUF Q4_K_M, dequantized), held-out Wikipedia, seq {f['seq_len']} (BOS + "
+            f"{f['seq_len'] - 1} text tokens), {f['windows']} windows ({f['tokens']} predicted tokens). "
+            f"Float: {f['perplexity']:.2f}")
+    lines = ["", head, "", "| RTN g128 | sym | asym | asym vs sym |", "|---|---|---|---|"]
+    for fmt in GEMMA_RTN_FORMATS:
+        sym, asym = (done.get(_method_key("rtn", fmt, a)) for a in (False, True))
+        gain = ("—" if sym is None or asym is None else
+                f"{100 * (asym['perplexity'] / sym['perplexity'] - 1):+.1f}%")
+        lines.append(f"| {fmt.split('_')[0].upper()} | {_ppl(sym)} | {_ppl(asym)} | {gain} |")
+    lines += ["", "| 3-bit g128 | " + " | ".join(m.upper() for m in METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+    for fmt in GEMMA_3BIT_FORMATS:
+        for asym in (False, True):
+            cells = [_ppl(done.get(_method_key(m, fmt, asym))) for m in METHODS]
+            if any(c != "—" for c in cells):
+                lines.append(f"| {_gemma_label(fmt, asym)} | " + " | ".join(cells) + " |")
+    lines += ["", "| W4A8, RTN g128 | W4A16 | " + " | ".join(GEMMA_W4A8.values()) + " |",
+              "|---|---|" + "---|" * len(GEMMA_W4A8)]
+    for fmt in ("int4", "fp4_e2m1"):
+        base = done.get(_method_key("rtn", fmt, True))
+        cells = [_ppl(base)]
+        for acts in GEMMA_W4A8:
+            r = done.get(f"{_method_key('rtn', fmt, True)}:{acts}")
+            cells.append("—" if r is None else _ppl(r) if base is None else
+                         f"{r['perplexity']:.2f} ({100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}%)")
+        lines.append(f"| {_gemma_label(fmt, True)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _gemma_rows() -> tuple[Row, ...]:
+    g128 = lambda fmt, asym: aq.QuantScheme.create(fmt, group_size=128, asym=asym)  # noqa: E731
+    rows = [Row("float", None)]
+    rows += [Row(_method_key("rtn", fmt, a), g128(fmt, a)) for fmt in GEMMA_RTN_FORMATS for a in (False, True)]
+    rows += [Row(_method_key(m, fmt, a), g128(fmt, a), method=m)
+             for m in METHODS for fmt in GEMMA_3BIT_FORMATS for a in (False, True)
+             if _method_key(m, fmt, a) not in {r.key for r in rows}]
+    rows += [Row(f"{_method_key('rtn', fmt, True)}:{acts}", g128(fmt, True), activations=acts)
+             for fmt in ("int4", "fp4_e2m1") for acts in GEMMA_W4A8]
+    return tuple(rows)
+
+
+GEMMA3 = Table(
+    name="gemma3", out="results/ppl_gemma3.jsonl", render=_render_gemma3, model="gemma3-270m", max_windows=4,
+    calib_samples=64, rows=_gemma_rows(),
+    default_rows=("float", *(_method_key("rtn", f, a) for f in GEMMA_RTN_FORMATS for a in (False, True)),
+                  *(_method_key(m, "nf3", a) for m in ("gptq", "awq") for a in (False, True)),
+                  *(f"rtn:int4:asym:{acts}" for acts in GEMMA_W4A8)))
+
+TABLES: dict[str, Table] = {t.name: t for t in (RTN, METHODS_TABLE, W4A8, MICRO, GEMMA3)}
 
 # ---- running ----------------------------------------------------------------------------------------------------
 
@@ -376,9 +450,10 @@ def convert_via_cli(model_path: str | Path, row: Row, calibration: aq.Calibratio
 
 def run_row(table: Table, row: Row, model_path: str | Path, eval_ids: Any, calibration: aq.Calibration, *,
             seq_len: int = 2048, max_windows: int | None = 8, via_cli: bool = False,
-            code: str | None = None) -> dict[str, Any]:
+            code: str | None = None, bos_token_id: int | None = None) -> dict[str, Any]:
     """Converts ``row`` (in memory, or with the CLI when ``via_cli`` and the method calibrates), scores it on
-    ``eval_ids`` and returns its record. ``code``: the commit of the code imported (default: HEAD now)."""
+    ``eval_ids`` (windows led by ``bos_token_id`` when given) and returns its record. ``code``: the commit of the
+    code imported (default: HEAD now)."""
     code = commit() if code is None else code
     s = row.scheme
     measured: dict[str, Any] = {"phases": {}}
@@ -397,12 +472,14 @@ def run_row(table: Table, row: Row, model_path: str | Path, eval_ids: Any, calib
             if layer.is_quantized:
                 layer.set_activation_quant(None, None)
     t0 = time.perf_counter()
-    r = perplexity(model, eval_ids, seq_len=seq_len, max_windows=max_windows, progress=False)
+    r = perplexity(model, eval_ids, seq_len=seq_len, max_windows=max_windows, progress=False,
+                   bos_token_id=bos_token_id)
     eval_s = time.perf_counter() - t0
     scheme = ({"format": "float", "asym": None, "group_size": None, "integer_scales": None} if s is None else
               {"format": s.format, "asym": s.asym, "group_size": s.group_size, "integer_scales": s.integer_scales})
-    return {"table": table.name, "row": row.key, "method": None if s is None else row.method, **scheme,
-            "weights": row.weights, "activations": row.activations, **r, "eval_seconds": round(eval_s, 1),
+    return {"table": table.name, "model": table.model, "row": row.key, "method": None if s is None else row.method, **scheme,
+            "weights": row.weights, "activations": row.activations, **r, "bos_token_id": bos_token_id,
+            "eval_seconds": round(eval_s, 1),
             **(table.extra(model) if table.extra and s is not None else {}),
             "calib": f"{calibration.samples}x{calibration.seqlen}",
             "convert_seconds": None if s is None else round(convert_s, 1), "commit": code, **measured}
@@ -415,7 +492,8 @@ def load_results(table: Table, out: str | Path | None = None) -> Results:
 
 def run_table(table: Table, model_path: str | Path, eval_ids: Any, calibration: aq.Calibration, *,
               rows: str | Iterable[str] | None = None, out: str | Path | None = None, seq_len: int = 2048,
-              max_windows: int | None = 8, via_cli: bool = False) -> dict[str, dict]:
+              max_windows: int | None = 8, via_cli: bool = False,
+              bos_token_id: int | None = None) -> dict[str, dict]:
     """Runs the selected rows (`Table.select`) that the results file does not have yet, appending one record each;
     returns every result by row key."""
     selected = table.select(rows)
@@ -428,7 +506,7 @@ def run_table(table: Table, model_path: str | Path, eval_ids: Any, calibration: 
     for row in selected:
         if row.key not in results:
             results.add(run_row(table, row, model_path, eval_ids, calibration, seq_len=seq_len,
-                                max_windows=max_windows, via_cli=via_cli, code=code))
+                                max_windows=max_windows, via_cli=via_cli, code=code, bos_token_id=bos_token_id))
     return results.done
 
 
@@ -444,10 +522,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", default=None, help="comma-separated row keys or shell patterns (default: the "
                                                   "table's rows)")
     ap.add_argument("--report", action="store_true", help="only print the table of what --out already has")
-    ap.add_argument("--model", default=None, help="HF dir (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", default=None, help="the table's model from another directory (default: the "
+                                                   "built-in one, SmolLM2-135M-Instruct or Gemma 3 270M)")
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--max-windows", type=int, default=8)
-    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--max-windows", type=int, default=None, help="windows scored (default: the table's, 8 or 4)")
+    ap.add_argument("--calib-samples", type=int, default=None, help="default: the table's, 128 or 64")
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--out", default=None, help="results file (default: the table's, results/ppl_TABLE.jsonl)")
     ap.add_argument("--via-cli", action="store_true",
@@ -461,11 +540,12 @@ def main(argv: list[str] | None = None) -> None:
             table.select(args.rows)  # unknown rows fail before the model loads
         except ValueError as e:
             ap.error(str(e))
-        model_path = args.model or str(assets.smollm2_hf_dir())
-        calibration = aq.Calibration(text=assets.wiki_text()[0], samples=args.calib_samples,
-                                     seqlen=args.calib_seqlen, seed=0)
+        model_path = args.model or str(assets.BUILTIN_MODELS[table.model]())
+        calibration = aq.Calibration(text=assets.wiki_text()[0], seqlen=args.calib_seqlen, seed=0,
+                                     samples=args.calib_samples or table.calib_samples)
         done = run_table(table, model_path, heldout_ids(model_path), calibration, rows=args.rows, out=args.out,
-                         seq_len=args.seq_len, max_windows=args.max_windows, via_cli=args.via_cli)
+                         seq_len=args.seq_len, max_windows=args.max_windows or table.max_windows,
+                         via_cli=args.via_cli, bos_token_id=bos_prefix(aq.load_tokenizer(model_path)))
     print(render(table, done))
 
 
