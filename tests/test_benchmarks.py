@@ -148,8 +148,8 @@ def test_report_puts_each_rows_perplexity_in_its_cell(tmp_path, monkeypatch, cap
         records = []
         for i, row in enumerate(t.rows):
             values[t.name, row.key] = 10.0 + i + 0.01 * len(t.name)  # distinct per row
-            records.append({"table": t.name, "row": row.key, "perplexity": values[t.name, row.key],
-                            "seq_len": 32, "windows": 2, "tokens": 62})
+            records.append({"table": t.name, "model": t.model, "row": row.key,
+                            "perplexity": values[t.name, row.key], "seq_len": 32, "windows": 2, "tokens": 62})
         _write(Path(t.out), records)
 
     ppl.main(["rtn", "--report"])
@@ -180,6 +180,32 @@ def test_report_puts_each_rows_perplexity_in_its_cell(tmp_path, monkeypatch, cap
                 f"{values['w4a8', f'{weights}:{method}:{a}']:.2f} "
                 f"({100 * (values['w4a8', f'{weights}:{method}:{a}'] / base - 1):+.1f}%)"
                 for a in list(ppl.ACTIVATIONS)[1:]]
+
+
+def test_gemma3_report_lays_out_sym_vs_asym_three_bit_methods_and_w4a8(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    g = ppl.GEMMA3
+    values = {row.key: 10.0 + 0.5 * i for i, row in enumerate(g.rows)}
+    _write(Path(g.out), [{"table": "gemma3", "model": "gemma3-270m", "row": k, "perplexity": v, "seq_len": 2048,
+                          "windows": 4, "tokens": 8188} for k, v in values.items()])
+    # a SmolLM2 record of the same row (no model field: the older records) is not Gemma's, nor the reverse
+    smollm2 = {"table": "rtn", "row": "nf3:asym:g128", "method": "rtn", "weights": "nf3-asym-g128",
+               "activations": "a16", "perplexity": 1.0}
+    assert g.key(smollm2) is None and ppl.METHODS_TABLE.key(smollm2) == "rtn:nf3:asym"
+    assert ppl.METHODS_TABLE.key({**smollm2, "table": "gemma3", "model": "gemma3-270m"}) is None
+    ppl.main(["gemma3", "--report"])
+    text = capsys.readouterr().out
+    assert f"Float: {values['float']:.2f}" in text and "BOS + 2047 text tokens" in text
+    for fmt, label in (("int4", "INT4"), ("nf4", "NF4"), ("fp4_e2m1", "FP4"), ("nf3", "NF3")):
+        sym, asym = values[f"rtn:{fmt}:sym"], values[f"rtn:{fmt}:asym"]
+        assert _cells(text, label) == [f"{sym:.2f}", f"{asym:.2f}", f"{100 * (asym / sym - 1):+.1f}%"]
+    for fmt, label in (("nf3", "NF3"), ("int3", "INT3"), ("fp3_e2m0", "FP3")):
+        for side in ("sym", "asym"):
+            assert _cells(text, f"{label}-{side}") == [f"{values[f'{m}:{fmt}:{side}']:.2f}" for m in ppl.METHODS]
+    base = values["rtn:int4:asym"]
+    assert _cells(text, "INT4-asym") == [f"{base:.2f}"] + [
+        f"{values[f'rtn:int4:asym:{a}']:.2f} ({100 * (values[f'rtn:int4:asym:{a}'] / base - 1):+.1f}%)"
+        for a in ppl.GEMMA_W4A8]
 
 
 def test_old_drivers_records_are_keyed_to_their_rows(tmp_path, monkeypatch):
@@ -222,15 +248,16 @@ def test_old_drivers_records_are_keyed_to_their_rows(tmp_path, monkeypatch):
     # a new record of one table is keyed by its table / row, and by what it measured in the others
     new = {"table": "rtn", "row": "nf3:asym:g128", "method": "rtn", "format": "nf3", "asym": True,
            "group_size": 128, "integer_scales": False, "weights": "nf3-asym-g128", "activations": "a16", **common}
-    assert [ppl.TABLES[t].key(new) for t in ppl.TABLES] == ["nf3:asym:g128", "rtn:nf3:asym", None, None]
+    assert [ppl.TABLES[t].key(new) for t in ppl.TABLES] == ["nf3:asym:g128", "rtn:nf3:asym", None, None, None]
     # the micro-scaled table's FP4 g128 rows are the RTN / methods tables' FP4 cells; no older record is NVFP4
     assert keys["micro"] == [None] * 10
+    assert keys["gemma3"] == [None] * 10  # SmolLM2's records (no model field), whatever they measured
     fp4 = {"table": "rtn", "row": "fp4_e2m1:asym:g128", "method": "rtn", "weights": "fp4_e2m1-asym-g128",
            "activations": "a16", **common}
     assert ppl.MICRO.key(fp4) == "rtn:fp4-g128:asym"
     nvfp4 = {"table": "micro", "row": "gptq:nvfp4:asym", "method": "gptq",
              "weights": "fp4_e2m1-asym-g16-float8_e4m3fn", "activations": "a16", **common}
-    assert [ppl.TABLES[t].key(nvfp4) for t in ppl.TABLES] == [None, None, None, "gptq:nvfp4:asym"]
+    assert [ppl.TABLES[t].key(nvfp4) for t in ppl.TABLES] == [None, None, None, "gptq:nvfp4:asym", None]
 
 
 def test_rows_select_keys_and_patterns():
