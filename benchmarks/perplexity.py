@@ -85,8 +85,8 @@ ACTIVATIONS: dict[str, aq.ActivationQuant | None] = {
     "a16": None,
     "static": aq.ActivationQuant(scheme="static"),
     "dynamic": aq.ActivationQuant(scheme="dynamic"),
-    "fptq": aq.ActivationQuant(scheme="fptq"),
-    "fptq-lae": aq.ActivationQuant(scheme="fptq", thresholds=(0.0, 150.0)),
+    "fptq": aq.ActivationQuant(scheme="fptq", rule="absolute"),
+    "fptq-lae": aq.ActivationQuant(scheme="fptq", rule="absolute", thresholds=(0.0, 150.0)),
     "fptq-rel": aq.ActivationQuant(scheme="fptq", rule="relative"),
     "fptq-rel-a16": aq.ActivationQuant(scheme="fptq", rule="relative"),  # same weights, activations set to float
     "smoothquant": aq.ActivationQuant(scheme="smoothquant"),
