@@ -407,7 +407,7 @@ def _gemma_rows() -> tuple[Row, ...]:
 
 GEMMA3 = Table(
     name="gemma3", out="results/ppl_gemma3.jsonl", render=_render_gemma3, model="gemma3-270m", max_windows=4,
-    calib_samples=64, rows=_gemma_rows(),
+    calib_samples=64, rows=_gemma_rows(), extra=activation_profile,
     default_rows=("float", *(_method_key("rtn", f, a) for f in GEMMA_RTN_FORMATS for a in (False, True)),
                   *(_method_key(m, "nf3", a) for m in ("gptq", "awq") for a in (False, True)),
                   *(f"rtn:int4:asym:{acts}" for acts in GEMMA_W4A8)))
