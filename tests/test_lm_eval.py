@@ -158,3 +158,57 @@ def test_bad_model_args_are_named():
         AfpqLM.create_from_arg_string(f"pretrained={FIXTURES / 'gemma3'},temperature=0.5")
     with pytest.raises(aq.InputError, match="one of pretrained"):
         AfpqLM()
+    with pytest.raises(aq.InputError, match="batch_size must be an integer, got 'eight'"):
+        AfpqLM.create_from_arg_string(f"pretrained={FIXTURES / 'gemma3'},batch_size=eight")
+
+
+def test_command_line_flags_and_model_args_agree_on_batch_size(monkeypatch, tmp_path):
+    """lm-eval's command line always passes its --batch_size (default 1), --max_batch_size and --device: the
+    model_args value wins, the flag fills in; "auto" takes what fits the logits budget."""
+    import shutil
+    shutil.copytree(FIXTURES / "gemma3", tmp_path / "gemma3")
+    _tokenizer().save_pretrained(tmp_path / "gemma3")
+    flags = {"batch_size": 1, "max_batch_size": None, "device": None}
+    path = f"pretrained={tmp_path / 'gemma3'}"
+    assert AfpqLM.create_from_arg_string(f"{path},batch_size=4", flags).batch_size == 4
+    assert AfpqLM.create_from_arg_string(path, flags).batch_size == 1
+    assert AfpqLM.create_from_arg_string(path, {**flags, "batch_size": "auto:4"}).batch_size == 8  # tiny vocab
+    from afpq_jax import lm_eval as adapter
+    model = aq.load(FIXTURES / "gemma3")
+    row = 16 * model.cfg.vocab_size * 4  # float32 logits of one 16-token sequence
+    monkeypatch.setattr(adapter, "LOGITS_BUDGET", 3 * row)
+    assert AfpqLM(model=model, tokenizer=_tokenizer(), max_length=16).batch_size == 3
+
+
+def test_generation_stops_samples_per_request_and_refuses_what_it_cannot_do(results):
+    from lm_eval.api.instance import Instance
+    model, tok, lm, _ = results
+    assert lm.stop_token_ids[0] == 2 and set(np.atleast_1d(model.cfg.eos_token_id)) <= set(lm.stop_token_ids)
+    from afpq_jax import lm_eval as adapter
+    sample = {"until": ["never"], "max_gen_toks": 6, "do_sample": True, "temperature": 1.0, "top_k": 0}
+    reqs = [Instance("generate_until", {}, ("the cat sat on the", sample), i) for i in range(2)]
+
+    def sampled_tokens(lm_):
+        got = []
+
+        def recording(*a, **k):
+            got.append(adapter.generate.__wrapped__(*a, **k).tolist())
+            return np.asarray(got[-1])
+        recording.__wrapped__ = adapter.generate
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(adapter, "generate", recording)
+            lm_.generate_until(reqs, disable_tqdm=True)
+        return got
+
+    def fresh(seed):
+        return AfpqLM(model=model, tokenizer=tok, batch_size=4, max_length=16, seed=seed)
+
+    first, second = sampled_tokens(fresh(0))
+    assert first != second  # two samples of one prompt: two keys (one key gave humaneval 64 equal samples)
+    assert sampled_tokens(fresh(0)) == [first, second]  # the seed fixes them
+    assert sampled_tokens(fresh(1))[0] != first
+    for bad, name in (({"repetition_penalty": 1.1}, "repetition_penalty"), ({"num_beams": 4}, "num_beams")):
+        with pytest.raises(aq.InputError, match=f"cannot honour the generation settings \\['{name}'\\]"):
+            lm.generate_until([Instance("generate_until", {}, ("the cat", {"until": ["."], **bad}), 0)])
+    with pytest.raises(aq.InputError, match="continuation of 17 tokens does not fit max_length 16"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("the", " cat" * 17), 0)])

@@ -145,6 +145,15 @@ def test_mistral_sliding_window_must_be_an_integer():
     assert cfg.window(0) == cfg.window(cfg.num_layers - 1) == 64 and cfg.max_position_embeddings == 128
 
 
+def test_qwen_sliding_window_defaults_are_transformers():
+    """use_sliding_window without sliding_window / max_window_layers: Qwen2Config's 4096 from layer 28 on."""
+    hf = json.loads((FIXTURES / "qwen3" / "config.json").read_text())
+    hf = {k: v for k, v in hf.items() if k not in ("sliding_window", "max_window_layers", "layer_types")}
+    hf.update(num_hidden_layers=30, use_sliding_window=True)
+    cfg = config_from_hf(hf)
+    assert [cfg.window(i) for i in (0, 27, 28, 29)] == [None, None, 4096, 4096]
+
+
 BLOOM_BAD_FIELDS = [
     ("layer_norm_epsilon", "1e-5", r"layer_norm_epsilon must be a positive finite number, got '1e-5'"),
     ("layer_norm_epsilon", 0.0, r"layer_norm_epsilon must be a positive finite number"),

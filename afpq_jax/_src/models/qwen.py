@@ -26,8 +26,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
     layers = cfg.num_layers
     window, types = None, None
     if hf_field(hf, "use_sliding_window", "bool", False):
-        window = hf_field(hf, "sliding_window", "int")
-        first = hf_field(hf, "max_window_layers", "int", layers)
+        window = hf_field(hf, "sliding_window", "int", 4096)  # Qwen2Config's / Qwen3Config's defaults
+        first = hf_field(hf, "max_window_layers", "int", 28)
         types = hf_layer_types(hf, layers) or tuple(
             "sliding_attention" if i >= first else "full_attention" for i in range(layers))
         if "sliding_attention" not in types:
