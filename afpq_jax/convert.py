@@ -66,14 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize the quantized layers' inputs to this many bits (W4A8: int8 activations on the "
                         "integer path; weights must be int or fp4/fp3, not nf)")
     p.add_argument("--act-scheme", default=None, choices=["fptq", "static", "dynamic", "smoothquant"],
-                   help="with --act-bits: fptq = per layer by calibration max|x| (static / LAE + static / "
-                        "per-token dynamic); static = per-tensor static everywhere; dynamic = per-token dynamic "
+                   help="with --act-bits: fptq = per layer from calibration (static / LAE + static / per-token "
+                        "dynamic, by --act-rule); static = per-tensor static everywhere; dynamic = per-token dynamic "
                         "everywhere; smoothquant = SmoothQuant folds + per-token dynamic (default fptq)")
+    p.add_argument("--act-rule", default=None, choices=["relative", "absolute"],
+                   help="fptq: relative (default) = LAE wherever it folds, then static where max|x| <= "
+                        "--act-max-token-ratio x the median token's max|x|, else dynamic; absolute = the paper's "
+                        "--act-thresholds on max|x| (set for LLaMA-7B)")
     p.add_argument("--act-thresholds", default=None,
-                   help="fptq: LO,HI on a layer's calibration max|x| (default 15,150, the paper's)")
-    p.add_argument("--act-rule", default=None, choices=["absolute", "relative"],
-                   help="fptq: absolute = --act-thresholds on max|x| (the paper); relative = LAE wherever it folds, "
-                        "then static where max|x| <= --act-max-token-ratio x the median token's max|x|")
+                   help="fptq absolute rule: LO,HI on a layer's calibration max|x| (default 15,150, the paper's; "
+                        "given alone, it selects the absolute rule)")
     p.add_argument("--act-max-token-ratio", type=float, default=None, help="fptq relative rule: ratio (8)")
     p.add_argument("--smoothquant-alpha", type=float, default=None, help="smoothquant: migration strength (0.5)")
     p.add_argument("--scale-dtype", default=None, choices=list(aq.formats.SCALE_DTYPES),
@@ -143,7 +145,12 @@ def _activations(args) -> aq.ActivationQuant | None:
         options["alpha"] = args.smoothquant_alpha
     if args.act_rule is not None:
         options["rule"] = args.act_rule
+    elif args.act_thresholds is not None:  # thresholds are the absolute rule's: asking for them asks for it
+        options["rule"] = "absolute"
     if args.act_max_token_ratio is not None:
+        if options.get("rule") == "absolute":
+            raise InputError("--act-max-token-ratio applies to the relative rule, not --act-rule absolute / "
+                             "--act-thresholds")
         options["max_token_ratio"] = args.act_max_token_ratio
     policy = aq.ActivationQuant(scheme=scheme, bits=args.act_bits, **options)
     policy.validate()

@@ -4,6 +4,7 @@ checkpoints."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -60,13 +61,29 @@ def test_gqa_fold_refuses_untied_scales():
 
 # ---- the layer-wise rule ----------------------------------------------------------------------------------
 def test_fptq_rule_thresholds():
-    policy = aq.ActivationQuant()
+    policy = aq.ActivationQuant(rule="absolute")  # the paper's thresholds, 15 / 150
     assert [policy.decide(m) for m in (0.0, 14.99, 15.0, 149.9, 150.0, 1e6)] == [
         ("static", None), ("static", None), ("static", "lae"), ("static", "lae"), ("dynamic", None),
         ("dynamic", None)]
-    custom = aq.ActivationQuant(thresholds=(1.0, 2.0))
+    assert policy.to_json()["thresholds"] == [15.0, 150.0]
+    custom = aq.ActivationQuant(rule="absolute", thresholds=(1.0, 2.0))
+    custom.validate()
     assert custom.decide(1.5) == ("static", "lae") and custom.decide(2.5) == ("dynamic", None)
     assert aq.ActivationQuant(scheme="smoothquant").decide(1.0) == ("dynamic", "smoothquant")
+    # the default is the relative rule (it holds on SmolLM2 and Gemma 3): LAE everywhere, mode decided later
+    default = aq.ActivationQuant()
+    default.validate()
+    assert default.rule == "relative" and [default.decide(m) for m in (0.0, 1e6)] == [("auto", "lae")] * 2
+
+
+@pytest.mark.parametrize("policy,message", [
+    (aq.ActivationQuant(thresholds=(1.0, 2.0)), "with rule 'absolute' (this is 'fptq', rule 'relative')"),
+    (aq.ActivationQuant(scheme="smoothquant", thresholds=(1.0, 2.0)), "(this is 'smoothquant')"),
+    (aq.ActivationQuant(scheme="dynamic", rule="absolute", thresholds=(1.0, 2.0)), "(this is 'dynamic')"),
+])
+def test_thresholds_nothing_reads_are_refused(policy, message):
+    with pytest.raises(aq.InputError, match=re.escape(message)):
+        policy.validate()
 
 
 def test_rule_picks_per_layer_from_synthetic_activation_magnitudes():
@@ -78,7 +95,7 @@ def test_rule_picks_per_layer_from_synthetic_activation_magnitudes():
         up = block.mlp.up_proj.kernel
         up.set_value(up.get_value() * 1e4)  # down_proj: huge
     qmodel = aq.quantize_pretrained(model, aq.QuantScheme.create("int4", group_size=32), calibration=random_calibration(),
-                                    activations=aq.ActivationQuant(thresholds=(15.0, 150.0)), progress=False)
+                                    activations=aq.ActivationQuant(rule="absolute"), progress=False)
     report = json.loads(qmodel.checkpoint_info.quantization)["report"]
     for i, block in enumerate(report.values()):
         acts = block["activations"]
@@ -102,7 +119,8 @@ def test_w4a8_checkpoint_round_trip_gives_identical_logits(tmp_path, scheme):
     fmt = "fp4_e2m1" if scheme in ("fptq", "smoothquant") else "int4"
     qmodel = aq.quantize_pretrained(FIXTURES / "llama_gqa", aq.QuantScheme.create(fmt, group_size=32),
                                     calibration=random_calibration(),
-                                    activations=aq.ActivationQuant(scheme=scheme, thresholds=(2.0, 8.0)),
+                                    activations=(aq.ActivationQuant(rule="absolute", thresholds=(2.0, 8.0))
+                                                 if scheme == "fptq" else aq.ActivationQuant(scheme=scheme)),
                                     progress=False)
     out = aq.save(qmodel, tmp_path / "ckpt")
     qc = json.loads((out / "quantization_config.json").read_text())
@@ -121,7 +139,7 @@ def test_w4a8_checkpoint_round_trip_gives_identical_logits(tmp_path, scheme):
 def test_bloom_w4a8_with_folds_runs_and_restores(tmp_path):
     qmodel = aq.quantize_pretrained(FIXTURES / "bloom", aq.QuantScheme.create("int4", group_size=32),
                                     calibration=random_calibration(), progress=False,
-                                    activations=aq.ActivationQuant(thresholds=(0.0, 1e9)))  # LAE wherever it folds
+                                    activations=aq.ActivationQuant(rule="absolute", thresholds=(0.0, 1e9)))  # LAE wherever it folds
     report = json.loads(qmodel.checkpoint_info.quantization)["report"]["0"]["activations"]
     assert report["attn.qkv_proj"]["fold"] == "lae" and report["mlp.down_proj"]["fold"] == "lae"
     assert report["attn.o_proj"]["fold"] is None and report["attn.o_proj"]["mode"] == "static"  # fused qkv
@@ -199,7 +217,7 @@ def test_gptq_with_lae_folds_end_to_end():
     w4a16 = aq.quantize_pretrained(FIXTURES / "llama_gqa", scheme, method="gptq", calibration=random_calibration(),
                                    progress=False)
     w4a8 = aq.quantize_pretrained(FIXTURES / "llama_gqa", scheme, method="gptq", calibration=random_calibration(),
-                                  activations=aq.ActivationQuant(thresholds=(0.0, 1e9)), progress=False)
+                                  activations=aq.ActivationQuant(rule="absolute", thresholds=(0.0, 1e9)), progress=False)
     record = json.loads(w4a8.checkpoint_info.quantization)
     assert record["method"] == "gptq" and record["activations"]["scheme"] == "fptq"
     assert {d["fold"] for d in record["report"]["0"]["activations"].values()} == {"lae"}

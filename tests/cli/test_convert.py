@@ -207,6 +207,10 @@ def test_bad_calibration_options(tmp_path, capsys):
      "applies to --act-scheme fptq"),
     (["--format", "int4", "--act-bits", "8", "--act-rule", "relative", "--act-max-token-ratio", "0.5"],
      "max_token_ratio must be at least 1"),
+    (["--format", "int4", "--act-bits", "8", "--act-thresholds", "2,8", "--act-max-token-ratio", "4"],
+     "--act-max-token-ratio applies to the relative rule"),
+    (["--format", "int4", "--act-bits", "8", "--act-rule", "relative", "--act-thresholds", "2,8"],
+     "thresholds apply to scheme 'fptq' with rule 'absolute'"),
 ])
 def test_bad_activation_options_are_one_line_errors_and_write_nothing(tmp_path, capsys, extra, message):
     out = tmp_path / "out"
@@ -232,3 +236,14 @@ def test_default_output_names_differ_by_method():
             for argv in ([], ["--clip"], ["--method", "gptq"], ["--method", "awq"], ["--method", "awq", "--no-clip"])}
     assert tags[()] == ""  # the demo's name is unchanged
     assert len(set(tags.values())) == len(tags), tags
+
+
+@pytest.mark.parametrize("flags,rule,thresholds", [
+    ([], "relative", [15.0, 150.0]),  # the default rule: the one that holds on SmolLM2 and Gemma 3
+    (["--act-rule", "absolute"], "absolute", [15.0, 150.0]),  # the paper's, one flag away
+    (["--act-thresholds", "2,8"], "absolute", [2.0, 8.0]),  # thresholds are the absolute rule's
+])
+def test_act_rule_default_and_the_papers_thresholds(flags, rule, thresholds):
+    args = convert_cli.build_parser().parse_args(["--format", "int4", "--act-bits", "8", *flags])
+    policy = convert_cli._activations(args)
+    assert policy.scheme == "fptq" and policy.rule == rule and policy.to_json()["thresholds"] == thresholds
