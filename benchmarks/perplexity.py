@@ -40,7 +40,8 @@ rows. Every quantized layer is a decoder-block linear (embeddings / tied lm_head
 Protocol (all tables): the held-out Wikipedia split (disjoint from calibration), seq 2048, the first 8 windows
 (`afpq_jax.eval.perplexity`; the table's own count where it sets one), each led by the tokenizer's BOS where it
 puts one before every text (`afpq_jax.eval.bos_prefix`: Gemma; SmolLM2 has none); calibration
-`afpq_jax.Calibration(text=<Wikipedia calibration split>, samples=128, seqlen=512, seed=0)` (GPTQ / AWQ, and the activation statistics of W4A8 rows). Each row is converted with
+`afpq_jax.Calibration(text=<Wikipedia calibration split>, samples=128, seqlen=512, seed=0)` (GPTQ / AWQ, and the
+activation statistics of W4A8 rows; the table's own sample count where it sets one). Each row is converted with
 `afpq_jax.quantize_pretrained` in memory (what ``python -m afpq_jax.convert`` writes) — RTN rows too: the older
 RTN driver swapped `afpq_jax.fake_quant` values into one float model's kernels, which dequantize bit for bit to
 the same weights (the W4A8 int4:rtn:a16 row reproduced its INT4 g128 perplexity to the last digit), but a
@@ -140,6 +141,9 @@ def record_config(record: dict) -> tuple | None:
     return (record.get("method", "rtn"), weights, record.get("activations", "a16"))
 
 
+SMOLLM2 = "smollm2-135m-instruct"  # the model of every table but gemma3 (and of records without a model field)
+
+
 @dataclasses.dataclass(frozen=True)
 class Table:
     """A perplexity table: its rows (``default_rows``: the keys run without --rows; None = all), its results file
@@ -153,7 +157,7 @@ class Table:
     default_rows: tuple[str, ...] | None = None
     also: tuple[str, ...] = ()
     extra: Callable[[aq.CausalLM], dict] | None = None
-    model: str = "smollm2-135m-instruct"  # a key of `assets.BUILTIN_MODELS`
+    model: str = SMOLLM2  # a key of `assets.BUILTIN_MODELS`
     max_windows: int = 8
     calib_samples: int = 128
 
@@ -163,7 +167,7 @@ class Table:
     def key(self, record: dict) -> str | None:
         """The row a results record (new or old format) belongs to; None if it is not one of this table's (or
         measured another model: records before the ``model`` field are SmolLM2's)."""
-        if record.get("model", "smollm2-135m-instruct") != self.model:
+        if record.get("model", SMOLLM2) != self.model:
             return None
         if record.get("table") == self.name and record.get("row") in {r.key for r in self.rows}:
             return record["row"]
@@ -358,8 +362,12 @@ GEMMA_3BIT_FORMATS = ["nf3", "int3", "fp3_e2m0"]
 GEMMA_W4A8 = {"fptq": "FPTQ rule, paper thresholds", "fptq-rel": "relative rule"}
 
 
+def _short(fmt: str) -> str:
+    return fmt.split("_")[0].upper()  # fp4_e2m1 -> FP4
+
+
 def _gemma_label(fmt: str, asym: bool) -> str:
-    return f"{fmt.split('_')[0].upper()}-{_sym(asym)}"
+    return f"{_short(fmt)}-{_sym(asym)}"
 
 
 def _render_gemma3(table: Table, done: dict[str, dict]) -> list[str]:
@@ -373,7 +381,7 @@ def _render_gemma3(table: Table, done: dict[str, dict]) -> list[str]:
         sym, asym = (done.get(_method_key("rtn", fmt, a)) for a in (False, True))
         gain = ("—" if sym is None or asym is None else
                 f"{100 * (asym['perplexity'] / sym['perplexity'] - 1):+.1f}%")
-        lines.append(f"| {fmt.split('_')[0].upper()} | {_ppl(sym)} | {_ppl(asym)} | {gain} |")
+        lines.append(f"| {_short(fmt)} | {_ppl(sym)} | {_ppl(asym)} | {gain} |")
     lines += ["", "| 3-bit g128 | " + " | ".join(m.upper() for m in METHODS) + " |", "|---|" + "---|" * len(METHODS)]
     for fmt in GEMMA_3BIT_FORMATS:
         for asym in (False, True):
@@ -477,7 +485,8 @@ def run_row(table: Table, row: Row, model_path: str | Path, eval_ids: Any, calib
     eval_s = time.perf_counter() - t0
     scheme = ({"format": "float", "asym": None, "group_size": None, "integer_scales": None} if s is None else
               {"format": s.format, "asym": s.asym, "group_size": s.group_size, "integer_scales": s.integer_scales})
-    return {"table": table.name, "model": table.model, "row": row.key, "method": None if s is None else row.method, **scheme,
+    return {"table": table.name, "model": table.model, "row": row.key,
+            "method": None if s is None else row.method, **scheme,
             "weights": row.weights, "activations": row.activations, **r, "bos_token_id": bos_token_id,
             "eval_seconds": round(eval_s, 1),
             **(table.extra(model) if table.extra and s is not None else {}),

@@ -80,7 +80,8 @@ def main() -> None:
                 qc = json.loads((ckpt / "quantization_config.json").read_text())
                 r = perplexity(aq.load(ckpt), eval_ids, seq_len=2048, max_windows=windows, progress=False,
                                bos_token_id=bos)
-                rec = {"row": key, "model": args.model, "windows": r["windows"], "format": fmt, "loss": loss, "steps": int(steps), "lr": args.lr,
+                rec = {"row": key, "model": args.model, "windows": r["windows"], "format": fmt, "loss": loss,
+                       "steps": int(steps), "lr": args.lr,
                        "samples": args.samples, "new_tokens": args.new_tokens, "batch_size": args.batch_size,
                        "perplexity": r["perplexity"], "training": qc["training"],
                        "history": [json.loads(line) for line in history.read_text().splitlines()],

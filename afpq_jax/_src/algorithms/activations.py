@@ -178,11 +178,6 @@ class WithActivations(Method):
     explicit_static: bool = False  # some rule asks for a static layer: calibration is needed
 
     @property
-    def absolute_thresholds(self) -> tuple[float, float]:
-        """The absolute rule's (lo, hi): ``thresholds``, or the paper's."""
-        return PAPER_THRESHOLDS if self.thresholds is None else tuple(self.thresholds)
-
-    @property
     def calibrated(self) -> bool:
         return self.weights.calibrated or self.explicit_static or (
             self.activations is not None and self.activations.calibrated)
