@@ -74,8 +74,17 @@ _LONG_FIRST = ("tests/test_smollm2.py", "tests/test_sharding.py", "tests/test_be
                "tests/test_interrupts.py", "tests/test_public_api.py", "tests/models/test_gemma3_real.py")
 
 
-def pytest_collection_modifyitems(items):
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own hook, which tags grouped node ids with "@group"
+def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: not item.nodeid.startswith(_LONG_FIRST))  # stable: file order otherwise kept
+    # `--dist loadgroup` keeps a file's expensive session fixtures (the real model: 25 s) on one worker. Where
+    # pytest-xdist cannot tag the node ids (pytest 9.2 with xdist 3.8) it silently schedules like `load`, and
+    # every grouped fixture is built on both workers: refuse that run.
+    if getattr(config.option, "loadgroup", False):
+        untagged = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+        if untagged:
+            raise pytest.UsageError(f"pytest-xdist ignored the xdist_group marks ({untagged[0]}, ...): install "
+                                    "the versions of the 'test' extra (pip install -e '.[test]')")
 
 
 # ---- process-wide state a test must leave as it found it ------------------------------------------------

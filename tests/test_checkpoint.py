@@ -20,6 +20,9 @@ from afpq_jax._src import checkpoint
 from afpq_jax._src.errors import CheckpointError
 from tests.support import FIXTURES, NF3
 
+# One xdist worker runs this file (--dist loadgroup): its module fixture (a converted checkpoint) is built once.
+pytestmark = pytest.mark.xdist_group("test_checkpoint")
+
 LAYER = "layers.0.attn.q_proj"
 
 

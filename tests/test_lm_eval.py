@@ -20,6 +20,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the tasks' JSON files are l
 lm_eval = pytest.importorskip("lm_eval")
 from afpq_jax.lm_eval import AfpqLM  # noqa: E402
 
+# One xdist worker runs this file (--dist loadgroup): its module fixture (an lm-eval run of three tasks: 8 s)
+# is built once.
+pytestmark = pytest.mark.xdist_group("test_lm_eval")
+
 WORDS = ("the a cat dog sat ran on under mat log big small red blue and then it was is very quick slow fox "
          "jumps over lazy tree house").split()
 MC = [{"question": "the cat sat on the", "choices": ["mat", "log", "big red house"], "answer": 0},

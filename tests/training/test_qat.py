@@ -22,6 +22,10 @@ from afpq_jax._src.training.student import clamp_to_ratios, export_student, make
 from afpq_jax._src.training.trainer import QATConfig, train
 from tests.support import FIXTURES, simulated_devices
 
+# One xdist worker runs this file (--dist loadgroup): its module fixtures (the teacher and its
+# self-generated data) are built once.
+pytestmark = pytest.mark.xdist_group("test_qat")
+
 
 @pytest.fixture(scope="module")
 def teacher():
