@@ -4,7 +4,7 @@ Run from the repository root as ``python -m benchmarks.<name> [flags]`` (``--hel
   perplexity (its tables: rtn, methods, w4a8, micro, gemma3), qat, qwix_smollm2 — the README's perplexity
     tables (SmolLM2-135M and Gemma 3 270M, held-out Wikipedia); each result is one JSON line in results/ with
     the commit that produced it.
-  quantized_matmul, autotune, roofline, device_check.sh — the fused matmul kernels: timings against the XLA path,
+  quantized_matmul, autotune, roofline, device_check — the fused matmul kernels: timings against the XLA path,
     measured tilings, byte / op counts, and the one-shot accelerator check.
   quantize, generate, w4a8_cpu, spill_memory — quantizer throughput, generation speed, the W·A8 CPU path, peak RSS
     with and without a memory budget.

@@ -2,11 +2,12 @@
 
 For every format, scheme and M it starts from the implementation's current tiling, then tries the values of one
 `BlockConfig` field at a time (coordinate descent, the other fields at their best so far). Each candidate is
-checked against "xla" and timed with the benchmark's loop (`bench_quantized_matmul.timed`). A candidate
-replaces the best when it is at least 3% faster. The winners go into the tuning table
+checked against "xla" and timed with the benchmark's device-side loop over a rotation of distinct weights that
+L2 cannot hold (`benchmarks.quantized_matmul.measure`, e2e). A candidate replaces the best when it is at least 3%
+faster. The winners go into the tuning table
 (`afpq_jax.kernels.tuning`: ``$AFPQ_TUNED_CONFIGS`` or the packaged file, or ``--out``), which dispatch then
-uses for these shapes on this device kind. It prints one markdown row per shape: default and tuned time, and
-the tuned fields.
+uses for these shapes on this device kind; each shape is recorded as soon as it is measured, so a run stopped
+early keeps what it finished. It prints one markdown row per shape: default and tuned time, and the tuned fields.
 
     python -m benchmarks.autotune --impl triton --formats nf4 int4 --m 1 16 128   # on a GPU
     python -m benchmarks.autotune --impl xla_scan --m 1 --k 1024 --n 512 --out /tmp/t.json  # CPU
@@ -25,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import afpq_jax
-from afpq_jax.kernels import IMPLEMENTATIONS, BlockConfig, Problem, quantized_matmul, resolve, tuning
+from afpq_jax.kernels import IMPLEMENTATIONS, BlockConfig, Problem, quantized_matmul, resolve, roofline, tuning
 
-from benchmarks.quantized_matmul import looped, timed  # the benchmark's timing, shared
+from benchmarks.quantized_matmul import measure, rotation  # the benchmark's timing, shared
 
 # The fields worth searching per implementation, in search order, with the values tried.
 CANDIDATES: dict[str, dict[str, tuple]] = {
@@ -41,13 +42,15 @@ CANDIDATES: dict[str, dict[str, tuple]] = {
 MIN_GAIN = 0.03
 
 
-def search(impl: str, x, qt, *, reps: int, loops: int) -> tuple[BlockConfig, float, float]:
-    """(best config, its seconds per matmul, the default's seconds per matmul)."""
+def search(impl: str, xs, qts, *, reps: int, loops: int) -> tuple[BlockConfig, float, float]:
+    """(best config, its seconds per matmul, the default's seconds per matmul) over the rotation
+    ``zip(xs, qts)`` (same shapes; the first pair is checked against "xla")."""
+    x, qt = xs[0], qts[0]
     prob = Problem.create(x.shape, x.dtype, qt)
     ref = np.asarray(quantized_matmul(x, qt, implementation="xla"), np.float32)
     tol = 1e-5 if x.dtype == jnp.float32 else 2e-2
 
-    def measure(cfg: BlockConfig) -> float | None:
+    def time_config(cfg: BlockConfig) -> float | None:
         if IMPLEMENTATIONS[impl].supports(prob, resolved(cfg)) is not None:
             return None
         op = functools.partial(quantized_matmul, implementation=impl, config=cfg)
@@ -56,7 +59,7 @@ def search(impl: str, x, qt, *, reps: int, loops: int) -> tuple[BlockConfig, flo
             if np.max(np.abs(y - ref)) > tol * (np.max(np.abs(ref)) + 1e-30):
                 print(f"  {cfg}: wrong result, skipped", flush=True)
                 return None
-            return timed(looped(op), [x], [qt], reps=reps, loops=loops, r=1)
+            return measure(op, xs, qts, reps=reps, loops=loops, profile=False).e2e
         except Exception as e:  # a tiling that fails to compile is not a candidate
             print(f"  {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}", flush=True)
             return None
@@ -65,7 +68,7 @@ def search(impl: str, x, qt, *, reps: int, loops: int) -> tuple[BlockConfig, flo
         return resolve(impl, prob, cfg)  # defaults only: an earlier table entry is not the baseline
 
     best = resolved(None)
-    default_t = best_t = measure(best)
+    default_t = best_t = time_config(best)
     if best_t is None:
         raise SystemExit(f"{impl} declines or fails its default tiling for this shape")
     for field, values in CANDIDATES.get(impl, {}).items():
@@ -73,7 +76,7 @@ def search(impl: str, x, qt, *, reps: int, loops: int) -> tuple[BlockConfig, flo
             if getattr(best, field) == v:
                 continue
             cand = dataclasses.replace(best, **{field: v})
-            t = measure(cand)
+            t = time_config(cand)
             if t is not None and t < best_t * (1 - MIN_GAIN):
                 best, best_t = cand, t
     return best, best_t, default_t
@@ -98,21 +101,27 @@ def main():
     kind = jax.devices()[0].device_kind
     loops = a.loops or (10 if jax.default_backend() != "cpu" else 1)
     g = None if a.group_size == 0 else a.group_size
-    w = jax.random.normal(jax.random.key(0), (a.k, a.n), jnp.float32)
+    on_device = jax.default_backend() != "cpu"
     entries, start = {}, time.perf_counter()
     print(f"device: {kind}; {a.impl}; K={a.k} N={a.n} g={g or 'channel'} x={a.x_dtype}\n")
     print("| shape | M | default µs | tuned µs | speedup | tuned fields |\n|---|---|---|---|---|---|", flush=True)
     for fmt in a.formats:
         for scheme in a.schemes:
-            qt = afpq_jax.quantize(w, fmt, group_size=g, asym=scheme == "asym")
+            asym = scheme == "asym"
+            r = rotation(roofline.weight_bits(fmt, g, asym, k=a.k).bits / 8 * a.k * a.n) \
+                if on_device else 1
+            qts = [afpq_jax.quantize(jax.random.normal(key, (a.k, a.n), jnp.float32), fmt, group_size=g, asym=asym)
+                   for key in jax.random.split(jax.random.key(0), r)]
             for m in a.m:
                 if a.budget_s is not None and time.perf_counter() - start > a.budget_s:
                     print(f"| {fmt}-{scheme} | {m} | skipped: --budget-s reached | | | |", flush=True)
                     continue
-                x = jax.random.normal(jax.random.key(1), (m, a.k), jnp.float32).astype(a.x_dtype)
-                cfg, t, t0 = search(a.impl, x, qt, reps=a.reps, loops=loops)
-                prob = Problem.create(x.shape, x.dtype, qt)
+                xs = [jax.random.normal(key, (m, a.k), jnp.float32).astype(a.x_dtype)
+                      for key in jax.random.split(jax.random.key(1), r)]
+                cfg, t, t0 = search(a.impl, xs, qts, reps=a.reps, loops=loops)
+                prob = Problem.create(xs[0].shape, xs[0].dtype, qts[0])
                 entries[tuning.shape_key(a.impl, prob, kind)] = cfg
+                tuning.record({tuning.shape_key(a.impl, prob, kind): cfg}, a.out)  # kept if the run stops early
                 fields = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
                 print(f"| {fmt}-{scheme}-g{g or 'ch'} | {m} | {t0 * 1e6:.1f} | {t * 1e6:.1f} | {t0 / t:.2f}x | "
                       f"{fields} |", flush=True)

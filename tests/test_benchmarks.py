@@ -20,46 +20,59 @@ from benchmarks import perplexity as ppl
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _row_cells(row: str) -> list[str]:
+    return [c.strip() for c in row.strip().strip("|").split("|")]
+
+
 def test_device_check_dry_run(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
-    env.pop("AFPQ_KERNELS_NATIVE", None)
-    r = subprocess.run(["bash", "benchmarks/device_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+    """Every step of the device check on CPU, in its device order, into one report: the headline table (kernels
+    checked against xla, both timers), the backend's kernel tests in their own processes, the sweep, the
+    autotune (which records its tiling)."""
+    env = {k: v for k, v in os.environ.items() if k != "AFPQ_KERNELS_NATIVE"}
+    r = subprocess.run([sys.executable, "-m", "benchmarks.device_check", "--dry-run", "--out", str(tmp_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     report = (tmp_path / "report.md").read_text()
     assert r.returncode == 0, report[-3000:]
-    for section in ("## versions and devices", "## kernel tests", "## decode/prefill sweep", "## Triton codebook",
-                    "## group 64", "## per-channel", "## SmolLM2-135M MLP shape"):
-        assert section in report
+    sections = ["## platform", "## headline", "## native kernel tests", "## sweep", "## autotune xla_scan"]
+    assert [report.index(s) for s in sections] == sorted(report.index(s) for s in sections)
     assert "passed  tests/kernels/test_quantized_matmul.py::test_formats_match_reference[triton-int4-a-g128]" in report
     assert "FAILED" not in report and "WRONG" not in report
-    assert "| int4-asym-g128 | 1 | xla |" in report and "asym over sym" in report
+    headline = report[report.index("## headline"):report.index("## native kernel tests")]
+    assert "| nf4-asym-g128 | 16 | xla |" in headline and "| dense | 1 | dense bf16 |" in headline
+    # The profiler split (CPU: XLA's thunk timeline): the C++ kernel is a custom call, x's casts XLA-side ops.
+    row = next(line for line in headline.splitlines() if line.startswith("| int4-asym-g128 | 1 | cpu |"))
+    kernel, xla_side = (float(v) for v in _row_cells(row)[4:6])
+    assert kernel > 0.0 and xla_side > 0.0
     # what dispatch picks, against the fastest implementation of the same case (the size rules' check)
     assert "dispatch (implementation=None) against the fastest" in report and "| int4-asym | 1 | cpu |" in report
-    # The profiler split of each op's device time (CPU: the client's thunk timeline): XLA ops only for "xla".
-    row = next(line for line in report.splitlines() if line.startswith("| int4-asym-g128 | 1 | xla |"))
-    kernel, xla_side = (float(v) for v in row.split("|")[5].split("/"))
-    assert kernel == 0.0 and xla_side > 0.0
+    assert "asym over sym" in report[report.index("## sweep"):]
+    assert "recorded 1 tiling(s)" in report
+    assert "|xla_scan|int4-asym-g128|" in (tmp_path / "tuned_configs.json").read_text()
     assert report.rstrip().endswith("device check: all steps passed")
 
 
-def test_device_check_reports_a_failing_step(tmp_path):
-    """A step that fails (here: a Python without jax) makes the whole check fail, and the report says so."""
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON="/bin/false", STEPS="sweep")
-    r = subprocess.run(["bash", "benchmarks/device_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode != 0
-    assert "SOME STEPS FAILED" in (tmp_path / "report.md").read_text()
+def test_device_check_stops_or_fails_loudly(tmp_path):
+    """No working JAX: the check stops at the platform step. A later step that fails (here: a Python without
+    jax) makes the whole check fail, and the report names it."""
+    cmd = [sys.executable, "-m", "benchmarks.device_check", "--python", "/bin/false", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "STOPPED (JAX did not start)" in (tmp_path / "report.md").read_text()
+    r = subprocess.run([*cmd, "--dry-run", "--steps", "sweep"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "SOME STEPS FAILED (sweep" in (tmp_path / "report.md").read_text()
 
 
-def test_benchmark_splits_kernel_time_from_xla_time():
-    """The CPU kernel is a custom call: the profiler split counts its time as kernel time, x's casts as XLA's."""
-    r = subprocess.run([sys.executable, "-m", "benchmarks.quantized_matmul", "--k", "256", "--n", "512", "--m", "2",
-                        "--formats", "int4", "--x-dtype", "bfloat16", "--reps", "1", "--loops", "1", "--impls", "cpu",
-                        "--markdown"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    row = next(line for line in r.stdout.splitlines() if line.startswith("| int4-asym-g128 | 2 | cpu |"))
-    kernel, xla_side = (float(v) for v in row.split("|")[5].split("/"))
-    assert kernel > 0.0 and xla_side > 0.0
+def test_timed_loops_have_a_static_trip_count_and_rotate_past_l2():
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import quantized_matmul as bench
+    # 8 weights at least; more when 8 would fit twice in the 50 MiB L2 (INT4-asym g128 at 4096^2: 8.9 MB -> 12)
+    assert bench.rotation(9_000_000) == 12 and bench.rotation(40e6) == 8
+    assert bench.rotation(1e3, minimum=1) * 1e3 >= 2 * bench.L2_BYTES
+    f = bench.looped(lambda x, w: x @ w, 3)
+    jaxpr = jax.make_jaxpr(f)([jnp.ones((1, 4))], [jnp.ones((4, 4))])
+    (loop,) = [e for e in jaxpr.jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name in ("scan", "while")]
+    assert loop.primitive.name == "scan" and loop.params["length"] == 3  # no traced predicate: no host sync
 
 
 def test_benchmark_times_both_triton_decodes_when_asked():
@@ -69,18 +82,6 @@ def test_benchmark_times_both_triton_decodes_when_asked():
     assert both[0][1] is None and both[1][1].lookup is False and both[2][1] is None
     assert [label for label, _ in bench.implementation_variants(["triton"], "off")] == ["triton-tree"]
     assert bench.implementation_variants(["cpu", "xla"], "both") == [("cpu", None), ("xla", None)]
-
-
-def test_device_check_tune_step_writes_a_table(tmp_path):
-    """The optional "tune" step (not in the default steps) records measured tilings next to the report."""
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, STEPS="tune")
-    env.pop("AFPQ_KERNELS_NATIVE", None)
-    r = subprocess.run(["bash", "benchmarks/device_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
-    report = (tmp_path / "report.md").read_text()
-    assert r.returncode == 0, report[-3000:]
-    assert "## autotune xla_scan" in report and "recorded 1 tiling(s)" in report
-    assert "|xla_scan|int4-asym-g128|" in (tmp_path / "tuned_configs.json").read_text()
 
 
 def test_autotune_script_records_the_fastest_tiling(tmp_path):
