@@ -118,13 +118,15 @@ def main():
                     continue
                 ops = roofline.kernel_ops(jax.make_jaxpr(
                     lambda x, q: quantized_matmul(x, q, implementation=impl, config=config))(x, qt))
-                cells.append(f"{ops.ops:.1f}" + (f" + {ops.loads:.0f} lookup" if ops.loads else ""))
+                cells.append(f"{ops.ops:.1f} ({ops.weighted:.1f})" + (f" + {ops.loads:.0f} lookup" if ops.loads else ""))
             rows.append([f"{fmt}-{'asym' if asym else 'sym'}", "channel" if g is None else g, m, *cells])
     table(rows, ["format", "group", "M", "mosaic_tpu", "mosaic_tpu (lookup=True)", "triton",
                  "triton (lookup=False)", "mosaic_gpu"], a.markdown)
     print("\nElementwise arithmetic / logic / select / convert elements per weight multiplied, before compiler "
           "simplification\n(`roofline.kernel_ops`); \"lookup\" = reads from the level table (L1-resident on GPU). "
-          "x-side work\n(index arithmetic of Triton's strided x loads) is spread over the weights it feeds.")
+          "x-side work\n(index arithmetic of Triton's strided x loads) is spread over the weights it feeds. In "
+          "parentheses: the same ops weighted by throughput\nclass (`roofline.ISSUE_COST`: float32 FMA slots; a "
+          "convert costs 8, an integer op 2).")
 
 
 if __name__ == "__main__":

@@ -324,6 +324,7 @@ def test_kernel_ops_counts_hand_counted_kernels():
     ops = _ops_of(arithmetic, x, codes)
     assert ops.by_primitive == {"convert_element_type": 1.0, "sub": 1.0, "mul": 2.0, "lt": 1.0, "select_n": 1.0}
     assert ops.ops == 6.0 and ops.loads == 0.0
+    assert ops.weighted == 8 + 1 + 2 + 2 + 2  # convert 8, float sub and muls 1 each, compare and select 2 each
 
     def looked_up(x_ref, c_ref, t_ref, o_ref):  # one convert, one table read per weight; x's ops are per x element
         w = t_ref[c_ref[...].astype(jnp.int32)]
@@ -343,6 +344,27 @@ def test_kernel_ops_counts_hand_counted_kernels():
     assert ops.by_primitive["convert_element_type"] == 1.0
     with pytest.raises(ValueError, match="no matrix multiply"):
         roofline.kernel_ops(jax.make_jaxpr(lambda a: a * 2)(x))
+
+
+@pytest.mark.parametrize("bits,asym", [(4, True), (4, False), (3, True), (2, False), (8, True)])
+def test_int_decode_without_a_convert_is_bit_identical(bits, asym):
+    """INT levels by the 2^23 bit trick (OR the code into 2^23's mantissa, subtract 2^23 + zero) equal
+    ``(float(code) - zero) * scale`` bit for bit, for every code and zero point."""
+    from afpq_jax._src.kernels.quantized_matmul import decode
+    prob = make_problem(f"int{bits}", 128, asym, m=1, k=256, n=256)
+    n = 2**bits
+    code = jnp.asarray(np.arange(n * n * 4, dtype=np.int32) % n).reshape(-1, 64)
+    zero = jnp.asarray(np.arange(code.size, dtype=np.int32) // (n * 4) % n, jnp.float32).reshape(code.shape)
+    scale = jnp.asarray(np.random.default_rng(bits).standard_normal(code.shape) * 1e-2, jnp.float32)
+    sc = decode.prepare_scales(prob, scale, None, zero if asym else None)
+    got = np.asarray(jax.jit(lambda c, sc: decode.dequant(prob, c, sc))(code, sc))
+    want = (np.asarray(code, np.float32) - (np.asarray(zero) if asym else np.float32(n // 2))) * np.asarray(scale)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    if bits == 4:  # and no int -> float convert per weight in the Triton kernel: what converts remain are the
+        # byte plane's widening (0.5 per weight), the cast to x's dtype (1) and the scale rows' (1/64 per weight)
+        avals = _avals("int4", 128, asym, (1, 4096), 4096, jnp.bfloat16)
+        ops = roofline.kernel_ops(jax.make_jaxpr(lambda x, q: quantized_matmul(x, q, implementation="triton"))(*avals))
+        assert ops.by_primitive["convert_element_type"] < 1.6 and ops.by_primitive["bitcast_convert_type"] == 1.0
 
 
 def test_triton_table_lookup_cuts_vector_ops():

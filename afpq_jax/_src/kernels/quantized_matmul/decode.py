@@ -21,13 +21,19 @@ import numpy as np
 from afpq_jax._src.kernels.quantized_matmul.base import Problem
 
 _F32_ONE_HALF_BITS = 252  # (pattern + 252) << 22 is the float32 bit pattern of E2M1 magnitude `pattern` >= 2
+# 2^23 as float32 bits: OR-ing a code c < 2^23 into its mantissa gives the float32 2^23 + c exactly, so an INT code
+# becomes a float with one integer op and no int -> float convert (a quarter-rate instruction on GPUs).
+_F32_TWO_POW_23_BITS = 0x4B000000
+_TWO_POW_23 = np.float32(2.0**23)
 
 
 class Scales(NamedTuple):
     """Per-row-expanded scale tiles (float32, same shape as the slot matrices) for one chunk.
 
     pos: s_pos / sym scale / INT step. neg: for asym codebook formats s_neg, except for the sign-folding
-    kinds ("e2m1", "signsym") where it is already negated (-s_neg; for sym: -scale). zero: INT zero point.
+    kinds ("e2m1", "signsym") where it is already negated (-s_neg; for sym: -scale). zero: INT only, the zero
+    point plus 2^23 (the bias of `dequant`'s convert-free decode; exact: zero points are small integers); for sym
+    INT the constant 2^23 + 2^(bits-1).
     """
 
     pos: jax.Array
@@ -43,7 +49,9 @@ def prepare_scales(prob: Problem, pos, neg=None, zero=None) -> Scales:
     elif neg is not None:
         neg = neg.astype(jnp.float32)
     if zero is not None:
-        zero = zero.astype(jnp.float32)
+        zero = zero.astype(jnp.float32) + _TWO_POW_23
+    elif prob.kind == "int":
+        zero = _TWO_POW_23 + np.float32(2 ** (prob.bits - 1))
     return Scales(pos, neg, zero)
 
 
@@ -113,9 +121,10 @@ def dequant(prob: Problem, code: jax.Array, sc: Scales, lookup=None) -> jax.Arra
     ``lookup(code)``, when given, returns `lookup_table` at each code (a kernel's table read); codebook levels
     then cost one lookup instead of a select tree or the FP4 bit construction. INT ignores it."""
     fmt = prob.fmt
-    if prob.kind == "int":
-        zero = sc.zero if prob.has_zero else np.float32(2 ** (prob.bits - 1))
-        return (code.astype(jnp.float32) - zero) * sc.pos
+    if prob.kind == "int":  # (2^23 + code) - (2^23 + zero) = code - zero exactly, then the same product
+        code = code if code.dtype == jnp.int32 else code.astype(jnp.int32)  # the scan passes the uint8 codes
+        biased = jax.lax.bitcast_convert_type(code | _F32_TWO_POW_23_BITS, jnp.float32)
+        return (biased - sc.zero) * sc.pos
     n = 2**prob.bits
     half = n // 2
     if prob.kind in ("e2m1", "signsym"):

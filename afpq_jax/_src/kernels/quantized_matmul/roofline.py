@@ -146,6 +146,29 @@ _CALLS = frozenset({"pjit", "jit", "closed_call", "custom_jvp_call", "custom_vjp
 _KERNELS = frozenset({"pallas_call", "core_map", "mpmd_map"})
 _TABLE_MAX = 256
 
+# Issue cost per element relative to a float32 add / multiply / FMA, from the per-SM instruction throughputs of
+# NVIDIA's Hopper (CUDA C++ Programming Guide, "Arithmetic Instructions", compute capability 9.0): float32
+# arithmetic 128 per clock; 32-bit integer arithmetic, compares, bitwise ops and shifts 64; conversions and
+# special functions 16. A bitcast is a register reinterpretation (free). Other chips differ in the numbers, not in
+# the order: a convert is never as cheap as an add.
+_FLOAT_ARITHMETIC = frozenset({"add", "sub", "mul", "max", "min", "neg", "abs", "fma"})
+_SPECIAL = frozenset({"exp", "exp2", "log", "tanh", "logistic", "rsqrt", "sqrt", "div", "pow", "erf"})
+_FREE = frozenset({"bitcast_convert_type"})
+ISSUE_COST = {"float": 1.0, "integer": 2.0, "convert": 8.0, "special": 8.0, "free": 0.0}
+
+
+def issue_class(primitive: str, dtype) -> str:
+    """The throughput class of an elementwise primitive with output ``dtype`` (keys of `ISSUE_COST`)."""
+    if primitive in _FREE:
+        return "free"
+    if primitive == "convert_element_type":
+        return "convert"
+    if primitive in _SPECIAL:
+        return "special"
+    if primitive in _FLOAT_ARITHMETIC and jnp.issubdtype(dtype, jnp.floating):
+        return "float"
+    return "integer"  # integer arithmetic, compares, selects, bitwise ops and shifts
+
 
 @dataclasses.dataclass(frozen=True)
 class KernelOps:
@@ -160,11 +183,14 @@ class KernelOps:
     The denominator sums the weights of every multiply, so a kernel that multiplies each weight tile twice (the
     W·A8 kernels' AFPQ split into positive and negative levels) reports half its ops per weight.
     by_primitive: ops per weight by primitive name.
+    weighted: the same ops, each weighted by its throughput class (`issue_class`): the ALU budget in float32
+             FMA slots, where a convert counts 8 and an integer op 2.
     """
 
     ops: float
     loads: float
     by_primitive: dict[str, float]
+    weighted: float = 0.0  # ops weighted by `ISSUE_COST` (float32-FMA issue slots per weight)
 
 
 def _sub_jaxprs(eqn):
@@ -209,16 +235,18 @@ def kernel_ops(jaxpr) -> KernelOps:
     inside a kernel that holds matrix multiplies contributes its vector ops (calls such as ``jnp.where``'s are
     inlined; loops are bodies of their own) over the weights its multiplies consume."""
     totals: dict[str, int] = {}
+    cost = 0.0
     loads = weights = 0
 
-    def own(j, counts: dict[str, int]) -> tuple[int, int]:
-        """(dot weights, indexed-load elements) of ``j``'s own equations, calls inlined, loops not."""
+    def own(j, counts: dict[str, int], costs: list[float]) -> tuple[int, int]:
+        """(dot weights, indexed-load elements) of ``j``'s own equations, calls inlined, loops not; the
+        elementwise counts by primitive into ``counts``, their weighted sum into ``costs[0]``."""
         w = indexed = 0
         for e in j.eqns:
             name = e.primitive.name
             if name in _CALLS:
                 for s in _sub_jaxprs(e):
-                    dw, di = own(s, counts)
+                    dw, di = own(s, counts, costs)
                     w, indexed = w + dw, indexed + di
                 continue
             size = sum(_size(v.aval) for v in e.outvars)
@@ -232,15 +260,17 @@ def kernel_ops(jaxpr) -> KernelOps:
                     indexed += size  # a small 1-D ref read at an array of indices: a table lookup
             elif name not in _LAYOUT and size > 1 and next(_sub_jaxprs(e), None) is None:
                 counts[name] = counts.get(name, 0) + size
+                costs[0] += size * ISSUE_COST[issue_class(name, e.outvars[0].aval.dtype)]
         return w, indexed
 
     def walk(j, inside: bool):
-        nonlocal loads, weights
+        nonlocal loads, weights, cost
         if inside:
             counts: dict[str, int] = {}
-            w, indexed = own(j, counts)
+            costs = [0.0]
+            w, indexed = own(j, counts, costs)
             if w:  # bodies without a multiply (index math, epilogues) are not per-weight work
-                weights, loads = weights + w, loads + indexed
+                weights, loads, cost = weights + w, loads + indexed, cost + costs[0]
                 for k, v in counts.items():
                     totals[k] = totals.get(k, 0) + v
         for e in j.eqns:
@@ -254,4 +284,4 @@ def kernel_ops(jaxpr) -> KernelOps:
     if not weights:
         raise ValueError("no matrix multiply found inside a Pallas kernel in this jaxpr")
     return KernelOps(ops=sum(totals.values()) / weights, loads=loads / weights,
-                     by_primitive={k: v / weights for k, v in sorted(totals.items())})
+                     by_primitive={k: v / weights for k, v in sorted(totals.items())}, weighted=cost / weights)
