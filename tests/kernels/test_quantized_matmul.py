@@ -399,6 +399,24 @@ def test_triton_reads_x_unpermuted():
             assert "pallas_call" in outer and not {"pad", "transpose"} & outer, outer
 
 
+def test_triton_decode_fills_an_h100():
+    """Decode (M <= 16) at K = N = 4096: at least 2 programs per SM of a 132-SM H100 (64 output tiles alone before
+    split-K by CTA count), each looping over >= 4 K tiles, with shared memory for 2 programs per SM."""
+    from afpq_jax._src.kernels.quantized_matmul import triton
+    for fmt in ("int4", "fp4_e2m1", "nf4", "nf3"):
+        for m in range(1, 17):
+            prob = make_problem(fmt, 128, True, m=m, k=4096, n=4096)
+            cfg = api.resolve("triton", prob, None)
+            split, per_split = triton.effective_split(prob, cfg)
+            programs = -(-4096 // cfg.block_n) * -(-m // cfg.block_m) * split
+            assert programs >= 2 * 132 and per_split >= 4, (fmt, m, cfg)
+            assert 2 * triton.smem_bytes(prob, cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages) <= 228 * 1024
+            assert why_not("triton", jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16),
+                           abstract_weight(fmt, 128, True, 4096, 4096), cfg) is None
+    prob = make_problem("nf4", 128, True, m=64, k=4096, n=4096)  # prefill keeps whole-K programs
+    assert triton.effective_split(prob, api.resolve("triton", prob, None))[0] == 1
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Dispatch.
 

@@ -77,7 +77,8 @@ def kernel_hbm_bytes(impl: str, prob: Problem, cfg: BlockConfig) -> dict[str, fl
     codes and scales once; x is re-read per N tile by the grid, from L2 for decode-sized x (``x_l2``, not in
     ``total``).
     ``x_prep``: the XLA pass that writes x's per-tile column permutation (read x + write the copy); Triton reads
-    x unpermuted and has none.
+    x unpermuted and has none. Triton's split-K partial sums count in ``out`` above decode sizes; at M <= 16
+    they are L2-sized (``partials_l2``, not in ``total``).
     """
     itemsize = jnp.dtype(prob.x_dtype).itemsize
     s_item = jnp.dtype(prob.scale_dtype).itemsize
@@ -117,10 +118,11 @@ def kernel_hbm_bytes(impl: str, prob: Problem, cfg: BlockConfig) -> dict[str, fl
         if impl == "triton":
             from afpq_jax._src.kernels.quantized_matmul.triton import effective_split
             split = effective_split(prob, cfg)[0]
-        if split > 1:
-            out += 2 * split * mp * prob.n * 4  # float32 partial sums written and read back by the XLA sum
+        partials = 2 * split * mp * prob.n * 4 if split > 1 else 0  # float32 partial sums written, read back
+        partials_l2 = partials if prob.m <= 16 else 0  # decode's are L2-sized (at most 12 MiB): no HBM traffic
+        out += partials - partials_l2
         return dict(codes=float(codes), scales=float(scales), x=float(x), x_prep=float(x_prep), out=float(out),
-                    total=float(codes + scales + x + x_prep + out), x_l2=float(x_l2))
+                    total=float(codes + scales + x + x_prep + out), x_l2=float(x_l2), partials_l2=float(partials_l2))
     return dict(codes=float(codes), scales=float(scales), x=float(x), x_prep=float(x_prep), out=float(out),
                 total=float(codes + scales + x + x_prep + out))
 

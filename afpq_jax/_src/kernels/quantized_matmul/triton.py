@@ -19,8 +19,8 @@ K, N and M need not be multiples of the tiles (nothing is padded: a decode step 
 (tensor-core dot minimum).
 
 Decode (M <= 16) has only N / block_n output tiles; ``split_k`` programs then share each tile's K range and
-write float32 partial sums that XLA adds (deterministic; the default keeps that traffic under 3% of the
-weight's bytes, see `split_k`).
+write float32 partial sums that XLA adds (deterministic). The decode default launches at least 2 programs per SM
+of an H100 (`decode_split`; the partial sums are L2-sized), each looping over >= 4 K tiles; see `split_k`.
 """
 
 from __future__ import annotations
@@ -42,14 +42,34 @@ def _pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
 
-TARGET_PROGRAMS = 264  # ~2 waves of programs on a 132-SM H100
+TARGET_PROGRAMS = 264  # 2 programs (CTAs) per SM on a 132-SM H100: the minimum for decode to fill the card
+MIN_TILES_PER_SPLIT = 4  # K tiles each decode program loops over, so the pipeline has loads to overlap
+SMEM_PER_SM = 228 * 1024  # Hopper; two resident CTAs must fit in it together
+L2_PARTIALS_BYTES = 12 * 2**20  # split-K partial sums up to here stay in the 50 MB L2 (written, read back once)
+
+
+def decode_split(prob: Problem, bm: int, bn: int) -> int:
+    """Decode (M <= 16): the power-of-two split-K that gives at least `TARGET_PROGRAMS` programs (the output
+    tiles alone are N / block_n: 64 at N = 4096), bounded by the L2-resident partial sums."""
+    programs = cdiv(prob.n, bn) * cdiv(prob.m, bm)
+    split = 1
+    while programs * split < TARGET_PROGRAMS and 2 * split * prob.m * prob.n * 4 <= L2_PARTIALS_BYTES:
+        split *= 2
+    return split
 
 
 def split_k(prob: Problem, bm: int, bn: int, bk: int) -> int:
-    """Power of two: enough programs to fill the GPU, while the partial sums' extra traffic (written and read
-    back as float32) stays under 3% of the packed weight's bytes."""
+    """Power of two. Decode (M <= 16): `decode_split`, as far as the K tiles allow `MIN_TILES_PER_SPLIT` each
+    (the partial sums stay in L2, so they cost no HBM traffic). Larger M: enough programs to fill the GPU while
+    the partial sums' extra traffic (written and read back as float32, no longer L2-sized) stays under 3% of the
+    packed weight's bytes."""
     programs = cdiv(prob.n, bn) * cdiv(prob.m, bm)
     tiles = cdiv(prob.kp, bk)
+    if prob.m <= 16:
+        split = 1
+        while split < decode_split(prob, bm, bn) and 2 * split * MIN_TILES_PER_SPLIT <= tiles:
+            split *= 2
+        return split
     weight_bytes = prob.packed_rows * prob.n
     split = 1
     while (split * 2 <= tiles and programs * split < TARGET_PROGRAMS
@@ -76,6 +96,9 @@ def default_config(prob: Problem, config: BlockConfig | None = None) -> BlockCon
     bn = max(bn, 16)
     bk = 16 * p  # minimum: every slot matrix is >= 16 rows (tl.dot)
     target = 256 if prob.m > 64 else 512
+    if prob.m <= 16:  # decode: K tiles small enough that each of the splits filling the card loops over a few
+        want = decode_split(prob, bm, bn) * MIN_TILES_PER_SPLIT
+        target = min(target, max(128, 1 << max(0, (prob.kp // want).bit_length() - 1)))
     bk = max(bk, min(target, base.pow2_ge(prob.kp)))
     if not prob.per_channel and prob.group < bk and bk % prob.group:
         bk = prob.group
@@ -90,6 +113,9 @@ def default_config(prob: Problem, config: BlockConfig | None = None) -> BlockCon
             stages -= 1
         else:
             break
+    # Decode runs 2 programs per SM: fewer stages where two would not fit in one SM's shared memory together.
+    while prob.m <= 16 and stages > 2 and 2 * smem_bytes(prob, bm, bn, bk, stages) > SMEM_PER_SM:
+        stages -= 1
     return BlockConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
                        split_k=split_k(prob, bm, bn, bk), lookup=True)
 
