@@ -13,7 +13,7 @@ import afpq_jax
 import afpq_jax as aq
 from afpq_jax._src import quantizer
 from afpq_jax._src.kernels.quantized_matmul_a8.xla import group_sums
-from afpq_jax.kernels import BlockConfig, integer_weight, quantize_activations, quantized_matmul_a8
+from afpq_jax.kernels import BlockConfig, Problem, integer_weight, quantize_activations, quantized_matmul_a8
 from tests.kernels.support import (INTERPRET, TPU_KINDS, abstract_weight, custom_call_operands, input_fusion_flags,
                                    make_weight, make_x)
 from tests.support import emulated_int8_matmul
@@ -128,6 +128,24 @@ def test_a8_kernels_match_xla(impl, fmt, asym, static, x_shape, n, dtype, group,
     eps_out = 0.0 if dtype == jnp.float32 else float(jnp.finfo(dtype).eps)
     y32, r32 = (np.asarray(v, np.float32).reshape(-1, n) for v in (y, ref))
     assert np.all(np.abs(y32 - r32) <= bound + eps_out * np.abs(r32) + 1e-30)
+
+
+@pytest.mark.parametrize("fmt,asym,integer_scales", [("int4", True, False), ("fp4_e2m1", True, False),
+                                                     ("fp4_e2m1", True, True)])
+def test_a8_triton_split_k_matches_xla(fmt, asym, integer_scales):
+    """Decode's split-K: 6 K tiles of 64 rows in 2 splits of 3, so a 128-row group is cut by the split
+    boundary (its integer sums scaled in both parts); 4 splits of 2 tiles; the default's split at M = 1."""
+    from afpq_jax._src.kernels.quantized_matmul_a8 import api as a8_api
+    qt = make_weight(fmt, 128, asym, 384, 80, integer_scales=integer_scales)
+    x = make_x((1, 384), jnp.bfloat16) * 3
+    ref = np.asarray(_a8("xla", x, qt, None), np.float32)
+    w = np.abs(np.asarray(quantizer.dequantize(qt, jnp.float32)))
+    bound = 2e-6 * (np.abs(np.asarray(x, np.float32)) @ w) + float(jnp.finfo(jnp.bfloat16).eps) * np.abs(ref)
+    for split in (2, 4):
+        y = np.asarray(_a8("triton", x, qt, None, BlockConfig(block_k=64, split_k=split)), np.float32)
+        assert np.all(np.abs(y - ref) <= bound + 1e-30), split
+    prob = Problem.create((1, 4096), jnp.bfloat16, abstract_weight(fmt, 128, asym, 4096, 4096, integer_scales))
+    assert a8_api.resolve("triton", prob, None).split_k >= 4  # 64 output tiles alone would leave SMs idle
 
 
 @pytest.mark.parametrize("asym,integer_scales", [(True, False), (False, False), (True, True)])

@@ -2,8 +2,9 @@
 levels decoded in registers, int8 x int8 ``tl.dot`` with int32 accumulation per quantization group, and the
 float epilogue (group scales, AFPQ's split by code sign, INT zero points, activation scale) once per group.
 
-One program per (N tile, M tile); K tiles of ``block_k`` rows never straddle a group (``block_k`` divides the
-group size, or the weight is per-channel). x arrives as it is, in float, and each slot's columns are read with
+One program per (N tile, M tile, K split); K tiles of ``block_k`` rows never straddle a group (``block_k``
+divides the group size, or the weight is per-channel). Decode splits K like the W4A16 kernel (>= 2 programs per
+SM); each split writes float32 partial outputs that XLA sums. x arrives as it is, in float, and each slot's columns are read with
 the W4A16 kernel's strided loads: the dynamic per-token scale is the prologue of the
 kernel (a pass over the M tile's x rows computing max|x|, then every tile is quantized in registers), so no
 quantized copy of x is ever written to memory. Per K tile and slot: codes -> integer levels
@@ -35,11 +36,13 @@ INT8_MAX = 127.0
 
 
 def default_config(prob: Problem, config: BlockConfig | None = None) -> BlockConfig:
-    """The W4A16 kernel's Triton tiling without split-K, K steps within one group (per-group integer sums)."""
-    cfg = w4a16_triton.default_config(prob).replace(split_k=1)
+    """The W4A16 kernel's Triton tiling with K steps within one group (per-group integer sums), and its split-K
+    for that step (decode: >= 2 programs per SM, `w4a16_triton.split_k`)."""
+    cfg = w4a16_triton.default_config(prob)
     if not prob.per_channel and cfg.block_k > prob.group:
         cfg = cfg.replace(block_k=prob.group)
-    return cfg
+    tile = base.merge(config, cfg)  # the split for the tiles that will run, a caller's included
+    return cfg.replace(split_k=w4a16_triton.split_k(prob, tile.block_m, tile.block_n, tile.block_k))
 
 
 def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
@@ -48,8 +51,6 @@ def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
     reason = w4a16_triton.why_unsupported(prob, cfg)
     if reason is not None:
         return reason
-    if cfg.split_k not in (None, 1):
-        return "split_k > 1 is not implemented for W·A8"
     if not prob.per_channel and cfg.block_k > prob.group:
         return f"block_k={cfg.block_k} must not exceed the group size {prob.group} (per-group integer sums)"
     return None
@@ -66,7 +67,7 @@ def _quantize(x: jax.Array, inv: jax.Array) -> jax.Array:
     return r.astype(jnp.int8)
 
 
-def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, dynamic: bool):
+def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, per_split: int, dynamic: bool):
     it = iter(refs)
     x_ref, c_ref, s_ref = next(it), next(it), next(it)
     sn_ref = next(it) if prob.has_neg else None
@@ -98,7 +99,13 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, dynamic: bool):
         v = pltr.load(x_ref.at[pl.ds(i * bm, bm), pl.ds(t * bk, bk)], mask=row_ok & (cols < prob.k), other=0)
         return jnp.maximum(m, jnp.max(jnp.abs(v.astype(jnp.float32)), axis=1, keepdims=True))
 
-    if dynamic:  # prologue: per-token max|x| over the whole row
+    # This program's K tiles (split-K: a contiguous range; its float32 partial output is summed in XLA).
+    first = pl.program_id(2) * per_split
+    end = jnp.minimum(first + per_split, tiles)
+    out_block = (o_ref.at[pl.program_id(2), pl.ds(i * bm, bm), pl.ds(n0, bn)] if per_split < tiles
+                 else o_ref.at[pl.ds(i * bm, bm), pl.ds(n0, bn)])
+
+    if dynamic:  # prologue: per-token max|x| over the whole row (every split: the scale is the row's)
         amax = jax.lax.fori_loop(0, tiles, row_amax, jnp.zeros((bm, 1), jnp.float32))
         xs = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
     else:
@@ -124,10 +131,9 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, dynamic: bool):
                 acc = acc + jax.lax.dot(xq, w8.astype(jnp.int8), preferred_element_type=jnp.int32)
             return acc
 
-        acc = jax.lax.fori_loop(0, tiles, int_body, jnp.zeros((bm, bn), jnp.int32))
+        acc = jax.lax.fori_loop(first, end, int_body, jnp.zeros((bm, bn), jnp.int32))
         ch = load_rows(ch_ref, 0, 1, 1).astype(jnp.float32) * (1.0 / mult)
-        pltr.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(n0, bn)], (acc.astype(jnp.float32) * ch * xs).astype(o_ref.dtype),
-                   mask=row_ok & col_ok)
+        pltr.store(out_block, (acc.astype(jnp.float32) * ch * xs).astype(o_ref.dtype), mask=row_ok & col_ok)
         return
 
     def body(t, carry):
@@ -146,9 +152,10 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, dynamic: bool):
             if prob.has_zero:
                 rsum = rsum + jnp.sum(xq.astype(jnp.int32), axis=1, keepdims=True)
         if prob.per_channel:
-            last_of_group = t == tiles - 1
-        else:  # block_k divides the group: every (group // block_k)-th tile closes a group
-            last_of_group = (jax.lax.rem(t + 1, prob.group // bk) == 0) | (t == tiles - 1)
+            last_of_group = t == end - 1
+        else:  # block_k divides the group: every (group // block_k)-th tile closes a group, and so does the
+            # split's last tile (a group cut by a split boundary is scaled in both parts: the sums are linear)
+            last_of_group = (jax.lax.rem(t + 1, prob.group // bk) == 0) | (t == end - 1)
         if prob.kind == "int":
             term = p_pos.astype(jnp.float32)
             if prob.has_zero:  # sum_k xq (c - z) = P - z * R, zero point shifted like the codes
@@ -162,9 +169,9 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, dynamic: bool):
         return acc, *(jnp.where(last_of_group, jnp.zeros_like(v), v) for v in (p_pos, p_neg, rsum))
 
     zi = jnp.zeros((bm, bn), jnp.int32)
-    acc, *_ = jax.lax.fori_loop(0, tiles, body, (jnp.zeros((bm, bn), jnp.float32), zi, zi,
-                                                jnp.zeros((bm, 1), jnp.int32)))
-    pltr.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(n0, bn)], (acc * xs).astype(o_ref.dtype), mask=row_ok & col_ok)
+    acc, *_ = jax.lax.fori_loop(first, end, body, (jnp.zeros((bm, bn), jnp.float32), zi, zi,
+                                                  jnp.zeros((bm, 1), jnp.int32)))
+    pltr.store(out_block, (acc * xs).astype(o_ref.dtype), mask=row_ok & col_ok)
 
 
 def quantized_matmul_a8_triton(x2d, qt, input_scale, prob: Problem, cfg: BlockConfig, *, interpret: bool = False):
@@ -178,14 +185,16 @@ def quantized_matmul_a8_triton(x2d, qt, input_scale, prob: Problem, cfg: BlockCo
         extra.append(jnp.asarray(input_scale, jnp.float32).reshape(1, 1))
     if base.uses_lookup(prob, cfg):
         extra.append(jnp.asarray(decode.integer_lookup_table(prob)))
-    return pl.pallas_call(
-        functools.partial(_kernel, prob=prob, cfg=cfg, tiles=tiles, dynamic=dynamic),
-        out_shape=jax.ShapeDtypeStruct((prob.m, prob.n), jnp.float32),
-        grid=(cdiv(prob.n, bn), cdiv(prob.m, bm)),
+    split, per_split = w4a16_triton.effective_split(prob, cfg)
+    out = pl.pallas_call(
+        functools.partial(_kernel, prob=prob, cfg=cfg, tiles=tiles, per_split=per_split, dynamic=dynamic),
+        out_shape=jax.ShapeDtypeStruct((prob.m, prob.n) if split == 1 else (split, prob.m, prob.n), jnp.float32),
+        grid=(cdiv(prob.n, bn), cdiv(prob.m, bm), split),
         compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"afpq_qmm_a8_{prob.format_name}",
     )(x2d, qt.codes, qt.scale, *extra)
+    return out if split == 1 else jnp.sum(out, axis=0)
 
 
 @dataclasses.dataclass(frozen=True)
