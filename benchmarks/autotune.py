@@ -32,7 +32,7 @@ from benchmarks.quantized_matmul import measure, rotation  # the benchmark's tim
 
 # The fields worth searching per implementation, in search order, with the values tried.
 CANDIDATES: dict[str, dict[str, tuple]] = {
-    "triton": {"block_n": (32, 64, 128, 256), "block_k": (128, 256, 512, 1024), "split_k": (1, 2, 4, 8, 16),
+    "triton": {"block_m": (1, 2, 4, 16), "block_n": (32, 64, 128, 256), "block_k": (128, 256, 512, 1024), "split_k": (1, 2, 4, 8, 16),
                "num_warps": (2, 4, 8), "num_stages": (2, 3, 4), "lookup": (True, False)},
     "mosaic_tpu": {"block_n": (128, 256, 512, 1024, 2048), "block_k": (512, 1024, 2048, 4096, 8192),
                    "x_resident": (True, False), "lookup": (False, True)},
@@ -73,8 +73,8 @@ def search(impl: str, xs, qts, *, reps: int, loops: int) -> tuple[BlockConfig, f
         raise SystemExit(f"{impl} declines or fails its default tiling for this shape")
     for field, values in CANDIDATES.get(impl, {}).items():
         for v in values:
-            if getattr(best, field) == v:
-                continue
+            if getattr(best, field) == v or (field == "block_m" and v < 16 and (prob.m > 4 or v < prob.m)):
+                continue  # the GEMV variant (block_m < 16) only for M <= 4, with a tile of at least M rows
             cand = dataclasses.replace(best, **{field: v})
             t = time_config(cand)
             if t is not None and t < best_t * (1 - MIN_GAIN):

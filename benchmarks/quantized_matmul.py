@@ -167,9 +167,10 @@ def profiled(fn, args, matmuls: int) -> tuple[float, float] | None:
     return (kernel * 1e-9 / matmuls, other * 1e-9 / matmuls) if seen else None
 
 
-def implementation_variants(impls, triton_lookup: str) -> list[tuple[str, BlockConfig | None]]:
+def implementation_variants(impls, triton_lookup: str, triton_gemv: bool = False) -> list[tuple[str, BlockConfig | None]]:
     """(row label, config) per timed variant: "triton" is the default config (table lookup), "triton-tree" is
-    Triton with BlockConfig(lookup=False); ``triton_lookup`` is "on", "off" or "both"."""
+    Triton with BlockConfig(lookup=False); ``triton_lookup`` is "on", "off" or "both". ``triton_gemv`` adds
+    "triton-gemv", the GEMV variant (its config depends on M: `variant_config`)."""
     variants = []
     for name in impls:
         if name != "triton":
@@ -179,11 +180,24 @@ def implementation_variants(impls, triton_lookup: str) -> list[tuple[str, BlockC
             variants.append((name, None))
         if triton_lookup in ("off", "both"):
             variants.append(("triton-tree", BlockConfig(lookup=False)))
+        if triton_gemv:
+            variants.append(("triton-gemv", None))
     return variants
 
 
+def variant_config(label: str, config: BlockConfig | None, m: int) -> BlockConfig | None | str:
+    """The config a variant runs at ``m`` rows, or the reason it does not apply. "triton-gemv": one tile of
+    M rows (a power of two), for M <= 4."""
+    if label != "triton-gemv":
+        return config
+    if m > 4:
+        return "the GEMV variant is for M <= 4"
+    return BlockConfig(block_m=1 << (m - 1).bit_length())
+
+
 # The device check's headline cases (K and N stay at their flags' defaults, 4096).
-HEADLINE = dict(m=[1, 16], formats=["int4", "nf4"], group_size=128, schemes=["asym"], triton_lookup="both")
+HEADLINE = dict(m=[1, 16], formats=["int4", "nf4"], group_size=128, schemes=["asym"], triton_lookup="both",
+                triton_gemv=True)
 
 
 def _known(t: float | None) -> bool:
@@ -198,7 +212,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--headline", action="store_true",
                     help="the device check's headline table: INT4-asym and NF4-asym, M = 1 and 16, g128, Triton "
-                         "lookup on and off, xla, dense (overrides --m, --formats, --group-size, --schemes)")
+                         "lookup on and off and its GEMV variant, xla, dense (overrides --m, --formats, "
+                         "--group-size, --schemes)")
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--n", type=int, default=4096)
@@ -212,6 +227,8 @@ def main(argv=None):
     ap.add_argument("--triton-lookup", choices=["on", "off", "both"], default="on",
                     help="Triton codebook decode: table lookup (on, the default config), select tree (off), or "
                          "both as two rows ('triton' and 'triton-tree')")
+    ap.add_argument("--triton-gemv", action="store_true",
+                    help="also time Triton's GEMV variant (block_m < 16, M <= 4) as 'triton-gemv'")
     ap.add_argument("--no-profile", dest="profile", action="store_false",
                     help="skip the profiler trace (kernel / XLA-side device time)")
     ap.add_argument("--reps", type=int, default=20)
@@ -237,7 +254,7 @@ def main(argv=None):
     g = None if a.group_size == 0 else a.group_size
     xdt = jnp.dtype(a.x_dtype)
     impls = a.impls or [n for n in IMPLEMENTATIONS if n == "xla" or IMPLEMENTATIONS[n].backend == backend]
-    variants = implementation_variants(impls, a.triton_lookup)
+    variants = implementation_variants(impls, a.triton_lookup, a.triton_gemv)
     schemes = a.schemes or (["sym"] if a.sym else ["asym"])
 
     # One rotation for every case: sized for the smallest packed weight timed, so no weight set fits in L2.
@@ -305,7 +322,11 @@ def main(argv=None):
             dispatched[fmt, scheme, m] = select_implementation(prob, log=False)[0]
             ref = None
             for name, config in variants:
-                impl = name.removesuffix("-tree")
+                impl = name.removesuffix("-tree").removesuffix("-gemv")
+                config = variant_config(name, config, m)
+                if isinstance(config, str):
+                    emit([f"{fmt}", m, name, f"declined: {config}"])
+                    continue
                 cfg = resolve(impl, prob, config)
                 why = IMPLEMENTATIONS[impl].supports(prob, cfg)
                 if why is not None:

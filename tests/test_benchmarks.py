@@ -82,6 +82,10 @@ def test_benchmark_times_both_triton_decodes_when_asked():
     assert both[0][1] is None and both[1][1].lookup is False and both[2][1] is None
     assert [label for label, _ in bench.implementation_variants(["triton"], "off")] == ["triton-tree"]
     assert bench.implementation_variants(["cpu", "xla"], "both") == [("cpu", None), ("xla", None)]
+    gemv = bench.implementation_variants(["triton"], "on", triton_gemv=True)
+    assert [label for label, _ in gemv] == ["triton", "triton-gemv"]
+    assert [bench.variant_config("triton-gemv", None, m).block_m for m in (1, 2, 3, 4)] == [1, 2, 4, 4]
+    assert "M <= 4" in bench.variant_config("triton-gemv", None, 16)
 
 
 def test_autotune_script_records_the_fastest_tiling(tmp_path):

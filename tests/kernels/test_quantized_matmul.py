@@ -113,6 +113,12 @@ SHAPES = {
         ("nf4", 128, True, (16, 1040), 300, jnp.float16, BlockConfig(lookup=False)),
         ("fp4_e2m1", 32, True, (3, 576), 200, jnp.float32, BlockConfig(lookup=False, block_k=64)),
         ("nf3", 64, True, (5, 576), 96, jnp.bfloat16, BlockConfig(lookup=False)),
+        # The GEMV variant (block_m < 16): one row, 2 and 4 rows (3 rows: one re-read, never stored), K tails,
+        # split-K, 3-bit, float32 x, the select tree.
+        ("int4", 128, True, (1, 1024), 256, jnp.bfloat16, BlockConfig(block_m=1)),
+        ("nf4", 128, True, (3, 1040), 300, jnp.bfloat16, BlockConfig(block_m=4, split_k=2)),
+        ("nf3", 64, True, (2, 576), 96, jnp.float32, BlockConfig(block_m=2, lookup=False)),
+        ("int3", 128, False, (1, 1000), 64, jnp.bfloat16, BlockConfig(block_m=1, block_k=128)),
     ],
     "mosaic_gpu": [
         ("int4", 128, True, (1, 512), 128, jnp.bfloat16, None),         # decode (M padded to 64)
@@ -250,6 +256,20 @@ def test_triton_lowers(case, verified_triton_modules):
     text = _lower("triton", _avals(*case), "cuda")
     assert "xla.gpu.triton" in text
     assert len(verified_triton_modules) == 1
+
+
+@pytest.mark.parametrize("fmt,m", [("int4", 1), ("nf4", 4), ("nf3", 2)])
+def test_triton_gemv_lowers(fmt, m, verified_triton_modules):
+    """The GEMV variant: a Triton module with no tl.dot (products summed over K) and evict-first code loads."""
+    f = lambda x, q: quantized_matmul(x, q, implementation="triton", config=BlockConfig(block_m=m))  # noqa: E731
+    text = jax.jit(f).trace(*_avals(fmt, 128, True, (m, 4096), 4096, jnp.bfloat16)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text and len(verified_triton_modules) == 1
+    ir = str(verified_triton_modules[0].module)
+    assert "tt.dot" not in ir and "tt.reduce" in ir and "evict_first" in ir
+    # its products and sums are vector work the roofline counts (a dot's are not): one multiply per weight per row
+    ops = roofline.kernel_ops(jax.make_jaxpr(f)(*_avals(fmt, 128, True, (m, 4096), 4096, jnp.bfloat16)))
+    assert ops.by_primitive["mul"] >= m
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4_e2m1", "nf3"])

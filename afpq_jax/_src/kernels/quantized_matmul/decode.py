@@ -147,6 +147,15 @@ def dequant(prob: Problem, code: jax.Array, sc: Scales, lookup=None) -> jax.Arra
     return value * sc.pos
 
 
+def round_to_bfloat16(w: jax.Array) -> jax.Array:
+    """float32 -> the nearest bfloat16 value (ties to even), kept as float32, for finite ``w``. Integer ops
+    rather than a convert pair: XLA may drop a float32 -> bfloat16 -> float32 round trip (excess precision),
+    which would make the interpreter's result differ from the GPU's."""
+    bits = jax.lax.bitcast_convert_type(w, jnp.uint32)
+    bits = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def dequant_slots(prob: Problem, planes: list[jax.Array], sc: Scales, lookup=None) -> list[jax.Array]:
     return [dequant(prob, c, sc, lookup) for c in slot_codes(prob, planes)]
 

@@ -224,11 +224,14 @@ def _wgmma_b_shape(eqn) -> tuple[int, ...]:
 
 
 def _dot_weights(eqn) -> int:
-    """Weights one matrix-multiply equation consumes: its right operand (dot_general) or B (wgmma)."""
+    """Weights one matrix-multiply equation consumes: its right operand (dot_general), B (wgmma), or, for a
+    GEMV written as products summed over K (a ``reduce_sum`` of a (rows, K, N) array over axis 1), K x N."""
     if eqn.primitive.name == "dot_general":
         return _size(eqn.invars[1].aval)
     if eqn.primitive.name == "wgmma_ref":
         return int(math.prod(_wgmma_b_shape(eqn)))
+    if eqn.primitive.name == "reduce_sum" and len(eqn.invars[0].aval.shape) == 3 and eqn.params["axes"] == (1,):
+        return int(math.prod(eqn.invars[0].aval.shape[1:]))
     return 0
 
 

@@ -13,10 +13,15 @@ Per K tile of ``block_k`` rows the program loads, with masked pointer loads stra
 
 unpacks and decodes in registers (`decode.dequant`; codebook levels by one load per weight from a
 ``2**bits``-entry float32 table that stays in L1, unless ``BlockConfig.lookup`` is False), casts to x's dtype and
-issues one ``tl.dot`` per slot into a float32 accumulator. Out-of-range code rows/columns load as 0 (zero
-scales -> +-0 weights) and x's columns past K load as 0; rows past M re-read row M - 1 and are never stored. So
-K, N and M need not be multiples of the tiles (nothing is padded: a decode step moves no padding bytes). Tile sizes must be powers of two (Triton) and >= 16
-(tensor-core dot minimum).
+issues one ``tl.dot`` per slot into a float32 accumulator. Out-of-range code rows/columns load as 0 (zero scales ->
++-0 weights) and x's columns past K load as 0; rows past M re-read row M - 1 and are never stored. So K, N and M
+need not be multiples of the tiles (nothing is padded: a decode step moves no padding bytes). Tile sizes must be
+powers of two (Triton), ``block_n`` and ``block_k`` per slot >= 16 (tensor-core dot minimum).
+
+GEMV variant (``block_m`` < 16, opt-in for M <= 4; float32 or bfloat16 x): x's own rows (no padding to the dot's
+16), float32 products of x and the weight (rounded to bfloat16 by integer ops for bfloat16 x, as the dot path's
+cast does) summed over K (``tl.sum``; no dot operand layout), code bytes loaded evict-first. Which of the two is
+faster at M <= 4 is for a device to measure: the benchmark times both ("triton-gemv"), the autotune tries it.
 
 Decode (M <= 16) has only N / block_n output tiles; ``split_k`` programs then share each tile's K range and
 write float32 partial sums that XLA adds (deterministic). The decode default launches at least 2 programs per SM
@@ -42,6 +47,7 @@ def _pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
 
+GEMV_MAX_M = 4  # the GEMV variant (block_m < 16, `_kernel`) is meant for up to this many rows of x
 TARGET_PROGRAMS = 264  # 2 programs (CTAs) per SM on a 132-SM H100: the minimum for decode to fill the card
 MIN_TILES_PER_SPLIT = 4  # K tiles each decode program loops over, so the pipeline has loads to overlap
 SMEM_PER_SM = 228 * 1024  # Hopper; two resident CTAs must fit in it together
@@ -125,7 +131,11 @@ def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
         return "stacked (batched) weights; vmap the op over the stack instead"
     p = prob.slots
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-    for name, v in (("block_m", bm), ("block_n", bn), ("block_k / slots", bk // p)):
+    if not _pow2(bm):
+        return f"block_m={bm} must be a power of two (Triton tensors; below 16 the kernel runs as a GEMV)"
+    if bm < 16 and jnp.dtype(prob.x_dtype) == jnp.float16:
+        return f"block_m={bm}: the GEMV variant (block_m < 16) takes float32 or bfloat16 x"
+    for name, v in (("block_n", bn), ("block_k / slots", bk // p)):
         if not _pow2(v) or v < 16:
             return f"{name}={v} must be a power of two >= 16 (Triton tensors / tl.dot)"
     if bk % p:
@@ -203,11 +213,17 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, per_split: int):
     x_rows, x_cols = x_slot_indices(prob, i, bm, bk)
     xdt = jnp.dtype(prob.x_dtype)
     precision = dot_precision(xdt)
+    gemv = bm < 16  # decode of a few rows: multiply and sum in float32, no tensor-core dot (`default_config`)
 
-    def load_rows(ref, row0, rows, end):
+    def load_rows(ref, row0, rows, end, eviction_policy=None):
         """Rows [row0, row0 + rows) x this N tile; rows >= end and columns >= N read as 0."""
         r = row0 + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
-        return pltr.load(ref.at[pl.ds(row0, rows), pl.ds(n0, bn)], mask=(r < end) & col_ok, other=0)
+        return pltr.load(ref.at[pl.ds(row0, rows), pl.ds(n0, bn)], mask=(r < end) & col_ok, other=0,
+                         eviction_policy=eviction_policy)
+
+    def load_codes(ref, row0, rows, end):
+        # a GEMV streams each weight byte once: evict it first, keeping x, scales and the table in cache
+        return load_rows(ref, row0, rows, end, "evict_first" if gemv else None)
 
     def scale_tile(ref, t):
         if ref is None:
@@ -221,12 +237,16 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, per_split: int):
         return jnp.broadcast_to(v[:, None, :], (tpg, gr, bn)).reshape(seg, bn)
 
     def body(t, acc):
-        planes = load_code_planes(prob, c_ref, load_rows, t, bk, bn)
+        planes = load_code_planes(prob, c_ref, load_codes, t, bk, bn)
         sc = decode.prepare_scales(prob, scale_tile(s_ref, t), scale_tile(sn_ref, t), scale_tile(z_ref, t))
         for s, w in enumerate(decode.dequant_slots(prob, planes, sc, lookup)):
             xs = load_x_slot(x_ref, prob, x_rows, x_cols[s], t, bk)
-            acc = acc + jax.lax.dot_general(xs, w.astype(xdt), (((1,), (0,)), ((), ())), precision=precision,
-                                            preferred_element_type=jnp.float32)
+            if gemv:  # the weight as x's dtype holds it (the op's contract), then float32 products summed over K
+                w32 = w if xdt == jnp.float32 else decode.round_to_bfloat16(w)
+                acc = acc + jnp.sum(xs.astype(jnp.float32)[:, :, None] * w32[None, :, :], axis=1)
+            else:
+                acc = acc + jax.lax.dot_general(xs, w.astype(xdt), (((1,), (0,)), ((), ())), precision=precision,
+                                                preferred_element_type=jnp.float32)
         return acc
 
     if per_split == tiles:

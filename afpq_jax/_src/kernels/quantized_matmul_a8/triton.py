@@ -39,6 +39,7 @@ def default_config(prob: Problem, config: BlockConfig | None = None) -> BlockCon
     """The W4A16 kernel's Triton tiling with K steps within one group (per-group integer sums), and its split-K
     for that step (decode: >= 2 programs per SM, `w4a16_triton.split_k`)."""
     cfg = w4a16_triton.default_config(prob)
+    cfg = cfg.replace(block_m=max(cfg.block_m, 16))  # int8 tl.dot: no GEMV variant here
     if not prob.per_channel and cfg.block_k > prob.group:
         cfg = cfg.replace(block_k=prob.group)
     tile = base.merge(config, cfg)  # the split for the tiles that will run, a caller's included
@@ -51,6 +52,8 @@ def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
     reason = w4a16_triton.why_unsupported(prob, cfg)
     if reason is not None:
         return reason
+    if cfg.block_m < 16:
+        return f"block_m={cfg.block_m} must be >= 16 (int8 tl.dot)"
     if not prob.per_channel and cfg.block_k > prob.group:
         return f"block_k={cfg.block_k} must not exceed the group size {prob.group} (per-group integer sums)"
     return None
