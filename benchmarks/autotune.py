@@ -32,7 +32,7 @@ from benchmarks.quantized_matmul import measure, rotation  # the benchmark's tim
 
 # The fields worth searching per implementation, in search order, with the values tried.
 CANDIDATES: dict[str, dict[str, tuple]] = {
-    "triton": {"block_m": (1, 2, 4, 16), "block_n": (32, 64, 128, 256), "block_k": (128, 256, 512, 1024), "split_k": (1, 2, 4, 8, 16),
+    "triton": {"block_m": (1, 2, 4, 16), "block_n": (32, 64, 128, 256), "block_k": (128, 256, 512, 1024), "split_k": (1, 2, 4, 8, 16), "split_k_atomic": (False, True),
                "num_warps": (2, 4, 8), "num_stages": (2, 3, 4), "lookup": (True, False)},
     "mosaic_tpu": {"block_n": (128, 256, 512, 1024, 2048), "block_k": (512, 1024, 2048, 4096, 8192),
                    "x_resident": (True, False), "lookup": (False, True)},

@@ -119,6 +119,9 @@ SHAPES = {
         ("nf4", 128, True, (3, 1040), 300, jnp.bfloat16, BlockConfig(block_m=4, split_k=2)),
         ("nf3", 64, True, (2, 576), 96, jnp.float32, BlockConfig(block_m=2, lookup=False)),
         ("int3", 128, False, (1, 1000), 64, jnp.bfloat16, BlockConfig(block_m=1, block_k=128)),
+        # Split-K partial sums added atomically into one (tile-padded) float32 output: M, N and K tails, GEMV.
+        ("nf4", 128, True, (3, 1040), 300, jnp.bfloat16, BlockConfig(block_k=128, split_k=4, split_k_atomic=True)),
+        ("int4", 64, False, (1, 1024), 200, jnp.float32, BlockConfig(block_m=1, split_k=8, split_k_atomic=True)),
     ],
     "mosaic_gpu": [
         ("int4", 128, True, (1, 512), 128, jnp.bfloat16, None),         # decode (M padded to 64)
@@ -270,6 +273,16 @@ def test_triton_gemv_lowers(fmt, m, verified_triton_modules):
     # its products and sums are vector work the roofline counts (a dot's are not): one multiply per weight per row
     ops = roofline.kernel_ops(jax.make_jaxpr(f)(*_avals(fmt, 128, True, (m, 4096), 4096, jnp.bfloat16)))
     assert ops.by_primitive["mul"] >= m
+
+
+def test_triton_atomic_split_k_lowers(verified_triton_modules):
+    """Decode with split-K partials added atomically: one float32 output aliased into the kernel, no XLA sum."""
+    f = lambda x, q: quantized_matmul(x, q, implementation="triton", config=BlockConfig(split_k_atomic=True))  # noqa
+    avals = _avals("nf4", 128, True, (1, 4096), 4096, jnp.bfloat16)
+    text = jax.jit(f).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text and "tt.atomic_rmw" in str(verified_triton_modules[0].module)
+    outer = {e.primitive.name for e in eqns_around_kernels(jax.make_jaxpr(f)(*avals).jaxpr)}
+    assert "reduce_sum" not in outer
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4_e2m1", "nf3"])

@@ -172,6 +172,9 @@ class BlockConfig:
     num_warps / num_stages: Triton launch parameters; num_stages is also Mosaic GPU's pipeline depth.
     split_k:   Triton only: K is split over this many programs per output tile (decode: N / block_n programs
                alone cannot fill a GPU); partial float32 sums are added in XLA (deterministic).
+    split_k_atomic: Triton W4A16 only: the splits add their partial sums into one float32 output with atomic
+               adds instead (no (split, M, N) array and no separate XLA sum; the order of the adds, and so the
+               last bits of a result, may differ between runs). Off unless set.
     x_resident: TPU only: keep all of x's K tiles for the current M tile in VMEM (x is then read from HBM once
                per M tile instead of once per (M, N) tile). None = when it fits in `x_resident_max_bytes`.
     lookup:    codebook levels (FP/NF formats) from a 2**bits-entry table instead of a select tree (NF) or bit
@@ -188,6 +191,7 @@ class BlockConfig:
     num_warps: int | None = None
     num_stages: int | None = None
     split_k: int | None = None
+    split_k_atomic: bool | None = None
     x_resident: bool | None = None
     lookup: bool | None = None
 

@@ -24,7 +24,8 @@ cast does) summed over K (``tl.sum``; no dot operand layout), code bytes loaded 
 faster at M <= 4 is for a device to measure: the benchmark times both ("triton-gemv"), the autotune tries it.
 
 Decode (M <= 16) has only N / block_n output tiles; ``split_k`` programs then share each tile's K range and
-write float32 partial sums that XLA adds (deterministic). The decode default launches at least 2 programs per SM
+write float32 partial sums that XLA adds (deterministic), or, with ``BlockConfig.split_k_atomic``, add them into
+one float32 output with atomic adds. The decode default launches at least 2 programs per SM
 of an H100 (`decode_split`; the partial sums are L2-sized), each looping over >= 4 K tiles; see `split_k`.
 """
 
@@ -252,12 +253,16 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, per_split: int):
     if per_split == tiles:
         acc = jax.lax.fori_loop(0, tiles, body, jnp.zeros((bm, bn), jnp.float32))
         pltr.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=row_ok & col_ok)
-    else:  # split-K: this program's K range; float32 partial sums, reduced in XLA
+    else:  # split-K: this program's K range; float32 partial sums, reduced in XLA or added atomically
         ks = pl.program_id(2)
         first = ks * per_split
         acc = jax.lax.fori_loop(first, jnp.minimum(first + per_split, tiles), body,
                                 jnp.zeros((bm, bn), jnp.float32))
-        pltr.store(o_ref.at[ks, pl.ds(i * bm, bm), pl.ds(n0, bn)], acc, mask=row_ok & col_ok)
+        if cfg.split_k_atomic:  # the output is padded to whole tiles: no mask (rows past M, columns past N are
+            # dropped by the caller)
+            pltr.atomic_add(o_ref, (pl.ds(i * bm, bm), pl.ds(n0, bn)), acc)
+        else:
+            pltr.store(o_ref.at[ks, pl.ds(i * bm, bm), pl.ds(n0, bn)], acc, mask=row_ok & col_ok)
 
 
 def effective_split(prob: Problem, cfg: BlockConfig) -> tuple[int, int]:
@@ -274,17 +279,31 @@ def quantized_matmul_triton(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpr
     if uses_lookup(prob, cfg):
         extra.append(jnp.asarray(decode.lookup_table(prob)))
     split, per_split = effective_split(prob, cfg)
-    out_shape = (jax.ShapeDtypeStruct((prob.m, prob.n), x2d.dtype) if split == 1 else
-                 jax.ShapeDtypeStruct((split, prob.m, prob.n), jnp.float32))
+    atomic = split > 1 and bool(cfg.split_k_atomic)
+    if split == 1:
+        out_shape = jax.ShapeDtypeStruct((prob.m, prob.n), x2d.dtype)
+    elif atomic:  # one float32 output of whole tiles, zeroed here, that every split adds into (aliased: the
+        # kernel's output)
+        padded = (base.round_up(prob.m, bm), base.round_up(prob.n, bn))
+        out_shape = jax.ShapeDtypeStruct(padded, jnp.float32)
+        extra.append(jnp.zeros(padded, jnp.float32))
+    else:
+        out_shape = jax.ShapeDtypeStruct((split, prob.m, prob.n), jnp.float32)
+    args = (x2d, qt.codes, qt.scale, *extra)
+    kernel = functools.partial(_kernel, prob=prob, cfg=cfg.replace(split_k_atomic=atomic), tiles=tiles,
+                               per_split=per_split)
     out = pl.pallas_call(
-        functools.partial(_kernel, prob=prob, cfg=cfg, tiles=tiles, per_split=per_split),
+        (lambda *refs: kernel(*refs[:-2], refs[-1])) if atomic else kernel,  # the aliased input is the output
         out_shape=out_shape,
         grid=(cdiv(prob.n, bn), cdiv(prob.m, bm), split),
+        input_output_aliases={len(args) - 1: 0} if atomic else {},
         compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"afpq_qmm_{prob.format_name}",
-    )(x2d, qt.codes, qt.scale, *extra)
-    return out if split == 1 else jnp.sum(out, axis=0).astype(x2d.dtype)
+    )(*args)
+    if split == 1:
+        return out
+    return (out[:prob.m, :prob.n] if atomic else jnp.sum(out, axis=0)).astype(x2d.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
