@@ -200,6 +200,13 @@ HEADLINE = dict(m=[1, 16], formats=["int4", "nf4"], group_size=128, schemes=["as
                 triton_gemv=True)
 
 
+def launch_summary(impl: str, prob, cfg) -> str:
+    """"programs / shared memory KiB" of a kernel call, where the implementation reports it (Triton)."""
+    launch = getattr(IMPLEMENTATIONS[impl], "launch", None)
+    info = None if launch is None else launch(prob, cfg)
+    return "" if info is None else f"{info['programs']} / {info['smem_bytes'] / 1024:.0f}"
+
+
 def _known(t: float | None) -> bool:
     return t is not None and t > 0 and not math.isnan(t)
 
@@ -278,7 +285,8 @@ def main(argv=None):
         return dense(x, w).astype(x.dtype)
 
     header = ["case", "M", "impl", "e2e µs (loop)", "kernel µs (profiler)", "XLA-side µs (profiler)",
-              "e2e vs dense f32", "e2e vs dense bf16", "kernel vs dense bf16 kernel", "TFLOP/s (e2e)"]
+              "e2e vs dense f32", "e2e vs dense bf16", "kernel vs dense bf16 kernel", "TFLOP/s (e2e)",
+              "programs / smem KiB"]
     if bw:
         header += ["GB/s (kernel)", "of roofline (kernel)", "of roofline (e2e)", "bound vs bf16"]
     rows, failures, times, dense_times, dispatched = [], [], {}, {}, {}
@@ -351,7 +359,8 @@ def main(argv=None):
                 times[fmt, scheme, m, name] = t
                 row = [f"{fmt}-{scheme}-g{g or 'ch'}", m, name, _fmt_us(t.e2e), _fmt_us(t.kernel),
                        _fmt_us(t.xla_side), ratio(t.e2e, d32.e2e), ratio(t.e2e, d16.e2e),
-                       ratio(t.kernel, d16.kernel), per_s(2 * m * a.k * a.n / 1e12, t.e2e, "{:.2f}")]
+                       ratio(t.kernel, d16.kernel), per_s(2 * m * a.k * a.n / 1e12, t.e2e, "{:.2f}"),
+                       launch_summary(impl, prob, cfg)]
                 if bw:
                     ideal = roofline.ideal_bytes(prob)
                     row += [per_s(ideal / 1e9, t.kernel, "{:.0f}"), per_s(ideal / bw, t.kernel, "{:.1%}"),
@@ -363,7 +372,7 @@ def main(argv=None):
                     row = ["dense", m, label, _fmt_us(d.e2e), _fmt_us(d.kernel), _fmt_us(d.xla_side)]
                     if bw and label == "dense bf16":  # 2 bytes per weight, x and out in bf16
                         ideal = 2 * (a.k * a.n + m * a.k + m * a.n)
-                        row += [""] * 4 + [per_s(ideal / 1e9, d.kernel, "{:.0f}"),
+                        row += [""] * 5 + [per_s(ideal / 1e9, d.kernel, "{:.0f}"),
                                            per_s(ideal / bw, d.kernel, "{:.1%}"), per_s(ideal / bw, d.e2e, "{:.1%}")]
                     emit(row)
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]

@@ -86,6 +86,15 @@ def test_benchmark_times_both_triton_decodes_when_asked():
     assert [label for label, _ in gemv] == ["triton", "triton-gemv"]
     assert [bench.variant_config("triton-gemv", None, m).block_m for m in (1, 2, 3, 4)] == [1, 2, 4, 4]
     assert "M <= 4" in bench.variant_config("triton-gemv", None, 16)
+    # the launch each Triton row reports: programs / shared-memory KiB (decode at K = N = 4096: 8 splits x 64)
+    import jax
+    import jax.numpy as jnp
+
+    from afpq_jax.kernels import Problem, resolve
+    qt = jax.eval_shape(lambda w: aq.quantize(w, "int4", group_size=128), jax.ShapeDtypeStruct((4096, 4096), "float32"))
+    prob = Problem.create((1, 4096), jnp.bfloat16, qt)
+    assert bench.launch_summary("triton", prob, resolve("triton", prob, None)) == "512 / 42"
+    assert bench.launch_summary("xla", prob, resolve("xla", prob, None)) == ""
 
 
 def test_autotune_script_records_the_fastest_tiling(tmp_path):

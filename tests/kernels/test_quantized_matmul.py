@@ -441,9 +441,10 @@ def test_triton_decode_fills_an_h100():
             prob = make_problem(fmt, 128, True, m=m, k=4096, n=4096)
             cfg = api.resolve("triton", prob, None)
             split, per_split = triton.effective_split(prob, cfg)
-            programs = -(-4096 // cfg.block_n) * -(-m // cfg.block_m) * split
-            assert programs >= 2 * 132 and per_split >= 4, (fmt, m, cfg)
-            assert 2 * triton.smem_bytes(prob, cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages) <= 228 * 1024
+            launch = IMPLEMENTATIONS["triton"].launch(prob, cfg)
+            assert launch["programs"] == -(-4096 // cfg.block_n) * -(-m // cfg.block_m) * split
+            assert launch["programs"] >= 2 * 132 and per_split >= 4, (fmt, m, cfg)
+            assert 2 * launch["smem_bytes"] <= 228 * 1024
             assert why_not("triton", jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16),
                            abstract_weight(fmt, 128, True, 4096, 4096), cfg) is None
     prob = make_problem("nf4", 128, True, m=64, k=4096, n=4096)  # prefill keeps whole-K programs

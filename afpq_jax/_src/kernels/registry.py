@@ -53,6 +53,11 @@ class Deferred:
         rule = getattr(self._impl(), "default_config", None)
         return None if rule is None else rule(prob, config)
 
+    def launch(self, prob, config):
+        """The implementation's launch summary (programs, shared memory) where it reports one, else None."""
+        rule = getattr(self._impl(), "launch", None)
+        return None if rule is None else rule(prob, config)
+
     def __call__(self, *args, **kwargs):
         return self._impl()(*args, **kwargs)
 

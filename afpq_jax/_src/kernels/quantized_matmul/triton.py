@@ -320,5 +320,11 @@ class Triton:
     def default_config(self, prob: Problem, config: BlockConfig | None = None) -> BlockConfig:
         return default_config(prob, config)
 
+    def launch(self, prob: Problem, config: BlockConfig) -> dict[str, int]:
+        """What a call launches: programs (CTAs) and the upper estimate of each one's shared memory."""
+        split, _ = effective_split(prob, config)
+        return dict(programs=cdiv(prob.n, config.block_n) * cdiv(prob.m, config.block_m) * split,
+                    smem_bytes=smem_bytes(prob, config.block_m, config.block_n, config.block_k, config.num_stages))
+
     def __call__(self, x2d, qt, prob, config, *, interpret=False):
         return quantized_matmul_triton(x2d, qt, prob, config, interpret=interpret)
