@@ -41,6 +41,16 @@ from afpq_jax._src.kernels.quantized_matmul.xla import dot_precision
 
 LANES = 128
 X_RESIDENT_MAX_BYTES = 4 << 20  # per buffer; x blocks are double-buffered.
+DEFAULT_SCOPED_VMEM = 32 << 20  # the least `vmem_limit_bytes` asks for (Mosaic's own default is 16-32 MiB)
+
+
+def target_chip():
+    """`pltpu.TpuInfo` of the TPU this call compiles for (an abstract mesh's device when lowering ahead of time,
+    else the default device), or None when that is not a TPU (interpret mode)."""
+    try:
+        return pltpu.get_tpu_info()
+    except Exception:  # not a TPU (e.g. interpret mode on CPU): no chip-specific limits apply
+        return None
 
 
 def sublane_rows(x_dtype: str) -> int:
@@ -117,6 +127,10 @@ def plan(prob: Problem, cfg: BlockConfig) -> _Plan:
 def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
     if prob.batched:
         return "stacked (batched) weights; vmap the op over the stack instead"
+    chip = target_chip()
+    if chip is not None and jnp.dtype(prob.x_dtype) == jnp.float16 and chip.generation < 6:
+        return (f"float16 x on TPU v{chip.generation}: the kernel rounds weights to float16 on the vector unit, "
+                "which has no 16-bit arithmetic before v6e; pass bfloat16 or float32 x")
     p = prob.slots
     sub = sublane_rows(prob.x_dtype)
     if cfg.block_m % sub and cfg.block_m != prob.m:
@@ -152,6 +166,32 @@ def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
             return (f"3-bit: the 1-bit plane starts at packed row {prob.kp // 4}, not a multiple of its block "
                     f"({cfg.block_k // 8} rows) for block_k={cfg.block_k} (needs 2*Kp % block_k == 0)")
     return None
+
+
+def vmem_bytes(prob: Problem, pl_: _Plan, lookup: bool) -> int:
+    """Upper estimate of the kernel's VMEM: the double-buffered blocks (x, code planes, scale arrays, table,
+    output), the scratch (accumulator, 3-bit plane rows) and room for one chunk's f32 temporaries (spilled)."""
+    it = jnp.dtype(prob.x_dtype).itemsize
+    x = (pl_.tiles if pl_.x_resident else 1) * pl_.bm * pl_.slots * pl_.seg * it
+    if pl_.tiles == 1:
+        codes = prob.packed_rows * pl_.bn
+    else:
+        codes = sum(pl_.bk // plane.rows_per_byte for plane in prob.planes) * pl_.bn
+    scales = pl_.scale_rows * pl_.bn * (jnp.dtype(prob.scale_dtype).itemsize * (1 + prob.has_neg) + prob.has_zero)
+    table = 8 * LANES * 4 if lookup else 0
+    out = pl_.bm * pl_.bn * it
+    scratch = pl_.bm * pl_.bn * 4 + (2 * pl_.cr * pl_.bn * 4 if prob.bits == 3 else 0)
+    temporaries = 6 * pl_.cr * pl_.bn * 4
+    return 2 * (x + codes + scales + table + out) + scratch + temporaries
+
+
+def vmem_limit(prob: Problem, pl_: _Plan, lookup: bool) -> int | None:
+    """`vmem_limit_bytes` for the call: twice the estimate, at least `DEFAULT_SCOPED_VMEM`, at most 90% of the
+    target chip's VMEM; None when the target is not a TPU."""
+    chip = target_chip()
+    if chip is None:
+        return None
+    return int(min(0.9 * chip.vmem_capacity_bytes, max(DEFAULT_SCOPED_VMEM, 2 * vmem_bytes(prob, pl_, lookup))))
 
 
 def _lane_lookup(table_row: jax.Array, code: jax.Array) -> jax.Array:
@@ -305,7 +345,8 @@ def quantized_matmul_tpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpret:
         out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
         scratch_shapes=scratch,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
-                                             allow_input_fusion=input_fusion),
+                                             allow_input_fusion=input_fusion,
+                                             vmem_limit_bytes=vmem_limit(prob, pl_, lookup)),
         cost_estimate=pl.CostEstimate(flops=2 * pl_.mp * prob.kp * prob.n, transcendentals=0,
                                       bytes_accessed=int(bytes_accessed)),
         interpret=pltpu.InterpretParams() if interpret else False,
