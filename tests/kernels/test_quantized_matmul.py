@@ -250,23 +250,37 @@ def test_mosaic_tpu_asks_for_the_vmem_its_tiling_needs():
     from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
     from afpq_jax._src.kernels.quantized_matmul import mosaic_tpu
-    big = BlockConfig(block_n=2048, x_resident=True)
+    # x resident for 512 rows x K = 8192 (16 MiB double-buffered), in 32 one-chunk K steps: a 18.5 MiB estimate
+    big = (BlockConfig(block_m=512, block_n=512, block_k=256, x_resident=True), (512, 8192), 512, None)
+    small = (None, (16, 4096), 4096, 128)
     for kind, capacity in (("TPU v4", 16 << 20), ("TPU v5 lite", 128 << 20), ("TPU v6 lite", 128 << 20)):
         mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
                             abstract_device=AbstractDevice(device_kind=kind, num_cores=1, platform="tpu"))
-        for config, m in ((None, 16), (big, 256)):
-            avals = _avals("nf4", 128, True, (m, 4096), 4096, jnp.bfloat16)
-            prob = make_problem("nf4", 128, True, m=m, k=4096, n=4096)
+        for config, x_shape, n, group in (small, big):
+            avals = _avals("nf4", group, True, x_shape, n, jnp.bfloat16)
+            prob = make_problem("nf4", group, True, m=x_shape[0], k=x_shape[1], n=n)
             estimate = mosaic_tpu.vmem_bytes(prob, mosaic_tpu.plan(prob, api.resolve("mosaic_tpu", prob, config)), False)
             f = lambda x, q: quantized_matmul(x, q, implementation="mosaic_tpu", config=config)  # noqa: E731
             with use_abstract_mesh(mesh):
                 text = jax.jit(f).trace(*avals).lower(lowering_platforms=("tpu",)).as_text()
             (size,) = map(int, re.findall(r"\\22size\\22: (\d+)", text))
-            assert size == int(min(0.9 * capacity, max(32 << 20, 2 * estimate))), (kind, m)
-            if config is big and capacity > (32 << 20):
-                assert size > 32 << 20 and size >= 2 * estimate  # the big tiling gets what it needs
+            assert size == int(min(0.9 * capacity, max(32 << 20, 2 * estimate))), (kind, x_shape)
+        assert size >= int(min(2 * estimate, 0.9 * capacity)) and estimate > 16 << 20  # the big tiling: its VMEM
     assert mosaic_tpu.vmem_limit(make_problem(), mosaic_tpu.plan(make_problem(), api.resolve(
         "mosaic_tpu", make_problem(), None)), False) is None  # interpret mode on CPU: no chip, no limit
+
+
+def test_mosaic_tpu_chunks_fit_the_vreg_file():
+    """Each chunk's f32 temporaries are at most 16 of the 64 vregs (128 slot rows x 128 lanes), whatever the
+    tile width; the numerics tests run tiles of several column blocks."""
+    from afpq_jax._src.kernels.quantized_matmul import mosaic_tpu
+    for fmt, g, m in (("nf4", 128, 1), ("int4", 128, 16), ("nf3", 128, 64), ("int2", None, 256)):
+        prob = make_problem(fmt, g, True, m=m, k=4096, n=4096)
+        plan = mosaic_tpu.plan(prob, api.resolve("mosaic_tpu", prob, None))
+        assert plan.cr * plan.cn * 4 <= mosaic_tpu.CHUNK_TEMP_BYTES and plan.bn % plan.cn == 0, (fmt, plan)
+        assert plan.bn // plan.cn >= 2  # the default 512-wide tile is several blocks
+    prob = Problem.create(*SHAPES["mosaic_tpu"][0][3:4], jnp.bfloat16, abstract_weight("nf4", 128, True, 4096, 256))
+    assert mosaic_tpu.plan(prob, api.resolve("mosaic_tpu", prob, None)).cn == 128  # a numerics case: 2 blocks
 
 
 @pytest.mark.parametrize("kind", TPU_KINDS)

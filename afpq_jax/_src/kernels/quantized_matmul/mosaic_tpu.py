@@ -14,8 +14,9 @@ split them across TensorCores). Per K step of ``block_k`` rows the kernel receiv
   (K step, N tile); ``block_k / group`` is a multiple of the native tile height (16 rows for 16-bit scales,
   32 for uint8 zero points) so the block is tile-aligned.
 
-Inside a step, ``chunk_k`` rows at a time (128 rows of every slot matrix: one MXU pass deep, bounded f32
-temporaries): bytes -> int32, shifts/masks give the slot codes, `decode.dequant` maps them to float32 values
+Inside a step, chunks of ``chunk_k`` rows (128 rows of every slot matrix: one MXU pass deep) by 128-lane column
+blocks (so each f32 temporary is 16 of the 64 vregs, `CHUNK_TEMP_BYTES`, not a 128 x 512 tile that must spill):
+bytes -> int32, shifts/masks give the slot codes, `decode.dequant` maps them to float32 values
 with the group scales (expanded per row by sublane broadcasts of one row per group), cast to x's dtype, and
 one ``dot(x_segment, W_slot)`` per slot accumulates in float32.
 
@@ -41,6 +42,8 @@ from afpq_jax._src.kernels.quantized_matmul.xla import dot_precision
 
 LANES = 128
 X_RESIDENT_MAX_BYTES = 4 << 20  # per buffer; x blocks are double-buffered.
+CHUNK_TEMP_BYTES = 64 << 10  # one f32 temporary of the decode: 16 of the 64 vregs (4 KiB each), so a chunk's
+# few live temporaries fit the register file instead of spilling to VMEM
 DEFAULT_SCOPED_VMEM = 32 << 20  # the least `vmem_limit_bytes` asks for (Mosaic's own default is 16-32 MiB)
 
 
@@ -99,6 +102,7 @@ class _Plan:
     seg: int            # x columns per slot segment
     slot_rows: int      # rows of each slot matrix per K step
     cr: int             # slot rows per chunk
+    cn: int             # columns per chunk (a chunk's f32 temporaries: cr x cn, `CHUNK_TEMP_BYTES`)
     x_resident: bool
     scale_rows: int     # rows of the scale block
 
@@ -119,9 +123,13 @@ def plan(prob: Problem, cfg: BlockConfig) -> _Plan:
     mp = round_up(max(prob.m, 1), cfg.block_m)
     x_bytes = tiles * cfg.block_m * p * seg * jnp.dtype(prob.x_dtype).itemsize
     resident = cfg.x_resident if cfg.x_resident is not None else x_bytes <= X_RESIDENT_MAX_BYTES
+    cr = min(cfg.chunk_k // p, slot_rows)
+    cn = cfg.block_n
+    if cn % LANES == 0:  # whole 128-lane column blocks that divide the tile, as wide as the budget allows
+        cn = LANES * max(d for d in range(1, cn // LANES + 1)
+                         if (cn // LANES) % d == 0 and (cr * LANES * d * 4 <= CHUNK_TEMP_BYTES or d == 1))
     return _Plan(bm=cfg.block_m, bn=cfg.block_n, bk=bk, mp=mp, tiles=tiles, slots=p, seg=seg,
-                 slot_rows=slot_rows, cr=min(cfg.chunk_k // p, slot_rows), x_resident=resident,
-                 scale_rows=scale_rows)
+                 slot_rows=slot_rows, cr=cr, cn=cn, x_resident=resident, scale_rows=scale_rows)
 
 
 def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
@@ -180,8 +188,8 @@ def vmem_bytes(prob: Problem, pl_: _Plan, lookup: bool) -> int:
     scales = pl_.scale_rows * pl_.bn * (jnp.dtype(prob.scale_dtype).itemsize * (1 + prob.has_neg) + prob.has_zero)
     table = 8 * LANES * 4 if lookup else 0
     out = pl_.bm * pl_.bn * it
-    scratch = pl_.bm * pl_.bn * 4 + (2 * pl_.cr * pl_.bn * 4 if prob.bits == 3 else 0)
-    temporaries = 6 * pl_.cr * pl_.bn * 4
+    scratch = pl_.bm * pl_.bn * 4 + (2 * pl_.cr * pl_.cn * 4 if prob.bits == 3 else 0)
+    temporaries = 6 * pl_.cr * pl_.cn * 4
     return 2 * (x + codes + scales + table + out) + scratch + temporaries
 
 
@@ -257,34 +265,40 @@ def _kernel(*refs, prob: Problem, pl_: _Plan, n_code_refs: int, lookup: bool):
         return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0)
 
     x_tile = x_ref.at[k] if pl_.x_resident else x_ref
-    acc = jnp.zeros(acc_ref.shape, jnp.float32)
+    cn = pl_.cn
     table = None if t_ref is None else functools.partial(_lane_lookup, t_ref[0:1, :])  # read once per step
-    for r0 in range(0, pl_.slot_rows, pl_.cr):
-        rows = min(pl_.cr, pl_.slot_rows - r0)
-        if prob.bits == 3:
-            if pl_.tiles == 1:
-                (codes,) = code_refs
-                p2 = codes[pl.ds(2 * r0, 2 * rows), :]
-                p1 = codes[pl.ds(prob.planes[1].row_offset + r0, rows), :]
+    # Chunks of cr slot rows x cn columns: each one's f32 temporaries (codes, levels, scales, products) stay
+    # within a quarter of the vreg file; each column block sums its chunks, then adds into the accumulator.
+    for c0 in range(0, pl_.bn, cn):
+        cols = pl.ds(c0, cn)
+        acc = jnp.zeros((pl_.bm, cn), jnp.float32)
+        for r0 in range(0, pl_.slot_rows, pl_.cr):
+            rows = min(pl_.cr, pl_.slot_rows - r0)
+            if prob.bits == 3:
+                if pl_.tiles == 1:
+                    (codes,) = code_refs
+                    p2 = codes[pl.ds(2 * r0, 2 * rows), cols]
+                    p1 = codes[pl.ds(prob.planes[1].row_offset + r0, rows), cols]
+                else:
+                    c2, c1 = code_refs
+                    p2 = c2[pl.ds(2 * r0, 2 * rows), cols]
+                    p1 = c1[pl.ds(r0, rows), cols]
+                # Even/odd byte rows of the 2-bit plane: strided 32-bit loads from a VMEM scratch.
+                p2_scratch[pl.ds(0, 2 * rows), :] = p2.astype(jnp.int32)
+                planes = [p2_scratch[pl.ds(0, rows, stride=2), :], p2_scratch[pl.ds(1, rows, stride=2), :],
+                          p1.astype(jnp.int32)]
             else:
-                c2, c1 = code_refs
-                p2 = c2[pl.ds(2 * r0, 2 * rows), :]
-                p1 = c1[pl.ds(r0, rows), :]
-            # Even/odd byte rows of the 2-bit plane: strided 32-bit loads from a VMEM scratch.
-            p2_scratch[pl.ds(0, 2 * rows), :] = p2.astype(jnp.int32)
-            planes = [p2_scratch[pl.ds(0, rows, stride=2), :], p2_scratch[pl.ds(1, rows, stride=2), :],
-                      p1.astype(jnp.int32)]
-        else:
-            (codes,) = code_refs
-            planes = [codes[pl.ds(r0, rows), :].astype(jnp.int32)]
-        sc = decode.prepare_scales(prob, expand(s_all, r0, rows), expand(sn_all, r0, rows),
-                                   expand(z_all, r0, rows))
-        for s, w in enumerate(decode.dequant_slots(prob, planes, sc, table)):
-            w = w.astype(xdt).astype(mxu_dt)
-            xs = x_tile[:, pl.ds(s * pl_.seg + r0, rows)].astype(mxu_dt)
-            acc = acc + jax.lax.dot_general(xs, w, (((1,), (0,)), ((), ())), precision=precision,
-                                            preferred_element_type=jnp.float32)
-    acc_ref[...] += acc
+                (codes,) = code_refs
+                planes = [codes[pl.ds(r0, rows), cols].astype(jnp.int32)]
+            part = (lambda v: None if v is None else v[:, c0:c0 + cn])
+            sc = decode.prepare_scales(prob, expand(part(s_all), r0, rows), expand(part(sn_all), r0, rows),
+                                       expand(part(z_all), r0, rows))
+            for s, w in enumerate(decode.dequant_slots(prob, planes, sc, table)):
+                w = w.astype(xdt).astype(mxu_dt)
+                xs = x_tile[:, pl.ds(s * pl_.seg + r0, rows)].astype(mxu_dt)
+                acc = acc + jax.lax.dot_general(xs, w, (((1,), (0,)), ((), ())), precision=precision,
+                                                preferred_element_type=jnp.float32)
+        acc_ref[:, cols] += acc
 
     @pl.when(k == pl_.tiles - 1)
     def _store():
@@ -327,7 +341,7 @@ def quantized_matmul_tpu(x2d, qt, prob: Problem, cfg: BlockConfig, *, interpret:
 
     scratch = [pltpu.VMEM((bm, bn), jnp.float32)]
     if prob.bits == 3:
-        scratch.append(pltpu.VMEM((2 * pl_.cr, bn), jnp.int32))
+        scratch.append(pltpu.VMEM((2 * pl_.cr, pl_.cn), jnp.int32))
 
     grid = (pl_.mp // bm, cdiv(prob.n, bn), T)
     kernel = functools.partial(_kernel, prob=prob, pl_=pl_, n_code_refs=len(code_args), lookup=lookup)
