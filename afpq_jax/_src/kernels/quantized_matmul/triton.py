@@ -25,7 +25,7 @@ faster at M <= 4 is for a device to measure: the benchmark times both ("triton-g
 
 Decode (M <= 16) has only N / block_n output tiles; ``split_k`` programs then share each tile's K range and
 write float32 partial sums that XLA adds (deterministic), or, with ``BlockConfig.split_k_atomic``, add them into
-one float32 output with atomic adds. The decode default launches at least 2 programs per SM
+one float32 output with atomic adds. As far as K allows, the decode default launches at least 2 programs per SM
 of an H100 (`decode_split`; the partial sums are L2-sized), each looping over >= 4 K tiles; see `split_k`.
 """
 
