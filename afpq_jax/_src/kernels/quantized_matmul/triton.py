@@ -226,20 +226,30 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, per_split: int):
         # a GEMV streams each weight byte once: evict it first, keeping x, scales and the table in cache
         return load_rows(ref, row0, rows, end, "evict_first" if gemv else None)
 
-    def scale_tile(ref, t):
+    def scale_rows(ref, t):
+        """The K tile's scale rows, float32: one row (the group holding the tile) or one per group in it."""
         if ref is None:
             return None
         if prob.per_channel or prob.group >= bk:
             g = 0 if prob.per_channel else (t * bk) // prob.group
-            row = load_rows(ref, g, 1, prob.num_groups).astype(jnp.float32)
-            return jnp.broadcast_to(row, (seg, bn))
-        tpg, gr = bk // prob.group, prob.group // p
-        v = load_rows(ref, t * tpg, tpg, prob.num_groups).astype(jnp.float32)
-        return jnp.broadcast_to(v[:, None, :], (tpg, gr, bn)).reshape(seg, bn)
+            return load_rows(ref, g, 1, prob.num_groups).astype(jnp.float32)
+        tpg = bk // prob.group
+        return load_rows(ref, t * tpg, tpg, prob.num_groups).astype(jnp.float32)
+
+    def to_slot_rows(v):
+        """Scale rows -> one per slot row (broadcast + reshape, no gather); constants stay as they are."""
+        if v is None or not hasattr(v, "ndim") or v.ndim == 0:
+            return v
+        if v.shape[0] == 1:
+            return jnp.broadcast_to(v, (seg, bn))
+        gr = prob.group // p
+        return jnp.broadcast_to(v[:, None, :], (v.shape[0], gr, bn)).reshape(seg, bn)
 
     def body(t, acc):
         planes = load_code_planes(prob, c_ref, load_codes, t, bk, bn)
-        sc = decode.prepare_scales(prob, scale_tile(s_ref, t), scale_tile(sn_ref, t), scale_tile(z_ref, t))
+        # scale work (casts, s_neg's sign, the zero point's bias) once per scale row, before the broadcast
+        sc = decode.Scales(*map(to_slot_rows, decode.prepare_scales(
+            prob, scale_rows(s_ref, t), scale_rows(sn_ref, t), scale_rows(z_ref, t))))
         for s, w in enumerate(decode.dequant_slots(prob, planes, sc, lookup)):
             xs = load_x_slot(x_ref, prob, x_rows, x_cols[s], t, bk)
             if gemv:  # the weight as x's dtype holds it (the op's contract), then float32 products summed over K
