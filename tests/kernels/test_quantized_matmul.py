@@ -270,6 +270,27 @@ def test_mosaic_tpu_asks_for_the_vmem_its_tiling_needs():
         "mosaic_tpu", make_problem(), None)), False) is None  # interpret mode on CPU: no chip, no limit
 
 
+def test_mosaic_tpu_lookup_declines_cleanly_without_a_lane_gather(monkeypatch):
+    """lookup=True needs Mosaic's lane gather (tpu.dynamic_gather): probed once by lowering; where the lowering
+    has none, the kernel declines with the reason and the fix instead of failing inside the compiler."""
+    from afpq_jax._src.kernels.quantized_matmul import mosaic_tpu
+    mosaic_tpu.lane_gather_missing.cache_clear()
+    assert mosaic_tpu.lane_gather_missing() is None  # this jax lowers it
+    x, qt = jax.ShapeDtypeStruct((16, 1024), jnp.bfloat16), abstract_weight("nf4", 128, True, 1024, 256)
+
+    def no_gather(*a, **k):
+        raise NotImplementedError("Unsupported gather")
+
+    monkeypatch.setattr(mosaic_tpu, "_lane_lookup", no_gather)
+    mosaic_tpu.lane_gather_missing.cache_clear()
+    try:
+        why = why_not("mosaic_tpu", x, qt, BlockConfig(lookup=True))
+        assert "cannot lower the lane gather (Unsupported gather)" in why and "lookup=False" in why
+        assert why_not("mosaic_tpu", x, qt) is None  # the default (select tree) is unaffected
+    finally:
+        mosaic_tpu.lane_gather_missing.cache_clear()
+
+
 def test_mosaic_tpu_chunks_fit_the_vreg_file():
     """Each chunk's f32 temporaries are at most 16 of the 64 vregs (128 slot rows x 128 lanes), whatever the
     tile width; the numerics tests run tiles of several column blocks."""

@@ -149,6 +149,8 @@ def why_unsupported(prob: Problem, cfg: BlockConfig) -> str | None:
         return f"chunk_k={cfg.chunk_k} must be a multiple of 128 * slots = {128 * p}"
     if base.uses_lookup(prob, cfg) and cfg.block_n % LANES:
         return f"lookup=True gathers along 128-lane blocks: block_n={cfg.block_n} must be a multiple of 128"
+    if base.uses_lookup(prob, cfg) and (missing := lane_gather_missing()) is not None:
+        return f"lookup=True: {missing}; use lookup=False (the select tree)"
     pl_ = plan(prob, cfg)
     gr = prob.kp if prob.per_channel else prob.group // p  # slot rows per group
     if not prob.per_channel:
@@ -200,6 +202,25 @@ def vmem_limit(prob: Problem, pl_: _Plan, lookup: bool) -> int | None:
     if chip is None:
         return None
     return int(min(0.9 * chip.vmem_capacity_bytes, max(DEFAULT_SCOPED_VMEM, 2 * vmem_bytes(prob, pl_, lookup))))
+
+
+@functools.cache
+def lane_gather_missing() -> str | None:
+    """Why this jax's Mosaic cannot lower the lane gather of `_lane_lookup` (``tpu.dynamic_gather``), or None.
+    Probed once by lowering a one-vreg kernel for TPU; only a NotImplementedError from the lowering counts (other
+    failures say nothing about the gather and are left to the real call)."""
+    def kernel(t_ref, c_ref, o_ref):
+        o_ref[...] = _lane_lookup(t_ref[0:1, :], c_ref[...])
+
+    call = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((8, LANES), jnp.float32))
+    try:
+        jax.jit(call).trace(jax.ShapeDtypeStruct((8, LANES), jnp.float32),
+                            jax.ShapeDtypeStruct((8, LANES), jnp.int32)).lower(lowering_platforms=("tpu",))
+    except NotImplementedError as e:
+        return f"this jax's Mosaic cannot lower the lane gather ({str(e).splitlines()[0][:100]})"
+    except Exception:  # not the gather's problem (e.g. no TPU information on this host)
+        return None
+    return None
 
 
 def _lane_lookup(table_row: jax.Array, code: jax.Array) -> jax.Array:
