@@ -26,14 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 
 import afpq_jax
-from afpq_jax.kernels import IMPLEMENTATIONS, BlockConfig, Problem, quantized_matmul, resolve, roofline, tuning
+from afpq_jax.kernels import IMPLEMENTATIONS, BlockConfig, Problem, quantized_matmul, resolve, tuning
 
-from benchmarks.quantized_matmul import measure, rotation  # the benchmark's timing, shared
+from benchmarks.quantized_matmul import measure, weight_rotation  # the benchmark's timing, shared
 
 # The fields worth searching per implementation, in search order, with the values tried.
 CANDIDATES: dict[str, dict[str, tuple]] = {
-    "triton": {"block_m": (1, 2, 4, 16), "block_n": (32, 64, 128, 256), "block_k": (128, 256, 512, 1024), "split_k": (1, 2, 4, 8, 16), "split_k_atomic": (False, True),
-               "num_warps": (2, 4, 8), "num_stages": (2, 3, 4), "lookup": (True, False)},
+    "triton": {"block_m": (1, 2, 4, 16), "block_n": (32, 64, 128, 256), "block_k": (128, 256, 512, 1024),
+               "split_k": (1, 2, 4, 8, 16), "split_k_atomic": (False, True), "num_warps": (2, 4, 8),
+               "num_stages": (2, 3, 4), "lookup": (True, False)},
     "mosaic_tpu": {"block_n": (128, 256, 512, 1024, 2048), "block_k": (512, 1024, 2048, 4096, 8192),
                    "x_resident": (True, False), "lookup": (False, True)},
     "mosaic_gpu": {"block_n": (64, 128, 256), "num_stages": (2, 3, 4)},
@@ -102,14 +103,13 @@ def main():
     loops = a.loops or (10 if jax.default_backend() != "cpu" else 1)
     g = None if a.group_size == 0 else a.group_size
     on_device = jax.default_backend() != "cpu"
-    entries, start = {}, time.perf_counter()
+    recorded, path, start = 0, None, time.perf_counter()
     print(f"device: {kind}; {a.impl}; K={a.k} N={a.n} g={g or 'channel'} x={a.x_dtype}\n")
     print("| shape | M | default µs | tuned µs | speedup | tuned fields |\n|---|---|---|---|---|---|", flush=True)
     for fmt in a.formats:
         for scheme in a.schemes:
             asym = scheme == "asym"
-            r = rotation(roofline.weight_bits(fmt, g, asym, k=a.k).bits / 8 * a.k * a.n) \
-                if on_device else 1
+            r = weight_rotation(fmt, g, asym, a.k, a.n) if on_device else 1
             qts = [afpq_jax.quantize(jax.random.normal(key, (a.k, a.n), jnp.float32), fmt, group_size=g, asym=asym)
                    for key in jax.random.split(jax.random.key(0), r)]
             for m in a.m:
@@ -120,13 +120,12 @@ def main():
                       for key in jax.random.split(jax.random.key(1), r)]
                 cfg, t, t0 = search(a.impl, xs, qts, reps=a.reps, loops=loops)
                 prob = Problem.create(xs[0].shape, xs[0].dtype, qts[0])
-                entries[tuning.shape_key(a.impl, prob, kind)] = cfg
-                tuning.record({tuning.shape_key(a.impl, prob, kind): cfg}, a.out)  # kept if the run stops early
+                path = tuning.record({tuning.shape_key(a.impl, prob, kind): cfg}, a.out)  # kept if the run stops early
+                recorded += 1
                 fields = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
                 print(f"| {fmt}-{scheme}-g{g or 'ch'} | {m} | {t0 * 1e6:.1f} | {t * 1e6:.1f} | {t0 / t:.2f}x | "
                       f"{fields} |", flush=True)
-    path = tuning.record(entries, a.out)
-    print(f"\nrecorded {len(entries)} tiling(s) in {path}")
+    print(f"\nrecorded {recorded} tiling(s)" + (f" in {path}" if path else ""))
 
 
 if __name__ == "__main__":

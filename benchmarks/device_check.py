@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 STEPS = ("platform", "headline", "tests", "sweep", "tune")
+# Each backend's Pallas kernels, the first the one the headline table and the autotune time.
+BACKEND_KERNELS = {"gpu": ("triton", "mosaic_gpu"), "tpu": ("mosaic_tpu",)}
 PLATFORM_CODE = """
 import json, platform, jax, jaxlib
 print(json.dumps(dict(python=platform.python_version(), jax=jax.__version__, jaxlib=jaxlib.__version__,
@@ -44,7 +46,6 @@ class Report:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
         self.file = path.open("w", encoding="utf-8")
         self.failed: list[str] = []
 
@@ -54,14 +55,13 @@ class Report:
             print(line, flush=True)
         self.file.flush()
 
-    def step(self, title: str, cmd: list[str], limit_s: float, env: dict | None = None) -> tuple[int, str]:
+    def step(self, title: str, cmd: list[str], limit_s: float) -> tuple[int, str]:
         """Runs ``cmd``, streaming its output into the report; killed after ``limit_s``. (exit code, output)."""
         self.write(f"\n## {title}\n\n`{' '.join(cmd)}`\n")
         t0 = time.monotonic()
         out: list[str] = []
         try:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env={**os.environ, **(env or {})})
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         except OSError as e:
             rc = 127
             self.write(f"cannot start: {e}")
@@ -93,7 +93,7 @@ def native_test_ids(python: str, backend: str, dry_run: bool) -> list[str]:
     if dry_run:
         expr = "test_formats_match_reference and triton-int4-a-g128"
     else:
-        kernels = {"gpu": "triton or mosaic_gpu", "tpu": "mosaic_tpu"}.get(backend, "cpu")
+        kernels = " or ".join(BACKEND_KERNELS.get(backend, ("cpu",)))
         expr = f"(match_reference or match_xla or vmap or differentiate) and ({kernels})"
     r = subprocess.run([python, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files,
                         "-k", expr], capture_output=True, text=True)
@@ -106,11 +106,11 @@ def run_isolated(python: str, test_id: str, limit_s: float) -> tuple[str, str]:
         r = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_id], capture_output=True,
                            text=True, timeout=limit_s)
     except subprocess.TimeoutExpired:
-        return "FAILED ", "time limit reached"
+        return "FAILED", "time limit reached"
     if r.returncode == 0:
-        return ("passed " if " passed" in r.stdout else "skipped"), ""
+        return ("passed" if " passed" in r.stdout else "skipped"), ""
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("E  ") or "Error" in ln]
-    return "FAILED ", "\n".join("        " + ln[:220] for ln in lines[:2])
+    return "FAILED", "\n".join("        " + ln[:220] for ln in lines[:2])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,28 +163,27 @@ def main(argv: list[str] | None = None) -> int:
             report.write("\ndevice check: STOPPED: JAX runs on CPU here (no GPU/TPU found, or its plugin failed to "
                          "load: see the devices above); fix the install, or pass --dry-run for the CPU plumbing")
             return 2
-    kernel = {"gpu": "triton", "tpu": "mosaic_tpu"}.get(backend)
-    kernels = {"gpu": ["triton", "mosaic_gpu"], "tpu": ["mosaic_tpu"]}.get(backend, [])
+    kernels = BACKEND_KERNELS.get(backend, ())
 
     if "headline" in a.steps:
         report.step("headline: INT4-asym / NF4-asym decode, kernel vs xla vs dense",
                     [py, "-m", "benchmarks.quantized_matmul", "--headline", "--markdown", *bench, "--impls",
-                     *(kernels[:1] or ["cpu"]), "xla"], min(max(left(), 30), 360))
+                     *(kernels[:1] or ("cpu",)), "xla"], min(max(left(), 30), 360))
     if "tests" in a.steps:
         report.write("\n## native kernel tests of this backend (each in its own process)\n")
         t0 = time.monotonic()
         ids = native_test_ids(py, backend, a.dry_run)
         limit = max(min(180.0, left(reserve=120)), 30.0)
-        counts = {"passed ": 0, "skipped": 0, "FAILED ": 0}
+        counts = {"passed": 0, "skipped": 0, "FAILED": 0}
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             futures = {pool.submit(run_isolated, py, t, limit): t for t in ids}
             for fut in concurrent.futures.as_completed(futures):
                 status, detail = fut.result()
                 counts[status] += 1
-                report.write(f"{status} {futures[fut]}" + (f"\n{detail}" if detail else ""))
-        report.write(f"\n{counts['passed ']} passed, {counts['skipped']} skipped, {counts['FAILED ']} failed of "
+                report.write(f"{status:7} {futures[fut]}" + (f"\n{detail}" if detail else ""))
+        report.write(f"\n{counts['passed']} passed, {counts['skipped']} skipped, {counts['FAILED']} failed of "
                      f"{len(ids)} ({time.monotonic() - t0:.0f} s)")
-        if counts["FAILED "] or not ids:
+        if counts["FAILED"] or not ids:
             report.failed.append("native kernel tests")
     if "sweep" in a.steps:
         budget_s = left(reserve=90 if "tune" in a.steps else 30)
@@ -195,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report.write("\n## sweep\n\nskipped: no time left")
     if "tune" in a.steps:
-        impl = kernel or "xla_scan"
+        impl = kernels[0] if kernels else "xla_scan"
         budget_s = left()
         if budget_s > 20:
             report.step(f"autotune {impl}", [py, "-m", "benchmarks.autotune", "--impl", impl, *tune, "--out",

@@ -47,6 +47,11 @@ def rotation(weight_bytes: float, *, minimum: int = 8, l2_bytes: int = L2_BYTES)
     return max(minimum, math.ceil(2 * l2_bytes / max(weight_bytes, 1.0)))
 
 
+def weight_rotation(fmt: str, group: int | None, asym: bool, k: int, n: int) -> int:
+    """`rotation` for packed (K, N) weights of this scheme (codes and per-group arrays)."""
+    return rotation(roofline.weight_bits(fmt, group, asym, k=k).bits / 8 * k * n)
+
+
 def looped(op, rounds: int):
     """One executable running ``rounds`` passes over every pair ``op(x_i, w_i)``.
 
@@ -167,7 +172,8 @@ def profiled(fn, args, matmuls: int) -> tuple[float, float] | None:
     return (kernel * 1e-9 / matmuls, other * 1e-9 / matmuls) if seen else None
 
 
-def implementation_variants(impls, triton_lookup: str, triton_gemv: bool = False) -> list[tuple[str, BlockConfig | None]]:
+def implementation_variants(impls, triton_lookup: str,
+                            triton_gemv: bool = False) -> list[tuple[str, BlockConfig | None]]:
     """(row label, config) per timed variant: "triton" is the default config (table lookup), "triton-tree" is
     Triton with BlockConfig(lookup=False); ``triton_lookup`` is "on", "off" or "both". ``triton_gemv`` adds
     "triton-gemv", the GEMV variant (its config depends on M: `variant_config`)."""
@@ -213,6 +219,15 @@ def _known(t: float | None) -> bool:
 
 def _fmt_us(t: float | None) -> str:
     return f"{t * 1e6:.1f}" if _known(t) else "n/a"
+
+
+def ratio(t: float | None, base: float | None, fmt: str = "{:.2f}x") -> str:
+    return fmt.format(t / base) if _known(t) and _known(base) else "n/a"
+
+
+def per_s(amount: float, t: float | None, fmt: str) -> str:
+    """``amount / t`` formatted, or n/a without a time."""
+    return fmt.format(amount / t) if _known(t) else "n/a"
 
 
 def main(argv=None):
@@ -270,8 +285,7 @@ def main(argv=None):
     elif backend == "cpu":
         r = 1
     else:
-        smallest = min(roofline.weight_bits(f, g, s == "asym", k=a.k).bits for f in a.formats for s in schemes)
-        r = rotation(smallest / 8 * a.k * a.n)
+        r = max(weight_rotation(f, g, s == "asym", a.k, a.n) for f in a.formats for s in schemes)
     loops = a.loops or (10 if backend != "cpu" else 1)
     print(f"e2e = wall clock per matmul of a device-side loop with a static trip count: (loop of {2 * loops} "
           f"rounds - loop of {loops}) / ({loops} x {r}); each round rotates {r} distinct weights (--stack). "
@@ -296,12 +310,6 @@ def main(argv=None):
         rows.append(row + [""] * (len(header) - len(row)))
         if a.markdown:
             print("| " + " | ".join(str(c) for c in rows[-1]) + " |", flush=True)
-
-    def ratio(t, base):
-        return f"{t / base:.2f}x" if _known(t) and _known(base) else "n/a"
-
-    def per_s(amount, t, fmt):
-        return fmt.format(amount / t) if _known(t) else "n/a"
 
     if a.markdown:
         print("| " + " | ".join(header) + " |\n|" + "|".join("---" for _ in header) + "|", flush=True)
@@ -390,8 +398,7 @@ def main(argv=None):
         print("| format | M | impl | asym µs | sym µs | asym / sym |\n|---|---|---|---|---|---|")
         for fmt, m, name in pairs:
             ta, ts = times[fmt, "asym", m, name].e2e, times[fmt, "sym", m, name].e2e
-            print(f"| {fmt} | {m} | {name} | {_fmt_us(ta)} | {_fmt_us(ts)} | "
-                  f"{f'{ta / ts:.3f}' if _known(ta) and _known(ts) else 'n/a'} |")
+            print(f"| {fmt} | {m} | {name} | {_fmt_us(ta)} | {_fmt_us(ts)} | {ratio(ta, ts, '{:.3f}')} |")
     cases = sorted({key[:3] for key in times})
     if cases:  # the size rules (`preferred`) against this run: is what dispatch picks the fastest measured?
         print("\ndispatch (implementation=None) against the fastest implementation timed here (e2e):")

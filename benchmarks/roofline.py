@@ -118,7 +118,8 @@ def main():
                     continue
                 ops = roofline.kernel_ops(jax.make_jaxpr(
                     lambda x, q: quantized_matmul(x, q, implementation=impl, config=config))(x, qt))
-                cells.append(f"{ops.ops:.1f} ({ops.weighted:.1f})" + (f" + {ops.loads:.0f} lookup" if ops.loads else ""))
+                lookups = f" + {ops.loads:.0f} lookup" if ops.loads else ""
+                cells.append(f"{ops.ops:.1f} ({ops.weighted:.1f}){lookups}")
             rows.append([f"{fmt}-{'asym' if asym else 'sym'}", "channel" if g is None else g, m, *cells])
     table(rows, ["format", "group", "M", "mosaic_tpu", "mosaic_tpu (lookup=True)", "triton",
                  "triton (lookup=False)", "mosaic_gpu"], a.markdown)

@@ -85,6 +85,13 @@ def run_impl(impl, x, qt, config=None):
 TPU_KINDS = ("TPU v4", "TPU v5 lite", "TPU v6 lite")
 
 
+def on_tpu(kind: str):
+    """Context in which jit lowering and `pltpu.get_tpu_info` target one TPU of ``kind`` (an abstract mesh)."""
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
+    device = AbstractDevice(device_kind=kind, num_cores=1, platform="tpu")
+    return use_abstract_mesh(AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device))
+
+
 def input_fusion_flags(text: str) -> list[str]:
     """The ``allow_input_fusion`` list of the one TPU custom call in lowered StableHLO text."""
     (flags,) = re.findall(r"allow_input_fusion\\22: \[([a-z,]+)\]", text)

@@ -15,9 +15,9 @@ import afpq_jax
 from afpq_jax._src.kernels.quantized_matmul import api, roofline
 from afpq_jax._src.kernels.quantized_matmul.base import Problem
 from afpq_jax.kernels import IMPLEMENTATIONS, BlockConfig, quantized_matmul, why_not
-from tests.kernels.support import (FORMATS, INTERPRET, KERNELS, NATIVE, TPU_KINDS, abstract_weight, check_against_reference,
-                                   custom_call_operands, eqns_around_kernels, input_fusion_flags, make_problem, run_impl,
-                                   make_weight, make_x)
+from tests.kernels.support import (FORMATS, INTERPRET, KERNELS, NATIVE, TPU_KINDS, abstract_weight,
+                                   check_against_reference, custom_call_operands, eqns_around_kernels,
+                                   input_fusion_flags, make_problem, make_weight, make_x, on_tpu, run_impl)
 
 # ---------------------------------------------------------------------------------------------------------
 # Numerics: formats x scheme x group size (every kernel), one shape crossing N and K tails.
@@ -228,11 +228,8 @@ def _lower(impl, avals, platform):
 @pytest.mark.parametrize("kind", TPU_KINDS)
 @pytest.mark.parametrize("case", LOWER_CASES, ids=lambda c: f"{c[0]}-g{c[1]}-m{c[3][0]}-{jnp.dtype(c[5]).name}")
 def test_mosaic_tpu_lowers(kind, case):
-    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
-    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
-                        abstract_device=AbstractDevice(device_kind=kind, num_cores=1, platform="tpu"))
     avals = _avals(*case)
-    with use_abstract_mesh(mesh):
+    with on_tpu(kind):
         if case[5] == jnp.float16 and kind != "TPU v6 lite":  # no 16-bit vector unit before v6e: declined
             assert "float16 x on TPU v" in why_not("mosaic_tpu", *avals)
             return
@@ -247,21 +244,18 @@ def test_mosaic_tpu_asks_for_the_vmem_its_tiling_needs():
     the estimate for a large tiling, never more than 90% of the chip's VMEM (v4: 16 MiB; v5e, v6e: 128 MiB)."""
     import re
 
-    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
-
     from afpq_jax._src.kernels.quantized_matmul import mosaic_tpu
     # x resident for 512 rows x K = 8192 (16 MiB double-buffered), in 32 one-chunk K steps: a 18.5 MiB estimate
     big = (BlockConfig(block_m=512, block_n=512, block_k=256, x_resident=True), (512, 8192), 512, None)
     small = (None, (16, 4096), 4096, 128)
     for kind, capacity in (("TPU v4", 16 << 20), ("TPU v5 lite", 128 << 20), ("TPU v6 lite", 128 << 20)):
-        mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
-                            abstract_device=AbstractDevice(device_kind=kind, num_cores=1, platform="tpu"))
         for config, x_shape, n, group in (small, big):
             avals = _avals("nf4", group, True, x_shape, n, jnp.bfloat16)
             prob = make_problem("nf4", group, True, m=x_shape[0], k=x_shape[1], n=n)
-            estimate = mosaic_tpu.vmem_bytes(prob, mosaic_tpu.plan(prob, api.resolve("mosaic_tpu", prob, config)), False)
+            plan = mosaic_tpu.plan(prob, api.resolve("mosaic_tpu", prob, config))
+            estimate = mosaic_tpu.vmem_bytes(prob, plan, False)
             f = lambda x, q: quantized_matmul(x, q, implementation="mosaic_tpu", config=config)  # noqa: E731
-            with use_abstract_mesh(mesh):
+            with on_tpu(kind):
                 text = jax.jit(f).trace(*avals).lower(lowering_platforms=("tpu",)).as_text()
             (size,) = map(int, re.findall(r"\\22size\\22: (\d+)", text))
             assert size == int(min(0.9 * capacity, max(32 << 20, 2 * estimate))), (kind, x_shape)
@@ -307,12 +301,9 @@ def test_mosaic_tpu_chunks_fit_the_vreg_file():
 @pytest.mark.parametrize("kind", TPU_KINDS)
 @pytest.mark.parametrize("fmt", ["nf4", "nf3", "fp4_e2m1"])
 def test_mosaic_tpu_lane_lookup_lowers(kind, fmt):
-    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
-    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
-                        abstract_device=AbstractDevice(device_kind=kind, num_cores=1, platform="tpu"))
     f = lambda x, q: quantized_matmul(x, q, implementation="mosaic_tpu", config=BlockConfig(lookup=True))  # noqa
     avals = _avals(fmt, 128, True, (16, 4096), 1024, jnp.bfloat16)  # outside the mesh (they are cached)
-    with use_abstract_mesh(mesh):
+    with on_tpu(kind):
         text = jax.jit(f).trace(*avals).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text
     # x and the table's broadcast (the last operand)

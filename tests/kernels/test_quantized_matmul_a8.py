@@ -15,7 +15,7 @@ from afpq_jax._src import quantizer
 from afpq_jax._src.kernels.quantized_matmul_a8.xla import group_sums
 from afpq_jax.kernels import BlockConfig, Problem, integer_weight, quantize_activations, quantized_matmul_a8
 from tests.kernels.support import (INTERPRET, TPU_KINDS, abstract_weight, custom_call_operands, input_fusion_flags,
-                                   make_weight, make_x)
+                                   make_weight, make_x, on_tpu)
 from tests.support import emulated_int8_matmul
 
 W8_FORMATS = [("int4", True), ("int4", False), ("fp4_e2m1", True), ("fp4_e2m1", False), ("fp3_e2m0", True),
@@ -181,15 +181,12 @@ def test_a8_triton_lowers(fmt, asym, integer_scales, static, m, verified_triton_
                          ids=lambda c: f"{c[0]}-g{c[1]}-m{c[3]}{'-intscales' if c[6] else ''}")
 @pytest.mark.parametrize("static", [False, True])
 def test_a8_mosaic_tpu_lowers(kind, case, static):
-    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
     from afpq_jax.kernels import quantized_matmul_a8
     fmt, group, asym, m, k, n, integer_scales = case
-    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
-                        abstract_device=AbstractDevice(device_kind=kind, num_cores=1, platform="tpu"))
     avals = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), abstract_weight(fmt, group, asym, k, n, integer_scales))
     f = lambda x, q: quantized_matmul_a8(x, q, jnp.float32(0.05) if static else None,  # noqa: E731
                                          implementation="mosaic_tpu")
-    with use_abstract_mesh(mesh):
+    with on_tpu(kind):
         text = jax.jit(f).trace(*avals).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text
     weights = 2 + int(asym)  # codes, scale, and s_neg or zero points; then the channel / input scale broadcasts

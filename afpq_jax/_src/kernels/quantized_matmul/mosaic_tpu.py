@@ -292,6 +292,7 @@ def _kernel(*refs, prob: Problem, pl_: _Plan, n_code_refs: int, lookup: bool):
     # within a quarter of the vreg file; each column block sums its chunks, then adds into the accumulator.
     for c0 in range(0, pl_.bn, cn):
         cols = pl.ds(c0, cn)
+        s_cols, sn_cols, z_cols = (None if v is None else v[:, c0:c0 + cn] for v in (s_all, sn_all, z_all))
         acc = jnp.zeros((pl_.bm, cn), jnp.float32)
         for r0 in range(0, pl_.slot_rows, pl_.cr):
             rows = min(pl_.cr, pl_.slot_rows - r0)
@@ -311,9 +312,8 @@ def _kernel(*refs, prob: Problem, pl_: _Plan, n_code_refs: int, lookup: bool):
             else:
                 (codes,) = code_refs
                 planes = [codes[pl.ds(r0, rows), cols].astype(jnp.int32)]
-            part = (lambda v: None if v is None else v[:, c0:c0 + cn])
-            sc = decode.prepare_scales(prob, expand(part(s_all), r0, rows), expand(part(sn_all), r0, rows),
-                                       expand(part(z_all), r0, rows))
+            sc = decode.prepare_scales(prob, expand(s_cols, r0, rows), expand(sn_cols, r0, rows),
+                                       expand(z_cols, r0, rows))
             for s, w in enumerate(decode.dequant_slots(prob, planes, sc, table)):
                 w = w.astype(xdt).astype(mxu_dt)
                 xs = x_tile[:, pl.ds(s * pl_.seg + r0, rows)].astype(mxu_dt)

@@ -239,19 +239,18 @@ def kernel_ops(jaxpr) -> KernelOps:
     """`KernelOps` of the Pallas kernels in ``jaxpr`` (a ``jax.make_jaxpr`` of a call of the op). Every body
     inside a kernel that holds matrix multiplies contributes its vector ops (calls such as ``jnp.where``'s are
     inlined; loops are bodies of their own) over the weights its multiplies consume."""
-    totals: dict[str, int] = {}
-    cost = 0.0
+    totals: dict[tuple[str, str], int] = {}  # elements by (primitive, `issue_class`)
     loads = weights = 0
 
-    def own(j, counts: dict[str, int], costs: list[float]) -> tuple[int, int]:
-        """(dot weights, indexed-load elements) of ``j``'s own equations, calls inlined, loops not; the
-        elementwise counts by primitive into ``counts``, their weighted sum into ``costs[0]``."""
+    def own(j, counts: dict[tuple[str, str], int]) -> tuple[int, int]:
+        """(dot weights, indexed-load elements) of ``j``'s own equations, calls inlined, loops not; elementwise
+        elements into ``counts`` by (primitive, throughput class)."""
         w = indexed = 0
         for e in j.eqns:
             name = e.primitive.name
             if name in _CALLS:
                 for s in _sub_jaxprs(e):
-                    dw, di = own(s, counts, costs)
+                    dw, di = own(s, counts)
                     w, indexed = w + dw, indexed + di
                 continue
             size = sum(_size(v.aval) for v in e.outvars)
@@ -264,18 +263,17 @@ def kernel_ops(jaxpr) -> KernelOps:
                 if name != "swap" and gathered and len(ref.shape) == 1 and _size(ref) <= _TABLE_MAX:
                     indexed += size  # a small 1-D ref read at an array of indices: a table lookup
             elif name not in _LAYOUT and size > 1 and next(_sub_jaxprs(e), None) is None:
-                counts[name] = counts.get(name, 0) + size
-                costs[0] += size * ISSUE_COST[issue_class(name, e.outvars[0].aval.dtype)]
+                key = (name, issue_class(name, e.outvars[0].aval.dtype))
+                counts[key] = counts.get(key, 0) + size
         return w, indexed
 
     def walk(j, inside: bool):
-        nonlocal loads, weights, cost
+        nonlocal loads, weights
         if inside:
-            counts: dict[str, int] = {}
-            costs = [0.0]
-            w, indexed = own(j, counts, costs)
+            counts: dict[tuple[str, str], int] = {}
+            w, indexed = own(j, counts)
             if w:  # bodies without a multiply (index math, epilogues) are not per-weight work
-                weights, loads, cost = weights + w, loads + indexed, cost + costs[0]
+                weights, loads = weights + w, loads + indexed
                 for k, v in counts.items():
                     totals[k] = totals.get(k, 0) + v
         for e in j.eqns:
@@ -288,5 +286,9 @@ def kernel_ops(jaxpr) -> KernelOps:
     walk(getattr(jaxpr, "jaxpr", jaxpr), False)
     if not weights:
         raise ValueError("no matrix multiply found inside a Pallas kernel in this jaxpr")
+    by_name: dict[str, int] = {}
+    for (name, _), v in totals.items():
+        by_name[name] = by_name.get(name, 0) + v
     return KernelOps(ops=sum(totals.values()) / weights, loads=loads / weights,
-                     by_primitive={k: v / weights for k, v in sorted(totals.items())}, weighted=cost / weights)
+                     by_primitive={k: v / weights for k, v in sorted(by_name.items())},
+                     weighted=sum(v * ISSUE_COST[cls] for (_, cls), v in totals.items()) / weights)

@@ -260,19 +260,20 @@ def _kernel(*refs, prob: Problem, cfg: BlockConfig, tiles: int, per_split: int):
                                                 preferred_element_type=jnp.float32)
         return acc
 
-    if per_split == tiles:
+    rows, cols = pl.ds(i * bm, bm), pl.ds(n0, bn)
+    if per_split == tiles:  # the whole K range (a static trip count)
         acc = jax.lax.fori_loop(0, tiles, body, jnp.zeros((bm, bn), jnp.float32))
-        pltr.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=row_ok & col_ok)
-    else:  # split-K: this program's K range; float32 partial sums, reduced in XLA or added atomically
-        ks = pl.program_id(2)
-        first = ks * per_split
-        acc = jax.lax.fori_loop(first, jnp.minimum(first + per_split, tiles), body,
-                                jnp.zeros((bm, bn), jnp.float32))
-        if cfg.split_k_atomic:  # the output is padded to whole tiles: no mask (rows past M, columns past N are
-            # dropped by the caller)
-            pltr.atomic_add(o_ref, (pl.ds(i * bm, bm), pl.ds(n0, bn)), acc)
-        else:
-            pltr.store(o_ref.at[ks, pl.ds(i * bm, bm), pl.ds(n0, bn)], acc, mask=row_ok & col_ok)
+        pltr.store(o_ref.at[rows, cols], acc.astype(o_ref.dtype), mask=row_ok & col_ok)
+        return
+    # split-K: this program's K range; float32 partial sums, reduced in XLA or added atomically
+    ks = pl.program_id(2)
+    first = ks * per_split
+    acc = jax.lax.fori_loop(first, jnp.minimum(first + per_split, tiles), body, jnp.zeros((bm, bn), jnp.float32))
+    if cfg.split_k_atomic:  # the output is padded to whole tiles: no mask (rows past M and columns past N are
+        # dropped by the caller)
+        pltr.atomic_add(o_ref, (rows, cols), acc)
+    else:
+        pltr.store(o_ref.at[ks, rows, cols], acc, mask=row_ok & col_ok)
 
 
 def effective_split(prob: Problem, cfg: BlockConfig) -> tuple[int, int]:

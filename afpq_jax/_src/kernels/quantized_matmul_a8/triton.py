@@ -4,8 +4,8 @@ float epilogue (group scales, AFPQ's split by code sign, INT zero points, activa
 
 One program per (N tile, M tile, K split); K tiles of ``block_k`` rows never straddle a group (``block_k``
 divides the group size, or the weight is per-channel). Decode splits K like the W4A16 kernel (>= 2 programs per
-SM); each split writes float32 partial outputs that XLA sums. x arrives as it is, in float, and each slot's columns are read with
-the W4A16 kernel's strided loads: the dynamic per-token scale is the prologue of the
+SM); each split writes float32 partial outputs that XLA sums. x arrives as it is, in float, and each slot's
+columns are read with the W4A16 kernel's strided loads: the dynamic per-token scale is the prologue of the
 kernel (a pass over the M tile's x rows computing max|x|, then every tile is quantized in registers), so no
 quantized copy of x is ever written to memory. Per K tile and slot: codes -> integer levels
 (`decode.integer_level`; codebook formats by one load from an int32 level table unless ``BlockConfig.lookup``
