@@ -1,17 +1,21 @@
-"""The "cpu" implementation: a C++ kernel (``cpu_kernel.cc``) called through the XLA FFI.
+"""The "cpu" implementation: a C++ kernel (``cpu_kernel/``) called through the XLA FFI.
 
 XLA's CPU backend cannot fuse the decode of packed codes into its dot, so the "xla" path writes and reads back
 the whole float weight (67 MB at 4096²), and "xla_scan" pays a dot call per chunk. This kernel reads the codes
-once and accumulates in float32 per block of output columns (float32 or bfloat16 x), on XLA's intra-op thread pool; with AVX-512 a
-codebook lookup is one register permute. Numerics: see the C++ file (decode, M <= 2 with float32 x: per-group
-sums of x * level scaled once per group; otherwise weights bit-identical to `dequantize`, float32 sums in K
-order).
+once and accumulates in float32 per block of output columns (float32 or bfloat16 x), on XLA's intra-op thread
+pool. One SIMD implementation (``cpu_kernel/simd_blocks.h``) over the vector ISA the compiler targets: AVX-512
+(a code-book lookup is one register permute), AVX2 + FMA (two 8-entry permutes and a blend), aarch64 NEON (one
+``vqtbl4q_u8``); elsewhere a portable loop. Numerics: see ``cpu_kernel/kernel.h`` (decode, M <= 2 with float32
+x: per-group sums of x * level scaled once per group; otherwise weights bit-identical to `dequantize`, float32
+sums in K order).
 
 Built on first use from the packaged source with the system C++ compiler (``$CXX``, else ``g++``) into
-``<asset cache>/kernels/``, under a name that hashes the source, the compiler, the flags, jaxlib and the CPU's
-features. It is compiled with ``-march=native`` (or ``$AFPQ_CPU_KERNEL_ARCH``), written under a temporary name
-and renamed, so concurrent processes never load a half-written library. No compiler, a failed build, an
-unwritable cache or ``AFPQ_CPU_KERNEL=0``: the implementation declines with the reason and dispatch moves on.
+``<asset cache>/kernels/``, under a name that hashes the sources, the compiler, the flags, jaxlib and the CPU's
+features. It is compiled with ``-march=native`` (or ``$AFPQ_CPU_KERNEL_ARCH``: ``x86-64-v3`` builds the AVX2
+path and ``x86-64-v2`` the portable one on an AVX-512 machine), written under a temporary name and renamed, so
+concurrent processes never load a half-written library. The path built is logged once per process (INFO, logger
+``afpq_jax.kernels``) and given by `isa`. No compiler, a failed build, an unwritable cache or
+``AFPQ_CPU_KERNEL=0``: the implementation declines with the reason and dispatch moves on.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import jax
@@ -32,10 +38,14 @@ from afpq_jax._src.io.outputs import cache_dir, tmp_sibling
 from afpq_jax._src.kernels.quantized_matmul.base import Problem
 from afpq_jax._src.qtensor import QuantizedTensor
 
-SOURCE = Path(__file__).with_name("cpu_kernel.cc")
+SOURCES = Path(__file__).with_name("cpu_kernel")  # kernel.h (core), simd_blocks.h, isa_*.h, ffi.cc, selftest.cc
 TARGET = "afpq_quantized_matmul_cpu"
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-fast-math")
-MAX_M = 256  # dispatch: beyond this many x rows, dequantizing once and one BLAS dot ("xla") is faster
+FLAGS = ("-O3", "-std=c++17", "-fno-fast-math")
+# Dispatch's size rule per path built: beyond this many x rows, dequantizing once and one BLAS dot ("xla") is
+# faster (measured, K = N = 4096 g128: BUILD_NOTES, "CPU path"). NEON could not be timed here (no ARM machine):
+# it takes AVX2's rule, the ISA of the same vector width class without a 16-entry float permute.
+MAX_M = {"avx512": 256, "avx2": 256, "neon": 256, "portable": 256}
+logger = logging.getLogger("afpq_jax.kernels")
 
 
 def _cpu_features() -> str:
@@ -58,16 +68,18 @@ def build() -> Path | str:
     if shutil.which(cxx) is None:
         return f"no C++ compiler ({cxx}) to build the CPU kernel; install g++ or set CXX"
     import jaxlib
-    # AFPQ_CPU_KERNEL_ARCH: e.g. x86-64-v2 builds the portable path on an AVX-512 machine (its test does).
-    flags = (*FLAGS, f"-march={os.environ.get('AFPQ_CPU_KERNEL_ARCH', 'native')}")
+    # AFPQ_CPU_KERNEL_ARCH: e.g. x86-64-v3 / x86-64-v2 build the AVX2 / portable path on an AVX-512 machine.
+    flags = (*FLAGS, "-shared", "-fPIC", f"-march={os.environ.get('AFPQ_CPU_KERNEL_ARCH', 'native')}")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, " ".join(flags), jaxlib.__version__,
+    sources = "\0".join(f"{f.name}\0{f.read_text()}" for f in sorted(SOURCES.iterdir()) if f.suffix in (".h", ".cc"))
+    key = hashlib.sha256("\0".join([sources, cxx, version, " ".join(flags), jaxlib.__version__,
                                     _cpu_features()]).encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"afpq_cpu_{key}.so"
     if out.exists():
         return out
     tmp = tmp_sibling(out)
-    cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)]
+    cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), str(SOURCES / "ffi.cc"), "-o", str(tmp)]
+    start = time.perf_counter()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -75,6 +87,7 @@ def build() -> Path | str:
             first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:200])
             return f"building the CPU kernel failed ({' '.join(cmd[:2])} ...): {first}"
         os.replace(tmp, out)
+        logger.info("built the CPU kernel in %.1f s: %s", time.perf_counter() - start, out)
     except OSError as e:  # an unwritable cache, a compiler that cannot run
         return f"cannot build the CPU kernel in {out.parent}: {e}"
     finally:
@@ -84,22 +97,34 @@ def build() -> Path | str:
 
 
 @functools.cache
-def _registered() -> str | None:
-    """Loads and registers the kernel once per process; None, or why not."""
+def _loaded() -> tuple[str | None, str | None]:
+    """Loads and registers the kernel once per process: (the ISA of its SIMD path, None) or (None, why not)."""
     lib = build()
     if isinstance(lib, str):
-        return lib
+        return None, lib
     try:
-        handler = ctypes.cdll.LoadLibrary(str(lib)).AfpqQuantizedMatmulCpu
+        dll = ctypes.cdll.LoadLibrary(str(lib))
+        handler = dll.AfpqQuantizedMatmulCpu
+        isa_name = dll.AfpqCpuKernelIsa
     except (OSError, AttributeError) as e:
-        return f"cannot load the CPU kernel {lib}: {e}"
+        return None, f"cannot load the CPU kernel {lib}: {e}"
+    isa_name.restype = ctypes.c_char_p
+    name = isa_name().decode()
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
-    return None
+    logger.info("quantized_matmul: the CPU kernel runs its %s path (%s)", name, lib.name)
+    return name, None
+
+
+def isa() -> str | None:
+    """The vector ISA of the CPU kernel this process runs ("avx512", "avx2", "neon", "portable"), or None when
+    it cannot be built."""
+    return _loaded()[0]
 
 
 def why_not_preferred(prob: Problem) -> str | None:
-    """Dispatch's size rule (explicit calls run any M)."""
-    return f"M={prob.m} > {MAX_M}: dequantizing once and one dot is faster" if prob.m > MAX_M else None
+    """Dispatch's size rule for the path built (explicit calls run any M)."""
+    limit = MAX_M.get(isa() or "portable", 0)
+    return f"M={prob.m} > {limit}: dequantizing once and one dot is faster" if prob.m > limit else None
 
 
 def why_unsupported(prob: Problem) -> str | None:
@@ -109,22 +134,31 @@ def why_unsupported(prob: Problem) -> str | None:
         return f"x is {prob.x_dtype}; the CPU kernel takes float32 or bfloat16 x"
     if len(prob.fmt.levels) > 16 and not prob.fmt.is_int:
         return "code books above 16 levels"
-    return _registered()
+    return _loaded()[1]
+
+
+def kernel_operands(qt: QuantizedTensor, prob: Problem) -> tuple[dict, dict]:
+    """The kernel's array operands (codes, float32 pos / neg / zero: None where unused) and attributes for ``qt``,
+    in the order and form the FFI handler (and ``cpu_kernel/selftest.cc``) take them."""
+    fmt = prob.fmt
+    pos, neg = qt.float_scales()
+    arrays = {"codes": qt.codes, "pos": pos.astype(jnp.float32),
+              "neg": None if neg is None else neg.astype(jnp.float32),
+              "zero": None if qt.zero is None else qt.zero.astype(jnp.float32)}
+    attrs = {"bits": np.int64(prob.bits), "group": np.int64(prob.group), "is_int": bool(fmt.is_int),
+             "has_neg": neg is not None, "has_zero": qt.zero is not None,
+             "table": np.asarray([0.0] if fmt.is_int else fmt.levels_array(), np.float32)}
+    return arrays, attrs
 
 
 def quantized_matmul_cpu(x2d: jax.Array, qt: QuantizedTensor, prob: Problem) -> jax.Array:
     """(M, K) @ W -> (M, N) in x's dtype (float32 or bfloat16: x goes in as float32, exactly, and the kernel
     rounds each weight to bfloat16)."""
-    fmt = prob.fmt
-    pos, neg = qt.float_scales()
+    arrays, attrs = kernel_operands(qt, prob)
     unused = jnp.zeros((1, 1), jnp.float32)
-    zero = unused if qt.zero is None else qt.zero.astype(jnp.float32)
-    levels = np.asarray([0.0] if fmt.is_int else fmt.levels_array(), np.float32)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((prob.m, prob.n), jnp.float32),
                             vmap_method="sequential")
-    y = call(x2d.astype(jnp.float32), qt.codes, pos.astype(jnp.float32),
-             unused if neg is None else neg.astype(jnp.float32), zero,
-             bits=np.int64(prob.bits), group=np.int64(prob.group), is_int=bool(fmt.is_int),
-             has_neg=neg is not None, has_zero=qt.zero is not None, round_bf16=prob.x_dtype == "bfloat16",
-             table=levels)
+    y = call(x2d.astype(jnp.float32), arrays["codes"], arrays["pos"],
+             unused if arrays["neg"] is None else arrays["neg"], unused if arrays["zero"] is None else arrays["zero"],
+             round_bf16=prob.x_dtype == "bfloat16", **attrs)
     return y.astype(x2d.dtype)

@@ -1,0 +1,127 @@
+"""The CPU kernel's SIMD paths, each built and run without XLA (``cpu_kernel/selftest.cc``): AVX-512, AVX2 and
+the portable loop where this x86-64 machine runs them, and aarch64 NEON cross-compiled and run under qemu-user
+(skipped where ``aarch64-linux-gnu-g++`` or ``qemu-aarch64`` is missing: Debian's g++-aarch64-linux-gnu and
+qemu-user). Every format x sym / asym x group x path (post-scaled M <= 2, row walk M <= 4, panel M >= 5, bfloat16
+weights) against a float64 numpy product of the dequantized weight."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from afpq_jax._src.kernels.quantized_matmul import cpu
+from afpq_jax._src.kernels.quantized_matmul.base import Problem
+from tests.kernels.support import FORMATS, dequantized64, make_weight
+
+K, N = 300, 203  # a short last group, K not a multiple of 8; N: partial code chunks and a tail short of a vector
+MS = (1, 2, 4, 13)  # post-scaled (1, 2; AVX2 scales 1 only), row walk (2-4), panel (13: micro panels 6 + 6 + 1)
+CASES = [(fmt, asym, group) for fmt in FORMATS + ("int8",) for asym in (True, False) for group in (32, 128, None)]
+BF16_CASES = [("int4", True, 128), ("nf4", True, 64), ("fp4_e2m1", False, None), ("nf3", True, 32),
+              ("int3", False, 128), ("fp3_e2m0", True, 32)]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(ln for ln in f if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+def _x86_paths() -> list[tuple[str, str]]:
+    """(expected ISA, -march) of the paths this machine can run."""
+    if os.uname().machine != "x86_64" or shutil.which("g++") is None:
+        return []
+    flags = _cpu_flags()
+    paths = [("portable", "x86-64-v2")]
+    if {"avx2", "fma", "f16c", "bmi2"} <= flags:
+        paths.append(("avx2", "x86-64-v3"))
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        paths.append(("avx512", "x86-64-v4"))
+    return paths
+
+
+PATHS = [pytest.param(isa, march, id=isa) for isa, march in _x86_paths()] + [
+    pytest.param("neon", "armv8-a", id="neon-qemu",
+                 marks=pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None
+                                          or shutil.which("qemu-aarch64") is None,
+                                          reason="no aarch64 cross compiler / qemu-aarch64 (Debian: "
+                                                 "g++-aarch64-linux-gnu qemu-user)"))]
+
+
+@functools.cache
+def _problems():
+    """[(x float32 (m, K), dequantized float64 weight, serialized problem)], every case."""
+    out = []
+    rng = np.random.default_rng(7)
+    for cases, dtype, ms in ((CASES, jnp.float32, MS), (BF16_CASES, jnp.bfloat16, (1, 4, 13))):
+        for fmt, asym, group in cases:
+            qt = make_weight(fmt, group, asym, K, N)
+            arrays, attrs = cpu.kernel_operands(qt, Problem.create((1, K), dtype, qt))
+            w64 = dequantized64(qt, dtype)
+            for m in ms:
+                x = rng.standard_normal((m, K), np.float32).astype(jnp.dtype(dtype)).astype(np.float32)
+                codes = np.asarray(arrays["codes"], np.uint8)
+                header = np.asarray([m, K, N, codes.shape[0], attrs["bits"], attrs["group"], attrs["is_int"],
+                                     attrs["has_neg"], attrs["has_zero"], dtype == jnp.bfloat16,
+                                     attrs["table"].size], np.int64)
+                parts = [header.tobytes(), attrs["table"].tobytes(), x.tobytes(), codes.tobytes()]
+                parts += [np.asarray(arrays[a], np.float32).tobytes() for a in ("pos", "neg", "zero")
+                          if arrays[a] is not None]
+                out.append((x, w64, b"".join(parts)))
+    return out
+
+
+def _build(isa: str, march: str, out_dir) -> list[str]:
+    """The command that runs the selftest of this path (built into out_dir)."""
+    binary = str(out_dir / f"selftest-{isa}")
+    source = str(cpu.SOURCES / "selftest.cc")
+    if isa == "neon":
+        cmd = ["aarch64-linux-gnu-g++", *cpu.FLAGS, f"-march={march}", "-static", source, "-o", binary]
+        run = ["qemu-aarch64", binary]
+    else:
+        cmd = ["g++", *cpu.FLAGS, f"-march={march}", source, "-o", binary]
+        run = [binary]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run
+
+
+@pytest.mark.parametrize("isa,march", PATHS)
+def test_every_format_on_every_path_equals_the_reference(isa, march, tmp_path):
+    problems = _problems()
+    (tmp_path / "in").write_bytes(b"".join(p for _, _, p in problems))
+    run = _build(isa, march, tmp_path)
+    r = subprocess.run([*run, str(tmp_path / "in"), str(tmp_path / "out")], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = (tmp_path / "out").read_bytes()
+    sizes = [x.shape[0] * N * 4 for x, _, _ in problems]
+    assert data[sum(sizes):].decode().strip() == isa  # the path this build compiled is the one named
+    at, worst = 0, 0.0
+    for (x, w64, _), size in zip(problems, sizes):
+        y = np.frombuffer(data[at:at + size], np.float32).reshape(x.shape[0], N)
+        at += size
+        x64 = x.astype(np.float64)
+        bound = 1e-5 * (np.abs(x64) @ np.abs(w64)) + 1e-30  # float32 sums over K (see cpu_kernel/kernel.h)
+        assert np.all(np.isfinite(y))
+        worst = max(worst, float(np.max(np.abs(y - x64 @ w64) / bound)))
+    assert worst <= 1.0, f"{isa}: max err / bound {worst:.3g}"
+
+
+def test_a_bad_problem_is_refused_with_its_reason(tmp_path):
+    """The shared checks (`Prepare`): a code-row count that does not match K and bits."""
+    x, _, good = _problems()[0]
+    bad = bytearray(good)
+    bad[24:32] = np.int64(1).tobytes()  # code_rows
+    (tmp_path / "in").write_bytes(bytes(bad))
+    isa, march = _x86_paths()[0] if _x86_paths() else pytest.skip("no x86-64 g++")
+    run = _build(isa, march, tmp_path)
+    r = subprocess.run([*run, str(tmp_path / "in"), str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 1 and "codes rows do not match K and bits" in r.stderr
