@@ -18,7 +18,6 @@ struct Isa {
   using F = __m256;
   using I = __m256i;
   using Chunk = __m256i;
-  using Mask = __m256;
   struct Table {
     __m256 lo, hi;  // levels 0-7, 8-15
   };
@@ -36,8 +35,8 @@ struct Isa {
     const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(c, 28));
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, c), _mm256_permutevar8x32_ps(t.hi, c), upper);
   }
-  static AFPQ_INLINE Mask Below(I c, int n) { return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), c)); }
-  static AFPQ_INLINE F Select(Mask m, F if_true, F if_false) { return _mm256_blendv_ps(if_false, if_true, m); }
+  // blendv reads the sign bit: the level's own (a -0.0 level takes s_neg: its weight is a zero all the same).
+  static AFPQ_INLINE F ScaleFor(I, F level, int, F neg, F pos) { return _mm256_blendv_ps(pos, neg, level); }
   static AFPQ_INLINE void Prefetch(const void* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 
   static AFPQ_INLINE F RoundBf16(F w) {

@@ -16,7 +16,6 @@ struct Isa {
   using F = __m512;
   using I = __m512i;
   using Chunk = __m512i;
-  using Mask = __mmask16;
   using Table = __m512;
 
   static AFPQ_INLINE F Zero() { return _mm512_setzero_ps(); }
@@ -29,8 +28,9 @@ struct Isa {
   static AFPQ_INLINE F ToFloat(I c) { return _mm512_cvtepi32_ps(c); }
   static AFPQ_INLINE Table LoadTable(const float* t) { return _mm512_loadu_ps(t); }
   static AFPQ_INLINE F Lookup(I c, Table t) { return _mm512_permutexvar_ps(c, t); }
-  static AFPQ_INLINE Mask Below(I c, int n) { return _mm512_cmplt_epu32_mask(c, _mm512_set1_epi32(n)); }
-  static AFPQ_INLINE F Select(Mask m, F if_true, F if_false) { return _mm512_mask_blend_ps(m, if_false, if_true); }
+  static AFPQ_INLINE F ScaleFor(I c, F, int n_negative, F neg, F pos) {  // codes below n_negative: negative
+    return _mm512_mask_blend_ps(_mm512_cmplt_epu32_mask(c, _mm512_set1_epi32(n_negative)), pos, neg);
+  }
   static AFPQ_INLINE void Prefetch(const void* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 
   static AFPQ_INLINE F RoundBf16(F w) {

@@ -17,7 +17,6 @@ struct Isa {
   using F = float32x4_t;
   using I = uint32x4_t;
   using Chunk = uint8x16_t;
-  using Mask = uint32x4_t;
   using Table = uint8x16x4_t;
 
   static AFPQ_INLINE F Zero() { return vdupq_n_f32(0.0f); }
@@ -33,8 +32,9 @@ struct Isa {
     const uint32x4_t bytes = vmlaq_n_u32(vdupq_n_u32(0x03020100u), c, 0x04040404u);  // 4c, 4c+1, 4c+2, 4c+3
     return vreinterpretq_f32_u8(vqtbl4q_u8(t, vreinterpretq_u8_u32(bytes)));
   }
-  static AFPQ_INLINE Mask Below(I c, int n) { return vcltq_u32(c, vdupq_n_u32(static_cast<uint32_t>(n))); }
-  static AFPQ_INLINE F Select(Mask m, F if_true, F if_false) { return vbslq_f32(m, if_true, if_false); }
+  static AFPQ_INLINE F ScaleFor(I c, F, int n_negative, F neg, F pos) {  // codes below n_negative: negative
+    return vbslq_f32(vcltq_u32(c, vdupq_n_u32(static_cast<uint32_t>(n_negative))), neg, pos);
+  }
   static AFPQ_INLINE void Prefetch(const void* p) { __builtin_prefetch(p); }
 
   static AFPQ_INLINE F RoundBf16(F w) {

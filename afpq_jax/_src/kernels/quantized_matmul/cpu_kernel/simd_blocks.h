@@ -1,10 +1,11 @@
 // The SIMD path of the CPU quantized matmul, written once over a vector ISA's traits (`isa_avx512.h`,
 // `isa_avx2.h`, `isa_neon.h`; included by kernel.h for the ISA the compiler targets). An ISA gives:
 //   W (floats per vector); kScaledMaxM, kMicroRows, kMicroVecs (register budgets of the paths below);
-//   F (W floats), I (W codes as 32-bit lanes), Chunk (4 W codes, one per byte), Mask (W lanes), Table (the 16
+//   F (W floats), I (W codes as 32-bit lanes), Chunk (4 W codes, one per byte), Table (the 16
 //   code-book levels in registers);
 //   Zero, Set1, Load, Store, Fma (a * b + c), Mul, Sub, ToFloat (I -> F), LoadTable, Lookup (I -> levels),
-//   Below (lanes with code < n), Select, RoundBf16 (as afpq::RoundBf16, per lane), Prefetch,
+//   ScaleFor (per lane, s_neg where the code's level is negative, else s_pos), RoundBf16 (as afpq::RoundBf16,
+//   per lane), Prefetch,
 //   LoadCodes (a row's codes for up to 4 W columns, never reading past them), Part (codes [q W, q W + W) of a
 //   chunk as I).
 // Every per-vector helper is forced inline: GCC left AVX-512's weight decode out of line, and M = 1 INT4 ran
@@ -46,7 +47,8 @@ struct Blocks {
     if (p.is_int) {
       w = Isa::Mul(Isa::Sub(Isa::ToFloat(c), other), pos);
     } else {  // the level by a register lookup; the scale by the level's sign
-      w = Isa::Mul(Isa::Lookup(c, table), Isa::Select(Isa::Below(c, static_cast<int>(p.n_negative)), other, pos));
+      const F level = Isa::Lookup(c, table);
+      w = Isa::Mul(level, Isa::ScaleFor(c, level, static_cast<int>(p.n_negative), other, pos));
     }
     if (p.round_bf16) w = Isa::RoundBf16(w);
     return w;
