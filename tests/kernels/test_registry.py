@@ -12,7 +12,7 @@ import pytest
 
 import afpq_jax
 from afpq_jax._src import quantizer
-from afpq_jax._src.kernels.quantized_matmul import api
+from afpq_jax._src.kernels.quantized_matmul import api, cpu
 from afpq_jax._src.kernels.quantized_matmul.base import Problem
 from afpq_jax.kernels import IMPLEMENTATIONS, BlockConfig, quantized_matmul, select_implementation, why_not
 from tests.kernels.support import (FORMATS, KERNELS, abstract_weight, check_against_reference, eqns_around_kernels, make_problem, run_impl,
@@ -28,8 +28,10 @@ def test_cpu_dispatch_by_size_and_dtype():
     def pick(m, dtype=jnp.float32):
         return select_implementation(Problem.create((m, 576), dtype, qt), backend="cpu")[0]
 
-    assert pick(1) == pick(256) == "cpu"
-    assert pick(257) == "xla"  # the C++ kernel's size rule
+    limit = cpu.MAX_M[cpu.isa()]["codebook"]  # the rule of the path this machine built
+    if limit:
+        assert pick(1) == pick(limit) == "cpu"
+    assert pick(limit + 1) == "xla"  # the C++ kernel's size rule
     assert pick(1, jnp.bfloat16) == "cpu"
     assert pick(1, jnp.float16) == "xla"  # the C++ kernel takes float32 or bfloat16 x
     x = make_x((2, 576), jnp.float32)
@@ -38,6 +40,22 @@ def test_cpu_dispatch_by_size_and_dtype():
                                rtol=1e-5, atol=1e-4)
     # size rules are dispatch preferences: a named implementation runs any M
     check_against_reference(quantized_matmul(make_x((70, 576), jnp.float32), qt, implementation="cpu"), make_x((70, 576), jnp.float32), qt)
+
+
+def test_cpu_size_rule_per_path_and_format_kind(monkeypatch):
+    """Measured per path (BUILD_NOTES, "CPU path per ISA"): AVX-512 / AVX2 up to M = 256 for every format; the
+    portable loop INT up to M = 16 and never for a code book (its lookup loses to dequantize + dot)."""
+    int4, nf4 = make_weight("int4", 128, True, 576, 200), make_weight("nf4", 128, True, 576, 200)
+
+    def rule(path, qt, m):
+        monkeypatch.setattr(cpu, "isa", lambda: path)
+        return cpu.why_not_preferred(Problem.create((m, 576), jnp.float32, qt))
+
+    for path in ("avx512", "avx2", "neon"):
+        assert rule(path, int4, 256) is None and rule(path, nf4, 256) is None
+        assert "M=257 > 256 on the %s path" % path in rule(path, nf4, 257)
+    assert rule("portable", int4, 16) is None and "M=17 > 16" in rule("portable", int4, 17)
+    assert "code-book lookup is slower" in rule("portable", nf4, 1)
 
 
 def test_dispatch_order_per_backend():

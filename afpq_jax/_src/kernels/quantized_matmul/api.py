@@ -5,10 +5,10 @@ whose ``supports`` accepts the call runs:
 
     tpu: mosaic_tpu -> xla
     gpu: triton -> mosaic_gpu (both M < 128) -> xla
-    cpu: cpu (C++ via the XLA FFI; float32 or bfloat16 x, M <= 256) -> xla
+    cpu: cpu (C++ via the XLA FFI; float32 or bfloat16 x; AVX-512 / AVX2 / NEON M <= 256) -> xla
     anything else: xla
 
-Up to 256 rows of x the C++ kernel reads the codes once and never holds the float weight; beyond that,
+Up to 256 rows of x (per path and format kind: `cpu.MAX_M`) the C++ kernel reads the codes once and never holds the float weight; beyond that,
 dequantizing once and one dot ("xla") is faster on the measured CPU (BUILD_NOTES, "CPU path"). On GPU the same
 holds from 128 rows on (measured on an H200: `base.GPU_PREFILL_M`). "xla_scan" (a scan over
 K chunks in plain XLA) runs only when named: it measured no faster than "xla" once both ran in one jitted loop.

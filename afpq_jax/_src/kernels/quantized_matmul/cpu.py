@@ -41,10 +41,13 @@ from afpq_jax._src.qtensor import QuantizedTensor
 SOURCES = Path(__file__).with_name("cpu_kernel")  # kernel.h (core), simd_blocks.h, isa_*.h, ffi.cc, selftest.cc
 TARGET = "afpq_quantized_matmul_cpu"
 FLAGS = ("-O3", "-std=c++17", "-fno-fast-math")
-# Dispatch's size rule per path built: beyond this many x rows, dequantizing once and one BLAS dot ("xla") is
-# faster (measured, K = N = 4096 g128: BUILD_NOTES, "CPU path"). NEON could not be timed here (no ARM machine):
-# it takes AVX2's rule, the ISA of the same vector width class without a 16-entry float permute.
-MAX_M = {"avx512": 256, "avx2": 256, "neon": 256, "portable": 256}
+# Dispatch's size rule per path built and format kind: up to this many x rows the kernel is faster than "xla"
+# (dequantize once, one BLAS dot); beyond, or where the limit is 0, dispatch runs "xla". Measured at K = N = 4096
+# g128 (`python -m benchmarks.cpu_kernel --xla`; BUILD_NOTES, "CPU path per ISA"): AVX-512 and AVX2 0.96-0.98x
+# of "xla" at M = 256; the portable loop INT4 0.95x at M = 16, 1.39x at 32, and its code-book lookup 1.85x slower
+# than "xla" already at M = 1. NEON could not be timed (no ARM machine here): it takes AVX2's rule.
+MAX_M = {"avx512": {"int": 256, "codebook": 256}, "avx2": {"int": 256, "codebook": 256},
+         "neon": {"int": 256, "codebook": 256}, "portable": {"int": 16, "codebook": 0}}
 logger = logging.getLogger("afpq_jax.kernels")
 
 
@@ -123,8 +126,14 @@ def isa() -> str | None:
 
 def why_not_preferred(prob: Problem) -> str | None:
     """Dispatch's size rule for the path built (explicit calls run any M)."""
-    limit = MAX_M.get(isa() or "portable", 0)
-    return f"M={prob.m} > {limit}: dequantizing once and one dot is faster" if prob.m > limit else None
+    path = isa() or "portable"
+    kind = "int" if prob.fmt.is_int else "codebook"
+    limit = MAX_M[path][kind]
+    if prob.m <= limit:
+        return None
+    if limit == 0:
+        return f"the {path} path's code-book lookup is slower than dequantizing once and one dot"
+    return f"M={prob.m} > {limit} on the {path} path: dequantizing once and one dot is faster"
 
 
 def why_unsupported(prob: Problem) -> str | None:
