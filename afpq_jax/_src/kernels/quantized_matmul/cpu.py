@@ -125,8 +125,11 @@ def isa() -> str | None:
 
 
 def why_not_preferred(prob: Problem) -> str | None:
-    """Dispatch's size rule for the path built (explicit calls run any M)."""
-    path = isa() or "portable"
+    """Dispatch's size rule for the path built (explicit calls run any M). No kernel: no rule, so that `supports`
+    declines with the reason (logged) instead of dispatch skipping it silently."""
+    path = isa()
+    if path is None:
+        return None
     kind = "int" if prob.fmt.is_int else "codebook"
     limit = MAX_M[path][kind]
     if prob.m <= limit:
