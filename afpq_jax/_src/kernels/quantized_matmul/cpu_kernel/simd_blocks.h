@@ -42,27 +42,29 @@ struct Blocks {
 
   // W weights from their codes. ``other``: the zero point (INT; 2^(bits-1) when symmetric) or s_neg (codebook;
   // s_pos when symmetric).
+  template <bool INT, bool ROUND>
   static AFPQ_INLINE F Weights(const Problem& p, I c, F pos, F other, const Table& table) {
     F w;
-    if (p.is_int) {
+    if (INT) {
       w = Isa::Mul(Isa::Sub(Isa::ToFloat(c), other), pos);
     } else {  // the level by a register lookup; the scale by the level's sign
       const F level = Isa::Lookup(c, table);
       w = Isa::Mul(level, Isa::ScaleFor(c, level, static_cast<int>(p.n_negative), other, pos));
     }
-    if (p.round_bf16) w = Isa::RoundBf16(w);
+    if (ROUND) w = Isa::RoundBf16(w);
     return w;
   }
 
   // The ``other`` of `Weights` for the W columns at ``at`` (an offset into the scale arrays).
+  template <bool INT>
   static AFPQ_INLINE F Other(const Problem& p, int64_t at) {
-    if (p.is_int) return p.has_zero ? Isa::Load(p.zero + at) : Isa::Set1(static_cast<float>(1 << (p.bits - 1)));
+    if (INT) return p.has_zero ? Isa::Load(p.zero + at) : Isa::Set1(static_cast<float>(1 << (p.bits - 1)));
     return Isa::Load((p.has_neg ? p.neg : p.pos) + at);
   }
 
   // f(col, w) for the weights of row k, columns [n0 + col, n0 + col + W), col = 0, W, ... < nb (a multiple of W),
   // decoded a chunk per load; ``base``: the row's group's offset into the scale arrays, at column n0.
-  template <class Fn>
+  template <bool INT, bool ROUND, class Fn>
   static AFPQ_INLINE void RowWeights(const Problem& p, int64_t k, int64_t n0, int64_t nb, int64_t base,
                                      const Table& table, Fn&& f) {
     const RowRef row = RowOf(p, k);
@@ -72,14 +74,14 @@ struct Blocks {
       const Chunk codes = Isa::LoadCodes(row, n0 + c0, static_cast<int>(width));
       ForParts(width, [&](int q) __attribute__((always_inline)) {
         const int64_t col = c0 + W * q;
-        f(col, Weights(p, Isa::Part(codes, q), Isa::Load(p.pos + base + col), Other(p, base + col), table));
+        f(col, Weights<INT, ROUND>(p, Isa::Part(codes, q), Isa::Load(p.pos + base + col), Other<INT>(p, base + col), table));
       });
     }
   }
 
   // Columns [n0, n0 + nb) (nb <= kWideN, a multiple of W), x rows [i0, i0 + MI): rows in K order, each row's nb
   // code bytes decoded a chunk at a time into float32 accumulators in L1.
-  template <int MI>
+  template <int MI, bool INT, bool ROUND>
   __attribute__((noinline)) static void BlockWide(const Problem& p, int64_t n0, int64_t nb, int64_t i0) {
     alignas(64) float acc[MI][kWideN] = {};
     const Table table = Isa::LoadTable(p.table);
@@ -88,7 +90,7 @@ struct Blocks {
       for (int64_t k = g0; k < g1; ++k) {
         F xv[MI];
         for (int i = 0; i < MI; ++i) xv[i] = Isa::Set1(p.x[(i0 + i) * p.k + k]);
-        RowWeights(p, k, n0, nb, base, table, [&](int64_t col, F w) __attribute__((always_inline)) {
+        RowWeights<INT, ROUND>(p, k, n0, nb, base, table, [&](int64_t col, F w) __attribute__((always_inline)) {
           for (int i = 0; i < MI; ++i) Isa::Store(acc[i] + col, Isa::Fma(xv[i], w, Isa::Load(acc[i] + col)));
         });
       }
@@ -147,6 +149,7 @@ struct Blocks {
     }
   }
 
+  template <bool INT, bool ROUND>
   __attribute__((noinline)) static void BlockPanel(const Problem& p, int64_t n0, int64_t nb) {
     alignas(64) static thread_local float w[kChunk * kWideN];
     std::vector<float> acc(p.m * kWideN, 0.0f);
@@ -155,7 +158,7 @@ struct Blocks {
       const int64_t kc = std::min(kChunk, p.k - k0);
       for (int64_t kk = 0; kk < kc; ++kk) {
         const int64_t k = k0 + kk;
-        RowWeights(p, k, n0, nb, (k / p.group) * p.n + n0, table, [&](int64_t col, F wv) __attribute__((always_inline)) {
+        RowWeights<INT, ROUND>(p, k, n0, nb, (k / p.group) * p.n + n0, table, [&](int64_t col, F wv) __attribute__((always_inline)) {
           Isa::Store(w + kk * kWideN + col, wv);
         });
       }
@@ -187,7 +190,7 @@ struct Blocks {
     for (int i = 0; i < MI; ++i)
       for (int q = 0; q < NQ; ++q) a[i][q] = b[i][q] = Isa::Zero();
     if (KIND == kIntKind)
-      for (int q = 0; q < NQ; ++q) zero[q] = Other(p, base + W * q);
+      for (int q = 0; q < NQ; ++q) zero[q] = Other<true>(p, base + W * q);
     for (int64_t k = g0; k < g1; ++k) {
       const RowRef row = RowOf(p, k);
       PrefetchAhead(row, n0 + c0);
@@ -260,23 +263,37 @@ struct Blocks {
     BlockScaled<MI, kCodebookKind>(p, n0, nb);
   }
 
+  // x rows [i0, i0 + 4 k + r) in groups of 4 and one of r < 4, walked row by row (`BlockWide`).
+  template <bool INT, bool ROUND>
+  static void Wide(const Problem& p, int64_t n0, int64_t nb) {
+    int64_t i = 0;
+    for (; i + 4 <= p.m; i += 4) BlockWide<4, INT, ROUND>(p, n0, nb, i);
+    switch (p.m - i) {
+      case 3: BlockWide<3, INT, ROUND>(p, n0, nb, i); break;
+      case 2: BlockWide<2, INT, ROUND>(p, n0, nb, i); break;
+      case 1: BlockWide<1, INT, ROUND>(p, n0, nb, i); break;
+      default: break;
+    }
+  }
+
+  // The decode's kind (INT or code book; bfloat16 weights or not) as template arguments, so the per-vector
+  // decode carries no branch on them.
+  template <bool INT, bool ROUND>
+  static void Decoded(const Problem& p, int64_t n0, int64_t nb) {
+    if (p.m >= kPanelMinM) return BlockPanel<INT, ROUND>(p, n0, nb);
+    Wide<INT, ROUND>(p, n0, nb);
+  }
+
   // Columns [n0, n0 + nb) (a multiple of W, at most kWideN), every row of x.
   static void Run(const Problem& p, int64_t n0, int64_t nb) {
-    if (p.m >= kPanelMinM) return BlockPanel(p, n0, nb);
-    if (p.m <= Isa::kScaledMaxM && !p.round_bf16) {
+    if (p.m < kPanelMinM && p.m <= Isa::kScaledMaxM && !p.round_bf16) {
       if constexpr (Isa::kScaledMaxM >= 2) {
         if (p.m == 2) return Scaled<2>(p, n0, nb);
       }
       return Scaled<1>(p, n0, nb);
     }
-    int64_t i = 0;
-    for (; i + 4 <= p.m; i += 4) BlockWide<4>(p, n0, nb, i);
-    switch (p.m - i) {
-      case 3: BlockWide<3>(p, n0, nb, i); break;
-      case 2: BlockWide<2>(p, n0, nb, i); break;
-      case 1: BlockWide<1>(p, n0, nb, i); break;
-      default: break;
-    }
+    if (p.is_int) return p.round_bf16 ? Decoded<true, true>(p, n0, nb) : Decoded<true, false>(p, n0, nb);
+    return p.round_bf16 ? Decoded<false, true>(p, n0, nb) : Decoded<false, false>(p, n0, nb);
   }
 };
 
