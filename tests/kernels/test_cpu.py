@@ -118,15 +118,14 @@ def test_the_path_built_follows_the_cpu_and_the_arch_override(tmp_path):
         assert cpu.isa() == widest
     code = """
 import logging, jax, jax.numpy as jnp, numpy as np, afpq_jax
-from afpq_jax.kernels import quantized_matmul
-from afpq_jax._src.kernels.quantized_matmul import cpu
+from afpq_jax.kernels import cpu_kernel_isa, quantized_matmul
 logging.basicConfig(level=logging.INFO)
 qt = afpq_jax.quantize(jax.random.normal(jax.random.key(0), (300, 130)), "nf4", group_size=64)
 x = jax.random.normal(jax.random.key(1), (3, 300))
 y = np.asarray(quantized_matmul(x, qt, implementation="cpu"), np.float64)
 w = np.asarray(afpq_jax.dequantize(qt, jnp.float32), np.float64)
 x64 = np.asarray(x, np.float64)
-print(cpu.isa(), float((np.abs(y - x64 @ w) / (1e-5 * (np.abs(x64) @ np.abs(w)) + 1e-30)).max()))
+print(cpu_kernel_isa(), float((np.abs(y - x64 @ w) / (1e-5 * (np.abs(x64) @ np.abs(w)) + 1e-30)).max()))
 """
     env = {**os.environ, "AFPQ_CPU_KERNEL_ARCH": "x86-64-v2", "AFPQ_CACHE": str(tmp_path)}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

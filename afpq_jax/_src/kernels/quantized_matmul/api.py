@@ -5,7 +5,8 @@ whose ``supports`` accepts the call runs:
 
     tpu: mosaic_tpu -> xla
     gpu: triton -> mosaic_gpu (both M < 128) -> xla
-    cpu: cpu (C++ via the XLA FFI; float32 or bfloat16 x; AVX-512 / AVX2 / NEON M <= 256) -> xla
+    cpu: cpu (C++ via the XLA FFI; float32 or bfloat16 x; AVX-512 / AVX2 / NEON M <= 256; the portable loop
+         INT M <= 16, code books never) -> xla
     anything else: xla
 
 Up to 256 rows of x (per path and format kind: `cpu.MAX_M`) the C++ kernel reads the codes once and never holds the float weight; beyond that,

@@ -5,9 +5,9 @@ the whole float weight (67 MB at 4096²), and "xla_scan" pays a dot call per chu
 once and accumulates in float32 per block of output columns (float32 or bfloat16 x), on XLA's intra-op thread
 pool. One SIMD implementation (``cpu_kernel/simd_blocks.h``) over the vector ISA the compiler targets: AVX-512
 (a code-book lookup is one register permute), AVX2 + FMA (two 8-entry permutes and a blend), aarch64 NEON (one
-``vqtbl4q_u8``); elsewhere a portable loop. Numerics: see ``cpu_kernel/kernel.h`` (decode, M <= 2 with float32
-x: per-group sums of x * level scaled once per group; otherwise weights bit-identical to `dequantize`, float32
-sums in K order).
+``vqtbl4q_u8``); elsewhere a portable loop. Numerics: see ``cpu_kernel/kernel.h`` (decode with float32 x, M <= 2
+on AVX-512 / NEON, M = 1 on AVX2: per-group sums of x * level scaled once per group; otherwise weights equal to
+`dequantize`'s, float32 sums in K order).
 
 Built on first use from the packaged source with the system C++ compiler (``$CXX``, else ``g++``) into
 ``<asset cache>/kernels/``, under a name that hashes the sources, the compiler, the flags, jaxlib and the CPU's
@@ -125,8 +125,11 @@ def isa() -> str | None:
 
 
 def why_not_preferred(prob: Problem) -> str | None:
-    """Dispatch's size rule for the path built (explicit calls run any M). No kernel: no rule, so that `supports`
-    declines with the reason (logged) instead of dispatch skipping it silently."""
+    """Dispatch's size rule for the path built (explicit calls run any M). A call the kernel cannot take, or no
+    kernel: no rule, so that `supports` declines with the reason (logged) instead of dispatch skipping it
+    silently; and nothing is compiled for a call it could never run."""
+    if _why_not_shape(prob) is not None:
+        return None
     path = isa()
     if path is None:
         return None
@@ -140,13 +143,18 @@ def why_not_preferred(prob: Problem) -> str | None:
 
 
 def why_unsupported(prob: Problem) -> str | None:
+    return _why_not_shape(prob) or _loaded()[1]
+
+
+def _why_not_shape(prob: Problem) -> str | None:
+    """Why the kernel cannot take this call whatever is built (cheap: no compile)."""
     if prob.batched:
         return "stacked (batched) weights: use xla"
     if prob.x_dtype not in ("float32", "bfloat16"):
         return f"x is {prob.x_dtype}; the CPU kernel takes float32 or bfloat16 x"
     if len(prob.fmt.levels) > 16 and not prob.fmt.is_int:
         return "code books above 16 levels"
-    return _loaded()[1]
+    return None
 
 
 def kernel_operands(qt: QuantizedTensor, prob: Problem) -> tuple[dict, dict]:

@@ -27,7 +27,10 @@ struct Isa {
   static AFPQ_INLINE F Mul(F a, F b) { return vmulq_f32(a, b); }
   static AFPQ_INLINE F Sub(F a, F b) { return vsubq_f32(a, b); }
   static AFPQ_INLINE F ToFloat(I c) { return vcvtq_f32_u32(c); }
-  static AFPQ_INLINE Table LoadTable(const float* t) { return vld1q_u8_x4(reinterpret_cast<const uint8_t*>(t)); }
+  static AFPQ_INLINE Table LoadTable(const float* t) {  // four loads: vld1q_u8_x4 is missing from older GCCs
+    const uint8_t* b = reinterpret_cast<const uint8_t*>(t);
+    return {{vld1q_u8(b), vld1q_u8(b + 16), vld1q_u8(b + 32), vld1q_u8(b + 48)}};
+  }
   static AFPQ_INLINE F Lookup(I c, const Table& t) {
     const uint32x4_t bytes = vmlaq_n_u32(vdupq_n_u32(0x03020100u), c, 0x04040404u);  // 4c, 4c+1, 4c+2, 4c+3
     return vreinterpretq_f32_u8(vqtbl4q_u8(t, vreinterpretq_u8_u32(bytes)));

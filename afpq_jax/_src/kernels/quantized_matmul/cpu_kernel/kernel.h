@@ -13,7 +13,7 @@
 // portable loop (ColumnBlock). The columns are split evenly over the tasks (`Tasks`).
 //
 // Numerics, two contracts (both within 1e-5 * |x| @ |w| of a float64 product, tested):
-// - M <= Isa::kScaledMaxM with float32 x (decode; `BlockScaled`): per group, float32 sums of x * level (INT:
+// - M <= Isa::kScaledMaxM (AVX-512, NEON: 2; AVX2: 1) with float32 x (decode; `BlockScaled`): per group, float32 sums of x * level (INT:
 //   x * (code - zero)), times the group's scale(s) once; the groups' terms added in K order. Weights are never
 //   formed, so they are not rounded as level * scale first.
 // - Otherwise: each weight is computed exactly as afpq_jax._src.quantizer.decode does in float32 —
@@ -45,6 +45,7 @@ struct Problem {
   bool is_int, has_neg, has_zero;
   bool round_bf16;     // bfloat16 x: each weight rounded to bfloat16 first (the op's contract: weights in x's dtype)
   int64_t n_negative;  // codebook: codes below this have negative levels (scaled by s_neg); from the table
+                       // (AVX2 reads the level's sign instead: the same but for a -0.0 level, a zero weight)
   alignas(64) float table[16];  // codebook levels, padded to 16
   const float* x;
   const uint8_t* codes;

@@ -4,8 +4,9 @@
 //   F (W floats), I (W codes as 32-bit lanes), Chunk (4 W codes, one per byte), Table (the 16
 //   code-book levels in registers);
 //   Zero, Set1, Load, Store, Fma (a * b + c), Mul, Sub, ToFloat (I -> F), LoadTable, Lookup (I -> levels),
-//   ScaleFor (per lane, s_neg where the code's level is negative, else s_pos), RoundBf16 (as afpq::RoundBf16,
-//   per lane), Prefetch,
+//   ScaleFor (per lane, s_neg where the code's level is negative, else s_pos: by code < n_negative, or on AVX2 by
+//   the level's sign bit, which also sends a -0.0 level to s_neg: a zero weight either way), RoundBf16 (as
+//   afpq::RoundBf16, per lane), Prefetch,
 //   LoadCodes (a row's codes for up to 4 W columns, never reading past them), Part (codes [q W, q W + W) of a
 //   chunk as I).
 // Every per-vector helper is forced inline: GCC left AVX-512's weight decode out of line, and M = 1 INT4 ran
@@ -286,6 +287,7 @@ struct Blocks {
 
   // Columns [n0, n0 + nb) (a multiple of W, at most kWideN), every row of x.
   static void Run(const Problem& p, int64_t n0, int64_t nb) {
+    static_assert(Isa::kScaledMaxM >= 1 && Isa::kScaledMaxM <= 2, "the post-scaled path has 1- and 2-row forms");
     if (p.m < kPanelMinM && p.m <= Isa::kScaledMaxM && !p.round_bf16) {
       if constexpr (Isa::kScaledMaxM >= 2) {
         if (p.m == 2) return Scaled<2>(p, n0, nb);
