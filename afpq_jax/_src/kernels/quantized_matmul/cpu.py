@@ -143,6 +143,7 @@ def why_not_preferred(prob: Problem) -> str | None:
 
 
 def why_unsupported(prob: Problem) -> str | None:
+    """Why the kernel cannot run this call (the shape, or no kernel built), or None."""
     return _why_not_shape(prob) or _loaded()[1]
 
 
