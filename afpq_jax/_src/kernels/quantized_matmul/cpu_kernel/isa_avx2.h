@@ -15,6 +15,7 @@ struct Isa {
   static constexpr int kScaledMaxM = 1;
   static constexpr int kMicroRows = 6;  // 6 x 2 accumulators, 2 weight loads and 6 broadcasts per 12 FMAs
   static constexpr int kMicroVecs = 2;
+  static constexpr bool kSplitBySign = true;  // a lookup is 2 permutes + a blend; the split 2 cheap ops + a subtract
   using F = __m256;
   using I = __m256i;
   using Chunk = __m256i;
@@ -37,6 +38,9 @@ struct Isa {
   }
   // blendv reads the sign bit: the level's own (a -0.0 level takes s_neg: its weight is a zero all the same).
   static AFPQ_INLINE F ScaleFor(I, F level, int, F neg, F pos) { return _mm256_blendv_ps(pos, neg, level); }
+  static AFPQ_INLINE F NegativePart(F level) {  // the sign bit spread over the lane, as a mask
+    return _mm256_and_ps(level, _mm256_castsi256_ps(_mm256_srai_epi32(_mm256_castps_si256(level), 31)));
+  }
   static AFPQ_INLINE void Prefetch(const void* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 
   static AFPQ_INLINE F RoundBf16(F w) {

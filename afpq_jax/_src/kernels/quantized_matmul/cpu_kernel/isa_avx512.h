@@ -13,6 +13,7 @@ struct Isa {
   static constexpr int kScaledMaxM = 2;  // 2 x rows x 4 vectors x 2 accumulators = 16 of the 32 registers
   static constexpr int kMicroRows = 6;   // 6 x 4 accumulators, 4 weight loads and 6 broadcasts per 24 FMAs
   static constexpr int kMicroVecs = 4;
+  static constexpr bool kSplitBySign = false;  // a lookup is one permute: two half tables
   using F = __m512;
   using I = __m512i;
   using Chunk = __m512i;

@@ -14,6 +14,7 @@ struct Isa {
   static constexpr int kScaledMaxM = 2;  // 2 x rows x 4 vectors x 2 accumulators = 16 of the 32 registers
   static constexpr int kMicroRows = 6;   // 6 x 4 accumulators, 4 weight loads and 6 broadcasts per 24 FMAs
   static constexpr int kMicroVecs = 4;
+  static constexpr bool kSplitBySign = false;  // a lookup is one vqtbl4q_u8: two half tables
   using F = float32x4_t;
   using I = uint32x4_t;
   using Chunk = uint8x16_t;

@@ -8,7 +8,8 @@
 //   the level's sign bit, which also sends a -0.0 level to s_neg: a zero weight either way), RoundBf16 (as
 //   afpq::RoundBf16, per lane), Prefetch,
 //   LoadCodes (a row's codes for up to 4 W columns, never reading past them), Part (codes [q W, q W + W) of a
-//   chunk as I).
+//   chunk as I); kSplitBySign: the post-scaled AFPQ path looks the level up once and splits it by its sign
+//   (NegativePart: the level where negative, else zero) instead of looking up two half tables.
 // Every per-vector helper is forced inline: GCC left AVX-512's weight decode out of line, and M = 1 INT4 ran
 // ~15% slower. The block functions are kept out of line: inlined into their dispatcher, the AVX-512 M = 1 INT4
 // loop ran 15-20% slower (min of 200 calls).
@@ -206,12 +207,18 @@ struct Blocks {
           const F w = Isa::Sub(Isa::ToFloat(c), zero[q]);
           for (int i = 0; i < MI; ++i) a[i][q] = Isa::Fma(xv[i], w, a[i][q]);
         } else {
-          const F w = Isa::Lookup(c, t_pos);
-          for (int i = 0; i < MI; ++i) a[i][q] = Isa::Fma(xv[i], w, a[i][q]);
-          if (KIND == kAsymCodebookKind) {
-            const F wn = Isa::Lookup(c, t_neg);
-            for (int i = 0; i < MI; ++i) b[i][q] = Isa::Fma(xv[i], wn, b[i][q]);
+          F w, wn;
+          if constexpr (KIND == kAsymCodebookKind && Isa::kSplitBySign) {
+            const F level = Isa::Lookup(c, t_neg);  // t_neg: the whole table (see BlockScaled)
+            wn = Isa::NegativePart(level);
+            w = Isa::Sub(level, wn);  // exact: one of the two is zero
+          } else {
+            w = Isa::Lookup(c, t_pos);
+            if (KIND == kAsymCodebookKind) wn = Isa::Lookup(c, t_neg);
           }
+          for (int i = 0; i < MI; ++i) a[i][q] = Isa::Fma(xv[i], w, a[i][q]);
+          if (KIND == kAsymCodebookKind)
+            for (int i = 0; i < MI; ++i) b[i][q] = Isa::Fma(xv[i], wn, b[i][q]);
         }
       }
     }
@@ -236,7 +243,9 @@ struct Blocks {
       pos_levels[j] = KIND == kAsymCodebookKind && negative ? 0.0f : p.table[j];
       neg_levels[j] = negative ? p.table[j] : 0.0f;
     }
-    const Table t_pos = Isa::LoadTable(pos_levels), t_neg = Isa::LoadTable(neg_levels);
+    // kSplitBySign (a lookup costs more than a mask): one lookup of the whole table, split by the level's sign.
+    const bool split = KIND == kAsymCodebookKind && Isa::kSplitBySign;
+    const Table t_pos = Isa::LoadTable(pos_levels), t_neg = Isa::LoadTable(split ? p.table : neg_levels);
     // Each row also fetches the line the next strip reads: the same row a chunk on, or after a block's last
     // strip, the next group's row at the block's first column (a hint: past the end it fetches nothing useful).
     const int64_t lo_rows = p.bits == 3 ? p.group / 4 : p.group * p.bits / 8, hi_rows = p.group / 8;
