@@ -19,6 +19,6 @@ from afpq_jax._src.kernels.quantized_matmul_a8 import (activation_scale, integer
                                                        quantized_matmul_a8)
 
 __all__ = ["DISPATCH_ORDER", "IMPLEMENTATIONS", "BlockConfig", "Implementation", "Problem", "activation_scale",
-           "cpu_kernel_isa", "current_backend", "default_config", "integer_weight", "quantize_activations", "quantized_matmul",
-           "quantized_matmul_a8", "register_implementation", "resolve", "roofline",
+           "cpu_kernel_isa", "current_backend", "default_config", "integer_weight", "quantize_activations",
+           "quantized_matmul", "quantized_matmul_a8", "register_implementation", "resolve", "roofline",
            "select_implementation", "tuning", "why_not"]

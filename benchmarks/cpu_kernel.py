@@ -49,14 +49,14 @@ def run_one(args) -> None:
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((args.k, args.n), np.float32)
+    wd = jnp.asarray(w)
     dense = jax.jit(lambda a, b: a @ b)
+    kernel = jax.jit(lambda a, q: quantized_matmul(a, q, implementation="cpu"))
+    xla = jax.jit(lambda a, q: quantized_matmul(a, q, implementation="xla"))
     for fmt in args.formats:
         qt = afpq_jax.quantize(w, fmt, group_size=args.group_size, asym=not args.sym)
-        kernel = jax.jit(lambda a, q: quantized_matmul(a, q, implementation="cpu"))
-        xla = jax.jit(lambda a, q: quantized_matmul(a, q, implementation="xla"))
         for m in args.m:
             x = jnp.asarray(rng.standard_normal((m, args.k), np.float32))
-            wd = jnp.asarray(w)
             fns = [lambda: kernel(x, qt), lambda: dense(x, wd)] + ([lambda: xla(x, qt)] if args.xla else [])
             times = _min_times(fns, args.reps)
             print(json.dumps({"isa": cpu_kernel_isa(), "format": fmt, "m": m, "cpu_ms": times[0] * 1e3,

@@ -21,6 +21,15 @@ FORMATS = ("int2", "int3", "int4", "fp3_e2m0", "fp4_e2m1", "nf3", "nf4")
 KERNELS = ("mosaic_tpu", "triton", "mosaic_gpu")
 
 
+def cpu_flags() -> set[str]:
+    """This machine's CPU feature flags (/proc/cpuinfo; empty where it has none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(ln for ln in f if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
 @functools.lru_cache(maxsize=None)
 def make_weight(fmt: str, group: int | None, asym: bool, k: int, n: int, seed: int = 0, integer_scales: bool = False):
     w = np.random.default_rng(seed).standard_normal((k, n), np.float32)  # numpy: no program to compile per shape

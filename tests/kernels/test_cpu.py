@@ -14,7 +14,7 @@ import pytest
 from afpq_jax._src import quantizer
 from afpq_jax._src.kernels.quantized_matmul import cpu
 from afpq_jax.kernels import BlockConfig, quantized_matmul, why_not
-from tests.kernels.support import FORMATS, check_against_reference, make_weight, make_x
+from tests.kernels.support import FORMATS, check_against_reference, cpu_flags, make_weight, make_x
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def test_cpu_kernel_threads_and_unbuildable_fallback(tmp_path):
 def test_the_path_built_follows_the_cpu_and_the_arch_override(tmp_path):
     """-march=native builds the widest path this CPU runs, and logs which; AFPQ_CPU_KERNEL_ARCH=x86-64-v2 builds
     the portable loop (the numerics of each path: tests/kernels/test_cpu_isas.py), still called through XLA."""
-    flags = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":", 1)[1].split())
+    flags = cpu_flags()
     widest = "avx512" if {"avx512f", "avx512bw"} <= flags else "avx2" if {"avx2", "fma"} <= flags else "portable"
     if "AFPQ_CPU_KERNEL_ARCH" not in os.environ:
         assert cpu.isa() == widest

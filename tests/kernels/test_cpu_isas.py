@@ -18,7 +18,7 @@ import pytest
 
 from afpq_jax._src.kernels.quantized_matmul import cpu
 from afpq_jax._src.kernels.quantized_matmul.base import Problem
-from tests.kernels.support import FORMATS, dequantized64, make_weight
+from tests.kernels.support import FORMATS, cpu_flags, dequantized64, make_weight
 
 K, N = 300, 203  # a short last group, K not a multiple of 8; N: partial code chunks and a tail short of a vector
 # Every format: post-scaled (M = 1, 2; AVX2 scales M = 1 only), row walk (3; 2 on AVX2), 4, panel (13 = 6 + 6 + 1).
@@ -33,19 +33,11 @@ SHAPE_CASES = [("int4", True, 128), ("nf4", True, 64), ("nf3", True, 32), ("fp4_
 SHAPE_NS, SHAPE_MS = (176, 216, 1000), (1, 2, 5, 8, 9, 10, 11)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next(ln for ln in f if ln.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return set()
-
-
 def _x86_paths() -> list[tuple[str, str]]:
     """(expected ISA, -march) of the paths this machine can run."""
     if os.uname().machine != "x86_64" or shutil.which("g++") is None:
         return []
-    flags = _cpu_flags()
+    flags = cpu_flags()
     paths = [("portable", "x86-64-v2")]
     if {"avx2", "fma", "f16c", "bmi2"} <= flags:
         paths.append(("avx2", "x86-64-v3"))
@@ -73,22 +65,22 @@ def _problems():
     """[(x float32 (m, K), dequantized float64 weight, serialized problem)], every case."""
     out = []
     rng = np.random.default_rng(7)
-    for cases, dtype, ns, ms in ((CASES, jnp.float32, (N,), MS), (BF16_CASES, jnp.bfloat16, (N,), (1, 2, 3, 4, 13)),
+    for cases, dtype, ns, ms in ((CASES, jnp.float32, (N,), MS), (BF16_CASES, jnp.bfloat16, (N,), MS),
                                  (SHAPE_CASES, jnp.float32, SHAPE_NS, SHAPE_MS)):
         for (fmt, asym, group), n in [(c, n) for c in cases for n in ns]:
             qt = make_weight(fmt, group, asym, K, n)
             arrays, attrs = cpu.kernel_operands(qt, Problem.create((1, K), dtype, qt))
             w64 = dequantized64(qt, dtype)
+            codes = np.asarray(arrays["codes"], np.uint8)
+            scales = b"".join(np.asarray(arrays[a], np.float32).tobytes() for a in ("pos", "neg", "zero")
+                              if arrays[a] is not None)
             for m in ms:
                 x = rng.standard_normal((m, K), np.float32).astype(jnp.dtype(dtype)).astype(np.float32)
-                codes = np.asarray(arrays["codes"], np.uint8)
                 header = np.asarray([m, K, n, codes.shape[0], attrs["bits"], attrs["group"], attrs["is_int"],
                                      attrs["has_neg"], attrs["has_zero"], dtype == jnp.bfloat16,
                                      attrs["table"].size], np.int64)
-                parts = [header.tobytes(), attrs["table"].tobytes(), x.tobytes(), codes.tobytes()]
-                parts += [np.asarray(arrays[a], np.float32).tobytes() for a in ("pos", "neg", "zero")
-                          if arrays[a] is not None]
-                out.append((x, w64, b"".join(parts)))
+                out.append((x, w64, b"".join([header.tobytes(), attrs["table"].tobytes(), x.tobytes(),
+                                              codes.tobytes(), scales])))
     return out
 
 
@@ -131,11 +123,13 @@ def test_every_format_on_every_path_equals_the_reference(isa, march, tmp_path):
 
 def test_a_bad_problem_is_refused_with_its_reason(tmp_path):
     """The shared checks (`Prepare`): a code-row count that does not match K and bits."""
-    x, _, good = _problems()[0]
-    bad = bytearray(good)
+    paths = _x86_paths()
+    if not paths:
+        pytest.skip("no x86-64 g++")
+    bad = bytearray(_problems()[0][2])
     bad[24:32] = np.int64(1).tobytes()  # code_rows
     (tmp_path / "in").write_bytes(bytes(bad))
-    isa, march = _x86_paths()[0] if _x86_paths() else pytest.skip("no x86-64 g++")
+    isa, march = paths[0]
     run = _build(isa, march, tmp_path)
     r = subprocess.run([*run, str(tmp_path / "in"), str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 1 and "codes rows do not match K and bits" in r.stderr

@@ -9,8 +9,9 @@ whose ``supports`` accepts the call runs:
          INT M <= 16, code books never) -> xla
     anything else: xla
 
-Up to 256 rows of x (per path and format kind: `cpu.MAX_M`) the C++ kernel reads the codes once and never holds the float weight; beyond that,
-dequantizing once and one dot ("xla") is faster on the measured CPU (BUILD_NOTES, "CPU path"). On GPU the same
+Up to 256 rows of x (per path and format kind: `cpu.MAX_M`) the C++ kernel reads the codes once and never holds
+the float weight; beyond that, dequantizing once and one dot ("xla") is faster on the measured CPU (BUILD_NOTES,
+"CPU path"). On GPU the same
 holds from 128 rows on (measured on an H200: `base.GPU_PREFILL_M`). "xla_scan" (a scan over
 K chunks in plain XLA) runs only when named: it measured no faster than "xla" once both ran in one jitted loop.
 

@@ -13,9 +13,9 @@
 // portable loop (ColumnBlock). The columns are split evenly over the tasks (`Tasks`).
 //
 // Numerics, two contracts (both within 1e-5 * |x| @ |w| of a float64 product, tested):
-// - M <= Isa::kScaledMaxM (AVX-512, NEON: 2; AVX2: 1) with float32 x (decode; `BlockScaled`): per group, float32 sums of x * level (INT:
-//   x * (code - zero)), times the group's scale(s) once; the groups' terms added in K order. Weights are never
-//   formed, so they are not rounded as level * scale first.
+// - M <= Isa::kScaledMaxM (AVX-512, NEON: 2; AVX2: 1) with float32 x (decode; `BlockScaled`): per group, float32
+//   sums of x * level (INT: x * (code - zero)), times the group's scale(s) once; the groups' terms added in K
+//   order. Weights are never formed, so they are not rounded as level * scale first.
 // - Otherwise: each weight is computed exactly as afpq_jax._src.quantizer.decode does in float32 —
 //   (code - zero) * scale (INT) or level * scale (codebook; s_neg for negative levels) — rounded to bfloat16 when
 //   x is bfloat16 (the caller passes x as float32, exactly), and the products are summed in float32 in K order.

@@ -76,7 +76,8 @@ struct Blocks {
       const Chunk codes = Isa::LoadCodes(row, n0 + c0, static_cast<int>(width));
       ForParts(width, [&](int q) __attribute__((always_inline)) {
         const int64_t col = c0 + W * q;
-        f(col, Weights<INT, ROUND>(p, Isa::Part(codes, q), Isa::Load(p.pos + base + col), Other<INT>(p, base + col), table));
+        f(col, Weights<INT, ROUND>(p, Isa::Part(codes, q), Isa::Load(p.pos + base + col), Other<INT>(p, base + col),
+                                   table));
       });
     }
   }
@@ -160,9 +161,10 @@ struct Blocks {
       const int64_t kc = std::min(kChunk, p.k - k0);
       for (int64_t kk = 0; kk < kc; ++kk) {
         const int64_t k = k0 + kk;
-        RowWeights<INT, ROUND>(p, k, n0, nb, (k / p.group) * p.n + n0, table, [&](int64_t col, F wv) __attribute__((always_inline)) {
-          Isa::Store(w + kk * kWideN + col, wv);
-        });
+        RowWeights<INT, ROUND>(p, k, n0, nb, (k / p.group) * p.n + n0, table,
+                               [&](int64_t col, F wv) __attribute__((always_inline)) {
+                                 Isa::Store(w + kk * kWideN + col, wv);
+                               });
       }
       MicroPanels<Isa::kMicroRows>(p, w, nb, kc, k0, 0, acc.data());
     }
@@ -209,7 +211,7 @@ struct Blocks {
         } else {
           F w, wn;
           if constexpr (KIND == kAsymCodebookKind && Isa::kSplitBySign) {
-            const F level = Isa::Lookup(c, t_neg);  // t_neg: the whole table (see BlockScaled)
+            const F level = Isa::Lookup(c, t_pos);  // t_pos: the whole table here (see BlockScaled)
             wn = Isa::NegativePart(level);
             w = Isa::Sub(level, wn);  // exact: one of the two is zero
           } else {
@@ -237,15 +239,16 @@ struct Blocks {
   template <int MI, int KIND>
   __attribute__((noinline)) static void BlockScaled(const Problem& p, int64_t n0, int64_t nb) {
     alignas(64) float acc[MI][kWideN] = {};
-    alignas(64) float pos_levels[16], neg_levels[16];  // AFPQ: each sign's levels, the other sign's zeroed
+    // AFPQ: each sign's levels, the other sign's zeroed; with kSplitBySign (a lookup costs more than a mask) the
+    // whole table in t_pos, each level split by its sign after the one lookup.
+    constexpr bool kTwoTables = KIND == kAsymCodebookKind && !Isa::kSplitBySign;
+    alignas(64) float pos_levels[16], neg_levels[16];
     for (int j = 0; j < 16; ++j) {
       const bool negative = j < p.n_negative;
-      pos_levels[j] = KIND == kAsymCodebookKind && negative ? 0.0f : p.table[j];
+      pos_levels[j] = kTwoTables && negative ? 0.0f : p.table[j];
       neg_levels[j] = negative ? p.table[j] : 0.0f;
     }
-    // kSplitBySign (a lookup costs more than a mask): one lookup of the whole table, split by the level's sign.
-    const bool split = KIND == kAsymCodebookKind && Isa::kSplitBySign;
-    const Table t_pos = Isa::LoadTable(pos_levels), t_neg = Isa::LoadTable(split ? p.table : neg_levels);
+    const Table t_pos = Isa::LoadTable(pos_levels), t_neg = Isa::LoadTable(neg_levels);
     // Each row also fetches the line the next strip reads: the same row a chunk on, or after a block's last
     // strip, the next group's row at the block's first column (a hint: past the end it fetches nothing useful).
     const int64_t lo_rows = p.bits == 3 ? p.group / 4 : p.group * p.bits / 8, hi_rows = p.group / 8;
